@@ -1,0 +1,127 @@
+"""The xLSTM cell math: one public signature per op, several implementations (backends).
+
+Every backend of an op computes the same function with the same signature:
+
+mLSTM (head-first, float32 state; q is scaled by 1/sqrt(DHQK) inside the cell, so the state
+holds unscaled k, the `mlstm_kernels` / transformers convention)::
+
+    h, (c, n, m) = mlstm_cell(q, k, v, i, f, state=None, *, backend="auto", chunk_size=64, eps=1e-6)
+    # q, k: (B, NH, S, DHQK)   v: (B, NH, S, DHV)   i, f: (B, NH, S) gate pre-activations
+    # state: None or (c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)), all float32
+    # h: (B, NH, S, DHV) in the dtype of v; the final state is float32
+
+sLSTM (head-first, block-diagonal recurrence, gate order i, f, z, o)::
+
+    y, (h, c, n, m) = slstm_cell(x, r, b, state=None, *, backend="auto")
+    # x: (B, NH, S, 4*DH)  W x per head, laid out gate-major [i | f | z | o], no bias
+    # r: (NH, DH, 4*DH)    recurrent weights: pre-activations += h_{t-1} @ r[head]
+    # b: (NH, 4*DH)        bias, same gate-major layout
+    # state: None or (h, c, n, m), each (B, NH, DH) float32
+    # y: (B, NH, S, DH) in the dtype of x; the final state is float32
+
+A state of all zeros is a fresh sequence (identical to ``state=None``).
+
+Backends live in small dict registries. "torch" is the pure-PyTorch reference (runs anywhere),
+"triton" the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), and "auto" picks Triton on
+CUDA tensors and the reference elsewhere. Other layers (the ONNX exporter's custom ops) add
+entries with :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+MLSTM_BACKENDS: dict[str, Callable] = {}
+SLSTM_BACKENDS: dict[str, Callable] = {}
+
+
+def register_backend(name: str, *, mlstm: Callable, slstm: Callable) -> None:
+    """Make ``name`` usable as a cell backend (``model.set_backend(name)``)."""
+    MLSTM_BACKENDS[name] = mlstm
+    SLSTM_BACKENDS[name] = slstm
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_triton(device: torch.device) -> None:
+    if not triton_available():
+        raise RuntimeError(
+            "backend 'triton' needs the triton package: pip install 'xlstm-export[triton]'"
+        )
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend 'triton' got tensors on {device.type}; Triton runs on CUDA, or on CPU "
+            "only under TRITON_INTERPRET=1 (slow, for tests). Use backend 'torch' or 'auto'."
+        )
+
+
+def _mlstm_torch(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
+    from .mlstm.naive import naive_chunk_mlstm, naive_step_mlstm
+
+    if q.shape[2] == 1 and state is not None:
+        return naive_step_mlstm(q, k, v, i, f, state, eps=eps)
+    return naive_chunk_mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+
+
+def _slstm_torch(x, r, b, state=None):
+    from .slstm.naive import naive_recurrent_slstm
+
+    return naive_recurrent_slstm(x, r, b, state)
+
+
+def _mlstm_triton(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
+    _check_triton(q.device)
+    from .mlstm.chunk import chunk_mlstm
+    from .mlstm.fused_recurrent import fused_recurrent_step_mlstm
+
+    if q.shape[2] == 1 and state is not None and not torch.is_grad_enabled():
+        return fused_recurrent_step_mlstm(q, k, v, i, f, state, eps=eps)
+    return chunk_mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+
+
+def _slstm_triton(x, r, b, state=None):
+    _check_triton(x.device)
+    from .slstm.fused_recurrent import fused_recurrent_slstm
+
+    return fused_recurrent_slstm(x, r, b, state)
+
+
+def _mlstm_auto(q, *args, **kwargs):
+    fn = _mlstm_triton if q.is_cuda and triton_available() else _mlstm_torch
+    return fn(q, *args, **kwargs)
+
+
+def _slstm_auto(x, *args, **kwargs):
+    fn = _slstm_triton if x.is_cuda and triton_available() else _slstm_torch
+    return fn(x, *args, **kwargs)
+
+
+register_backend("torch", mlstm=_mlstm_torch, slstm=_slstm_torch)
+register_backend("triton", mlstm=_mlstm_triton, slstm=_slstm_triton)
+register_backend("auto", mlstm=_mlstm_auto, slstm=_slstm_auto)
+
+
+def mlstm_cell(q, k, v, i, f, state=None, *, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6):
+    """mLSTM cell over a sequence with the chosen backend (see the module docstring)."""
+    return _lookup(MLSTM_BACKENDS, backend)(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+
+
+def slstm_cell(x, r, b, state=None, *, backend: str = "auto"):
+    """sLSTM cell over a sequence with the chosen backend (see the module docstring)."""
+    return _lookup(SLSTM_BACKENDS, backend)(x, r, b, state)
+
+
+def _lookup(registry: dict[str, Callable], backend: str) -> Callable:
+    try:
+        return registry[backend]
+    except KeyError:
+        raise ValueError(f"unknown cell backend {backend!r}; known: {sorted(registry)}") from None

@@ -1,0 +1,134 @@
+"""Building blocks shared by the blocks of both architectures: norms, conv, projections, FFNs.
+
+Norm weights are stored as the effective scale (initialised to 1); the NX-AI paper code stores
+LayerNorm weights as an offset from 1, which the converters add back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap); the identity when cap is None or <= 0."""
+    if cap is None or cap <= 0:
+        return x
+    return cap * torch.tanh(x / cap)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim with an optional bias (the paper model's blocks use none)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with float32 reductions (the xLSTM-7B norm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """Per-head LayerNorm (GroupNorm with one group a head) over head-first cell outputs.
+
+    Input (B, NH, S, DH), output (B, S, NH * DH): the layout the next projection wants.
+    Reductions run in float32.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, NH, S, DH)
+        B, NH, S, DH = h.shape
+        hf = h.float().transpose(1, 2)  # (B, S, NH, DH)
+        hf = F.layer_norm(hf, (DH,), eps=self.eps)
+        y = hf.reshape(B, S, NH * DH) * self.weight.float()  # (B, S, NH*DH)
+        return y.to(h.dtype)
+
+
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal linear map: the input is split into `num_blocks` blocks, each projected on
+    its own (NX-AI ``LinearHeadwiseExpand``). weight: (num_blocks, out_per_block, in_per_block)."""
+
+    def __init__(self, dim: int, num_blocks: int, bias: bool = False):
+        super().__init__()
+        self.num_blocks = num_blocks
+        block = dim // num_blocks
+        self.weight = nn.Parameter(torch.empty(num_blocks, block, block))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        nn.init.normal_(self.weight, std=(2.0 / (5.0 * block)) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, dim)
+        B, S, D = x.shape
+        xb = x.reshape(B, S, self.num_blocks, D // self.num_blocks)  # (B, S, nb, blk)
+        y = torch.einsum("bsnd,nod->bsno", xb, self.weight).reshape(B, S, D)
+        return y if self.bias is None else y + self.bias
+
+
+class CausalConv1d(nn.Module):
+    """Causal depthwise conv over time with an explicit state of the last K-1 inputs.
+
+    The state makes pieces equal the whole: y = conv(cat(state, x)), new state = last K-1 inputs.
+    A zero state is the start of a sequence (the same as the official left zero-padding).
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))  # (C, 1, K) as nn.Conv1d
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.weight, std=kernel_size**-0.5)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (B, S, C); state: (B, K-1, C) float32
+        xs = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+S, C)
+        y = F.conv1d(xs.transpose(1, 2), self.weight, self.bias, groups=x.shape[-1])  # (B, C, S)
+        new_state = xs[:, xs.shape[1] - (self.kernel_size - 1) :].float()  # (B, K-1, C)
+        return y.transpose(1, 2), new_state
+
+
+class GatedFFN(nn.Module):
+    """Paper sLSTM-block FFN: proj_up to 2*F, act(gate) * up, proj_down. GELU by default."""
+
+    def __init__(self, dim: int, ffn_dim: int, bias: bool):
+        super().__init__()
+        self.ffn_dim = ffn_dim
+        self.proj_up = nn.Linear(dim, 2 * ffn_dim, bias=bias)
+        self.proj_down = nn.Linear(ffn_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, E)
+        gate, up = self.proj_up(x).split(self.ffn_dim, dim=-1)  # (B, S, F) each
+        return self.proj_down(F.gelu(gate) * up)
+
+
+class SwiGLU(nn.Module):
+    """xLSTM-7B FFN: proj_down(silu(proj_up_gate(x)) * proj_up(x))."""
+
+    def __init__(self, dim: int, ffn_dim: int, bias: bool):
+        super().__init__()
+        self.proj_up_gate = nn.Linear(dim, ffn_dim, bias=bias)
+        self.proj_up = nn.Linear(dim, ffn_dim, bias=bias)
+        self.proj_down = nn.Linear(ffn_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, E)
+        return self.proj_down(F.silu(self.proj_up_gate(x)) * self.proj_up(x))

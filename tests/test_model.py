@@ -1,0 +1,154 @@
+"""The PyTorch model: pieces equal the whole, gradients reach every parameter, clear input errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from xlstm_export.models import PRESETS, CheckpointError, load, preset, xLSTMConfig, xLSTMLM
+
+# Small configs covering both architectures and the paper model's options.
+CONFIGS = {
+    "paper-m-s-m": preset("tiny", backend="torch"),
+    "paper-s-first-tied": xLSTMConfig(
+        architecture="paper", vocab_size=97, embedding_dim=64, num_blocks=3, num_heads=2,
+        slstm_at=[0, 2], slstm_num_heads=2, tie_weights=True, backend="torch", chunk_size=16,
+    ),
+    "paper-mlstm-only-noconv": xLSTMConfig(
+        architecture="paper", vocab_size=97, embedding_dim=64, num_blocks=2, num_heads=1,
+        conv1d_kernel_size=0, backend="torch", chunk_size=8,
+    ),
+    "large": preset("tiny-large", backend="torch", chunk_size=16),
+}
+
+
+def _randomize_(model: xLSTMLM, seed: int) -> None:
+    """Every parameter random (the default init zeroes some gate weights and hides mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if p.dim() == 1 else 1.0 / max(p.shape[-1], 1) ** 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("splits", [(1,), (17, 1, 21), (40,)], ids=["S1", "S17-1-21", "S40"])
+def test_pieces_equal_whole(name, splits):
+    torch.manual_seed(0)
+    model = xLSTMLM(CONFIGS[name]).eval()
+    _randomize_(model, seed=1)
+    S = sum(splits)
+    ids = torch.randint(0, model.config.vocab_size, (2, S))
+    with torch.no_grad():
+        whole, final = model(ids)
+        pieces, state, start = [], None, 0
+        for n in splits:
+            logits, state = model(ids[:, start : start + n], state)
+            pieces.append(logits)
+            start += n
+    pieces = torch.cat(pieces, dim=1)
+    assert _rel_err(pieces, whole) < 1e-5
+    assert set(state) == set(final) == set(model.state_spec(2))
+    for k in final:
+        assert state[k].dtype == torch.float32
+        assert _rel_err(state[k], final[k]) < 1e-5, k
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max abs error over max abs value (the project's relative error)."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_zero_state_is_fresh_sequence(name):
+    model = xLSTMLM(CONFIGS[name]).eval()
+    _randomize_(model, seed=2)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(ids, model.init_state(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradients_reach_every_parameter(name):
+    model = xLSTMLM(CONFIGS[name]).train()
+    _randomize_(model, seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    logits, state = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss = loss + sum(v.square().mean() for v in state.values()) * 1e-3
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient for {n}"
+        assert torch.isfinite(p.grad).all(), f"non-finite gradient for {n}"
+        assert p.grad.abs().max() > 0, f"zero gradient for {n}"
+
+
+def test_state_spec_shapes_and_bytes():
+    model = xLSTMLM(preset("tiny"))
+    cfg = model.config
+    spec = model.state_spec(5)
+    DH = cfg.mlstm_inner_dim // cfg.num_heads
+    assert spec["0.c"] == (5, cfg.num_heads, DH, DH)
+    assert spec["0.conv"] == (5, cfg.conv1d_kernel_size - 1, cfg.mlstm_inner_dim)
+    assert spec["1.h"] == (5, cfg.slstm_num_heads, cfg.embedding_dim // cfg.slstm_num_heads)
+    assert model.state_bytes(5) == 5 * model.state_bytes(1)
+
+
+def test_presets_shapes():
+    """The big presets have the published shapes (checked on the config, not instantiated)."""
+    c7 = preset("xlstm-7b")
+    assert (c7.qk_dim // c7.num_heads, c7.v_dim // c7.num_heads, c7.ffn_dim) == (256, 512, 10944)
+    assert 2e5 < xLSTMLM(preset("tiny")).num_params() < 1e6
+    assert set(PRESETS) >= {"tiny", "xlstm-125m", "xlstm-1.3b", "xlstm-7b"}
+
+
+def test_backend_switch_keeps_function():
+    model = xLSTMLM(preset("tiny", backend="torch")).eval()
+    other = xLSTMLM(dataclasses.replace(model.config, backend="auto")).eval()
+    other.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 256, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], other(ids)[0], rtol=0, atol=0)
+
+
+def test_bad_inputs_have_clear_errors():
+    model = xLSTMLM(preset("tiny"))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        model(torch.full((1, 3), 300))
+    with pytest.raises(ValueError, match="missing"):
+        model(torch.zeros(1, 3, dtype=torch.long), {"0.c": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("no-such-preset")
+    with pytest.raises(CheckpointError, match="no such preset or directory"):
+        load("no-such-preset-or-dir")
+    with pytest.raises(ValueError, match="slstm_at"):
+        xLSTMConfig(num_blocks=2, slstm_at=[5])
+    with pytest.raises(ValueError, match="backend"):
+        xLSTMConfig(backend="cuda")
+
+
+def test_generate_greedy_matches_argmax_loop():
+    torch.manual_seed(0)
+    model = xLSTMLM(preset("tiny", backend="torch")).eval()
+    _randomize_(model, seed=4)
+    prompt = torch.randint(0, 256, (2, 5))
+    new, _ = model.generate(prompt, 6)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids)[0][:, -1:].argmax(-1)], dim=1)
+    torch.testing.assert_close(new, ids[:, 5:])
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    s1, _ = model.generate(prompt, 6, temperature=1.0, generator=g1)
+    s2, _ = model.generate(prompt, 6, temperature=1.0, generator=g2)
+    torch.testing.assert_close(s1, s2)
