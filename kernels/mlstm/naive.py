@@ -1,0 +1,355 @@
+"""Pure-PyTorch reference forms of the mLSTM cell (the readable statement of the math).
+
+All four forms compute the same function with the project's fixed cell signature::
+
+    h, (c, n, m) = naive_chunk_mlstm(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6)
+    # q, k: (B, NH, S, DHQK)   v: (B, NH, S, DHV)   i, f: (B, NH, S) gate pre-activations
+    # state: None or (c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH))
+    # h: (B, NH, S, DHV) in the dtype of v; final state float32 (float64 for float64 inputs)
+
+Per step (q scaled by 1/sqrt(DHQK) inside the cell; the state holds unscaled k, the
+``mlstm_kernels`` / transformers convention)::
+
+    m_t = max(logsigmoid(f_t) + m_{t-1}, i_t)                      # stabilizer
+    C_t = exp(logsigmoid(f_t) + m_{t-1} - m_t) C_{t-1} + exp(i_t - m_t) k_t v_t^T
+    n_t = exp(logsigmoid(f_t) + m_{t-1} - m_t) n_{t-1} + exp(i_t - m_t) k_t
+    h_t = C_t^T q_t / (max(|n_t^T q_t|, exp(-m_t)) + eps)
+
+The initial state is C=0, n=0, m=0 when ``state`` is None, and an all-zero state is the same as
+None. The max defining m always includes the carried term ``b_t + m_0`` (b = cumulative
+logsigmoid(f)), also for a fresh sequence, so that every form here agrees to rounding error
+(the plain ``mlstm_kernels`` parallel kernel drops that term for a fresh sequence; that only
+changes h through the eps term, by at most eps relative).
+
+Computation runs in float32, or float64 when any input is float64 (kept end-to-end). The forms:
+
+* :func:`naive_parallel_mlstm`  quadratic in S; the initial state enters as one extra "column".
+* :func:`naive_chunk_mlstm`     linear in S; chunks of ``chunk_size`` (the last may be shorter),
+  vectorized inside a chunk, (C, n, m) carried between chunks.
+* :func:`naive_recurrent_mlstm` a plain loop over :func:`naive_step_mlstm`'s update.
+* :func:`naive_step_mlstm`      one step (S == 1), state required.
+
+Example::
+
+    >>> B, NH, S, DHQK, DHV = 1, 2, 5, 8, 16
+    >>> q, k = torch.randn(B, NH, S, DHQK), torch.randn(B, NH, S, DHQK)
+    >>> v = torch.randn(B, NH, S, DHV)
+    >>> i, f = torch.randn(B, NH, S), torch.randn(B, NH, S) + 3.0
+    >>> h, (c, n, m) = naive_chunk_mlstm(q, k, v, i, f, chunk_size=4)
+    >>> h.shape, c.shape, n.shape, m.shape
+    (torch.Size([1, 2, 5, 16]), torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 8]), torch.Size([1, 2]))
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "naive_parallel_mlstm",
+    "naive_chunk_mlstm",
+    "naive_recurrent_mlstm",
+    "naive_step_mlstm",
+]
+
+MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # c (B,NH,DHQK,DHV), n (B,NH,DHQK), m (B,NH)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and dtype helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_shapes(
+    fn: str,
+    q: torch.Tensor,  # (B, NH, S, DHQK)
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S)
+    f: torch.Tensor,  # (B, NH, S)
+    state: MLSTMState | None,
+) -> tuple[int, int, int, int, int]:
+    """Validate the cell inputs; return (B, NH, S, DHQK, DHV) or raise a ValueError naming
+    the expected and the actual shape."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"{fn}: q must be (B, NH, S, DHQK), got shape {_shape(q)}")
+    B, NH, S, DHQK = q.shape
+    if S < 1:
+        raise ValueError(f"{fn}: the sequence length S must be >= 1, got q of shape {_shape(q)}")
+    if DHQK < 1:
+        raise ValueError(f"{fn}: DHQK must be >= 1, got q of shape {_shape(q)}")
+    if tuple(k.shape) != (B, NH, S, DHQK):
+        raise ValueError(
+            f"{fn}: k must be (B, NH, S, DHQK) = {(B, NH, S, DHQK)} like q, got {_shape(k)}"
+        )
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, NH, S) or v.shape[3] < 1:
+        raise ValueError(
+            f"{fn}: v must be (B, NH, S, DHV) = {(B, NH, S)} + (DHV,), got {_shape(v)}"
+        )
+    DHV = v.shape[3]
+    for name, t in (("i", i), ("f", f)):
+        if tuple(t.shape) != (B, NH, S):
+            raise ValueError(f"{fn}: {name} must be (B, NH, S) = {(B, NH, S)}, got {_shape(t)}")
+    for name, t in (("k", k), ("v", v), ("i", i), ("f", f)):
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 3:
+            raise ValueError(
+                f"{fn}: state must be None or a tuple (c, n, m), got {type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
+            )
+        expected = {"c": (B, NH, DHQK, DHV), "n": (B, NH, DHQK), "m": (B, NH)}
+        for (name, shape), t in zip(expected.items(), state):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{fn}: state {name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{fn}: state {name} must be {shape} (B, NH"
+                    + {"c": ", DHQK, DHV", "n": ", DHQK", "m": ""}[name]
+                    + f"), got {_shape(t)}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"{fn}: state {name} must be floating point, got dtype {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{fn}: state {name} is on {t.device} but q is on {q.device}")
+    return B, NH, S, DHQK, DHV
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64 (kept end-to-end), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _initial_state(
+    state: MLSTMState | None, B: int, NH: int, DHQK: int, DHV: int, dtype: torch.dtype, device
+) -> MLSTMState:
+    if state is None:
+        return (
+            torch.zeros(B, NH, DHQK, DHV, dtype=dtype, device=device),  # c (B, NH, DHQK, DHV)
+            torch.zeros(B, NH, DHQK, dtype=dtype, device=device),  # n (B, NH, DHQK)
+            torch.zeros(B, NH, dtype=dtype, device=device),  # m (B, NH)
+        )
+    c0, n0, m0 = state
+    return c0.to(dtype), n0.to(dtype), m0.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# step / recurrent form
+# ---------------------------------------------------------------------------------------------
+
+
+def _step(
+    q: torch.Tensor,  # (B, NH, DHQK), compute dtype
+    k: torch.Tensor,  # (B, NH, DHQK)
+    v: torch.Tensor,  # (B, NH, DHV)
+    i: torch.Tensor,  # (B, NH)
+    f: torch.Tensor,  # (B, NH)
+    c: torch.Tensor,  # (B, NH, DHQK, DHV)
+    n: torch.Tensor,  # (B, NH, DHQK)
+    m: torch.Tensor,  # (B, NH)
+    eps: float,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One mLSTM step in the compute dtype; returns h (B, NH, DHV) and (c, n, m)."""
+    log_f = F.logsigmoid(f)  # (B, NH)
+    m_new = torch.maximum(log_f + m, i)  # (B, NH)
+    f_act = torch.exp(log_f + m - m_new)  # (B, NH)
+    i_act = torch.exp(i - m_new)  # (B, NH)
+    c_new = f_act[..., None, None] * c + i_act[..., None, None] * (k[..., :, None] * v[..., None, :])
+    n_new = f_act[..., None] * n + i_act[..., None] * k  # (B, NH, DHQK)
+    q_scaled = q * (q.shape[-1] ** -0.5)  # (B, NH, DHQK)
+    num = (q_scaled[..., None, :] @ c_new).squeeze(-2)  # (B, NH, DHV)
+    qn = (q_scaled * n_new).sum(-1)  # (B, NH)
+    den = torch.maximum(qn.abs(), torch.exp(-m_new)) + eps  # (B, NH)
+    h = num / den[..., None]  # (B, NH, DHV)
+    return h, (c_new, n_new, m_new)
+
+
+def naive_step_mlstm(
+    q: torch.Tensor,  # (B, NH, 1, DHQK)
+    k: torch.Tensor,  # (B, NH, 1, DHQK)
+    v: torch.Tensor,  # (B, NH, 1, DHV)
+    i: torch.Tensor,  # (B, NH, 1)
+    f: torch.Tensor,  # (B, NH, 1)
+    state: MLSTMState,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
+    *,
+    chunk_size: int = 64,  # unused; accepted so every form shares the cell signature
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One recurrent mLSTM step (S == 1; the state is required).
+
+    Returns h (B, NH, 1, DHV) in the dtype of v and the new state (c, n, m).
+    """
+    if state is None:
+        raise ValueError("naive_step_mlstm: state is required, got None (use zeros for a fresh sequence)")
+    B, NH, S, DHQK, DHV = _check_shapes("naive_step_mlstm", q, k, v, i, f, state)
+    if S != 1:
+        raise ValueError(f"naive_step_mlstm: needs S == 1, got q of shape {_shape(q)} (S={S})")
+    dt = _compute_dtype(q, k, v, i, f)
+    c, n, m = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
+    h, (c, n, m) = _step(
+        q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt), i[:, :, 0].to(dt), f[:, :, 0].to(dt),
+        c, n, m, eps,
+    )
+    return h[:, :, None].to(v.dtype), (c, n, m)  # (B, NH, 1, DHV)
+
+
+def naive_recurrent_mlstm(
+    q: torch.Tensor,  # (B, NH, S, DHQK)
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S)
+    f: torch.Tensor,  # (B, NH, S)
+    state: MLSTMState | None = None,
+    *,
+    chunk_size: int = 64,  # unused; accepted so every form shares the cell signature
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The mLSTM as a plain loop over single steps (O(S) steps, the most literal form)."""
+    B, NH, S, DHQK, DHV = _check_shapes("naive_recurrent_mlstm", q, k, v, i, f, state)
+    dt = _compute_dtype(q, k, v, i, f)
+    c, n, m = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
+    out_dtype = v.dtype
+    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    hs = []
+    for t in range(S):
+        h_t, (c, n, m) = _step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], c, n, m, eps)
+        hs.append(h_t)  # (B, NH, DHV)
+    h = torch.stack(hs, dim=2)  # (B, NH, S, DHV)
+    return h.to(out_dtype), (c, n, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel form
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_parallel_mlstm(
+    q: torch.Tensor,  # (B, NH, S, DHQK)
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S)
+    f: torch.Tensor,  # (B, NH, S)
+    state: MLSTMState | None = None,
+    *,
+    chunk_size: int = 64,  # unused; accepted so every form shares the cell signature
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The mLSTM in its quadratic parallel form (memory O(S^2); for tests and short sequences).
+
+    log D[t, s] = b_t - b_s + i_s for s <= t (b = cumsum logsigmoid(f)), -inf above the diagonal;
+    the initial state contributes with log weight b_t + m_0 (an extra column); m_t is the row max.
+    """
+    B, NH, S, DHQK, DHV = _check_shapes("naive_parallel_mlstm", q, k, v, i, f, state)
+    dt = _compute_dtype(q, k, v, i, f)
+    c0, n0, m0 = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
+    out_dtype = v.dtype
+    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+
+    b = F.logsigmoid(f).cumsum(-1)  # (B, NH, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # (S, S)
+    log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]  # (B, NH, S, S)
+    log_d = torch.where(causal, log_d, float("-inf"))  # (B, NH, S, S)
+    log_w0 = b + m0[..., None]  # (B, NH, S) log weight of the initial state at step t
+    m = torch.maximum(log_d.amax(-1), log_w0)  # (B, NH, S)
+    d = torch.exp(log_d - m[..., None])  # (B, NH, S, S)
+    w0 = torch.exp(log_w0 - m)  # (B, NH, S)
+
+    q_scaled = q * (DHQK**-0.5)  # (B, NH, S, DHQK)
+    scores = (q_scaled @ k.transpose(-2, -1)) * d  # (B, NH, S, S)
+    num = scores @ v + w0[..., None] * (q_scaled @ c0)  # (B, NH, S, DHV)
+    qn = scores.sum(-1) + w0 * (q_scaled @ n0[..., None]).squeeze(-1)  # (B, NH, S)
+    den = torch.maximum(qn.abs(), torch.exp(-m)) + eps  # (B, NH, S)
+    h = num / den[..., None]  # (B, NH, S, DHV)
+
+    # final state: the last row of the same weights
+    m_last = m[..., -1]  # (B, NH)
+    w_last = d[..., -1, :]  # (B, NH, S)  exp(b_S - b_s + i_s - m_S)
+    c = w0[..., -1, None, None] * c0 + (k * w_last[..., None]).transpose(-2, -1) @ v  # (B, NH, DHQK, DHV)
+    n = w0[..., -1, None] * n0 + (k * w_last[..., None]).sum(-2)  # (B, NH, DHQK)
+    return h.to(out_dtype), (c, n, m_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunkwise form
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_chunk_mlstm(
+    q: torch.Tensor,  # (B, NH, S, DHQK)
+    k: torch.Tensor,  # (B, NH, S, DHQK)
+    v: torch.Tensor,  # (B, NH, S, DHV)
+    i: torch.Tensor,  # (B, NH, S)
+    f: torch.Tensor,  # (B, NH, S)
+    state: MLSTMState | None = None,
+    *,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The mLSTM in chunkwise form: linear in S, any S and any chunk size.
+
+    The sequence is cut into chunks of ``chunk_size`` steps; the last chunk holds the remaining
+    ``S % chunk_size`` steps exactly (no padding). Inside a chunk (b = in-chunk cumsum of
+    logsigmoid(f), L = chunk length)::
+
+        m_t = max(b_t + m_prev, max_{s<=t} (b_t - b_s + i_s))
+        h_t = [exp(b_t + m_prev - m_t) q_t C_prev + sum_{s<=t} exp(b_t - b_s + i_s - m_t) (q_t.k_s) v_s]
+              / (max(|same with n|, exp(-m_t)) + eps)
+
+    and the carried state becomes, with a_s = b_L - b_s + i_s and m = max(b_L + m_prev, max_s a_s),
+    C = exp(b_L + m_prev - m) C_prev + sum_s exp(a_s - m) k_s v_s^T (n alike).
+    """
+    B, NH, S, DHQK, DHV = _check_shapes("naive_chunk_mlstm", q, k, v, i, f, state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"naive_chunk_mlstm: chunk_size must be a positive int, got {chunk_size!r}")
+    dt = _compute_dtype(q, k, v, i, f)
+    c, n, m = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
+    out_dtype = v.dtype
+    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    q = q * (DHQK**-0.5)  # (B, NH, S, DHQK)
+    log_f = F.logsigmoid(f)  # (B, NH, S)
+
+    hs = []
+    for start in range(0, S, chunk_size):
+        end = min(start + chunk_size, S)
+        L = end - start
+        qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]  # (B, NH, L, D*)
+        ic = i[:, :, start:end]  # (B, NH, L)
+        b = log_f[:, :, start:end].cumsum(-1)  # (B, NH, L)
+
+        # outputs of this chunk
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # (L, L)
+        log_d = torch.where(causal, b[..., :, None] - b[..., None, :] + ic[..., None, :], float("-inf"))
+        log_inter = b + m[..., None]  # (B, NH, L)
+        m_t = torch.maximum(log_d.amax(-1), log_inter)  # (B, NH, L)
+        d = torch.exp(log_d - m_t[..., None])  # (B, NH, L, L)
+        w_inter = torch.exp(log_inter - m_t)  # (B, NH, L)
+        scores = (qc @ kc.transpose(-2, -1)) * d  # (B, NH, L, L)
+        num = scores @ vc + w_inter[..., None] * (qc @ c)  # (B, NH, L, DHV)
+        qn = scores.sum(-1) + w_inter * (qc @ n[..., None]).squeeze(-1)  # (B, NH, L)
+        den = torch.maximum(qn.abs(), torch.exp(-m_t)) + eps  # (B, NH, L)
+        hs.append(num / den[..., None])  # (B, NH, L, DHV)
+
+        # carry the state to the next chunk
+        a = b[..., -1:] - b + ic  # (B, NH, L)
+        g = b[..., -1]  # (B, NH)
+        m_next = torch.maximum(g + m, a.amax(-1))  # (B, NH)
+        w_carry = torch.exp(g + m - m_next)  # (B, NH)
+        w_in = torch.exp(a - m_next[..., None])  # (B, NH, L)
+        kw = kc * w_in[..., None]  # (B, NH, L, DHQK)
+        c = w_carry[..., None, None] * c + kw.transpose(-2, -1) @ vc  # (B, NH, DHQK, DHV)
+        n = w_carry[..., None] * n + kw.sum(-2)  # (B, NH, DHQK)
+        m = m_next
+
+    h = torch.cat(hs, dim=2)  # (B, NH, S, DHV)
+    return h.to(out_dtype), (c, n, m)

@@ -1,0 +1,167 @@
+"""Pure-PyTorch reference form of the sLSTM cell (the readable statement of the math).
+
+Fixed cell signature (head-first, gate order i, f, z, o)::
+
+    y, (h, c, n, m) = naive_recurrent_slstm(x, r, b, state=None)
+    # x: (B, NH, S, 4*DH)  W x per head, gate-major [i | f | z | o] along the last dim, no bias
+    # r: (NH, DH, 4*DH)    recurrent weights: pre-activations(t) = x_t + h_{t-1} @ r[head] + b[head]
+    # b: (NH, 4*DH)        bias, same gate-major layout
+    # state: None or (h, c, n, m), each (B, NH, DH)
+    # y: (B, NH, S, DH) in the dtype of x; final state float32 (float64 for float64 inputs)
+
+Per step, with pre-activations (i~, f~, z~, o~)::
+
+    m_t = max(i~, logsigmoid(f~) + m_{t-1})                           # stabilizer
+    i = exp(i~ - m_t);  f = exp(logsigmoid(f~) + m_{t-1} - m_t)
+    c_t = f c_{t-1} + i tanh(z~);  n_t = f n_{t-1} + i;  h_t = sigmoid(o~) c_t / n_t
+
+The initial state is all zeros when ``state`` is None (an all-zero state is the same as None).
+Computation runs in float32, or float64 when any input is float64. Both functions are plain
+differentiable torch code: they are the gradient reference for the fused kernels.
+
+Example::
+
+    >>> B, NH, S, DH = 1, 2, 5, 4
+    >>> x = torch.randn(B, NH, S, 4 * DH)
+    >>> r, b = 0.1 * torch.randn(NH, DH, 4 * DH), torch.randn(NH, 4 * DH)
+    >>> y, (h, c, n, m) = naive_recurrent_slstm(x, r, b)
+    >>> y.shape, h.shape
+    (torch.Size([1, 2, 5, 4]), torch.Size([1, 2, 4]))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["naive_recurrent_slstm", "naive_step_slstm"]
+
+SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # h, c, n, m: (B, NH, DH)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_shapes(
+    fn: str,
+    x: torch.Tensor,  # (B, NH, S, 4*DH)
+    r: torch.Tensor,  # (NH, DH, 4*DH)
+    b: torch.Tensor,  # (NH, 4*DH)
+    state: SLSTMState | None,
+) -> tuple[int, int, int, int]:
+    """Validate the cell inputs; return (B, NH, S, DH) or raise a ValueError naming the
+    expected and the actual shape."""
+    for name, t in (("x", x), ("r", r), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be (B, NH, S, 4*DH), got shape {_shape(x)}")
+    B, NH, S, G = x.shape
+    if S < 1:
+        raise ValueError(f"{fn}: the sequence length S must be >= 1, got x of shape {_shape(x)}")
+    if G < 4 or G % 4 != 0:
+        raise ValueError(
+            f"{fn}: the last dim of x must be 4*DH (gates i, f, z, o), got x of shape {_shape(x)}"
+        )
+    DH = G // 4
+    if tuple(r.shape) != (NH, DH, 4 * DH):
+        raise ValueError(f"{fn}: r must be (NH, DH, 4*DH) = {(NH, DH, 4 * DH)}, got {_shape(r)}")
+    if tuple(b.shape) != (NH, 4 * DH):
+        raise ValueError(f"{fn}: b must be (NH, 4*DH) = {(NH, 4 * DH)}, got {_shape(b)}")
+    for name, t in (("r", r), ("b", b)):
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 4:
+            raise ValueError(
+                f"{fn}: state must be None or a tuple (h, c, n, m), got {type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
+            )
+        for name, t in zip("hcnm", state):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{fn}: state {name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (B, NH, DH):
+                raise ValueError(
+                    f"{fn}: state {name} must be (B, NH, DH) = {(B, NH, DH)}, got {_shape(t)}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"{fn}: state {name} must be floating point, got dtype {t.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{fn}: state {name} is on {t.device} but x is on {x.device}")
+    return B, NH, S, DH
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64 (kept end-to-end), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _initial_state(state: SLSTMState | None, B: int, NH: int, DH: int, dtype, device) -> SLSTMState:
+    if state is None:
+        z = torch.zeros(B, NH, DH, dtype=dtype, device=device)  # (B, NH, DH)
+        return z, z, z, z
+    return tuple(t.to(dtype) for t in state)  # type: ignore[return-value]
+
+
+def _step(
+    pre_x: torch.Tensor,  # (B, NH, 4*DH)  x_t + b, compute dtype
+    r: torch.Tensor,  # (NH, DH, 4*DH)
+    h: torch.Tensor,  # (B, NH, DH)
+    c: torch.Tensor,  # (B, NH, DH)
+    n: torch.Tensor,  # (B, NH, DH)
+    m: torch.Tensor,  # (B, NH, DH)
+) -> SLSTMState:
+    """One sLSTM step in the compute dtype; returns the new (h, c, n, m)."""
+    pre = pre_x + torch.einsum("bnd,ndg->bng", h, r)  # (B, NH, 4*DH)
+    i_pre, f_pre, z_pre, o_pre = pre.chunk(4, dim=-1)  # each (B, NH, DH)
+    log_f = F.logsigmoid(f_pre)  # (B, NH, DH)
+    m_new = torch.maximum(i_pre, log_f + m)  # (B, NH, DH)
+    i_act = torch.exp(i_pre - m_new)  # (B, NH, DH)
+    f_act = torch.exp(log_f + m - m_new)  # (B, NH, DH)
+    c_new = f_act * c + i_act * torch.tanh(z_pre)  # (B, NH, DH)
+    n_new = f_act * n + i_act  # (B, NH, DH)
+    h_new = torch.sigmoid(o_pre) * c_new / n_new  # (B, NH, DH)
+    return h_new, c_new, n_new, m_new
+
+
+def naive_recurrent_slstm(
+    x: torch.Tensor,  # (B, NH, S, 4*DH)
+    r: torch.Tensor,  # (NH, DH, 4*DH)
+    b: torch.Tensor,  # (NH, 4*DH)
+    state: SLSTMState | None = None,  # h, c, n, m: (B, NH, DH)
+) -> tuple[torch.Tensor, SLSTMState]:
+    """The sLSTM over a sequence as a plain step loop. Returns y (B, NH, S, DH) in the dtype of
+    x and the final state (h, c, n, m)."""
+    B, NH, S, DH = _check_shapes("naive_recurrent_slstm", x, r, b, state)
+    dt = _compute_dtype(x, r, b)
+    h, c, n, m = _initial_state(state, B, NH, DH, dt, x.device)
+    pre_x = x.to(dt) + b.to(dt)[:, None, :]  # (B, NH, S, 4*DH)
+    r = r.to(dt)
+    ys = []
+    for t in range(S):
+        h, c, n, m = _step(pre_x[:, :, t], r, h, c, n, m)
+        ys.append(h)  # (B, NH, DH)
+    y = torch.stack(ys, dim=2)  # (B, NH, S, DH)
+    return y.to(x.dtype), (h, c, n, m)
+
+
+def naive_step_slstm(
+    x: torch.Tensor,  # (B, NH, 1, 4*DH)
+    r: torch.Tensor,  # (NH, DH, 4*DH)
+    b: torch.Tensor,  # (NH, 4*DH)
+    state: SLSTMState,  # h, c, n, m: (B, NH, DH)
+) -> tuple[torch.Tensor, SLSTMState]:
+    """One sLSTM step (S == 1; the state is required). Returns y (B, NH, 1, DH) in the dtype of x
+    and the new state (h, c, n, m)."""
+    if state is None:
+        raise ValueError("naive_step_slstm: state is required, got None (use zeros for a fresh sequence)")
+    B, NH, S, DH = _check_shapes("naive_step_slstm", x, r, b, state)
+    if S != 1:
+        raise ValueError(f"naive_step_slstm: needs S == 1, got x of shape {_shape(x)} (S={S})")
+    dt = _compute_dtype(x, r, b)
+    h, c, n, m = _initial_state(state, B, NH, DH, dt, x.device)
+    h, c, n, m = _step(x[:, :, 0].to(dt) + b.to(dt), r.to(dt), h, c, n, m)
+    return h[:, :, None].to(x.dtype), (h, c, n, m)
