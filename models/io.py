@@ -40,6 +40,7 @@ def save_pretrained(model, directory) -> Path:
         if model.config.architecture == "paper" and model.config.tie_weights:
             sd.pop("lm_head.weight", None)
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _default_permissions(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -52,6 +53,15 @@ def save_pretrained(model, directory) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes 0700 folders: give the folder and its files the user's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def read_config_json(directory) -> dict:

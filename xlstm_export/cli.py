@@ -64,26 +64,185 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- export / validate / generate / build ---------------------------------------------------------
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    model = _load_model(args.source)
+    path = export_onnx(model, args.output, dtype=args.dtype, progress=not args.quiet)
+    print(f"wrote {path} ({args.dtype}, {len(model.state_spec(1))} state tensors)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .validate import compare_runners, validate_onnx
+
+    _require_file(args.model, ".onnx")
+    bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
+    step = lambda _: bar.update(1)  # noqa: E731
+    if args.engine:
+        from .ort import OrtModel
+        from .tensorrt import TrtModel
+
+        _require_file(args.engine, None)
+        ort_model = OrtModel(args.model)
+        report = compare_runners(
+            TrtModel(args.engine).run, ort_model.run, vocab_size=ort_model.vocab_size,
+            dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
+        )
+    else:
+        if not args.source:
+            raise UserError("validate needs --source SRC (the PyTorch model) or --engine PLAN")
+        report = validate_onnx(args.model, _load_model(args.source), cases=VALIDATE_CASES, progress=step)
+    bar.close()
+    print(report.table(all_rows=args.all))
+    return 0 if report.ok else 1
+
+
+def _runner(target: str):
+    """(runner, vocab_size, label) for a preset/model directory, an .onnx file or a TensorRT plan."""
+    from .generate import torch_runner
+
+    if target.endswith(".onnx"):
+        from .ort import OrtModel
+
+        _require_file(target, ".onnx")
+        m = OrtModel(target)
+        return m.run, m.vocab_size, "onnxruntime"
+    if target.endswith((".plan", ".engine")):
+        from .tensorrt import TrtModel
+
+        _require_file(target, None)
+        m = TrtModel(target)
+        return m.run, m.vocab_size, "TensorRT"
+    model = _load_model(target)
+    return torch_runner(model), model.config.vocab_size, "PyTorch"
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    from .generate import generate
+
+    runner, vocab, label = _runner(args.target)
+    if args.prompt_ids:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise UserError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}")
+    else:
+        ids = list(args.prompt.encode("utf-8"))
+    if not ids:
+        raise UserError("the prompt is empty: give --prompt-ids or a non-empty --prompt")
+    if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+        raise UserError(f"prompt token ids must lie in [0, {vocab}), got values in [{min(ids)}, {max(ids)}]")
+    bar = _bar(args.max_new_tokens, f"generate ({label})", args.quiet)
+    res = generate(runner, np.array([ids], np.int64), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed, on_token=lambda _: bar.update(1))
+    bar.close()
+    new = res.tokens[0].tolist()
+    print("tokens:", " ".join(map(str, new)))
+    if vocab == 256:
+        print("text:  ", repr(bytes(new).decode("utf-8", errors="replace")))
+    print(f"{label}: prefill {len(ids)} tokens in {res.prefill_s * 1e3:.1f} ms, "
+          f"decode {res.ms_per_token:.2f} ms/token")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .tensorrt import build_engine
+
+    _require_file(args.model, ".onnx")
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else None
+    build_engine(args.model, args.output, precision=precision, batch=tuple(args.batch), seq=tuple(args.seq))
+    print(f"wrote {args.output}")
+    return 0
+
+
+VALIDATE_CASES = ((1, 1), (1, 7), (3, 64), (3, 129))
+
+
+def _require_file(path: str, suffix: str | None) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file")
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory, expected a file")
+    if suffix and p.suffix != suffix:
+        raise UserError(f"{path}: expected a {suffix} file")
+
+
+def _bar(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet or None, leave=False)
+
+
 # --- run: the main job ----------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    """The whole pipeline on one model, with one summary at the end."""
+    """The whole pipeline on one model, with one summary at the end: convert, export, validate
+    against onnxruntime, generate on PyTorch and onnxruntime, and the TensorRT build, validation
+    and generation when TensorRT is present."""
+    import numpy as np
+
+    from .export import export_onnx
+    from .generate import generate, torch_runner
+    from .ort import OrtModel
+    from .tensorrt import TrtModel, build_engine, tensorrt_available
+    from .validate import compare_runners, validate_onnx
+
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     summary: list[tuple[str, str]] = []
+    ok = True
 
     model = _load_model(args.source)
     model_dir = out / "model"
     model.save_pretrained(model_dir)
     info = model_info(model)
-    summary.append(("convert", f"{model_dir} ({info['parameters']:,} parameters)"))
-    summary.append(("info", f"{info['architecture']} {''.join(t[0] for t in info['block_types'])}, "
-                            f"state {info['state_bytes_per_sequence']:,} bytes/sequence"))
+    summary.append(("convert", f"{model_dir} ({info['parameters']:,} parameters, "
+                               f"{''.join(t[0] for t in info['block_types'])}, "
+                               f"state {info['state_bytes_per_sequence']:,} bytes/sequence)"))
+
+    onnx_path = export_onnx(model, out / "model.onnx", dtype="fp32", progress=not args.quiet)
+    summary.append(("export", f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)"))
+
+    bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
+    report = validate_onnx(onnx_path, model, cases=VALIDATE_CASES, progress=lambda _: bar.update(1))
+    bar.close()
+    worst = report.worst()
+    ok &= report.ok
+    summary.append(("validate", f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} comparisons, worst rel "
+                                f"err {worst.rel:.1e} ({worst.name}, limit {worst.limit:.0e})"))
+
+    prompt = np.array([list(b"The xLSTM ")], np.int64) % model.config.vocab_size
+    n = args.max_new_tokens
+    ref = generate(torch_runner(model), prompt, n)
+    ort_model = OrtModel(onnx_path)
+    got = generate(ort_model.run, prompt, n)
+    same = bool(np.array_equal(ref.tokens, got.tokens))
+    ok &= same
+    summary.append(("generate", f"{n} greedy tokens: onnxruntime {'==' if same else '!='} PyTorch; "
+                                f"decode {got.ms_per_token:.2f} ms/token (ORT), {ref.ms_per_token:.2f} (PyTorch)"))
+
+    if tensorrt_available():
+        plan = build_engine(onnx_path, out / "model.plan")
+        trt_report = compare_runners(TrtModel(plan).run, ort_model.run, vocab_size=ort_model.vocab_size,
+                                     dtype=ort_model.dtype, cases=VALIDATE_CASES)
+        ok &= trt_report.ok
+        trt_gen = generate(TrtModel(plan).run, prompt, n)
+        summary.append(("tensorrt", f"{plan}: {'PASS' if trt_report.ok else 'FAIL'} vs onnxruntime, "
+                                    f"decode {trt_gen.ms_per_token:.2f} ms/token"))
+    else:
+        summary.append(("tensorrt", "skipped: TensorRT is not installed here (pip install tensorrt on a GPU machine)"))
 
     width = max(len(k) for k, _ in summary)
     print("\nsummary")
     for k, v in summary:
         print(f"  {k:<{width}}  {v}")
-    return 0
+    return 0 if ok else 1
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -109,9 +268,55 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
 
+    e = sub.add_parser("export", help="export to ONNX with xlstm::mLSTM / xlstm::sLSTM custom ops")
+    e.add_argument("source", help=SOURCE_HELP)
+    e.add_argument("-o", "--output", required=True, help="output .onnx path")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights and logits dtype (states stay float32)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("validate", help="onnxruntime vs PyTorch (--source) or TensorRT vs onnxruntime (--engine)")
+    v.add_argument("model", help="the exported .onnx file")
+    v.add_argument("--source", help=SOURCE_HELP + " that was exported")
+    v.add_argument("--engine", help="a TensorRT plan built from the .onnx file")
+    v.add_argument("--all", action="store_true", help="one row per state tensor instead of the worst per case")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_validate)
+
+    g = sub.add_parser("generate", help="generate tokens carrying the recurrent state between steps")
+    g.add_argument("target", help=SOURCE_HELP + ", an .onnx file or a TensorRT .plan")
+    prompt = g.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt", default="The xLSTM ", help="prompt text as UTF-8 bytes (byte-level models)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("build", help="build a TensorRT engine with the xLSTM plugins (needs TensorRT and a GPU)")
+    b.add_argument("model", help="the exported .onnx file")
+    b.add_argument("-o", "--output", required=True, help="output .plan path")
+    prec = b.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="the model must have been exported with --dtype fp16")
+    prec.add_argument("--bf16", action="store_true", help="the model must have been exported with --dtype bf16")
+    b.add_argument("--batch", type=int, nargs=3, default=[1, 1, 8], metavar=("MIN", "OPT", "MAX"))
+    b.add_argument("--seq", type=int, nargs=3, default=[1, 128, 4096], metavar=("MIN", "OPT", "MAX"))
+    b.set_defaults(func=cmd_build)
+
+    from .train import add_train_arguments, run_train
+
+    t = sub.add_parser("train", help="train a model on a text file (byte-level), resumable, torchrun-ready")
+    add_train_arguments(t)
+    t.set_defaults(func=run_train)
+
     r = sub.add_parser("run", help="the main job: convert, export, validate, generate (and TensorRT when present)")
     r.add_argument("source", nargs="?", default="tiny", help=SOURCE_HELP + " (default: tiny)")
     r.add_argument("-o", "--output", default="xlstm-export-run", help="output folder (default: ./xlstm-export-run)")
+    r.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
     return p

@@ -1,0 +1,280 @@
+"""The trainer (xlstm_export/train.py): loss goes down, checkpoints load, resume is exact, DDP runs,
+bad input ends in one line and exit code 2.
+
+CPU only and small: the tiny preset (~0.4M parameters) on windows of 16 bytes. Every run is seeded,
+so the numbers below are deterministic on one machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xlstm_export import train as T
+from xlstm_export.models import config as model_config
+from xlstm_export.models import preset, xLSTMLM
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40  # 1,800 bytes, very repetitive
+SMALL = dict(seq_len=16, batch_size=8, lr=5e-3, min_lr=5e-4, warmup=2, eval_batches=2, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(data, out, **kw) -> T.TrainResult:
+    cfg = T.TrainConfig(data=str(data), output=str(out), **{**SMALL, **kw})
+    with torch.random.fork_rng():  # keep the test process's global RNG as it was
+        return T.train(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "ckpt"
+    return run(data_file, out, steps=10, eval_every=5), out
+
+
+# --- a short run ------------------------------------------------------------------------------------
+def test_loss_goes_down(trained):
+    result, _ = trained
+    steps = [s for s, _ in result.evals]
+    assert steps == [0, 5, 10]
+    first, last = result.evals[0][1], result.evals[-1][1]
+    # An untrained byte model predicts nearly uniformly over 256 symbols: loss ~ ln 256 = 5.55.
+    assert abs(first - math.log(256)) < 0.5, first
+    # One repeated sentence is learned fast: measured 5.84 -> 0.66 after 10 steps; ask for 2 nats less.
+    assert last < first - 2.0, result.evals
+    assert result.step == 10
+
+
+def test_checkpoint_is_a_model_directory_with_the_same_logits(trained):
+    result, out = trained
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", T.TRAINER_STATE_NAME]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging left behind"
+    loaded = xLSTMLM.from_pretrained(out)
+    assert loaded.config == preset("tiny")  # the portable config: backend stays "auto"
+    ids = torch.tensor([list(b"the quick brown "), list(b"over the lazy do")])  # (2, 16)
+    with torch.no_grad():
+        want, want_state = result.model.eval()(ids)  # (2, 16, 256)
+        got, got_state = loaded(ids)
+    # Same float32 weights, same code, same CPU: bit-identical.
+    assert torch.equal(got, want)
+    assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+    # ... and the trained model is not the initial one.
+    torch.manual_seed(0)
+    fresh = xLSTMLM(preset("tiny"))
+    assert not torch.equal(fresh.lm_head.weight, loaded.lm_head.weight)
+
+
+def test_trainer_state_loads_with_weights_only(trained):
+    result, out = trained
+    state = torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)
+    assert state["format"] == T.TRAINER_STATE_FORMAT and state["version"] == T.TRAINER_STATE_VERSION
+    assert state["step"] == 10 and state["world_size"] == 1
+    assert state["tokens_seen"] == 10 * SMALL["batch_size"] * SMALL["seq_len"]
+    assert state["schedule"] == {"name": "warmup_cosine", "lr": 5e-3, "min_lr": 5e-4, "warmup": 2, "steps": 10}
+    n_params = len(list(result.model.parameters()))
+    assert len(state["optimizer"]["state"]) == n_params
+    assert all(int(s["step"]) == 10 for s in state["optimizer"]["state"].values())
+    assert state["rng"]["torch"].dtype == torch.uint8
+    assert [s for s, _ in state["evals"]] == [0, 5, 10]
+
+
+# --- resume -----------------------------------------------------------------------------------------
+def test_resume_equals_straight_run(data_file, tmp_path):
+    kw = dict(steps=6, eval_every=3, batch_size=4, eval_batches=1)
+    straight = run(data_file, tmp_path / "straight", **kw)
+    part = run(data_file, tmp_path / "split", stop_at=3, **kw)
+    assert part.step == 3
+    assert torch.load(tmp_path / "split" / T.TRAINER_STATE_NAME, weights_only=True)["step"] == 3
+    resumed = run(data_file, tmp_path / "split", resume=True, **kw)
+    assert resumed.step == straight.step == 6
+
+    w_straight = load_file(tmp_path / "straight" / "model.safetensors")
+    w_resumed = load_file(tmp_path / "split" / "model.safetensors")
+    assert w_straight.keys() == w_resumed.keys()
+    for k in w_straight:
+        # The same windows, learning rates and optimizer moments in the same order on one CPU:
+        # expected bit-identical; 1e-6 leaves room only for a different BLAS reduction order.
+        torch.testing.assert_close(w_resumed[k], w_straight[k], rtol=1e-6, atol=1e-6, msg=k)
+    s_straight = torch.load(tmp_path / "straight" / T.TRAINER_STATE_NAME, weights_only=True)
+    s_resumed = torch.load(tmp_path / "split" / T.TRAINER_STATE_NAME, weights_only=True)
+    assert s_resumed["step"] == s_straight["step"] == 6
+    assert s_resumed["tokens_seen"] == s_straight["tokens_seen"]
+    for i, st in s_straight["optimizer"]["state"].items():
+        assert int(s_resumed["optimizer"]["state"][i]["step"]) == int(st["step"]) == 6
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s_resumed["optimizer"]["state"][i][name], st[name], rtol=1e-6, atol=1e-8)
+    assert [s for s, _ in s_resumed["evals"]] == [s for s, _ in s_straight["evals"]] == [0, 3, 6]
+    for (_, a), (_, b) in zip(s_resumed["evals"], s_straight["evals"]):
+        assert a == pytest.approx(b, rel=1e-5)
+
+    # Resuming a finished run is a no-op, not an error.
+    again = run(data_file, tmp_path / "split", resume=True, **kw)
+    assert again.step == 6
+
+
+# --- pieces -----------------------------------------------------------------------------------------
+def test_lr_schedule():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup=10, steps=100)
+    lrs = [T.lr_at(s, **kw) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine: never rises after warmup
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 45 / 89)))
+    assert T.lr_at(3, lr=1e-3, min_lr=0.0, warmup=0, steps=1) == 1e-3  # no decay span: the peak
+
+
+def test_weight_decay_on_matrices_only():
+    model = xLSTMLM(preset("tiny"))
+    decay, no_decay = T.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
+    assert {"lm_head.weight", "blocks.0.proj_up.weight", "blocks.0.q_proj.weight", "blocks.1.r"} <= decayed
+    assert {"embedding.weight", "blocks.0.conv.weight", "blocks.0.norm.weight", "blocks.0.igate.bias",
+            "blocks.0.learnable_skip", "blocks.1.b"} <= kept
+    assert all(p.dim() >= 2 for p in decay["params"])
+
+
+def test_windows_per_rank_and_step():
+    tokens = torch.arange(200, dtype=torch.uint8)  # (200,) distinct values: windows name their start
+    def windows(rank, step):
+        return T.sample_windows(tokens, 4, 16, T.window_generator(7, 0, rank, step))
+    x, y = windows(0, 3)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+    assert torch.equal(windows(0, 3)[0], x)  # a step's windows are a function of (seed, rank, step)
+    assert not torch.equal(windows(1, 3)[0], x)  # each rank its own windows
+    assert not torch.equal(windows(0, 4)[0], x)
+
+
+def test_split_keeps_one_window_for_validation():
+    tokens = torch.zeros(100, dtype=torch.uint8)
+    train, val = T.split_train_val(tokens, seq_len=16, val_fraction=0.1)
+    assert (train.numel(), val.numel()) == (83, 17)  # 10% is 10 bytes < one window of 17
+    train, val = T.split_train_val(tokens, seq_len=4, val_fraction=0.1)
+    assert (train.numel(), val.numel()) == (90, 10)
+    with pytest.raises(T.TrainError, match="too short for a training split"):
+        T.split_train_val(tokens, seq_len=60, val_fraction=0.1)
+    train, val = T.split_train_val(tokens, seq_len=60, val_fraction=0.0)
+    assert train.numel() == val.numel() == 100
+
+
+# --- DDP --------------------------------------------------------------------------------------------
+def test_ddp_two_processes_on_cpu(data_file, tmp_path):
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "xlstm_export.train", "--data", str(data_file), "-o", str(out), "--device", "cpu",
+        "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--eval-every", "3", "--eval-batches", "2",
+        "--warmup", "1", "--lr", "3e-3",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("trained steps 0..3") == 1, proc.stdout  # only rank 0 logs
+    assert "cpu, 2 processes" in proc.stdout
+    assert "step 3/3 | loss" in proc.stdout  # not a terminal: log lines instead of a bar
+    state = torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert state["tokens_seen"] == 3 * 2 * 16 * 2  # steps * batch * seq_len * ranks
+    model = xLSTMLM.from_pretrained(out)
+    torch.manual_seed(0)
+    assert not torch.equal(model.lm_head.weight, xLSTMLM(preset("tiny")).lm_head.weight)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+def _fails(capsys, argv, match):
+    rc = T.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xlstm-export train: error: "), err
+    assert match in lines[0], err
+    assert "Traceback" not in err
+
+
+def _argv(data, out, *extra):
+    return ["--data", str(data), "-o", str(out), "--steps", "2", "--seq-len", "16", "--quiet", *extra]
+
+
+def test_missing_empty_and_short_data(tmp_path, capsys):
+    _fails(capsys, _argv(tmp_path / "nope.txt", tmp_path / "o"), "does not exist")
+    _fails(capsys, _argv(tmp_path, tmp_path / "o"), "is a directory")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    _fails(capsys, _argv(tmp_path / "empty.txt", tmp_path / "o"), "is empty")
+    (tmp_path / "short.txt").write_bytes(b"x" * 16)  # seq_len + 1 = 17 needed
+    _fails(capsys, _argv(tmp_path / "short.txt", tmp_path / "o"), "shorter than one training window")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_output_directories(data_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _fails(capsys, _argv(data_file, blocker / "out"), "cannot create the parent")
+    _fails(capsys, _argv(data_file, blocker), "is not a directory")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    _fails(capsys, _argv(data_file, busy), "not a checkpoint")
+    _fails(capsys, _argv(data_file, tmp_path / "fresh", "--resume"), "holds no checkpoint")
+    assert (busy / "notes.txt").read_text() == "mine"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / T.TRAINER_STATE_NAME).write_bytes(b"not a pickle")
+    _fails(capsys, _argv(data_file, broken, "--resume"), "not a readable trainer state")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_output_parent(data_file, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        _fails(capsys, _argv(data_file, ro / "out"), "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_existing_checkpoint_needs_resume_or_overwrite(trained, data_file, capsys):
+    _, out = trained
+    _fails(capsys, _argv(data_file, out), "pass --resume")
+
+
+def test_bad_options(data_file, tmp_path, capsys, monkeypatch):
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--preset", "nope"), "unknown preset")
+    monkeypatch.setitem(model_config.PRESETS, "tiny-v100", preset("tiny", vocab_size=100))
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--preset", "tiny-v100"), "vocab_size 100")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--lr", "0"), "--lr must be > 0")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--stop-at", "5"), "--stop-at")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--backend", "nope"), "not a cell backend")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--device", "tpu"), "--device")
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    """The real entry point, in a fresh process: one line on stderr, exit code 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "xlstm_export.train", "--data", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"xlstm-export train: error: data file {tmp_path / 'missing.txt'} does not exist"
+    ]

@@ -1,0 +1,706 @@
+"""Train an xLSTMLM on a text file: byte tokens, AdamW, warmup + cosine, checkpoints, DDP.
+
+    xlstm-export train --data input.txt --preset tiny --steps 2000 -o runs/tiny
+    xlstm-export train --data input.txt --steps 4000 -o runs/tiny --resume   # continue to step 4000
+    torchrun --nproc_per_node=2 -m xlstm_export.train --data input.txt --steps 2000 -o runs/tiny
+
+The output directory is a plain model directory (``config.json`` + ``model.safetensors``, what
+``xLSTMLM.from_pretrained``, ``info`` and the exporter read) plus ``trainer_state.pt``: the step,
+the optimizer state, the schedule and the RNG state, loadable with ``torch.load(weights_only=True)``.
+A checkpoint is built in a staging directory beside DIR and swapped in whole, so DIR always holds
+weights and trainer state of the same step.
+
+Data: the file's bytes are the tokens (vocabulary 256). The last ``--val-fraction`` of the file is
+the validation split. Training windows of ``seq_len + 1`` bytes are drawn at random positions of the
+training split from a generator seeded by (seed, rank, step): every rank draws its own windows, and
+a resumed run draws exactly the windows the uninterrupted run would have drawn. The validation
+windows are drawn once (seeded by the seed alone), so eval losses of one run are comparable.
+
+The learning rate is a pure function of the step (linear warmup, then cosine down to ``--min-lr`` at
+the last step), so the schedule's state is the step itself plus its four parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TRAINER_STATE_NAME = "trainer_state.pt"
+TRAINER_STATE_FORMAT = "xlstm_export.trainer_state"
+TRAINER_STATE_VERSION = 1
+BYTE_VOCAB = 256
+ADAM_BETAS = (0.9, 0.95)  # the usual language-model betas (nanoGPT, NX-AI xlstm experiments)
+
+
+class TrainError(Exception):
+    """A problem with the user's input (data file, output directory, options): one line, exit 2."""
+
+
+# --- configuration ---------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    data: str  # path of the training text
+    output: str  # checkpoint directory (config.json + model.safetensors + trainer_state.pt)
+    preset: str | None = None  # model preset for a fresh run; None -> "tiny" (a resumed run reads DIR)
+    steps: int = 1000  # total optimizer steps; the cosine schedule ends here
+    seq_len: int = 256  # tokens per training window
+    batch_size: int = 16  # windows per step and per rank
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # learning rate at the last step
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on weight matrices only (not norms, biases, embedding)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    eval_every: int = 250  # eval loss every this many steps (and at step 0 and the last step)
+    eval_batches: int = 20  # validation batches per eval (shared out over the ranks)
+    save_every: int = 500  # checkpoint every this many steps (and at the end); 0 = only at the end
+    log_every: int = 10  # a log line every this many steps when no progress bar is shown
+    val_fraction: float = 0.1  # tail of the file held out for eval; 0 = evaluate on the training text
+    seed: int = 0  # model init and data windows
+    device: str | None = None  # None -> "cuda" when available, else "cpu"
+    backend: str | None = None  # cell backend for this run; None -> the config's ("auto")
+    tokenizer: Literal["bytes"] = "bytes"  # byte-level tokens (the only tokenizer so far)
+    resume: bool = False  # continue from the checkpoint in `output`
+    overwrite: bool = False  # replace an existing checkpoint in `output` with a fresh run
+    stop_at: int | None = None  # stop (after saving) at this step; the schedule still spans `steps`
+    quiet: bool = False  # no progress bar and no step lines; eval lines and the summary remain
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "seq_len", "batch_size", "eval_every", "eval_batches", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TrainError(f"--min-lr must lie in [0, --lr={self.lr}], got {self.min_lr}")
+        if not self.weight_decay >= 0:
+            raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0:
+            raise TrainError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.tokenizer != "bytes":
+            raise TrainError(f"--tokenizer must be 'bytes', got {self.tokenizer!r}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise TrainError(f"--stop-at must lie in [1, --steps={self.steps}], got {self.stop_at}")
+        if self.resume and self.overwrite:
+            raise TrainError("--resume and --overwrite exclude each other")
+
+    def hyperparameters(self) -> dict:
+        """The settings a resumed run is compared against (plain ints, floats and strings)."""
+        keys = ("steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
+                "grad_clip", "val_fraction", "seed")
+        return {k: getattr(self, k) for k in keys} | {"data": str(Path(self.data).resolve())}
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained xLSTMLM (unwrapped, on the training device)
+    step: int  # optimizer steps done (global)
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    tokens_per_s: float = 0.0  # over this run's steps, all ranks together
+    output: Path | None = None
+
+
+# --- data ------------------------------------------------------------------------------------------
+def read_bytes(path) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor (N,), with clear errors for missing or unreadable files."""
+    path = Path(path)
+    if not path.exists():
+        raise TrainError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise TrainError(f"data file {path} is a directory, expected a text file")
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)  # (N,)
+    except OSError as e:
+        raise TrainError(f"cannot read data file {path}: {e.strerror or e}") from None
+    return torch.from_numpy(raw)
+
+
+def split_train_val(
+    tokens: torch.Tensor,  # (N,) uint8
+    seq_len: int,
+    val_fraction: float,
+    source: str = "data",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split off the last ``val_fraction`` of the tokens (at least one window of seq_len + 1) for eval.
+
+    With ``val_fraction`` 0 both splits are the whole text.
+    """
+    n, window = tokens.numel(), seq_len + 1
+    if n == 0:
+        raise TrainError(f"data file {source} is empty")
+    if n < window:
+        raise TrainError(
+            f"data file {source} has {n} bytes, shorter than one training window of "
+            f"--seq-len + 1 = {window} bytes; use a longer file or a smaller --seq-len"
+        )
+    if val_fraction == 0:
+        return tokens, tokens
+    n_val = max(math.ceil(n * val_fraction), window)
+    if n - n_val < window:
+        raise TrainError(
+            f"data file {source} has {n} bytes: too short for a training split and a validation "
+            f"split of {window} bytes each (--seq-len + 1); use a smaller --seq-len, or "
+            "--val-fraction 0 to evaluate on the training text"
+        )
+    return tokens[: n - n_val], tokens[n - n_val :]
+
+
+def sample_windows(
+    tokens: torch.Tensor,  # (N,) uint8
+    batch_size: int,
+    seq_len: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows: inputs x (B, S) and next-token targets y (B, S), int64."""
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)  # (B,)
+    idx = starts[:, None] + torch.arange(seq_len + 1)  # (B, S+1)
+    w = tokens[idx].long()  # (B, S+1)
+    return w[:, :-1], w[:, 1:]
+
+
+def window_generator(seed: int, *streams: int) -> torch.Generator:
+    """A CPU generator for one stream of windows: (0, rank, step) for training, (1,) for eval."""
+    s = np.random.SeedSequence(seed, spawn_key=streams).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(s) >> 1)
+
+
+# --- optimizer and schedule ------------------------------------------------------------------------
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): lr*(step+1)/warmup during warmup, then a
+    cosine from lr down to min_lr, reached at the last step (steps - 1)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    decay_steps = steps - 1 - warmup
+    if decay_steps <= 0:
+        return lr
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on the weight matrices of linear maps (nn.Linear incl. lm_head, the
+    head-wise block-diagonal projections, the sLSTM recurrent R); none on norms, biases (the sLSTM
+    bias is (NH, 4*DH) but a bias), skip vectors, depthwise conv filters or the token embedding
+    (as NX-AI xlstm; a tied lm_head counts as the embedding)."""
+    from .models.blocks import sLSTMBlock
+    from .models.layers import HeadwiseLinear
+
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            matrix = (isinstance(module, (torch.nn.Linear, HeadwiseLinear)) and name == "weight") or (
+                isinstance(module, sLSTMBlock) and name == "r"
+            )
+            (decay if matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# --- distributed -----------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> Dist:
+    """Rank and world size as torchrun sets them (WORLD_SIZE, RANK, LOCAL_RANK); 1 process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return Dist(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", str(rank))))
+
+
+def resolve_device(name: str | None, d: Dist) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise TrainError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def check_backend(backend: str | None, device: torch.device) -> None:
+    from . import kernels
+
+    if backend is None:
+        return
+    if backend not in kernels.MLSTM_BACKENDS:
+        raise TrainError(f"--backend {backend!r} is not a cell backend; known: {sorted(kernels.MLSTM_BACKENDS)}")
+    if backend == "triton":
+        if not kernels.triton_available():
+            raise TrainError("--backend triton needs the triton package: pip install 'xlstm-export[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise TrainError(
+                "--backend triton on the CPU runs only under TRITON_INTERPRET=1 (slow, for tests); "
+                "use --backend torch or auto"
+            )
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / TRAINER_STATE_NAME).is_file() or (path / "config.json").is_file()
+
+
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Fail before training when the output directory cannot take a checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output {out} exists and is not a directory")
+    if resume:
+        if not (out / TRAINER_STATE_NAME).is_file() or not (out / "config.json").is_file():
+            raise TrainError(f"--resume: {out} holds no checkpoint (config.json + {TRAINER_STATE_NAME})")
+    elif out.is_dir() and any(out.iterdir()):
+        if not is_checkpoint_dir(out):
+            raise TrainError(f"output {out} exists, is not empty and is not a checkpoint; choose another -o")
+        if not overwrite:
+            raise TrainError(
+                f"output {out} already holds a checkpoint; pass --resume to continue it or "
+                "--overwrite to start over"
+            )
+    # The checkpoint is staged beside DIR and renamed into place: the parent must be writable.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot create the parent of output {out}: {e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrainError(f"output {out} is not writable: {e.strerror or e}") from None
+
+
+def save_checkpoint(model, out: Path, trainer_state: dict) -> None:
+    """Write DIR = config.json + model.safetensors + trainer_state.pt, replacing it whole.
+
+    Everything is written into a staging directory next to DIR, then DIR is swapped for it, so a
+    crash leaves either the old checkpoint or the new one, never weights of one step with the trainer
+    state of another.
+    """
+    from .models import save_pretrained
+
+    stage = out.with_name(f".{out.name}.stage-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        save_pretrained(model, stage)  # config.json + model.safetensors
+        mask = _umask()  # mkdtemp made the folder 0700: give the checkpoint the user's usual modes
+        os.chmod(stage, 0o777 & ~mask)
+        for f in stage.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        tmp = stage / (TRAINER_STATE_NAME + ".tmp")
+        torch.save(trainer_state, tmp)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, stage / TRAINER_STATE_NAME)
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(stage, out)
+        except OSError:
+            if old.exists() and not out.exists():
+                os.replace(old, out)  # put the previous checkpoint back
+            raise
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise TrainError(f"cannot write checkpoint {out}: {e.strerror or e}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_trainer_state(out: Path) -> dict:
+    path = out / TRAINER_STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have many types; name the file and the reason
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainError(f"{path}: not a readable trainer state ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINER_STATE_FORMAT:
+        raise TrainError(f"{path}: not a trainer state written by xlstm-export train")
+    if state.get("version") != TRAINER_STATE_VERSION:
+        raise TrainError(f"{path}: trainer state version {state.get('version')}, expected {TRAINER_STATE_VERSION}")
+    return state
+
+
+# --- the loop --------------------------------------------------------------------------------------
+class _Reporter:
+    """Rank 0's output: a tqdm bar on a terminal, otherwise a log line every `log_every` steps.
+
+    Tokens/s: the bar shows a moving average over recent steps, a log line the average since the
+    previous line; both count the tokens of all ranks.
+    """
+
+    def __init__(self, cfg: TrainConfig, d: Dist, start: int, stop: int, tokens_per_step: int):
+        self.cfg, self.on, self.stop = cfg, d.main, stop
+        self.tokens_per_step = tokens_per_step
+        self.t_prev = time.perf_counter()
+        self.step_prev = start  # step of the previous log line
+        self.window_s = 0.0  # training seconds since the previous log line
+        self.total_s = 0.0  # training seconds of this run (evals and checkpoints excluded)
+        self.ema_s: float | None = None  # seconds per step, moving average
+        self.bar = None
+        if self.on and not cfg.quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def restart_clock(self) -> None:
+        """After an eval or a checkpoint: their time is not training time."""
+        self.t_prev = time.perf_counter()
+
+    def line(self, text: str) -> None:
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def step(self, step: int, loss: float, lr: float, gnorm: float) -> None:
+        now = time.perf_counter()
+        dt, self.t_prev = now - self.t_prev, now
+        self.window_s += dt
+        self.total_s += dt
+        self.ema_s = dt if self.ema_s is None else 0.9 * self.ema_s + 0.1 * dt
+        if not self.on:
+            return
+        if self.bar is not None:
+            tok_s = self.tokens_per_step / max(self.ema_s, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.update(1)
+        elif not self.cfg.quiet and (step % self.cfg.log_every == 0 or step == self.stop):
+            tok_s = (step - self.step_prev) * self.tokens_per_step / max(self.window_s, 1e-9)
+            print(f"step {step}/{self.stop} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gnorm:.3f} "
+                  f"| {tok_s:,.0f} tok/s", flush=True)
+            self.window_s, self.step_prev = 0.0, step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def evaluate(model, windows, device, autocast, d: Dist) -> float:
+    """Mean next-token loss over the fixed validation windows; batch i runs on rank i % world."""
+    import torch.distributed as dist
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, token count)
+    for x, y in windows[d.rank :: d.world_size]:
+        x, y = x.to(device), y.to(device)  # (B, S) each
+        with autocast():
+            logits, _ = model(x)  # (B, S, V)
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        total[1] += y.numel()
+    if d.enabled:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the training described by ``cfg`` in this process (one rank of torchrun, or alone)."""
+    import torch.distributed as dist
+
+    from .models import CheckpointError, from_pretrained, preset, xLSTMLM
+
+    d = dist_from_env()
+    out = Path(cfg.output)
+    device = resolve_device(cfg.device, d)
+    check_backend(cfg.backend, device)
+    # Every rank runs the same checks on the same files, so all fail alike before any collective.
+    tokens = read_bytes(cfg.data)  # (N,) uint8
+    train_tokens, val_tokens = split_train_val(tokens, cfg.seq_len, cfg.val_fraction, source=cfg.data)
+    check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+
+    state = None
+    if cfg.resume:
+        state = load_trainer_state(out)
+        try:
+            model = from_pretrained(out)
+        except CheckpointError as e:
+            raise TrainError(f"--resume: {e}") from None
+    else:
+        try:
+            config = preset(cfg.preset or "tiny")
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = xLSTMLM(config)
+    if model.config.vocab_size < BYTE_VOCAB:
+        name = str(out) if cfg.resume else f"preset {cfg.preset or 'tiny'!r}"
+        raise TrainError(
+            f"{name} has vocab_size {model.config.vocab_size}; byte-level tokens (--tokenizer bytes) "
+            f"need at least {BYTE_VOCAB}"
+        )
+    if cfg.backend is not None:  # this run only: config.json keeps its portable backend field
+        model.set_backend(cfg.backend)
+    model.to(device).train()
+
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS,
+        fused=device.type == "cuda" or None,
+    )
+    start, evals, tokens_seen = 0, [], 0
+    if state is not None:
+        start = int(state["step"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"{out / TRAINER_STATE_NAME}: optimizer state does not fit the model ({e})") from None
+        for group, wd in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group["weight_decay"] = wd  # the command line wins over the saved value
+        evals = [(int(s), float(v)) for s, v in state["evals"]]
+        tokens_seen = int(state["tokens_seen"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    stop = cfg.stop_at if cfg.stop_at is not None else cfg.steps
+    if cfg.resume and start >= stop:
+        if d.main:
+            print(f"{out} is already at step {start} (--steps {cfg.steps}); nothing to do", flush=True)
+        return TrainResult(model=model, step=start, evals=evals, output=out)
+
+    autocast = contextlib.nullcontext
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    elif device.type == "cuda" and d.main:
+        print("note: this GPU has no bfloat16; training in float32", flush=True)
+
+    if d.enabled:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _loop(cfg, d, device, out, model, optimizer, autocast, state,
+                     train_tokens, val_tokens, start, stop, evals, tokens_seen)
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loop(cfg, d, device, out, model, optimizer, autocast, state,
+          train_tokens, val_tokens, start, stop, evals, tokens_seen) -> TrainResult:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = model
+    if d.enabled:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_gen = window_generator(cfg.seed, 1)
+    eval_windows = [
+        sample_windows(val_tokens, cfg.batch_size, cfg.seq_len, eval_gen) for _ in range(cfg.eval_batches)
+    ]  # [(x (B, S), y (B, S))] the same windows at every eval
+    tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
+    schedule = dict(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=cfg.steps)
+    report = _Reporter(cfg, d, start, stop, tokens_per_step)
+
+    if state is not None:
+        _note_changes(state, cfg, d, report)
+    else:
+        n_params = model.num_params()
+        report.line(
+            f"training {cfg.preset or 'tiny'} ({n_params:,} parameters) on {device}, "
+            f"{d.world_size} process{'es' if d.enabled else ''}: "
+            f"{train_tokens.numel():,} train / {val_tokens.numel():,} val bytes, "
+            f"{tokens_per_step:,} tokens per step"
+        )
+        loss0 = evaluate(model, eval_windows, device, autocast, d)
+        evals.append((0, loss0))
+        report.line(f"step 0/{stop} | eval loss {loss0:.4f}")
+
+    def checkpoint(step: int) -> None:
+        if d.main:
+            trainer_state = {
+                "format": TRAINER_STATE_FORMAT,
+                "version": TRAINER_STATE_VERSION,
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "world_size": d.world_size,
+                "optimizer": optimizer.state_dict(),
+                "schedule": {"name": "warmup_cosine", **schedule},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                },
+                "evals": [[s, v] for s, v in evals],
+                "args": cfg.hyperparameters(),
+            }
+            save_checkpoint(model, out, trainer_state)
+        if d.enabled:
+            dist.barrier()
+
+    t_run, step = time.perf_counter(), start
+    report.restart_clock()
+    for step in range(start + 1, stop + 1):  # `step` counts optimizer steps done after this one
+        lr = lr_at(step - 1, **schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = sample_windows(train_tokens, cfg.batch_size, cfg.seq_len, window_generator(cfg.seed, 0, d.rank, step - 1))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, S) each
+        with autocast():
+            logits, _ = net(x)  # (B, S, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        if not math.isfinite(gnorm):  # the same all-reduced gradients on every rank
+            report.close()
+            raise TrainError(
+                f"the gradient became {gnorm} at step {step} (loss {loss.item():.4g}); lower --lr "
+                "or --grad-clip. The last checkpoint is unchanged"
+            )
+        optimizer.step()
+        tokens_seen += tokens_per_step
+        report.step(step, loss.item(), lr, gnorm)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            evals.append((step, evaluate(model, eval_windows, device, autocast, d)))
+            report.line(f"step {step}/{stop} | eval loss {evals[-1][1]:.4f}")
+            report.restart_clock()
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+            checkpoint(step)
+            report.restart_clock()
+    elapsed = time.perf_counter() - t_run
+    report.close()
+    tok_s = (step - start) * tokens_per_step / max(report.total_s, 1e-9)
+    first = f"{evals[0][1]:.4f} (step {evals[0][0]})" if evals else "n/a"
+    last = f"{evals[-1][1]:.4f} (step {evals[-1][0]})" if evals else "n/a"
+    report.line(
+        f"trained steps {start}..{step} in {elapsed:.1f} s ({tok_s:,.0f} tok/s while training); "
+        f"eval loss {first} -> {last}; checkpoint {out}"
+    )
+    return TrainResult(model=model, step=step, evals=evals, tokens_per_s=tok_s, output=out)
+
+
+def _note_changes(state: dict, cfg: TrainConfig, d: Dist, report: _Reporter) -> None:
+    saved = dict(state.get("args", {}), world_size=state.get("world_size"))
+    now = dict(cfg.hyperparameters(), world_size=d.world_size)
+    report.line(f"resuming {cfg.output} at step {state['step']}")
+    for k, v in now.items():
+        if k in saved and saved[k] != v:
+            report.line(f"note: {k} is {v} now, {saved[k]} in the checkpoint; continuing with {v}")
+    if cfg.preset is not None:
+        report.line(f"note: --preset {cfg.preset} is ignored; the model comes from {cfg.output}")
+
+
+# --- command line ----------------------------------------------------------------------------------
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train` options (used by `xlstm-export train` and `python -m xlstm_export.train`)."""
+    dflt = TrainConfig(data="", output="")
+    p.add_argument("--data", required=True, help="training text file; its bytes are the tokens")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory (config.json, "
+                   f"model.safetensors, {TRAINER_STATE_NAME})")
+    p.add_argument("--preset", default=None, help="model preset for a fresh run (default: tiny)")
+    p.add_argument("--steps", type=int, default=dflt.steps, help=f"total optimizer steps (default {dflt.steps})")
+    p.add_argument("--seq-len", type=int, default=dflt.seq_len, help=f"tokens per window (default {dflt.seq_len})")
+    p.add_argument("--batch-size", type=int, default=dflt.batch_size,
+                   help=f"windows per step and per process (default {dflt.batch_size})")
+    p.add_argument("--lr", type=float, default=dflt.lr, help=f"peak learning rate (default {dflt.lr})")
+    p.add_argument("--min-lr", type=float, default=dflt.min_lr,
+                   help=f"learning rate at the last step (default {dflt.min_lr})")
+    p.add_argument("--warmup", type=int, default=dflt.warmup, help=f"linear warmup steps (default {dflt.warmup})")
+    p.add_argument("--weight-decay", type=float, default=dflt.weight_decay,
+                   help=f"AdamW weight decay on weight matrices (default {dflt.weight_decay})")
+    p.add_argument("--grad-clip", type=float, default=dflt.grad_clip,
+                   help=f"max gradient norm, 0 = off (default {dflt.grad_clip})")
+    p.add_argument("--eval-every", type=int, default=dflt.eval_every,
+                   help=f"steps between eval losses (default {dflt.eval_every})")
+    p.add_argument("--eval-batches", type=int, default=dflt.eval_batches,
+                   help=f"validation batches per eval (default {dflt.eval_batches})")
+    p.add_argument("--save-every", type=int, default=dflt.save_every,
+                   help=f"steps between checkpoints, 0 = only at the end (default {dflt.save_every})")
+    p.add_argument("--log-every", type=int, default=dflt.log_every,
+                   help=f"steps between log lines without a progress bar (default {dflt.log_every})")
+    p.add_argument("--val-fraction", type=float, default=dflt.val_fraction,
+                   help=f"tail of the file held out for eval, 0 = eval on the training text (default {dflt.val_fraction})")
+    p.add_argument("--seed", type=int, default=dflt.seed, help=f"init and data seed (default {dflt.seed})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--backend", default=None, help="cell backend for this run: auto, torch, triton (default: the config's)")
+    p.add_argument("--tokenizer", choices=["bytes"], default="bytes", help="byte-level tokens (vocab 256)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in -o exactly")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the checkpoint in -o")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (after saving) at this step; the schedule still spans --steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or step lines")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`xlstm-export train`: 0 on success, 2 with one line on stderr for bad input."""
+    rank = dist_from_env().rank
+    try:
+        train(config_from_args(args))
+    except TrainError as e:
+        if getattr(args, "debug", False):
+            raise
+        if rank == 0:
+            print(f"xlstm-export train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("xlstm-export train: interrupted; the last checkpoint is unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="xlstm-export train",
+        description="Train an xLSTM language model on a text file (byte tokens); runs under torchrun.",
+    )
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
