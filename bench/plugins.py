@@ -1,0 +1,186 @@
+"""GPU timings of the CUDA plugin kernels (plugins/*.cu, launched as TensorRT launches them) against
+the Triton kernels, and the mLSTM decode step as a fraction of HBM bandwidth.
+
+    python bench/plugins.py                      # print a markdown table
+    python bench/plugins.py --write bench/RESULTS.md   # also append it (date, GPU, command)
+    python bench/plugins.py --quick              # fewer shapes / repetitions
+
+Exits cleanly (status 0, one line) on a machine without CUDA or without CuPy.
+Timings: CUDA events around each call, median of ``--reps`` after ``--warmup`` calls; the Triton
+side is the forward only (torch.no_grad). Decode bandwidth counts the bytes a step must move:
+C read + written (float32), n read + written, q, k, v read, h written; the peak is a measured
+device-to-device copy of 1 GiB (read + write) and, when the GPU is known, the nominal figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import statistics
+import sys
+from pathlib import Path
+
+NOMINAL_HBM_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
+                    "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "L40S": 864}
+
+
+def _time_ms(fn, warmup: int, reps: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _copy_bandwidth_gbps() -> float:
+    import torch
+
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = _time_ms(lambda: y.copy_(x), 3, 10)
+    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def _nominal_gbps(name: str) -> float | None:
+    for key, value in NOMINAL_HBM_GBPS.items():
+        if all(part in name for part in key.split()):
+            return float(value)
+    return None
+
+
+def _triton(name: str):
+    """A Triton entry point, or None with the reason when it is not importable here."""
+    try:
+        if name == "chunk_mlstm":
+            from xlstm_export.kernels.mlstm.chunk import chunk_mlstm as fn
+        elif name == "fused_recurrent_step_mlstm":
+            from xlstm_export.kernels.mlstm.fused_recurrent import fused_recurrent_step_mlstm as fn
+        else:
+            from xlstm_export.kernels.slstm.fused_recurrent import fused_recurrent_slstm as fn
+        return fn
+    except Exception as exc:  # noqa: BLE001 - report and go on without that column
+        print(f"note: Triton {name} unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def bench(quick: bool, warmup: int, reps: int) -> list[str]:
+    import torch
+
+    from xlstm_export.plugins.runner import mlstm_plugin_forward, slstm_plugin_forward
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    rows = ["| kernel | shape | dtype | CUDA plugin ms | Triton ms | plugin / Triton | note |",
+            "|---|---|---|---|---|---|---|"]
+
+    def fmt(a, b):
+        return (f"{a:.3f}", f"{b:.3f}" if b is not None else "-", f"{a / b:.2f}x" if b else "-")
+
+    # ---- mLSTM prefill (chunkwise)
+    chunk = _triton("chunk_mlstm")
+    prefill = [(1, 8, 2048, 256, 512), (4, 16, 2048, 128, 256)] + ([] if quick else [(1, 8, 8192, 256, 512)])
+    for dtype in (torch.bfloat16, torch.float32):
+        for B, NH, S, DQK, DV in prefill:
+            q, k = (torch.randn(B, NH, S, DQK, device=dev, dtype=dtype) for _ in range(2))
+            v = torch.randn(B, NH, S, DV, device=dev, dtype=dtype)
+            i = torch.randn(B, NH, S, device=dev, dtype=dtype)
+            f = (torch.randn(B, NH, S, device=dev) + 3).to(dtype)
+            c0 = torch.zeros(B, NH, DQK, DV, device=dev)
+            n0, m0 = torch.zeros(B, NH, DQK, device=dev), torch.zeros(B, NH, device=dev)
+            ms = _time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
+            tms = None
+            if chunk is not None:
+                with torch.no_grad():
+                    tms = _time_ms(lambda: chunk(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
+            tokens_per_s = B * S / (ms * 1e-3)
+            rows.append(f"| mLSTM prefill | B{B} NH{NH} S{S} DQK{DQK} DV{DV} | {str(dtype)[6:]} | "
+                        + " | ".join(fmt(ms, tms)) + f" | {tokens_per_s / 1e3:.0f}k tok/s |")
+
+    # ---- mLSTM decode step: bandwidth bound
+    peak = _copy_bandwidth_gbps()
+    nominal = _nominal_gbps(torch.cuda.get_device_name())
+    step = _triton("fused_recurrent_step_mlstm")
+    for dtype in (torch.bfloat16, torch.float32):
+        for B in (1, 8) if quick else (1, 8, 32):
+            NH, DQK, DV = 8, 256, 512  # xLSTM-7B heads
+            q, k = (torch.randn(B, NH, 1, DQK, device=dev, dtype=dtype) for _ in range(2))
+            v = torch.randn(B, NH, 1, DV, device=dev, dtype=dtype)
+            i = torch.randn(B, NH, 1, device=dev, dtype=dtype)
+            f = (torch.randn(B, NH, 1, device=dev) + 3).to(dtype)
+            c0 = torch.randn(B, NH, DQK, DV, device=dev)
+            n0, m0 = torch.randn(B, NH, DQK, device=dev), torch.zeros(B, NH, device=dev)
+            ms = _time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
+            tms = None
+            if step is not None:
+                with torch.no_grad():
+                    tms = _time_ms(lambda: step(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
+            es = q.element_size()
+            nbytes = B * NH * (2 * DQK * DV * 4 + 2 * DQK * 4 + 2 * 4 + 2 * DQK * es + 2 * DV * es + 2 * es)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            note = f"{gbps:.0f} GB/s = {100 * gbps / peak:.0f}% of copy {peak:.0f} GB/s"
+            if nominal:
+                note += f", {100 * gbps / nominal:.0f}% of nominal {nominal:.0f}"
+            rows.append(f"| mLSTM decode step | B{B} NH{NH} DQK{DQK} DV{DV} | {str(dtype)[6:]} | "
+                        + " | ".join(fmt(ms, tms)) + f" | {note} |")
+
+    # ---- sLSTM (whole sequence, one launch)
+    srec = _triton("fused_recurrent_slstm")
+    for dtype in (torch.bfloat16, torch.float32):
+        for B, NH, S, DH in [(8, 4, 1024, 128)] + ([] if quick else [(1, 4, 4096, 64), (32, 4, 256, 256)]):
+            x = torch.randn(B, NH, S, 4 * DH, device=dev, dtype=dtype)
+            r = (torch.randn(NH, DH, 4 * DH, device=dev) / DH**0.5).to(dtype)
+            b = torch.randn(NH, 4 * DH, device=dev, dtype=dtype)
+            h0 = c0 = n0 = m0 = torch.zeros(B, NH, DH, device=dev)
+            ms = _time_ms(lambda: slstm_plugin_forward(x, r, b, h0, c0, n0, m0), warmup, reps)
+            tms = None
+            if srec is not None:
+                with torch.no_grad():
+                    tms = _time_ms(lambda: srec(x, r, b, (h0, c0, n0, m0)), warmup, reps)
+            rows.append(f"| sLSTM | B{B} NH{NH} S{S} DH{DH} | {str(dtype)[6:]} | " + " | ".join(fmt(ms, tms))
+                        + f" | {ms * 1e3 / S:.2f} us/step |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--write", type=Path, help="append the table to this markdown file")
+    args = p.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("bench/plugins.py: torch is not installed; nothing to time")
+        return 0
+    if not torch.cuda.is_available():
+        print("bench/plugins.py: no CUDA device; nothing to time")
+        return 0
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        print("bench/plugins.py: CuPy is not installed (pip install cupy-cuda12x); nothing to time")
+        return 0
+    rows = bench(args.quick, args.warmup, args.reps)
+    header = (f"## CUDA plugin kernels vs Triton ({_dt.date.today().isoformat()}, "
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__})\n\n"
+              f"Command: `python bench/plugins.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+    text = header + "\n" + "\n".join(rows) + "\n"
+    print(text)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as fh:
+            fh.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
