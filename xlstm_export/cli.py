@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from .models import CheckpointError
 
-    return isinstance(e, (UserError, CheckpointError, ValueError, TypeError, FileNotFoundError,
-                          PermissionError, IsADirectoryError, NotADirectoryError, RuntimeError))
+    return isinstance(e, (UserError, CheckpointError, ValueError, TypeError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

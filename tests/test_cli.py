@@ -1,0 +1,142 @@
+"""The command line: each subcommand end to end on small models, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xlstm_export.cli import main
+from xlstm_export.models import load, xLSTMLM
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess (exit code, stdout, stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "xlstm_export.cli", *args], capture_output=True, text=True, timeout=600,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = [line for line in proc.stderr.strip().splitlines() if "error:" in line]
+    assert len(err) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in err[0], err[0]
+
+
+def test_help_lists_every_subcommand():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("convert", "info", "export", "validate", "generate", "build", "train", "run"):
+        assert cmd in proc.stdout
+
+
+def test_convert_and_info(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["convert", "tiny", "-o", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    a, b = load("tiny"), xLSTMLM.from_pretrained(out)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids)[0], b(ids)[0], rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == a.num_params()
+    assert info["state_bytes_per_sequence"] == a.state_bytes(1)
+    assert info["block_types"] == ["mlstm", "slstm", "mlstm"]
+
+
+def test_unknown_preset_is_one_clear_error():
+    assert_one_line_error(run_cli("info", "no-such-model"), "no such preset or directory")
+
+
+def test_convert_into_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(run_cli("convert", "tiny", "-o", str(f)), "not a directory")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny preset exported once for the CLI tests that need an .onnx file."""
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main(["export", "tiny", "-o", str(path), "--quiet"]) == 0
+    return path
+
+
+def test_validate_passes_and_generate_matches_pytorch(exported, capsys):
+    assert main(["validate", str(exported), "--source", "tiny", "--quiet"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["generate", str(exported), "--prompt-ids", "5,17,99", "--max-new-tokens", "6", "--quiet"]) == 0
+    ort_tokens = capsys.readouterr().out.splitlines()[0]
+    assert main(["generate", "tiny", "--prompt-ids", "5,17,99", "--max-new-tokens", "6", "--quiet"]) == 0
+    torch_tokens = capsys.readouterr().out.splitlines()[0]
+    assert ort_tokens == torch_tokens and ort_tokens.startswith("tokens:")
+
+
+def test_validate_fails_against_another_model(exported, tmp_path, capsys):
+    """A different model (other seed) must fail validation with exit code 1."""
+    other = tmp_path / "other"
+    torch.manual_seed(123)
+    xLSTMLM(load("tiny").config).save_pretrained(other)
+    assert main(["validate", str(exported), "--source", str(other), "--quiet"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_sampling_is_seeded(exported, capsys):
+    args = ["generate", str(exported), "--prompt", "ab", "--max-new-tokens", "8", "--temperature", "1.0", "--quiet"]
+    main([*args, "--seed", "3"])
+    first = capsys.readouterr().out.splitlines()[0]
+    main([*args, "--seed", "3"])
+    assert capsys.readouterr().out.splitlines()[0] == first
+
+
+def test_export_bad_inputs_leave_no_file(tmp_path):
+    missing = tmp_path / "nope"
+    assert_one_line_error(run_cli("export", str(missing), "-o", str(tmp_path / "m.onnx")), "no such preset or directory")
+    unwritable = tmp_path / "no-such-dir" / "m.onnx"
+    assert_one_line_error(run_cli("export", "tiny", "-o", str(unwritable)), "does not exist")
+    assert not unwritable.parent.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_rejects_files_that_are_not_our_models(tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a protobuf")
+    assert_one_line_error(run_cli("validate", str(text), "--source", "tiny"), "not an ONNX model")
+    assert_one_line_error(run_cli("validate", str(tmp_path / "missing.onnx"), "--source", "tiny"), "no such file")
+    # A valid ONNX model that is not one of ours.
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(g), foreign)
+    assert_one_line_error(run_cli("validate", str(foreign), "--source", "tiny"), "foreign.onnx")
+
+
+def test_generate_rejects_bad_prompts(exported):
+    assert_one_line_error(run_cli("generate", str(exported), "--prompt-ids", "1,x"), "integers")
+    assert_one_line_error(run_cli("generate", str(exported), "--prompt-ids", "1,999"), "[0, 256)")
+
+
+def test_build_without_tensorrt_says_what_to_install(exported):
+    from xlstm_export.tensorrt import tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here; the build itself is tested in tests/test_tensorrt.py")
+    assert_one_line_error(run_cli("build", str(exported), "-o", str(exported.with_suffix(".plan"))), "pip install tensorrt")
+    assert not exported.with_suffix(".plan").exists()

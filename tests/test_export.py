@@ -1,0 +1,289 @@
+"""Whole-model ONNX export (xlstm custom nodes with function bodies) and onnxruntime parity.
+
+Exports are expensive on CPU (torch.export traces with symbolic shapes, ~10-25 s each), so every
+exported file is a module-scoped fixture shared by the tests that read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from xlstm_export.models import preset, xLSTMConfig, xLSTMLM
+
+from xlstm_export import contract as C
+from xlstm_export import onnx_functions as OF
+from xlstm_export.export import ExportError, export_onnx
+from xlstm_export.generate import generate
+from xlstm_export.ort import NotAnXLSTMModelError, OrtModel, inspect_model
+
+MODELS = {"paper": "tiny", "large": "tiny-large"}  # paper: mixed mLSTM/sLSTM stack; large: 7B-style
+
+
+def make_model(kind: str, seed: int = 0, **overrides) -> xLSTMLM:
+    torch.manual_seed(seed)
+    model = xLSTMLM(preset(MODELS[kind], **overrides)).eval()
+    with torch.no_grad():  # move the gates off their init so the cells see varied inputs
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(kind, dtype) -> (model, path, OrtModel), exported on first use."""
+    cache = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(kind: str, dtype: str = "fp32", **kwargs):
+        key = (kind, dtype)
+        if key not in cache:
+            model = make_model(kind)
+            path = export_onnx(model, root / f"{kind}-{dtype}.onnx", dtype=dtype, progress=False, **kwargs)
+            cache[key] = (model, path, OrtModel(path, intra_op_threads=2))
+        return cache[key]
+
+    return get
+
+
+def warm_state(model: xLSTMLM, B: int, seed: int) -> dict[str, torch.Tensor]:
+    """A realistic non-zero state: the state after a short random prefix."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (B, 3), generator=g)
+    with torch.no_grad():
+        return model(ids)[1]
+
+
+def rel(a, e) -> float:
+    return C.relative_error(a, e)
+
+
+# --- the graph -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_exported_graph_interface_nodes_and_checker(kind, exported):
+    model, path, _ = exported(kind)
+    proto = onnx.load(path)
+    spec = model.state_spec(1)
+    # inputs / outputs: names, dtypes, dynamic batch and sequence, every other dim static
+    ins = {v.name: v for v in proto.graph.input}
+    outs = {v.name: v for v in proto.graph.output}
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    assert list(ins) == ["input_ids", *(f"past.{k}" for k in spec)]
+    assert list(outs) == ["logits", *(f"present.{k}" for k in spec)]
+    assert ins["input_ids"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert dims(ins["input_ids"]) == ["batch", "sequence"]
+    assert dims(outs["logits"]) == ["batch", "sequence", model.config.vocab_size]
+    for k, shape in spec.items():
+        for v in (ins[f"past.{k}"], outs[f"present.{k}"]):
+            assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+            assert dims(v) == ["batch", *shape[1:]], k
+    # one xlstm node per cell, with the plugin attributes and the contract's attributes
+    types = model.config.block_types()
+    xl = [n for n in proto.graph.node if n.domain == "xlstm"]
+    assert [n.op_type for n in xl] == ["sLSTM" if t == "slstm" else "mLSTM" for t in types]
+    for n in xl:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"xlstm" and attrs["plugin_version"] == b"1"
+        assert list(n.input)[:1] and len(n.input) == len(C.input_names(n.op_type))
+        if n.op_type == "mLSTM":
+            assert attrs["chunk_size"] == model.config.chunk_size
+            assert attrs["eps"] == pytest.approx(model.config.cell_eps)
+    # model-local function bodies, at the model's opset
+    funcs = {(f.domain, f.name): f for f in proto.functions}
+    assert set(funcs) == {("xlstm", n.op_type) for n in xl}
+    model_opset = next(o.version for o in proto.opset_import if o.domain == "")
+    assert all(f.opset_import[0].version == model_opset for f in funcs.values())
+    assert {o.domain: o.version for o in proto.opset_import}["xlstm"] == 1
+    # the checker (full) and strict shape inference pass; metadata describes the file
+    C.register_onnx_schemas()
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    info = inspect_model(path)
+    assert info["state_names"] == list(spec) and info["dtype"] == "float32"
+    assert info["metadata"]["dtype"] == "float32"
+    assert xLSTMConfig.from_dict(json.loads(info["metadata"]["config"])) == model.config
+
+
+# --- onnxruntime parity, float32 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S", [1, 7, 64, 129])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_ort_parity_fp32(kind, B, S, exported):
+    model, _, om = exported(kind)
+    g = torch.Generator().manual_seed(1000 * B + S)
+    ids = torch.randint(0, model.config.vocab_size, (B, S), generator=g)
+    for state in (None, warm_state(model, B, seed=S)):
+        with torch.no_grad():
+            ref_logits, ref_state = model(ids, state)
+        logits, new_state = om.run(ids.numpy(), state)
+        assert logits.shape == (B, S, model.config.vocab_size) and logits.dtype == np.float32
+        assert rel(logits, ref_logits) < 1e-4, rel(logits, ref_logits)
+        assert set(new_state) == set(ref_state)
+        for k in ref_state:
+            assert new_state[k].shape == tuple(ref_state[k].shape)
+            assert rel(new_state[k], ref_state[k]) < 1e-4, (k, rel(new_state[k], ref_state[k]))
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_ort_decode_after_prefill_reproduces_whole_sequence(kind, exported):
+    model, _, om = exported(kind)
+    B, S, P = 2, 13, 5
+    ids = torch.randint(0, model.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(7))
+    whole, whole_state = om.run(ids)
+    pieces, state = [], None
+    logits, state = om.run(ids[:, :P], state)  # prefill
+    pieces.append(logits)
+    for t in range(P, S):  # decode one token at a time
+        logits, state = om.run(ids[:, t : t + 1], state)
+        pieces.append(logits)
+    stepped = np.concatenate(pieces, axis=1)
+    assert rel(stepped, whole) < 1e-4
+    with torch.no_grad():
+        ref, _ = model(ids)
+    assert rel(stepped, ref) < 1e-4
+    for k in whole_state:
+        assert rel(state[k], whole_state[k]) < 1e-4, k
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_ort_generation_equals_torch(kind, exported):
+    model, _, om = exported(kind)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    ort_greedy = generate(om.run, prompt.numpy(), 8).tokens
+    torch_greedy, _ = model.generate(prompt, 8)
+    np.testing.assert_array_equal(ort_greedy, torch_greedy.numpy())
+    ort_sampled = generate(om.run, prompt.numpy(), 8, temperature=1.0, seed=5).tokens
+    torch_sampled, _ = model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    np.testing.assert_array_equal(ort_sampled, torch_sampled.numpy())
+
+
+# --- float16 / bfloat16 exports ------------------------------------------------------------------
+
+
+def test_fp16_export_external_data_and_parity(exported):
+    model, path, om = exported("large", "fp16", external_data=True)
+    data = path.with_name(path.name + ".data")
+    assert data.is_file() and data.stat().st_size > 0  # the weights live beside the graph
+    proto = onnx.load(path, load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert next(v for v in proto.graph.output if v.name == "logits").type.tensor_type.elem_type == \
+        onnx.TensorProto.FLOAT16
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+               for v in proto.graph.input if v.name.startswith("past."))
+    onnx.checker.check_model(str(path), full_check=True)
+    # the caller's model was not converted or re-routed
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.backend == model.config.backend for b in model.blocks)
+    tol = C.MAX_RELATIVE_ERROR["float16"]
+    for B, S in ((1, 1), (3, 7), (2, 129)):
+        ids = torch.randint(0, model.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(S))
+        state = warm_state(model, B, seed=S)
+        with torch.no_grad():
+            ref, ref_state = model(ids, state)
+        logits, new_state = om.run(ids, state)
+        assert rel(logits, ref) < tol, (B, S, rel(logits, ref))
+        for k in ref_state:
+            assert rel(new_state[k], ref_state[k]) < tol, (k, rel(new_state[k], ref_state[k]))
+
+
+def test_bf16_export_legalised_and_parity(exported):
+    model, path, om = exported("paper", "bf16")
+    proto = onnx.load(path)
+    assert next(v for v in proto.graph.output if v.name == "logits").type.tensor_type.elem_type == \
+        onnx.TensorProto.BFLOAT16
+    # Conv and Einsum have no bfloat16 form at opset 18: they must run on float32 casts
+    casts_back = [n for n in proto.graph.node if n.op_type == "Cast" and n.name.endswith("_cast_back")]
+    assert casts_back, "expected Cast-wrapped Conv / Einsum nodes in the bf16 graph"
+    onnx.checker.check_model(str(path), full_check=True)
+    assert om.upcast  # onnxruntime's CPU provider has no bfloat16 kernels
+    tol = C.MAX_RELATIVE_ERROR["bfloat16"]
+    for B, S in ((1, 1), (3, 64)):
+        ids = torch.randint(0, model.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(S))
+        with torch.no_grad():
+            ref, ref_state = model(ids)
+        logits, new_state = om.run(ids)
+        assert rel(logits, ref) < tol, (B, S, rel(logits, ref))
+        for k in ref_state:
+            assert rel(new_state[k], ref_state[k]) < tol, (k, rel(new_state[k], ref_state[k]))
+
+
+# --- bad input: one clear error each, no partial output -------------------------------------------
+
+
+def test_export_rejects_bad_destinations(tmp_path):
+    model = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2)
+    with pytest.raises(OSError, match="does not exist"):
+        export_onnx(model, tmp_path / "missing" / "m.onnx", progress=False)
+    with pytest.raises(ValueError, match=r"must end in \.onnx"):
+        export_onnx(model, tmp_path / "m.bin", progress=False)
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(OSError, match="is a directory"):
+        export_onnx(model, tmp_path / "d.onnx", progress=False)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        export_onnx(model, tmp_path / "m.onnx", dtype="int8", progress=False)
+    with pytest.raises(ValueError, match="needs an xLSTMLM"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx", progress=False)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(OSError, match="not writable"):
+            export_onnx(model, ro / "m.onnx", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.onnx"] + (["ro"] if os.geteuid() else []))
+
+
+def test_failed_export_leaves_no_partial_output(tmp_path, monkeypatch):
+    """A failure after the graph and weights were written (the checker) leaves nothing behind."""
+    import xlstm_export.export as E
+
+    model = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2)
+    seen = []
+
+    def failing_check(path, full_check=False):
+        seen.append(sorted(p.name for p in tmp_path.rglob("*") if p.is_file()))
+        raise onnx.checker.ValidationError("simulated checker failure")
+
+    monkeypatch.setattr(E.onnx.checker, "check_model", failing_check)
+    with pytest.raises(ExportError, match="simulated checker failure"):
+        export_onnx(model, tmp_path / "m.onnx", progress=False, external_data=True)
+    assert seen == [["m.onnx", "m.onnx.data"]]  # both were written (in the temporary folder) ...
+    assert list(tmp_path.iterdir()) == []  # ... and nothing is left: no .onnx, .data or folder
+
+
+def test_ort_model_rejects_files_that_are_not_ours(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        OrtModel(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf \x00\xff\x13")
+    with pytest.raises(NotAnXLSTMModelError, match="not an ONNX model"):
+        OrtModel(junk)
+    foreign = tmp_path / "cell.onnx"
+    onnx.save(OF.cell_model("mLSTM"), foreign)  # valid ONNX, but not an LM with our interface
+    with pytest.raises(NotAnXLSTMModelError, match="not an xlstm-export model.*input_ids"):
+        OrtModel(foreign)
+
+
+def test_ort_model_run_validates_inputs(exported):
+    model, _, om = exported("large")
+    state = om.init_state(2)
+    assert all(v.dtype == np.float32 and not v.any() for v in state.values())
+    assert {k: v.shape[1:] for k, v in state.items()} == {k: s[1:] for k, s in model.state_spec(2).items()}
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(B, S\)"):
+        om.run(np.zeros((2,), np.int64), state)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        om.run(np.full((2, 3), model.config.vocab_size), state)
+    bad = dict(state)
+    k = next(iter(bad))
+    bad[k] = bad[k][:1]
+    with pytest.raises(ValueError, match=f"state '{k}' has shape"):
+        om.run(np.zeros((2, 3), np.int64), bad)
+    with pytest.raises(ValueError, match="missing"):
+        om.run(np.zeros((2, 3), np.int64), {})
+

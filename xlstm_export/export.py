@@ -1,0 +1,493 @@
+"""Export an xLSTMLM to ONNX with ``xlstm::mLSTM`` / ``xlstm::sLSTM`` nodes carrying function bodies.
+
+    from xlstm_export.export import export_onnx
+    export_onnx(model, "model.onnx", dtype="fp16")     # -> Path("model.onnx")
+
+The graph (B = "batch", S = "sequence", both dynamic; every other dim static)::
+
+    inputs   input_ids [B, S] int64, past.{i}.{t} (float32, batch first) for every state key "{i}.{t}"
+    outputs  logits [B, S, vocab] (the export dtype), present.{i}.{t} (float32, same shape as past)
+
+All-zero ``past.*`` is a fresh sequence; the same graph serves prefill (S > 1) and decode (S = 1).
+Each cell call is ONE node in domain ``xlstm`` (attributes plugin_namespace="xlstm",
+plugin_version="1", plus chunk_size and eps for mLSTM) backed by a model-local function in standard
+ops (:mod:`xlstm_export.onnx_functions`): onnxruntime runs the file as is, TensorRT takes the plugin.
+
+Exporter choice: the dynamo exporter (``torch.export`` + ``torch.onnx.export(dynamo=True)``) with a
+``custom_translation_table``. With torch 2.13 / onnxscript 0.7 it is the maintained path: the
+TorchScript exporter (``dynamo=False``, ``register_custom_op_symbolic``) is deprecated, traces with
+fixed shapes unless every dynamic axis is re-declared, and cannot see through ``torch.library``
+custom ops without a second registration. ``torch.export`` keeps each custom op as one opaque node
+whose fake implementation (from the contract) gives symbolic output shapes, so B and S stay dynamic
+without guards; the translation table maps the op to one ``xlstm`` node, onnxscript finds its
+output count in the ONNX schema we register. We call ``torch.export.export(strict=False)`` ourselves
+so a tracing failure surfaces as one clear error instead of the exporter's silent fall-backs. After
+export the file is post-processed: function bodies attached (their ai.onnx opset = the model's),
+attributes completed, metadata added, then checked with ``onnx.checker.check_model(full_check=True)``.
+
+float16 / bfloat16: the model is converted on a copy; states stay float32. torch emits a few ops
+that ONNX does not define for bfloat16 at opset 18 (Conv, Einsum): those nodes get float32 Casts
+around them (``_legalize_low_precision``), everything else stays in the export dtype.
+
+Files are written into a temporary folder beside the target and moved into place only after the
+check passes: a failed export leaves no partial output. Weights over 2 GB (or ``external_data=True``)
+go to ``<name>.data`` beside the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from . import contract, onnx_functions
+from . import ops as _ops  # registers torch.ops.xlstm.* and the "custom_op" backend
+from .contract import DOMAIN
+
+__all__ = [
+    "BATCH_DIM",
+    "DEFAULT_OPSET",
+    "METADATA_PREFIX",
+    "SEQUENCE_DIM",
+    "ExportError",
+    "export_onnx",
+    "state_input_name",
+    "state_output_name",
+]
+
+DEFAULT_OPSET = 18  # ai.onnx opset: torchlib's native opset, parsed by TensorRT >= 8.6 and every ORT >= 1.14
+BATCH_DIM = "batch"  # dim_param of the dynamic batch dim
+SEQUENCE_DIM = "sequence"  # dim_param of the dynamic sequence dim
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with room for the graph
+METADATA_PREFIX = "xlstm_export."  # metadata_props keys: format, dtype, state_names, config
+FORMAT_VERSION = "1"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported (tracing, translation or checking failed)."""
+
+
+def state_input_name(key: str) -> str:
+    return f"past.{key}"
+
+
+def state_output_name(key: str) -> str:
+    return f"present.{key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch side: a flat-signature wrapper and the translation table
+# ---------------------------------------------------------------------------------------------
+
+
+class _FlatLM(torch.nn.Module):
+    """(input_ids, *past in state_spec order) -> (logits, *present in the same order)."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str]):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        logits, state = self.model(input_ids, dict(zip(self.keys, past)))
+        return (logits, *(state[k] for k in self.keys))
+
+
+def _translation_table() -> dict:
+    import onnxscript
+
+    contract.register_onnx_schemas()  # onnxscript reads the output count from the schema
+    xlstm_opset = onnxscript.values.Opset(DOMAIN, contract.VERSION)
+
+    def mlstm(q, k, v, i, f, c0, n0, m0, chunk_size: int = 64, eps: float = 1e-6):
+        return xlstm_opset.mLSTM(q, k, v, i, f, c0, n0, m0, chunk_size=chunk_size, eps=eps,
+                                 plugin_namespace=contract.PLUGIN_NAMESPACE,
+                                 plugin_version=contract.PLUGIN_VERSION)
+
+    def slstm(x, r, b, h0, c0, n0, m0):
+        return xlstm_opset.sLSTM(x, r, b, h0, c0, n0, m0,
+                                 plugin_namespace=contract.PLUGIN_NAMESPACE,
+                                 plugin_version=contract.PLUGIN_VERSION)
+
+    return {torch.ops.xlstm.mLSTM.default: mlstm, torch.ops.xlstm.sLSTM.default: slstm}
+
+
+@contextlib.contextmanager
+def _export_copy(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """The model in ``dtype`` with the "custom_op" backend, leaving the caller's model untouched.
+
+    Same dtype: the model itself, backends and train/eval mode restored afterwards (no weight copy).
+    Other dtype: a deep copy converted to ``dtype`` (the caller's weights are never rounded).
+    """
+    blocks = list(getattr(model, "blocks", []))
+    saved_backends = [getattr(b, "backend", None) for b in blocks]
+    was_training = model.training
+    param = next(model.parameters(), None)
+    same = param is None or param.dtype == dtype
+    target = model if same else copy.deepcopy(model).to(dtype)
+    try:
+        target.eval()
+        target.set_backend(_ops.BACKEND_NAME)
+        yield target
+    finally:
+        if same:
+            for b, name in zip(blocks, saved_backends):
+                if name is not None:
+                    b.backend = name
+            model.train(was_training)
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    """Silence torch.onnx's INFO/WARNING chatter (e.g. "torchvision is not installed")."""
+    import logging
+
+    names = ["torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._export"]
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], opset: int):
+    """torch.export (non-strict, dynamic batch and sequence) -> torch.onnx ONNXProgram."""
+    from torch.export import Dim
+
+    device = next(model.parameters()).device
+    B, S = 2, 3  # example sizes >= 2 so that neither dim is specialised
+    example_ids = torch.randint(0, model.config.vocab_size, (B, S), device=device)
+    example_state = [torch.zeros((B, *spec[k][1:]), dtype=torch.float32, device=device) for k in keys]
+    batch = Dim(BATCH_DIM, min=1, max=1 << 20)
+    seq = Dim(SEQUENCE_DIM, min=1, max=1 << 30)
+    dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch} for _ in keys))  # (ids, *past)
+    flat = _FlatLM(model, keys).eval()
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        try:
+            exported = torch.export.export(flat, (example_ids, *example_state),
+                                           dynamic_shapes=dynamic_shapes,
+                                           strict=False)
+        except Exception as e:
+            raise ExportError(f"torch.export could not trace the model with dynamic batch and "
+                              f"sequence dims: {type(e).__name__}: {e}") from e
+        try:
+            program = torch.onnx.export(
+                exported, dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                custom_translation_table=_translation_table(),
+                input_names=["input_ids", *(state_input_name(k) for k in keys)],
+                output_names=["logits", *(state_output_name(k) for k in keys)],
+            )
+        except Exception as e:
+            raise ExportError(f"torch.onnx could not translate the exported program: "
+                              f"{type(e).__name__}: {e}") from e
+    return program
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX side: post-processing
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    raise ExportError("exported model imports no ai.onnx opset")
+
+
+def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tuple[int, ...]],
+                 vocab: int, dtype: str, config_json: str | None) -> onnx.ModelProto:
+    """Attach function bodies, complete the xlstm nodes' attributes, fix names/dims, add metadata."""
+    opset = _model_opset(model)
+    used = []
+    for node in _all_nodes(model.graph):
+        if node.domain != DOMAIN:
+            continue
+        op = contract.get_op(node.op_type)
+        have = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        have = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in have.items()}
+        full = op.validate_attrs(have)
+        for name, value in full.items():
+            if name not in have:
+                node.attribute.append(onnx.helper.make_attribute(name, value))
+        if op.name not in used:
+            used.append(op.name)
+    if not used:
+        raise ExportError("the exported graph holds no xlstm node: the cells were not routed through "
+                          "torch.ops.xlstm (is the model an xLSTMLM with set_backend?)")
+    del model.functions[:]
+    model.functions.extend(onnx_functions.functions(opset, used))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, contract.VERSION))
+
+    # graph interface: names, dtypes and dims exactly as documented
+    want_in = {"input_ids": [BATCH_DIM, SEQUENCE_DIM]}
+    want_out = {"logits": [BATCH_DIM, SEQUENCE_DIM, vocab]}
+    for k in keys:
+        want_in[state_input_name(k)] = [BATCH_DIM, *spec[k][1:]]
+        want_out[state_output_name(k)] = [BATCH_DIM, *spec[k][1:]]
+    _fix_dims(model.graph.input, want_in, "input")
+    _fix_dims(model.graph.output, want_out, "output")
+
+    meta = {
+        "format": FORMAT_VERSION,
+        "dtype": dtype,
+        "state_names": json.dumps(keys),
+        "ops": json.dumps(used),
+    }
+    if config_json is not None:
+        meta["config"] = config_json
+    kept = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept},
+                                        **{METADATA_PREFIX + k: v for k, v in meta.items()}})
+    model.producer_name = "xlstm-export"
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+def _fix_dims(values, want: dict[str, list], kind: str) -> None:
+    names = [v.name for v in values]
+    if sorted(names) != sorted(want):
+        raise ExportError(f"exported graph {kind}s {names} differ from the expected {sorted(want)}")
+    for v in values:
+        shape = v.type.tensor_type.shape
+        dims = want[v.name]
+        if len(shape.dim) != len(dims):
+            raise ExportError(f"graph {kind} {v.name}: rank {len(shape.dim)}, expected {len(dims)} {dims}")
+        for d, w in zip(shape.dim, dims):
+            if isinstance(w, str):
+                d.dim_param = w
+            else:
+                if d.HasField("dim_value") and d.dim_value != w:
+                    raise ExportError(f"graph {kind} {v.name}: dims {shape}, expected {dims}")
+                d.dim_value = w
+
+
+def _allowed_types(schema, param) -> set[str]:
+    for tc in schema.type_constraints:
+        if tc.type_param_str == param.type_str:
+            return set(tc.allowed_type_strs)
+    return {param.type_str}
+
+
+def _legalize_low_precision(model: onnx.ModelProto, dtype: str, max_rounds: int = 64) -> int:
+    """Run standard ops that do not accept ``dtype`` at the model's opset in float32.
+
+    torch emits some ops in bfloat16 that ONNX does not define for it at opset 18 (Conv before
+    opset 22, Einsum in every opset). Each such node gets Cast-to-float32 on its ``dtype`` inputs
+    and Cast-back on the outputs that follow the same type parameter, so the graph is valid ONNX
+    and still bfloat16 everywhere else. Repeats type inference until nothing changes (an illegal
+    node hides the types downstream of it). Returns the number of nodes wrapped.
+    """
+    elem = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
+    tstr = {"float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}[dtype]
+    opset = _model_opset(model)
+    wrapped = 0
+    for _ in range(max_rounds):
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        g = inferred.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+        types.update({t.name: t.data_type for t in g.initializer})
+        new_nodes, changed = [], False
+        for node in model.graph.node:
+            if node.domain not in ("", "ai.onnx"):  # a wrapped node has float32 inputs: not seen again
+                new_nodes.append(node)
+                continue
+            try:
+                schema = onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                new_nodes.append(node)
+                continue
+            bad_params = set()
+            for idx, name in enumerate(node.input):
+                if not name or types.get(name) != elem or not schema.inputs:
+                    continue
+                param = schema.inputs[min(idx, len(schema.inputs) - 1)]
+                if tstr not in _allowed_types(schema, param):
+                    bad_params.add(param.type_str)
+            if not bad_params:
+                new_nodes.append(node)
+                continue
+            for idx, name in enumerate(node.input):
+                if name and types.get(name) == elem:
+                    cast_name = f"{name}__f32_{node.name}_{idx}"
+                    new_nodes.append(onnx.helper.make_node(
+                        "Cast", [name], [cast_name], to=onnx.TensorProto.FLOAT, name=f"{cast_name}_cast"))
+                    node.input[idx] = cast_name
+            back = []
+            for j, out in enumerate(node.output):
+                param = schema.outputs[min(j, len(schema.outputs) - 1)] if schema.outputs else None
+                if out and param is not None and param.type_str in bad_params:
+                    tmp = f"{out}__f32"
+                    node.output[j] = tmp
+                    back.append(onnx.helper.make_node("Cast", [tmp], [out], to=elem, name=f"{out}_cast_back"))
+            new_nodes.append(node)
+            new_nodes.extend(back)
+            wrapped += 1
+            changed = True
+        if not changed:
+            return wrapped
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+    raise ExportError(f"could not legalise the {dtype} graph in {max_rounds} rounds")
+
+
+def _check_interface(model: onnx.ModelProto, keys: list[str], dtype: str) -> None:
+    elem = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+            "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    if types["input_ids"] != onnx.TensorProto.INT64:
+        raise ExportError("input_ids must be int64 in the exported graph")
+    if types["logits"] != elem:
+        raise ExportError(f"logits are {onnx.TensorProto.DataType.Name(types['logits'])}, expected {dtype}")
+    for k in keys:
+        for name in (state_input_name(k), state_output_name(k)):
+            if types[name] != onnx.TensorProto.FLOAT:
+                raise ExportError(f"state {name} must be float32, got "
+                                  f"{onnx.TensorProto.DataType.Name(types[name])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    progress: bool = True,
+    external_data: bool | None = None,
+) -> Path:
+    """Export ``model`` (an xLSTMLM) to ``path``; returns the path of the written .onnx file.
+
+    dtype: "fp32" | "fp16" | "bf16" (weights and logits; states stay float32).
+    opset: ai.onnx opset (>= 18). external_data: None = automatic (weights over ~2 GB go to
+    ``<name>.data``), True / False to force. The caller's model is not modified.
+    Raises ValueError for bad arguments, OSError for an unwritable destination, ExportError when
+    tracing, translation or the ONNX checker fails; nothing is left at ``path`` on failure.
+    """
+    contract.register_onnx_schemas()
+    dt = contract.canonical_dtype(dtype)
+    if not isinstance(opset, int) or opset < onnx_functions.DEFAULT_OPSET:
+        raise ValueError(f"opset must be an int >= {onnx_functions.DEFAULT_OPSET}, got {opset!r}")
+    for attr in ("state_spec", "set_backend", "config", "blocks"):
+        if not hasattr(model, attr):
+            raise ValueError(f"export_onnx needs an xLSTMLM (xlstm_export.models); "
+                             f"{type(model).__name__} has no {attr!r}")
+    out = Path(path)
+    if out.suffix != ".onnx":
+        raise ValueError(f"output path must end in .onnx, got {str(out)!r}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OSError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write {out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise OSError(f"cannot write {out}: it is a directory")
+
+    spec = model.state_spec(1)
+    keys = list(spec)
+    vocab = int(model.config.vocab_size)
+    config_json = model.config.to_json() if hasattr(model.config, "to_json") else None
+
+    stages = ["trace + translate", "function bodies", "save", "check", "move into place"]
+    bar = _progress(stages, progress, f"export {out.name} ({dt})")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        with _export_copy(model, _TORCH_DTYPES[dt]) as m:
+            program = _export_program(m, keys, spec, opset)
+        bar.update()
+
+        tmp_model = tmpdir / out.name
+        weight_bytes = sum(p.numel() for p in model.parameters()) * _TORCH_DTYPES[dt].itemsize
+        use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program.save(tmp_model, external_data=use_external)
+        del program
+        proto = onnx.load(tmp_model, load_external_data=False)
+        proto = _postprocess(proto, keys=keys, spec=spec, vocab=vocab, dtype=dt, config_json=config_json)
+        if dt != "float32":
+            _legalize_low_precision(proto, dt)
+        _check_interface(proto, keys, dt)
+        bar.update()
+
+        onnx.save_model(proto, tmp_model)  # external tensors keep their references to <name>.data
+        del proto
+        bar.update()
+
+        try:
+            onnx.checker.check_model(str(tmp_model), full_check=True)
+        except Exception as e:
+            raise ExportError(f"the exported model fails onnx.checker (full_check): {e}") from e
+        bar.update()
+
+        data_files = [p for p in tmpdir.iterdir() if p.name != out.name]
+        for p in data_files:  # data first: a visible .onnx always has its data beside it
+            os.replace(p, parent / p.name)
+        os.replace(tmp_model, out)
+        bar.update()
+    finally:
+        bar.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(stages: list[str], enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(stages), desc=desc, unit="stage", leave=True)
+    names = iter(stages)
+    first = next(names)
+    bar.set_postfix_str(first)
+    original = bar.update
+
+    def update(n: int = 1) -> Any:
+        r = original(n)
+        nxt = next(names, None)
+        if nxt is not None:
+            bar.set_postfix_str(nxt)
+        return r
+
+    bar.update = update  # type: ignore[method-assign]
+    return bar

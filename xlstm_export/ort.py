@@ -1,0 +1,263 @@
+"""onnxruntime session wrapper for models written by :func:`xlstm_export.export.export_onnx`.
+
+    m = OrtModel("model.onnx")
+    state = m.init_state(batch=2)                     # {"0.c": zeros (2, NH, DQK, DV), ...} float32
+    logits, state = m.run(input_ids, state)           # prefill: input_ids (2, S) int64
+    logits, state = m.run(next_ids, state)            # decode: (2, 1)
+
+State names are the model's own ("{block}.{tensor}"), read from the graph (``past.*`` inputs paired
+with ``present.*`` outputs), so the dicts are interchangeable with ``xLSTMLM``'s state (numpy here).
+Logits come back as float32 numpy (float16 / bfloat16 graphs are upcast exactly); states are float32.
+onnxruntime's CPU provider has no bfloat16 kernels, so a bfloat16 graph runs there as float32
+arithmetic over its bfloat16 weights (:func:`upcast_bfloat16`; ``OrtModel.upcast`` says so).
+A file that is not an ONNX model, or an ONNX model without this interface, raises
+:class:`NotAnXLSTMModelError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .export import METADATA_PREFIX, state_input_name, state_output_name
+
+__all__ = ["NotAnXLSTMModelError", "OrtModel", "inspect_model", "upcast_bfloat16"]
+
+_PAST, _PRESENT = "past.", "present."
+
+
+class NotAnXLSTMModelError(ValueError):
+    """The file is not an ONNX model, or not one with the xlstm-export interface."""
+
+
+def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the interface of an exported file without loading weights.
+
+    Returns {"state_names": [...], "state_shapes": {name: dims after batch}, "dtype": str,
+    "vocab_size": int|None, "metadata": {...}, "xlstm_ops": [...]}. Raises FileNotFoundError for a
+    missing file and NotAnXLSTMModelError for anything that is not one of ours.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if p.is_dir():
+        raise NotAnXLSTMModelError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise NotAnXLSTMModelError(f"{p}: not an ONNX model ({type(e).__name__}: {e})") from None
+    g = model.graph
+    if not g.input and not g.output:
+        raise NotAnXLSTMModelError(f"{p}: not an ONNX model (no graph inputs or outputs)")
+    ins = {v.name: v for v in g.input}
+    outs = {v.name: v for v in g.output}
+    problems = []
+    if "input_ids" not in ins:
+        problems.append("no input 'input_ids'")
+    if "logits" not in outs:
+        problems.append("no output 'logits'")
+    past = [n[len(_PAST):] for n in ins if n.startswith(_PAST)]
+    present = [n[len(_PRESENT):] for n in outs if n.startswith(_PRESENT)]
+    if sorted(past) != sorted(present):
+        problems.append(f"past.* inputs {sorted(past)} do not pair with present.* outputs {sorted(present)}")
+    if not past:
+        problems.append("no recurrent state inputs 'past.*'")
+    xlstm_ops = sorted({n.op_type for n in g.node if n.domain == "xlstm"})
+    if not xlstm_ops:
+        problems.append("no xlstm::mLSTM / xlstm::sLSTM node")
+    if problems:
+        raise NotAnXLSTMModelError(f"{p}: an ONNX model, but not an xlstm-export model: " + "; ".join(problems))
+
+    meta = {q.key[len(METADATA_PREFIX):]: q.value for q in model.metadata_props
+            if q.key.startswith(METADATA_PREFIX)}
+    names = json.loads(meta["state_names"]) if "state_names" in meta else past
+    if sorted(names) != sorted(past):
+        raise NotAnXLSTMModelError(f"{p}: metadata state names {names} differ from the graph's {sorted(past)}")
+    shapes = {}
+    for k in names:
+        dims = ins[state_input_name(k)].type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims[1:]):
+            raise NotAnXLSTMModelError(f"{p}: state input {state_input_name(k)} has a non-static dim "
+                                       f"after the batch dim")
+        shapes[k] = tuple(int(d.dim_value) for d in dims[1:])
+    ldims = outs["logits"].type.tensor_type.shape.dim
+    vocab = int(ldims[-1].dim_value) if ldims and ldims[-1].HasField("dim_value") else None
+    elem = outs["logits"].type.tensor_type.elem_type
+    dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+             onnx.TensorProto.BFLOAT16: "bfloat16"}.get(elem, onnx.TensorProto.DataType.Name(elem).lower())
+    return {"state_names": names, "state_shapes": shapes, "dtype": dtype, "vocab_size": vocab,
+            "metadata": meta, "xlstm_ops": xlstm_ops}
+
+
+def _to_numpy(x, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+
+
+def _ortvalue_to_numpy(v) -> np.ndarray:
+    """OrtValue -> numpy; bfloat16 (no numpy type in ORT) is read raw and upcast to float32."""
+    if v.data_type() == "tensor(bfloat16)":
+        raw = np.empty(v.shape(), dtype=np.uint16)
+        if raw.nbytes:
+            ctypes.memmove(raw.ctypes.data, v.data_ptr(), raw.nbytes)
+        return (raw.astype(np.uint32) << 16).view(np.float32)  # exact: bf16 is the top half of fp32
+    return v.numpy()
+
+
+def upcast_bfloat16(model):
+    """A bfloat16 graph as float32 arithmetic over the same bfloat16-rounded weights.
+
+    onnxruntime's CPU provider has no bfloat16 kernels (not even Add), so a bfloat16 export is run
+    on CPU like this: initializers and constants are widened exactly, graph inputs / outputs become
+    float32, and every explicit ``Cast(to=bfloat16)`` is kept and followed by a Cast back to float32
+    (so the graph's own rounding points stay). The per-op rounding of bfloat16 arithmetic is what
+    is not reproduced; the comparison tolerance for bfloat16 covers it. Modifies ``model`` in place.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    BF, F = TensorProto.BFLOAT16, TensorProto.FLOAT
+
+    def widen(t):
+        arr = numpy_helper.to_array(t).astype(np.float32)
+        return numpy_helper.from_array(arr, t.name)
+
+    def fix_graph(g):
+        for j, init in enumerate(g.initializer):
+            if init.data_type == BF:
+                g.initializer[j].CopyFrom(widen(init))
+        for v in (*g.input, *g.output):
+            if v.type.tensor_type.elem_type == BF:
+                v.type.tensor_type.elem_type = F
+        keep = [v for v in g.value_info if v.type.tensor_type.elem_type != BF]
+        del g.value_info[:]
+        g.value_info.extend(keep)
+        nodes = []
+        for node in g.node:
+            extra = None
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == BF:
+                    a.t.CopyFrom(widen(a.t))
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    fix_graph(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        fix_graph(sub)
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == BF:
+                    if node.op_type == "Cast":  # keep the rounding, hand float32 on
+                        out = node.output[0]
+                        node.output[0] = f"{out}__bf16"
+                        extra = onnx.helper.make_node("Cast", [node.output[0]], [out], to=F,
+                                                      name=f"{node.name}_widen")
+                    else:
+                        a.i = F
+            nodes.append(node)
+            if extra is not None:
+                nodes.append(extra)
+        del g.node[:]
+        g.node.extend(nodes)
+
+    fix_graph(model.graph)
+    return model
+
+
+class OrtModel:
+    """An exported xLSTM LM in an onnxruntime InferenceSession (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
+                 intra_op_threads: int | None = None, session_options=None):
+        import onnxruntime as ort
+
+        info = inspect_model(path)
+        self.path = Path(path)
+        self.state_names: list[str] = info["state_names"]
+        self.state_shapes: dict[str, tuple[int, ...]] = info["state_shapes"]  # dims after batch
+        self.dtype: str = info["dtype"]  # logits dtype of the graph
+        self.vocab_size: int | None = info["vocab_size"]
+        self.metadata: dict[str, str] = info["metadata"]
+        opts = session_options or ort.SessionOptions()
+        if intra_op_threads is not None:
+            opts.intra_op_num_threads = intra_op_threads
+        providers = providers or ["CPUExecutionProvider"]
+        # bfloat16 on the CPU provider: float32 arithmetic over the bf16 weights (see upcast_bfloat16)
+        self.upcast = self.dtype == "bfloat16" and providers[0] == "CPUExecutionProvider"
+        try:
+            if self.upcast:
+                self.session = self._upcast_session(opts, providers)
+            else:
+                self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as e:
+            raise NotAnXLSTMModelError(f"{self.path}: onnxruntime cannot load it: {e}") from e
+        self._output_names = ["logits", *(state_output_name(k) for k in self.state_names)]
+
+    def _upcast_session(self, opts, providers):
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+
+        model = upcast_bfloat16(onnx.load(str(self.path)))  # loads external data too
+        if model.ByteSize() < 1_900_000_000:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB: go through a file
+            p = Path(d) / "upcast.onnx"
+            onnx.save_model(model, p, save_as_external_data=True, location="upcast.onnx.data")
+            return ort.InferenceSession(str(p), opts, providers=providers)
+
+    @property
+    def config(self) -> dict | None:
+        """The model config stored at export (a dict), or None."""
+        c = self.metadata.get("config")
+        return json.loads(c) if c else None
+
+    def init_state(self, batch: int) -> dict[str, np.ndarray]:
+        """All-zero float32 state (a fresh sequence) for ``batch`` sequences."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
+
+    def run(self, input_ids, state: Mapping[str, Any] | None = None
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """input_ids (B, S) int -> logits (B, S, vocab) float32, new state {name: float32 array}.
+
+        ``state`` None starts fresh sequences; torch tensors are accepted anywhere numpy is.
+        """
+        import onnxruntime as ort
+
+        ids = _to_numpy(input_ids, np.int64)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
+        if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        B = ids.shape[0]
+        if state is None:
+            state = self.init_state(B)
+        missing = sorted(set(self.state_names) - set(state))
+        extra = sorted(set(state) - set(self.state_names))
+        if missing or extra:
+            raise ValueError(f"state keys do not match the model: missing {missing}, unexpected {extra}")
+        feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids)}
+        for k in self.state_names:
+            a = _to_numpy(state[k], np.float32)
+            want = (B, *self.state_shapes[k])
+            if a.shape != want:
+                raise ValueError(f"state {k!r} has shape {a.shape}, expected {want}")
+            feeds[state_input_name(k)] = ort.OrtValue.ortvalue_from_numpy(a)
+        outs = self.session.run_with_ort_values(self._output_names, feeds)
+        logits = _ortvalue_to_numpy(outs[0]).astype(np.float32, copy=False)
+        new_state = {k: _ortvalue_to_numpy(v) for k, v in zip(self.state_names, outs[1:])}
+        return logits, new_state
