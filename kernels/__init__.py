@@ -90,8 +90,10 @@ def _mlstm_triton(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
 
 def _slstm_triton(x, r, b, state=None):
     _check_triton(x.device)
-    from .slstm.fused_recurrent import fused_recurrent_slstm
+    from .slstm.fused_recurrent import fused_recurrent_slstm, fused_recurrent_step_slstm
 
+    if x.shape[2] == 1 and state is not None and not torch.is_grad_enabled():
+        return fused_recurrent_step_slstm(x, r, b, state)
     return fused_recurrent_slstm(x, r, b, state)
 
 
@@ -100,9 +102,13 @@ def _mlstm_auto(q, *args, **kwargs):
     return fn(q, *args, **kwargs)
 
 
-def _slstm_auto(x, *args, **kwargs):
-    fn = _slstm_triton if x.is_cuda and triton_available() else _slstm_torch
-    return fn(x, *args, **kwargs)
+def _slstm_auto(x, r, *args, **kwargs):
+    use_triton = x.is_cuda and triton_available()
+    if use_triton:  # the fused kernel keeps r on chip; larger heads run the reference
+        from .slstm.fused_recurrent import MAX_HEAD_DIM
+
+        use_triton = r.shape[1] <= MAX_HEAD_DIM
+    return (_slstm_triton if use_triton else _slstm_torch)(x, r, *args, **kwargs)
 
 
 register_backend("torch", mlstm=_mlstm_torch, slstm=_slstm_torch)

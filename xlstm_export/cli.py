@@ -87,7 +87,7 @@ def cmd_validate(args) -> int:
         _require_file(args.engine, None)
         ort_model = OrtModel(args.model)
         report = compare_runners(
-            TrtModel(args.engine).run, ort_model.run, vocab_size=ort_model.vocab_size,
+            TrtModel(args.engine), ort_model.run, vocab_size=ort_model.vocab_size,
             dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
         )
     else:
@@ -113,8 +113,7 @@ def _runner(target: str):
         from .tensorrt import TrtModel
 
         _require_file(target, None)
-        m = TrtModel(target)
-        return m.run, m.vocab_size, "TensorRT"
+        return TrtModel(target), None, "TensorRT"
     model = _load_model(target)
     return torch_runner(model), model.config.vocab_size, "PyTorch"
 
@@ -229,10 +228,10 @@ def cmd_run(args) -> int:
 
     if tensorrt_available():
         plan = build_engine(onnx_path, out / "model.plan")
-        trt_report = compare_runners(TrtModel(plan).run, ort_model.run, vocab_size=ort_model.vocab_size,
+        trt_report = compare_runners(TrtModel(plan), ort_model.run, vocab_size=ort_model.vocab_size,
                                      dtype=ort_model.dtype, cases=VALIDATE_CASES)
         ok &= trt_report.ok
-        trt_gen = generate(TrtModel(plan).run, prompt, n)
+        trt_gen = generate(TrtModel(plan), prompt, n)
         summary.append(("tensorrt", f"{plan}: {'PASS' if trt_report.ok else 'FAIL'} vs onnxruntime, "
                                     f"decode {trt_gen.ms_per_token:.2f} ms/token"))
     else:

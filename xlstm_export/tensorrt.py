@@ -335,24 +335,6 @@ class TrtModel:
         logits, new_state = self.run(ids, st)
         return logits.float().cpu().numpy(), {k: v.cpu().numpy() for k, v in new_state.items()}
 
-    def generate(self, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0):
-        """Greedy (temperature 0) or sampled continuation of ``prompt_ids`` (B, S); memory is flat in
-        length: one prefill call, then one S = 1 call per token with the state carried."""
-        import torch
-
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        logits, state = self.run(prompt_ids)
-        tokens = []
-        for _ in range(max_new_tokens):
-            last = logits[:, -1].float()  # (B, vocab)
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=g)
-            else:
-                nxt = last.argmax(-1, keepdim=True)  # (B, 1)
-            tokens.append(nxt)
-            logits, state = self.run(nxt, state)
-        return torch.cat(tokens, dim=1) if tokens else prompt_ids[:, :0]
-
 
 # ---------------------------------------------------------------------------------------------
 # validate against onnxruntime

@@ -1,0 +1,719 @@
+"""Fused recurrent sLSTM in Triton: the whole time loop in one launch, forward and backward.
+
+Public functions (signatures fixed by the cell API in ``kernels/__init__.py``)::
+
+    y, (h, c, n, m) = fused_recurrent_slstm(x, r, b, state=None)        # any S, autograd
+    y, (h, c, n, m) = fused_recurrent_step_slstm(x, r, b, state)        # S == 1, forward only
+
+    x: (B, NH, S, 4*DH)  gate pre-activations W x per head, gate-major [i | f | z | o], no bias
+    r: (NH, DH, 4*DH)    recurrent weights: pre-activations(t) = x_t + h_{t-1} @ r[head] + b[head]
+    b: (NH, 4*DH)        bias
+    state: None or (h, c, n, m), each (B, NH, DH); float32 (other float dtypes are cast)
+    y: (B, NH, S, DH) in the dtype of x; the final state is float32
+
+Example::
+
+    x = torch.randn(2, 4, 100, 4 * 64, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(4, 64, 4 * 64, device="cuda", dtype=torch.bfloat16) / 8
+    b = torch.zeros(4, 4 * 64, device="cuda", dtype=torch.bfloat16)
+    y, (h, c, n, m) = fused_recurrent_slstm(x, r, b)                     # y: (2, 4, 100, 64)
+
+The cell (per head and step; the math of ``naive.py``)::
+
+    ĩ, f̃, z̃, õ = x_t + h_{t-1} @ r + b
+    m_t = max(ĩ, logσ(f̃) + m_{t-1});  i = exp(ĩ - m_t);  f = exp(logσ(f̃) + m_{t-1} - m_t)
+    c_t = f c_{t-1} + i tanh(z̃);  n_t = f n_{t-1} + i;  h_t = σ(õ) c_t / n_t
+
+Layout of the work:
+
+- Forward: one program per (batch tile of BLOCK_B rows, head). The four (DH x DH) gate blocks
+  of r[head] are loaded once, before the time loop, and stay on chip; each step is four
+  (BLOCK_B x DH) @ (DH x DH) dots plus the pointwise cell, with the next step's x prefetched.
+  BLOCK_B >= 16 because ``tl.dot`` needs M, N, K >= 16; a smaller batch is padded by masking,
+  and so is a head dim that is not a power of two (or below 16).
+- On chip means shared memory/registers: the four blocks take 4 DH^2 elements (128 KiB for
+  bfloat16 at DH 128). Above ``SLSTMLaunchParams.max_r_bytes_on_chip`` (160 KiB; float32 at
+  DH 128) they are re-read every step instead (from L2, where r stays). DH <= 128
+  (``MAX_HEAD_DIM``).
+- The recurrent matmul runs in the dtype of x (bfloat16/float16 operands, float32 accumulation;
+  float32 inputs use 3xTF32 tensor-core products, float32 accuracy). All states and the cell math
+  are float32.
+- For the backward the forward saves the pre-activations of every step and the states
+  (h, c, n, m) entering every step, all float32: 8 floats per (batch, head, step, unit). The
+  backward recomputes the gates from them exactly as the forward computed them.
+- Backward: one program per (batch tile, head) runs the reverse time loop in one launch with the
+  transposed gate blocks of r on chip, writes d(pre-activations) of every step (that is dx) and
+  the gradients of the initial state. The gradients of r and b are reductions over all steps and
+  batch rows of those d(pre-activations) (dr = Σ_t h_{t-1}^T dx_t, db = Σ_t dx_t): they are done
+  right after the kernel as one batched GEMM and one sum, fully parallel, instead of on the
+  sequential critical path of the time loop.
+- Step kernel (decoding, S == 1): no recurrence inside one call, so the programs also split the
+  DH output units of each head; every program reads h_{t-1} whole and a (DH x BLOCK_N) slice of
+  each gate block.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = [
+    "SLSTMLaunchParams",
+    "fused_recurrent_slstm",
+    "fused_recurrent_step_slstm",
+    "fused_recurrent_slstm_fwd",
+    "fused_recurrent_slstm_bwd",
+    "fused_recurrent_step_slstm_fwd",
+]
+
+MAX_HEAD_DIM = 128  # the four (DH x DH) gate blocks of r must stay on chip for the whole loop
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class SLSTMLaunchParams:
+    """Launch parameters of the fused recurrent sLSTM kernels."""
+
+    block_b: int = 16  # batch rows per program; >= 16 (tl.dot needs M >= 16), power of two
+    num_warps: Optional[int] = None  # None: 4 up to DH 32, else 8 (16 when r is re-read per step)
+    step_block_n: int = 32  # step kernel: output units per program (>= 16, power of two)
+    # float32 inputs, recurrent matmul: "tf32x3" (three TF32 tensor-core products, float32
+    # accuracy), "ieee" (CUDA-core FMAs; r at DH 128 then does not fit in shared memory) or
+    # "tf32" (one product, ~1e-3 relative). The interpreter multiplies in float32 for all three.
+    fp32_precision: Literal["tf32x3", "ieee", "tf32"] = "tf32x3"
+    max_r_bytes_on_chip: int = 160 * 1024  # larger r (float32 at DH 128) is re-read from L2 per step
+
+    def __post_init__(self):
+        for name in ("block_b", "step_block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"SLSTMLaunchParams.{name} must be a power of two >= 16, got {v}")
+        if self.fp32_precision not in ("tf32x3", "ieee", "tf32"):
+            raise ValueError(f"SLSTMLaunchParams.fp32_precision must be 'tf32x3', 'ieee' or 'tf32', "
+                             f"got {self.fp32_precision!r}")
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"SLSTMLaunchParams.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+
+    def r_on_chip(self, block_dh: int, dtype: torch.dtype) -> bool:
+        itemsize = torch.finfo(dtype).bits // 8
+        return 4 * block_dh * block_dh * itemsize <= self.max_r_bytes_on_chip
+
+    def warps_for(self, block_dh: int, r_on_chip: bool = True) -> int:
+        if self.num_warps is not None:
+            return self.num_warps
+        if not r_on_chip:  # every step loads whole gate blocks: spread them over more threads
+            return 16
+        return 4 if block_dh <= 32 else 8
+
+
+DEFAULT_PARAMS = SLSTMLaunchParams()
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _logsigmoid(v):
+        # log σ(v) = min(v, 0) - log(1 + exp(-|v|)), stable for both signs
+        return tl.minimum(v, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(v)))
+
+    @triton.jit
+    def _tanh(v):
+        e = tl.exp(-2.0 * tl.abs(v))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(v >= 0.0, t, -t)
+
+    @triton.jit
+    def _dot_operand(v, DT: tl.constexpr, UPCAST: tl.constexpr):
+        # round to the matmul dtype; UPCAST (interpreter + bfloat16 only) then widens the exact
+        # bfloat16 values to float32 because the CPU interpreter cannot multiply bfloat16
+        v = v.to(DT)
+        if UPCAST:
+            v = v.to(tl.float32)
+        return v
+
+    @triton.jit
+    def _load_gate_blocks(p, mask, DH: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr):
+        # the four (BD, BD) gate blocks at p, p + DH, p + 2 DH, p + 3 DH (i, f, z, o)
+        r_i = _dot_operand(tl.load(p + 0 * DH, mask=mask, other=0.0), DT, UPCAST)
+        r_f = _dot_operand(tl.load(p + 1 * DH, mask=mask, other=0.0), DT, UPCAST)
+        r_z = _dot_operand(tl.load(p + 2 * DH, mask=mask, other=0.0), DT, UPCAST)
+        r_o = _dot_operand(tl.load(p + 3 * DH, mask=mask, other=0.0), DT, UPCAST)
+        return r_i, r_f, r_z, r_o
+
+    @triton.jit
+    def _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m):
+        """One sLSTM cell step on (BLOCK_B, BLOCK_DH) float32 tiles -> (h, c, n, m)."""
+        a = _logsigmoid(g_f) + m  # log of the unstabilised forget gate times the old scale
+        m_new = tl.maximum(g_i, a)
+        i = tl.exp(g_i - m_new)
+        f = tl.exp(a - m_new)
+        c_new = f * c + i * _tanh(g_z)
+        n_new = f * n + i
+        h_new = tl.sigmoid(g_o) * c_new / n_new
+        return h_new, c_new, n_new, m_new
+
+    @triton.jit
+    def fused_recurrent_slstm_fwd_kernel(
+        x,  # (B, NH, S, 4*DH) any float dtype
+        r,  # (NH, DH, 4*DH) dot dtype (the dtype of x)
+        b,  # (NH, 4*DH)
+        h0, c0, n0, m0,  # (B, NH, DH) float32, read if USE_INITIAL_STATE
+        y,  # (B, NH, S, DH) dtype of x
+        hT, cT, nT, mT,  # (B, NH, DH) float32 final state
+        states_all,  # (B, NH, 4, S, DH) float32: (h, c, n, m) entering each step, if SAVE
+        gates_all,  # (B, NH, S, 4*DH) float32: pre-activations of each step, if SAVE
+        B,  # batch size
+        S,  # sequence length
+        NH: tl.constexpr,
+        DH: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_DH: tl.constexpr,  # next power of two >= max(DH, 16)
+        USE_INITIAL_STATE: tl.constexpr,
+        SAVE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,  # interpreter + bfloat16: float32 products of the bfloat16 values
+        R_ON_CHIP: tl.constexpr,  # load r once before the loop (else once per step, from L2)
+    ):
+        i_b = tl.program_id(0)
+        i_h = tl.program_id(1)
+        offs_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
+        offs_d = tl.arange(0, BLOCK_DH)  # (BD,)
+        mask_b = offs_b < B
+        mask_d = offs_d < DH
+        mask_bd = mask_b[:, None] & mask_d[None, :]  # (BB, BD)
+        mask_dd = mask_d[:, None] & mask_d[None, :]  # (BD, BD)
+        row = offs_b.to(tl.int64) * NH + i_h  # (BB,) index into the flattened (B, NH)
+
+        # the four gate blocks r[head][:, g*DH:(g+1)*DH], on chip for the whole loop
+        p_r = r + i_h * DH * 4 * DH + offs_d[:, None] * (4 * DH) + offs_d[None, :]  # (BD, BD)
+        DT: tl.constexpr = r.dtype.element_ty
+        if R_ON_CHIP:
+            r_i, r_f, r_z, r_o = _load_gate_blocks(p_r, mask_dd, DH, DT, UPCAST)
+        p_bias = b + i_h * 4 * DH + offs_d  # (BD,)
+        b_i = tl.load(p_bias + 0 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        b_f = tl.load(p_bias + 1 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        b_z = tl.load(p_bias + 2 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        b_o = tl.load(p_bias + 3 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+
+        p_state = row[:, None] * DH + offs_d[None, :]  # (BB, BD)
+        if USE_INITIAL_STATE:
+            h = tl.load(h0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
+            c = tl.load(c0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
+            n = tl.load(n0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
+            m = tl.load(m0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+            c = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+            n = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+            m = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+
+        p_x = x + row[:, None] * S * 4 * DH + offs_d[None, :]  # (BB, BD), step 0, gate i
+        p_y = y + row[:, None] * S * DH + offs_d[None, :]  # (BB, BD), step 0
+        p_g = gates_all + row[:, None] * S * 4 * DH + offs_d[None, :]  # (BB, BD)
+        p_sa = states_all + row[:, None] * 4 * S * DH + offs_d[None, :]  # (BB, BD), h, step 0
+
+        x_i = tl.load(p_x + 0 * DH, mask=mask_bd, other=0.0)
+        x_f = tl.load(p_x + 1 * DH, mask=mask_bd, other=0.0)
+        x_z = tl.load(p_x + 2 * DH, mask=mask_bd, other=0.0)
+        x_o = tl.load(p_x + 3 * DH, mask=mask_bd, other=0.0)
+        for t in range(S):
+            # prefetch the next step's inputs; their latency hides behind this step's work
+            # (clamped: the last step reloads itself, unused)
+            p_xn = p_x + tl.minimum(t + 1, S - 1) * 4 * DH
+            xn_i = tl.load(p_xn + 0 * DH, mask=mask_bd, other=0.0)
+            xn_f = tl.load(p_xn + 1 * DH, mask=mask_bd, other=0.0)
+            xn_z = tl.load(p_xn + 2 * DH, mask=mask_bd, other=0.0)
+            xn_o = tl.load(p_xn + 3 * DH, mask=mask_bd, other=0.0)
+
+            if SAVE:
+                p_st = p_sa + t * DH
+                tl.store(p_st + 0 * S * DH, h, mask=mask_bd)
+                tl.store(p_st + 1 * S * DH, c, mask=mask_bd)
+                tl.store(p_st + 2 * S * DH, n, mask=mask_bd)
+                tl.store(p_st + 3 * S * DH, m, mask=mask_bd)
+
+            h_dot = _dot_operand(h, DT, UPCAST)  # (BB, BD)
+            if not R_ON_CHIP:  # too large for shared memory: stream it from L2 every step
+                r_i, r_f, r_z, r_o = _load_gate_blocks(p_r, mask_dd, DH, DT, UPCAST)
+            g_i = tl.dot(h_dot, r_i, acc=x_i.to(tl.float32) + b_i, input_precision=DOT_PRECISION)
+            g_f = tl.dot(h_dot, r_f, acc=x_f.to(tl.float32) + b_f, input_precision=DOT_PRECISION)
+            g_z = tl.dot(h_dot, r_z, acc=x_z.to(tl.float32) + b_z, input_precision=DOT_PRECISION)
+            g_o = tl.dot(h_dot, r_o, acc=x_o.to(tl.float32) + b_o, input_precision=DOT_PRECISION)
+            if SAVE:
+                p_gt = p_g + t * 4 * DH
+                tl.store(p_gt + 0 * DH, g_i, mask=mask_bd)
+                tl.store(p_gt + 1 * DH, g_f, mask=mask_bd)
+                tl.store(p_gt + 2 * DH, g_z, mask=mask_bd)
+                tl.store(p_gt + 3 * DH, g_o, mask=mask_bd)
+
+            h, c, n, m = _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m)
+            tl.store(p_y + t * DH, h.to(y.dtype.element_ty), mask=mask_bd)
+            x_i, x_f, x_z, x_o = xn_i, xn_f, xn_z, xn_o
+
+        tl.store(hT + p_state, h, mask=mask_bd)
+        tl.store(cT + p_state, c, mask=mask_bd)
+        tl.store(nT + p_state, n, mask=mask_bd)
+        tl.store(mT + p_state, m, mask=mask_bd)
+
+    @triton.jit
+    def fused_recurrent_slstm_bwd_kernel(
+        r,  # (NH, DH, 4*DH) dot dtype
+        states_all,  # (B, NH, 4, S, DH) float32, states entering each step (from the forward)
+        gates_all,  # (B, NH, S, 4*DH) float32 pre-activations (from the forward)
+        dy,  # (B, NH, S, DH) any float dtype
+        dhT, dcT, dnT, dmT,  # (B, NH, DH) float32 gradients of the final state
+        dgates,  # (B, NH, S, 4*DH) float32 out: d(pre-activations) == dx
+        dh0, dc0, dn0, dm0,  # (B, NH, DH) float32 out: gradients of the initial state
+        B,
+        S,
+        NH: tl.constexpr,
+        DH: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_DH: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        R_ON_CHIP: tl.constexpr,
+    ):
+        i_b = tl.program_id(0)
+        i_h = tl.program_id(1)
+        offs_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
+        offs_d = tl.arange(0, BLOCK_DH)  # (BD,)
+        mask_b = offs_b < B
+        mask_d = offs_d < DH
+        mask_bd = mask_b[:, None] & mask_d[None, :]
+        mask_dd = mask_d[:, None] & mask_d[None, :]
+        row = offs_b.to(tl.int64) * NH + i_h
+
+        # transposed gate blocks: rt_g[j, k] = r[head][k, g*DH + j]  (BD, BD), on chip
+        p_rt = r + i_h * DH * 4 * DH + offs_d[None, :] * (4 * DH) + offs_d[:, None]
+        DT: tl.constexpr = r.dtype.element_ty
+        if R_ON_CHIP:
+            rt_i, rt_f, rt_z, rt_o = _load_gate_blocks(p_rt, mask_dd, DH, DT, UPCAST)
+
+        p_state = row[:, None] * DH + offs_d[None, :]  # (BB, BD)
+        dh = tl.load(dhT + p_state, mask=mask_bd, other=0.0)  # dL/dh_t from later steps
+        dc = tl.load(dcT + p_state, mask=mask_bd, other=0.0)
+        dn = tl.load(dnT + p_state, mask=mask_bd, other=0.0)
+        dm = tl.load(dmT + p_state, mask=mask_bd, other=0.0)
+
+        p_g = gates_all + row[:, None] * S * 4 * DH + offs_d[None, :]
+        p_dg = dgates + row[:, None] * S * 4 * DH + offs_d[None, :]
+        p_sa = states_all + row[:, None] * 4 * S * DH + offs_d[None, :]
+        p_dy = dy + row[:, None] * S * DH + offs_d[None, :]
+
+        # step S-1 prefetched; inside the loop the loads of step t-1 are issued first
+        t = S - 1
+        g_i = tl.load(p_g + t * 4 * DH + 0 * DH, mask=mask_bd, other=0.0)
+        g_f = tl.load(p_g + t * 4 * DH + 1 * DH, mask=mask_bd, other=0.0)
+        g_z = tl.load(p_g + t * 4 * DH + 2 * DH, mask=mask_bd, other=0.0)
+        g_o = tl.load(p_g + t * 4 * DH + 3 * DH, mask=mask_bd, other=0.0)
+        c_p = tl.load(p_sa + 1 * S * DH + t * DH, mask=mask_bd, other=0.0)
+        n_p = tl.load(p_sa + 2 * S * DH + t * DH, mask=mask_bd, other=0.0)
+        m_p = tl.load(p_sa + 3 * S * DH + t * DH, mask=mask_bd, other=0.0)
+        dy_t = tl.load(p_dy + t * DH, mask=mask_bd, other=0.0)
+        for tt in range(S):
+            t = S - 1 - tt
+            tn = tl.maximum(t - 1, 0)  # the step loaded ahead (clamped: step 0 reloads itself)
+            gn_i = tl.load(p_g + tn * 4 * DH + 0 * DH, mask=mask_bd, other=0.0)
+            gn_f = tl.load(p_g + tn * 4 * DH + 1 * DH, mask=mask_bd, other=0.0)
+            gn_z = tl.load(p_g + tn * 4 * DH + 2 * DH, mask=mask_bd, other=0.0)
+            gn_o = tl.load(p_g + tn * 4 * DH + 3 * DH, mask=mask_bd, other=0.0)
+            cn_p = tl.load(p_sa + 1 * S * DH + tn * DH, mask=mask_bd, other=0.0)
+            nn_p = tl.load(p_sa + 2 * S * DH + tn * DH, mask=mask_bd, other=0.0)
+            mn_p = tl.load(p_sa + 3 * S * DH + tn * DH, mask=mask_bd, other=0.0)
+            dyn_t = tl.load(p_dy + tn * DH, mask=mask_bd, other=0.0)
+
+            # recompute the step exactly as the forward did
+            a = _logsigmoid(g_f) + m_p
+            m_t = tl.maximum(g_i, a)
+            ig = tl.exp(g_i - m_t)
+            fg = tl.exp(a - m_t)
+            zg = _tanh(g_z)
+            og = tl.sigmoid(g_o)
+            c_t = fg * c_p + ig * zg
+            n_t = fg * n_p + ig
+
+            dh_t = dh + dy_t.to(tl.float32)  # total dL/dh_t
+            inv_n = 1.0 / n_t
+            d_o = dh_t * c_t * inv_n * og * (1.0 - og)  # dL/dõ
+            dc_t = dc + dh_t * og * inv_n  # total dL/dc_t
+            dn_t = dn - dh_t * og * c_t * inv_n * inv_n  # total dL/dn_t
+            d_z = dc_t * ig * (1.0 - zg * zg)  # dL/dz̃
+            d_ig = dc_t * zg + dn_t  # dL/di (the gate value)
+            d_fg = dc_t * c_p + dn_t * n_p  # dL/df
+            dgi_direct = d_ig * ig  # through i = exp(ĩ - m_t), holding m_t
+            da_direct = d_fg * fg  # through f = exp(a - m_t), holding m_t
+            dm_t = dm - dgi_direct - da_direct  # total dL/dm_t
+            # m_t = max(ĩ, a): the gradient goes to the larger one, split evenly on a tie
+            # (as torch.maximum does)
+            sel = tl.where(g_i > a, 1.0, tl.where(g_i == a, 0.5, 0.0))
+            d_i = dgi_direct + dm_t * sel
+            d_a = da_direct + dm_t * (1.0 - sel)
+            d_f = d_a * tl.sigmoid(-g_f)  # d logσ(v)/dv = σ(-v)
+
+            p_dgt = p_dg + t * 4 * DH
+            tl.store(p_dgt + 0 * DH, d_i, mask=mask_bd)
+            tl.store(p_dgt + 1 * DH, d_f, mask=mask_bd)
+            tl.store(p_dgt + 2 * DH, d_z, mask=mask_bd)
+            tl.store(p_dgt + 3 * DH, d_o, mask=mask_bd)
+
+            # carries to step t-1: dL/dh_{t-1} = Σ_g d(g̃) @ r_g^T; c, n through f; m through a
+            if not R_ON_CHIP:
+                rt_i, rt_f, rt_z, rt_o = _load_gate_blocks(p_rt, mask_dd, DH, DT, UPCAST)
+            dh = tl.dot(_dot_operand(d_i, DT, UPCAST), rt_i, input_precision=DOT_PRECISION)
+            dh = tl.dot(_dot_operand(d_f, DT, UPCAST), rt_f, acc=dh, input_precision=DOT_PRECISION)
+            dh = tl.dot(_dot_operand(d_z, DT, UPCAST), rt_z, acc=dh, input_precision=DOT_PRECISION)
+            dh = tl.dot(_dot_operand(d_o, DT, UPCAST), rt_o, acc=dh, input_precision=DOT_PRECISION)
+            dc = dc_t * fg
+            dn = dn_t * fg
+            dm = d_a
+
+            g_i, g_f, g_z, g_o = gn_i, gn_f, gn_z, gn_o
+            c_p, n_p, m_p, dy_t = cn_p, nn_p, mn_p, dyn_t
+
+        tl.store(dh0 + p_state, dh, mask=mask_bd)
+        tl.store(dc0 + p_state, dc, mask=mask_bd)
+        tl.store(dn0 + p_state, dn, mask=mask_bd)
+        tl.store(dm0 + p_state, dm, mask=mask_bd)
+
+    @triton.jit
+    def fused_recurrent_step_slstm_fwd_kernel(
+        x,  # (B, NH, 1, 4*DH)
+        r,  # (NH, DH, 4*DH) dot dtype
+        b,  # (NH, 4*DH)
+        h0, c0, n0, m0,  # (B, NH, DH) float32, read if USE_INITIAL_STATE
+        y,  # (B, NH, 1, DH) dtype of x
+        hT, cT, nT, mT,  # (B, NH, DH) float32 new state
+        B,
+        NH: tl.constexpr,
+        DH: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_DH: tl.constexpr,  # the whole (padded) h_{t-1}
+        BLOCK_N: tl.constexpr,  # output units of this program
+        USE_INITIAL_STATE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        i_b = tl.program_id(0)
+        i_h = tl.program_id(1)
+        i_n = tl.program_id(2)
+        offs_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
+        offs_k = tl.arange(0, BLOCK_DH)  # (BD,) units of h_{t-1}
+        offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) units computed here
+        mask_b = offs_b < B
+        mask_k = offs_k < DH
+        mask_n = offs_n < DH
+        mask_bk = mask_b[:, None] & mask_k[None, :]  # (BB, BD)
+        mask_bn = mask_b[:, None] & mask_n[None, :]  # (BB, BN)
+        mask_kn = mask_k[:, None] & mask_n[None, :]  # (BD, BN)
+        row = offs_b.to(tl.int64) * NH + i_h
+
+        p_r = r + i_h * DH * 4 * DH + offs_k[:, None] * (4 * DH) + offs_n[None, :]  # (BD, BN)
+        p_bias = b + i_h * 4 * DH + offs_n  # (BN,)
+        p_x = x + row[:, None] * 4 * DH + offs_n[None, :]  # (BB, BN)
+        p_sn = row[:, None] * DH + offs_n[None, :]  # (BB, BN)
+
+        if USE_INITIAL_STATE:
+            h = tl.load(h0 + row[:, None] * DH + offs_k[None, :], mask=mask_bk, other=0.0)
+            c = tl.load(c0 + p_sn, mask=mask_bn, other=0.0).to(tl.float32)
+            n = tl.load(n0 + p_sn, mask=mask_bn, other=0.0).to(tl.float32)
+            m = tl.load(m0 + p_sn, mask=mask_bn, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+            c = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            n = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            m = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        DT: tl.constexpr = r.dtype.element_ty
+        h_dot = _dot_operand(h, DT, UPCAST)
+
+        g_i = tl.load(p_x + 0 * DH, mask=mask_bn, other=0.0).to(tl.float32)
+        g_i += tl.load(p_bias + 0 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        g_i = tl.dot(h_dot, _dot_operand(tl.load(p_r + 0 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_i,
+                     input_precision=DOT_PRECISION)
+        g_f = tl.load(p_x + 1 * DH, mask=mask_bn, other=0.0).to(tl.float32)
+        g_f += tl.load(p_bias + 1 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        g_f = tl.dot(h_dot, _dot_operand(tl.load(p_r + 1 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_f,
+                     input_precision=DOT_PRECISION)
+        g_z = tl.load(p_x + 2 * DH, mask=mask_bn, other=0.0).to(tl.float32)
+        g_z += tl.load(p_bias + 2 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        g_z = tl.dot(h_dot, _dot_operand(tl.load(p_r + 2 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_z,
+                     input_precision=DOT_PRECISION)
+        g_o = tl.load(p_x + 3 * DH, mask=mask_bn, other=0.0).to(tl.float32)
+        g_o += tl.load(p_bias + 3 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        g_o = tl.dot(h_dot, _dot_operand(tl.load(p_r + 3 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_o,
+                     input_precision=DOT_PRECISION)
+
+        h_new, c, n, m = _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m)
+        tl.store(y + p_sn, h_new.to(y.dtype.element_ty), mask=mask_bn)
+        tl.store(hT + p_sn, h_new, mask=mask_bn)
+        tl.store(cT + p_sn, c, mask=mask_bn)
+        tl.store(nT + p_sn, n, mask=mask_bn)
+        tl.store(mT + p_sn, m, mask=mask_bn)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------
+def _block_dh(dh: int) -> int:
+    return max(16, triton.next_power_of_2(dh))
+
+
+def _dot_precision(dtype: torch.dtype, params: SLSTMLaunchParams) -> str:
+    return params.fp32_precision if dtype == torch.float32 else "ieee"  # 16-bit: no choice to make
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # the CPU interpreter multiplies bfloat16 as raw 16-bit integers: widen the (exact) values
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_meta(kind: str, DH: int, dtype: torch.dtype, params: Optional[SLSTMLaunchParams] = None) -> dict:
+    """Compile-time constants and launch options of a kernel ("fwd", "bwd" or "step") for head
+    dim DH and matmul dtype ``dtype`` (the launchers use it; so does the ahead-of-time compile
+    check in the tests)."""
+    params = params or DEFAULT_PARAMS
+    block_dh = _block_dh(DH)
+    meta = dict(DH=DH, BLOCK_B=params.block_b, BLOCK_DH=block_dh,
+                DOT_PRECISION=_dot_precision(dtype, params), UPCAST=_upcast(dtype),
+                num_stages=1)  # no software pipelining: loads are prefetched by hand
+    if kind == "step":
+        meta.update(BLOCK_N=min(params.step_block_n, block_dh), num_warps=4)
+    else:
+        on_chip = params.r_on_chip(block_dh, dtype)
+        meta.update(R_ON_CHIP=on_chip, num_warps=params.warps_for(block_dh, on_chip))
+    return meta
+
+
+def fused_recurrent_slstm_fwd(
+    x: torch.Tensor,  # (B, NH, S, 4*DH) contiguous
+    r: torch.Tensor,  # (NH, DH, 4*DH) contiguous, dtype of x
+    b: torch.Tensor,  # (NH, 4*DH) contiguous
+    state: Optional[Sequence[torch.Tensor]],  # None or 4 x (B, NH, DH) float32 contiguous
+    save_for_backward: bool,
+    params: Optional[SLSTMLaunchParams] = None,  # None: DEFAULT_PARAMS (read at call time)
+):
+    """Launch the forward kernel.
+
+    Returns y (B, NH, S, DH), final (h, c, n, m) 4 x (B, NH, DH) float32, and when
+    ``save_for_backward`` the states entering every step (B, NH, 4, S, DH) and the
+    pre-activations (B, NH, S, 4*DH), both float32 (else None, None).
+    """
+    params = params or DEFAULT_PARAMS
+    B, NH, S, G = x.shape
+    DH = G // 4
+    y = torch.empty(B, NH, S, DH, device=x.device, dtype=x.dtype)
+    final = [torch.empty(B, NH, DH, device=x.device, dtype=torch.float32) for _ in range(4)]
+    if save_for_backward:
+        states_all = torch.empty(B, NH, 4, S, DH, device=x.device, dtype=torch.float32)
+        gates_all = torch.empty(B, NH, S, 4 * DH, device=x.device, dtype=torch.float32)
+    else:  # never touched by the kernel (SAVE=False); any pointer will do
+        states_all = gates_all = y
+    init = state if state is not None else (y, y, y, y)
+    grid = (triton.cdiv(B, params.block_b), NH)
+    fused_recurrent_slstm_fwd_kernel[grid](
+        x, r, b, *init, y, *final, states_all, gates_all, B, S, NH=NH,
+        USE_INITIAL_STATE=state is not None, SAVE=save_for_backward,
+        **launch_meta("fwd", DH, r.dtype, params),
+    )
+    if not save_for_backward:
+        states_all = gates_all = None
+    return y, tuple(final), states_all, gates_all
+
+
+def fused_recurrent_slstm_bwd(
+    r: torch.Tensor,  # (NH, DH, 4*DH) contiguous, dot dtype
+    states_all: torch.Tensor,  # (B, NH, 4, S, DH) float32
+    gates_all: torch.Tensor,  # (B, NH, S, 4*DH) float32
+    dy: torch.Tensor,  # (B, NH, S, DH) contiguous
+    dstate: Sequence[torch.Tensor],  # 4 x (B, NH, DH) float32 contiguous
+    params: Optional[SLSTMLaunchParams] = None,  # None: DEFAULT_PARAMS (read at call time)
+):
+    """Launch the backward kernel and reduce dr, db.
+
+    Returns dgates (B, NH, S, 4*DH) float32 (== dx), dr (NH, DH, 4*DH) float32,
+    db (NH, 4*DH) float32 and the initial-state gradients 4 x (B, NH, DH) float32.
+    """
+    params = params or DEFAULT_PARAMS
+    B, NH, S, G = gates_all.shape
+    DH = G // 4
+    dgates = torch.empty_like(gates_all)
+    dinit = [torch.empty(B, NH, DH, device=r.device, dtype=torch.float32) for _ in range(4)]
+    grid = (triton.cdiv(B, params.block_b), NH)
+    fused_recurrent_slstm_bwd_kernel[grid](
+        r, states_all, gates_all, dy, *dstate, dgates, *dinit, B, S, NH=NH,
+        **launch_meta("bwd", DH, r.dtype, params),
+    )
+    # dr[head] = Σ_{b,t} h_{t-1}^T d(pre-activations)_t: one batched GEMM over all steps
+    h_prev = states_all[:, :, 0].permute(1, 3, 0, 2).reshape(NH, DH, B * S)  # (NH, DH, B*S)
+    dg = dgates.permute(1, 0, 2, 3).reshape(NH, B * S, G)  # (NH, B*S, 4*DH)
+    if r.dtype == torch.bfloat16:  # bfloat16 operands as in the forward, float32 accumulation
+        dr = torch.bmm(h_prev.to(r.dtype), dg.to(r.dtype)).float()  # (NH, DH, 4*DH)
+    else:  # float32 (float16 too: a sum over B*S steps may overflow its range)
+        dr = torch.bmm(h_prev, dg)  # (NH, DH, 4*DH)
+    db = dgates.sum(dim=(0, 2))  # (NH, 4*DH)
+    return dgates, dr, db, tuple(dinit)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd Function
+# --------------------------------------------------------------------------------------------
+class FusedRecurrentSLSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, b, h0, c0, n0, m0, save):
+        # x (B, NH, S, 4DH); r (NH, DH, 4DH); b (NH, 4DH); h0..m0 (B, NH, DH) float32 or None;
+        # save: whether a backward can follow (grad mode on and an input requires grad)
+        has_state = h0 is not None
+        state = (h0, c0, n0, m0) if has_state else None
+        r_dot = r.to(x.dtype).contiguous()  # the recurrent matmul runs in the dtype of x
+        y, final, states_all, gates_all = fused_recurrent_slstm_fwd(
+            x, r_dot, b, state, save_for_backward=save
+        )
+        if save:
+            ctx.save_for_backward(r_dot, states_all, gates_all)
+        ctx.has_state = has_state
+        ctx.dtypes = (x.dtype, r.dtype, b.dtype)
+        return (y, *final)
+
+    @staticmethod
+    def backward(ctx, dy, dhT, dcT, dnT, dmT):
+        r_dot, states_all, gates_all = ctx.saved_tensors
+        x_dtype, r_dtype, b_dtype = ctx.dtypes
+        dstate = [d.float().contiguous() for d in (dhT, dcT, dnT, dmT)]
+        dgates, dr, db, dinit = fused_recurrent_slstm_bwd(
+            r_dot, states_all, gates_all, dy.contiguous(), dstate
+        )
+        dx = dgates.to(x_dtype)
+        dinit = dinit if ctx.has_state else (None, None, None, None)
+        return (dx, dr.to(r_dtype), db.to(b_dtype), *dinit, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+def _check_inputs(x, r, b, state, name: str):
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{name} needs the triton package: pip install 'xlstm-export[triton]'")
+    for arg, t, rank in (("x", x, 4), ("r", r, 3), ("b", b, 2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: {arg} must have {rank} dims, got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")
+    B, NH, S, G = x.shape
+    if G % 4 != 0 or G == 0:
+        raise ValueError(f"{name}: x must be (B, NH, S, 4*DH), got last dim {G} "
+                         "(not a positive multiple of 4)")
+    DH = G // 4
+    if S < 1 or B < 1 or NH < 1:
+        raise ValueError(f"{name}: x must be (B, NH, S, 4*DH) with B, NH, S >= 1, got {tuple(x.shape)}")
+    if DH > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim DH={DH} > {MAX_HEAD_DIM} is not supported by the fused kernel "
+                         "(its four DH x DH gate blocks must stay on chip); use the 'torch' backend")
+    if tuple(r.shape) != (NH, DH, 4 * DH):
+        raise ValueError(f"{name}: r must be (NH, DH, 4*DH) = {(NH, DH, 4 * DH)}, got {tuple(r.shape)}")
+    if tuple(b.shape) != (NH, 4 * DH):
+        raise ValueError(f"{name}: b must be (NH, 4*DH) = {(NH, 4 * DH)}, got {tuple(b.shape)}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{name}: tensors are on {x.device.type}; the Triton kernels run on CUDA, "
+                           "or on CPU only under TRITON_INTERPRET=1")
+    if state is None:
+        return None
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+        raise ValueError(f"{name}: state must be None or a tuple (h, c, n, m), got {type(state).__name__}"
+                         + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
+    out = []
+    for sname, s in zip("hcnm", state):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name}: state {sname} must be a torch.Tensor, got {type(s).__name__}")
+        if tuple(s.shape) != (B, NH, DH):
+            raise ValueError(f"{name}: state {sname} must be (B, NH, DH) = {(B, NH, DH)}, "
+                             f"got {tuple(s.shape)}")
+        if not s.is_floating_point():
+            raise TypeError(f"{name}: state {sname} must be a float tensor, got {s.dtype}")
+        if s.device != x.device:
+            raise ValueError(f"{name}: state {sname} is on {s.device} but x is on {x.device}")
+        out.append(s.float().contiguous())
+    return out
+
+
+def fused_recurrent_slstm(
+    x: torch.Tensor,  # (B, NH, S, 4*DH)
+    r: torch.Tensor,  # (NH, DH, 4*DH)
+    b: torch.Tensor,  # (NH, 4*DH)
+    state: Optional[Sequence[torch.Tensor]] = None,  # None or (h, c, n, m), each (B, NH, DH)
+):
+    """sLSTM over a whole sequence with the fused Triton kernels (differentiable).
+
+    Returns ``y`` (B, NH, S, DH) in the dtype of x and the final state ``(h, c, n, m)``, each
+    (B, NH, DH) float32. Gradients flow to x, r, b and the initial state. See the module
+    docstring for the math and layout.
+    """
+    st = _check_inputs(x, r, b, state, "fused_recurrent_slstm")
+    h0, c0, n0, m0 = st if st is not None else (None, None, None, None)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, r, b, *(st or ())))
+    y, h, c, n, m = FusedRecurrentSLSTMFunction.apply(
+        x.contiguous(), r.contiguous(), b.contiguous(), h0, c0, n0, m0, save
+    )
+    return y, (h, c, n, m)
+
+
+def fused_recurrent_step_slstm_fwd(
+    x: torch.Tensor,  # (B, NH, 1, 4*DH) contiguous
+    r: torch.Tensor,  # (NH, DH, 4*DH) contiguous, dtype of x
+    b: torch.Tensor,  # (NH, 4*DH) contiguous
+    state: Optional[Sequence[torch.Tensor]],  # None or 4 x (B, NH, DH) float32 contiguous
+    params: Optional[SLSTMLaunchParams] = None,  # None: DEFAULT_PARAMS (read at call time)
+):
+    """Launch the step kernel. Returns y (B, NH, 1, DH) and the new (h, c, n, m) float32."""
+    params = params or DEFAULT_PARAMS
+    B, NH, _, G = x.shape
+    DH = G // 4
+    y = torch.empty(B, NH, 1, DH, device=x.device, dtype=x.dtype)
+    new = [torch.empty(B, NH, DH, device=x.device, dtype=torch.float32) for _ in range(4)]
+    init = state if state is not None else (y, y, y, y)
+    meta = launch_meta("step", DH, r.dtype, params)
+    grid = (triton.cdiv(B, params.block_b), NH, triton.cdiv(DH, meta["BLOCK_N"]))
+    fused_recurrent_step_slstm_fwd_kernel[grid](
+        x, r, b, *init, y, *new, B, NH=NH, USE_INITIAL_STATE=state is not None, **meta,
+    )
+    return y, tuple(new)
+
+
+def fused_recurrent_step_slstm(
+    x: torch.Tensor,  # (B, NH, 1, 4*DH)
+    r: torch.Tensor,  # (NH, DH, 4*DH)
+    b: torch.Tensor,  # (NH, 4*DH)
+    state: Optional[Sequence[torch.Tensor]],  # (h, c, n, m), each (B, NH, DH); None: zeros
+):
+    """One sLSTM step (S == 1) for decoding; forward only (no autograd: inputs are detached).
+
+    Returns ``y`` (B, NH, 1, DH) in the dtype of x and the new state ``(h, c, n, m)``, each
+    (B, NH, DH) float32. ``state=None`` is the all-zero state (a fresh sequence).
+    """
+    st = _check_inputs(x, r, b, state, "fused_recurrent_step_slstm")
+    if x.shape[2] != 1:
+        raise ValueError(f"fused_recurrent_step_slstm: x must be (B, NH, 1, 4*DH), got S={x.shape[2]} "
+                         f"(shape {tuple(x.shape)}); use fused_recurrent_slstm for sequences")
+    x = x.detach().contiguous()
+    r_dot = r.detach().to(x.dtype).contiguous()  # the matmul runs in the dtype of x
+    st = [t.detach() for t in st] if st is not None else None
+    return fused_recurrent_step_slstm_fwd(x, r_dot, b.detach().contiguous(), st)
