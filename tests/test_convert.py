@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+
 import numpy as np
 import pytest
 import torch
