@@ -123,6 +123,19 @@ class sLSTMBlock(nn.Module):
         self.ffn_norm = LayerNorm(E, cfg.norm_eps)
         self.ffn = GatedFFN(E, cfg.ffn_dim, bias=cfg.bias)
 
+    def _gate_preacts(self, x_c: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+        """W x for the four gates, per head, gate-major: (NH, B*S, 4*DH) = [i | f | z | o].
+
+        i and f read the conv branch x_c, z and o the normed input xn, each through its own
+        block-diagonal (head-wise) weight. Two batched MatMuls over the heads, each with two gates'
+        weights side by side, give the cell's layout directly (no stack / 5-D permute).
+        """
+        NH = self.cfg.slstm_num_heads
+        heads = lambda t: t.reshape(-1, NH, t.shape[-1] // NH).transpose(0, 1)  # (NH, B*S, DH)  # noqa: E731
+        w_if = torch.cat([self.igate.weight, self.fgate.weight], dim=1).transpose(1, 2)  # (NH, DH, 2*DH)
+        w_zo = torch.cat([self.zgate.weight, self.ogate.weight], dim=1).transpose(1, 2)  # (NH, DH, 2*DH)
+        return torch.cat([heads(x_c) @ w_if, heads(xn) @ w_zo], dim=-1)  # (NH, B*S, 4*DH)
+
     def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         NH = self.cfg.slstm_num_heads
         DH = self.cfg.embedding_dim // NH
@@ -132,7 +145,7 @@ class sLSTMBlock(nn.Module):
         return shapes
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]):
-        B, S, E = x.shape
+        B, S, _ = x.shape
         NH = self.cfg.slstm_num_heads
         new_state = {}
         xn = self.norm(x)
@@ -141,11 +154,7 @@ class sLSTMBlock(nn.Module):
             x_c = F.silu(x_c)
         else:
             x_c = xn
-        gates = torch.stack(
-            [self.igate(x_c), self.fgate(x_c), self.zgate(xn), self.ogate(xn)], dim=2
-        )  # (B, S, 4, E)
-        gates = gates.reshape(B, S, 4, NH, E // NH).permute(0, 3, 1, 2, 4)  # (B, NH, S, 4, DH)
-        gates = gates.reshape(B, NH, S, 4 * (E // NH))  # (B, NH, S, 4*DH) gate-major per head
+        gates = self._gate_preacts(x_c, xn).reshape(NH, B, S, -1).transpose(0, 1)  # (B, NH, S, 4*DH)
         y, (h, c, n, m) = kernels.slstm_cell(
             gates, self.r.to(gates.dtype), self.b.to(gates.dtype),
             (state["h"], state["c"], state["n"], state["m"]), backend=self.backend,
@@ -186,8 +195,10 @@ class LargeBlock(nn.Module):
         xn = self.norm_mlstm(x)
         heads = lambda t: t.reshape(B, S, NH, -1).transpose(1, 2)  # (B, NH, S, D)  # noqa: E731
         q, k, v = heads(self.q(xn)), heads(self.k(xn)), heads(self.v(xn))
-        i = soft_cap(self.igate_preact(xn), cap).transpose(1, 2)  # (B, NH, S)
-        f = soft_cap(self.fgate_preact(xn), cap).transpose(1, 2)  # (B, NH, S)
+        # i and f in one product: one soft cap, one transpose (fewer small ops at decode)
+        w_if = torch.cat([self.igate_preact.weight, self.fgate_preact.weight])  # (2*NH, E)
+        b_if = torch.cat([self.igate_preact.bias, self.fgate_preact.bias])  # (2*NH,)
+        i, f = soft_cap(F.linear(xn, w_if, b_if), cap).transpose(1, 2).split(NH, dim=1)  # (B, NH, S) each
         h, (c, n, m) = kernels.mlstm_cell(
             q, k, v, i, f, (state["c"], state["n"], state["m"]),
             backend=self.backend, chunk_size=self.cfg.chunk_size, eps=self.cfg.cell_eps,

@@ -47,8 +47,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from . import contract, onnx_functions
 from . import ops as _ops  # registers torch.ops.xlstm.* and the "custom_op" backend
@@ -232,6 +234,8 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
                           "torch.ops.xlstm (is the model an xLSTMLM with set_backend?)")
     del model.functions[:]
     model.functions.extend(onnx_functions.functions(opset, used))
+    _rsqrt_as_div(model.graph)
+    _fuse_sibling_matmuls(model.graph)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, contract.VERSION))
 
@@ -259,6 +263,121 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
                                         **{METADATA_PREFIX + k: v for k, v in meta.items()}})
     model.producer_name = "xlstm-export"
     return model
+
+
+def _fuse_sibling_matmuls(graph: onnx.GraphProto) -> int:
+    """MatMuls that read the same activation with their own constant 2-D weights become ONE MatMul
+    over the weights concatenated along N, followed by a Split into the original outputs.
+
+    The function is unchanged (every output column is the same dot product over K); the graph runs
+    fewer, larger products: in a 7B-style block q, k, v, the output gate and the i / f gates read
+    the same normed input (six MatMuls -> one), and the SwiGLU's two up-projections (two -> one).
+    That is fewer nodes for the per-node overhead of small models, and fewer, better-shaped GEMVs
+    at decode. Weights held as external data (not loaded here) or used by any other node are left
+    alone. Returns the number of MatMul nodes removed.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in _all_nodes(graph):
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+
+    def fusable_weight(node) -> onnx.TensorProto | None:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+        if w is None or len(w.dims) != 2 or uses.get(w.name) != 1:
+            return None
+        if w.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return w
+
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    for idx, node in enumerate(graph.node):
+        w = fusable_weight(node)
+        if w is not None:
+            groups.setdefault((node.input[0], w.dims[0], w.data_type), []).append(idx)
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    dropped_weights: set[str] = set()
+    new_inits = []
+    for (x, _, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        nodes = [graph.node[i] for i in members]
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]  # (K, N_j) each
+        fused_name = f"{nodes[0].input[1]}__fused{len(nodes)}"
+        new_inits.append(numpy_helper.from_array(np.concatenate(weights, axis=1), fused_name))  # (K, sum N_j)
+        split_name = f"{fused_name}__split"
+        new_inits.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), split_name))
+        y = f"{nodes[0].output[0]}__fused"
+        replace[members[0]] = [
+            onnx.helper.make_node("MatMul", [x, fused_name], [y], name=f"{nodes[0].name}_fused"),
+            onnx.helper.make_node("Split", [y, split_name], [n.output[0] for n in nodes], axis=-1,
+                                  name=f"{nodes[0].name}_fused_split"),
+        ]
+        drop.update(members[1:])
+        dropped_weights.update(n.input[1] for n in nodes)
+    if not replace:
+        return 0
+    kept = []
+    for idx, node in enumerate(graph.node):
+        if idx in replace:
+            kept.extend(replace[idx])
+        elif idx not in drop:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    keep_inits = [t for t in graph.initializer if t.name not in dropped_weights]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits + new_inits)
+    return len(drop)
+
+
+def _rsqrt_as_div(graph: onnx.GraphProto) -> int:
+    """Rewrite ``Mul(x, Reciprocal(Sqrt(v)))`` as ``Div(x, Sqrt(v))``.
+
+    torch exports ``x * rsqrt(v)`` (our RMSNorm) as Sqrt -> Reciprocal -> Mul. onnxruntime fuses
+    RMSNorm into one SimplifiedLayerNormalization node only from the Sqrt -> Div form, so the
+    7B-style blocks' norms go from 7 nodes to 1. Same value up to the rounding of one division.
+    The eager model keeps rsqrt (the official implementations' form). Returns the rewrites made.
+    """
+    nodes = list(graph.node)
+    producer = {o: j for j, n in enumerate(nodes) for o in n.output}
+    consumers: dict[str, list[int]] = {}  # top-level readers, by index
+    for j, n in enumerate(nodes):
+        for i in n.input:
+            consumers.setdefault(i, []).append(j)
+    nested = {i for n in nodes for sub in _subgraphs(n) for m in _all_nodes(sub) for i in m.input}
+    graph_outputs = {v.name for v in graph.output}
+    dead, count = set(), 0
+    for j, rec in enumerate(nodes):
+        r = rec.output[0] if rec.op_type == "Reciprocal" and not rec.domain else None
+        if r is None or r in graph_outputs or r in nested:
+            continue
+        sqrt = nodes[producer[rec.input[0]]] if rec.input[0] in producer else None
+        users = [nodes[u] for u in consumers.get(r, [])]
+        if sqrt is None or sqrt.op_type != "Sqrt" or not users:
+            continue
+        if any(u.op_type != "Mul" or u.domain or list(u.input) == [r, r] for u in users):
+            continue
+        for mul in users:
+            other = mul.input[1] if mul.input[0] == r else mul.input[0]
+            mul.op_type = "Div"
+            del mul.input[:]
+            mul.input.extend([other, sqrt.output[0]])
+            count += 1
+        dead.add(j)
+    if dead:
+        del graph.node[:]
+        graph.node.extend(n for j, n in enumerate(nodes) if j not in dead)
+    return count
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
 
 
 def _all_nodes(graph: onnx.GraphProto):

@@ -7,9 +7,9 @@ TensorRT inlines the body when no plugin is registered (it takes the plugin when
 :mod:`xlstm_export.contract` and compute in float32 (Cast in, ``CastLike`` out), so one body serves
 float32, float16 and bfloat16 graphs; states are float32 throughout.
 
-mLSTM body: a shared prelude (float32 casts, q * 1/sqrt(DQK), logsigmoid(f), dims), then
-``If(S == 1)``:
-  * then: the single recurrent step (the decode path: ~20 small ops, no loop);
+mLSTM body: ``If(S == 1)`` (only S is read before the branch), each branch doing its own float32
+casts, q * 1/sqrt(DQK) and logsigmoid(f):
+  * then: the single recurrent step (the decode path: ~35 small ops, no loop);
   * else: the chunkwise form, time and memory linear in S:
     - L = the ``chunk_size`` attribute (an attribute reference: the node's value is used),
       NC = ceil(S / L) chunks of equal length Lc = ceil(S / NC) <= L, so the padding NC*Lc - S is
@@ -165,32 +165,67 @@ def _branch_graph(g: _Builder, name: str) -> onnx.GraphProto:
     return helper.make_graph(g.nodes, name, [], [_vi(o, _F) for o in outs])
 
 
+def _scale_and_cast_q(g: _Builder, out: str | None = None) -> str:
+    """q in float32 times 1/sqrt(DQK) (DQK read from q's shape)."""
+    dqk = g.op("Cast", g.op("Shape", "q", start=3, end=4), to=_F)  # [DQK]
+    scale = g.op("Reciprocal", g.op("Sqrt", dqk))  # [1]  1/sqrt(DQK)
+    return g.op("Mul", g.op("Cast", "q", to=_F), scale, out=[out] if out else None)  # (B, NH, S, DQK)
+
+
 def _mlstm_step_branch() -> onnx.GraphProto:
-    """S == 1: one recurrent step (the decode path), exactly the per-step update, kept in the
-    S-dim layout so that no Squeeze is needed on the inputs."""
+    """S == 1: one recurrent step (the decode path), exactly the per-step update.
+
+    Self-contained (reads the function inputs, computes only what the step needs) and kept small:
+    at decode every node is paid once per block per token. Gates and stabilizer live in a
+    (B, NH, 1, 1) layout that broadcasts against q, k, v (B, NH, 1, D) and C (B, NH, DQK, DV), so
+    no Unsqueeze sits between them; n is updated as (B, NH, 1, DQK) (k's layout) and squeezed once.
+    """
     g = _Builder("st_")
-    q, k, v = _PRE["q"], _PRE["k"], _PRE["v"]  # (B, NH, 1, DQK) scaled, (B, NH, 1, DQK), (B, NH, 1, DV)
-    i, lf = _PRE["i"], _PRE["logf"]  # (B, NH, 1)
-    lfm = g.op("Add", lf, g.unsqueeze("m0", [2]))  # (B, NH, 1)  logsigmoid(f) + m_prev
-    m_new = g.op("Max", lfm, i)  # (B, NH, 1)
-    f_a = g.op("Exp", g.op("Sub", lfm, m_new))  # (B, NH, 1)
-    i_a = g.op("Exp", g.op("Sub", i, m_new))  # (B, NH, 1)
-    ki = g.op("Mul", k, g.unsqueeze(i_a, [3]))  # (B, NH, 1, DQK)  i' k
+    q = _scale_and_cast_q(g)  # (B, NH, 1, DQK) scaled
+    k = g.op("Cast", "k", to=_F)  # (B, NH, 1, DQK)
+    v = g.op("Cast", "v", to=_F)  # (B, NH, 1, DV)
+    i = g.unsqueeze(g.op("Cast", "i", to=_F), [3])  # (B, NH, 1, 1)
+    log_f = g.logsigmoid(g.unsqueeze(g.op("Cast", "f", to=_F), [3]))  # (B, NH, 1, 1)
+    lfm = g.op("Add", log_f, g.unsqueeze("m0", [2, 3]))  # (B, NH, 1, 1)  logsigmoid(f) + m_prev
+    m_new = g.op("Max", lfm, i)  # (B, NH, 1, 1)
+    f_a = g.op("Exp", g.op("Sub", lfm, m_new))  # (B, NH, 1, 1)
+    i_a = g.op("Exp", g.op("Sub", i, m_new))  # (B, NH, 1, 1)
+    ki = g.op("Mul", k, i_a)  # (B, NH, 1, DQK)  i' k
     kv = g.op("MatMul", g.op("Transpose", ki, perm=[0, 1, 3, 2]), v)  # (B, NH, DQK, DV)  i' k v^T
-    c = g.op("Add", g.op("Mul", g.unsqueeze(f_a, [3]), "c0"), kv, out=["st_c_out"])  # (B, NH, DQK, DV)
-    n = g.op("Add", g.op("Mul", f_a, "n0"), g.squeeze(ki, [2]), out=["st_n_out"])  # (B, NH, DQK)
+    c = g.op("Add", g.op("Mul", f_a, "c0"), kv, out=["st_c_out"])  # (B, NH, DQK, DV)
+    n = g.op("Add", g.op("Mul", f_a, g.unsqueeze("n0", [2])), ki)  # (B, NH, 1, DQK)
+    g.op("Squeeze", n, g.const([2]), out=["st_n_out"])  # (B, NH, DQK)
     num = g.op("MatMul", q, c)  # (B, NH, 1, DV)
-    qn = g.op("MatMul", q, g.unsqueeze(n, [3]))  # (B, NH, 1, 1)
-    floor = g.unsqueeze(g.op("Exp", g.op("Neg", m_new)), [3])  # (B, NH, 1, 1)  exp(-m)
+    qn = g.op("MatMul", q, g.op("Transpose", n, perm=[0, 1, 3, 2]))  # (B, NH, 1, 1)
+    floor = g.op("Exp", g.op("Neg", m_new))  # (B, NH, 1, 1)  exp(-m)
     den = g.op("Add", g.op("Max", g.op("Abs", qn), floor), _PRE["eps"])  # (B, NH, 1, 1)
     g.op("Div", num, den, out=["st_h_out"])  # (B, NH, 1, DV)
-    g.op("Squeeze", m_new, g.const([2]), out=["st_m_out"])  # (B, NH)
+    g.op("Squeeze", m_new, g.const([2, 3]), out=["st_m_out"])  # (B, NH)
     return _branch_graph(g, "mlstm_step")
+
+
+def _mlstm_chunk_prelude(g: _Builder) -> None:
+    """Defines the _PRE values the chunkwise branch reads: float32 q (scaled), k, v, i, logsigmoid(f)
+    and the dims [B, NH], [S], [DQK], [DV], [L]."""
+    f32 = {"to": _F}
+    shape_q = g.op("Shape", "q")  # [B, NH, S, DQK]
+    g.op("Slice", shape_q, g.const([0]), g.const([2]), out=[_PRE["b_nh"]])  # [B, NH]
+    g.op("Slice", shape_q, g.const([2]), g.const([3]), out=[_PRE["s"]])  # [S]
+    g.op("Slice", shape_q, g.const([3]), g.const([4]), out=[_PRE["dqk"]])  # [DQK]
+    g.op("Shape", "v", start=3, end=4, out=[_PRE["dv"]])  # [DV]
+    chunk = g.op("Constant", hint="chunk", ref_attrs={"value_int": ("chunk_size", AttributeProto.INT)})
+    g.op("Reshape", chunk, g.const([1]), out=[_PRE["chunk"]])  # [L]
+    _scale_and_cast_q(g, out=_PRE["q"])  # (B, NH, S, DQK)
+    g.op("Cast", "k", out=[_PRE["k"]], **f32)  # (B, NH, S, DQK)
+    g.op("Cast", "v", out=[_PRE["v"]], **f32)  # (B, NH, S, DV)
+    g.op("Cast", "i", out=[_PRE["i"]], **f32)  # (B, NH, S)
+    g.op("Identity", g.logsigmoid(g.op("Cast", "f", **f32)), out=[_PRE["logf"]])  # (B, NH, S)
 
 
 def _mlstm_chunk_branch() -> onnx.GraphProto:
     """Any S: chunkwise (Loop over chunks for the state, parallel inside the chunks)."""
     g = _Builder("ch_")
+    _mlstm_chunk_prelude(g)
     s, one = _PRE["s"], g.const([1])
     chunk = _PRE["chunk"]
     nc = g.op("Div", g.op("Sub", g.op("Add", s, chunk), one), chunk, hint="nc")  # [NC] = ceil(S / L)
@@ -254,29 +289,14 @@ def _mlstm_chunk_branch() -> onnx.GraphProto:
 def mlstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
     """FunctionProto ``xlstm.mLSTM`` in standard ops (see the module docstring).
 
-    A shared prelude (float32 casts, q scaling, logsigmoid(f), dims), then ``If(S == 1)``: the
-    single-step update (decode) or the chunkwise form (any S; it also handles S == 1 exactly).
+    ``If(S == 1)``: the single-step update (decode) or the chunkwise form (any S; it also handles
+    S == 1 exactly). Each branch computes its own float32 casts, q scaling and logsigmoid(f), so
+    the decode path runs nothing the chunkwise form alone needs.
     """
     g = _Builder("")
-    f32 = {"to": _F}
-    shape_q = g.op("Shape", "q")  # [B, NH, S, DQK]
-    g.op("Slice", shape_q, g.const([0]), g.const([2]), out=[_PRE["b_nh"]])  # [B, NH]
-    s = g.op("Slice", shape_q, g.const([2]), g.const([3]), out=[_PRE["s"]])  # [S]
-    dqk = g.op("Slice", shape_q, g.const([3]), g.const([4]), out=[_PRE["dqk"]])  # [DQK]
-    g.op("Shape", "v", start=3, end=4, out=[_PRE["dv"]])  # [DV]
-    chunk = g.op("Constant", hint="chunk", ref_attrs={"value_int": ("chunk_size", AttributeProto.INT)})
-    g.op("Reshape", chunk, g.const([1]), out=[_PRE["chunk"]])  # [L]
+    s = g.op("Shape", "q", start=2, end=3)  # [S]
     g.op("Constant", out=[_PRE["eps"]], ref_attrs={"value_float": ("eps", AttributeProto.FLOAT)})
-
-    scale = g.op("Reciprocal", g.op("Sqrt", g.op("Cast", dqk, **f32)))  # [1]  1/sqrt(DQK)
-    g.op("Mul", g.op("Cast", "q", **f32), scale, out=[_PRE["q"]])  # (B, NH, S, DQK)
-    g.op("Cast", "k", out=[_PRE["k"]], **f32)  # (B, NH, S, DQK)
-    g.op("Cast", "v", out=[_PRE["v"]], **f32)  # (B, NH, S, DV)
-    g.op("Cast", "i", out=[_PRE["i"]], **f32)  # (B, NH, S)
-    log_f = g.logsigmoid(g.op("Cast", "f", **f32))  # (B, NH, S)
-    g.op("Identity", log_f, out=[_PRE["logf"]])
-
-    is_step = g.op("Equal", g.squeeze(s, [0]), g.const(1))  # scalar bool
+    is_step = g.op("Equal", s, g.const([1]))  # bool [1]: If takes a one-element condition
     h, c, n, m = g.op("If", is_step, n_out=4, hint="branch",
                       then_branch=_mlstm_step_branch(), else_branch=_mlstm_chunk_branch())
     g.op("Identity", c, out=["c"])  # (B, NH, DQK, DV)
