@@ -22,28 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cuda_time_ms  # noqa: E402
+
 BACKENDS = ("ours", "flashrnn_triton", "flashrnn_cuda", "torch")
-
-
-def _time_ms(fn, warmup: int, reps: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _inputs(B, NH, S, DH, dtype, seed=0):
@@ -109,7 +94,7 @@ def _bench_one(backend, B, NH, S, DH, dtype, warmup, reps):
         fn(*leaves).backward(grad)
 
     fwd_bwd()
-    return _time_ms(fwd, warmup, reps), _time_ms(fwd_bwd, warmup, reps)
+    return cuda_time_ms(fwd, warmup, reps), cuda_time_ms(fwd_bwd, warmup, reps)
 
 
 def _fmt(v):

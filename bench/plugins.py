@@ -16,29 +16,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cuda_time_ms  # noqa: E402
+
 NOMINAL_HBM_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
                     "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "L40S": 864}
-
-
-def _time_ms(fn, warmup: int, reps: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _copy_bandwidth_gbps() -> float:
@@ -46,7 +31,7 @@ def _copy_bandwidth_gbps() -> float:
 
     x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
     y = torch.empty_like(x)
-    ms = _time_ms(lambda: y.copy_(x), 3, 10)
+    ms = cuda_time_ms(lambda: y.copy_(x), 3, 10)
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -96,11 +81,11 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
             f = (torch.randn(B, NH, S, device=dev) + 3).to(dtype)
             c0 = torch.zeros(B, NH, DQK, DV, device=dev)
             n0, m0 = torch.zeros(B, NH, DQK, device=dev), torch.zeros(B, NH, device=dev)
-            ms = _time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
+            ms = cuda_time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
             tms = None
             if chunk is not None:
                 with torch.no_grad():
-                    tms = _time_ms(lambda: chunk(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
+                    tms = cuda_time_ms(lambda: chunk(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
             tokens_per_s = B * S / (ms * 1e-3)
             rows.append(f"| mLSTM prefill | B{B} NH{NH} S{S} DQK{DQK} DV{DV} | {str(dtype)[6:]} | "
                         + " | ".join(fmt(ms, tms)) + f" | {tokens_per_s / 1e3:.0f}k tok/s |")
@@ -118,11 +103,11 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
             f = (torch.randn(B, NH, 1, device=dev) + 3).to(dtype)
             c0 = torch.randn(B, NH, DQK, DV, device=dev)
             n0, m0 = torch.randn(B, NH, DQK, device=dev), torch.zeros(B, NH, device=dev)
-            ms = _time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
+            ms = cuda_time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
             tms = None
             if step is not None:
                 with torch.no_grad():
-                    tms = _time_ms(lambda: step(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
+                    tms = cuda_time_ms(lambda: step(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
             es = q.element_size()
             nbytes = B * NH * (2 * DQK * DV * 4 + 2 * DQK * 4 + 2 * 4 + 2 * DQK * es + 2 * DV * es + 2 * es)
             gbps = nbytes / (ms * 1e-3) / 1e9
@@ -140,11 +125,11 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
             r = (torch.randn(NH, DH, 4 * DH, device=dev) / DH**0.5).to(dtype)
             b = torch.randn(NH, 4 * DH, device=dev, dtype=dtype)
             h0 = c0 = n0 = m0 = torch.zeros(B, NH, DH, device=dev)
-            ms = _time_ms(lambda: slstm_plugin_forward(x, r, b, h0, c0, n0, m0), warmup, reps)
+            ms = cuda_time_ms(lambda: slstm_plugin_forward(x, r, b, h0, c0, n0, m0), warmup, reps)
             tms = None
             if srec is not None:
                 with torch.no_grad():
-                    tms = _time_ms(lambda: srec(x, r, b, (h0, c0, n0, m0)), warmup, reps)
+                    tms = cuda_time_ms(lambda: srec(x, r, b, (h0, c0, n0, m0)), warmup, reps)
             rows.append(f"| sLSTM | B{B} NH{NH} S{S} DH{DH} | {str(dtype)[6:]} | " + " | ".join(fmt(ms, tms))
                         + f" | {ms * 1e3 / S:.2f} us/step |")
     return rows
