@@ -78,8 +78,10 @@ def cmd_validate(args) -> int:
     from .validate import compare_runners, validate_onnx
 
     _require_file(args.model, ".onnx")
+    if args.engine and args.native_ops:
+        raise UserError("--native-ops compares onnxruntime with PyTorch (--source), not with --engine")
     bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
-    step = lambda _: bar.update(1)  # noqa: E731
+    step = lambda _: bar.update(1)
     if args.engine:
         from .ort import OrtModel
         from .tensorrt import TrtModel
@@ -93,22 +95,25 @@ def cmd_validate(args) -> int:
     else:
         if not args.source:
             raise UserError("validate needs --source SRC (the PyTorch model) or --engine PLAN")
-        report = validate_onnx(args.model, _load_model(args.source), cases=VALIDATE_CASES, progress=step)
+        report = validate_onnx(args.model, _load_model(args.source), native_ops=args.native_ops,
+                               cases=VALIDATE_CASES, progress=step)
     bar.close()
     print(report.table(all_rows=args.all))
     return 0 if report.ok else 1
 
 
-def _runner(target: str):
+def _runner(target: str, native_ops: bool = False):
     """(runner, vocab_size, label) for a preset/model directory, an .onnx file or a TensorRT plan."""
     from .generate import torch_runner
 
+    if native_ops and not target.endswith(".onnx"):
+        raise UserError("--native-ops applies to an .onnx target (onnxruntime's CPU provider)")
     if target.endswith(".onnx"):
         from .ort import OrtModel
 
         _require_file(target, ".onnx")
-        m = OrtModel(target)
-        return m.run, m.vocab_size, "onnxruntime"
+        m = OrtModel(target, native_ops=native_ops)
+        return m.run, m.vocab_size, "onnxruntime" + (" (native cells)" if native_ops else "")
     if target.endswith((".plan", ".engine")):
         from .tensorrt import TrtModel
 
@@ -123,7 +128,7 @@ def cmd_generate(args) -> int:
 
     from .generate import generate
 
-    runner, vocab, label = _runner(args.target)
+    runner, vocab, label = _runner(args.target, args.native_ops)
     if args.prompt_ids:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
@@ -187,6 +192,7 @@ def cmd_run(args) -> int:
     from .export import export_onnx
     from .generate import generate, torch_runner
     from .ort import OrtModel
+    from .plugins.cpu_build import CompilerNotFoundError, find_compiler
     from .tensorrt import TrtModel, build_engine, tensorrt_available
     from .validate import compare_runners, validate_onnx
 
@@ -226,6 +232,21 @@ def cmd_run(args) -> int:
     summary.append(("generate", f"{n} greedy tokens: onnxruntime {'==' if same else '!='} PyTorch; "
                                 f"decode {got.ms_per_token:.2f} ms/token (ORT), {ref.ms_per_token:.2f} (PyTorch)"))
 
+    try:
+        find_compiler()
+    except CompilerNotFoundError:
+        summary.append(("native cells", "skipped: no C++ compiler to build the native CPU kernels "
+                                        "(install g++ or set CXX)"))
+    else:
+        native_report = validate_onnx(onnx_path, model, native_ops=True, cases=VALIDATE_CASES)
+        native_gen = generate(OrtModel(onnx_path, native_ops=True).run, prompt, n)
+        native_same = bool(np.array_equal(ref.tokens, native_gen.tokens))
+        ok &= native_report.ok and native_same
+        summary.append(("native cells", f"{'PASS' if native_report.ok else 'FAIL'}: onnxruntime with the native "
+                                        f"CPU kernels vs PyTorch, worst rel err {native_report.worst().rel:.1e}; "
+                                        f"greedy tokens {'==' if native_same else '!='} PyTorch; decode "
+                                        f"{native_gen.ms_per_token:.2f} ms/token"))
+
     if tensorrt_available():
         plan = build_engine(onnx_path, out / "model.plan")
         trt_report = compare_runners(TrtModel(plan), ort_model.run, vocab_size=ort_model.vocab_size,
@@ -245,6 +266,8 @@ def cmd_run(args) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------------
+NATIVE_HELP = ("run the cells with the native onnxruntime CPU kernels (compiled on first use with the "
+               "system C++ compiler) instead of their standard-op function bodies")
 SOURCE_HELP = "a preset name (e.g. tiny), a directory written by convert/train, or a transformers xLSTM directory"
 
 
@@ -280,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--source", help=SOURCE_HELP + " that was exported")
     v.add_argument("--engine", help="a TensorRT plan built from the .onnx file")
     v.add_argument("--all", action="store_true", help="one row per state tensor instead of the worst per case")
+    v.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)
 
@@ -292,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

@@ -12,6 +12,11 @@ onnxruntime's CPU provider has no bfloat16 kernels, so a bfloat16 graph runs the
 arithmetic over its bfloat16 weights (:func:`upcast_bfloat16`; ``OrtModel.upcast`` says so).
 A file that is not an ONNX model, or an ONNX model without this interface, raises
 :class:`NotAnXLSTMModelError` naming what is wrong.
+
+``OrtModel(path, native_ops=True)`` runs the mLSTM decode step and the sLSTM time loop with the
+native CPU kernels of :mod:`xlstm_export.ort_native` instead of their standard-op bodies (same
+results within float32 rounding; faster decode). The default runs the file exactly as exported,
+which is what ``validate`` checks.
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ class OrtModel:
     """An exported xLSTM LM in an onnxruntime InferenceSession (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
-                 intra_op_threads: int | None = None, session_options=None):
+                 intra_op_threads: int | None = None, session_options=None, native_ops: bool = False):
         import onnxruntime as ort
 
         info = inspect_model(path)
@@ -202,9 +207,20 @@ class OrtModel:
         providers = providers or ["CPUExecutionProvider"]
         # bfloat16 on the CPU provider: float32 arithmetic over the bf16 weights (see upcast_bfloat16)
         self.upcast = self.dtype == "bfloat16" and providers[0] == "CPUExecutionProvider"
+        self.native_ops = native_ops
+        rewrites = []
+        if self.upcast:
+            rewrites.append(upcast_bfloat16)
+        if native_ops:
+            if providers[0] != "CPUExecutionProvider":
+                raise ValueError(f"native_ops are CPU kernels; the first provider is {providers[0]}")
+            from . import ort_native
+
+            ort_native.register(opts)  # builds the library on first use (a C++ compiler is needed)
+            rewrites.append(lambda m: ort_native.with_native_ops(m, inplace=True))
         try:
-            if self.upcast:
-                self.session = self._upcast_session(opts, providers)
+            if rewrites:
+                self.session = self._rewritten_session(rewrites, opts, providers)
             else:
                 self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:
@@ -215,13 +231,16 @@ class OrtModel:
         # bfloat16 outputs (a non-CPU provider running a bf16 graph) have no numpy type: OrtValues
         self._numpy_outputs = self.dtype != "bfloat16" or self.upcast
 
-    def _upcast_session(self, opts, providers):
+    def _rewritten_session(self, rewrites, opts, providers):
+        """A session on the model after the in-memory ``rewrites`` (the file stays as it is)."""
         import tempfile
 
         import onnx
         import onnxruntime as ort
 
-        model = upcast_bfloat16(onnx.load(str(self.path)))  # loads external data too
+        model = onnx.load(str(self.path))  # loads external data too
+        for rewrite in rewrites:
+            model = rewrite(model)
         if model.ByteSize() < 1_900_000_000:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB: go through a file

@@ -145,12 +145,13 @@ def torch_reference(model) -> Runner:
     return run
 
 
-def validate_onnx(onnx_path, model, **kwargs) -> Report:
+def validate_onnx(onnx_path, model, *, native_ops: bool = False, **kwargs) -> Report:
     """onnxruntime on ``onnx_path`` against the PyTorch ``model`` (float32 reference computation
-    for a float32 graph; for fp16/bf16 graphs the reference runs in the graph's dtype)."""
+    for a float32 graph; for fp16/bf16 graphs the reference runs in the graph's dtype).
+    ``native_ops``: run the cells with the native CPU kernels (:mod:`xlstm_export.ort_native`)."""
     from .ort import OrtModel
 
-    ort_model = OrtModel(onnx_path)
+    ort_model = OrtModel(onnx_path, native_ops=native_ops)
     dtype = contract.canonical_dtype(ort_model.dtype)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     ref = model if torch_dtype == torch.float32 else _cast_copy(model, torch_dtype)

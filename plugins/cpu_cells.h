@@ -1,0 +1,95 @@
+// Float32 CPU kernels of the two xLSTM cells, one (batch, head) at a time.
+//
+// Used by the onnxruntime custom-op library (cpu_ops.cc), which replaces the decode step of the
+// `xlstm::mLSTM` function body and the time loop of the `xlstm::sLSTM` body with these (see
+// xlstm_export/ort_native.py). The math is exactly the references' (kernels/mlstm/naive.py `_step`,
+// kernels/slstm/naive.py), in float32, with the same association order where it matters
+// (h = num / den, not num * (1 / den)).
+//
+// Memory layout: every array is dense row-major; the caller hands in pointers to one head's slice.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+
+namespace xlstm_cpu {
+
+// log(sigmoid(x)) without overflow: min(x, 0) - log1p(exp(-|x|)).
+inline float log_sigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::exp(-std::fabs(x))); }
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// One mLSTM step of one head (S == 1).
+//   q, k [dqk]  v [dv]  i_pre, f_pre: gate pre-activations  (q unscaled: scaled by 1/sqrt(dqk) here)
+//   c0 [dqk, dv]  n0 [dqk]  m0: the state before the step
+//   h [dv]  c [dqk, dv]  n [dqk]  m: outputs (c must not alias c0)
+// One pass over the matrix memory: each row of C is decayed, written and read for h while in cache.
+inline void mlstm_step_head(const float* q, const float* k, const float* v, float i_pre, float f_pre,
+                            const float* c0, const float* n0, float m0, int dqk, int dv, float eps,
+                            float* h, float* c, float* n, float* m) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dqk));
+  const float lfm = log_sigmoid(f_pre) + m0;  // log f + m_{t-1}
+  const float m_new = std::max(lfm, i_pre);
+  const float f_act = std::exp(lfm - m_new);
+  const float i_act = std::exp(i_pre - m_new);
+  for (int d = 0; d < dv; ++d) h[d] = 0.0f;
+  float qn = 0.0f;
+  for (int j = 0; j < dqk; ++j) {
+    const float kj = i_act * k[j];  // i' k_j
+    const float qj = q[j] * scale;
+    const float nj = f_act * n0[j] + kj;
+    n[j] = nj;
+    qn += qj * nj;
+    const float* c0_row = c0 + static_cast<std::ptrdiff_t>(j) * dv;
+    float* c_row = c + static_cast<std::ptrdiff_t>(j) * dv;
+    for (int d = 0; d < dv; ++d) {
+      const float cv = f_act * c0_row[d] + kj * v[d];  // C_t = f' C_{t-1} + i' k v^T
+      c_row[d] = cv;
+      h[d] += qj * cv;  // q^T C_t
+    }
+  }
+  const float den = std::max(std::fabs(qn), std::exp(-m_new)) + eps;
+  for (int d = 0; d < dv; ++d) h[d] = h[d] / den;
+  *m = m_new;
+}
+
+// The sLSTM time loop of one head (gate order i, f, z, o).
+//   x [s, 4*dh]: W x per step with the bias already added;  r [dh, 4*dh]: this head's recurrent weights
+//   h, c, n, m [dh]: the state, updated in place (initialise them with the initial state)
+//   y [s, 4*dh stride y_stride]: h of every step; pre [4*dh]: scratch
+inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float* h, float* c, float* n,
+                            float* m, float* y, std::ptrdiff_t y_stride, float* pre) {
+  const int g4 = 4 * dh;
+  for (int t = 0; t < s; ++t) {
+    const float* xt = x + static_cast<std::ptrdiff_t>(t) * g4;
+    for (int g = 0; g < g4; ++g) pre[g] = 0.0f;
+    for (int j = 0; j < dh; ++j) {  // h_{t-1} @ r
+      const float hj = h[j];
+      const float* r_row = r + static_cast<std::ptrdiff_t>(j) * g4;
+      for (int g = 0; g < g4; ++g) pre[g] += hj * r_row[g];
+    }
+    float* yt = y + t * y_stride;
+    for (int e = 0; e < dh; ++e) {
+      // x_t + h_{t-1} @ r, summed in the Scan body's order (x first)
+      const float ip = xt[e] + pre[e];
+      const float fp = xt[dh + e] + pre[dh + e];
+      const float zp = xt[2 * dh + e] + pre[2 * dh + e];
+      const float op = xt[3 * dh + e] + pre[3 * dh + e];
+      const float lfm = log_sigmoid(fp) + m[e];
+      const float m_new = std::max(ip, lfm);
+      const float i_act = std::exp(ip - m_new);
+      const float f_act = std::exp(lfm - m_new);
+      const float c_new = f_act * c[e] + i_act * std::tanh(zp);
+      const float n_new = f_act * n[e] + i_act;
+      const float h_new = sigmoid(op) * c_new / n_new;
+      c[e] = c_new;
+      n[e] = n_new;
+      m[e] = m_new;
+      yt[e] = h_new;
+    }
+    for (int e = 0; e < dh; ++e) h[e] = yt[e];
+  }
+}
+
+}  // namespace xlstm_cpu

@@ -1,0 +1,293 @@
+// onnxruntime custom-op library: native float32 CPU kernels for the xLSTM cells.
+//
+//   xlstm.cpu::mLSTMStep(q, k, v, i, f, c0, n0, m0, eps) -> (h, c, n, m)     one decode step (S == 1)
+//       q, k [B, NH, 1, DQK]  v [B, NH, 1, DV]  i, f [B, NH, 1]  c0 [B, NH, DQK, DV]  n0 [B, NH, DQK]
+//       m0 [B, NH]  eps: one-element tensor;  h [B, NH, 1, DV], c, n, m like c0, n0, m0
+//   xlstm.cpu::sLSTMScan(h0, c0, n0, m0, x, r) -> (h, c, n, m, y)            the whole time loop
+//       h0, c0, n0, m0 [B, NH, DH]  x [B, NH, S, 4*DH] (W x + bias)  r [NH, DH, 4*DH]
+//       h, c, n, m like h0;  y [B, NH, S, DH]
+//
+// xlstm_export/ort_native.py puts these nodes inside the exported models' xlstm function bodies and
+// registers this library (onnxruntime calls RegisterCustomOps on load). Everything is float32: the
+// bodies cast before calling. Work is split over (batch, head) with onnxruntime's intra-op thread
+// pool when there is enough of it to pay for the hand-off.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <initializer_list>
+#include <tuple>
+#include <vector>
+
+#include "cpu_cells.h"
+#include "ort_abi.h"
+
+namespace {
+
+using CreateStatusFn = OrtStatus* (*)(int, const char*);
+
+// ---------------------------------------------------------------------------------------------
+// Tensor access through the C API (every call's status is checked and passed on)
+// ---------------------------------------------------------------------------------------------
+
+struct Ctx {
+  const OrtApi* api;
+  OrtKernelContext* context;
+  const char* op;  // for error messages
+
+  OrtStatus* error(const char* fmt, long a = 0, long b = 0, long c = 0) const {
+    char msg[512];
+    int n = std::snprintf(msg, sizeof msg, "xlstm.cpu::%s: ", op);
+    std::snprintf(msg + n, sizeof msg - n, fmt, a, b, c);
+    return ort::fn<CreateStatusFn>(api, ort::kCreateStatus)(kOrtInvalidArgument, msg);
+  }
+
+  OrtStatus* shape(const OrtValue* value, std::vector<int64_t>* dims) const {
+    using GetShape = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+    using Count = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
+    using Dims = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+    using Release = void (*)(OrtTensorTypeAndShapeInfo*);
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    if (OrtStatus* s = ort::fn<GetShape>(api, ort::kGetTensorTypeAndShape)(value, &info)) return s;
+    size_t rank = 0;
+    OrtStatus* s = ort::fn<Count>(api, ort::kGetDimensionsCount)(info, &rank);
+    if (!s) {
+      dims->assign(rank, 0);
+      s = ort::fn<Dims>(api, ort::kGetDimensions)(info, dims->data(), rank);
+    }
+    ort::fn<Release>(api, ort::kReleaseTensorTypeAndShapeInfo)(info);
+    return s;
+  }
+
+  // Input `index`: its data and dims.
+  OrtStatus* input(size_t index, const float** data, std::vector<int64_t>* dims) const {
+    using GetInput = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
+    using Data = OrtStatus* (*)(OrtValue*, void**);
+    const OrtValue* value = nullptr;
+    if (OrtStatus* s = ort::fn<GetInput>(api, ort::kKernelContextGetInput)(context, index, &value)) return s;
+    if (value == nullptr) return error("input %ld is missing", static_cast<long>(index));
+    if (OrtStatus* s = shape(value, dims)) return s;
+    void* p = nullptr;  // the C API's accessor takes a non-const value; we only read
+    if (OrtStatus* s = ort::fn<Data>(api, ort::kGetTensorMutableData)(const_cast<OrtValue*>(value), &p)) return s;
+    *data = static_cast<const float*>(p);
+    return nullptr;
+  }
+
+  // Output `index`, allocated by onnxruntime with `dims`.
+  OrtStatus* output(size_t index, const std::vector<int64_t>& dims, float** data) const {
+    using GetOutput = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+    using Data = OrtStatus* (*)(OrtValue*, void**);
+    OrtValue* value = nullptr;
+    if (OrtStatus* s = ort::fn<GetOutput>(api, ort::kKernelContextGetOutput)(context, index, dims.data(),
+                                                                              dims.size(), &value))
+      return s;
+    void* p = nullptr;
+    if (OrtStatus* s = ort::fn<Data>(api, ort::kGetTensorMutableData)(value, &p)) return s;
+    *data = static_cast<float*>(p);
+    return nullptr;
+  }
+
+  // fn(data, index) for index in [0, total): on the session's intra-op pool when `parallel`.
+  OrtStatus* for_each(size_t total, bool parallel, void (*body)(void*, size_t), void* data) const {
+    if (!parallel || total < 2) {
+      for (size_t t = 0; t < total; ++t) body(data, t);
+      return nullptr;
+    }
+    using ParallelFor = OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
+    return ort::fn<ParallelFor>(api, ort::kKernelContextParallelFor)(context, body, total, 0, data);
+  }
+};
+
+bool same(const std::vector<int64_t>& a, std::initializer_list<int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// Splitting (batch, head) tasks over threads pays off above roughly this many multiply-adds.
+constexpr int64_t kParallelWork = 1 << 16;
+
+// ---------------------------------------------------------------------------------------------
+// mLSTMStep
+// ---------------------------------------------------------------------------------------------
+
+struct MlstmStepArgs {
+  const float *q, *k, *v, *i, *f, *c0, *n0, *m0;
+  float *h, *c, *n, *m;
+  int64_t dqk, dv;
+  float eps;
+};
+
+void mlstm_step_task(void* data, size_t bh) {
+  const auto& a = *static_cast<const MlstmStepArgs*>(data);
+  const int64_t mat = a.dqk * a.dv;
+  xlstm_cpu::mlstm_step_head(a.q + bh * a.dqk, a.k + bh * a.dqk, a.v + bh * a.dv, a.i[bh], a.f[bh],
+                             a.c0 + bh * mat, a.n0 + bh * a.dqk, a.m0[bh], static_cast<int>(a.dqk),
+                             static_cast<int>(a.dv), a.eps, a.h + bh * a.dv, a.c + bh * mat,
+                             a.n + bh * a.dqk, a.m + bh);
+}
+
+OrtStatus* mlstm_step_compute(const Ctx& ctx) {
+  MlstmStepArgs a{};
+  std::vector<int64_t> q, k, v, i, f, c0, n0, m0, eps;
+  const float* eps_data = nullptr;
+  for (auto [index, data, dims] : {std::tuple{0, &a.q, &q}, {1, &a.k, &k}, {2, &a.v, &v}, {3, &a.i, &i},
+                                   {4, &a.f, &f}, {5, &a.c0, &c0}, {6, &a.n0, &n0}, {7, &a.m0, &m0},
+                                   {8, &eps_data, &eps}}) {
+    if (OrtStatus* s = ctx.input(index, data, dims)) return s;
+  }
+  if (q.size() != 4 || q[2] != 1)
+    return ctx.error("q must be [B, NH, 1, DQK] (one decode step), got rank %ld with S = %ld",
+                     static_cast<long>(q.size()), q.size() == 4 ? static_cast<long>(q[2]) : -1L);
+  const int64_t B = q[0], NH = q[1], DQK = q[3];
+  if (v.size() != 4) return ctx.error("v must be [B, NH, 1, DV], got rank %ld", static_cast<long>(v.size()));
+  const int64_t DV = v[3];
+  if (!same(k, {B, NH, 1, DQK}) || !same(v, {B, NH, 1, DV}) || !same(i, {B, NH, 1}) || !same(f, {B, NH, 1}) ||
+      !same(c0, {B, NH, DQK, DV}) || !same(n0, {B, NH, DQK}) || !same(m0, {B, NH}))
+    return ctx.error("inputs disagree with q [%ld, %ld, 1, DQK] / v [.., DV]: expected k like q, i and f "
+                     "[B, NH, 1], c0 [B, NH, DQK, DV], n0 [B, NH, DQK], m0 [B, NH]",
+                     static_cast<long>(B), static_cast<long>(NH));
+  int64_t eps_count = 1;
+  for (int64_t d : eps) eps_count *= d;
+  if (eps_count != 1) return ctx.error("eps must hold one value, got %ld", static_cast<long>(eps_count));
+  a.eps = eps_data[0];
+  a.dqk = DQK;
+  a.dv = DV;
+  for (auto [index, data, dims] : {std::tuple{0, &a.h, std::vector<int64_t>{B, NH, 1, DV}},
+                                   {1, &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
+                                   {2, &a.n, std::vector<int64_t>{B, NH, DQK}},
+                                   {3, &a.m, std::vector<int64_t>{B, NH}}}) {
+    if (OrtStatus* s = ctx.output(index, dims, data)) return s;
+  }
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * DQK * DV >= kParallelWork, mlstm_step_task, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sLSTMScan
+// ---------------------------------------------------------------------------------------------
+
+struct SlstmScanArgs {
+  const float *x, *r;
+  float *h, *c, *n, *m, *y;
+  int64_t nh, s, dh;
+};
+
+void slstm_scan_task(void* data, size_t bh) {
+  const auto& a = *static_cast<const SlstmScanArgs*>(data);
+  const int64_t head = static_cast<int64_t>(bh) % a.nh;
+  std::vector<float> pre(static_cast<size_t>(4 * a.dh));
+  xlstm_cpu::slstm_scan_head(a.x + bh * a.s * 4 * a.dh, a.r + head * a.dh * 4 * a.dh, static_cast<int>(a.s),
+                             static_cast<int>(a.dh), a.h + bh * a.dh, a.c + bh * a.dh, a.n + bh * a.dh,
+                             a.m + bh * a.dh, a.y + bh * a.s * a.dh, a.dh, pre.data());
+}
+
+OrtStatus* slstm_scan_compute(const Ctx& ctx) {
+  const float *h0_data, *c0_data, *n0_data, *m0_data;
+  SlstmScanArgs a{};
+  std::vector<int64_t> h0, c0, n0, m0, x, r;
+  for (auto [index, data, dims] : {std::tuple{0, &h0_data, &h0}, {1, &c0_data, &c0}, {2, &n0_data, &n0},
+                                   {3, &m0_data, &m0}, {4, &a.x, &x}, {5, &a.r, &r}}) {
+    if (OrtStatus* s = ctx.input(index, data, dims)) return s;
+  }
+  if (x.size() != 4 || x[3] % 4 != 0)
+    return ctx.error("x must be [B, NH, S, 4*DH], got rank %ld", static_cast<long>(x.size()));
+  const int64_t B = x[0], NH = x[1], S = x[2], DH = x[3] / 4;
+  if (!same(r, {NH, DH, 4 * DH}) || !same(h0, {B, NH, DH}) || !same(c0, {B, NH, DH}) ||
+      !same(n0, {B, NH, DH}) || !same(m0, {B, NH, DH}))
+    return ctx.error("inputs disagree with x [%ld, %ld, S, 4*%ld]: expected r [NH, DH, 4*DH] and "
+                     "h0, c0, n0, m0 [B, NH, DH]", static_cast<long>(B), static_cast<long>(NH),
+                     static_cast<long>(DH));
+  a.nh = NH;
+  a.s = S;
+  a.dh = DH;
+  const std::vector<int64_t> state{B, NH, DH};
+  const float* init[4] = {h0_data, c0_data, n0_data, m0_data};
+  float** outs[4] = {&a.h, &a.c, &a.n, &a.m};
+  for (int t = 0; t < 4; ++t) {
+    if (OrtStatus* s = ctx.output(t, state, outs[t])) return s;
+    std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place by the loop
+  }
+  if (OrtStatus* s = ctx.output(4, {B, NH, S, DH}, &a.y)) return s;
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 4 * DH >= kParallelWork, slstm_scan_task, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The OrtCustomOp tables
+// ---------------------------------------------------------------------------------------------
+
+struct Kernel {
+  const OrtApi* api;
+  const char* name;
+  OrtStatus* (*compute)(const Ctx&);
+};
+
+struct OpDef {
+  OrtCustomOpLayout table;  // first member: onnxruntime passes &table back to the callbacks
+  const char* name;
+  size_t inputs, outputs;
+  OrtStatus* (*compute)(const Ctx&);
+};
+
+const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const OpDef*>(op); }
+
+OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo*, void** out) {
+  *out = new Kernel{api, def(op)->name, def(op)->compute};
+  return nullptr;
+}
+
+OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
+  const auto* k = static_cast<const Kernel*>(kernel);
+  return k->compute(Ctx{k->api, context, k->name});
+}
+
+OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&)) {
+  OpDef d{};
+  OrtCustomOpLayout& t = d.table;
+  t.version = ort::kApiVersion;
+  t.GetName = [](const OrtCustomOpLayout* op) { return def(op)->name; };
+  t.GetExecutionProviderType = [](const OrtCustomOpLayout*) -> const char* { return nullptr; };
+  t.GetInputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
+  t.GetInputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->inputs; };
+  t.GetOutputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
+  t.GetOutputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->outputs; };
+  t.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  t.GetInputCharacteristic = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtIoRequired; };
+  t.GetOutputCharacteristic = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtIoRequired; };
+  t.GetInputMemoryType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtMemTypeDefault; };
+  t.GetVariadicInputMinArity = [](const OrtCustomOpLayout*) { return 1; };
+  t.GetVariadicInputHomogeneity = [](const OrtCustomOpLayout*) { return 1; };
+  t.GetVariadicOutputMinArity = [](const OrtCustomOpLayout*) { return 1; };
+  t.GetVariadicOutputHomogeneity = [](const OrtCustomOpLayout*) { return 1; };
+  t.CreateKernelV2 = create_kernel;
+  t.KernelComputeV2 = compute_kernel;
+  d.name = name;
+  d.inputs = inputs;
+  d.outputs = outputs;
+  d.compute = compute;
+  return d;
+}
+
+// onnxruntime keeps pointers to these for as long as any session uses them: static storage.
+const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
+const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                               const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(ort::kApiVersion);
+  if (api == nullptr) {  // older than 1.17: report it through the version-1 API, which always exists
+    char msg[256];
+    std::snprintf(msg, sizeof msg, "the xlstm native CPU kernels need onnxruntime >= 1.17 (C API %u), "
+                  "this is onnxruntime %s", ort::kApiVersion, base->GetVersionString());
+    return ort::fn<CreateStatusFn>(base->GetApi(1), ort::kCreateStatus)(kOrtFail, msg);
+  }
+  using CreateDomain = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
+  using DomainAdd = OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOpLayout*);
+  using AddDomain = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
+  // One domain object per registration; onnxruntime references it from the session options, so it
+  // is never released here (a few hundred bytes per registered session).
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* s = ort::fn<CreateDomain>(api, ort::kCreateCustomOpDomain)("xlstm.cpu", &domain)) return s;
+  for (const OpDef* op : {&kMlstmStep, &kSlstmScan}) {
+    if (OrtStatus* s = ort::fn<DomainAdd>(api, ort::kCustomOpDomainAdd)(domain, &op->table)) return s;
+  }
+  return ort::fn<AddDomain>(api, ort::kAddCustomOpDomain)(options, domain);
+}

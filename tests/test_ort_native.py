@@ -1,0 +1,225 @@
+"""The native onnxruntime CPU kernels (plugins/cpu_ops.cc via xlstm_export.ort_native).
+
+They replace the mLSTM decode step and the sLSTM time loop inside the exported function bodies, so
+they are checked (1) cell by cell against the float64 PyTorch references, (2) whole models against
+the same file run through its standard-op bodies, and (3) at the CLI. The library is compiled with
+the system C++ compiler on first use; without one these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from xlstm_export.kernels.mlstm.naive import naive_recurrent_mlstm, naive_step_mlstm
+from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
+from xlstm_export.models import preset, xLSTMLM
+from xlstm_export.plugins import cpu_build
+
+from xlstm_export import contract as C
+from xlstm_export import onnx_functions as OF
+from xlstm_export import ort_native
+from xlstm_export.cli import main as cli
+from xlstm_export.export import export_onnx
+from xlstm_export.generate import generate
+from xlstm_export.ort import OrtModel
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="no C++ compiler on PATH: the native onnxruntime CPU kernels are compiled on first use")
+
+# float32 kernels against float64 references. The kernels follow the references' operation order
+# (h = num / den, logsigmoid as min(x, 0) - log1p(exp(-|x|))), so what remains is float32 rounding
+# of ~DQK-term sums, amplified by the n.q cancellation of random q, k (see test_mlstm_ref).
+TOL_CELL = {"h": 2e-5, "state": 1e-5}
+# whole models, native vs standard-op bodies, both float32 (fp16 graphs: the cells still run in
+# float32, so only the unchanged fp16 parts differ, i.e. nothing: same tolerance).
+TOL_MODEL = 1e-5
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    ort_native.register(opts)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _rel(a, e) -> float:
+    return C.relative_error(np.asarray(a, np.float64), np.asarray(e, np.float64))
+
+
+# --- the library ---------------------------------------------------------------------------------
+
+
+def test_library_builds_once_and_exports_the_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLSTM_EXPORT_CACHE", str(tmp_path))
+    path = cpu_build.library_path()
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    mtime = path.stat().st_mtime_ns
+    assert cpu_build.library_path() == path and path.stat().st_mtime_ns == mtime  # cached
+    assert b"RegisterCustomOps" in path.read_bytes()
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no partial files left
+
+
+def test_missing_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(cpu_build.shutil, "which", lambda name: None)
+    with pytest.raises(cpu_build.CompilerNotFoundError, match="no C\\+\\+ compiler"):
+        cpu_build.library_path()
+
+
+# --- cell by cell ----------------------------------------------------------------------------------
+
+
+def _mlstm_inputs(B, NH, S, DQK, DV, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    q, k, v = r(B, NH, S, DQK), r(B, NH, S, DQK), r(B, NH, S, DV)
+    i = 3 * r(B, NH, S)  # exp input gate: pre-activations well above and below 0
+    f = 4 * r(B, NH, S) + 1  # log-sigmoid forget gate, closed to wide open
+    c0, n0, m0 = r(B, NH, DQK, DV), r(B, NH, DQK), 2 * r(B, NH)  # a used state, m of either sign
+    return q, k, v, i, f, c0, n0, m0
+
+
+@pytest.mark.parametrize("B,NH,S,DQK,DV", [(1, 1, 1, 8, 8), (3, 2, 1, 7, 13), (2, 4, 1, 32, 64),
+                                           (3, 2, 9, 7, 13)])
+def test_mlstm_native_step_matches_reference(B, NH, S, DQK, DV):
+    """S == 1 runs the native step; S > 1 the unchanged chunkwise branch (checked for the wiring)."""
+    x = _mlstm_inputs(B, NH, S, DQK, DV, seed=B * 100 + DQK)
+    eps = 1e-6
+    model = ort_native.with_native_ops(OF.cell_model("mLSTM", dims={"NH": NH, "DQK": DQK, "DV": DV}, eps=eps))
+    feeds = dict(zip(C.input_names("mLSTM"), (t.float().numpy() for t in x)))
+    h, c, n, m = _session(model).run(None, feeds)
+    ref = naive_step_mlstm if S == 1 else naive_recurrent_mlstm
+    h_ref, (c_ref, n_ref, m_ref) = ref(*x[:5], x[5:], eps=eps)
+    assert h.shape == (B, NH, S, DV) and c.shape == (B, NH, DQK, DV)
+    assert _rel(h, h_ref) < TOL_CELL["h"]
+    for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_mlstm_native_step_from_a_fresh_state():
+    x = list(_mlstm_inputs(2, 2, 1, 16, 24, seed=5))
+    x[5:] = [torch.zeros_like(t) for t in x[5:]]  # all-zero state == a fresh sequence
+    model = ort_native.with_native_ops(OF.cell_model("mLSTM", dims={"NH": 2, "DQK": 16, "DV": 24}))
+    h, c, n, m = _session(model).run(None, dict(zip(C.input_names("mLSTM"), (t.float().numpy() for t in x))))
+    h_ref, (c_ref, n_ref, m_ref) = naive_step_mlstm(*x[:5], tuple(x[5:]))
+    assert _rel(h, h_ref) < TOL_CELL["h"]
+    for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+@pytest.mark.parametrize("B,NH,S,DH", [(1, 1, 1, 4), (3, 2, 1, 5), (3, 2, 17, 5), (2, 4, 33, 32)])
+def test_slstm_native_scan_matches_reference(B, NH, S, DH):
+    g = torch.Generator().manual_seed(S * 10 + DH)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    x, w, b = 2 * r(B, NH, S, 4 * DH), r(NH, DH, 4 * DH) / DH**0.5, r(NH, 4 * DH)
+    h0, c0, n0, m0 = r(B, NH, DH), r(B, NH, DH), r(B, NH, DH).abs() + 0.5, r(B, NH, DH)
+    model = ort_native.with_native_ops(OF.cell_model("sLSTM", dims={"NH": NH, "DH": DH}))
+    assert [n.op_type for n in model.functions[0].node].count("sLSTMScan") == 1
+    feeds = dict(zip(C.input_names("sLSTM"), (t.float().numpy() for t in (x, w, b, h0, c0, n0, m0))))
+    y, h, c, n, m = _session(model).run(None, feeds)
+    y_ref, (h_ref, c_ref, n_ref, m_ref) = naive_recurrent_slstm(x, w, b, (h0, c0, n0, m0))
+    assert y.shape == (B, NH, S, DH)
+    assert _rel(y, y_ref) < TOL_CELL["h"]
+    for got, want in ((h, h_ref), (c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_native_kernel_rejects_inconsistent_shapes_with_its_own_message():
+    model = ort_native.with_native_ops(OF.cell_model("mLSTM", dims={"NH": 2}))
+    x = [t.float().numpy() for t in _mlstm_inputs(1, 2, 1, 8, 8, seed=0)]
+    x[6] = np.zeros((1, 2, 9), np.float32)  # n0 with DQK 9 against q's 8
+    with pytest.raises(Exception, match=r"xlstm\.cpu::mLSTMStep: inputs disagree"):
+        _session(model).run(None, dict(zip(C.input_names("mLSTM"), x)))
+
+
+def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():
+    model = OF.cell_model("mLSTM")
+    before = model.SerializeToString()
+    native = ort_native.with_native_ops(model)
+    assert model.SerializeToString() == before  # the input is left as it was
+    assert any(o.domain == ort_native.NATIVE_DOMAIN for o in native.opset_import)
+    plain = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Neg", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    with pytest.raises(ort_native.NativeOpsError, match="no xlstm::mLSTM / xlstm::sLSTM function body"):
+        ort_native.with_native_ops(plain)
+
+
+# --- whole models ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """kind -> (model, path): the paper stack (mLSTM + sLSTM) and the 7B-style stack, float32."""
+    root = tmp_path_factory.mktemp("native")
+    out = {}
+    for kind, name in (("paper", "tiny"), ("large", "tiny-large")):
+        torch.manual_seed(1)
+        model = xLSTMLM(preset(name)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        out[kind] = (model, export_onnx(model, root / f"{kind}.onnx", progress=False))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_native_model_matches_standard_bodies_prefill_and_decode(kind, exported):
+    _, path = exported[kind]
+    body, native = OrtModel(path, intra_op_threads=2), OrtModel(path, intra_op_threads=2, native_ops=True)
+    rng = np.random.default_rng(7)
+    B = 3
+    ids = rng.integers(0, 256, (B, 7))
+    (lb, sb), (ln, sn) = body.run(ids), native.run(ids)  # prefill: native sLSTM loop, chunkwise mLSTM
+    for step in range(4):  # decode: native mLSTM step and sLSTM loop, state carried
+        assert _rel(ln, lb) < TOL_MODEL, f"logits, step {step}"
+        for key in sb:
+            assert _rel(sn[key], sb[key]) < TOL_MODEL, f"state {key}, step {step}"
+        tok = rng.integers(0, 256, (B, 1))
+        (lb, sb), (ln, sn) = body.run(tok, sb), native.run(tok, sn)
+
+
+def test_native_model_greedy_generation_equals_torch(exported):
+    from xlstm_export.generate import torch_runner
+
+    model, path = exported["large"]
+    prompt = np.array([list(b"xLSTM on CPU")], np.int64)
+    ref = generate(torch_runner(model), prompt, 12)
+    got = generate(OrtModel(path, native_ops=True).run, prompt, 12)
+    assert np.array_equal(got.tokens, ref.tokens)
+
+
+def test_cli_generate_and_validate_with_native_ops(exported, capsys):
+    _, path = exported["paper"]
+    assert cli(["generate", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--quiet"]) == 0
+    body_tokens = capsys.readouterr().out.splitlines()[0]
+    assert cli(["generate", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--quiet",
+                "--native-ops"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == body_tokens and "onnxruntime (native cells)" in out
+    assert cli(["generate", "tiny", "--max-new-tokens", "2", "--native-ops"]) == 2  # not an .onnx target
+    assert "--native-ops applies to an .onnx target" in capsys.readouterr().err
+
+
+def test_native_ops_serve_float16_exports(tmp_path):
+    """The bodies cast to float32 before the native nodes, so a float16 graph uses them unchanged."""
+    torch.manual_seed(2)
+    path = export_onnx(xLSTMLM(preset("tiny-large")).eval(), tmp_path / "fp16.onnx", dtype="fp16",
+                       progress=False)
+    body, native = OrtModel(path), OrtModel(path, native_ops=True)
+    ids = np.random.default_rng(3).integers(0, 256, (2, 5))
+    (lb, sb), (ln, sn) = body.run(ids), native.run(ids)
+    tok = np.array([[1], [2]])
+    (lb, sb), (ln, sn) = body.run(tok, sb), native.run(tok, sn)
+    # the cells compute in float32 either way; the outputs pass one float16 rounding (h) -> fp16 limit
+    limit = C.MAX_RELATIVE_ERROR["float16"]
+    assert _rel(ln, lb) < limit
+    for key in sb:
+        assert _rel(sn[key], sb[key]) < limit
