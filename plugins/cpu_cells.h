@@ -57,7 +57,7 @@ inline void mlstm_step_head(const float* q, const float* k, const float* v, floa
 // The sLSTM time loop of one head (gate order i, f, z, o).
 //   x [s, 4*dh]: W x per step with the bias already added;  r [dh, 4*dh]: this head's recurrent weights
 //   h, c, n, m [dh]: the state, updated in place (initialise them with the initial state)
-//   y [s, 4*dh stride y_stride]: h of every step; pre [4*dh]: scratch
+//   y [s, dh] with row stride y_stride: h of every step;  pre [4*dh]: scratch
 inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float* h, float* c, float* n,
                             float* m, float* y, std::ptrdiff_t y_stride, float* pre) {
   const int g4 = 4 * dh;
