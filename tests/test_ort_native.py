@@ -86,6 +86,7 @@ def _mlstm_inputs(B, NH, S, DQK, DV, seed):
 
 
 @pytest.mark.parametrize("B,NH,S,DQK,DV", [(1, 1, 1, 8, 8), (3, 2, 1, 7, 13), (2, 4, 1, 32, 64),
+                                           (5, 4, 1, 48, 72),  # B*NH*DQK*DV >= 2^16: heads split over threads
                                            (3, 2, 9, 7, 13)])
 def test_mlstm_native_step_matches_reference(B, NH, S, DQK, DV):
     """S == 1 runs the native step; S > 1 the unchanged chunkwise branch (checked for the wiring)."""
@@ -113,7 +114,8 @@ def test_mlstm_native_step_from_a_fresh_state():
         assert _rel(got, want) < TOL_CELL["state"]
 
 
-@pytest.mark.parametrize("B,NH,S,DH", [(1, 1, 1, 4), (3, 2, 1, 5), (3, 2, 17, 5), (2, 4, 33, 32)])
+@pytest.mark.parametrize("B,NH,S,DH", [(1, 1, 1, 4), (3, 2, 1, 5), (3, 2, 17, 5),
+                                       (2, 4, 33, 32)])  # the last one large enough to split over threads
 def test_slstm_native_scan_matches_reference(B, NH, S, DH):
     g = torch.Generator().manual_seed(S * 10 + DH)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
