@@ -318,11 +318,14 @@ def mlstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
 # ---------------------------------------------------------------------------------------------
 
 
+_R_F32 = "Rf"  # the sLSTM body's float32 r (NH, DH, 4*DH), captured by the Scan step
+
+
 def _slstm_scan_body() -> onnx.GraphProto:
     """One step: (h, c, n, m), x_t (B, NH, 4*DH) -> new state, y_t. Captures ``Rf`` (NH, DH, 4*DH)."""
     g = _Builder("sb_")
     h, c, n, m, x_t = "sb_h", "sb_c", "sb_n", "sb_m", "sb_x"
-    rec = g.squeeze(g.op("MatMul", g.unsqueeze(h, [2]), "Rf"), [2])  # (B, NH, 4*DH)  h_{t-1} @ r[head]
+    rec = g.squeeze(g.op("MatMul", g.unsqueeze(h, [2]), _R_F32), [2])  # (B, NH, 4*DH)  h_{t-1} @ r[head]
     pre = g.op("Add", x_t, rec)  # (B, NH, 4*DH)
     i_p, f_p, z_p, o_p = g.op("Split", pre, axis=-1, num_outputs=4, n_out=4)  # each (B, NH, DH)
     log_f = g.logsigmoid(f_p)
@@ -346,7 +349,7 @@ def slstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
     g = _Builder("")
     x = g.op("Cast", "x", to=_F)  # (B, NH, S, 4*DH)
     bias = g.unsqueeze(g.op("Cast", "b", to=_F), [1])  # (NH, 1, 4*DH)
-    g.op("Cast", "r", to=_F, out=["Rf"])  # (NH, DH, 4*DH)
+    g.op("Cast", "r", to=_F, out=[_R_F32])  # (NH, DH, 4*DH)
     xb = g.op("Add", x, bias)  # (B, NH, S, 4*DH)
     h, c, n, m, y = g.op("Scan", "h0", "c0", "n0", "m0", xb, n_out=5, body=_slstm_scan_body(),
                          num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])

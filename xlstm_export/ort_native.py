@@ -75,8 +75,7 @@ def _rewrite_slstm(fn: FunctionProto) -> None:
         raise NativeOpsError(f"the {DOMAIN}::{SLSTM.name} body is not a Scan over (h0, c0, n0, m0, x) "
                              "(not a body written by this version of xlstm_export.onnx_functions)")
     scan = scans[0]
-    captured_r = "Rf"  # float32 (NH, DH, 4*DH), the body's Cast of r that the Scan step captures
-    native = helper.make_node("sLSTMScan", [*scan.input, captured_r], list(scan.output),
+    native = helper.make_node("sLSTMScan", [*scan.input, of._R_F32], list(scan.output),
                               domain=NATIVE_DOMAIN, name="native_slstm_scan")
     nodes = [native if n is scan else n for n in fn.node]
     del fn.node[:]
