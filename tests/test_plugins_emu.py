@@ -1,0 +1,202 @@
+"""The CUDA plugin kernels' source run on the CPU (tests/cuda_emu): the CPU tier's check of their math.
+
+plugins/mlstm_fwd.cu and slstm_fwd.cu are compiled with g++ against a small emulation of the CUDA
+execution model (tests/cuda_emu/cuda_emu.h: one OS thread per CUDA thread, barriers for
+__syncthreads and the warp shuffles) and launched with exactly the grid, block, shared memory and
+int32 arguments that ``plugins/launch.py`` computes for the TensorRT plugins, then compared with
+the PyTorch references, like the GPU tier (tests/test_plugins_gpu.py) but at smaller shapes.
+This checks the kernels' indexing, tiling, synchronization structure and arithmetic; nvcc's code
+generation and the real memory model are the GPU tier's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from xlstm_export import contract
+from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_step_mlstm
+from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
+from xlstm_export.plugins import build, launch
+
+EMU_DIR = Path(__file__).parent / "cuda_emu"
+SMEM_LIMIT = 232_448  # per-block opt-in shared memory of an H100 / A100-class GPU (227 KiB)
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (for cuda_fp16.h / cuda_bf16.h), or None."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    try:
+        candidates.append(Path(build.find_nvcc()).resolve().parent.parent / "include")
+    except build.NvccNotFoundError:
+        pass
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = _cuda_include()
+    if cxx is None or inc is None:
+        pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h, from the toolkit of nvcc)")
+    out = tmp_path_factory.mktemp("cuda_emu") / "emu_kernels.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-I", str(EMU_DIR), "-I",
+           str(build.PLUGIN_DIR), "-I", str(inc), str(EMU_DIR / "emu_kernels.cc"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+    lib = ctypes.CDLL(str(out))
+    for fn in (lib.emu_mlstm_fwd, lib.emu_slstm_fwd):
+        fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_void_p),
+                       ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p)]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _launch(fn, dtype, params: launch.LaunchParams, inputs, outputs) -> None:
+    launch.check_limits(params, smem_limit=SMEM_LIMIT)
+    geometry = (ctypes.c_uint * 7)(*params.grid, *params.block, params.shared_mem)
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
+    args = (ctypes.c_int * len(params.extra_args))(*params.extra_args)
+    assert all(t.is_contiguous() for t in (*inputs, *outputs))
+    assert fn(DTYPE_CODE[dtype], geometry, ptrs(inputs), args, ptrs(outputs)) == 0
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)  # unwritten memory fails the comparison
+
+
+def _close(name, actual, expected, tol: contract.Tolerance):
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol.rtol, atol=tol.atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+# --- mLSTM -----------------------------------------------------------------------------------------
+
+
+def _mlstm_inputs(B, NH, S, DQK, DV, dtype, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k = rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DQK).to(dtype)  # (B, NH, S, DQK)
+    v = rnd(B, NH, S, DV).to(dtype)  # (B, NH, S, DV)
+    i = rnd(B, NH, S).to(dtype)  # (B, NH, S)
+    f = (rnd(B, NH, S) + 3.0).to(dtype)  # (B, NH, S) mostly-open forget gates
+    if with_state:
+        c0, n0, m0 = 0.5 * rnd(B, NH, DQK, DV), 0.5 * rnd(B, NH, DQK), rnd(B, NH)
+    else:
+        c0, n0, m0 = torch.zeros(B, NH, DQK, DV), torch.zeros(B, NH, DQK), torch.zeros(B, NH)
+    return q, k, v, i, f, c0, n0, m0
+
+
+def _mlstm_emu(emu, inputs, chunk_size, eps=1e-6):
+    q, v = inputs[0], inputs[2]
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    outs = [_poisoned(s, q.dtype if o.dtype == "T" else torch.float32)
+            for s, o in zip(contract.mlstm_output_shapes(q.shape, inputs[1].shape, v.shape), contract.MLSTM.outputs)]
+    _launch(emu.emu_mlstm_fwd, q.dtype, launch.mlstm_launch(B, NH, S, DQK, DV, chunk_size=chunk_size, eps=eps),
+            inputs, outs)
+    return outs
+
+
+MLSTM_CASES = [  # B, NH, S, DQK, DV, chunk_size, with_state: the chunk path (S > 1)
+    pytest.param(2, 3, 37, 16, 32, 16, True, id="B2-NH3-S37-DQK16-DV32-L16-state"),
+    pytest.param(1, 2, 23, 8, 40, 7, False, id="B1-NH2-S23-DQK8-DV40-L7"),
+    pytest.param(1, 1, 70, 100, 70, 64, True, id="B1-NH1-S70-DQK100-DV70-L64-state"),  # 2 slabs, 2 tiles
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,S,DQK,DV,chunk_size,with_state", MLSTM_CASES)
+def test_mlstm_kernel_source_matches_reference(emu, B, NH, S, DQK, DV, chunk_size, with_state, dtype):
+    inputs = _mlstm_inputs(B, NH, S, DQK, DV, dtype, with_state)
+    h, c, n, m = _mlstm_emu(emu, inputs, chunk_size)
+    h_ref, (c_ref, n_ref, m_ref) = naive_chunk_mlstm(*inputs[:5], inputs[5:], chunk_size=chunk_size, eps=1e-6)
+    tol = contract.tolerance(dtype)
+    _close("h", h, h_ref, tol.outputs)
+    for name, a, e in (("c", c, c_ref), ("n", n, n_ref), ("m", m, m_ref)):
+        _close(name, a, e, tol.states)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,DQK,DV", [(3, 2, 48, 80), (1, 1, 300, 33)], ids=["B3-NH2-DQK48-DV80",
+                                                                               "B1-NH1-DQK300-DV33"])
+def test_mlstm_decode_step_source_matches_reference(emu, B, NH, DQK, DV, dtype):
+    inputs = _mlstm_inputs(B, NH, 1, DQK, DV, dtype, with_state=True, seed=1)
+    h, c, n, m = _mlstm_emu(emu, inputs, 64)
+    h_ref, (c_ref, n_ref, m_ref) = naive_step_mlstm(*inputs[:5], inputs[5:], eps=1e-6)
+    tol = contract.tolerance(dtype)
+    _close("h", h, h_ref, tol.outputs)
+    for name, a, e in (("c", c, c_ref), ("n", n, n_ref), ("m", m, m_ref)):
+        _close(name, a, e, tol.states)
+
+
+# --- sLSTM -----------------------------------------------------------------------------------------
+
+
+def _slstm_inputs(B, NH, S, DH, dtype, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = rnd(B, NH, S, 4 * DH).to(dtype)  # (B, NH, S, 4*DH)
+    r = (rnd(NH, DH, 4 * DH) / DH**0.5).to(dtype)  # (NH, DH, 4*DH)
+    b = (0.5 * rnd(NH, 4 * DH)).to(dtype)  # (NH, 4*DH)
+    if with_state:
+        h0, c0 = 0.5 * rnd(B, NH, DH), rnd(B, NH, DH)
+        n0 = 1.0 + torch.rand(B, NH, DH, generator=g)  # the normalizer of a used state is positive
+        m0 = 0.5 * rnd(B, NH, DH)
+    else:
+        h0 = c0 = n0 = m0 = torch.zeros(B, NH, DH)
+    return x, r, b, h0, c0, n0, m0
+
+
+def _slstm_emu(emu, inputs, smem_limit=SMEM_LIMIT):
+    x, r = inputs[0], inputs[1]
+    B, NH, S = x.shape[:3]
+    DH = r.shape[1]
+    outs = [_poisoned(s, x.dtype if o.dtype == "T" else torch.float32)
+            for s, o in zip(contract.slstm_output_shapes(x.shape, r.shape), contract.SLSTM.outputs)]
+    params = launch.slstm_launch(B, NH, S, DH, itemsize=x.element_size(), smem_limit=smem_limit)
+    _launch(emu.emu_slstm_fwd, x.dtype, params, inputs, outs)
+    return outs
+
+
+SLSTM_CASES = [  # B, NH, S, DH, with_state
+    pytest.param(2, 3, 33, 16, True, id="B2-NH3-S33-DH16-state"),
+    pytest.param(1, 2, 11, 7, True, id="B1-NH2-S11-DH7-state"),  # 4*DH not a multiple of 32
+    pytest.param(3, 2, 1, 32, False, id="B3-NH2-S1-DH32-decode"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,S,DH,with_state", SLSTM_CASES)
+def test_slstm_kernel_source_matches_reference(emu, B, NH, S, DH, with_state, dtype):
+    inputs = _slstm_inputs(B, NH, S, DH, dtype, with_state)
+    y, h, c, n, m = _slstm_emu(emu, inputs)
+    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
+    tol = contract.tolerance(dtype)
+    _close("y", y, y_ref, tol.outputs)
+    for name, a, e in zip("hcnm", (h, c, n, m), state_ref):
+        _close(name, a, e, tol.states)
+
+
+@pytest.mark.parametrize("r_rows_fit", [0, 5], ids=["r-all-global", "r-5-rows-on-chip"])
+def test_slstm_source_with_r_partly_or_not_in_shared_memory(emu, r_rows_fit):
+    B, NH, S, DH = 2, 2, 13, 24
+    inputs = _slstm_inputs(B, NH, S, DH, torch.float32, with_state=True, seed=3)
+    limit = launch.slstm_shared_bytes(DH, r_rows_fit, 4)
+    assert launch.slstm_r_rows(DH, 4, limit) == r_rows_fit
+    y, *state = _slstm_emu(emu, inputs, smem_limit=limit)
+    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
+    tol = contract.tolerance(torch.float32)
+    _close("y", y, y_ref, tol.outputs)
+    for name, a, e in zip("hcnm", state, state_ref):
+        _close(name, a, e, tol.states)
