@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from xlstm_export import contract
 from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_step_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
 from xlstm_export.plugins import build, launch
+
+from xlstm_export import contract
 
 EMU_DIR = Path(__file__).parent / "cuda_emu"
 SMEM_LIMIT = 232_448  # per-block opt-in shared memory of an H100 / A100-class GPU (227 KiB)
