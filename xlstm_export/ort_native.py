@@ -70,16 +70,13 @@ def _rewrite_mlstm(fn: FunctionProto) -> None:
 
 
 def _rewrite_slstm(fn: FunctionProto) -> None:
-    scans = [n for n in fn.node if n.op_type == "Scan"]
-    if len(scans) != 1 or list(scans[0].input)[:4] != ["h0", "c0", "n0", "m0"]:
+    scans = [j for j, n in enumerate(fn.node) if n.op_type == "Scan"]
+    if len(scans) != 1 or list(fn.node[scans[0]].input)[:4] != ["h0", "c0", "n0", "m0"]:
         raise NativeOpsError(f"the {DOMAIN}::{SLSTM.name} body is not a Scan over (h0, c0, n0, m0, x) "
                              "(not a body written by this version of xlstm_export.onnx_functions)")
-    scan = scans[0]
-    native = helper.make_node("sLSTMScan", [*scan.input, of._R_F32], list(scan.output),
-                              domain=NATIVE_DOMAIN, name="native_slstm_scan")
-    nodes = [native if n is scan else n for n in fn.node]
-    del fn.node[:]
-    fn.node.extend(nodes)
+    scan = fn.node[scans[0]]
+    scan.CopyFrom(helper.make_node("sLSTMScan", [*scan.input, of._R_F32], list(scan.output),
+                                   domain=NATIVE_DOMAIN, name="native_slstm_scan"))
 
 
 def _add_opset(imports, domain: str, version: int) -> None:
