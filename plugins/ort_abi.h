@@ -88,8 +88,11 @@ enum Slot : size_t {
   kGetDimensionsCount = 61,            // OrtStatus* (const OrtTensorTypeAndShapeInfo*, size_t* out)
   kGetDimensions = 62,                 // OrtStatus* (const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)
   kGetTensorTypeAndShape = 65,         // OrtStatus* (const OrtValue*, OrtTensorTypeAndShapeInfo** out)
+  kKernelInfoGetAttributeFloat = 85,   // OrtStatus* (const OrtKernelInfo*, const char* name, float* out)
+  kKernelInfoGetAttributeInt64 = 86,   // OrtStatus* (const OrtKernelInfo*, const char* name, int64_t* out)
   kKernelContextGetInput = 90,         // OrtStatus* (const OrtKernelContext*, size_t, const OrtValue** out)
   kKernelContextGetOutput = 91,        // OrtStatus* (OrtKernelContext*, size_t, const int64_t* dims, size_t n, OrtValue** out)
+  kReleaseStatus = 93,                 // void (OrtStatus*)
   kReleaseTensorTypeAndShapeInfo = 99, // void (OrtTensorTypeAndShapeInfo*)
   kKernelContextParallelFor = 274,     // OrtStatus* (const OrtKernelContext*, void (*)(void*, size_t), size_t total, size_t num_batch, void* data)
 };

@@ -4,7 +4,10 @@ plugins/mlstm_fwd.cu and slstm_fwd.cu are compiled with g++ against a small emul
 execution model (tests/cuda_emu/cuda_emu.h: one OS thread per CUDA thread, barriers for
 __syncthreads and the warp shuffles) and launched with exactly the grid, block, shared memory and
 int32 arguments that ``plugins/launch.py`` computes for the TensorRT plugins, then compared with
-the PyTorch references, like the GPU tier (tests/test_plugins_gpu.py) but at smaller shapes.
+the PyTorch references, like the GPU tier (tests/test_plugins_gpu.py) but at smaller shapes; and,
+registered with onnxruntime as the ops of the exported models' own `xlstm` nodes
+(cuda_emu/emu_ort_ops.cc), inside whole models against their function bodies: a CPU rehearsal of
+what a TensorRT engine with the plugins computes.
 This checks the kernels' indexing, tiling, synchronization structure and arithmetic; nvcc's code
 generation and the real memory model are the GPU tier's.
 """
@@ -51,7 +54,8 @@ def emu(tmp_path_factory):
         pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h, from the toolkit of nvcc)")
     out = tmp_path_factory.mktemp("cuda_emu") / "emu_kernels.so"
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-I", str(EMU_DIR), "-I",
-           str(build.PLUGIN_DIR), "-I", str(inc), str(EMU_DIR / "emu_kernels.cc"), "-o", str(out)]
+           str(build.PLUGIN_DIR), "-I", str(inc), str(EMU_DIR / "emu_kernels.cc"),
+           str(EMU_DIR / "emu_ort_ops.cc"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
     lib = ctypes.CDLL(str(out))
@@ -59,6 +63,7 @@ def emu(tmp_path_factory):
         fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_void_p),
                        ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p)]
         fn.restype = ctypes.c_int
+    lib.path = str(out)  # also an onnxruntime custom-op library (emu_ort_ops.cc)
     return lib
 
 
@@ -200,3 +205,65 @@ def test_slstm_source_with_r_partly_or_not_in_shared_memory(emu, r_rows_fit):
     _close("y", y, y_ref, tol.outputs)
     for name, a, e in zip("hcnm", state, state_ref):
         _close(name, a, e, tol.states)
+
+
+# --- the kernels inside exported models, fed by onnxruntime (a CPU rehearsal of the TensorRT path) ---
+
+
+def test_ort_library_launch_geometry_is_launch_py(emu):
+    """The emulated ops compute their launches from layout.cuh; they must be launch.py's."""
+    launch_buf, args_buf = (ctypes.c_uint * 7)(), (ctypes.c_int * 7)()
+    for B, NH, S, DQK, DV, chunk in [(1, 4, 1, 16, 32, 64), (3, 2, 37, 100, 70, 16), (2, 8, 9, 256, 512, 128)]:
+        emu.emu_mlstm_geometry(B, NH, S, DQK, DV, chunk, ctypes.c_float(1e-6), launch_buf, args_buf)
+        p = launch.mlstm_launch(B, NH, S, DQK, DV, chunk_size=chunk, eps=1e-6)
+        assert list(launch_buf) == [*p.grid, *p.block, p.shared_mem] and list(args_buf) == list(p.extra_args)
+    for B, NH, S, DH, itemsize in [(1, 4, 1, 16, 4), (2, 3, 33, 7, 2), (1, 1, 5, 512, 4)]:
+        emu.emu_slstm_geometry(B, NH, S, DH, itemsize, SMEM_LIMIT, launch_buf, args_buf)
+        p = launch.slstm_launch(B, NH, S, DH, itemsize=itemsize, smem_limit=SMEM_LIMIT)
+        assert list(launch_buf) == [*p.grid, *p.block, p.shared_mem] and list(args_buf)[:5] == list(p.extra_args)
+
+
+@pytest.fixture(scope="module")
+def exported_models(tmp_path_factory):
+    from xlstm_export.export import export_onnx
+    from xlstm_export.models import preset, xLSTMLM
+
+    root = tmp_path_factory.mktemp("emu_onnx")
+    out = {}
+    for kind, name, dtype in (("paper", "tiny", "fp32"), ("large", "tiny-large", "fp32"),
+                              ("paper-fp16", "tiny", "fp16")):
+        torch.manual_seed(4)
+        model = xLSTMLM(preset(name)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        out[kind] = export_onnx(model, root / f"{kind}.onnx", dtype=dtype, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["paper", "large", "paper-fp16"])
+def test_plugin_kernels_inside_exported_models_match_the_function_bodies(emu, exported_models, kind):
+    """Every xlstm node of the exported model runs the plugin kernel source (custom ops registered
+    under the nodes' own domain and names take precedence over the function bodies): a prefill of
+    odd length (chunk path, sLSTM loop), then decode steps (step path), states carried by the graph,
+    against the same file through its standard-op bodies."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from xlstm_export.ort import OrtModel
+
+    path = exported_models[kind]
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(emu.path)
+    plugin, body = OrtModel(path, session_options=opts), OrtModel(path)
+    dtype = contract.canonical_dtype(body.dtype)
+    limit = contract.MAX_RELATIVE_ERROR[dtype]
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 256, (2, 9))
+    (lp, sp), (lb, sb) = plugin.run(ids), body.run(ids)
+    for step in range(3):
+        assert contract.relative_error(lp, lb) < limit, f"logits, step {step}"
+        for key in sb:
+            assert contract.relative_error(sp[key], sb[key]) < limit, f"state {key}, step {step}"
+        tok = rng.integers(0, 256, (2, 1))
+        (lp, sp), (lb, sb) = plugin.run(tok, sp), body.run(tok, sb)

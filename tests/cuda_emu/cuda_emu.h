@@ -21,6 +21,13 @@
 #include <cuda_bf16.h>  // host implementations of the __half / __nv_bfloat16 conversions; they also
 #include <cuda_fp16.h>  // bring CUDA's vector_types.h (dim3, uint3)
 
+// The CUDA headers define these as attributes for a host compiler; here they all mean "plain C++".
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
 #define __global__
 #define __device__
 #define __host__
