@@ -225,8 +225,9 @@ def test_ort_library_launch_geometry_is_launch_py(emu):
 
 @pytest.fixture(scope="module")
 def exported_models(tmp_path_factory):
-    from xlstm_export.export import export_onnx
     from xlstm_export.models import preset, xLSTMLM
+
+    from xlstm_export.export import export_onnx
 
     root = tmp_path_factory.mktemp("emu_onnx")
     out = {}
