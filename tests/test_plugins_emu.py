@@ -117,6 +117,7 @@ MLSTM_CASES = [  # B, NH, S, DQK, DV, chunk_size, with_state: the chunk path (S 
     pytest.param(2, 3, 37, 16, 32, 16, True, id="B2-NH3-S37-DQK16-DV32-L16-state"),
     pytest.param(1, 2, 23, 8, 40, 7, False, id="B1-NH2-S23-DQK8-DV40-L7"),
     pytest.param(1, 1, 70, 100, 70, 64, True, id="B1-NH1-S70-DQK100-DV70-L64-state"),  # 2 slabs, 2 tiles
+    pytest.param(1, 1, 5, 256, 512, 64, True, id="B1-NH1-S5-DQK256-DV512-state"),  # xLSTM-7B head dims
 ]
 
 
@@ -133,8 +134,8 @@ def test_mlstm_kernel_source_matches_reference(emu, B, NH, S, DQK, DV, chunk_siz
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,NH,DQK,DV", [(3, 2, 48, 80), (1, 1, 300, 33)], ids=["B3-NH2-DQK48-DV80",
-                                                                               "B1-NH1-DQK300-DV33"])
+@pytest.mark.parametrize("B,NH,DQK,DV", [(3, 2, 48, 80), (1, 1, 300, 33), (1, 2, 256, 512)],
+                         ids=["B3-NH2-DQK48-DV80", "B1-NH1-DQK300-DV33", "B1-NH2-DQK256-DV512"])
 def test_mlstm_decode_step_source_matches_reference(emu, B, NH, DQK, DV, dtype):
     inputs = _mlstm_inputs(B, NH, 1, DQK, DV, dtype, with_state=True, seed=1)
     h, c, n, m = _mlstm_emu(emu, inputs, 64)
