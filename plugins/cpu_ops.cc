@@ -19,11 +19,9 @@
 #include <vector>
 
 #include "cpu_cells.h"
-#include "ort_abi.h"
+#include "ort_op.h"
 
 namespace {
-
-using CreateStatusFn = OrtStatus* (*)(int, const char*);
 
 // ---------------------------------------------------------------------------------------------
 // Tensor access through the C API (every call's status is checked and passed on)
@@ -38,36 +36,18 @@ struct Ctx {
     char msg[512];
     int n = std::snprintf(msg, sizeof msg, "xlstm.cpu::%s: ", op);
     std::snprintf(msg + n, sizeof msg - n, fmt, a, b, c);
-    return ort::fn<CreateStatusFn>(api, ort::kCreateStatus)(kOrtInvalidArgument, msg);
-  }
-
-  OrtStatus* shape(const OrtValue* value, std::vector<int64_t>* dims) const {
-    using GetShape = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
-    using Count = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
-    using Dims = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
-    using Release = void (*)(OrtTensorTypeAndShapeInfo*);
-    OrtTensorTypeAndShapeInfo* info = nullptr;
-    if (OrtStatus* s = ort::fn<GetShape>(api, ort::kGetTensorTypeAndShape)(value, &info)) return s;
-    size_t rank = 0;
-    OrtStatus* s = ort::fn<Count>(api, ort::kGetDimensionsCount)(info, &rank);
-    if (!s) {
-      dims->assign(rank, 0);
-      s = ort::fn<Dims>(api, ort::kGetDimensions)(info, dims->data(), rank);
-    }
-    ort::fn<Release>(api, ort::kReleaseTensorTypeAndShapeInfo)(info);
-    return s;
+    return ort::error(api, msg);
   }
 
   // Input `index`: its data and dims.
   OrtStatus* input(size_t index, const float** data, std::vector<int64_t>* dims) const {
     using GetInput = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
-    using Data = OrtStatus* (*)(OrtValue*, void**);
     const OrtValue* value = nullptr;
     if (OrtStatus* s = ort::fn<GetInput>(api, ort::kKernelContextGetInput)(context, index, &value)) return s;
     if (value == nullptr) return error("input %ld is missing", static_cast<long>(index));
-    if (OrtStatus* s = shape(value, dims)) return s;
-    void* p = nullptr;  // the C API's accessor takes a non-const value; we only read
-    if (OrtStatus* s = ort::fn<Data>(api, ort::kGetTensorMutableData)(const_cast<OrtValue*>(value), &p)) return s;
+    if (OrtStatus* s = ort::tensor_dims(api, value, dims)) return s;
+    void* p = nullptr;
+    if (OrtStatus* s = ort::tensor_data(api, value, &p)) return s;
     *data = static_cast<const float*>(p);
     return nullptr;
   }
@@ -75,13 +55,12 @@ struct Ctx {
   // Output `index`, allocated by onnxruntime with `dims`.
   OrtStatus* output(size_t index, const std::vector<int64_t>& dims, float** data) const {
     using GetOutput = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
-    using Data = OrtStatus* (*)(OrtValue*, void**);
     OrtValue* value = nullptr;
     if (OrtStatus* s = ort::fn<GetOutput>(api, ort::kKernelContextGetOutput)(context, index, dims.data(),
                                                                               dims.size(), &value))
       return s;
     void* p = nullptr;
-    if (OrtStatus* s = ort::fn<Data>(api, ort::kGetTensorMutableData)(value, &p)) return s;
+    if (OrtStatus* s = ort::tensor_data(api, value, &p)) return s;
     *data = static_cast<float*>(p);
     return nullptr;
   }
@@ -240,23 +219,13 @@ OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
 OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&)) {
   OpDef d{};
   OrtCustomOpLayout& t = d.table;
-  t.version = ort::kApiVersion;
+  ort::fill_common(t, create_kernel, compute_kernel);
   t.GetName = [](const OrtCustomOpLayout* op) { return def(op)->name; };
-  t.GetExecutionProviderType = [](const OrtCustomOpLayout*) -> const char* { return nullptr; };
   t.GetInputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
   t.GetInputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->inputs; };
   t.GetOutputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
   t.GetOutputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->outputs; };
   t.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  t.GetInputCharacteristic = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtIoRequired; };
-  t.GetOutputCharacteristic = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtIoRequired; };
-  t.GetInputMemoryType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtMemTypeDefault; };
-  t.GetVariadicInputMinArity = [](const OrtCustomOpLayout*) { return 1; };
-  t.GetVariadicInputHomogeneity = [](const OrtCustomOpLayout*) { return 1; };
-  t.GetVariadicOutputMinArity = [](const OrtCustomOpLayout*) { return 1; };
-  t.GetVariadicOutputHomogeneity = [](const OrtCustomOpLayout*) { return 1; };
-  t.CreateKernelV2 = create_kernel;
-  t.KernelComputeV2 = compute_kernel;
   d.name = name;
   d.inputs = inputs;
   d.outputs = outputs;
@@ -272,22 +241,6 @@ const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtApi* api = base->GetApi(ort::kApiVersion);
-  if (api == nullptr) {  // older than 1.17: report it through the version-1 API, which always exists
-    char msg[256];
-    std::snprintf(msg, sizeof msg, "the xlstm native CPU kernels need onnxruntime >= 1.17 (C API %u), "
-                  "this is onnxruntime %s", ort::kApiVersion, base->GetVersionString());
-    return ort::fn<CreateStatusFn>(base->GetApi(1), ort::kCreateStatus)(kOrtFail, msg);
-  }
-  using CreateDomain = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
-  using DomainAdd = OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOpLayout*);
-  using AddDomain = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
-  // One domain object per registration; onnxruntime references it from the session options, so it
-  // is never released here (a few hundred bytes per registered session).
-  OrtCustomOpDomain* domain = nullptr;
-  if (OrtStatus* s = ort::fn<CreateDomain>(api, ort::kCreateCustomOpDomain)("xlstm.cpu", &domain)) return s;
-  for (const OpDef* op : {&kMlstmStep, &kSlstmScan}) {
-    if (OrtStatus* s = ort::fn<DomainAdd>(api, ort::kCustomOpDomainAdd)(domain, &op->table)) return s;
-  }
-  return ort::fn<AddDomain>(api, ort::kAddCustomOpDomain)(options, domain);
+  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table};
+  return ort::register_ops(options, base, "xlstm.cpu", ops, 2);
 }

@@ -8,12 +8,12 @@
 // The geometry is computed from the kernels' own header (plugins/layout.cuh), as in
 // plugins/launch.py; emu_*_geometry export it so the test can hold both to each other.
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <vector>
 
 #include "layout.cuh"
-#include "ort_abi.h"
+#include "ort_op.h"
 
 extern "C" int emu_mlstm_fwd(int dtype, const unsigned* launch, void* const* in, const int* args,
                              void* const* out);
@@ -61,8 +61,6 @@ extern "C" void emu_slstm_geometry(int B, int NH, int S, int DH, int itemsize, i
 
 namespace {
 
-using CreateStatusFn = OrtStatus* (*)(int, const char*);
-
 struct Kernel {
   const OrtApi* api;
   bool is_mlstm;
@@ -71,27 +69,9 @@ struct Kernel {
   float eps = 1e-6f;
 };
 
-OrtStatus* fail(const OrtApi* api, const char* msg) {
-  return ort::fn<CreateStatusFn>(api, ort::kCreateStatus)(kOrtInvalidArgument, msg);
-}
-
 OrtStatus* tensor(const OrtApi* api, const OrtValue* v, std::vector<int64_t>* dims, void** data) {
-  using GetShape = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
-  using Count = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
-  using Dims = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
-  using Release = void (*)(OrtTensorTypeAndShapeInfo*);
-  using Data = OrtStatus* (*)(OrtValue*, void**);
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* s = ort::fn<GetShape>(api, ort::kGetTensorTypeAndShape)(v, &info)) return s;
-  size_t rank = 0;
-  OrtStatus* s = ort::fn<Count>(api, ort::kGetDimensionsCount)(info, &rank);
-  if (!s) {
-    dims->assign(rank, 0);
-    s = ort::fn<Dims>(api, ort::kGetDimensions)(info, dims->data(), rank);
-  }
-  ort::fn<Release>(api, ort::kReleaseTensorTypeAndShapeInfo)(info);
-  if (s) return s;
-  return ort::fn<Data>(api, ort::kGetTensorMutableData)(const_cast<OrtValue*>(v), data);
+  if (OrtStatus* s = ort::tensor_dims(api, v, dims)) return s;
+  return ort::tensor_data(api, v, data);
 }
 
 OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
@@ -111,13 +91,13 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   std::vector<std::vector<int64_t>> out_dims;
   if (k.is_mlstm) {  // q [B, NH, S, DQK], v [B, NH, S, DV]
     const auto &q = dims[0], &v = dims[2];
-    if (q.size() != 4 || v.size() != 4) return fail(k.api, "emulated xlstm::mLSTM: q and v must be rank 4");
+    if (q.size() != 4 || v.size() != 4) return ort::error(k.api, "emulated xlstm::mLSTM: q and v must be rank 4");
     const int B = q[0], NH = q[1], S = q[2], DQK = q[3], DV = v[3];
     emu_mlstm_geometry(B, NH, S, DQK, DV, static_cast<int>(k.chunk_size), k.eps, launch, args);
     out_dims = {{B, NH, S, DV}, {B, NH, DQK, DV}, {B, NH, DQK}, {B, NH}};
   } else {  // x [B, NH, S, 4*DH]
     const auto& x = dims[0];
-    if (x.size() != 4) return fail(k.api, "emulated xlstm::sLSTM: x must be rank 4");
+    if (x.size() != 4) return ort::error(k.api, "emulated xlstm::sLSTM: x must be rank 4");
     const int B = x[0], NH = x[1], S = x[2], DH = x[3] / 4;
     emu_slstm_geometry(B, NH, S, DH, k.dtype == 0 ? 4 : 2, kSmemLimit, launch, args);
     out_dims = {{B, NH, S, DH}, {B, NH, DH}, {B, NH, DH}, {B, NH, DH}, {B, NH, DH}};
@@ -131,7 +111,7 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     if (OrtStatus* s = tensor(k.api, v, &unused, &out[o])) return s;
   }
   const int rc = (k.is_mlstm ? emu_mlstm_fwd : emu_slstm_fwd)(k.dtype, launch, in.data(), args, out.data());
-  return rc == 0 ? nullptr : fail(k.api, "emulated kernel: the launch needs more shared memory than emulated");
+  return rc == 0 ? nullptr : ort::error(k.api, "emulated kernel: the launch needs more shared memory than emulated");
 }
 
 struct OpDef {
@@ -163,9 +143,8 @@ OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const O
 OpDef make(const char* name, bool is_mlstm, int dtype, int t_type) {
   OpDef d{};
   auto& t = d.table;
-  t.version = ort::kApiVersion;
+  ort::fill_common(t, create_kernel, compute);
   t.GetName = [](const OrtCustomOpLayout* op) { return def(op)->name; };
-  t.GetExecutionProviderType = [](const OrtCustomOpLayout*) -> const char* { return nullptr; };
   t.GetInputType = [](const OrtCustomOpLayout* op, size_t i) -> int {
     return i < def(op)->n_t_inputs ? def(op)->t_type : kOrtFloat;
   };
@@ -173,15 +152,6 @@ OpDef make(const char* name, bool is_mlstm, int dtype, int t_type) {
   t.GetOutputType = [](const OrtCustomOpLayout* op, size_t i) -> int { return i == 0 ? def(op)->t_type : kOrtFloat; };
   t.GetOutputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->n_out; };
   t.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  t.GetInputCharacteristic = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtIoRequired; };
-  t.GetOutputCharacteristic = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtIoRequired; };
-  t.GetInputMemoryType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtMemTypeDefault; };
-  t.GetVariadicInputMinArity = [](const OrtCustomOpLayout*) { return 1; };
-  t.GetVariadicInputHomogeneity = [](const OrtCustomOpLayout*) { return 1; };
-  t.GetVariadicOutputMinArity = [](const OrtCustomOpLayout*) { return 1; };
-  t.GetVariadicOutputHomogeneity = [](const OrtCustomOpLayout*) { return 1; };
-  t.CreateKernelV2 = create_kernel;
-  t.KernelComputeV2 = compute;
   d.name = name;
   d.is_mlstm = is_mlstm;
   d.dtype = dtype;
@@ -202,13 +172,7 @@ const OpDef kOps[] = {
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtApi* api = base->GetApi(ort::kApiVersion);
-  using CreateDomain = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
-  using DomainAdd = OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOpLayout*);
-  using AddDomain = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
-  OrtCustomOpDomain* domain = nullptr;
-  if (OrtStatus* s = ort::fn<CreateDomain>(api, ort::kCreateCustomOpDomain)("xlstm", &domain)) return s;
-  for (const OpDef& op : kOps)
-    if (OrtStatus* s = ort::fn<DomainAdd>(api, ort::kCustomOpDomainAdd)(domain, &op.table)) return s;
-  return ort::fn<AddDomain>(api, ort::kAddCustomOpDomain)(options, domain);
+  const OrtCustomOpLayout* ops[std::size(kOps)];
+  for (size_t i = 0; i < std::size(kOps); ++i) ops[i] = &kOps[i].table;
+  return ort::register_ops(options, base, "xlstm", ops, std::size(kOps));
 }
