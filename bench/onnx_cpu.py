@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -363,13 +364,19 @@ def _loadavg() -> str:
         return "n/a"
 
 
+@functools.lru_cache(maxsize=1)
+def _probe_array() -> np.ndarray:
+    """1 GiB of random float32, made once: the bandwidth probes read it."""
+    return np.random.default_rng(0).standard_normal(1 << 28, dtype=np.float32)
+
+
 def measure_bandwidth(repeats: int = 15) -> dict[str, float]:
     """Read bandwidth (GB/s): the best of a numpy sum and a torch sum over 1 GiB of random float32.
 
     Random data: an array of one repeated value can be deduplicated by the host (same-page merging)
     and then "reads" at cache speed. A floor is the best the machine does, so each figure is the
     fastest of ``repeats`` runs (the median is kept too: this machine's bandwidth drifts)."""
-    a = np.random.default_rng(0).standard_normal(1 << 28, dtype=np.float32)  # 1 GiB
+    a = _probe_array()
     t = torch.from_numpy(a)
     out = {}
     for name, fn in (("numpy_sum", a.sum), ("torch_sum", t.sum)):
@@ -382,15 +389,10 @@ def measure_bandwidth(repeats: int = 15) -> dict[str, float]:
     return out
 
 
-_PROBE: dict[str, torch.Tensor] = {}
-
-
 def measure_round_bandwidth() -> float:
-    """Read bandwidth now (GB/s): a torch sum over 1 GiB of random float32, best of a few runs. Taken
-    at the start of every round, so a decode time can be set against the floor of its own moment."""
-    if "a" not in _PROBE:
-        _PROBE["a"] = torch.from_numpy(np.random.default_rng(1).standard_normal(1 << 28, dtype=np.float32))
-    a = _PROBE["a"]
+    """Read bandwidth now (GB/s): a torch sum over the same 1 GiB, best of a few runs. Taken at the
+    start of every round, so a decode time can be set against the floor of its own moment."""
+    a = torch.from_numpy(_probe_array())
     return a.numel() * 4 / min(_times(a.sum, ROUND_BW_REPEATS, warmup=1)) / 1e9
 
 

@@ -81,7 +81,7 @@ def cmd_validate(args) -> int:
     if args.engine and args.native_ops:
         raise UserError("--native-ops compares onnxruntime with PyTorch (--source), not with --engine")
     bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
-    step = lambda _: bar.update(1)
+    step = lambda _: bar.update(1)  # noqa: E731
     if args.engine:
         from .ort import OrtModel
         from .tensorrt import TrtModel
