@@ -1,8 +1,9 @@
 """Compile the onnxruntime CPU custom-op library (``cpu_ops.cc``) with the system C++ compiler, cached.
 
 The library holds float32 CPU kernels of the mLSTM decode step and of the sLSTM time loop (see
-``cpu_cells.h``); :mod:`xlstm_export.ort_native` swaps them into an exported model's function
-bodies and registers the library with an onnxruntime session::
+``cpu_cells.h``) and a matrix product over packed weights (``cpu_gemm.h``);
+:mod:`xlstm_export.ort_native` swaps them into an exported model and registers the library with
+an onnxruntime session::
 
     >>> from xlstm_export.plugins import cpu_build
     >>> path = cpu_build.library_path()      # compiled once per source / compiler / CPU, then cached
@@ -10,7 +11,7 @@ bodies and registers the library with an onnxruntime session::
 It needs only a C++17 compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++`` on PATH): the
 library declares the few parts of onnxruntime's C ABI it uses itself (``ort_abi.h``) and links
 against nothing but libc / libm / libstdc++. The build is ``-O3 -march=native`` (the inner loops
-are written to auto-vectorize), so the cache key includes the CPU's feature flags; the file lands
+are written to auto-vectorize, the matrix product in GCC / Clang vector extensions), so the cache key includes the CPU's feature flags; the file lands
 in ``<cache>/cpu/<hash>/`` (cache root as for the PTX, :func:`xlstm_export.plugins.build.cache_dir`),
 written to a temporary name and renamed.
 """
@@ -30,7 +31,7 @@ from .build import PLUGIN_DIR, cache_dir
 
 __all__ = ["CXX_FLAGS", "SOURCES", "CompilerNotFoundError", "find_compiler", "library_path"]
 
-SOURCES = ("cpu_ops.cc", "cpu_cells.h", "ort_op.h", "ort_abi.h")  # the first is the translation unit
+SOURCES = ("cpu_ops.cc", "cpu_cells.h", "cpu_gemm.h", "ort_op.h", "ort_abi.h")  # the first is the translation unit
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden",
              "-Wall", "-Wextra", "-Werror")
 LIB_NAME = "libxlstm_cpu_ops.so"

@@ -6,19 +6,25 @@
 //   xlstm.cpu::sLSTMScan(h0, c0, n0, m0, x, r) -> (h, c, n, m, y)            the whole time loop
 //       h0, c0, n0, m0 [B, NH, DH]  x [B, NH, S, 4*DH] (W x + bias)  r [NH, DH, 4*DH]
 //       h, c, n, m like h0;  y [B, NH, S, DH]
+//   xlstm.cpu::PackedMatMul(x, w) -> y    attribute n (int): y = x W for a weight W [K, n]
+//       x [..., K]  w [ceil(n / 32), K, 32]: W packed into column panels (cpu_gemm.h)  y [..., n]
 //
 // xlstm_export/ort_native.py puts these nodes inside the exported models' xlstm function bodies and
-// registers this library (onnxruntime calls RegisterCustomOps on load). Everything is float32: the
-// bodies cast before calling. Work is split over (batch, head) with onnxruntime's intra-op thread
-// pool when there is enough of it to pay for the hand-off.
+// registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
+// weight MatMuls of the main graph for PackedMatMul, packing their weights as it does. Everything is
+// float32: the bodies cast before calling. The cells split their work over (batch, head), the matrix
+// product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
+// for the hand-off.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "cpu_cells.h"
+#include "cpu_gemm.h"
 #include "ort_op.h"
 
 namespace {
@@ -30,7 +36,8 @@ namespace {
 struct Ctx {
   const OrtApi* api;
   OrtKernelContext* context;
-  const char* op;  // for error messages
+  const char* op;     // for error messages
+  int64_t attribute;  // the op's int attribute, if it has one (PackedMatMul's n)
 
   OrtStatus* error(const char* fmt, long a = 0, long b = 0, long c = 0) const {
     char msg[512];
@@ -73,6 +80,17 @@ struct Ctx {
     }
     using ParallelFor = OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
     return ort::fn<ParallelFor>(api, ort::kKernelContextParallelFor)(context, body, total, 0, data);
+  }
+
+  // fn(data, index) for index in [0, batches), one batch per pool thread (each index a contiguous
+  // share of the work that the caller cut in `batches` pieces).
+  OrtStatus* for_batches(size_t batches, void (*body)(void*, size_t), void* data) const {
+    if (batches < 2) {
+      if (batches == 1) body(data, 0);
+      return nullptr;
+    }
+    using ParallelFor = OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
+    return ort::fn<ParallelFor>(api, ort::kKernelContextParallelFor)(context, body, batches, batches, data);
   }
 };
 
@@ -188,6 +206,60 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// PackedMatMul
+// ---------------------------------------------------------------------------------------------
+
+struct PackedMatMulArgs {
+  const float *x, *w;
+  float* y;
+  int64_t m, k, n, panels, panels_per_batch;
+};
+
+// One thread's contiguous range of panels: the weight bytes it streams are one block of memory.
+void packed_matmul_batch(void* data, size_t batch) {
+  const auto& a = *static_cast<const PackedMatMulArgs*>(data);
+  const int64_t first = static_cast<int64_t>(batch) * a.panels_per_batch;
+  const int64_t last = std::min(a.panels, first + a.panels_per_batch);
+  for (int64_t p = first; p < last; ++p) {
+    const int cols = static_cast<int>(std::min<int64_t>(xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
+    xlstm_cpu::packed_matmul_panel(a.x, a.m, a.k, a.w + p * a.k * xlstm_cpu::kPanel, a.y + p * xlstm_cpu::kPanel,
+                                   a.n, cols);
+  }
+}
+
+// Below this many multiply-adds a product runs on the calling thread (a hand-off costs microseconds).
+constexpr int64_t kParallelMatMulWork = 1 << 17;
+
+OrtStatus* packed_matmul_compute(const Ctx& ctx) {
+  PackedMatMulArgs a{};
+  std::vector<int64_t> x, w;
+  if (OrtStatus* s = ctx.input(0, &a.x, &x)) return s;
+  if (OrtStatus* s = ctx.input(1, &a.w, &w)) return s;
+  a.n = ctx.attribute;
+  if (w.size() != 3 || w[2] != xlstm_cpu::kPanel || a.n <= 0 || (a.n + xlstm_cpu::kPanel - 1) / xlstm_cpu::kPanel != w[0])
+    return ctx.error("w must be [ceil(n / 32), K, 32] for the attribute n = %ld, got rank %ld with %ld panels",
+                     static_cast<long>(a.n), static_cast<long>(w.size()), w.empty() ? -1L : static_cast<long>(w[0]));
+  if (x.empty() || x.back() != w[1])
+    return ctx.error("x must be [..., K] with K = %ld (w's second dim), got last dim %ld", static_cast<long>(w[1]),
+                     x.empty() ? -1L : static_cast<long>(x.back()));
+  a.k = w[1];
+  a.panels = w[0];
+  a.m = 1;
+  for (size_t d = 0; d + 1 < x.size(); ++d) a.m *= x[d];
+  std::vector<int64_t> y(x);
+  y.back() = a.n;
+  if (OrtStatus* s = ctx.output(0, y, &a.y)) return s;
+  if (a.m == 0) return nullptr;
+  // One contiguous range of panels per thread (the pool runs `batches` batches of one index each).
+  const int64_t work = a.m * a.k * a.panels * xlstm_cpu::kPanel;
+  const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t batches = work < kParallelMatMulWork ? 1 : std::min(a.panels, threads);
+  a.panels_per_batch = (a.panels + batches - 1) / batches;
+  return ctx.for_batches(static_cast<size_t>((a.panels + a.panels_per_batch - 1) / a.panels_per_batch),
+                         packed_matmul_batch, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The OrtCustomOp tables
 // ---------------------------------------------------------------------------------------------
 
@@ -195,6 +267,7 @@ struct Kernel {
   const OrtApi* api;
   const char* name;
   OrtStatus* (*compute)(const Ctx&);
+  int64_t attribute;
 };
 
 struct OpDef {
@@ -202,21 +275,28 @@ struct OpDef {
   const char* name;
   size_t inputs, outputs;
   OrtStatus* (*compute)(const Ctx&);
+  const char* int_attribute;  // a required int attribute handed to compute (nullptr: none)
 };
 
 const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const OpDef*>(op); }
 
-OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo*, void** out) {
-  *out = new Kernel{api, def(op)->name, def(op)->compute};
+OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  int64_t attribute = 0;
+  if (const char* name = def(op)->int_attribute) {
+    using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
+    if (OrtStatus* s = ort::fn<GetInt>(api, ort::kKernelInfoGetAttributeInt64)(info, name, &attribute)) return s;
+  }
+  *out = new Kernel{api, def(op)->name, def(op)->compute, attribute};
   return nullptr;
 }
 
 OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   const auto* k = static_cast<const Kernel*>(kernel);
-  return k->compute(Ctx{k->api, context, k->name});
+  return k->compute(Ctx{k->api, context, k->name, k->attribute});
 }
 
-OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&)) {
+OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&),
+              const char* int_attribute = nullptr) {
   OpDef d{};
   OrtCustomOpLayout& t = d.table;
   ort::fill_common(t, create_kernel, compute_kernel);
@@ -230,17 +310,19 @@ OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*comp
   d.inputs = inputs;
   d.outputs = outputs;
   d.compute = compute;
+  d.int_attribute = int_attribute;
   return d;
 }
 
 // onnxruntime keeps pointers to these for as long as any session uses them: static storage.
 const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
 const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
+const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, "n");
 
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table};
-  return ort::register_ops(options, base, "xlstm.cpu", ops, 2);
+  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table};
+  return ort::register_ops(options, base, "xlstm.cpu", ops, 3);
 }

@@ -1,8 +1,9 @@
 """The native onnxruntime CPU kernels (plugins/cpu_ops.cc via xlstm_export.ort_native).
 
-They replace the mLSTM decode step and the sLSTM time loop inside the exported function bodies, so
-they are checked (1) cell by cell against the float64 PyTorch references, (2) whole models against
-the same file run through its standard-op bodies, and (3) at the CLI. The library is compiled with
+They replace the mLSTM decode step and the sLSTM time loop inside the exported function bodies and
+the weight MatMuls of the main graph (PackedMatMul over packed weights), so they are checked (1) op
+by op against float64 references, (2) whole models against the same file run through its standard
+ops, and (3) at the CLI. The library is compiled with
 the system C++ compiler on first use; without one these tests skip and say so.
 """
 
@@ -152,6 +153,98 @@ def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
     with pytest.raises(ort_native.NativeOpsError, match="no xlstm::mLSTM / xlstm::sLSTM function body"):
         ort_native.with_native_ops(plain)
+
+
+# --- PackedMatMul -----------------------------------------------------------------------------------
+
+
+def _matmul_model(k: int, n: int, w: np.ndarray, x_rank: int) -> onnx.ModelProto:
+    h = onnx.helper
+    x_dims = ["M", k] if x_rank == 2 else ["B", "S", k] if x_rank == 3 else [k]
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_dims)],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                         initializer=[onnx.numpy_helper.from_array(w, "w")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_pack_weight_layout():
+    w = np.random.default_rng(0).standard_normal((5, 70), dtype=np.float32)
+    p = ort_native.pack_weight(w)
+    assert p.shape == (3, 5, 32) and p.flags.c_contiguous  # ceil(70 / 32) panels
+    assert np.array_equal(p.transpose(1, 0, 2).reshape(5, 96)[:, :70], w)
+    assert not p[2, :, 6:].any()  # the last panel's padding is zero
+    with pytest.raises(ValueError, match=r"\[K, N\]"):
+        ort_native.pack_weight(w[0])
+
+
+# (x shape, N): decode rows (M = 1 .. 8), remainders of the 8-row block, prefill-like M, odd K,
+# N below, at and across panel edges, and products large enough for the multi-threaded path
+@pytest.mark.parametrize("x_shape,n", [((45,), 5), ((1, 45), 32), ((3, 100), 33), ((8, 77), 200),
+                                       ((2, 7, 61), 97), ((13, 300), 1000), ((1, 1, 768), 2312),
+                                       ((5, 37, 129), 300)])
+def test_packed_matmul_matches_float64(x_shape, n):
+    rng = np.random.default_rng(sum(x_shape) + n)
+    k = x_shape[-1]
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    native = ort_native.with_native_ops(_matmul_model(k, n, w, len(x_shape)), check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["PackedMatMul"]
+    assert [tuple(t.dims) for t in native.graph.initializer] == [(-(-n // 32), k, 32)]
+    (y,) = _session(native).run(None, {"x": x})
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    # float32 sums of K products in k order against float64: ~sqrt(K) * 2^-24 relative
+    assert _rel(y, ref) < 1e-5
+
+
+def test_packed_matmul_every_row_remainder():
+    """M = 1 .. 17 covers every remainder of the 8-row register block, alone and after full blocks."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((23, 50), dtype=np.float32)
+    sess = _session(ort_native.with_native_ops(_matmul_model(23, 50, w, 2), check_xlstm=False))
+    for m in range(1, 18):
+        x = rng.standard_normal((m, 23), dtype=np.float32)
+        (y,) = sess.run(None, {"x": x})
+        assert _rel(y, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5, f"M = {m}"
+
+
+def test_packed_matmul_rewrite_leaves_what_it_cannot_pack():
+    """Only a float32 MatMul by a 2-D initializer that nothing else reads is packed: a weight shared
+    with another node (a tied embedding), a float16 one, one fed as a graph input, a computed one
+    stay standard MatMuls."""
+    h, rng = onnx.helper, np.random.default_rng(1)
+    f32 = [onnx.numpy_helper.from_array(rng.standard_normal((8, 16), dtype=np.float32), n)
+           for n in ("packed", "shared", "overridable")]
+    f16 = onnx.numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float16), "half")
+    nodes = [h.make_node("MatMul", ["x", "packed"], ["y0"]),
+             h.make_node("MatMul", ["x", "shared"], ["y1"]), h.make_node("Identity", ["shared"], ["y2"]),
+             h.make_node("MatMul", ["x", "overridable"], ["y3"]),
+             h.make_node("Cast", ["x"], ["xh"], to=onnx.TensorProto.FLOAT16), h.make_node("MatMul", ["xh", "half"], ["y4"]),
+             h.make_node("Transpose", ["packed_t"], ["wt"]), h.make_node("MatMul", ["x", "wt"], ["y5"])]
+    wt = onnx.numpy_helper.from_array(rng.standard_normal((16, 8), dtype=np.float32), "packed_t")
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8]),
+                                      h.make_tensor_value_info("overridable", onnx.TensorProto.FLOAT, [8, 16])],
+                         [h.make_tensor_value_info(f"y{j}", onnx.TensorProto.FLOAT16 if j == 4 else
+                                                   onnx.TensorProto.FLOAT, None) for j in range(6)],
+                         initializer=[*f32, f16, wt])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    native = ort_native.with_native_ops(model, check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node if "MatMul" in nd.op_type] == [
+        "PackedMatMul", "MatMul", "MatMul", "MatMul", "MatMul"]
+    x = rng.standard_normal((2, 8), dtype=np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    got = _session(native).run(None, {"x": x})
+    for a, e in zip(got, want):
+        assert _rel(a, e) < 1e-5
+
+
+def test_packed_matmul_rejects_a_mismatched_input_with_its_own_message():
+    w = np.random.default_rng(2).standard_normal((16, 40), dtype=np.float32)
+    native = ort_native.with_native_ops(_matmul_model(16, 40, w, 2), check_xlstm=False)
+    native.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "K"  # let a wrong K through
+    with pytest.raises(Exception, match=r"xlstm\.cpu::PackedMatMul: x must be \[\.\.\., K\] with K = 16"):
+        _session(native).run(None, {"x": np.ones((2, 15), np.float32)})
 
 
 # --- whole models ----------------------------------------------------------------------------------

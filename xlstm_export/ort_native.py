@@ -1,4 +1,4 @@
-"""Native onnxruntime CPU kernels for the xLSTM cells: swap them into an exported model's bodies.
+"""Native onnxruntime CPU kernels for the xLSTM cells and the weight products: swap them in.
 
 An exported model runs on stock onnxruntime through the ``xlstm`` nodes' function bodies in
 standard ops. At decode (S == 1) that body is ~35 small ops per mLSTM cell, each a kernel launch
@@ -9,26 +9,37 @@ the state:
 
 * ``xlstm.cpu::mLSTMStep(q, k, v, i, f, c0, n0, m0, eps) -> (h, c, n, m)`` replaces the ``S == 1``
   branch of the mLSTM body (the chunkwise branch, MatMul-bound at prefill, is kept);
-* ``xlstm.cpu::sLSTMScan(h0, c0, n0, m0, x, r) -> (h, c, n, m, y)`` replaces the sLSTM body's Scan.
+* ``xlstm.cpu::sLSTMScan(h0, c0, n0, m0, x, r) -> (h, c, n, m, y)`` replaces the sLSTM body's Scan;
+* ``xlstm.cpu::PackedMatMul(x, w) -> y`` (attribute ``n``) replaces each float32 MatMul of the main
+  graph by a weight initializer [K, n]: the weight is packed into column panels [ceil(n/32), K, 32]
+  (:func:`pack_weight`) so that each thread streams one contiguous block of it. A decode step is
+  mostly these products reading their weights once; onnxruntime's MatMul reads a [K, n] weight in
+  strided pieces and, at a few rows, stays further from the memory-bandwidth floor.
 
 :func:`with_native_ops` rewrites a loaded ModelProto in memory (the file on disk stays portable),
 and :func:`register` adds the library to a SessionOptions; ``OrtModel(path, native_ops=True)`` does
-both. Both kernels read float32 (the bodies cast to float32 before them), so fp16 / bf16 exports
-use them too. Parity with the standard-op bodies is tested in tests/test_ort_native.py.
+both. The cell kernels read float32 (the bodies cast to float32 before them), so fp16 / bf16 exports
+use them too; the products are packed only where the MatMul is float32. Parity with the standard-op
+graph is tested in tests/test_ort_native.py.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 import onnx
-from onnx import FunctionProto, GraphProto, ModelProto, helper
+from onnx import FunctionProto, GraphProto, ModelProto, helper, numpy_helper
 
 from . import onnx_functions as of
 from .contract import DOMAIN, MLSTM, SLSTM
 
-__all__ = ["NATIVE_DOMAIN", "NativeOpsError", "library_path", "register", "with_native_ops"]
+__all__ = ["NATIVE_DOMAIN", "PANEL", "NativeOpsError", "library_path", "pack_weight", "register",
+           "with_native_ops"]
 
 NATIVE_DOMAIN = "xlstm.cpu"  # custom-op domain of the library (cpu_ops.cc registers these names)
 NATIVE_VERSION = 1
+PANEL = 32  # columns per packed weight panel (kPanel in plugins/cpu_gemm.h)
 
 
 class NativeOpsError(RuntimeError):
@@ -79,13 +90,63 @@ def _rewrite_slstm(fn: FunctionProto) -> None:
                                    domain=NATIVE_DOMAIN, name="native_slstm_scan"))
 
 
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """A MatMul weight [K, N] in PackedMatMul's layout [ceil(N / 32), K, 32] (panel p = columns
+    32p .. 32p+31, row after row; the last panel zero-padded), float32 and contiguous."""
+    if w.ndim != 2:
+        raise ValueError(f"a MatMul weight is [K, N], got shape {w.shape}")
+    k, n = w.shape
+    panels = -(-n // PANEL)
+    padded = np.zeros((k, panels * PANEL), dtype=np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+
+
+def _names_used(graph: GraphProto, counts: Counter) -> None:
+    """Count every value name ``graph`` (and its subgraphs) reads, and its outputs."""
+    for node in graph.node:
+        counts.update(x for x in node.input if x)
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _names_used(g, counts)
+    counts.update(o.name for o in graph.output)
+
+
+def _pack_matmuls(graph: GraphProto) -> int:
+    """Swap each float32 ``MatMul(x, W)`` of ``graph`` whose W is an initializer [K, N] read by
+    nothing else for ``PackedMatMul(x, pack_weight(W))``; the packed copy replaces W. Returns how
+    many were swapped."""
+    inits = {t.name: t for t in graph.initializer}
+    overridable = {i.name for i in graph.input}  # an initializer listed as a graph input can be fed
+    uses = Counter()
+    _names_used(graph, uses)
+    swapped = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        name = node.input[1]
+        t = inits.get(name)
+        if (t is None or name in overridable or uses[name] != 1 or t.data_type != onnx.TensorProto.FLOAT
+                or len(t.dims) != 2):
+            continue
+        w = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array(pack_weight(w), f"{name}.packed{PANEL}"))
+        node.CopyFrom(helper.make_node("PackedMatMul", [node.input[0], t.name], list(node.output),
+                                       domain=NATIVE_DOMAIN, name=node.name, n=int(w.shape[1])))
+        swapped += 1
+    return swapped
+
+
 def _add_opset(imports, domain: str, version: int) -> None:
     if not any(o.domain == domain for o in imports):
         imports.append(helper.make_opsetid(domain, version))
 
 
-def with_native_ops(model: ModelProto, *, inplace: bool = False) -> ModelProto:
-    """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels."""
+def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: bool = True,
+                    check_xlstm: bool = True) -> ModelProto:
+    """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels
+    and, when ``pack_matmuls``, its float32 weight MatMuls swapped for ``PackedMatMul``. A model
+    with no xlstm body to rewrite is refused unless ``check_xlstm`` is False."""
     out = model
     if not inplace:
         out = ModelProto()
@@ -102,7 +163,9 @@ def with_native_ops(model: ModelProto, *, inplace: bool = False) -> ModelProto:
             continue
         _add_opset(fn.opset_import, NATIVE_DOMAIN, NATIVE_VERSION)
         rewritten += 1
-    if not rewritten:
+    if not rewritten and check_xlstm:
         raise NativeOpsError("the model has no xlstm::mLSTM / xlstm::sLSTM function body to run natively")
+    if pack_matmuls:
+        _pack_matmuls(out.graph)
     _add_opset(out.opset_import, NATIVE_DOMAIN, NATIVE_VERSION)
     return out

@@ -1,0 +1,77 @@
+// Float32 matrix product y = x W against a weight packed into column panels.
+//
+// Used by the onnxruntime custom op xlstm.cpu::PackedMatMul (cpu_ops.cc); xlstm_export/ort_native.py
+// packs the weights of an exported model's MatMuls when it loads the model.
+//
+// Why a packed layout: a decode step is a chain of matrix-vector products whose cost is reading
+// every weight once from DRAM. In an ONNX MatMul's [K, N] row-major weight, a thread that owns a
+// range of output columns reads K short pieces strided N floats apart. Packed as [P, K, 32]
+// (panel p holds columns 32p .. 32p+31, one 32-float row after another, the last panel zero-padded),
+// a thread that owns a range of panels reads one contiguous range of memory front to back, which
+// is what the hardware prefetchers stream best. The same layout feeds a register-blocked kernel
+// (8 rows x 32 columns of accumulators, each weight vector loaded once per 8 rows), so the prefill
+// products with many rows are compute-bound rather than load-bound.
+//
+// The vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register where the CPU has
+// it, two AVX2 registers (or four SSE registers) where it does not; the library is built with
+// -march=native.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace xlstm_cpu {
+
+constexpr int kPanel = 32;     // columns per packed panel
+constexpr int kBlockRows = 8;  // rows of x per register block
+
+using vec16 = float __attribute__((vector_size(64)));
+
+inline vec16 load16(const float* p) {  // unaligned load (onnxruntime's buffers need not be 64-aligned)
+  vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[r * kPanel + j] = sum_k x[r * ldx + k] * panel[k * kPanel + j]   for r < R, j < kPanel.
+// Summed in k order, one product at a time (fused multiply-add where the CPU has it).
+template <int R>
+inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  vec16 acc[R][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const vec16 w0 = load16(panel + k * kPanel);
+    const vec16 w1 = load16(panel + k * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * ldx + k];
+      acc[r][0] += xr * w0;
+      acc[r][1] += xr * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(out + r * kPanel, acc[r], sizeof acc[r]);
+}
+
+// y[m, 0:cols] = x[m, :] . panel  for every m < M: one panel's columns of the product.
+//   x [M, K] row-major;  panel [K, kPanel];  y: the panel's first output column, row stride ldy;
+//   cols <= kPanel: the panel's real columns (the rest is padding and is not written).
+inline void packed_matmul_panel(const float* x, int64_t M, int64_t K, const float* panel, float* y,
+                                int64_t ldy, int cols) {
+  float out[kBlockRows * kPanel];
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, M - m0));
+    const float* xb = x + m0 * K;
+    switch (rows) {
+      case 8: panel_block<8>(xb, K, panel, K, out); break;
+      case 7: panel_block<7>(xb, K, panel, K, out); break;
+      case 6: panel_block<6>(xb, K, panel, K, out); break;
+      case 5: panel_block<5>(xb, K, panel, K, out); break;
+      case 4: panel_block<4>(xb, K, panel, K, out); break;
+      case 3: panel_block<3>(xb, K, panel, K, out); break;
+      case 2: panel_block<2>(xb, K, panel, K, out); break;
+      default: panel_block<1>(xb, K, panel, K, out); break;
+    }
+    for (int r = 0; r < rows; ++r) std::memcpy(y + (m0 + r) * ldy, out + r * kPanel, sizeof(float) * cols);
+  }
+}
+
+}  // namespace xlstm_cpu
