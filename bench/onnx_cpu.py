@@ -33,7 +33,7 @@ worker threads sleep), so that the slow drifts of a shared machine hit every fra
   model: projections, LM head and the chunkwise cell) / matmul rate (the faster of a 2048^3
   float32 ``torch.mm`` and an onnxruntime MatMul at the same thread count). Beside them: the
   exported model's weight MatMuls alone in onnxruntime at M = B (what a decode step costs before
-  cells, norms and small ops) and the bytes of recurrent state read and written per step.
+  cells, norms and small ops; as exported, and packed as the native kernels run them) and the bytes of recurrent state read and written per step.
 
 Every framework uses the same thread count (``--threads``, default all cores):
 ``torch.set_num_threads`` and onnxruntime ``intra_op_num_threads``. A parity column gives each
@@ -92,7 +92,7 @@ SMALL_MODELS = ("tiny", "tiny-large", "large-5m")  # framework overhead dominate
 LARGE_MODEL = "xlstm-large-160m"  # the fastest-peer and 1.2x-floor targets
 FASTER_THAN_EAGER = 3.0  # target: ORT at least this much faster than every eager peer (small models)
 FLOOR_RATIO = 1.2  # target: ORT decode within this factor of the weight-streaming floor (large model)
-ORT_NAME, NATIVE_NAME = "onnxruntime", "onnxruntime + native cells"  # the two ways ORT runs the file
+ORT_NAME, NATIVE_NAME = "onnxruntime", "onnxruntime + native kernels"  # the two ways ORT runs the file
 ROUND_BW_REPEATS = 3  # read-bandwidth probes per round (best of), for the same-round floor
 SETTLE_S = 0.3  # pause between frameworks (spin-waiting worker threads go to sleep)
 ROUND_WARMUP_S = 0.2  # untimed decode steps after the pause, before each framework's timed steps
@@ -224,10 +224,13 @@ def _ort_runner(path: Path, threads: int, native: bool = False) -> Runner:
     from xlstm_export.ort import OrtModel
 
     om = OrtModel(path, intra_op_threads=threads, native_ops=native)
-    note = ("OrtModel(native_ops=True).run: the mLSTM decode step and the sLSTM loop as native CPU kernels"
-            if native else "OrtModel.run (numpy in / out), the cells through their standard-op bodies")
+    dec = om.decoder()
+    how = ("OrtModel(native_ops=True): the mLSTM decode step, the sLSTM loop and the float32 weight "
+           "MatMuls (packed) as native CPU kernels" if native else
+           "OrtModel: the file as exported, the cells through their standard-op bodies")
+    note = how + "; prefill with .run, decode with .decoder() (state in IOBinding-bound buffers)"
     return Runner(NATIVE_NAME if native else ORT_NAME, lambda ids: om.run(ids)[0], om.init_state,
-                  lambda tok, state: om.run(tok, state)[1], note)
+                  lambda tok, state: dec(tok, state)[1], note)
 
 
 def _hf_runner(model) -> Runner:
@@ -422,10 +425,11 @@ def measure_matmul(threads: int, n: int = 2048, repeats: int = 10) -> dict[str, 
     return out
 
 
-def measure_matmul_chain(path: Path, B: int, threads: int, steps: int) -> float:
+def measure_matmul_chain(path: Path, B: int, threads: int, steps: int, packed: bool = False) -> float:
     """Median seconds of the exported model's weight MatMuls ALONE at decode (M = B rows), in
     onnxruntime: every MatMul of the graph with a constant 2-D weight, the same initializers, fed
-    from one (B, K) input. The rest of a decode step (cells, norms, small ops) is the difference."""
+    from one (B, K) input. The rest of a decode step (cells, norms, small ops) is the difference.
+    ``packed``: the same chain as the native kernels run it (PackedMatMul over packed weights)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -446,8 +450,13 @@ def measure_matmul_chain(path: Path, B: int, threads: int, steps: int) -> float:
                               outs, initializer=weights + extra)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-                                .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    chain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if packed:
+        from xlstm_export import ort_native
+
+        chain = ort_native.with_native_ops(chain, inplace=True, check_xlstm=False)
+        ort_native.register(opts)
+    sess = ort.InferenceSession(chain.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del model, graph
     feed = {"x": np.random.default_rng(0).standard_normal((B, k_max), dtype=np.float32)}
     _settle()
@@ -634,12 +643,15 @@ def bench_model(name: str, args, floors: dict[str, float], workdir: Path) -> dic
             out["rows"].append(rows[r.name])
             print(f"#   B={B} {r.name}: {_fmt_row(rows[r.name])}", file=sys.stderr)
         matmuls_ms = 1e3 * measure_matmul_chain(path, B, args.threads, args.decode_steps)
+        packed_ms = (1e3 * measure_matmul_chain(path, B, args.threads, args.decode_steps, packed=True)
+                     if any(r.name == NATIVE_NAME for r in live) else None)
         out.setdefault("floors", []).append({
             "B": B, "S": S, "flops_prefill": flops, "flops_step": flops_step, "weight_bytes": wbytes,
             "prefill_tok_s": B * S / floor_prefill_s, "decode_bw_ms": 1e3 * floor_bw_s,
             "decode_flop_ms": 1e3 * floor_flop_step_s,
             "decode_ms": 1e3 * max(floor_bw_s, floor_flop_step_s),
-            "state_bytes": ours.state_bytes(B), "ort_matmuls_ms": matmuls_ms, "round_read_gbs": round_bw,
+            "state_bytes": ours.state_bytes(B), "ort_matmuls_ms": matmuls_ms,
+            "packed_matmuls_ms": packed_ms, "round_read_gbs": round_bw,
         })
     if args.memory and name in args.memory_models:
         out["memory"] = measure_memory(path, args.memory_batch, args.memory_seq_lens, args.threads)
@@ -662,7 +674,7 @@ def _fmt_row(row: dict[str, Any]) -> str:
 
 
 def _best_ort(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The faster-decoding of the onnxruntime rows (as exported / with the native cells)."""
+    """The faster-decoding of the onnxruntime rows (as exported / with the native kernels)."""
     ort = [r for r in rows if r["framework"] in (ORT_NAME, NATIVE_NAME) and "error" not in r]
     return min(ort, key=lambda r: r["decode_ms"]) if ort else None
 
@@ -758,7 +770,9 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{f['decode_flop_ms']:.3f} ms; prefill matmul {f['flops_prefill'] / 1e9:.2f} GFLOP; "
                      f"recurrent state {f['state_bytes'] / 2**20:.1f} MiB (read and written once per step: "
                      f"{2e3 * f['state_bytes'] / (meta['floors']['read_gbs'] * 1e9):.3f} ms); the exported "
-                     f"model's weight MatMuls alone in onnxruntime: {f['ort_matmuls_ms']:.3f} ms/step; read "
+                     f"model's weight MatMuls alone in onnxruntime: {f['ort_matmuls_ms']:.3f} ms/step"
+                     + (f" (packed, as the native kernels run them: {f['packed_matmuls_ms']:.3f} ms/step)"
+                        if f.get("packed_matmuls_ms") is not None else "") + "; read "
                      f"bandwidth at the start of each round {min(f['round_read_gbs']):.1f}-"
                      f"{max(f['round_read_gbs']):.1f} GB/s (median {statistics.median(f['round_read_gbs']):.1f}).  ")
         for k, v in res["skipped"].items():

@@ -227,8 +227,11 @@ void packed_matmul_batch(void* data, size_t batch) {
   }
 }
 
-// Below this many multiply-adds a product runs on the calling thread (a hand-off costs microseconds).
-constexpr int64_t kParallelMatMulWork = 1 << 17;
+// A product is split over the pool when its weight is large enough that streaming it from memory
+// on more cores pays (>= 1 MiB), or when its arithmetic is (>= 2M multiply-adds, ~40 us on one core);
+// below both, a hand-off of a few microseconds costs more than it saves.
+constexpr int64_t kParallelMatMulBytes = 1 << 20;
+constexpr int64_t kParallelMatMulWork = 1 << 21;
 
 OrtStatus* packed_matmul_compute(const Ctx& ctx) {
   PackedMatMulArgs a{};
@@ -251,9 +254,12 @@ OrtStatus* packed_matmul_compute(const Ctx& ctx) {
   if (OrtStatus* s = ctx.output(0, y, &a.y)) return s;
   if (a.m == 0) return nullptr;
   // One contiguous range of panels per thread (the pool runs `batches` batches of one index each).
-  const int64_t work = a.m * a.k * a.panels * xlstm_cpu::kPanel;
-  const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t batches = work < kParallelMatMulWork ? 1 : std::min(a.panels, threads);
+  const int64_t weight = a.k * a.panels * xlstm_cpu::kPanel;
+  const bool parallel = weight * static_cast<int64_t>(sizeof(float)) >= kParallelMatMulBytes ||
+                        a.m * weight >= kParallelMatMulWork;
+  // hardware_concurrency() reads /sys on every call: once per process
+  static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t batches = parallel ? std::min(a.panels, threads) : 1;
   a.panels_per_batch = (a.panels + batches - 1) / batches;
   return ctx.for_batches(static_cast<size_t>((a.panels + a.panels_per_batch - 1) / a.panels_per_batch),
                          packed_matmul_batch, &a);

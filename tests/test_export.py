@@ -165,6 +165,44 @@ def test_ort_generation_equals_torch(kind, exported):
     np.testing.assert_array_equal(ort_sampled, torch_sampled.numpy())
 
 
+@pytest.mark.parametrize("kind,dtype", [("paper", "fp32"), ("large", "fp32"), ("large", "fp16")])
+def test_ort_decoder_matches_run_and_guards_its_buffers(kind, dtype, exported):
+    """OrtModel.decoder() keeps the state in IOBinding-bound buffers: the same numbers as run(), a
+    new batch size reallocates, and a state whose buffers a later step reused is refused."""
+    kwargs = {"external_data": True} if dtype == "fp16" else {}
+    model, _, om = exported(kind, dtype, **kwargs)
+    dec = om.decoder()
+    rng = np.random.default_rng(11)
+    V = model.config.vocab_size
+    for B in (3, 2):  # the second prefill changes the batch: the buffers are made again
+        ids = rng.integers(0, V, (B, 7))
+        (lr, sr), (ld, sd) = om.run(ids), dec(ids)
+        for step in range(4):
+            assert ld.dtype == np.float32 and np.array_equal(ld, lr), (B, step)
+            assert sd.keys() == sr.keys() and all(np.array_equal(sd[k], sr[k]) for k in sr), (B, step)
+            tok = rng.integers(0, V, (B, 1))
+            (lr, sr), (ld, sd) = om.run(tok, sr), dec(tok, sd)
+    stale = sd
+    _, sd = dec(rng.integers(0, V, (2, 1)), sd)
+    _, sd = dec(rng.integers(0, V, (2, 1)), sd)  # reuses the buffers `stale` points at
+    with pytest.raises(ValueError, match="overwritten by a later step"):
+        dec(rng.integers(0, V, (2, 1)), stale)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        dec(np.full((2, 1), V), sd)
+    own = {k: v.copy() for k, v in sd.items()}  # a copied state is a plain dict: the run() path
+    (l1, _), (l2, _) = dec(np.ones((2, 1), np.int64), own), om.run(np.ones((2, 1), np.int64), own)
+    assert np.array_equal(l1, l2)
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_ort_decoder_generation_equals_torch(kind, exported):
+    model, _, om = exported(kind)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    got = generate(om.decoder(), prompt.numpy(), 9).tokens
+    want, _ = model.generate(prompt, 9)
+    np.testing.assert_array_equal(got, want.numpy())
+
+
 # --- float16 / bfloat16 exports ------------------------------------------------------------------
 
 

@@ -113,7 +113,7 @@ def _runner(target: str, native_ops: bool = False):
 
         _require_file(target, ".onnx")
         m = OrtModel(target, native_ops=native_ops)
-        return m.run, m.vocab_size, "onnxruntime" + (" (native cells)" if native_ops else "")
+        return m.decoder(), m.vocab_size, "onnxruntime" + (" (native kernels)" if native_ops else "")
     if target.endswith((".plan", ".engine")):
         from .tensorrt import TrtModel
 
@@ -226,7 +226,7 @@ def cmd_run(args) -> int:
     n = args.max_new_tokens
     ref = generate(torch_runner(model), prompt, n)
     ort_model = OrtModel(onnx_path)
-    got = generate(ort_model.run, prompt, n)
+    got = generate(ort_model.decoder(), prompt, n)
     same = bool(np.array_equal(ref.tokens, got.tokens))
     ok &= same
     summary.append(("generate", f"{n} greedy tokens: onnxruntime {'==' if same else '!='} PyTorch; "
@@ -235,14 +235,14 @@ def cmd_run(args) -> int:
     try:
         find_compiler()
     except CompilerNotFoundError:
-        summary.append(("native cells", "skipped: no C++ compiler to build the native CPU kernels "
+        summary.append(("native kernels", "skipped: no C++ compiler to build the native CPU kernels "
                                         "(install g++ or set CXX)"))
     else:
         native_report = validate_onnx(onnx_path, model, native_ops=True, cases=VALIDATE_CASES)
-        native_gen = generate(OrtModel(onnx_path, native_ops=True).run, prompt, n)
+        native_gen = generate(OrtModel(onnx_path, native_ops=True).decoder(), prompt, n)
         native_same = bool(np.array_equal(ref.tokens, native_gen.tokens))
         ok &= native_report.ok and native_same
-        summary.append(("native cells", f"{'PASS' if native_report.ok else 'FAIL'}: onnxruntime with the native "
+        summary.append(("native kernels", f"{'PASS' if native_report.ok else 'FAIL'}: onnxruntime with the native "
                                         f"CPU kernels vs PyTorch, worst rel err {native_report.worst().rel:.1e}; "
                                         f"greedy tokens {'==' if native_same else '!='} PyTorch; decode "
                                         f"{native_gen.ms_per_token:.2f} ms/token"))
