@@ -272,12 +272,7 @@ class OrtModel:
         """
         import onnxruntime as ort
 
-        ids = _as_array(input_ids, np.int64)
-        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
-        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = self._token_ids(input_ids)
         B = ids.shape[0]
         if state is None:
             state = self.init_state(B)
@@ -302,6 +297,16 @@ class OrtModel:
         logits = _ortvalue_to_numpy(outs[0]).astype(np.float32, copy=False)
         new_state = {k: _ortvalue_to_numpy(v) for k, v in zip(self.state_names, outs[1:])}
         return logits, new_state
+
+    def _token_ids(self, input_ids) -> np.ndarray:
+        """input_ids as int64 (B, S), checked against the vocabulary."""
+        ids = _as_array(input_ids, np.int64)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
+        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        return ids
 
     def decoder(self) -> OrtDecoder:
         """A runner like :meth:`run` that keeps a decode stream's state in session-bound buffers."""
@@ -332,8 +337,10 @@ class OrtDecoder:
             raise ValueError("OrtDecoder needs a graph with numpy outputs (a bfloat16 graph on a "
                              "non-CPU provider returns OrtValues): use OrtModel.run")
         self.model = model
-        self._logits_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[
-            model.session.get_outputs()[0].type]
+        logits_type = model.session.get_outputs()[0].type
+        self._logits_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(logits_type)
+        if self._logits_dtype is None:
+            raise ValueError(f"OrtDecoder binds float32 or float16 logits, the graph gives {logits_type}")
         self._batch = None  # the batch size the buffers are for
         self._serial = 0  # steps taken; the serial of the last returned state
 
@@ -366,13 +373,10 @@ class OrtDecoder:
     def __call__(self, input_ids, state: Mapping[str, Any] | None = None) -> tuple[np.ndarray, BoundState]:
         if isinstance(state, BoundState) and state.decoder is self:
             if state.serial != self._serial:
-                raise ValueError("this state's buffers were overwritten by a later step of the decoder; "
-                                 "pass the state the decoder returned last, or copy the states you keep")
-            ids = _as_array(input_ids, np.int64)
+                raise ValueError("this state is not the last one the decoder returned, and later steps reuse "
+                                 "its buffers: pass the last one, or copy the states you keep")
+            ids = self.model._token_ids(input_ids)
             if ids.shape == self._ids.shape:  # a decode step on the bound buffers
-                if self.model.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.model.vocab_size):
-                    raise ValueError(f"token ids must lie in [0, {self.model.vocab_size}), got values in "
-                                     f"[{ids.min()}, {ids.max()}]")
                 self._ids[...] = ids
                 self.model.session.run_with_iobinding(self._bindings[self._current])
                 return self._logits.astype(np.float32), self._returned(1 - self._current)
