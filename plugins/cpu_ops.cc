@@ -72,25 +72,16 @@ struct Ctx {
     return nullptr;
   }
 
-  // fn(data, index) for index in [0, total): on the session's intra-op pool when `parallel`.
-  OrtStatus* for_each(size_t total, bool parallel, void (*body)(void*, size_t), void* data) const {
+  // fn(data, index) for index in [0, total): on the session's intra-op pool when `parallel`, which
+  // groups the indices into `batches` contiguous batches (0: as it sees fit).
+  OrtStatus* for_each(size_t total, bool parallel, void (*body)(void*, size_t), void* data,
+                      size_t batches = 0) const {
     if (!parallel || total < 2) {
       for (size_t t = 0; t < total; ++t) body(data, t);
       return nullptr;
     }
     using ParallelFor = OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
-    return ort::fn<ParallelFor>(api, ort::kKernelContextParallelFor)(context, body, total, 0, data);
-  }
-
-  // fn(data, index) for index in [0, batches), one batch per pool thread (each index a contiguous
-  // share of the work that the caller cut in `batches` pieces).
-  OrtStatus* for_batches(size_t batches, void (*body)(void*, size_t), void* data) const {
-    if (batches < 2) {
-      if (batches == 1) body(data, 0);
-      return nullptr;
-    }
-    using ParallelFor = OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
-    return ort::fn<ParallelFor>(api, ort::kKernelContextParallelFor)(context, body, batches, batches, data);
+    return ort::fn<ParallelFor>(api, ort::kKernelContextParallelFor)(context, body, total, batches, data);
   }
 };
 
@@ -263,8 +254,8 @@ OrtStatus* packed_matmul_compute(const Ctx& ctx) {
   static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t batches = parallel ? std::min(a.panels, threads) : 1;
   a.panels_per_batch = (a.panels + batches - 1) / batches;
-  return ctx.for_batches(static_cast<size_t>((a.panels + a.panels_per_batch - 1) / a.panels_per_batch),
-                         packed_matmul_batch, &a);
+  const auto tasks = static_cast<size_t>((a.panels + a.panels_per_batch - 1) / a.panels_per_batch);
+  return ctx.for_each(tasks, true, packed_matmul_batch, &a, tasks);
 }
 
 // ---------------------------------------------------------------------------------------------
