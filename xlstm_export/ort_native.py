@@ -33,6 +33,7 @@ from onnx import FunctionProto, GraphProto, ModelProto, helper, numpy_helper
 
 from . import onnx_functions as of
 from .contract import DOMAIN, MLSTM, SLSTM
+from .export import _all_nodes
 
 __all__ = ["NATIVE_DOMAIN", "PANEL", "NativeOpsError", "library_path", "pack_weight", "register",
            "with_native_ops"]
@@ -102,24 +103,14 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
 
 
-def _names_used(graph: GraphProto, counts: Counter) -> None:
-    """Count every value name ``graph`` (and its subgraphs) reads, and its outputs."""
-    for node in graph.node:
-        counts.update(x for x in node.input if x)
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _names_used(g, counts)
-    counts.update(o.name for o in graph.output)
-
-
 def _pack_matmuls(graph: GraphProto) -> int:
     """Swap each float32 ``MatMul(x, W)`` of ``graph`` whose W is an initializer [K, N] read by
     nothing else for ``PackedMatMul(x, pack_weight(W))``; the packed copy replaces W. Returns how
     many were swapped."""
     inits = {t.name: t for t in graph.initializer}
     overridable = {i.name for i in graph.input}  # an initializer listed as a graph input can be fed
-    uses = Counter()
-    _names_used(graph, uses)
+    uses = Counter(x for node in _all_nodes(graph) for x in node.input if x)  # subgraphs too
+    uses.update(o.name for o in graph.output)
     swapped = 0
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
