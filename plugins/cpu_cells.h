@@ -1,8 +1,8 @@
 // Float32 CPU kernels of the two xLSTM cells, one (batch, head) at a time.
 //
 // Used by the onnxruntime custom-op library (cpu_ops.cc), which replaces the decode step of the
-// `xlstm::mLSTM` function body and the time loop of the `xlstm::sLSTM` body with these (see
-// xlstm_export/ort_native.py). The math is exactly the references' (kernels/mlstm/naive.py `_step`,
+// `xlstm::mLSTM` function body, the time loop of the `xlstm::sLSTM` body and the whole 7B-style
+// mLSTM layer between its weight products with these (see xlstm_export/ort_native.py). The math is exactly the references' (kernels/mlstm/naive.py `_step`,
 // kernels/slstm/naive.py), in float32, with the same association order where it matters
 // (h = num / den, not num * (1 / den)).
 //
@@ -20,10 +20,33 @@ inline float log_sigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::e
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// One mLSTM step of one head (S == 1).
+// ---- the mLSTM cell --------------------------------------------------------------------------
+
+// One row j of the matrix memory: c[d] = f' c_prev[d] + (i' k_j) v[d], and h[d] += q_j c[d].
+// (C_t = f' C_{t-1} + i' k v^T, one row at a time; h accumulates q^T C_t.)
+inline void mlstm_row(const float* __restrict c_prev, float* __restrict c, const float* __restrict v, float f_act,
+                      float kj, float qj, float* __restrict h, int dv) {
+  for (int d = 0; d < dv; ++d) {
+    const float cv = f_act * c_prev[d] + kj * v[d];
+    c[d] = cv;
+    h[d] += qj * cv;
+  }
+}
+
+// The same row updated in place (c_prev == c).
+inline void mlstm_row_inplace(float* __restrict c, const float* __restrict v, float f_act, float kj, float qj,
+                              float* __restrict h, int dv) {
+  for (int d = 0; d < dv; ++d) {
+    const float cv = f_act * c[d] + kj * v[d];
+    c[d] = cv;
+    h[d] += qj * cv;
+  }
+}
+
+// One mLSTM step of one head.
 //   q, k [dqk]  v [dv]  i_pre, f_pre: gate pre-activations  (q unscaled: scaled by 1/sqrt(dqk) here)
-//   c0 [dqk, dv]  n0 [dqk]  m0: the state before the step
-//   h [dv]  c [dqk, dv]  n [dqk]  m: outputs (c must not alias c0)
+//   c0 [dqk, dv]  n0 [dqk]  m0: the state before the step; c0 may be c and n0 may be n (in place)
+//   h [dv]  c [dqk, dv]  n [dqk]  m: outputs
 // One pass over the matrix memory: each row of C is decayed, written and read for h while in cache.
 inline void mlstm_step_head(const float* q, const float* k, const float* v, float i_pre, float f_pre,
                             const float* c0, const float* n0, float m0, int dqk, int dv, float eps,
@@ -43,15 +66,66 @@ inline void mlstm_step_head(const float* q, const float* k, const float* v, floa
     qn += qj * nj;
     const float* c0_row = c0 + static_cast<std::ptrdiff_t>(j) * dv;
     float* c_row = c + static_cast<std::ptrdiff_t>(j) * dv;
-    for (int d = 0; d < dv; ++d) {
-      const float cv = f_act * c0_row[d] + kj * v[d];  // C_t = f' C_{t-1} + i' k v^T
-      c_row[d] = cv;
-      h[d] += qj * cv;  // q^T C_t
+    if (c0_row == c_row) {
+      mlstm_row_inplace(c_row, v, f_act, kj, qj, h, dv);
+    } else {
+      mlstm_row(c0_row, c_row, v, f_act, kj, qj, h, dv);
     }
   }
   const float den = std::max(std::fabs(qn), std::exp(-m_new)) + eps;
   for (int d = 0; d < dv; ++d) h[d] = h[d] / den;
   *m = m_new;
+}
+
+// cap * tanh(x / cap), or x when cap <= 0 (the 7B gates' soft cap, in the exported graph's order).
+inline float soft_cap(float x, float cap) { return cap > 0.0f ? std::tanh(x / cap) * cap : x; }
+
+// The 7B-style mLSTM layer between its two weight products, for one (batch row, head) and S steps:
+// gate soft cap -> the cell -> per-head LayerNorm -> output-gate product. With the layer's inputs
+// per step (rows of the products, head slices taken here):
+//   q, k [S, *] with this head's dqk values at column 0;  v, o [S, *] with dv values at column 0
+//   row strides: q_stride (q and k), v_stride (v and o; o holds output-gate pre-activations)
+//   i_pre, f_pre [S] with stride g_stride: gate pre-activations, soft-capped here (bias added)
+//   ln_scale, ln_bias [dv]: the LayerNorm's affine part; weight [dv]: the per-head slice of the
+//   norm weight multiplied after it
+//   c0, n0, m0: the state before; c, n, m: after (c0 may be c, n0 may be n)
+//   y [S, *] (row stride v_stride, head at column 0): ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o)
+//   h: scratch [dv]
+struct MlstmLayerHead {
+  const float *q, *k, *v, *o, *i_pre, *f_pre;
+  std::ptrdiff_t q_stride, v_stride, g_stride;
+  float i_bias, f_bias, cap, eps, norm_eps;
+  const float *ln_scale, *ln_bias, *weight;
+  const float *c0, *n0;
+  float m0;
+  float *c, *n, *m, *y, *h;
+};
+
+inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
+  const float* c_prev = a.c0;
+  const float* n_prev = a.n0;
+  float m_prev = a.m0;
+  for (int t = 0; t < s; ++t) {
+    const float ip = soft_cap(a.i_pre[t * a.g_stride] + a.i_bias, a.cap);
+    const float fp = soft_cap(a.f_pre[t * a.g_stride] + a.f_bias, a.cap);
+    mlstm_step_head(a.q + t * a.q_stride, a.k + t * a.q_stride, a.v + t * a.v_stride, ip, fp, c_prev, n_prev,
+                    m_prev, dqk, dv, a.eps, a.h, a.c, a.n, a.m);
+    c_prev = a.c;  // later steps update the state in place
+    n_prev = a.n;
+    m_prev = *a.m;
+    float mean = 0.0f;
+    for (int d = 0; d < dv; ++d) mean += a.h[d];
+    mean /= static_cast<float>(dv);
+    float var = 0.0f;
+    for (int d = 0; d < dv; ++d) var += (a.h[d] - mean) * (a.h[d] - mean);
+    const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dv) + a.norm_eps);
+    const float* o = a.o + t * a.v_stride;
+    float* y = a.y + t * a.v_stride;
+    for (int d = 0; d < dv; ++d) {
+      const float normed = (a.h[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d];
+      y[d] = normed * a.weight[d] * sigmoid(o[d]);
+    }
+  }
 }
 
 // The sLSTM time loop of one head (gate order i, f, z, o).

@@ -8,10 +8,17 @@
 //       h, c, n, m like h0;  y [B, NH, S, DH]
 //   xlstm.cpu::PackedMatMul(x, w) -> y    attribute n (int): y = x W for a weight W [K, n]
 //       x [..., K]  w [ceil(n / 32), K, 32]: W packed into column panels (cpu_gemm.h)  y [..., n]
+//   xlstm.cpu::mLSTMLayer(q, k, v, g, o, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight) -> (y, c, n, m)
+//       attributes eps, norm_eps, soft_cap (float): a 7B-style mLSTM layer between its two products,
+//       any S, step by step (cpu_cells.h mlstm_layer_head)
+//       q, k [B, S, NH*DQK]  v, o [B, S, NH*DV]  g [B, S, 2*NH] (i gates, then f gates)  gate_bias [2*NH]
+//       c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV];  y [B, S, NH*DV]
 //
 // xlstm_export/ort_native.py puts these nodes inside the exported models' xlstm function bodies and
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
-// weight MatMuls of the main graph for PackedMatMul, packing their weights as it does. Everything is
+// weight MatMuls of the main graph for PackedMatMul, packing their weights as it does, and each
+// 7B-style mLSTM layer (~25 nodes of the main graph around its xlstm::mLSTM node) for one
+// mLSTMLayer. Everything is
 // float32: the bodies cast before calling. The cells split their work over (batch, head), the matrix
 // product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
 // for the hand-off.
@@ -37,7 +44,8 @@ struct Ctx {
   const OrtApi* api;
   OrtKernelContext* context;
   const char* op;     // for error messages
-  int64_t attribute;  // the op's int attribute, if it has one (PackedMatMul's n)
+  int64_t attribute;    // the op's int attribute, if it has one (PackedMatMul's n)
+  const float* floats;  // the op's float attributes, in OpDef::float_attributes order
 
   OrtStatus* error(const char* fmt, long a = 0, long b = 0, long c = 0) const {
     char msg[512];
@@ -197,6 +205,93 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// mLSTMLayer
+// ---------------------------------------------------------------------------------------------
+
+struct MlstmLayerArgs {
+  const float *q, *k, *v, *g, *o, *gate_bias, *c0, *n0, *m0, *ln_scale, *ln_bias, *weight;
+  float *y, *c, *n, *m;
+  int64_t nh, s, dqk, dv;
+  float eps, norm_eps, cap;
+};
+
+void mlstm_layer_task(void* data, size_t bh) {
+  const auto& a = *static_cast<const MlstmLayerArgs*>(data);
+  const int64_t b = static_cast<int64_t>(bh) / a.nh, head = static_cast<int64_t>(bh) % a.nh;
+  const int64_t mat = a.dqk * a.dv;
+  std::vector<float> h(static_cast<size_t>(a.dv));
+  xlstm_cpu::MlstmLayerHead l{};
+  l.q = a.q + b * a.s * a.nh * a.dqk + head * a.dqk;  // row (b, t=0) of [B, S, NH*DQK], this head's columns
+  l.k = a.k + b * a.s * a.nh * a.dqk + head * a.dqk;
+  l.v = a.v + b * a.s * a.nh * a.dv + head * a.dv;
+  l.o = a.o + b * a.s * a.nh * a.dv + head * a.dv;
+  l.i_pre = a.g + b * a.s * 2 * a.nh + head;  // [B, S, 2*NH]: i gates, then f gates
+  l.f_pre = l.i_pre + a.nh;
+  l.q_stride = a.nh * a.dqk;
+  l.v_stride = a.nh * a.dv;
+  l.g_stride = 2 * a.nh;
+  l.i_bias = a.gate_bias[head];
+  l.f_bias = a.gate_bias[a.nh + head];
+  l.cap = a.cap;
+  l.eps = a.eps;
+  l.norm_eps = a.norm_eps;
+  l.ln_scale = a.ln_scale;
+  l.ln_bias = a.ln_bias;
+  l.weight = a.weight + head * a.dv;
+  l.c0 = a.c0 + bh * mat;
+  l.n0 = a.n0 + bh * a.dqk;
+  l.m0 = a.m0[bh];
+  l.c = a.c + bh * mat;
+  l.n = a.n + bh * a.dqk;
+  l.m = a.m + bh;
+  l.y = a.y + b * a.s * a.nh * a.dv + head * a.dv;
+  l.h = h.data();
+  xlstm_cpu::mlstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dqk), static_cast<int>(a.dv));
+}
+
+OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
+  MlstmLayerArgs a{};
+  std::vector<int64_t> q, k, v, g, o, gb, c0, n0, m0, ls, lb, w;
+  for (auto [index, data, dims] : {std::tuple{0, &a.q, &q}, {1, &a.k, &k}, {2, &a.v, &v}, {3, &a.g, &g},
+                                   {4, &a.o, &o}, {5, &a.gate_bias, &gb}, {6, &a.c0, &c0}, {7, &a.n0, &n0},
+                                   {8, &a.m0, &m0}, {9, &a.ln_scale, &ls}, {10, &a.ln_bias, &lb},
+                                   {11, &a.weight, &w}}) {
+    if (OrtStatus* s = ctx.input(index, data, dims)) return s;
+  }
+  if (c0.size() != 4 || q.size() != 3)
+    return ctx.error("c0 must be [B, NH, DQK, DV] and q [B, S, NH*DQK], got ranks %ld and %ld",
+                     static_cast<long>(c0.size()), static_cast<long>(q.size()));
+  const int64_t B = c0[0], NH = c0[1], DQK = c0[2], DV = c0[3], S = q[1];
+  if (!same(q, {B, S, NH * DQK}) || !same(k, {B, S, NH * DQK}) || !same(v, {B, S, NH * DV}) ||
+      !same(o, {B, S, NH * DV}) || !same(g, {B, S, 2 * NH}) || !same(gb, {2 * NH}) || !same(n0, {B, NH, DQK}) ||
+      !same(m0, {B, NH}) || !same(ls, {DV}) || !same(lb, {DV}) || !same(w, {NH * DV}))
+    return ctx.error("inputs disagree with c0 [B=%ld, NH=%ld, DQK, DV] (B=%ld rows in q): expected q, k "
+                     "[B, S, NH*DQK], v, o [B, S, NH*DV], g [B, S, 2*NH], gate_bias [2*NH], n0 [B, NH, DQK], "
+                     "m0 [B, NH], ln_scale, ln_bias [DV], weight [NH*DV]",
+                     static_cast<long>(B), static_cast<long>(NH), static_cast<long>(q[0]));
+  a.nh = NH;
+  a.s = S;
+  a.dqk = DQK;
+  a.dv = DV;
+  a.eps = ctx.floats[0];
+  a.norm_eps = ctx.floats[1];
+  a.cap = ctx.floats[2];
+  for (auto [index, data, dims] : {std::tuple{0, &a.y, std::vector<int64_t>{B, S, NH * DV}},
+                                   {1, &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
+                                   {2, &a.n, std::vector<int64_t>{B, NH, DQK}},
+                                   {3, &a.m, std::vector<int64_t>{B, NH}}}) {
+    if (OrtStatus* s = ctx.output(index, dims, data)) return s;
+  }
+  if (S == 0) {  // no step: the state passes through
+    std::memcpy(a.c, a.c0, sizeof(float) * B * NH * DQK * DV);
+    std::memcpy(a.n, a.n0, sizeof(float) * B * NH * DQK);
+    std::memcpy(a.m, a.m0, sizeof(float) * B * NH);
+    return nullptr;
+  }
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DQK * DV >= kParallelWork, mlstm_layer_task, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
 // PackedMatMul
 // ---------------------------------------------------------------------------------------------
 
@@ -262,11 +357,14 @@ OrtStatus* packed_matmul_compute(const Ctx& ctx) {
 // The OrtCustomOp tables
 // ---------------------------------------------------------------------------------------------
 
+constexpr int kMaxFloatAttributes = 3;
+
 struct Kernel {
   const OrtApi* api;
   const char* name;
   OrtStatus* (*compute)(const Ctx&);
   int64_t attribute;
+  float floats[kMaxFloatAttributes];
 };
 
 struct OpDef {
@@ -275,6 +373,7 @@ struct OpDef {
   size_t inputs, outputs;
   OrtStatus* (*compute)(const Ctx&);
   const char* int_attribute;  // a required int attribute handed to compute (nullptr: none)
+  const char* float_attributes[kMaxFloatAttributes];  // required float attributes (nullptr-terminated)
 };
 
 const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const OpDef*>(op); }
@@ -285,17 +384,24 @@ OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const O
     using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
     if (OrtStatus* s = ort::fn<GetInt>(api, ort::kKernelInfoGetAttributeInt64)(info, name, &attribute)) return s;
   }
-  *out = new Kernel{api, def(op)->name, def(op)->compute, attribute};
+  Kernel kernel{api, def(op)->name, def(op)->compute, attribute, {}};
+  for (int j = 0; j < kMaxFloatAttributes && def(op)->float_attributes[j]; ++j) {
+    using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
+    if (OrtStatus* s = ort::fn<GetFloat>(api, ort::kKernelInfoGetAttributeFloat)(info, def(op)->float_attributes[j],
+                                                                                  &kernel.floats[j]))
+      return s;
+  }
+  *out = new Kernel(kernel);
   return nullptr;
 }
 
 OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   const auto* k = static_cast<const Kernel*>(kernel);
-  return k->compute(Ctx{k->api, context, k->name, k->attribute});
+  return k->compute(Ctx{k->api, context, k->name, k->attribute, k->floats});
 }
 
 OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&),
-              const char* int_attribute = nullptr) {
+              const char* int_attribute = nullptr, std::initializer_list<const char*> float_attributes = {}) {
   OpDef d{};
   OrtCustomOpLayout& t = d.table;
   ort::fill_common(t, create_kernel, compute_kernel);
@@ -310,6 +416,7 @@ OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*comp
   d.outputs = outputs;
   d.compute = compute;
   d.int_attribute = int_attribute;
+  std::copy(float_attributes.begin(), float_attributes.end(), d.float_attributes);
   return d;
 }
 
@@ -317,11 +424,12 @@ OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*comp
 const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
 const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
 const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, "n");
+const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute, nullptr, {"eps", "norm_eps", "soft_cap"});
 
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table};
-  return ort::register_ops(options, base, "xlstm.cpu", ops, 3);
+  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table, &kMlstmLayer.table};
+  return ort::register_ops(options, base, "xlstm.cpu", ops, 4);
 }

@@ -10,6 +10,7 @@ the system C++ compiler on first use; without one these tests skip and say so.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -153,6 +154,135 @@ def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
     with pytest.raises(ort_native.NativeOpsError, match="no xlstm::mLSTM / xlstm::sLSTM function body"):
         ort_native.with_native_ops(plain)
+
+
+# --- mLSTMLayer: the 7B-style layer between its two products -------------------------------------
+
+LAYER_INPUTS = ["q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"]
+
+
+def _layer_model(eps: float, norm_eps: float, cap: float) -> onnx.ModelProto:
+    """One xlstm.cpu::mLSTMLayer node over graph inputs of any shape."""
+    vi = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)  # noqa: E731
+    node = onnx.helper.make_node("mLSTMLayer", LAYER_INPUTS, ["y", "c", "n", "m"], domain=ort_native.NATIVE_DOMAIN,
+                                 eps=eps, norm_eps=norm_eps, soft_cap=cap)
+    graph = onnx.helper.make_graph([node], "layer", [vi(x) for x in LAYER_INPUTS], [vi(x) for x in "ycnm"])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                        onnx.helper.make_opsetid(ort_native.NATIVE_DOMAIN, 1)])
+
+
+def _layer_reference(x: dict, eps: float, norm_eps: float, cap: float):
+    """The layer in float64 from the cell reference: heads, soft-capped gates, cell, per-head
+    LayerNorm, norm weight, output gate (models/blocks.py LargeBlock between its products)."""
+    t = {k: torch.from_numpy(v).double() for k, v in x.items()}
+    B, NH, _, DV = t["c0"].shape
+    S = t["q"].shape[1]
+    heads = lambda a: a.reshape(B, S, NH, -1).transpose(1, 2)  # noqa: E731
+    gates = t["g"] + t["gate_bias"]
+    if cap > 0:
+        gates = cap * torch.tanh(gates / cap)
+    i, f = gates.transpose(1, 2).split(NH, dim=1)  # (B, NH, S) each
+    h, (c, n, m) = naive_recurrent_mlstm(heads(t["q"]), heads(t["k"]), heads(t["v"]), i, f,
+                                         (t["c0"], t["n0"], t["m0"]), eps=eps)
+    h = h.transpose(1, 2)  # (B, S, NH, DV)
+    h = torch.nn.functional.layer_norm(h, (DV,), t["ln_scale"], t["ln_bias"], norm_eps)
+    y = h.reshape(B, S, NH * DV) * t["weight"] * torch.sigmoid(t["o"])
+    return y, c, n, m
+
+
+def _layer_inputs(B, S, NH, DQK, DV, seed) -> dict:
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return {"q": r(B, S, NH * DQK), "k": r(B, S, NH * DQK), "v": r(B, S, NH * DV),
+            "g": 8 * r(B, S, 2 * NH),  # beyond the soft cap's linear range, both signs
+            "o": r(B, S, NH * DV), "gate_bias": r(2 * NH), "c0": r(B, NH, DQK, DV), "n0": r(B, NH, DQK),
+            "m0": 2 * r(B, NH), "ln_scale": 1 + 0.3 * r(DV), "ln_bias": 0.3 * r(DV), "weight": 1 + 0.3 * r(NH * DV)}
+
+
+@pytest.mark.parametrize("B,S,NH,DQK,DV,cap", [(1, 1, 1, 8, 8, 15.0), (3, 1, 2, 7, 13, 15.0), (2, 7, 4, 16, 24, 0.0),
+                                               (3, 33, 2, 9, 11, 3.0),
+                                               (2, 5, 4, 48, 72, 15.0)])  # B*NH*S*DQK*DV >= 2^16: threads
+def test_mlstm_layer_matches_float64_reference(B, S, NH, DQK, DV, cap):
+    """S == 1 is the decode step; S > 1 runs the steps one after another with the state in place."""
+    x = _layer_inputs(B, S, NH, DQK, DV, seed=B * 1000 + S * 10 + DQK)
+    eps, norm_eps = 1e-6, 1e-5
+    y, c, n, m = _session(_layer_model(eps, norm_eps, cap)).run(None, x)
+    y_ref, c_ref, n_ref, m_ref = _layer_reference(x, eps, norm_eps, cap)
+    assert y.shape == (B, S, NH * DV) and c.shape == (B, NH, DQK, DV)
+    # LayerNorm divides by the std of h over DV values: relative error of h, not amplified
+    assert _rel(y, y_ref) < TOL_CELL["h"]
+    for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_mlstm_layer_rejects_inconsistent_shapes_with_its_own_message():
+    x = _layer_inputs(1, 3, 2, 8, 8, seed=0)
+    x["g"] = x["g"][..., :3]  # 3 gate columns for 2 heads
+    with pytest.raises(Exception, match=r"xlstm\.cpu::mLSTMLayer: inputs disagree with c0 \[B=1, NH=2"):
+        _session(_layer_model(1e-6, 1e-5, 15.0)).run(None, x)
+
+
+def _large_model(tmp_path, name: str, **changes) -> Path:
+    torch.manual_seed(4)
+    cfg = preset("tiny-large")
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    model = xLSTMLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return export_onnx(model, tmp_path / f"{name}.onnx", progress=False)
+
+
+def _op_counts(model: onnx.ModelProto) -> dict:
+    counts: dict = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("cap", [15.0, None])
+def test_layer_rewrite_fuses_every_7b_layer(cap, tmp_path):
+    """Each 7B-style block's mLSTM layer becomes one node (with and without the gate soft cap), the
+    graph's other values and the function bodies stay, and the model computes the same."""
+    path = _large_model(tmp_path, f"cap{cap}", gate_soft_cap=cap, num_blocks=3)
+    exported = onnx.load(path)
+    native = ort_native.with_native_ops(exported)
+    counts = _op_counts(native)
+    assert counts.get("mLSTMLayer") == 3 and "mLSTM" not in counts
+    assert len(native.graph.node) < len(exported.graph.node) - 3 * 15  # ~20 nodes per layer are gone
+    assert {i.name for i in native.graph.input} == {i.name for i in exported.graph.input}
+    assert [o.name for o in native.graph.output] == [o.name for o in exported.graph.output]
+    body, fast = OrtModel(path, intra_op_threads=2), OrtModel(path, intra_op_threads=2, native_ops=True)
+    rng = np.random.default_rng(11)
+    for B, S in ((1, 1), (3, 7), (1, 64), (3, 129)):  # the chunkwise body beside the step-by-step layer
+        ids = rng.integers(0, 256, (B, S))
+        state = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in body.init_state(B).items()}
+        (lb, sb), (ln, sn) = body.run(ids, state), fast.run(ids, state)
+        assert _rel(ln, lb) < TOL_MODEL, (B, S)
+        for key in sb:
+            assert _rel(sn[key], sb[key]) < TOL_MODEL, (B, S, key)
+
+
+def test_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tmp_path):
+    """A value inside the pattern that something else reads (here: a graph output) keeps that
+    layer as it was; the other layers are still fused."""
+    path = _large_model(tmp_path, "tapped")
+    exported = onnx.load(path)
+    cell = next(n for n in exported.graph.node if n.op_type == "mLSTM")
+    tapped = cell.input[3]  # block 0's input gate
+    exported.graph.output.append(onnx.helper.make_tensor_value_info(tapped, onnx.TensorProto.FLOAT, None))
+    native = ort_native.with_native_ops(exported)
+    counts = _op_counts(native)
+    assert counts.get("mLSTMLayer") == 1 and counts.get("mLSTM") == 1
+    ids = np.random.default_rng(5).integers(0, 256, (2, 5))
+    feeds = {"input_ids": ids, **{i.name: np.zeros([2, *[d.dim_value for d in i.type.tensor_type.shape.dim[1:]]],
+                                                   np.float32) for i in exported.graph.input[1:]}}
+    want = dict(zip([o.name for o in exported.graph.output],
+                    ort.InferenceSession(exported.SerializeToString()).run(None, feeds)))
+    got = dict(zip([o.name for o in native.graph.output], _session(native).run(None, feeds)))
+    for name, value in want.items():
+        assert _rel(got[name], value) < TOL_MODEL, name
 
 
 # --- PackedMatMul -----------------------------------------------------------------------------------

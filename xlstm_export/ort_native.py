@@ -14,7 +14,13 @@ the state:
   graph by a weight initializer [K, n]: the weight is packed into column panels [ceil(n/32), K, 32]
   (:func:`pack_weight`) so that each thread streams one contiguous block of it. A decode step is
   mostly these products reading their weights once; onnxruntime's MatMul reads a [K, n] weight in
-  strided pieces and, at a few rows, stays further from the memory-bandwidth floor.
+  strided pieces and, at a few rows, stays further from the memory-bandwidth floor;
+* ``xlstm.cpu::mLSTMLayer`` replaces, in float32 7B-style models, everything between a block's two
+  mLSTM weight products: the head reshapes, the gate bias and soft cap, the ``xlstm::mLSTM`` node,
+  the per-head LayerNorm, the norm weight and the output gate (~25 nodes, each a few microseconds
+  of onnxruntime overhead at decode, see :func:`_match_mlstm_layer`). It runs the cell step by step
+  for any S: at these head sizes the recurrence costs ~1% of a prefill's products, so the
+  chunkwise form buys nothing on a CPU. A layer the matcher cannot prove is left as it was.
 
 :func:`with_native_ops` rewrites a loaded ModelProto in memory (the file on disk stays portable),
 and :func:`register` adds the library to a SessionOptions; ``OrtModel(path, native_ops=True)`` does
@@ -128,16 +134,208 @@ def _pack_matmuls(graph: GraphProto) -> int:
     return swapped
 
 
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Graph:
+    """Producers, readers and constants of one graph, for the layer matcher below."""
+
+    def __init__(self, graph: GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.readers: dict[str, list] = {}
+        for node in _all_nodes(graph):  # subgraph readers count: such a value is not private
+            for x in node.input:
+                if x:
+                    self.readers.setdefault(x, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+
+    def made_by(self, name: str, op_type: str, **attrs):
+        """The node that computes ``name`` if it is a standard ``op_type`` whose int / ints
+        attributes equal ``attrs``, else None."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            return None
+        values = _attrs(node)
+        return node if all(values.get(k) == v for k, v in attrs.items()) else None
+
+    def only_reader(self, name: str, op_type: str):
+        """The one node reading ``name`` (a standard ``op_type``), or None if ``name`` has other
+        readers or is a graph output."""
+        readers = self.readers.get(name, [])
+        if name in self.outputs or len(readers) != 1:
+            return None
+        node = readers[0]
+        return node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def private(self, name: str) -> bool:
+        return name not in self.outputs and len(self.readers.get(name, [])) == 1
+
+    def const(self, name: str, dtype=np.float32) -> np.ndarray | None:
+        t = self.inits.get(name)
+        if t is None or name in {i.name for i in self.graph.input}:
+            return None
+        a = numpy_helper.to_array(t)
+        return a if a.dtype == dtype else None
+
+    def other_input(self, node, name: str) -> str:
+        """The input of a two-input node that is not ``name``."""
+        a, b = node.input
+        return b if a == name else a
+
+
+def _match_mlstm_layer(g: _Graph, cell) -> dict | None:
+    """The 7B-style mLSTM layer around the ``xlstm::mLSTM`` node ``cell``, as exported from
+    models/blocks.py ``LargeBlock`` in float32, or None where the graph differs anywhere:
+
+        q|k|v = Transpose[0,2,1,3](Reshape(x_raw))               x_raw [B, S, NH*D]
+        i, f  = Split[axis 1, 2 halves](Transpose[0,2,1](cap(Add(g_raw, gate_bias))))
+                cap(x) = Mul(Tanh(Div(x, c)), c), or absent
+        h, c, n, m = xlstm::mLSTM(q, k, v, i, f, c0, n0, m0)
+        y = Mul(Mul(Reshape(LayerNormalization[axis -1](Transpose[0,2,1,3](h), s, b?)), w), Sigmoid(o_raw))
+
+    Every value in between must have no reader outside the pattern. Returns the layer's inputs,
+    constants and the nodes it replaces."""
+    removed = [cell]
+
+    def unheads(name):  # x_raw of Transpose(Reshape(x_raw))
+        t = g.made_by(name, "Transpose", perm=[0, 2, 1, 3])
+        r = t and g.private(name) and g.made_by(t.input[0], "Reshape")
+        if not r or not g.private(t.input[0]):
+            return None
+        removed.extend([t, r])
+        return r.input[0]
+
+    q_raw, k_raw, v_raw = (unheads(x) for x in cell.input[:3])
+    split = g.made_by(cell.input[3], "Split", axis=1)
+    if None in (q_raw, k_raw, v_raw) or split is None or list(split.output) != list(cell.input[3:5]):
+        return None
+    halves = len(split.input) == 1 and g.made_by(cell.input[3], "Split", num_outputs=2)
+    if not halves and len(split.input) == 2:
+        sizes = g.const(split.input[1], np.int64)
+        halves = sizes is not None and len(sizes) == 2 and sizes[0] == sizes[1]
+    gates_t = g.made_by(split.input[0], "Transpose", perm=[0, 2, 1])
+    if not halves or gates_t is None or not all(g.private(x) for x in (*cell.input[3:5], split.input[0])):
+        return None
+    removed.extend([split, gates_t])
+    gates, cap = gates_t.input[0], 0.0
+    mul = g.made_by(gates, "Mul")
+    if mul is not None:  # the soft cap: Mul(Tanh(Div(x, c)), c)
+        tanh = next((g.made_by(x, "Tanh") for x in mul.input if g.made_by(x, "Tanh")), None)
+        div = tanh and g.made_by(tanh.input[0], "Div")
+        c_mul = tanh and g.const(g.other_input(mul, tanh.output[0]))
+        c_div = div and g.const(div.input[1])
+        if (div is None or c_mul is None or c_div is None or c_mul.size != 1 or c_div.size != 1
+                or float(c_mul) != float(c_div) or not all(g.private(x) for x in (gates, tanh.output[0],
+                                                                                    div.output[0]))):
+            return None
+        removed.extend([mul, tanh, div])
+        gates, cap = div.input[0], float(c_mul)
+    add = g.made_by(gates, "Add")
+    nh = None
+    if add is not None and g.private(gates):
+        bias_name = next((x for x in add.input if g.const(x) is not None), None)
+        bias = bias_name and g.const(bias_name)
+        nh = bias.shape[0] // 2 if bias is not None and bias.ndim == 1 and bias.shape[0] % 2 == 0 else None
+    if nh is None:
+        return None
+    removed.append(add)
+    g_raw = g.other_input(add, bias_name)
+
+    # after the cell
+    h_t = g.only_reader(cell.output[0], "Transpose")
+    if h_t is None or _attrs(h_t).get("perm") != [0, 2, 1, 3]:
+        return None
+    ln = g.only_reader(h_t.output[0], "LayerNormalization")
+    ln_attrs = _attrs(ln) if ln is not None else {}
+    if ln is None or ln_attrs.get("axis", -1) != -1 or any(o and g.readers.get(o) for o in ln.output[1:]):
+        return None
+    ln_scale = g.const(ln.input[1])
+    ln_bias = g.const(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else None
+    if ln_scale is None or ln_scale.ndim != 1 or (len(ln.input) > 2 and ln.input[2] and ln_bias is None):
+        return None
+    reshape = g.only_reader(ln.output[0], "Reshape")
+    mul_w = reshape and g.only_reader(reshape.output[0], "Mul")
+    weight = mul_w and g.const(g.other_input(mul_w, reshape.output[0]))
+    mul_o = weight is not None and g.only_reader(mul_w.output[0], "Mul")
+    sig = mul_o and g.made_by(g.other_input(mul_o, mul_w.output[0]), "Sigmoid")
+    if not sig or not g.private(sig.output[0]) or weight.ndim != 1:
+        return None
+    removed.extend([h_t, ln, reshape, mul_w, mul_o, sig])
+    return {"inputs": [q_raw, k_raw, v_raw, g_raw, sig.input[0]], "gate_bias": bias_name, "state": cell.input[5:8],
+            "ln_scale": ln.input[1], "ln_bias": ln.input[2] if ln_bias is not None else None,
+            "weight": g.other_input(mul_w, reshape.output[0]), "outputs": [mul_o.output[0], *cell.output[1:4]],
+            "eps": float(_attrs(cell).get("eps", MLSTM.attr("eps").default)),
+            "norm_eps": float(ln_attrs.get("epsilon", 1e-5)), "soft_cap": cap, "removed": removed,
+            "dv": int(ln_scale.shape[0])}
+
+
+def _drop_dead_nodes(graph: GraphProto) -> None:
+    """Remove nodes of ``graph`` whose outputs nothing reads, and initializers nothing reads."""
+    while True:
+        read = {x for node in _all_nodes(graph) for x in node.input} | {o.name for o in graph.output}
+        dead = [j for j, n in enumerate(graph.node) if not any(o in read for o in n.output if o)]
+        if not dead:
+            break
+        for j in reversed(dead):
+            del graph.node[j]
+    read = {x for node in _all_nodes(graph) for x in node.input}
+    keep = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _fuse_mlstm_layers(graph: GraphProto) -> int:
+    """Swap each 7B-style mLSTM layer of ``graph`` between its two weight products (~25 nodes, see
+    :func:`_match_mlstm_layer`) for one ``mLSTMLayer`` node. Returns how many were swapped."""
+    g = _Graph(graph)
+    matches = [m for m in (_match_mlstm_layer(g, n) for n in graph.node
+                           if n.domain == DOMAIN and n.op_type == MLSTM.name) if m is not None]
+    after: dict[int, list] = {}  # id of a replaced node -> the layer node that goes where it was
+    removed: set[int] = set()
+    for match in matches:
+        ln_bias = match["ln_bias"]
+        if ln_bias is None:  # the kernel always adds one
+            ln_bias = f"{match['ln_scale']}.zero_bias"
+            if ln_bias not in g.inits:
+                g.inits[ln_bias] = numpy_helper.from_array(np.zeros(match["dv"], np.float32), ln_bias)
+                graph.initializer.append(g.inits[ln_bias])
+        layer = helper.make_node(
+            "mLSTMLayer", [*match["inputs"], match["gate_bias"], *match["state"], match["ln_scale"], ln_bias,
+                           match["weight"]], match["outputs"], domain=NATIVE_DOMAIN,
+            name=f"{match['removed'][0].name}_layer", eps=match["eps"], norm_eps=match["norm_eps"],
+            soft_cap=match["soft_cap"])
+        ids = {id(n) for n in match["removed"]}
+        last = [n for n in graph.node if id(n) in ids][-1]  # its outputs' readers come after it
+        after[id(last)] = layer
+        removed |= ids
+    kept = []
+    for node in graph.node:
+        if id(node) not in removed:
+            kept.append(node)
+        elif id(node) in after:
+            kept.append(after[id(node)])
+    del graph.node[:]
+    graph.node.extend(kept)
+    fused = len(matches)
+    if fused:
+        _drop_dead_nodes(graph)
+    return fused
+
+
 def _add_opset(imports, domain: str, version: int) -> None:
     if not any(o.domain == domain for o in imports):
         imports.append(helper.make_opsetid(domain, version))
 
 
 def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: bool = True,
-                    check_xlstm: bool = True) -> ModelProto:
-    """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels
-    and, when ``pack_matmuls``, its float32 weight MatMuls swapped for ``PackedMatMul``. A model
-    with no xlstm body to rewrite is refused unless ``check_xlstm`` is False."""
+                    fuse_layers: bool = True, check_xlstm: bool = True) -> ModelProto:
+    """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels;
+    when ``fuse_layers``, its 7B-style mLSTM layers swapped for ``mLSTMLayer``; when
+    ``pack_matmuls``, its float32 weight MatMuls swapped for ``PackedMatMul``. A model with no
+    xlstm body to rewrite is refused unless ``check_xlstm`` is False."""
     out = model
     if not inplace:
         out = ModelProto()
@@ -156,6 +354,8 @@ def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: b
         rewritten += 1
     if not rewritten and check_xlstm:
         raise NativeOpsError("the model has no xlstm::mLSTM / xlstm::sLSTM function body to run natively")
+    if fuse_layers:
+        _fuse_mlstm_layers(out.graph)
     if pack_matmuls:
         _pack_matmuls(out.graph)
     _add_opset(out.opset_import, NATIVE_DOMAIN, NATIVE_VERSION)
