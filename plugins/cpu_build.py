@@ -1,7 +1,7 @@
 """Compile the onnxruntime CPU custom-op library (``cpu_ops.cc``) with the system C++ compiler, cached.
 
-The library holds float32 CPU kernels of the mLSTM decode step and of the sLSTM time loop (see
-``cpu_cells.h``) and a matrix product over packed weights (``cpu_gemm.h``);
+The library holds float32 CPU kernels of the mLSTM decode step, of the 7B-style mLSTM layer and
+of the sLSTM time loop (see ``cpu_cells.h``) and a matrix product over packed weights (``cpu_gemm.h``);
 :mod:`xlstm_export.ort_native` swaps them into an exported model and registers the library with
 an onnxruntime session::
 

@@ -81,19 +81,18 @@ inline void mlstm_step_head(const float* q, const float* k, const float* v, floa
 inline float soft_cap(float x, float cap) { return cap > 0.0f ? std::tanh(x / cap) * cap : x; }
 
 // The 7B-style mLSTM layer between its two weight products, for one (batch row, head) and S steps:
-// gate soft cap -> the cell -> per-head LayerNorm -> output-gate product. With the layer's inputs
-// per step (rows of the products, head slices taken here):
-//   q, k [S, *] with this head's dqk values at column 0;  v, o [S, *] with dv values at column 0
-//   row strides: q_stride (q and k), v_stride (v and o; o holds output-gate pre-activations)
-//   i_pre, f_pre [S] with stride g_stride: gate pre-activations, soft-capped here (bias added)
+// gate soft cap -> the cell -> per-head LayerNorm -> output-gate product. Per step t, each input is
+// read from row t of its array (its own row stride), starting at this head's columns:
+//   q, k: dqk values;  v, o: dv values (o: output-gate pre-activations)
+//   i_pre, f_pre: one gate pre-activation each, soft-capped here after adding i_bias / f_bias
 //   ln_scale, ln_bias [dv]: the LayerNorm's affine part; weight [dv]: the per-head slice of the
 //   norm weight multiplied after it
 //   c0, n0, m0: the state before; c, n, m: after (c0 may be c, n0 may be n)
-//   y [S, *] (row stride v_stride, head at column 0): ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o)
+//   y: dv values per step, ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o)
 //   h: scratch [dv]
 struct MlstmLayerHead {
   const float *q, *k, *v, *o, *i_pre, *f_pre;
-  std::ptrdiff_t q_stride, v_stride, g_stride;
+  std::ptrdiff_t q_stride, k_stride, v_stride, o_stride, g_stride, y_stride;
   float i_bias, f_bias, cap, eps, norm_eps;
   const float *ln_scale, *ln_bias, *weight;
   const float *c0, *n0;
@@ -108,7 +107,7 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
   for (int t = 0; t < s; ++t) {
     const float ip = soft_cap(a.i_pre[t * a.g_stride] + a.i_bias, a.cap);
     const float fp = soft_cap(a.f_pre[t * a.g_stride] + a.f_bias, a.cap);
-    mlstm_step_head(a.q + t * a.q_stride, a.k + t * a.q_stride, a.v + t * a.v_stride, ip, fp, c_prev, n_prev,
+    mlstm_step_head(a.q + t * a.q_stride, a.k + t * a.k_stride, a.v + t * a.v_stride, ip, fp, c_prev, n_prev,
                     m_prev, dqk, dv, a.eps, a.h, a.c, a.n, a.m);
     c_prev = a.c;  // later steps update the state in place
     n_prev = a.n;
@@ -119,8 +118,8 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
     float var = 0.0f;
     for (int d = 0; d < dv; ++d) var += (a.h[d] - mean) * (a.h[d] - mean);
     const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dv) + a.norm_eps);
-    const float* o = a.o + t * a.v_stride;
-    float* y = a.y + t * a.v_stride;
+    const float* o = a.o + t * a.o_stride;
+    float* y = a.y + t * a.y_stride;
     for (int d = 0; d < dv; ++d) {
       const float normed = (a.h[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d];
       y[d] = normed * a.weight[d] * sigmoid(o[d]);

@@ -51,11 +51,12 @@ inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t
   for (int r = 0; r < R; ++r) std::memcpy(out + r * kPanel, acc[r], sizeof acc[r]);
 }
 
-// y[m, 0:cols] = x[m, :] . panel  for every m < M: one panel's columns of the product.
+// y[m, 0:cols] = x[m, :] . panel (+ r[m, 0:cols])  for every m < M: one panel's columns of the product.
 //   x [M, K] row-major;  panel [K, kPanel];  y: the panel's first output column, row stride ldy;
-//   cols <= kPanel: the panel's real columns (the rest is padding and is not written).
+//   cols <= kPanel: the panel's real columns (the rest is padding and is not written);
+//   r: nullptr, or what to add (a residual, row stride ldr; a bias, ldr = 0), at the panel's first column.
 inline void packed_matmul_panel(const float* x, int64_t M, int64_t K, const float* panel, float* y,
-                                int64_t ldy, int cols) {
+                                int64_t ldy, int cols, const float* r = nullptr, int64_t ldr = 0) {
   float out[kBlockRows * kPanel];
   for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, M - m0));
@@ -70,7 +71,16 @@ inline void packed_matmul_panel(const float* x, int64_t M, int64_t K, const floa
       case 2: panel_block<2>(xb, K, panel, K, out); break;
       default: panel_block<1>(xb, K, panel, K, out); break;
     }
-    for (int r = 0; r < rows; ++r) std::memcpy(y + (m0 + r) * ldy, out + r * kPanel, sizeof(float) * cols);
+    for (int row = 0; row < rows; ++row) {
+      float* y_row = y + (m0 + row) * ldy;
+      const float* o_row = out + row * kPanel;
+      if (r == nullptr) {
+        std::memcpy(y_row, o_row, sizeof(float) * cols);
+      } else {
+        const float* r_row = r + (m0 + row) * ldr;
+        for (int j = 0; j < cols; ++j) y_row[j] = o_row[j] + r_row[j];
+      }
+    }
   }
 }
 

@@ -8,11 +8,14 @@
 //       h, c, n, m like h0;  y [B, NH, S, DH]
 //   xlstm.cpu::PackedMatMul(x, w) -> y    attribute n (int): y = x W for a weight W [K, n]
 //       x [..., K]  w [ceil(n / 32), K, 32]: W packed into column panels (cpu_gemm.h)  y [..., n]
+//   xlstm.cpu::PackedMatMulAdd(x, w, r) -> y    the same plus r: y = x W + r, r like y or [n]
 //   xlstm.cpu::mLSTMLayer(q, k, v, g, o, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight) -> (y, c, n, m)
-//       attributes eps, norm_eps, soft_cap (float): a 7B-style mLSTM layer between its two products,
-//       any S, step by step (cpu_cells.h mlstm_layer_head)
-//       q, k [B, S, NH*DQK]  v, o [B, S, NH*DV]  g [B, S, 2*NH] (i gates, then f gates)  gate_bias [2*NH]
-//       c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV];  y [B, S, NH*DV]
+//       attributes eps, norm_eps, soft_cap (float), q_col, k_col, v_col, g_col, o_col (int): a 7B-style
+//       mLSTM layer between its two products, any S, step by step (cpu_cells.h mlstm_layer_head)
+//       q, k, v, g, o [B, S, *]: NH*DQK (q, k), NH*DV (v, o) or 2*NH (g: i gates, then f gates) columns
+//       from column <x>_col on (they may all be one tensor: the fused product of the block's input)
+//       gate_bias [2*NH]  c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV]
+//       y [B, S, NH*DV]
 //
 // xlstm_export/ort_native.py puts these nodes inside the exported models' xlstm function bodies and
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
@@ -44,7 +47,7 @@ struct Ctx {
   const OrtApi* api;
   OrtKernelContext* context;
   const char* op;     // for error messages
-  int64_t attribute;    // the op's int attribute, if it has one (PackedMatMul's n)
+  const int64_t* ints;  // the op's int attributes, in OpDef::int_attributes order
   const float* floats;  // the op's float attributes, in OpDef::float_attributes order
 
   OrtStatus* error(const char* fmt, long a = 0, long b = 0, long c = 0) const {
@@ -209,7 +212,9 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
 // ---------------------------------------------------------------------------------------------
 
 struct MlstmLayerArgs {
-  const float *q, *k, *v, *g, *o, *gate_bias, *c0, *n0, *m0, *ln_scale, *ln_bias, *weight;
+  const float* in[5];  // q, k, v, g, o: rows of [B, S, width[j]], read from column col[j]
+  int64_t width[5], col[5];
+  const float *gate_bias, *c0, *n0, *m0, *ln_scale, *ln_bias, *weight;
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
   float eps, norm_eps, cap;
@@ -219,17 +224,24 @@ void mlstm_layer_task(void* data, size_t bh) {
   const auto& a = *static_cast<const MlstmLayerArgs*>(data);
   const int64_t b = static_cast<int64_t>(bh) / a.nh, head = static_cast<int64_t>(bh) % a.nh;
   const int64_t mat = a.dqk * a.dv;
+  // input j at (b, t = 0), at this head's first column (heads are contiguous column ranges)
+  const int64_t head_cols[5] = {head * a.dqk, head * a.dqk, head * a.dv, head, head * a.dv};
+  const float* at[5];
+  for (int j = 0; j < 5; ++j) at[j] = a.in[j] + b * a.s * a.width[j] + a.col[j] + head_cols[j];
   std::vector<float> h(static_cast<size_t>(a.dv));
   xlstm_cpu::MlstmLayerHead l{};
-  l.q = a.q + b * a.s * a.nh * a.dqk + head * a.dqk;  // row (b, t=0) of [B, S, NH*DQK], this head's columns
-  l.k = a.k + b * a.s * a.nh * a.dqk + head * a.dqk;
-  l.v = a.v + b * a.s * a.nh * a.dv + head * a.dv;
-  l.o = a.o + b * a.s * a.nh * a.dv + head * a.dv;
-  l.i_pre = a.g + b * a.s * 2 * a.nh + head;  // [B, S, 2*NH]: i gates, then f gates
-  l.f_pre = l.i_pre + a.nh;
-  l.q_stride = a.nh * a.dqk;
-  l.v_stride = a.nh * a.dv;
-  l.g_stride = 2 * a.nh;
+  l.q = at[0];
+  l.k = at[1];
+  l.v = at[2];
+  l.i_pre = at[3];  // g holds the NH i gates, then the NH f gates
+  l.f_pre = at[3] + a.nh;
+  l.o = at[4];
+  l.q_stride = a.width[0];
+  l.k_stride = a.width[1];
+  l.v_stride = a.width[2];
+  l.g_stride = a.width[3];
+  l.o_stride = a.width[4];
+  l.y_stride = a.nh * a.dv;
   l.i_bias = a.gate_bias[head];
   l.f_bias = a.gate_bias[a.nh + head];
   l.cap = a.cap;
@@ -251,24 +263,33 @@ void mlstm_layer_task(void* data, size_t bh) {
 
 OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
   MlstmLayerArgs a{};
-  std::vector<int64_t> q, k, v, g, o, gb, c0, n0, m0, ls, lb, w;
-  for (auto [index, data, dims] : {std::tuple{0, &a.q, &q}, {1, &a.k, &k}, {2, &a.v, &v}, {3, &a.g, &g},
-                                   {4, &a.o, &o}, {5, &a.gate_bias, &gb}, {6, &a.c0, &c0}, {7, &a.n0, &n0},
-                                   {8, &a.m0, &m0}, {9, &a.ln_scale, &ls}, {10, &a.ln_bias, &lb},
-                                   {11, &a.weight, &w}}) {
-    if (OrtStatus* s = ctx.input(index, data, dims)) return s;
+  std::vector<int64_t> dims[5], gb, c0, n0, m0, ls, lb, w;
+  for (int j = 0; j < 5; ++j) {
+    if (OrtStatus* s = ctx.input(j, &a.in[j], &dims[j])) return s;
   }
-  if (c0.size() != 4 || q.size() != 3)
-    return ctx.error("c0 must be [B, NH, DQK, DV] and q [B, S, NH*DQK], got ranks %ld and %ld",
-                     static_cast<long>(c0.size()), static_cast<long>(q.size()));
-  const int64_t B = c0[0], NH = c0[1], DQK = c0[2], DV = c0[3], S = q[1];
-  if (!same(q, {B, S, NH * DQK}) || !same(k, {B, S, NH * DQK}) || !same(v, {B, S, NH * DV}) ||
-      !same(o, {B, S, NH * DV}) || !same(g, {B, S, 2 * NH}) || !same(gb, {2 * NH}) || !same(n0, {B, NH, DQK}) ||
-      !same(m0, {B, NH}) || !same(ls, {DV}) || !same(lb, {DV}) || !same(w, {NH * DV}))
+  for (auto [index, data, shape] : {std::tuple{5, &a.gate_bias, &gb}, {6, &a.c0, &c0}, {7, &a.n0, &n0},
+                                    {8, &a.m0, &m0}, {9, &a.ln_scale, &ls}, {10, &a.ln_bias, &lb},
+                                    {11, &a.weight, &w}}) {
+    if (OrtStatus* s = ctx.input(index, data, shape)) return s;
+  }
+  if (c0.size() != 4 || dims[0].size() != 3)
+    return ctx.error("c0 must be [B, NH, DQK, DV] and q [B, S, *], got ranks %ld and %ld",
+                     static_cast<long>(c0.size()), static_cast<long>(dims[0].size()));
+  const int64_t B = c0[0], NH = c0[1], DQK = c0[2], DV = c0[3], S = dims[0][1];
+  const int64_t need[5] = {NH * DQK, NH * DQK, NH * DV, 2 * NH, NH * DV};  // columns each input provides
+  bool ok = same(gb, {2 * NH}) && same(n0, {B, NH, DQK}) && same(m0, {B, NH}) && same(ls, {DV}) &&
+            same(lb, {DV}) && same(w, {NH * DV});
+  for (int j = 0; j < 5; ++j) {
+    a.col[j] = ctx.ints[j];
+    ok = ok && dims[j].size() == 3 && dims[j][0] == B && dims[j][1] == S && a.col[j] >= 0 &&
+         a.col[j] + need[j] <= dims[j][2];
+    a.width[j] = dims[j].size() == 3 ? dims[j][2] : 0;
+  }
+  if (!ok)
     return ctx.error("inputs disagree with c0 [B=%ld, NH=%ld, DQK, DV] (B=%ld rows in q): expected q, k "
-                     "[B, S, NH*DQK], v, o [B, S, NH*DV], g [B, S, 2*NH], gate_bias [2*NH], n0 [B, NH, DQK], "
-                     "m0 [B, NH], ln_scale, ln_bias [DV], weight [NH*DV]",
-                     static_cast<long>(B), static_cast<long>(NH), static_cast<long>(q[0]));
+                     "[B, S, *] with NH*DQK columns from q_col / k_col, v, o NH*DV columns, g 2*NH, "
+                     "gate_bias [2*NH], n0 [B, NH, DQK], m0 [B, NH], ln_scale, ln_bias [DV], weight [NH*DV]",
+                     static_cast<long>(B), static_cast<long>(NH), static_cast<long>(dims[0][0]));
   a.nh = NH;
   a.s = S;
   a.dqk = DQK;
@@ -276,11 +297,11 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
   a.eps = ctx.floats[0];
   a.norm_eps = ctx.floats[1];
   a.cap = ctx.floats[2];
-  for (auto [index, data, dims] : {std::tuple{0, &a.y, std::vector<int64_t>{B, S, NH * DV}},
-                                   {1, &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
-                                   {2, &a.n, std::vector<int64_t>{B, NH, DQK}},
-                                   {3, &a.m, std::vector<int64_t>{B, NH}}}) {
-    if (OrtStatus* s = ctx.output(index, dims, data)) return s;
+  for (auto [index, data, shape] : {std::tuple{0, &a.y, std::vector<int64_t>{B, S, NH * DV}},
+                                    {1, &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
+                                    {2, &a.n, std::vector<int64_t>{B, NH, DQK}},
+                                    {3, &a.m, std::vector<int64_t>{B, NH}}}) {
+    if (OrtStatus* s = ctx.output(index, shape, data)) return s;
   }
   if (S == 0) {  // no step: the state passes through
     std::memcpy(a.c, a.c0, sizeof(float) * B * NH * DQK * DV);
@@ -298,7 +319,8 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
 struct PackedMatMulArgs {
   const float *x, *w;
   float* y;
-  int64_t m, k, n, panels, panels_per_batch;
+  const float* r;  // added to the product (PackedMatMulAdd), or nullptr
+  int64_t m, k, n, ldr, panels, panels_per_batch;
 };
 
 // One thread's contiguous range of panels: the weight bytes it streams are one block of memory.
@@ -309,7 +331,7 @@ void packed_matmul_batch(void* data, size_t batch) {
   for (int64_t p = first; p < last; ++p) {
     const int cols = static_cast<int>(std::min<int64_t>(xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
     xlstm_cpu::packed_matmul_panel(a.x, a.m, a.k, a.w + p * a.k * xlstm_cpu::kPanel, a.y + p * xlstm_cpu::kPanel,
-                                   a.n, cols);
+                                   a.n, cols, a.r ? a.r + p * xlstm_cpu::kPanel : nullptr, a.ldr);
   }
 }
 
@@ -321,12 +343,14 @@ void packed_matmul_batch(void* data, size_t batch) {
 constexpr int64_t kParallelMatMulBytes = 256 << 10;
 constexpr int64_t kParallelMatMulWork = 1 << 21;
 
-OrtStatus* packed_matmul_compute(const Ctx& ctx) {
+// PackedMatMul (add = false) and PackedMatMulAdd (add = true: a third input r, the same shape as y
+// or [n], is added to the product: a residual or a bias).
+OrtStatus* packed_matmul(const Ctx& ctx, bool add) {
   PackedMatMulArgs a{};
   std::vector<int64_t> x, w;
   if (OrtStatus* s = ctx.input(0, &a.x, &x)) return s;
   if (OrtStatus* s = ctx.input(1, &a.w, &w)) return s;
-  a.n = ctx.attribute;
+  a.n = ctx.ints[0];
   if (w.size() != 3 || w[2] != xlstm_cpu::kPanel || a.n <= 0 || (a.n + xlstm_cpu::kPanel - 1) / xlstm_cpu::kPanel != w[0])
     return ctx.error("w must be [ceil(n / 32), K, 32] for the attribute n = %ld, got rank %ld with %ld panels",
                      static_cast<long>(a.n), static_cast<long>(w.size()), w.empty() ? -1L : static_cast<long>(w[0]));
@@ -339,6 +363,14 @@ OrtStatus* packed_matmul_compute(const Ctx& ctx) {
   for (size_t d = 0; d + 1 < x.size(); ++d) a.m *= x[d];
   std::vector<int64_t> y(x);
   y.back() = a.n;
+  if (add) {
+    std::vector<int64_t> r;
+    if (OrtStatus* s = ctx.input(2, &a.r, &r)) return s;
+    if (r != y && !same(r, {a.n}))
+      return ctx.error("r must have the product's shape [..., n = %ld] (rank %ld) or be [n], got rank %ld",
+                       static_cast<long>(a.n), static_cast<long>(y.size()), static_cast<long>(r.size()));
+    a.ldr = r == y ? a.n : 0;
+  }
   if (OrtStatus* s = ctx.output(0, y, &a.y)) return s;
   if (a.m == 0) return nullptr;
   // One contiguous range of panels per thread (the pool runs `batches` batches of one index each).
@@ -353,18 +385,21 @@ OrtStatus* packed_matmul_compute(const Ctx& ctx) {
   return ctx.for_each(tasks, true, packed_matmul_batch, &a, tasks);
 }
 
+OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, false); }
+OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, true); }
+
 // ---------------------------------------------------------------------------------------------
 // The OrtCustomOp tables
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kMaxFloatAttributes = 3;
+constexpr int kMaxAttributes = 6;  // of each type
 
 struct Kernel {
   const OrtApi* api;
   const char* name;
   OrtStatus* (*compute)(const Ctx&);
-  int64_t attribute;
-  float floats[kMaxFloatAttributes];
+  int64_t ints[kMaxAttributes];
+  float floats[kMaxAttributes];
 };
 
 struct OpDef {
@@ -372,21 +407,22 @@ struct OpDef {
   const char* name;
   size_t inputs, outputs;
   OrtStatus* (*compute)(const Ctx&);
-  const char* int_attribute;  // a required int attribute handed to compute (nullptr: none)
-  const char* float_attributes[kMaxFloatAttributes];  // required float attributes (nullptr-terminated)
+  const char* int_attributes[kMaxAttributes];    // required int attributes (nullptr-terminated)
+  const char* float_attributes[kMaxAttributes];  // required float attributes (nullptr-terminated)
 };
 
 const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const OpDef*>(op); }
 
 OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
-  int64_t attribute = 0;
-  if (const char* name = def(op)->int_attribute) {
-    using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
-    if (OrtStatus* s = ort::fn<GetInt>(api, ort::kKernelInfoGetAttributeInt64)(info, name, &attribute)) return s;
+  Kernel kernel{api, def(op)->name, def(op)->compute, {}, {}};
+  using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
+  using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
+  for (int j = 0; j < kMaxAttributes && def(op)->int_attributes[j]; ++j) {
+    if (OrtStatus* s = ort::fn<GetInt>(api, ort::kKernelInfoGetAttributeInt64)(info, def(op)->int_attributes[j],
+                                                                              &kernel.ints[j]))
+      return s;
   }
-  Kernel kernel{api, def(op)->name, def(op)->compute, attribute, {}};
-  for (int j = 0; j < kMaxFloatAttributes && def(op)->float_attributes[j]; ++j) {
-    using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
+  for (int j = 0; j < kMaxAttributes && def(op)->float_attributes[j]; ++j) {
     if (OrtStatus* s = ort::fn<GetFloat>(api, ort::kKernelInfoGetAttributeFloat)(info, def(op)->float_attributes[j],
                                                                                   &kernel.floats[j]))
       return s;
@@ -397,11 +433,12 @@ OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const O
 
 OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   const auto* k = static_cast<const Kernel*>(kernel);
-  return k->compute(Ctx{k->api, context, k->name, k->attribute, k->floats});
+  return k->compute(Ctx{k->api, context, k->name, k->ints, k->floats});
 }
 
 OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&),
-              const char* int_attribute = nullptr, std::initializer_list<const char*> float_attributes = {}) {
+              std::initializer_list<const char*> int_attributes = {},
+              std::initializer_list<const char*> float_attributes = {}) {
   OpDef d{};
   OrtCustomOpLayout& t = d.table;
   ort::fill_common(t, create_kernel, compute_kernel);
@@ -415,7 +452,7 @@ OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*comp
   d.inputs = inputs;
   d.outputs = outputs;
   d.compute = compute;
-  d.int_attribute = int_attribute;
+  std::copy(int_attributes.begin(), int_attributes.end(), d.int_attributes);
   std::copy(float_attributes.begin(), float_attributes.end(), d.float_attributes);
   return d;
 }
@@ -423,13 +460,16 @@ OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*comp
 // onnxruntime keeps pointers to these for as long as any session uses them: static storage.
 const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
 const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
-const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, "n");
-const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute, nullptr, {"eps", "norm_eps", "soft_cap"});
+const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, {"n"});
+const OpDef kPackedMatMulAdd = make_op("PackedMatMulAdd", 3, 1, packed_matmul_add_compute, {"n"});
+const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute,
+                                  {"q_col", "k_col", "v_col", "g_col", "o_col"}, {"eps", "norm_eps", "soft_cap"});
 
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table, &kMlstmLayer.table};
-  return ort::register_ops(options, base, "xlstm.cpu", ops, 4);
+  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table,
+                                    &kPackedMatMulAdd.table, &kMlstmLayer.table};
+  return ort::register_ops(options, base, "xlstm.cpu", ops, sizeof ops / sizeof ops[0]);
 }

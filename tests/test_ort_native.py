@@ -161,12 +161,17 @@ def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():
 LAYER_INPUTS = ["q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"]
 
 
-def _layer_model(eps: float, norm_eps: float, cap: float) -> onnx.ModelProto:
-    """One xlstm.cpu::mLSTMLayer node over graph inputs of any shape."""
+def _layer_model(eps: float, norm_eps: float, cap: float, cols=(0, 0, 0, 0, 0), fused: bool = False
+                 ) -> onnx.ModelProto:
+    """One xlstm.cpu::mLSTMLayer node over graph inputs of any shape; ``fused``: q, k, v, g and o
+    are column ranges (from ``cols``) of one input "z"."""
     vi = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)  # noqa: E731
-    node = onnx.helper.make_node("mLSTMLayer", LAYER_INPUTS, ["y", "c", "n", "m"], domain=ort_native.NATIVE_DOMAIN,
-                                 eps=eps, norm_eps=norm_eps, soft_cap=cap)
-    graph = onnx.helper.make_graph([node], "layer", [vi(x) for x in LAYER_INPUTS], [vi(x) for x in "ycnm"])
+    inputs = ["z"] * 5 + LAYER_INPUTS[5:] if fused else LAYER_INPUTS
+    node = onnx.helper.make_node("mLSTMLayer", inputs, ["y", "c", "n", "m"], domain=ort_native.NATIVE_DOMAIN,
+                                 eps=eps, norm_eps=norm_eps, soft_cap=cap,
+                                 **dict(zip(("q_col", "k_col", "v_col", "g_col", "o_col"), cols)))
+    graph = onnx.helper.make_graph([node], "layer", [vi(x) for x in dict.fromkeys(inputs)],
+                                   [vi(x) for x in "ycnm"])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
                                                         onnx.helper.make_opsetid(ort_native.NATIVE_DOMAIN, 1)])
 
@@ -210,6 +215,22 @@ def test_mlstm_layer_matches_float64_reference(B, S, NH, DQK, DV, cap):
     y_ref, c_ref, n_ref, m_ref = _layer_reference(x, eps, norm_eps, cap)
     assert y.shape == (B, S, NH * DV) and c.shape == (B, NH, DQK, DV)
     # LayerNorm divides by the std of h over DV values: relative error of h, not amplified
+    assert _rel(y, y_ref) < TOL_CELL["h"]
+    for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_mlstm_layer_reads_column_ranges_of_one_fused_input():
+    """The rewrite hands the layer the block's fused product once, with each input's first column."""
+    B, S, NH, DQK, DV = 2, 5, 2, 8, 12
+    x = _layer_inputs(B, S, NH, DQK, DV, seed=3)
+    pad = np.full((B, S, 3), np.nan, np.float32)  # never read
+    parts = {"o": x["o"], "pad": pad, "q": x["q"], "g": x["g"], "k": x["k"], "v": x["v"]}  # any order
+    starts = dict(zip(parts, np.cumsum([0] + [a.shape[-1] for a in parts.values()])))
+    feeds = {"z": np.concatenate(list(parts.values()), axis=-1), **{k: x[k] for k in LAYER_INPUTS[5:]}}
+    cols = [int(starts[k]) for k in "qkvgo"]
+    y, c, n, m = _session(_layer_model(1e-6, 1e-5, 15.0, cols, fused=True)).run(None, feeds)
+    y_ref, c_ref, n_ref, m_ref = _layer_reference(x, 1e-6, 1e-5, 15.0)
     assert _rel(y, y_ref) < TOL_CELL["h"]
     for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
         assert _rel(got, want) < TOL_CELL["state"]
@@ -377,6 +398,63 @@ def test_packed_matmul_rejects_a_mismatched_input_with_its_own_message():
         _session(native).run(None, {"x": np.ones((2, 15), np.float32)})
 
 
+def _matmul_add_model(w: np.ndarray, r_dims, r_const: np.ndarray | None = None, y_is_output: bool = False
+                      ) -> onnx.ModelProto:
+    """y = x W + r with x [B, S, K]: r a graph input of dims ``r_dims``, or the constant ``r_const``."""
+    h = onnx.helper
+    k, n = w.shape
+    inits = [onnx.numpy_helper.from_array(w, "w")]
+    inputs = [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "S", k])]
+    if r_const is None:
+        inputs.append(h.make_tensor_value_info("r", onnx.TensorProto.FLOAT, r_dims))
+    else:
+        inits.append(onnx.numpy_helper.from_array(r_const, "r"))
+    outputs = [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)]
+    if y_is_output:
+        outputs.append(h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"]), h.make_node("Add", ["r", "y"], ["z"])], "mma",
+                         inputs, outputs, initializer=inits,
+                         value_info=[h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "S", n])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    return model
+
+
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 45, 33), (3, 7, 61, 97), (2, 9, 128, 300)])
+def test_packed_matmul_add_folds_a_residual_and_a_bias(B, S, K, N):
+    rng = np.random.default_rng(B * S + N)
+    w = rng.standard_normal((K, N), dtype=np.float32)
+    x = rng.standard_normal((B, S, K), dtype=np.float32)
+    for r_dims, r_const in ((["B", "S", N], None), (None, rng.standard_normal(N, dtype=np.float32))):
+        r = rng.standard_normal((B, S, N), dtype=np.float32) if r_const is None else r_const
+        native = ort_native.with_native_ops(_matmul_add_model(w, r_dims, r_const), check_xlstm=False)
+        assert [nd.op_type for nd in native.graph.node] == ["PackedMatMulAdd"]
+        (z,) = _session(native).run(None, {"x": x} if r_const is not None else {"x": x, "r": r})
+        ref = x.astype(np.float64) @ w.astype(np.float64) + r.astype(np.float64)
+        assert z.shape == ref.shape
+        assert _rel(z, ref) < 1e-5  # as the plain product: one more float32 rounding
+
+
+def test_packed_matmul_add_is_folded_only_where_shapes_are_known_equal():
+    w = np.random.default_rng(4).standard_normal((16, 40), dtype=np.float32)
+    kept = {  # the Add must stay: a broadcast, an unknown shape, a product read elsewhere
+        "broadcast": _matmul_add_model(w, ["B", 1, 40]),
+        "unknown": _matmul_add_model(w, None),
+        "bias of the wrong length": _matmul_add_model(w, None, np.ones(39, np.float32)),
+        "product also an output": _matmul_add_model(w, ["B", "S", 40], y_is_output=True),
+    }
+    for why, model in kept.items():
+        ops = [nd.op_type for nd in ort_native.with_native_ops(model, check_xlstm=False).graph.node]
+        assert ops == ["PackedMatMul", "Add"], why
+
+
+def test_packed_matmul_add_rejects_a_mismatched_addend_with_its_own_message():
+    w = np.random.default_rng(2).standard_normal((16, 40), dtype=np.float32)
+    native = ort_native.with_native_ops(_matmul_add_model(w, ["B", "S", 40]), check_xlstm=False)
+    native.graph.input[1].type.tensor_type.shape.dim[2].dim_param = "N"  # let a wrong addend through
+    with pytest.raises(Exception, match=r"xlstm\.cpu::PackedMatMulAdd: r must have the product's shape"):
+        _session(native).run(None, {"x": np.ones((2, 3, 16), np.float32), "r": np.ones((2, 3, 39), np.float32)})
+
+
 # --- whole models ----------------------------------------------------------------------------------
 
 
@@ -409,6 +487,27 @@ def test_native_model_matches_standard_bodies_prefill_and_decode(kind, exported)
             assert _rel(sn[key], sb[key]) < TOL_MODEL, f"state {key}, step {step}"
         tok = rng.integers(0, 256, (B, 1))
         (lb, sb), (ln, sn) = body.run(tok, sb), native.run(tok, sn)
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_native_decoder_updates_mlstm_layer_states_in_place(kind, exported):
+    """The decoder binds the states only mLSTMLayer reads to one buffer (input and output): the same
+    numbers as run(), step after step; every other state keeps two buffers taken by turns."""
+    _, path = exported[kind]
+    om = OrtModel(path, intra_op_threads=2, native_ops=True)
+    expected = {k for k in om.state_names if kind == "large"}  # 7B-style: c, n, m of every block
+    assert om._inplace_states == expected
+    dec = om.decoder()
+    rng = np.random.default_rng(9)
+    ids = rng.integers(0, 256, (3, 6))
+    (lr, sr), (ld, sd) = om.run(ids), dec(ids)
+    for step in range(3):
+        before = {k: v.ctypes.data for k, v in sd.items()}
+        tok = rng.integers(0, 256, (3, 1))
+        (lr, sr), (ld, sd) = om.run(tok, sr), dec(tok, sd)
+        assert np.array_equal(ld, lr) and all(np.array_equal(sd[k], sr[k]) for k in sr), step
+        moved = {k for k in sd if sd[k].ctypes.data != before[k]}
+        assert moved == set(om.state_names) - expected, step
 
 
 def test_native_model_greedy_generation_equals_torch(exported):

@@ -212,6 +212,7 @@ class OrtModel:
         # bfloat16 on the CPU provider: float32 arithmetic over the bf16 weights (see upcast_bfloat16)
         self.upcast = self.dtype == "bfloat16" and providers[0] == "CPUExecutionProvider"
         self.native_ops = native_ops
+        self._inplace_states: set[str] = set()  # states a decode step may update in place (OrtDecoder)
         rewrites = []
         if self.upcast:
             rewrites.append(upcast_bfloat16)
@@ -221,7 +222,15 @@ class OrtModel:
             from . import ort_native
 
             ort_native.register(opts)  # builds the library on first use (a C++ compiler is needed)
-            rewrites.append(lambda m: ort_native.with_native_ops(m, inplace=True))
+
+            def native(model):
+                model = ort_native.with_native_ops(model, inplace=True)
+                pairs = ort_native.inplace_states(model)
+                self._inplace_states = {k for k in self.state_names
+                                        if pairs.get(state_input_name(k)) == state_output_name(k)}
+                return model
+
+            rewrites.append(native)
         try:
             if rewrites:
                 self.session = self._rewritten_session(rewrites, opts, providers)
@@ -315,7 +324,7 @@ class OrtModel:
 
 class BoundState(dict):
     """A state returned by :class:`OrtDecoder`: the arrays are the decoder's own buffers, which the
-    step after next overwrites. Pass it straight back to the decoder, or copy what you keep
+    next steps overwrite. Pass it straight back to the decoder, or copy what you keep
     (``{k: v.copy() for k, v in state.items()}``)."""
 
     __slots__ = ("decoder", "serial")
@@ -327,7 +336,8 @@ class OrtDecoder:
     Decode steps (S == 1) fed the state this decoder returned last run through onnxruntime
     IOBinding over two preallocated sets of state buffers, read from one and written to the other
     by turns, so a step allocates no state memory and copies no state (at B = 8 on the 160M model
-    the state is 27 MiB per step). Anything else (a prefill, a fresh or foreign state, another
+    the state is 27 MiB per step). States that the native ``mLSTMLayer`` kernel alone reads
+    (:func:`xlstm_export.ort_native.inplace_states`) have one buffer, updated in place. Anything else (a prefill, a fresh or foreign state, another
     batch size) goes through :meth:`OrtModel.run` and its result is copied into the buffers once.
     Logits are returned as a new float32 array.
     """
@@ -348,6 +358,8 @@ class OrtDecoder:
         m = self.model
         self._bufs = [{k: np.empty((batch, *m.state_shapes[k]), np.float32) for k in m.state_names}
                       for _ in range(2)]
+        for k in m._inplace_states:  # one buffer, read and overwritten by the same kernel
+            self._bufs[1][k] = self._bufs[0][k]
         self._ids = np.zeros((batch, 1), np.int64)
         self._logits = np.empty((batch, 1, m.vocab_size), self._logits_dtype)
         self._bindings = []
