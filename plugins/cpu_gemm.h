@@ -18,6 +18,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -32,6 +33,15 @@ inline vec16 load16(const float* p) {  // unaligned load (onnxruntime's buffers 
   vec16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+
+// out[k] = x[k] / sqrt(mean(x^2) + eps) * g[k]  for k < K: one row of an RMS norm (the 7B blocks'
+// norm before their products; the exported graph's order of operations).
+inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, float* out) {
+  float sum = 0.0f;
+  for (int64_t k = 0; k < K; ++k) sum += x[k] * x[k];
+  const float rms = std::sqrt(sum / static_cast<float>(K) + eps);
+  for (int64_t k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
 }
 
 // out[r * kPanel + j] = sum_k x[r * ldx + k] * panel[k * kPanel + j]   for r < R, j < kPanel.

@@ -9,6 +9,8 @@
 //   xlstm.cpu::PackedMatMul(x, w) -> y    attribute n (int): y = x W for a weight W [K, n]
 //       x [..., K]  w [ceil(n / 32), K, 32]: W packed into column panels (cpu_gemm.h)  y [..., n]
 //   xlstm.cpu::PackedMatMulAdd(x, w, r) -> y    the same plus r: y = x W + r, r like y or [n]
+//   xlstm.cpu::PackedNormMatMul(x, w, g) -> y   attribute eps (float) too: y = RMSNorm(x) W,
+//       RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K]
 //   xlstm.cpu::mLSTMLayer(q, k, v, g, o, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight) -> (y, c, n, m)
 //       attributes eps, norm_eps, soft_cap (float), q_col, k_col, v_col, g_col, o_col (int): a 7B-style
 //       mLSTM layer between its two products, any S, step by step (cpu_cells.h mlstm_layer_head)
@@ -343,9 +345,12 @@ void packed_matmul_batch(void* data, size_t batch) {
 constexpr int64_t kParallelMatMulBytes = 256 << 10;
 constexpr int64_t kParallelMatMulWork = 1 << 21;
 
-// PackedMatMul (add = false) and PackedMatMulAdd (add = true: a third input r, the same shape as y
-// or [n], is added to the product: a residual or a bias).
-OrtStatus* packed_matmul(const Ctx& ctx, bool add) {
+enum class Epilogue { kNone, kAdd, kNorm };
+
+// PackedMatMul (kNone), PackedMatMulAdd (kAdd: a third input r, the same shape as y or [n], is added
+// to the product: a residual or a bias) and PackedNormMatMul (kNorm: x is RMS-normalised first,
+// x / sqrt(mean(x^2) + eps) * g row by row, with a third input g [K] and the float attribute eps).
+OrtStatus* packed_matmul(const Ctx& ctx, Epilogue mode) {
   PackedMatMulArgs a{};
   std::vector<int64_t> x, w;
   if (OrtStatus* s = ctx.input(0, &a.x, &x)) return s;
@@ -363,7 +368,19 @@ OrtStatus* packed_matmul(const Ctx& ctx, bool add) {
   for (size_t d = 0; d + 1 < x.size(); ++d) a.m *= x[d];
   std::vector<int64_t> y(x);
   y.back() = a.n;
-  if (add) {
+  std::vector<float> normed;  // kNorm: the normalised rows of x
+  if (mode == Epilogue::kNorm) {
+    std::vector<int64_t> g;
+    const float* g_data = nullptr;
+    if (OrtStatus* s = ctx.input(2, &g_data, &g)) return s;
+    if (!same(g, {a.k})) return ctx.error("g must be [K = %ld], got rank %ld", static_cast<long>(a.k),
+                                          static_cast<long>(g.size()));
+    normed.resize(static_cast<size_t>(a.m * a.k));
+    for (int64_t row = 0; row < a.m; ++row)
+      xlstm_cpu::rms_norm_row(a.x + row * a.k, g_data, a.k, ctx.floats[0], normed.data() + row * a.k);
+    a.x = normed.data();
+  }
+  if (mode == Epilogue::kAdd) {
     std::vector<int64_t> r;
     if (OrtStatus* s = ctx.input(2, &a.r, &r)) return s;
     if (r != y && !same(r, {a.n}))
@@ -385,8 +402,9 @@ OrtStatus* packed_matmul(const Ctx& ctx, bool add) {
   return ctx.for_each(tasks, true, packed_matmul_batch, &a, tasks);
 }
 
-OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, false); }
-OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, true); }
+OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Epilogue::kNone); }
+OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Epilogue::kAdd); }
+OrtStatus* packed_norm_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Epilogue::kNorm); }
 
 // ---------------------------------------------------------------------------------------------
 // The OrtCustomOp tables
@@ -462,6 +480,7 @@ const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
 const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
 const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, {"n"});
 const OpDef kPackedMatMulAdd = make_op("PackedMatMulAdd", 3, 1, packed_matmul_add_compute, {"n"});
+const OpDef kPackedNormMatMul = make_op("PackedNormMatMul", 3, 1, packed_norm_matmul_compute, {"n"}, {"eps"});
 const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute,
                                   {"q_col", "k_col", "v_col", "g_col", "o_col"}, {"eps", "norm_eps", "soft_cap"});
 
@@ -470,6 +489,6 @@ const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute,
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
   const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table,
-                                    &kPackedMatMulAdd.table, &kMlstmLayer.table};
+                                    &kPackedMatMulAdd.table, &kPackedNormMatMul.table, &kMlstmLayer.table};
   return ort::register_ops(options, base, "xlstm.cpu", ops, sizeof ops / sizeof ops[0]);
 }

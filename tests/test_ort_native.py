@@ -455,6 +455,46 @@ def test_packed_matmul_add_rejects_a_mismatched_addend_with_its_own_message():
         _session(native).run(None, {"x": np.ones((2, 3, 16), np.float32), "r": np.ones((2, 3, 39), np.float32)})
 
 
+def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_output: bool = False
+                           ) -> onnx.ModelProto:
+    """y = RMSNorm(x) W in the exported form: Mul(Div(x, Sqrt(Add(ReduceMean(Pow(x, 2)), eps))), g)."""
+    h, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    k, n = w.shape
+    c = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v), name)  # noqa: E731
+    nodes = [h.make_node("Pow", ["x", "two"], ["sq"]), h.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+             h.make_node("Add", ["ms", "eps"], ["ms_eps"]), h.make_node("Sqrt", ["ms_eps"], ["rms"]),
+             h.make_node("Div", ["x", "rms"], ["xn"]), h.make_node("Mul", ["xn", "g"], ["normed"]),
+             h.make_node("MatMul", ["normed", "w"], ["y"])]
+    outputs = [h.make_tensor_value_info("y", f32, None)]
+    if normed_is_output:
+        outputs.append(h.make_tensor_value_info("normed", f32, None))
+    graph = h.make_graph(nodes, "norm_mm", [h.make_tensor_value_info("x", f32, ["B", "S", k])], outputs,
+                         initializer=[c("two", np.float32(2.0)), c("axes", np.array([-1], np.int64)),
+                                      c("eps", np.float32(eps)), c("g", g), c("w", w)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 45, 33), (3, 7, 128, 97), (2, 9, 61, 300)])
+def test_packed_norm_matmul_folds_the_exported_rms_norm(B, S, K, N):
+    rng = np.random.default_rng(K + N)
+    w, g = rng.standard_normal((K, N), dtype=np.float32), 1 + 0.3 * rng.standard_normal(K, dtype=np.float32)
+    x = 3 * rng.standard_normal((B, S, K), dtype=np.float32)
+    native = ort_native.with_native_ops(_rms_norm_matmul_model(w, g, 1e-6), check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["PackedNormMatMul"]
+    (y,) = _session(native).run(None, {"x": x})
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * g @ w.astype(np.float64)
+    assert _rel(y, ref) < 1e-5  # as the plain product, plus the K-term mean of squares
+
+
+def test_packed_norm_matmul_leaves_a_norm_read_elsewhere():
+    rng = np.random.default_rng(1)
+    model = _rms_norm_matmul_model(rng.standard_normal((16, 40), dtype=np.float32), np.ones(16, np.float32), 1e-6,
+                                   normed_is_output=True)
+    ops = [nd.op_type for nd in ort_native.with_native_ops(model, check_xlstm=False).graph.node]
+    assert ops[-1] == "PackedMatMul" and "Pow" in ops
+
+
 # --- whole models ----------------------------------------------------------------------------------
 
 

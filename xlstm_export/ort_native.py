@@ -145,7 +145,46 @@ def _pack_matmuls(graph: GraphProto) -> int:
         same_shape = shapes.get(r) is not None and shapes.get(r) == shapes.get(y) and None not in shapes[r]
         return r if same_shape else None
 
-    swapped = 0
+    producer = {o: node for node in graph.node for o in node.output if o}
+
+    def const(name: str) -> np.ndarray | None:
+        t = inits.get(name)
+        return None if t is None or name in overridable else numpy_helper.to_array(t)
+
+    def made_by(name: str, op_type: str):
+        node = producer.get(name)
+        private = uses[name] == 1
+        return node if private and node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") \
+            else None
+
+    def operand(node, op_type: str):
+        """(the input of ``node`` made by a private ``op_type`` node, that node, the other input)."""
+        for j, name in enumerate(node.input):
+            inner = made_by(name, op_type)
+            if inner is not None and len(node.input) == 2:
+                return inner, node.input[1 - j]
+        return None, None
+
+    def rms_norm(x: str, k: int) -> tuple[str, str, float] | None:
+        """(x0, g, eps) if ``x`` is Mul(Div(x0, Sqrt(Add(ReduceMean[-1](Pow(x0, 2)), eps))), g) with
+        g a float32 constant [k], every value in between read only there (the exported RMSNorm)."""
+        mul = made_by(x, "Mul")
+        div, g_name = operand(mul, "Div") if mul is not None else (None, None)
+        sqrt = div and len(div.input) == 2 and made_by(div.input[1], "Sqrt")
+        add = sqrt and made_by(sqrt.input[0], "Add")
+        mean, eps_name = operand(add, "ReduceMean") if add else (None, None)
+        power = mean and made_by(mean.input[0], "Pow")
+        if not power or power.input[0] != div.input[0]:
+            return None
+        g, eps, two = const(g_name), const(eps_name), const(power.input[1])
+        axes = const(mean.input[1]) if len(mean.input) > 1 else _attrs(mean).get("axes")
+        if (g is None or g.dtype != np.float32 or g.shape != (k,) or eps is None or eps.size != 1 or two is None
+                or two.size != 1 or float(two) != 2.0 or axes is None or list(np.ravel(axes)) != [-1]
+                or _attrs(mean).get("keepdims", 1) != 1):
+            return None
+        return div.input[0], g_name, float(eps)
+
+    swapped, normed = 0, False
     folded: set[int] = set()  # ids of Add nodes merged into a product
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -160,7 +199,13 @@ def _pack_matmuls(graph: GraphProto) -> int:
         y, n = node.output[0], int(w.shape[1])
         add = readers.get(y) if uses[y] == 1 else None
         r = addend(add, y, n) if add is not None else None
-        if r is None:
+        norm = rms_norm(node.input[0], int(w.shape[0])) if r is None else None
+        if norm is not None:
+            x0, g_name, eps = norm
+            node.CopyFrom(helper.make_node("PackedNormMatMul", [x0, t.name, g_name], [y], domain=NATIVE_DOMAIN,
+                                           name=node.name, n=n, eps=eps))
+            normed = True
+        elif r is None:
             node.CopyFrom(helper.make_node("PackedMatMul", [node.input[0], t.name], [y],
                                            domain=NATIVE_DOMAIN, name=node.name, n=n))
         else:
@@ -172,6 +217,8 @@ def _pack_matmuls(graph: GraphProto) -> int:
         kept = [n for n in graph.node if id(n) not in folded]
         del graph.node[:]
         graph.node.extend(kept)
+    if normed:
+        _drop_dead_nodes(graph)  # the norms' nodes, now read by nothing
     return swapped
 
 
