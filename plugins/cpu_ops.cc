@@ -9,8 +9,10 @@
 //   xlstm.cpu::PackedMatMul(x, w) -> y    attribute n (int): y = x W for a weight W [K, n]
 //       x [..., K]  w [ceil(n / 32), K, 32]: W packed into column panels (cpu_gemm.h)  y [..., n]
 //   xlstm.cpu::PackedMatMulAdd(x, w, r) -> y    the same plus r: y = x W + r, r like y or [n]
-//   xlstm.cpu::PackedNormMatMul(x, w, g) -> y   attribute eps (float) too: y = RMSNorm(x) W,
-//       RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K]
+//   xlstm.cpu::PackedNormMatMul(x, w, g) -> y   float attributes eps, soft_cap too:
+//       y = softcap(RMSNorm(x) W), RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K],
+//       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0
+//   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (silu(z[..., :K]) * z[..., K:]) W + r, z [..., 2K]
 //   xlstm.cpu::mLSTMLayer(q, k, v, g, o, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight) -> (y, c, n, m)
 //       attributes eps, norm_eps, soft_cap (float), q_col, k_col, v_col, g_col, o_col (int): a 7B-style
 //       mLSTM layer between its two products, any S, step by step (cpu_cells.h mlstm_layer_head)
@@ -321,7 +323,8 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
 struct PackedMatMulArgs {
   const float *x, *w;
   float* y;
-  const float* r;  // added to the product (PackedMatMulAdd), or nullptr
+  const float* r;  // added to the product (the ...Add ops), or nullptr
+  float cap;       // > 0: the soft cap cap * tanh(y / cap) on the result (PackedNormMatMul's soft_cap)
   int64_t m, k, n, ldr, panels, panels_per_batch;
 };
 
@@ -332,8 +335,11 @@ void packed_matmul_batch(void* data, size_t batch) {
   const int64_t last = std::min(a.panels, first + a.panels_per_batch);
   for (int64_t p = first; p < last; ++p) {
     const int cols = static_cast<int>(std::min<int64_t>(xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
-    xlstm_cpu::packed_matmul_panel(a.x, a.m, a.k, a.w + p * a.k * xlstm_cpu::kPanel, a.y + p * xlstm_cpu::kPanel,
-                                   a.n, cols, a.r ? a.r + p * xlstm_cpu::kPanel : nullptr, a.ldr);
+    float* y = a.y + p * xlstm_cpu::kPanel;
+    xlstm_cpu::packed_matmul_panel(a.x, a.m, a.k, a.w + p * a.k * xlstm_cpu::kPanel, y, a.n, cols,
+                                   a.r ? a.r + p * xlstm_cpu::kPanel : nullptr, a.ldr);
+    if (a.cap > 0.0f)  // while the panel's outputs are in L1
+      for (int64_t row = 0; row < a.m; ++row) xlstm_cpu::soft_cap_row(y + row * a.n, cols, a.cap);
   }
 }
 
@@ -345,12 +351,16 @@ void packed_matmul_batch(void* data, size_t batch) {
 constexpr int64_t kParallelMatMulBytes = 256 << 10;
 constexpr int64_t kParallelMatMulWork = 1 << 21;
 
-enum class Epilogue { kNone, kAdd, kNorm };
+// What a packed product does to its input rows first, and whether it adds a third input after.
+enum class Prologue { kNone, kNorm, kGlu };
 
-// PackedMatMul (kNone), PackedMatMulAdd (kAdd: a third input r, the same shape as y or [n], is added
-// to the product: a residual or a bias) and PackedNormMatMul (kNorm: x is RMS-normalised first,
-// x / sqrt(mean(x^2) + eps) * g row by row, with a third input g [K] and the float attribute eps).
-OrtStatus* packed_matmul(const Ctx& ctx, Epilogue mode) {
+// The packed products, by op:
+//   PackedMatMul          (x, w)     y = x W
+//   PackedMatMulAdd       (x, w, r)  y = x W + r, r the same shape as y (a residual) or [n] (a bias)
+//   PackedNormMatMul      (x, w, g)  y = softcap(RMSNorm(x) W): x / sqrt(mean(x^2) + eps) * g row by
+//                                    row, g [K]; float attributes eps and soft_cap (<= 0: none)
+//   PackedGluMatMulAdd    (z, w, r)  y = (silu(z[..., :K]) * z[..., K:]) W + r: the SwiGLU, z [..., 2K]
+OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   PackedMatMulArgs a{};
   std::vector<int64_t> x, w;
   if (OrtStatus* s = ctx.input(0, &a.x, &x)) return s;
@@ -359,28 +369,34 @@ OrtStatus* packed_matmul(const Ctx& ctx, Epilogue mode) {
   if (w.size() != 3 || w[2] != xlstm_cpu::kPanel || a.n <= 0 || (a.n + xlstm_cpu::kPanel - 1) / xlstm_cpu::kPanel != w[0])
     return ctx.error("w must be [ceil(n / 32), K, 32] for the attribute n = %ld, got rank %ld with %ld panels",
                      static_cast<long>(a.n), static_cast<long>(w.size()), w.empty() ? -1L : static_cast<long>(w[0]));
-  if (x.empty() || x.back() != w[1])
-    return ctx.error("x must be [..., K] with K = %ld (w's second dim), got last dim %ld", static_cast<long>(w[1]),
-                     x.empty() ? -1L : static_cast<long>(x.back()));
   a.k = w[1];
+  const int64_t x_cols = prologue == Prologue::kGlu ? 2 * a.k : a.k;  // the GLU halves its input
+  if (x.empty() || x.back() != x_cols)
+    return ctx.error("x must be [..., K] with K = %ld (w's second dim, twice that for the GLU), got last dim %ld",
+                     static_cast<long>(x_cols), x.empty() ? -1L : static_cast<long>(x.back()));
   a.panels = w[0];
   a.m = 1;
   for (size_t d = 0; d + 1 < x.size(); ++d) a.m *= x[d];
   std::vector<int64_t> y(x);
   y.back() = a.n;
-  std::vector<float> normed;  // kNorm: the normalised rows of x
-  if (mode == Epilogue::kNorm) {
+  std::vector<float> rows;  // the prologue's rows of x, [m, K]
+  if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
     const float* g_data = nullptr;
     if (OrtStatus* s = ctx.input(2, &g_data, &g)) return s;
     if (!same(g, {a.k})) return ctx.error("g must be [K = %ld], got rank %ld", static_cast<long>(a.k),
                                           static_cast<long>(g.size()));
-    normed.resize(static_cast<size_t>(a.m * a.k));
+    rows.resize(static_cast<size_t>(a.m * a.k));
     for (int64_t row = 0; row < a.m; ++row)
-      xlstm_cpu::rms_norm_row(a.x + row * a.k, g_data, a.k, ctx.floats[0], normed.data() + row * a.k);
-    a.x = normed.data();
+      xlstm_cpu::rms_norm_row(a.x + row * a.k, g_data, a.k, ctx.floats[0], rows.data() + row * a.k);
+    a.x = rows.data();
+    a.cap = ctx.floats[1];
+  } else if (prologue == Prologue::kGlu) {
+    rows.resize(static_cast<size_t>(a.m * a.k));
+    for (int64_t row = 0; row < a.m; ++row) xlstm_cpu::swiglu_row(a.x + row * 2 * a.k, a.k, rows.data() + row * a.k);
+    a.x = rows.data();
   }
-  if (mode == Epilogue::kAdd) {
+  if (add) {
     std::vector<int64_t> r;
     if (OrtStatus* s = ctx.input(2, &a.r, &r)) return s;
     if (r != y && !same(r, {a.n}))
@@ -402,9 +418,10 @@ OrtStatus* packed_matmul(const Ctx& ctx, Epilogue mode) {
   return ctx.for_each(tasks, true, packed_matmul_batch, &a, tasks);
 }
 
-OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Epilogue::kNone); }
-OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Epilogue::kAdd); }
-OrtStatus* packed_norm_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Epilogue::kNorm); }
+OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, false); }
+OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, true); }
+OrtStatus* packed_norm_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNorm, false); }
+OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kGlu, true); }
 
 // ---------------------------------------------------------------------------------------------
 // The OrtCustomOp tables
@@ -480,7 +497,9 @@ const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
 const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
 const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, {"n"});
 const OpDef kPackedMatMulAdd = make_op("PackedMatMulAdd", 3, 1, packed_matmul_add_compute, {"n"});
-const OpDef kPackedNormMatMul = make_op("PackedNormMatMul", 3, 1, packed_norm_matmul_compute, {"n"}, {"eps"});
+const OpDef kPackedNormMatMul = make_op("PackedNormMatMul", 3, 1, packed_norm_matmul_compute, {"n"},
+                                       {"eps", "soft_cap"});
+const OpDef kPackedGluMatMulAdd = make_op("PackedGluMatMulAdd", 3, 1, packed_glu_matmul_add_compute, {"n"});
 const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute,
                                   {"q_col", "k_col", "v_col", "g_col", "o_col"}, {"eps", "norm_eps", "soft_cap"});
 
@@ -489,6 +508,7 @@ const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute,
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
   const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table,
-                                    &kPackedMatMulAdd.table, &kPackedNormMatMul.table, &kMlstmLayer.table};
+                                    &kPackedMatMulAdd.table, &kPackedNormMatMul.table, &kPackedGluMatMulAdd.table,
+                                    &kMlstmLayer.table};
   return ort::register_ops(options, base, "xlstm.cpu", ops, sizeof ops / sizeof ops[0]);
 }

@@ -455,9 +455,10 @@ def test_packed_matmul_add_rejects_a_mismatched_addend_with_its_own_message():
         _session(native).run(None, {"x": np.ones((2, 3, 16), np.float32), "r": np.ones((2, 3, 39), np.float32)})
 
 
-def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_output: bool = False
-                           ) -> onnx.ModelProto:
-    """y = RMSNorm(x) W in the exported form: Mul(Div(x, Sqrt(Add(ReduceMean(Pow(x, 2)), eps))), g)."""
+def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_output: bool = False,
+                           cap: float | None = None) -> onnx.ModelProto:
+    """y = RMSNorm(x) W in the exported form: Mul(Div(x, Sqrt(Add(ReduceMean(Pow(x, 2)), eps))), g),
+    then, with ``cap``, the logits' soft cap Mul(Tanh(Div(y, cap)), cap)."""
     h, f32 = onnx.helper, onnx.TensorProto.FLOAT
     k, n = w.shape
     c = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v), name)  # noqa: E731
@@ -465,26 +466,67 @@ def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_o
              h.make_node("Add", ["ms", "eps"], ["ms_eps"]), h.make_node("Sqrt", ["ms_eps"], ["rms"]),
              h.make_node("Div", ["x", "rms"], ["xn"]), h.make_node("Mul", ["xn", "g"], ["normed"]),
              h.make_node("MatMul", ["normed", "w"], ["y"])]
+    consts = []
+    if cap is not None:
+        nodes[-1].output[0] = "p"
+        nodes += [h.make_node("Div", ["p", "cap"], ["pc"]), h.make_node("Tanh", ["pc"], ["t"]),
+                  h.make_node("Mul", ["t", "cap"], ["y"])]
+        consts.append(onnx.numpy_helper.from_array(np.float32(cap), "cap"))
     outputs = [h.make_tensor_value_info("y", f32, None)]
     if normed_is_output:
         outputs.append(h.make_tensor_value_info("normed", f32, None))
     graph = h.make_graph(nodes, "norm_mm", [h.make_tensor_value_info("x", f32, ["B", "S", k])], outputs,
                          initializer=[c("two", np.float32(2.0)), c("axes", np.array([-1], np.int64)),
-                                      c("eps", np.float32(eps)), c("g", g), c("w", w)])
+                                      c("eps", np.float32(eps)), c("g", g), c("w", w), *consts])
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("B,S,K,N", [(1, 1, 45, 33), (3, 7, 128, 97), (2, 9, 61, 300)])
-def test_packed_norm_matmul_folds_the_exported_rms_norm(B, S, K, N):
+@pytest.mark.parametrize("B,S,K,N,cap", [(1, 1, 45, 33, None), (3, 7, 128, 97, 30.0), (2, 9, 61, 300, None),
+                                         (2, 5, 64, 200, 4.0)])  # a cap well inside the products' range
+def test_packed_norm_matmul_folds_the_exported_rms_norm_and_soft_cap(B, S, K, N, cap):
     rng = np.random.default_rng(K + N)
     w, g = rng.standard_normal((K, N), dtype=np.float32), 1 + 0.3 * rng.standard_normal(K, dtype=np.float32)
     x = 3 * rng.standard_normal((B, S, K), dtype=np.float32)
-    native = ort_native.with_native_ops(_rms_norm_matmul_model(w, g, 1e-6), check_xlstm=False)
+    native = ort_native.with_native_ops(_rms_norm_matmul_model(w, g, 1e-6, cap=cap), check_xlstm=False)
     assert [nd.op_type for nd in native.graph.node] == ["PackedNormMatMul"]
     (y,) = _session(native).run(None, {"x": x})
     x64 = x.astype(np.float64)
     ref = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * g @ w.astype(np.float64)
-    assert _rel(y, ref) < 1e-5  # as the plain product, plus the K-term mean of squares
+    if cap is not None:
+        ref = cap * np.tanh(ref / cap)
+    # as the plain product, plus the K-term mean of squares; tanh as 1 - 2 / (e^2u + 1): absolute
+    # error ~1e-7 cap near 0, relative to the largest |y| below that
+    assert _rel(y, ref) < 1e-5
+
+
+def _swiglu_model(w: np.ndarray) -> onnx.ModelProto:
+    """out = (silu(a) * b) W + r with [a | b] = Split(z) (the exported 7B FFN after its up-product)."""
+    h, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    k, n = w.shape
+    nodes = [h.make_node("Split", ["z", "halves"], ["a", "b"], axis=-1), h.make_node("Sigmoid", ["a"], ["sa"]),
+             h.make_node("Mul", ["a", "sa"], ["silu"]), h.make_node("Mul", ["silu", "b"], ["gated"]),
+             h.make_node("MatMul", ["gated", "w"], ["y"]), h.make_node("Add", ["r", "y"], ["out"])]
+    graph = h.make_graph(nodes, "glu", [h.make_tensor_value_info("z", f32, ["B", "S", 2 * k]),
+                                        h.make_tensor_value_info("r", f32, ["B", "S", n])],
+                         [h.make_tensor_value_info("out", f32, None)],
+                         initializer=[onnx.numpy_helper.from_array(np.array([k, k], np.int64), "halves"),
+                                      onnx.numpy_helper.from_array(w, "w")],
+                         value_info=[h.make_tensor_value_info("y", f32, ["B", "S", n])])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 37, 33), (3, 7, 128, 97), (2, 9, 61, 300)])
+def test_packed_glu_matmul_add_folds_the_exported_swiglu(B, S, K, N):
+    rng = np.random.default_rng(K * N)
+    w = rng.standard_normal((K, N), dtype=np.float32)
+    z = 4 * rng.standard_normal((B, S, 2 * K), dtype=np.float32)  # sigmoid from ~0 to ~1
+    r = rng.standard_normal((B, S, N), dtype=np.float32)
+    native = ort_native.with_native_ops(_swiglu_model(w), check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["PackedGluMatMulAdd"]
+    (out,) = _session(native).run(None, {"z": z, "r": r})
+    a, b = z[..., :K].astype(np.float64), z[..., K:].astype(np.float64)
+    ref = (a / (1 + np.exp(-a)) * b) @ w.astype(np.float64) + r
+    assert _rel(out, ref) < 1e-5  # exp to ~2e-7 relative (degree-7 polynomial), then the product
 
 
 def test_packed_norm_matmul_leaves_a_norm_read_elsewhere():

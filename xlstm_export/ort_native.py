@@ -184,7 +184,37 @@ def _pack_matmuls(graph: GraphProto) -> int:
             return None
         return div.input[0], g_name, float(eps)
 
-    swapped, normed = 0, False
+    def swiglu(x: str, k: int) -> str | None:
+        """z if ``x`` is Mul(Mul(a, Sigmoid(a)), b) with a, b the two halves [k] of Split(z) on the
+        last axis, every value in between read only there (the exported SwiGLU)."""
+        outer = made_by(x, "Mul")
+        silu, b = operand(outer, "Mul") if outer is not None else (None, None)
+        sig, a = operand(silu, "Sigmoid") if silu is not None else (None, None)
+        split = producer.get(a) if sig is not None and sig.input[0] == a else None
+        if (split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx")
+                or list(split.output) != [a, b] or _attrs(split).get("axis") != -1 or uses[a] != 2 or uses[b] != 1):
+            return None
+        sizes = const(split.input[1]) if len(split.input) > 1 else None
+        halves = _attrs(split).get("num_outputs") == 2 if sizes is None else list(np.ravel(sizes)) == [k, k]
+        z_dims = shapes.get(split.input[0])
+        return split.input[0] if halves and (z_dims is None or z_dims[-1] in (2 * k, None) or
+                                            isinstance(z_dims[-1], str)) else None
+
+    def soft_cap(y: str) -> tuple[object, float] | None:
+        """(the last node, cap) if ``y`` is only read by Mul(Tanh(Div(y, cap)), cap) (cap a constant)."""
+        div = readers.get(y) if uses[y] == 1 else None
+        if div is None or div.op_type != "Div" or div.input[0] != y:
+            return None
+        tanh = readers.get(div.output[0]) if uses[div.output[0]] == 1 else None
+        mul = tanh is not None and tanh.op_type == "Tanh" and uses[tanh.output[0]] == 1 and readers.get(tanh.output[0])
+        if not mul or mul.op_type != "Mul":
+            return None
+        c_div, c_mul = const(div.input[1]), const(mul.input[1] if mul.input[0] == tanh.output[0] else mul.input[0])
+        if c_div is None or c_mul is None or c_div.size != 1 or c_mul.size != 1 or float(c_div) != float(c_mul):
+            return None
+        return mul, float(c_div)
+
+    swapped, leaves_dead_nodes = 0, False
     folded: set[int] = set()  # ids of Add nodes merged into a product
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -199,12 +229,23 @@ def _pack_matmuls(graph: GraphProto) -> int:
         y, n = node.output[0], int(w.shape[1])
         add = readers.get(y) if uses[y] == 1 else None
         r = addend(add, y, n) if add is not None else None
-        norm = rms_norm(node.input[0], int(w.shape[0])) if r is None else None
+        k = int(w.shape[0])
+        norm = rms_norm(node.input[0], k) if r is None else None
+        glu = swiglu(node.input[0], k) if r is not None else None
         if norm is not None:
             x0, g_name, eps = norm
+            cap = soft_cap(y)
+            if cap is not None:  # the product's result is the soft cap's
+                folded.add(id(cap[0]))
+                y = cap[0].output[0]
             node.CopyFrom(helper.make_node("PackedNormMatMul", [x0, t.name, g_name], [y], domain=NATIVE_DOMAIN,
-                                           name=node.name, n=n, eps=eps))
-            normed = True
+                                           name=node.name, n=n, eps=eps, soft_cap=cap[1] if cap else 0.0))
+            leaves_dead_nodes = True
+        elif glu is not None:
+            node.CopyFrom(helper.make_node("PackedGluMatMulAdd", [glu, t.name, r], list(add.output),
+                                           domain=NATIVE_DOMAIN, name=node.name, n=n))
+            folded.add(id(add))
+            leaves_dead_nodes = True
         elif r is None:
             node.CopyFrom(helper.make_node("PackedMatMul", [node.input[0], t.name], [y],
                                            domain=NATIVE_DOMAIN, name=node.name, n=n))
@@ -217,8 +258,8 @@ def _pack_matmuls(graph: GraphProto) -> int:
         kept = [n for n in graph.node if id(n) not in folded]
         del graph.node[:]
         graph.node.extend(kept)
-    if normed:
-        _drop_dead_nodes(graph)  # the norms' nodes, now read by nothing
+    if leaves_dead_nodes:
+        _drop_dead_nodes(graph)  # the norms' and GLUs' nodes, now read by nothing
     return swapped
 
 
