@@ -102,20 +102,32 @@ inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, f
 }
 
 // out[r * kPanel + j] = sum_k x[r * ldx + k] * panel[k * kPanel + j]   for r < R, j < kPanel.
-// Summed in k order, one product at a time (fused multiply-add where the CPU has it).
+// Summed in k order in blocks of kBlockK products (fused multiply-adds where the CPU has them), the
+// blocks' sums added up in turn: a running sum over all K products would round against an ever
+// larger total (K = 2048: ~3x the rms error of onnxruntime's GEMM against float64; blocked, on par).
+constexpr int64_t kBlockK = 128;
+
 template <int R>
 inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
-  vec16 acc[R][2] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const vec16 w0 = load16(panel + k * kPanel);
-    const vec16 w1 = load16(panel + k * kPanel + 16);
+  vec16 total[R][2] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t k1 = std::min(K, k0 + kBlockK);
+    vec16 acc[R][2] = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      const vec16 w0 = load16(panel + k * kPanel);
+      const vec16 w1 = load16(panel + k * kPanel + 16);
+      for (int r = 0; r < R; ++r) {
+        const float xr = x[r * ldx + k];
+        acc[r][0] += xr * w0;
+        acc[r][1] += xr * w1;
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      const float xr = x[r * ldx + k];
-      acc[r][0] += xr * w0;
-      acc[r][1] += xr * w1;
+      total[r][0] += acc[r][0];
+      total[r][1] += acc[r][1];
     }
   }
-  for (int r = 0; r < R; ++r) std::memcpy(out + r * kPanel, acc[r], sizeof acc[r]);
+  for (int r = 0; r < R; ++r) std::memcpy(out + r * kPanel, total[r], sizeof total[r]);
 }
 
 // y[m, 0:cols] = x[m, :] . panel (+ r[m, 0:cols])  for every m < M: one panel's columns of the product.
