@@ -225,8 +225,9 @@ def _ort_runner(path: Path, threads: int, native: bool = False) -> Runner:
 
     om = OrtModel(path, intra_op_threads=threads, native_ops=native)
     dec = om.decoder()
-    how = ("OrtModel(native_ops=True): the mLSTM decode step, the sLSTM loop and the float32 weight "
-           "MatMuls (packed) as native CPU kernels" if native else
+    how = ("OrtModel(native_ops=True): the mLSTM decode step (7B-style: the whole mLSTM layer), the "
+           "sLSTM loop and the float32 weight MatMuls (packed, with the norms, SwiGLU, residual adds and "
+           "logit soft cap around them folded in) as native CPU kernels" if native else
            "OrtModel: the file as exported, the cells through their standard-op bodies")
     note = how + "; prefill with .run, decode with .decoder() (state in IOBinding-bound buffers)"
     return Runner(NATIVE_NAME if native else ORT_NAME, lambda ids: om.run(ids)[0], om.init_state,

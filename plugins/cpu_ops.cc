@@ -354,6 +354,22 @@ constexpr int64_t kParallelMatMulWork = 1 << 21;
 // What a packed product does to its input rows first, and whether it adds a third input after.
 enum class Prologue { kNone, kNorm, kGlu };
 
+struct PrologueArgs {
+  Prologue kind;
+  const float *x, *g;  // x [m, K] (kNorm) or [m, 2K] (kGlu); g [K]: the norm's scale
+  float eps;
+  int64_t k;
+  float* out;  // [m, K]
+};
+
+void prologue_row(void* data, size_t row) {
+  const auto& a = *static_cast<const PrologueArgs*>(data);
+  if (a.kind == Prologue::kNorm)
+    xlstm_cpu::rms_norm_row(a.x + row * a.k, a.g, a.k, a.eps, a.out + row * a.k);
+  else
+    xlstm_cpu::swiglu_row(a.x + row * 2 * a.k, a.k, a.out + row * a.k);
+}
+
 // The packed products, by op:
 //   PackedMatMul          (x, w)     y = x W
 //   PackedMatMulAdd       (x, w, r)  y = x W + r, r the same shape as y (a residual) or [n] (a bias)
@@ -380,20 +396,19 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   std::vector<int64_t> y(x);
   y.back() = a.n;
   std::vector<float> rows;  // the prologue's rows of x, [m, K]
+  PrologueArgs pro{prologue, a.x, nullptr, ctx.floats[0], a.k, nullptr};
   if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
-    const float* g_data = nullptr;
-    if (OrtStatus* s = ctx.input(2, &g_data, &g)) return s;
+    if (OrtStatus* s = ctx.input(2, &pro.g, &g)) return s;
     if (!same(g, {a.k})) return ctx.error("g must be [K = %ld], got rank %ld", static_cast<long>(a.k),
                                           static_cast<long>(g.size()));
-    rows.resize(static_cast<size_t>(a.m * a.k));
-    for (int64_t row = 0; row < a.m; ++row)
-      xlstm_cpu::rms_norm_row(a.x + row * a.k, g_data, a.k, ctx.floats[0], rows.data() + row * a.k);
-    a.x = rows.data();
     a.cap = ctx.floats[1];
-  } else if (prologue == Prologue::kGlu) {
+  }
+  if (prologue != Prologue::kNone) {  // rows split over the pool at prefill sizes
     rows.resize(static_cast<size_t>(a.m * a.k));
-    for (int64_t row = 0; row < a.m; ++row) xlstm_cpu::swiglu_row(a.x + row * 2 * a.k, a.k, rows.data() + row * a.k);
+    pro.out = rows.data();
+    if (OrtStatus* s = ctx.for_each(static_cast<size_t>(a.m), a.m * a.k >= kParallelWork, prologue_row, &pro))
+      return s;
     a.x = rows.data();
   }
   if (add) {
