@@ -42,8 +42,6 @@ graph is tested in tests/test_ort_native.py.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
 from onnx import FunctionProto, GraphProto, ModelProto, helper, numpy_helper
@@ -130,150 +128,6 @@ def _shapes(graph: GraphProto) -> dict[str, list]:
     return out
 
 
-def _pack_matmuls(graph: GraphProto) -> int:
-    """Swap each float32 ``MatMul(x, W)`` of ``graph`` whose W is an initializer [K, N] read by
-    nothing else for ``PackedMatMul(x, pack_weight(W))``; the packed copy replaces W. Where the
-    product's only reader is an ``Add`` of a tensor of the product's own (known) shape, or of a
-    float32 constant [N], the sum is one ``PackedMatMulAdd`` (a residual or a bias added as the
-    product is written). Returns how many MatMuls were swapped."""
-    inits = {t.name: t for t in graph.initializer}
-    overridable = {i.name for i in graph.input}  # an initializer listed as a graph input can be fed
-    uses = Counter(x for node in _all_nodes(graph) for x in node.input if x)  # subgraphs too
-    uses.update(o.name for o in graph.output)
-    readers = {x: node for node in graph.node for x in node.input if x}  # the last reader; used where uses == 1
-    shapes = _shapes(graph)
-
-    def addend(node, y: str, n: int) -> str | None:
-        """The other input of ``node`` if it is an Add that can be folded into the product ``y``."""
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-            return None
-        r = node.input[1] if node.input[0] == y else node.input[0]
-        if r == y:
-            return None
-        t = inits.get(r)
-        if t is not None and r not in overridable:
-            return r if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [n] else None
-        same_shape = shapes.get(r) is not None and shapes.get(r) == shapes.get(y) and None not in shapes[r]
-        return r if same_shape else None
-
-    producer = {o: node for node in graph.node for o in node.output if o}
-
-    def const(name: str) -> np.ndarray | None:
-        t = inits.get(name)
-        return None if t is None or name in overridable else numpy_helper.to_array(t)
-
-    def made_by(name: str, op_type: str):
-        node = producer.get(name)
-        private = uses[name] == 1
-        return node if private and node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") \
-            else None
-
-    def operand(node, op_type: str):
-        """(the input of ``node`` made by a private ``op_type`` node, that node, the other input)."""
-        for j, name in enumerate(node.input):
-            inner = made_by(name, op_type)
-            if inner is not None and len(node.input) == 2:
-                return inner, node.input[1 - j]
-        return None, None
-
-    def rms_norm(x: str, k: int) -> tuple[str, str, float] | None:
-        """(x0, g, eps) if ``x`` is Mul(Div(x0, Sqrt(Add(ReduceMean[-1](Pow(x0, 2)), eps))), g) with
-        g a float32 constant [k], every value in between read only there (the exported RMSNorm)."""
-        mul = made_by(x, "Mul")
-        div, g_name = operand(mul, "Div") if mul is not None else (None, None)
-        sqrt = div and len(div.input) == 2 and made_by(div.input[1], "Sqrt")
-        add = sqrt and made_by(sqrt.input[0], "Add")
-        mean, eps_name = operand(add, "ReduceMean") if add else (None, None)
-        power = mean and made_by(mean.input[0], "Pow")
-        if not power or power.input[0] != div.input[0]:
-            return None
-        g, eps, two = const(g_name), const(eps_name), const(power.input[1])
-        axes = const(mean.input[1]) if len(mean.input) > 1 else _attrs(mean).get("axes")
-        if (g is None or g.dtype != np.float32 or g.shape != (k,) or eps is None or eps.size != 1 or two is None
-                or two.size != 1 or float(two) != 2.0 or axes is None or list(np.ravel(axes)) != [-1]
-                or _attrs(mean).get("keepdims", 1) != 1):
-            return None
-        return div.input[0], g_name, float(eps)
-
-    def swiglu(x: str, k: int) -> str | None:
-        """z if ``x`` is Mul(Mul(a, Sigmoid(a)), b) with a, b the two halves [k] of Split(z) on the
-        last axis, every value in between read only there (the exported SwiGLU)."""
-        outer = made_by(x, "Mul")
-        silu, b = operand(outer, "Mul") if outer is not None else (None, None)
-        sig, a = operand(silu, "Sigmoid") if silu is not None else (None, None)
-        split = producer.get(a) if sig is not None and sig.input[0] == a else None
-        if (split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx")
-                or list(split.output) != [a, b] or _attrs(split).get("axis") != -1 or uses[a] != 2 or uses[b] != 1):
-            return None
-        sizes = const(split.input[1]) if len(split.input) > 1 else None
-        halves = _attrs(split).get("num_outputs") == 2 if sizes is None else list(np.ravel(sizes)) == [k, k]
-        z_dims = shapes.get(split.input[0])
-        return split.input[0] if halves and (z_dims is None or z_dims[-1] in (2 * k, None) or
-                                            isinstance(z_dims[-1], str)) else None
-
-    def soft_cap(y: str) -> tuple[object, float] | None:
-        """(the last node, cap) if ``y`` is only read by Mul(Tanh(Div(y, cap)), cap) (cap a constant)."""
-        div = readers.get(y) if uses[y] == 1 else None
-        if div is None or div.op_type != "Div" or div.input[0] != y:
-            return None
-        tanh = readers.get(div.output[0]) if uses[div.output[0]] == 1 else None
-        mul = tanh is not None and tanh.op_type == "Tanh" and uses[tanh.output[0]] == 1 and readers.get(tanh.output[0])
-        if not mul or mul.op_type != "Mul":
-            return None
-        c_div, c_mul = const(div.input[1]), const(mul.input[1] if mul.input[0] == tanh.output[0] else mul.input[0])
-        if c_div is None or c_mul is None or c_div.size != 1 or c_mul.size != 1 or float(c_div) != float(c_mul):
-            return None
-        return mul, float(c_div)
-
-    swapped, leaves_dead_nodes = 0, False
-    folded: set[int] = set()  # ids of Add nodes merged into a product
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-            continue
-        name = node.input[1]
-        t = inits.get(name)
-        if (t is None or name in overridable or uses[name] != 1 or t.data_type != onnx.TensorProto.FLOAT
-                or len(t.dims) != 2):
-            continue
-        w = numpy_helper.to_array(t)
-        t.CopyFrom(numpy_helper.from_array(pack_weight(w), f"{name}.packed{PANEL}"))
-        y, n = node.output[0], int(w.shape[1])
-        add = readers.get(y) if uses[y] == 1 else None
-        r = addend(add, y, n) if add is not None else None
-        k = int(w.shape[0])
-        norm = rms_norm(node.input[0], k) if r is None else None
-        glu = swiglu(node.input[0], k) if r is not None else None
-        if norm is not None:
-            x0, g_name, eps = norm
-            cap = soft_cap(y)
-            if cap is not None:  # the product's result is the soft cap's
-                folded.add(id(cap[0]))
-                y = cap[0].output[0]
-            node.CopyFrom(helper.make_node("PackedNormMatMul", [x0, t.name, g_name], [y], domain=NATIVE_DOMAIN,
-                                           name=node.name, n=n, eps=eps, soft_cap=cap[1] if cap else 0.0))
-            leaves_dead_nodes = True
-        elif glu is not None:
-            node.CopyFrom(helper.make_node("PackedGluMatMulAdd", [glu, t.name, r], list(add.output),
-                                           domain=NATIVE_DOMAIN, name=node.name, n=n))
-            folded.add(id(add))
-            leaves_dead_nodes = True
-        elif r is None:
-            node.CopyFrom(helper.make_node("PackedMatMul", [node.input[0], t.name], [y],
-                                           domain=NATIVE_DOMAIN, name=node.name, n=n))
-        else:
-            node.CopyFrom(helper.make_node("PackedMatMulAdd", [node.input[0], t.name, r], list(add.output),
-                                           domain=NATIVE_DOMAIN, name=node.name, n=n))
-            folded.add(id(add))
-        swapped += 1
-    if folded:
-        kept = [n for n in graph.node if id(n) not in folded]
-        del graph.node[:]
-        graph.node.extend(kept)
-    if leaves_dead_nodes:
-        _drop_dead_nodes(graph)  # the norms' and GLUs' nodes, now read by nothing
-    return swapped
-
-
 def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -313,6 +167,25 @@ class _Graph:
     def private(self, name: str) -> bool:
         return name not in self.outputs and len(self.readers.get(name, [])) == 1
 
+    def uses(self, name: str) -> int:
+        """How many node inputs (subgraphs too) and graph outputs read ``name``."""
+        return len(self.readers.get(name, [])) + (name in self.outputs)
+
+    def private_made_by(self, name: str, op_type: str, **attrs):
+        """:meth:`made_by`, where nothing but one node reads ``name``."""
+        return self.made_by(name, op_type, **attrs) if self.private(name) else None
+
+    def operand(self, node, op_type: str):
+        """(the node that makes one input of the two-input ``node``, a private ``op_type``; the
+        other input), or (None, None)."""
+        if node is None or len(node.input) != 2:
+            return None, None
+        for j, name in enumerate(node.input):
+            inner = self.private_made_by(name, op_type)
+            if inner is not None:
+                return inner, node.input[1 - j]
+        return None, None
+
     def const(self, name: str, dtype=np.float32) -> np.ndarray | None:
         t = self.inits.get(name)
         if t is None or name in {i.name for i in self.graph.input}:
@@ -324,6 +197,123 @@ class _Graph:
         """The input of a two-input node that is not ``name``."""
         a, b = node.input
         return b if a == name else a
+
+
+def _match_addend(g: _Graph, shapes: dict, y: str, n: int) -> tuple[object, str] | None:
+    """(the Add, the other input) if the product ``y`` [..., n] is read only by an Add of a
+    tensor of its own known shape (a residual) or of a float32 constant [n] (a bias)."""
+    add = g.only_reader(y, "Add")
+    if add is None or len(add.input) != 2 or add.input[0] == add.input[1]:
+        return None
+    r = g.other_input(add, y)
+    if r in g.inits and r not in {i.name for i in g.graph.input}:
+        bias = g.const(r)
+        return (add, r) if bias is not None and bias.shape == (n,) else None
+    same_shape = shapes.get(r) is not None and shapes.get(r) == shapes.get(y) and None not in shapes[r]
+    return (add, r) if same_shape else None
+
+
+def _match_rms_norm(g: _Graph, x: str, k: int) -> tuple[str, str, float] | None:
+    """(x0, g, eps) if ``x`` is Mul(Div(x0, Sqrt(Add(ReduceMean[-1](Pow(x0, 2)), eps))), g) with g a
+    float32 constant [k], every value in between read only there (the exported RMSNorm)."""
+    div, g_name = g.operand(g.private_made_by(x, "Mul"), "Div")
+    sqrt = div and g.private_made_by(div.input[1], "Sqrt")
+    add = sqrt and g.private_made_by(sqrt.input[0], "Add")
+    mean, eps_name = g.operand(add, "ReduceMean") if add else (None, None)
+    power = mean and g.private_made_by(mean.input[0], "Pow")
+    if not power or power.input[0] != div.input[0]:
+        return None
+    scale, eps, two = g.const(g_name), g.const(eps_name), g.const(power.input[1])
+    axes = g.const(mean.input[1], np.int64) if len(mean.input) > 1 else _attrs(mean).get("axes")
+    if (scale is None or scale.shape != (k,) or eps is None or eps.size != 1 or two is None or two.size != 1
+            or float(two) != 2.0 or axes is None or list(np.ravel(axes)) != [-1]
+            or _attrs(mean).get("keepdims", 1) != 1):
+        return None
+    return div.input[0], g_name, float(eps)
+
+
+def _match_swiglu(g: _Graph, x: str, k: int) -> str | None:
+    """z if ``x`` is Mul(Mul(a, Sigmoid(a)), b) with a, b the two halves [k] of Split(z) on the last
+    axis, every value in between read only there (the exported SwiGLU)."""
+    silu, b = g.operand(g.private_made_by(x, "Mul"), "Mul")
+    sig, a = g.operand(silu, "Sigmoid")
+    split = sig is not None and sig.input[0] == a and g.made_by(a, "Split", axis=-1)
+    if not split or list(split.output) != [a, b] or g.uses(a) != 2 or g.uses(b) != 1:
+        return None
+    sizes = g.const(split.input[1], np.int64) if len(split.input) > 1 else None
+    halves = _attrs(split).get("num_outputs") == 2 if sizes is None else list(np.ravel(sizes)) == [k, k]
+    return split.input[0] if halves else None
+
+
+def _match_soft_cap(g: _Graph, y: str) -> tuple[object, float] | None:
+    """(the last node, cap) if ``y`` is read only by Mul(Tanh(Div(y, cap)), cap), cap a constant."""
+    div = g.only_reader(y, "Div")
+    tanh = div is not None and div.input[0] == y and g.only_reader(div.output[0], "Tanh")
+    mul = tanh and g.only_reader(tanh.output[0], "Mul")
+    if not mul:
+        return None
+    c_div, c_mul = g.const(div.input[1]), g.const(g.other_input(mul, tanh.output[0]))
+    if c_div is None or c_mul is None or c_div.size != 1 or c_mul.size != 1 or float(c_div) != float(c_mul):
+        return None
+    return mul, float(c_div)
+
+
+def _pack_matmuls(graph: GraphProto) -> int:
+    """Swap each float32 ``MatMul(x, W)`` of ``graph`` whose W is an initializer [K, N] read by
+    nothing else for ``PackedMatMul(x, pack_weight(W))``; the packed copy replaces W. What the
+    graph does right around the product is folded in where the pattern is proven (every value in
+    between read only there):
+
+    * an ``Add`` of a residual of the product's own known shape, or of a bias [N]: ``PackedMatMulAdd``
+      (the SwiGLU before it as well: ``PackedGluMatMulAdd``);
+    * the RMSNorm before the product (and the logits' soft cap after it): ``PackedNormMatMul``.
+
+    Returns how many MatMuls were swapped."""
+    g = _Graph(graph)
+    shapes = _shapes(graph)
+    overridable = {i.name for i in graph.input}  # an initializer listed as a graph input can be fed
+    swapped, leaves_dead_nodes = 0, False
+    replaced: set[int] = set()  # ids of nodes whose outputs a packed product now writes
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        x, name = node.input
+        t = g.inits.get(name)
+        if (t is None or name in overridable or g.uses(name) != 1 or t.data_type != onnx.TensorProto.FLOAT
+                or len(t.dims) != 2):
+            continue
+        w = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array(pack_weight(w), f"{name}.packed{PANEL}"))
+        (k, n), y = w.shape, node.output[0]
+        add = _match_addend(g, shapes, y, n)
+        norm = _match_rms_norm(g, x, k) if add is None else None
+        glu = _match_swiglu(g, x, k) if add is not None else None
+        if norm is not None:
+            x0, g_name, eps = norm
+            cap = _match_soft_cap(g, y)
+            if cap is not None:  # the product writes the soft cap's output
+                replaced.add(id(cap[0]))
+                y = cap[0].output[0]
+            new = helper.make_node("PackedNormMatMul", [x0, t.name, g_name], [y], eps=eps,
+                                   soft_cap=cap[1] if cap else 0.0)
+        elif add is not None:
+            replaced.add(id(add[0]))
+            op, first = ("PackedGluMatMulAdd", glu) if glu is not None else ("PackedMatMulAdd", x)
+            new = helper.make_node(op, [first, t.name, add[1]], list(add[0].output))
+        else:
+            new = helper.make_node("PackedMatMul", [x, t.name], [y])
+        new.domain, new.name = NATIVE_DOMAIN, node.name
+        new.attribute.append(helper.make_attribute("n", int(n)))
+        node.CopyFrom(new)
+        leaves_dead_nodes |= norm is not None or glu is not None
+        swapped += 1
+    if replaced:
+        kept = [n for n in graph.node if id(n) not in replaced]
+        del graph.node[:]
+        graph.node.extend(kept)
+    if leaves_dead_nodes:
+        _drop_dead_nodes(graph)  # the norms' and GLUs' nodes, now read by nothing
+    return swapped
 
 
 def _match_mlstm_layer(g: _Graph, cell) -> dict | None:
