@@ -328,18 +328,27 @@ struct PackedMatMulArgs {
   int64_t m, k, n, ldr, panels, panels_per_batch;
 };
 
+constexpr int64_t kRowBlockBytes = 512 << 10;
+
 // One thread's contiguous range of panels: the weight bytes it streams are one block of memory.
 void packed_matmul_batch(void* data, size_t batch) {
   const auto& a = *static_cast<const PackedMatMulArgs*>(data);
   const int64_t first = static_cast<int64_t>(batch) * a.panels_per_batch;
   const int64_t last = std::min(a.panels, first + a.panels_per_batch);
-  for (int64_t p = first; p < last; ++p) {
-    const int cols = static_cast<int>(std::min<int64_t>(xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
-    float* y = a.y + p * xlstm_cpu::kPanel;
-    xlstm_cpu::packed_matmul_panel(a.x, a.m, a.k, a.w + p * a.k * xlstm_cpu::kPanel, y, a.n, cols,
-                                   a.r ? a.r + p * xlstm_cpu::kPanel : nullptr, a.ldr);
-    if (a.cap > 0.0f)  // while the panel's outputs are in L1
-      for (int64_t row = 0; row < a.m; ++row) xlstm_cpu::soft_cap_row(y + row * a.n, cols, a.cap);
+  // Rows in blocks whose x fits in L2 (~512 KiB), each block against all of this thread's panels:
+  // at prefill a panel otherwise re-reads all of x from L3 (2048 x 256 x 50304: 183 -> 190 GFLOP/s,
+  // 2048 x 256 x 1024: 175 -> 194; one block at decode).
+  const int64_t block = std::max<int64_t>(xlstm_cpu::kBlockRows, (kRowBlockBytes / (4 * a.k)) / 8 * 8);
+  for (int64_t m0 = 0; m0 < a.m; m0 += block) {
+    const int64_t rows = std::min(block, a.m - m0);
+    for (int64_t p = first; p < last; ++p) {
+      const int cols = static_cast<int>(std::min<int64_t>(xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
+      float* y = a.y + m0 * a.n + p * xlstm_cpu::kPanel;
+      xlstm_cpu::packed_matmul_panel(a.x + m0 * a.k, rows, a.k, a.w + p * a.k * xlstm_cpu::kPanel, y, a.n, cols,
+                                     a.r ? a.r + m0 * a.ldr + p * xlstm_cpu::kPanel : nullptr, a.ldr);
+      if (a.cap > 0.0f)  // while the panel's outputs are in L1
+        for (int64_t row = 0; row < rows; ++row) xlstm_cpu::soft_cap_row(y + row * a.n, cols, a.cap);
+    }
   }
 }
 

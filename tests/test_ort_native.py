@@ -434,7 +434,8 @@ def _matmul_add_model(w: np.ndarray, r_dims, r_const: np.ndarray | None = None, 
     return model
 
 
-@pytest.mark.parametrize("B,S,K,N", [(1, 1, 45, 33), (3, 7, 61, 97), (2, 9, 128, 300)])
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 45, 33), (3, 7, 61, 97), (2, 9, 128, 300),
+                                     (3, 45, 2048, 70)])  # 135 rows: blocks of 64 rows at K = 2048, and a rest
 def test_packed_matmul_add_folds_a_residual_and_a_bias(B, S, K, N):
     rng = np.random.default_rng(B * S + N)
     w = rng.standard_normal((K, N), dtype=np.float32)
@@ -497,7 +498,8 @@ def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_o
 
 
 @pytest.mark.parametrize("B,S,K,N,cap", [(1, 1, 45, 33, None), (3, 7, 128, 97, 30.0), (2, 9, 61, 300, None),
-                                         (2, 5, 64, 200, 4.0)])  # a cap well inside the products' range
+                                         (2, 5, 64, 200, 4.0),  # a cap well inside the products' range
+                                         (2, 70, 2048, 40, 30.0)])  # 140 rows: three row blocks
 def test_packed_norm_matmul_folds_the_exported_rms_norm_and_soft_cap(B, S, K, N, cap):
     rng = np.random.default_rng(K + N)
     w, g = rng.standard_normal((K, N), dtype=np.float32), 1 + 0.3 * rng.standard_normal(K, dtype=np.float32)
