@@ -145,6 +145,13 @@ class _Graph:
                 if x:
                     self.readers.setdefault(x, []).append(node)
         self.outputs = {o.name for o in graph.output}
+        self.fed = {i.name for i in graph.input}  # an initializer listed as a graph input can be fed
+        # positions in graph.node, keyed by a node's outputs (protobuf wrappers have no stable identity)
+        self._position = {tuple(n.output): j for j, n in enumerate(graph.node)}
+
+    def position(self, node) -> int:
+        """Where ``node`` (of the main graph, as it was when this was built) stands in graph.node."""
+        return self._position[tuple(node.output)]
 
     def made_by(self, name: str, op_type: str, **attrs):
         """The node that computes ``name`` if it is a standard ``op_type`` whose int / ints
@@ -188,7 +195,7 @@ class _Graph:
 
     def const(self, name: str, dtype=np.float32) -> np.ndarray | None:
         t = self.inits.get(name)
-        if t is None or name in {i.name for i in self.graph.input}:
+        if t is None or name in self.fed:
             return None
         a = numpy_helper.to_array(t)
         return a if a.dtype == dtype else None
@@ -206,7 +213,7 @@ def _match_addend(g: _Graph, shapes: dict, y: str, n: int) -> tuple[object, str]
     if add is None or len(add.input) != 2 or add.input[0] == add.input[1]:
         return None
     r = g.other_input(add, y)
-    if r in g.inits and r not in {i.name for i in g.graph.input}:
+    if r in g.inits and r not in g.fed:
         bias = g.const(r)
         return (add, r) if bias is not None and bias.shape == (n,) else None
     same_shape = shapes.get(r) is not None and shapes.get(r) == shapes.get(y) and None not in shapes[r]
@@ -271,15 +278,14 @@ def _pack_matmuls(graph: GraphProto) -> int:
     Returns how many MatMuls were swapped."""
     g = _Graph(graph)
     shapes = _shapes(graph)
-    overridable = {i.name for i in graph.input}  # an initializer listed as a graph input can be fed
     swapped, leaves_dead_nodes = 0, False
-    replaced: set[int] = set()  # ids of nodes whose outputs a packed product now writes
+    replaced: set[int] = set()  # positions of nodes whose outputs a packed product now writes
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         x, name = node.input
         t = g.inits.get(name)
-        if (t is None or name in overridable or g.uses(name) != 1 or t.data_type != onnx.TensorProto.FLOAT
+        if (t is None or name in g.fed or g.uses(name) != 1 or t.data_type != onnx.TensorProto.FLOAT
                 or len(t.dims) != 2):
             continue
         w = numpy_helper.to_array(t)
@@ -292,12 +298,12 @@ def _pack_matmuls(graph: GraphProto) -> int:
             x0, g_name, eps = norm
             cap = _match_soft_cap(g, y)
             if cap is not None:  # the product writes the soft cap's output
-                replaced.add(id(cap[0]))
+                replaced.add(g.position(cap[0]))
                 y = cap[0].output[0]
             new = helper.make_node("PackedNormMatMul", [x0, t.name, g_name], [y], eps=eps,
                                    soft_cap=cap[1] if cap else 0.0)
         elif add is not None:
-            replaced.add(id(add[0]))
+            replaced.add(g.position(add[0]))
             op, first = ("PackedGluMatMulAdd", glu) if glu is not None else ("PackedMatMulAdd", x)
             new = helper.make_node(op, [first, t.name, add[1]], list(add[0].output))
         else:
@@ -308,7 +314,7 @@ def _pack_matmuls(graph: GraphProto) -> int:
         leaves_dead_nodes |= norm is not None or glu is not None
         swapped += 1
     if replaced:
-        kept = [n for n in graph.node if id(n) not in replaced]
+        kept = [n for j, n in enumerate(graph.node) if j not in replaced]
         del graph.node[:]
         graph.node.extend(kept)
     if leaves_dead_nodes:
@@ -430,8 +436,8 @@ def _fuse_mlstm_layers(graph: GraphProto) -> int:
     g = _Graph(graph)
     matches = [m for m in (_match_mlstm_layer(g, n) for n in graph.node
                            if n.domain == DOMAIN and n.op_type == MLSTM.name) if m is not None]
-    after: dict[int, list] = {}  # id of a replaced node -> the layer node that goes where it was
-    removed: set[int] = set()
+    after: dict[int, object] = {}  # position of a replaced node -> the layer node that goes there
+    removed: set[int] = set()  # positions
     for match in matches:
         ln_bias = match["ln_bias"]
         if ln_bias is None:  # the kernel always adds one
@@ -444,16 +450,15 @@ def _fuse_mlstm_layers(graph: GraphProto) -> int:
                            match["weight"]], match["outputs"], domain=NATIVE_DOMAIN,
             name=f"{match['removed'][0].name}_layer", eps=match["eps"], norm_eps=match["norm_eps"],
             soft_cap=match["soft_cap"], **dict(zip(("q_col", "k_col", "v_col", "g_col", "o_col"), match["cols"])))
-        ids = {id(n) for n in match["removed"]}
-        last = [n for n in graph.node if id(n) in ids][-1]  # its outputs' readers come after it
-        after[id(last)] = layer
-        removed |= ids
+        positions = {g.position(n) for n in match["removed"]}
+        after[max(positions)] = layer  # the last one: its outputs' readers come after it
+        removed |= positions
     kept = []
-    for node in graph.node:
-        if id(node) not in removed:
+    for j, node in enumerate(graph.node):
+        if j not in removed:
             kept.append(node)
-        elif id(node) in after:
-            kept.append(after[id(node)])
+        elif j in after:
+            kept.append(after[j])
     del graph.node[:]
     graph.node.extend(kept)
     fused = len(matches)
