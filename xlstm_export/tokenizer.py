@@ -1,0 +1,243 @@
+"""Tokenizers: text <-> token ids for generation and serving (the `tokenizers` library).
+
+A model's tokenizer lives beside its weights, as transformers keeps it: ``tokenizer.json`` (the
+`tokenizers` file with its special tokens), optionally ``tokenizer_config.json`` /
+``special_tokens_map.json``, and ``generation_config.json`` / ``config.json`` for the EOS id.
+``convert`` and ``export`` carry these files along (``read_tokenizer_files`` at load,
+``write_tokenizer_files`` at save), so a directory or an exported .onnx is self-contained.
+
+Our byte-level models (vocab 256, what ``train`` produces) get a byte tokenizer: one token per
+UTF-8 byte, token id = byte value, written as an ordinary ``tokenizer.json`` (a BPE without merges
+over the byte-level alphabet), so any `tokenizers` / transformers user can load it too.
+
+    tok = load_tokenizer("path/to/model")      # or "model.onnx": its sibling files
+    ids = tok.encode("def main")               # list[int]
+    stream = tok.stream()
+    text = "".join(stream.push(i) for i in ids) + stream.flush()   # == tok.decode(ids)
+
+Loading never executes code: JSON files only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BYTE_VOCAB = 256
+TOKENIZER_FILE = "tokenizer.json"
+# Files carried with a model (those present are copied; generation_config.json is written from
+# config.json's token ids when the source has none, so the EOS id survives our own config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_REPLACEMENT = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used: the message names the file and why."""
+
+
+class Tokenizer:
+    """Text <-> ids over a `tokenizers.Tokenizer`, with the model's EOS ids.
+
+    ``encode`` adds the tokenizer's own special tokens (its post-processor, e.g. a BOS) as
+    transformers does; ``decode`` skips special tokens (EOS, BOS, padding).
+    """
+
+    def __init__(self, backend, eos_token_ids: tuple[int, ...] = (), *, source: str = ""):
+        self.backend = backend  # tokenizers.Tokenizer
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)  # every id that ends a sequence
+        self.source = source  # where it was loaded from (for messages)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return list(self.backend.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, source={self.source!r})"
+
+
+class StreamDecoder:
+    """Incremental decoding: ``push`` returns the text newly completed by one token, holding back an
+    incomplete UTF-8 sequence (and any text a later token could still change) until it completes;
+    ``flush`` returns what is left. The pieces joined equal ``Tokenizer.decode`` of all the ids.
+
+    It decodes a short window of ids: ``_prefix`` is where the window starts (a token boundary at
+    which all earlier text is final), ``_read`` is how far text has been returned. Decoding from a
+    boundary one step back keeps tokenizers that strip a leading space on the first token
+    (SentencePiece's Metaspace) from losing it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # ids[_prefix:_read] gave the text already returned
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        done = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
+        if len(text) > len(done) and not text.endswith(_REPLACEMENT) and text.startswith(done):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(done) :]
+        return ""
+
+    def flush(self) -> str:
+        done = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
+        self._ids, self._prefix, self._read = [], 0, 0
+        return text[len(done) :]
+
+
+# --- the byte tokenizer --------------------------------------------------------------------------
+def _byte_alphabet() -> list[str]:
+    """The byte-level alphabet of `tokenizers`' ByteLevel pre-tokenizer, indexed by byte value:
+    printable Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = set(printable)
+    chars, extra = [], 0
+    for b in range(BYTE_VOCAB):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(BYTE_VOCAB + extra))
+            extra += 1
+    return chars
+
+
+def byte_tokenizer() -> Tokenizer:
+    """One token per UTF-8 byte, id = byte value (vocab 256, no special tokens, no EOS)."""
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {c: b for b, c in enumerate(_byte_alphabet())}
+    backend = _Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend, source="bytes")
+
+
+def byte_tokenizer_files() -> dict[str, bytes]:
+    """The byte tokenizer as the files ``train`` writes beside its checkpoint."""
+    return {TOKENIZER_FILE: byte_tokenizer().backend.to_str(pretty=False).encode()}
+
+
+# --- loading -------------------------------------------------------------------------------------
+def _tokenizer_dir(path) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def load_tokenizer(path) -> Tokenizer | None:
+    """The tokenizer of a model directory, or of an .onnx / engine file (its sibling files).
+    None when there is no ``tokenizer.json``; :class:`TokenizerError` when one is unusable."""
+    from tokenizers import Tokenizer as _Backend
+
+    directory = _tokenizer_dir(path)
+    file = directory / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    try:
+        backend = _Backend.from_str(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{file}: cannot read it ({e})") from None
+    except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+        raise TokenizerError(f"{file}: not a valid tokenizers file ({e})") from None
+    return Tokenizer(backend, _eos_ids(directory, backend), source=str(directory))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _as_ids(value, where: str) -> tuple[int, ...] | None:
+    """An ``eos_token_id`` field: an int, a list of ints, or null (None: not given)."""
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise TokenizerError(f"{where}: eos_token_id must be a non-negative int or a list of them, got {value!r}")
+    return tuple(values)
+
+
+def _eos_ids(directory: Path, backend) -> tuple[int, ...]:
+    """EOS as transformers' generate finds it: generation_config.json, then config.json, then the
+    tokenizer's own eos_token (tokenizer_config.json / special_tokens_map.json)."""
+    for name in ("generation_config.json", "config.json"):
+        ids = _as_ids(_read_json(directory / name).get("eos_token_id"), str(directory / name))
+        if ids is not None:
+            return ids
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        token = _read_json(directory / name).get("eos_token")
+        if isinstance(token, dict):  # {"content": "</s>", ...}
+            token = token.get("content")
+        if isinstance(token, str):
+            tid = backend.token_to_id(token)
+            if tid is None:
+                raise TokenizerError(f"{directory / name}: eos_token {token!r} is not in {TOKENIZER_FILE}")
+            return (int(tid),)
+    return ()
+
+
+# --- carrying the files along ----------------------------------------------------------------------
+def read_tokenizer_files(directory) -> dict[str, bytes]:
+    """The tokenizer files of a model directory, to be written again by ``write_tokenizer_files``
+    (empty without a ``tokenizer.json``). When there is no generation_config.json, one is made of
+    config.json's token ids, because our own config.json does not keep them."""
+    directory = Path(directory)
+    if not (directory / TOKENIZER_FILE).is_file():
+        return {}
+    files = {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+    if "generation_config.json" not in files:
+        config = _read_json(directory / "config.json")
+        ids = {k: config[k] for k in _TOKEN_ID_FIELDS if config.get(k) is not None}
+        if ids:
+            files["generation_config.json"] = (json.dumps(ids, indent=2, sort_keys=True) + "\n").encode()
+    return files
+
+
+def write_tokenizer_files(files: dict[str, bytes] | None, directory) -> list[Path]:
+    """Write ``files`` (from ``read_tokenizer_files``) into ``directory``, each under a temporary
+    name first, then renamed: a reader never sees half a file."""
+    import os
+
+    written = []
+    for name, data in (files or {}).items():
+        if name not in TOKENIZER_FILES:
+            raise ValueError(f"{name!r} is not a tokenizer file ({', '.join(TOKENIZER_FILES)})")
+        target = Path(directory) / name
+        tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(target)
+    return written
+
+
+__all__ = [
+    "BYTE_VOCAB", "StreamDecoder", "Tokenizer", "TokenizerError", "byte_tokenizer", "byte_tokenizer_files",
+    "load_tokenizer", "read_tokenizer_files", "write_tokenizer_files",
+]
