@@ -1,0 +1,181 @@
+"""OpenVINO runner for models written by :func:`xlstm_export.export.export_onnx`.
+
+    m = OpenVinoModel("model.onnx")                   # CPU; float32 models computed in float32
+    state = m.init_state(batch=2)                     # {"0.c": zeros (2, NH, DQK, DV), ...} float32
+    logits, state = m.run(input_ids, state)           # prefill: input_ids (2, S) int64
+    logits, state = m.run(next_ids, state)            # decode: (2, 1)
+
+The same numpy surface as :class:`xlstm_export.ort.OrtModel` (``run``, ``init_state``,
+``vocab_size``, ``dtype``, ``config``, ``state_names``, ``state_shapes``), so it plugs into
+:func:`xlstm_export.generate.generate` and :func:`xlstm_export.validate.compare_runners` unchanged.
+The recurrent state is carried as graph inputs / outputs (``past.*`` -> ``present.*``), as with
+onnxruntime: OpenVINO's stateful-model transformation is not used.
+
+Which file it runs: OpenVINO's ONNX frontend has no conversion rule for the ``xlstm::mLSTM`` /
+``xlstm::sLSTM`` nodes and does not inline ONNX local functions itself. The ``--inline`` export
+(standard ops only) is read as it is. Given a default export, the runner inlines its function
+bodies in memory first (``onnx.inliner.inline_local_functions``, a few milliseconds on the presets;
+the file is not changed), so both files work; anything still outside the standard ONNX domain after
+that raises :class:`~xlstm_export.ort.NotAnXLSTMModelError` naming the ops.
+
+Precision: OpenVINO's CPU plugin picks its inference precision itself, and on CPUs with bfloat16
+support (AVX512-BF16 / AMX) its default is bf16 even for a float32 model. The runner therefore sets
+``INFERENCE_PRECISION_HINT`` from the graph's dtype: f32 for float32 graphs; f16 for float16 graphs
+where the CPU reports FP16 in ``OPTIMIZATION_CAPABILITIES`` (else f32: the plugin then widens the
+fp16 weights and computes in f32, as its documentation says); bf16 likewise. Logits come back as
+float32 numpy (fp16 / bf16 are upcast exactly), states as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .export import _all_nodes, state_input_name, state_output_name
+
+__all__ = ["OpenVinoModel", "openvino_available"]
+
+# graph dtype -> (OpenVINO inference precision hint, the OPTIMIZATION_CAPABILITIES entry it needs)
+_PRECISION = {"float32": ("f32", "FP32"), "float16": ("f16", "FP16"), "bfloat16": ("bf16", "BF16")}
+_STANDARD_DOMAINS = ("", "ai.onnx")
+_PROTOBUF_LIMIT = 1_900_000_000  # bytes: larger models go to OpenVINO through a temporary file
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise ImportError("the OpenVINO runner needs the openvino package: "
+                          "pip install 'xlstm-export[openvino]'") from None
+    return openvino
+
+
+class OpenVinoModel:
+    """An exported xLSTM LM compiled by OpenVINO (see the module docstring).
+
+    device: an OpenVINO device name ("CPU", the one this project tests). inference_precision:
+    "f32" / "f16" / "bf16" to override the hint chosen from the graph's dtype. num_threads: the
+    CPU plugin's INFERENCE_NUM_THREADS (None: OpenVINO's default).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "CPU",
+                 inference_precision: str | None = None, num_threads: int | None = None):
+        ov = _import_openvino()
+        from .ort import NotAnXLSTMModelError, inspect_model
+
+        info = inspect_model(path)  # the interface: raises for a missing file or one not ours
+        self.path = Path(path)
+        self.state_names: list[str] = info["state_names"]
+        self.state_shapes: dict[str, tuple[int, ...]] = info["state_shapes"]  # dims after batch
+        self.dtype: str = info["dtype"]  # logits dtype of the graph
+        self.vocab_size: int | None = info["vocab_size"]
+        self.metadata: dict[str, str] = info["metadata"]
+        self.device = device
+
+        core = ov.Core()
+        if inference_precision is None:
+            hint, capability = _PRECISION.get(self.dtype, ("f32", "FP32"))
+            if device == "CPU" and capability not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
+                hint = "f32"  # no native fp16 / bf16 arithmetic: computed in f32 over the same weights
+            inference_precision = hint
+        self.inference_precision = inference_precision
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision}
+        if num_threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(num_threads)
+        try:
+            ov_model = self._read(core)
+            self.compiled = core.compile_model(ov_model, device, config)
+        except NotAnXLSTMModelError:
+            raise
+        except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
+            raise NotAnXLSTMModelError(f"{self.path}: OpenVINO cannot load it on {device}: {e}") from e
+        self._request = self.compiled.create_infer_request()
+        self._outputs = [self.compiled.output("logits"),
+                         *(self.compiled.output(state_output_name(k)) for k in self.state_names)]
+        self._state_key_set = set(self.state_names)
+
+    def _read(self, core):
+        """The OpenVINO model of the file, its xlstm functions inlined in memory where it has any."""
+        import onnx
+        import onnx.inliner
+
+        from .ort import NotAnXLSTMModelError
+
+        model = onnx.load(str(self.path))  # loads external data too
+        if model.functions:
+            model = onnx.inliner.inline_local_functions(model)
+        custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph)
+                         if n.domain not in _STANDARD_DOMAINS})
+        if custom:
+            raise NotAnXLSTMModelError(f"{self.path}: ops outside the standard ONNX domain remain after "
+                                       f"inlining local functions, OpenVINO cannot convert them: {custom}")
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            return core.read_model(model.SerializeToString())
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB: go through a file
+            p = Path(d) / "inlined.onnx"
+            onnx.save_model(model, p, save_as_external_data=True, location="inlined.onnx.data")
+            return core.read_model(str(p))
+
+    @property
+    def config(self) -> dict | None:
+        """The model config stored at export (a dict), or None."""
+        c = self.metadata.get("config")
+        return json.loads(c) if c else None
+
+    def init_state(self, batch: int) -> dict[str, np.ndarray]:
+        """All-zero float32 state (a fresh sequence) for ``batch`` sequences."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
+
+    def run(self, input_ids, state: Mapping[str, Any] | None = None
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """input_ids (B, S) int -> logits (B, S, vocab) float32, new state {name: float32 array}.
+
+        ``state`` None starts fresh sequences; torch tensors are accepted anywhere numpy is. The
+        returned arrays are the caller's own (copied out of OpenVINO's output tensors).
+        """
+        from .ort import _as_array
+
+        ids = _as_array(input_ids, np.int64)  # (B, S)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
+        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        B = ids.shape[0]
+        if state is None:
+            state = self.init_state(B)
+        if state.keys() != self._state_key_set:
+            missing = sorted(self._state_key_set - set(state))
+            extra = sorted(set(state) - self._state_key_set)
+            raise ValueError(f"state keys do not match the model: missing {missing}, unexpected {extra}")
+        feeds = {"input_ids": ids}
+        for k in self.state_names:
+            a = _as_array(state[k], np.float32)  # (B, *state_shapes[k])
+            if a.shape != (B, *self.state_shapes[k]):
+                raise ValueError(f"state {k!r} has shape {a.shape}, expected {(B, *self.state_shapes[k])}")
+            feeds[state_input_name(k)] = a
+        res = self._request.infer(feeds)  # share_outputs=False: results are copies
+        logits = np.asarray(res[self._outputs[0]]).astype(np.float32, copy=False)  # (B, S, vocab)
+        new_state = {k: np.asarray(res[o], dtype=np.float32)
+                     for k, o in zip(self.state_names, self._outputs[1:])}
+        return logits, new_state
+
+    __call__ = run
+
