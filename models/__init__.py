@@ -6,20 +6,27 @@ from pathlib import Path
 
 import torch
 
+from ..tokenizer import BYTE_VOCAB, byte_tokenizer_files
 from .config import PRESETS, xLSTMConfig, preset
 from .io import CheckpointError, from_pretrained, save_pretrained
-from .model import State, sample_next, xLSTMLM
+from .model import State, resolve_dtype, sample_next, xLSTMLM
 
 
-def load(source: str, *, seed: int = 0, **overrides) -> xLSTMLM:
+def load(source: str, *, seed: int = 0, dtype=None, **overrides) -> xLSTMLM:
     """A model from a preset name (randomly initialised with ``seed``), one of our directories or a
-    transformers xLSTM directory."""
+    transformers xLSTM directory. ``dtype`` (a torch dtype or a name: "fp32", "bf16", "float64", ...)
+    converts; None keeps the checkpoint's dtype (float32 for presets)."""
     if source in PRESETS:
         torch.manual_seed(seed)
-        return xLSTMLM(preset(source, **overrides)).eval()
+        model = xLSTMLM(preset(source, **overrides)).eval()
+        if dtype is not None:
+            model = model.to(resolve_dtype(dtype))
+        if model.config.vocab_size == BYTE_VOCAB:  # byte-level presets carry the byte tokenizer
+            model.tokenizer_files = byte_tokenizer_files()
+        return model
     path = Path(source)
     if path.is_dir():
-        return from_pretrained(path, **overrides)
+        return from_pretrained(path, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{source}: expected a model directory (config.json + safetensors), got a file")
     raise CheckpointError(
@@ -27,11 +34,12 @@ def load(source: str, *, seed: int = 0, **overrides) -> xLSTMLM:
     )
 
 
-def from_official(obj, state_dict=None) -> xLSTMLM:
-    """An xLSTMLM computing the same function as an official model (see models/convert.py)."""
+def from_official(obj, state_dict=None, *, dtype=None) -> xLSTMLM:
+    """An xLSTMLM computing the same function as an official model, in its dtype unless ``dtype``
+    says otherwise (see models/convert.py)."""
     from .convert import from_official as _from_official
 
-    return _from_official(obj, state_dict)
+    return _from_official(obj, state_dict, dtype=dtype)
 
 
 __all__ = [

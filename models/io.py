@@ -1,7 +1,8 @@
 """Saving and loading without executing code: config.json + safetensors.
 
 Our directories hold ``config.json`` (``"model_type": "xlstm_export"`` plus the xLSTMConfig
-fields) and ``model.safetensors``. ``from_pretrained`` also reads transformers xLSTM directories
+fields) and ``model.safetensors``, plus the tokenizer files of the model's source (see
+``tokenizer.py``). ``from_pretrained`` also reads transformers xLSTM directories
 (``"model_type": "xlstm"``, single or sharded safetensors) without transformers installed.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..tokenizer import read_tokenizer_files, write_tokenizer_files
 from .config import xLSTMConfig
 
 MODEL_TYPE = "xlstm_export"
@@ -40,6 +42,7 @@ def save_pretrained(model, directory) -> Path:
         if model.config.architecture == "paper" and model.config.tie_weights:
             sd.pop("lm_head.weight", None)
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_tokenizer_files(getattr(model, "tokenizer_files", None), tmp)  # read at load, carried along
         _default_permissions(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
@@ -77,12 +80,15 @@ def read_config_json(directory) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_safetensors_dir(directory) -> dict[str, torch.Tensor]:
-    """All tensors of a directory: model.safetensors, or the shards its index names."""
+def safetensors_files(directory) -> list[Path]:
+    """The weight files of a directory: model.safetensors, or the shards its index names."""
     directory = Path(directory)
     index = directory / SHARD_INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
         files = sorted(set(weight_map.values()))
     elif (directory / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
@@ -90,11 +96,16 @@ def read_safetensors_dir(directory) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no safetensors weights ({WEIGHTS_NAME} or {SHARD_INDEX_NAME})")
-    tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        path = directory / name
-        if not path.is_file():
+        if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: shard {name} named in the index is missing")
+    return [directory / name for name in files]
+
+
+def read_safetensors_dir(directory) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: model.safetensors, or the shards its index names."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(directory):
         try:
             tensors.update(load_file(str(path)))
         except Exception as e:  # safetensors raises its own error types
@@ -118,35 +129,51 @@ def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor], source: 
         got = tuple(state_dict[k].shape)
         if got != tuple(ref.shape):
             raise CheckpointError(f"{source}: tensor {k!r} has shape {got}, the model expects {tuple(ref.shape)}")
+    # A model built on the meta device (xLSTMLM.from_state_dict) takes the tensors themselves
+    # (cast only where the dtype differs): no second copy of the weights.
+    assign = any(p.is_meta for p in model.parameters())
     with torch.no_grad():
-        model.load_state_dict({k: state_dict[k].to(ref.dtype) for k, ref in expected.items()})
+        model.load_state_dict({k: state_dict[k].to(ref.dtype) for k, ref in expected.items()}, assign=assign)
+    if assign:
+        model.tie_weights()
 
 
-def from_pretrained(directory, **overrides):
-    """Load our directory or a transformers xLSTM directory. ``overrides`` replace config fields
-    that do not change the weights (e.g. ``backend``, ``chunk_size``)."""
-    from .model import xLSTMLM
-
+def read_config(directory, **overrides) -> tuple[xLSTMConfig, str]:
+    """(config, model_type) of our directory or a transformers xLSTM directory, from config.json
+    alone (no weights read). ``overrides`` replace config fields (see :func:`from_pretrained`)."""
     directory = Path(directory)
     raw = read_config_json(directory)
     model_type = raw.get("model_type")
     if model_type == "xlstm":
-        from .convert import config_from_transformers_dict, state_dict_from_transformers
+        from .convert import config_from_transformers_dict
 
-        config = config_from_transformers_dict(raw, **overrides)
-        state_dict = state_dict_from_transformers(read_safetensors_dir(directory), config)
-    elif model_type == MODEL_TYPE:
+        return config_from_transformers_dict(raw, **overrides), model_type
+    if model_type == MODEL_TYPE:
         fields = {k: v for k, v in raw.items() if k != "model_type"}
         try:
-            config = xLSTMConfig.from_dict({**fields, **overrides})
+            return xLSTMConfig.from_dict({**fields, **overrides}), model_type
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
-        state_dict = read_safetensors_dir(directory)
+    raise CheckpointError(
+        f"{directory / 'config.json'}: model_type {model_type!r} is neither {MODEL_TYPE!r} "
+        "(this project) nor 'xlstm' (transformers)"
+    )
+
+
+def from_pretrained(directory, dtype=None, **overrides):
+    """Load our directory or a transformers xLSTM directory. ``overrides`` replace config fields
+    that do not change the weights (e.g. ``backend``, ``chunk_size``). ``dtype`` None keeps the
+    checkpoint's dtype (a bfloat16 checkpoint loads as a bfloat16 model), else converts."""
+    from .model import xLSTMLM
+
+    directory = Path(directory)
+    config, model_type = read_config(directory, **overrides)
+    if model_type == "xlstm":
+        from .convert import state_dict_from_transformers
+
+        state_dict = state_dict_from_transformers(read_safetensors_dir(directory), config)
     else:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: model_type {model_type!r} is neither {MODEL_TYPE!r} "
-            "(this project) nor 'xlstm' (transformers)"
-        )
-    model = xLSTMLM(config)
-    load_state_dict_checked(model, state_dict, source=str(directory))
+        state_dict = read_safetensors_dir(directory)
+    model = xLSTMLM.from_state_dict(config, state_dict, dtype, source=str(directory))
+    model.tokenizer_files = read_tokenizer_files(directory)  # written again by save_pretrained / export
     return model.eval()

@@ -59,7 +59,8 @@ def test_loss_goes_down(trained):
 
 def test_checkpoint_is_a_model_directory_with_the_same_logits(trained):
     result, out = trained
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", T.TRAINER_STATE_NAME]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     T.TRAINER_STATE_NAME]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging left behind"
     loaded = xLSTMLM.from_pretrained(out)
     assert loaded.config == preset("tiny")  # the portable config: backend stays "auto"

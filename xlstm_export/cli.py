@@ -123,33 +123,132 @@ def _runner(target: str, native_ops: bool = False):
     return torch_runner(model), model.config.vocab_size, "PyTorch"
 
 
+DEFAULT_PROMPT = "The xLSTM "
+
+
 def cmd_generate(args) -> int:
-    import numpy as np
-
-    from .generate import generate
-
+    _check_generate_args(args)
     runner, vocab, label = _runner(args.target, args.native_ops)
-    if args.prompt_ids:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise UserError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}")
-    else:
-        ids = list(args.prompt.encode("utf-8"))
+    from .models import PRESETS
+    from .tokenizer import tokenizer_for
+
+    tok = tokenizer_for(None if args.target in PRESETS else args.target, vocab)
+    if args.prompt_ids is not None:
+        return _generate_ids(args, runner, vocab, label, tok)
+    if tok is None:
+        what = f"--prompt {args.prompt!r}" if args.prompt is not None else (
+            f"--prompts {args.prompts}" if args.prompts else f"the default prompt {DEFAULT_PROMPT!r}")
+        raise UserError(f"{what} needs a tokenizer, and {args.target} has none (no tokenizer.json beside it, "
+                        f"vocab_size {vocab}): give token ids with --prompt-ids")
+    return _generate_text(args, runner, vocab, label, tok)
+
+
+def _check_generate_args(args) -> None:
+    """One clear error per bad generate option, before any model is loaded."""
+    import math
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (leave it out to sample from the whole vocabulary), got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompt_ids is not None and not args.prompt_ids.replace(",", " ").strip():
+        raise UserError("--prompt-ids is empty: give at least one token id, e.g. --prompt-ids 1,2,3")
+    if args.prompt is not None and not args.prompt:
+        raise UserError("--prompt is empty: give some text")
+    if args.prompts is not None:
+        _require_file(args.prompts, None)
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per line of a UTF-8 file; empty lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in text.splitlines() if line]
+    if not prompts:
+        raise UserError(f"{path}: no prompts (one prompt per line)")
+    return prompts
+
+
+def _check_ids(ids: list[int], vocab: int | None, what: str) -> None:
     if not ids:
-        raise UserError("the prompt is empty: give --prompt-ids or a non-empty --prompt")
+        raise UserError(f"{what} encodes to no tokens")
     if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
-        raise UserError(f"prompt token ids must lie in [0, {vocab}), got values in [{min(ids)}, {max(ids)}]")
+        raise UserError(f"{what}: token ids must lie in [0, {vocab}), got values in [{min(ids)}, {max(ids)}]")
+
+
+def _generate_ids(args, runner, vocab, label, tok) -> int:
+    """--prompt-ids: token ids in, token ids out (and their text when the model has a tokenizer)."""
+    from .generate import generate_batch
+
+    try:
+        ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}")
+    _check_ids(ids, vocab, "the prompt")
+    if args.stop and tok is None:
+        raise UserError("--stop needs a tokenizer to see text, and this model has none")
+    stream = _text_stream(tok, args.stop)
     bar = _bar(args.max_new_tokens, f"generate ({label})", args.quiet)
-    res = generate(runner, np.array([ids], np.int64), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, seed=args.seed, on_token=lambda _: bar.update(1))
+
+    def on_token(_row: int, t: int) -> bool:
+        bar.update(1)
+        if stream is None:
+            return False
+        stream.push(t)
+        return stream.stopped
+
+    res = generate_batch(runner, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         seed=args.seed, eos_token_ids=tok.eos_token_ids if tok else (), on_token=on_token)
     bar.close()
-    new = res.tokens[0].tolist()
+    new = res.tokens[0]
     print("tokens:", " ".join(map(str, new)))
-    if vocab == 256:
-        print("text:  ", repr(bytes(new).decode("utf-8", errors="replace")))
+    if stream is not None:
+        stream.flush()
+        print("text:  ", repr(stream.text))
     print(f"{label}: prefill {len(ids)} tokens in {res.prefill_s * 1e3:.1f} ms, "
-          f"decode {res.ms_per_token:.2f} ms/token")
+          f"decode {res.ms_per_step:.2f} ms/token")
+    return 0
+
+
+def _text_stream(tok, stop):
+    from .generate import TextStream
+
+    return None if tok is None else TextStream(tok, stop or ())
+
+
+def _generate_text(args, runner, vocab, label, tok) -> int:
+    """--prompt: the completion streamed to stdout as it comes (statistics on stderr);
+    --prompts FILE: every line's completion in one batch, one JSON object per line on stdout."""
+    from .generate import generate_text
+
+    prompts = _read_prompts(args.prompts) if args.prompts else [args.prompt if args.prompt is not None
+                                                                 else DEFAULT_PROMPT]
+    for i, p in enumerate(prompts):
+        _check_ids(tok.encode(p), vocab, f"prompt {p!r}" if len(prompts) == 1 else f"{args.prompts}:{i + 1}")
+    single = len(prompts) == 1 and not args.prompts
+
+    def on_text(_row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    results, res = generate_text(runner, tok, prompts, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, seed=args.seed, stop=args.stop or (),
+                                 on_text=on_text if single else None)
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for r in results:
+            print(json.dumps({"prompt": r.prompt, "text": r.text, "finish_reason": r.finish_reason,
+                              "tokens": len(r.tokens)}, ensure_ascii=False))
+    if not args.quiet:
+        n_in = sum(len(tok.encode(p)) for p in prompts)
+        print(f"{label}: {len(prompts)} prompt(s), {n_in} prompt tokens, prefill {res.prefill_s * 1e3:.1f} ms, "
+              f"{sum(len(r.tokens) for r in results)} new tokens, {res.ms_per_step:.2f} ms per batch step",
+              file=sys.stderr)
     return 0
 
 
@@ -278,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build TensorRT engines, generate, train.",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("convert", help="write a model in this project's format (config.json + safetensors)")
@@ -310,11 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate tokens carrying the recurrent state between steps")
     g.add_argument("target", help=SOURCE_HELP + ", an .onnx file or a TensorRT .plan")
     prompt = g.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
-    prompt.add_argument("--prompt", default="The xLSTM ", help="prompt text as UTF-8 bytes (byte-level models)")
+    prompt.add_argument("--prompt", help=f"prompt text, encoded with the model's tokenizer; the completion is "
+                        f"streamed to stdout (default: {DEFAULT_PROMPT!r})")
+    prompt.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line, generated as one "
+                        "batch; prints one JSON object per prompt")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3; prints the new token ids")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end a completion before this text (repeatable); EOS ends it too")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -359,6 +464,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"xlstm-export {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xlstm-export")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _is_user_error(e: Exception) -> bool:

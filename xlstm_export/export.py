@@ -55,6 +55,7 @@ from onnx import numpy_helper
 from . import contract, onnx_functions
 from . import ops as _ops  # registers torch.ops.xlstm.* and the "custom_op" backend
 from .contract import DOMAIN
+from .tokenizer import write_tokenizer_files
 
 __all__ = [
     "BATCH_DIM",
@@ -571,6 +572,7 @@ def export_onnx(
             raise ExportError(f"the exported model fails onnx.checker (full_check): {e}") from e
         bar.update()
 
+        write_tokenizer_files(getattr(model, "tokenizer_files", None), tmpdir)  # self-contained export
         data_files = [p for p in tmpdir.iterdir() if p.name != out.name]
         for p in data_files:  # data first: a visible .onnx always has its data beside it
             os.replace(p, parent / p.name)

@@ -161,6 +161,20 @@ def load_tokenizer(path) -> Tokenizer | None:
     return Tokenizer(backend, _eos_ids(directory, backend), source=str(directory))
 
 
+def tokenizer_for(path, vocab_size: int | None) -> Tokenizer | None:
+    """The tokenizer to run a model with: its files (``path``: a model directory or an .onnx /
+    engine file; None for a preset), else the byte tokenizer for a vocabulary of 256 (this
+    project's byte-level models), else None. A tokenizer with more tokens than the model's
+    vocabulary raises :class:`TokenizerError` (it belongs to another model)."""
+    tok = load_tokenizer(path) if path is not None and Path(path).exists() else None
+    if tok is None and vocab_size == BYTE_VOCAB:
+        tok = byte_tokenizer()
+    if tok is not None and vocab_size is not None and tok.vocab_size > vocab_size:
+        raise TokenizerError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens, the model's vocabulary "
+                             f"only {vocab_size}: it belongs to another model")
+    return tok
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -239,5 +253,5 @@ def write_tokenizer_files(files: dict[str, bytes] | None, directory) -> list[Pat
 
 __all__ = [
     "BYTE_VOCAB", "StreamDecoder", "Tokenizer", "TokenizerError", "byte_tokenizer", "byte_tokenizer_files",
-    "load_tokenizer", "read_tokenizer_files", "write_tokenizer_files",
+    "load_tokenizer", "read_tokenizer_files", "tokenizer_for", "write_tokenizer_files",
 ]

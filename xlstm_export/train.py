@@ -477,6 +477,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"{name} has vocab_size {model.config.vocab_size}; byte-level tokens (--tokenizer bytes) "
             f"need at least {BYTE_VOCAB}"
         )
+    from .tokenizer import byte_tokenizer_files
+
+    model.tokenizer_files = byte_tokenizer_files()  # every checkpoint holds the tokenizer it was trained with
     if cfg.backend is not None:  # this run only: config.json keeps its portable backend field
         model.set_backend(cfg.backend)
     model.to(device).train()
