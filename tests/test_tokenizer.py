@@ -1,0 +1,207 @@
+"""Tokenizers (xlstm_export/tokenizer.py): the byte tokenizer, a BPE tokenizer.json trained here with
+`tokenizers`, EOS lookup, streaming decode that holds back incomplete UTF-8, stop strings
+(generate.TextStream), and the files that travel with a model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from xlstm_export.generate import TextStream
+from xlstm_export.tokenizer import (
+    TokenizerError,
+    byte_tokenizer,
+    byte_tokenizer_files,
+    load_tokenizer,
+    read_tokenizer_files,
+    tokenizer_for,
+    write_tokenizer_files,
+)
+
+# Text with 1-, 2-, 3- and 4-byte UTF-8 characters, so BPE learns tokens that split characters.
+CORPUS = [
+    "def main():\n    return 42  # the answer\n",
+    "Café naïve résumé — déjà vu → ∑ x² ≤ ∞ 😀 🚀 emojis!",
+    "Grüße aus Köln: ß, ä, ö, ü. 日本語のテキスト、中文文本。",
+    "The xLSTM keeps a fixed-size state per sequence.",
+]
+EOS = "<|endoftext|>"
+
+
+def train_bpe(vocab_size: int = 320):
+    """A byte-level BPE (GPT-2 style) trained on CORPUS with an EOS special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 8, trainer)
+    return tok
+
+
+def bpe_dir(path, *, config: dict | None = None, tokenizer_config: dict | None = None):
+    path.mkdir(parents=True, exist_ok=True)
+    train_bpe().save(str(path / "tokenizer.json"))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    if tokenizer_config is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return path
+
+
+def stream_all(tok, ids) -> list[str]:
+    s = tok.stream()
+    return [s.push(i) for i in ids] + [s.flush()]
+
+
+# --- the byte tokenizer --------------------------------------------------------------------------
+def test_byte_tokenizer_is_utf8_bytes():
+    tok = byte_tokenizer()
+    assert tok.vocab_size == 256 and tok.eos_token_id is None
+    rng = random.Random(0)
+    for _ in range(50):  # random code points from every UTF-8 length, controls and spaces included
+        text = "".join(chr(rng.choice([rng.randrange(0, 0x80), rng.randrange(0x80, 0x800),
+                                       rng.randrange(0x800, 0xD800), rng.randrange(0x10000, 0x110000)]))
+                       for _ in range(rng.randrange(1, 20)))
+        ids = tok.encode(text)
+        assert ids == list(text.encode("utf-8"))
+        assert tok.decode(ids) == text
+        assert "".join(stream_all(tok, ids)) == text
+    assert tok.encode("") == []
+
+
+def test_byte_tokenizer_file_loads_with_tokenizers_and_transformers(tmp_path):
+    write_tokenizer_files(byte_tokenizer_files(), tmp_path)
+    tok = load_tokenizer(tmp_path)
+    text = "xLSTM → 😀"
+    assert tok.encode(text) == list(text.encode())
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert hf(text)["input_ids"] == list(text.encode()) and hf.decode(list(text.encode())) == text
+
+
+# --- streaming decode: hold back incomplete UTF-8 ------------------------------------------------
+def test_stream_holds_back_incomplete_utf8():
+    tok = byte_tokenizer()
+    s = tok.stream()
+    pieces = [s.push(b) for b in "aé😀b".encode()]
+    #        a    é: C3 A9     😀: F0 9F 98 80          b
+    assert pieces == ["a", "", "é", "", "", "", "😀", "b"]
+    assert s.flush() == ""
+    s = tok.stream()
+    assert [s.push(b) for b in b"x\xe2\x82"] == ["x", "", ""]  # an unfinished "€" stays held ...
+    assert s.flush() == "\ufffd" == tok.decode([0xE2, 0x82])  # ... until flush, as decode shows it
+    s = tok.stream()  # an invalid byte is shown (as U+FFFD) once the next character completes
+    assert [s.push(b) for b in b"\xffA"] == ["", "\ufffdA"]
+
+
+def test_stream_equals_decode_for_bpe(tmp_path):
+    tok = load_tokenizer(bpe_dir(tmp_path))
+    # Tokens that end inside a multi-byte character exist in a byte-level BPE: the single bytes.
+    partial = [i for i in range(tok.vocab_size) if tok.decode([i]).endswith("\ufffd")]
+    assert len(partial) > 50
+    for text in CORPUS:  # real text: every piece is whole characters, never U+FFFD
+        ids = tok.encode(text)
+        pieces = stream_all(tok, ids)
+        assert "".join(pieces) == text == tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)
+    rng = random.Random(1)
+    for _ in range(200):  # random ids (what a model may emit): joined pieces == decode
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
+        pieces = stream_all(tok, ids)
+        assert "".join(pieces) == tok.decode(ids), ids
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1]), (ids, pieces)
+
+
+# --- loading: files and EOS ----------------------------------------------------------------------
+def test_eos_from_generation_config_then_config_then_tokenizer_config(tmp_path):
+    d = bpe_dir(tmp_path / "m", tokenizer_config={"eos_token": EOS})
+    tok = load_tokenizer(d)
+    assert tok.eos_token_id == tok.backend.token_to_id(EOS) == 0
+    (d / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert load_tokenizer(d).eos_token_id == 7
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
+    tok = load_tokenizer(d)
+    assert tok.eos_token_id == 5 and tok.eos_token_ids == (5, 9)
+    assert tok.decode(tok.encode("déjà vu") + [0]) == "déjà vu"  # special tokens are not shown
+
+
+def test_onnx_file_finds_its_sibling_tokenizer(tmp_path):
+    bpe_dir(tmp_path, config={"eos_token_id": 0})
+    onnx_path = tmp_path / "model.onnx"  # need not exist yet: the siblings are what counts
+    tok = load_tokenizer(onnx_path)
+    assert tok is not None and tok.eos_token_id == 0
+    assert load_tokenizer(tmp_path / "elsewhere" / "model.onnx") is None
+
+
+def test_bad_tokenizer_files_are_one_clear_error(tmp_path):
+    assert load_tokenizer(tmp_path) is None  # no tokenizer.json: no tokenizer
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a valid tokenizers file"):
+        load_tokenizer(tmp_path)
+    bpe_dir(tmp_path, tokenizer_config={"eos_token": "</s>"})
+    with pytest.raises(TokenizerError, match="'</s>' is not in tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(TokenizerError, match="non-negative int"):
+        load_tokenizer(tmp_path)
+
+
+def test_tokenizer_for_model(tmp_path):
+    assert tokenizer_for(None, 256).vocab_size == 256  # byte-level preset
+    assert tokenizer_for(None, 50304) is None  # a random-weight preset with a 50k vocabulary
+    d = bpe_dir(tmp_path)
+    assert tokenizer_for(d, 320).vocab_size == 320
+    with pytest.raises(TokenizerError, match="320 tokens, the model's vocabulary only 256"):
+        tokenizer_for(d, 256)
+
+
+def test_files_carried_along_keep_the_eos(tmp_path):
+    """A transformers directory keeps EOS in config.json; our own config.json does not, so the
+    carried files hold a generation_config.json made from it."""
+    src = bpe_dir(tmp_path / "src", config={"model_type": "xlstm", "eos_token_id": 0, "bos_token_id": 0,
+                                            "pad_token_id": 1}, tokenizer_config={"eos_token": EOS})
+    files = read_tokenizer_files(src)
+    assert sorted(files) == ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    write_tokenizer_files(files, dst)
+    assert json.loads((dst / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 0,
+                                                                         "pad_token_id": 1}
+    assert load_tokenizer(dst).eos_token_id == 0
+    assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert read_tokenizer_files(tmp_path / "dst" / "nothing-here") == {}
+    with pytest.raises(ValueError, match="not a tokenizer file"):
+        write_tokenizer_files({"model.safetensors": b""}, dst)
+
+
+# --- stop strings ----------------------------------------------------------------------------------
+def _stop_stream(text: str, stop: list[str], chunk: int = 1) -> tuple[list[str], TextStream]:
+    """Feed ``text`` byte by byte through a byte-tokenizer TextStream."""
+    ts = TextStream(byte_tokenizer(), stop)
+    pieces = [ts.push(b) for b in text.encode()]
+    pieces.append(ts.flush())
+    return pieces, ts
+
+
+def test_stop_strings_cut_before_the_first_match():
+    pieces, ts = _stop_stream("def f():\n    return 1\n\ndef g():", ["\n\n", "never"])
+    assert "".join(pieces) == ts.text == "def f():\n    return 1" and ts.stopped
+    # The first stop string in the text wins, whatever its place in the list; multi-byte stops too.
+    _, ts = _stop_stream("a → b ## c", ["##", "→"])
+    assert ts.text == "a " and ts.stopped
+    # A tail that could start a stop string is held back, then released when it does not.
+    ts = TextStream(byte_tokenizer(), ["END"])
+    assert [ts.push(b) for b in b"xEN"] == ["x", "", ""]
+    assert ts.push(ord("D")) == "" and ts.stopped and ts.text == "x"
+    ts = TextStream(byte_tokenizer(), ["END"])
+    assert [ts.push(b) for b in b"xENd"] == ["x", "", "", "ENd"] and not ts.stopped
+    ts = TextStream(byte_tokenizer(), ["END"])
+    assert [ts.push(b) for b in b"xE"] == ["x", ""] and ts.flush() == "E" and ts.text == "xE"
+    # No stop strings: every piece as soon as it is whole.
+    pieces, ts = _stop_stream("plain → text", [])
+    assert "".join(pieces) == "plain → text" and not ts.stopped
