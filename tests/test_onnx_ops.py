@@ -270,14 +270,45 @@ def test_function_bodies_structure():
     assert (fs.domain, fs.name) == ("xlstm", "sLSTM")
     assert [a.name for a in fm.attribute_proto] == ["chunk_size", "eps", "plugin_namespace", "plugin_version"]
     ops_m = _ops_in(fm)
-    # chunkwise: exactly one Loop (over chunks), an If for the S == 1 step; standard ops only
-    assert ops_m.count("Loop") == 1 and ops_m.count("If") == 1 and "Scan" not in ops_m
+    # chunkwise: exactly one Loop (over chunks) and no If (TensorRT rejects a Loop inside an If);
+    # standard ops only
+    assert ops_m.count("Loop") == 1 and "If" not in ops_m and "Scan" not in ops_m
     assert all(not n.domain for n in fm.node)
     ops_s = _ops_in(fs)
     assert ops_s.count("Scan") == 1
+    # onnxruntime's decode fast path: If(S == 1, step, chunkwise), built from the same pieces
+    fast = OF.mlstm_function(18, OF.mlstm_step_branch())
+    assert _ops_in(fast).count("If") == 1 and _ops_in(fast).count("Loop") == 1
     # float32 compute inside, cast back to T at the end
     assert "CastLike" in ops_m and "CastLike" in ops_s
     assert [o.version for o in fm.opset_import] == [18]
     assert [o.version for o in OF.functions(20)[0].opset_import] == [20]
     with pytest.raises(ValueError, match="opset >= 18"):
         OF.functions(17)
+
+
+def _subgraphs(nodes):
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield node, a.g
+
+
+def test_function_bodies_import_everywhere():
+    """The rules TensorRT's parser and OpenVINO's importer need (issue measurements in the module
+    docstring of onnx_functions): attribute references at the body's top level only, a Loop with a
+    trip count and no condition input whose body makes its own condition, Scan bodies that read
+    nothing but their own inputs."""
+    for fn in OF.functions(18):
+        for node, g in _subgraphs(fn.node):
+            inner = [n for n in g.node]
+            assert not any(a.ref_attr_name for n in inner for a in n.attribute), (fn.name, node.op_type)
+            produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+            if node.op_type == "Loop":
+                assert node.input[1] == "", "the Loop's condition input must be empty (a trip count)"
+                cond_out = g.output[0].name
+                maker = next(n for n in g.node if cond_out in n.output)
+                assert maker.op_type == "Constant"
+            if node.op_type == "Scan":
+                captured = {x for n in g.node for x in n.input if x and x not in produced}
+                assert not captured, f"the Scan body reads outer values {sorted(captured)}"

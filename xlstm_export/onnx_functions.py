@@ -7,20 +7,26 @@ TensorRT inlines the body when no plugin is registered (it takes the plugin when
 :mod:`xlstm_export.contract` and compute in float32 (Cast in, ``CastLike`` out), so one body serves
 float32, float16 and bfloat16 graphs; states are float32 throughout.
 
-mLSTM body: ``If(S == 1)`` (only S is read before the branch), each branch doing its own float32
-casts, q * 1/sqrt(DQK) and logsigmoid(f):
-  * then: the single recurrent step (the decode path: ~35 small ops, no loop);
-  * else: the chunkwise form, time and memory linear in S:
-    - L = the ``chunk_size`` attribute (an attribute reference: the node's value is used),
-      NC = ceil(S / L) chunks of equal length Lc = ceil(S / NC) <= L, so the padding NC*Lc - S is
-      less than NC (S <= L: one chunk, no padding). Padded steps get logsigmoid(f) = 0 and
-      i = -inf: they neither decay nor write the state, so the final state and the first S outputs
-      are exact.
-    - A Loop over the NC chunks carries (C, n, m) and emits, per chunk, the inter-chunk terms
-      q.C_prev, q.n_prev and m_prev (each the size of the chunk's output, never a per-chunk state).
-    - Everything else is parallel over all chunks at once (the D-weighted intra-chunk q k^T v, the
-      stabilizer m_t and the denominator): memory B*NH*S*Lc, linear in S.
-sLSTM body: a Scan over time (axis 2) carrying (h, c, n, m); gate order i, f, z, o.
+mLSTM body: the chunkwise form, time and memory linear in S, exact for any S (S == 1 included),
+with float32 casts, q * 1/sqrt(DQK) and logsigmoid(f) first:
+  - L = the ``chunk_size`` attribute (an attribute reference: the node's value is used),
+    NC = ceil(S / L) chunks of equal length Lc = ceil(S / NC) <= L, so the padding NC*Lc - S is
+    less than NC (S <= L: one chunk, no padding). Padded steps get logsigmoid(f) = 0 and
+    i = -inf: they neither decay nor write the state, so the final state and the first S outputs
+    are exact.
+  - A Loop over the NC chunks carries (C, n, m) and emits, per chunk, the inter-chunk terms
+    q.C_prev, q.n_prev and m_prev (each the size of the chunk's output, never a per-chunk state).
+  - Everything else is parallel over all chunks at once (the D-weighted intra-chunk q k^T v, the
+    stabilizer m_t and the denominator): memory B*NH*S*Lc, linear in S.
+sLSTM body: a Scan over time (axis 2) carrying (h, c, n, m) and r; gate order i, f, z, o.
+
+Every importer takes these bodies as written (measured with onnxruntime, TensorRT-RTX 1.7's parser
+and builder, OpenVINO 2026.4 after inlining): attribute references only at the body's top level
+(TensorRT's parser resolves them in the innermost scope alone), an explicit Loop condition, no
+Loop inside an If (TensorRT's builder rejects it), and subgraphs of Scan that read only their own
+inputs (OpenVINO's Scan). The decode fast path that onnxruntime wants (a single recurrent step of
+~35 ops at S == 1, no loop) lives with the runner: :func:`with_decode_step` puts
+``If(S == 1, step, chunkwise)`` into the loaded model in memory.
 
 Why onnx.helper and not onnxscript: the bodies need attribute references (``chunk_size``,
 ``eps``), Loop/Scan subgraphs that capture values of the enclosing function, and exact control of
@@ -48,7 +54,8 @@ from onnx import (
 from . import contract
 from .contract import DOMAIN, MLSTM, SLSTM
 
-__all__ = ["DEFAULT_OPSET", "cell_model", "functions", "mlstm_function", "slstm_function"]
+__all__ = ["DEFAULT_OPSET", "cell_model", "functions", "mlstm_function", "mlstm_step_branch", "slstm_function",
+           "with_decode_step"]
 
 DEFAULT_OPSET = 18  # lowest ai.onnx opset the bodies are written for (Split num_outputs, ReduceMax axes input)
 _F = TensorProto.FLOAT
@@ -139,7 +146,9 @@ def _mlstm_loop_body() -> onnx.GraphProto:
     g.op("Add", g.op("Mul", g.unsqueeze(w_carry, [-1, -2]), c), kv, out=["lb_c_out"])  # (B, NH, DQK, DV)
     g.op("Add", g.op("Mul", g.unsqueeze(w_carry, [-1]), n), g.reduce("ReduceSum", kw, [2]),
          out=["lb_n_out"])  # (B, NH, DQK)
-    g.op("Identity", cond_in, out=["lb_cond_out"])
+    # the condition out is a constant true, not a pass-through of the condition in: TensorRT's
+    # parser does not register the Loop's condition input inside the body
+    g.op("Constant", out=["lb_cond_out"], value=helper.make_tensor("lb_true", TensorProto.BOOL, [], [True]))
     return helper.make_graph(
         g.nodes, "mlstm_chunk_loop",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),  # scalars, as ORT's Loop requires
@@ -172,7 +181,7 @@ def _scale_and_cast_q(g: _Builder, out: str | None = None) -> str:
     return g.op("Mul", g.op("Cast", "q", to=_F), scale, out=[out] if out else None)  # (B, NH, S, DQK)
 
 
-def _mlstm_step_branch() -> onnx.GraphProto:
+def mlstm_step_branch() -> onnx.GraphProto:
     """S == 1: one recurrent step (the decode path), exactly the per-step update.
 
     Self-contained (reads the function inputs, computes only what the step needs) and kept small:
@@ -222,8 +231,10 @@ def _mlstm_chunk_prelude(g: _Builder) -> None:
     g.op("Identity", g.logsigmoid(g.op("Cast", "f", **f32)), out=[_PRE["logf"]])  # (B, NH, S)
 
 
-def _mlstm_chunk_branch() -> onnx.GraphProto:
-    """Any S: chunkwise (Loop over chunks for the state, parallel inside the chunks)."""
+def _mlstm_chunkwise() -> _Builder:
+    """Any S: chunkwise (Loop over chunks for the state, parallel inside the chunks). The nodes,
+    writing ``ch_{h,c,n,m}_out``, go at the body's top level (the portable body) or into the else
+    branch of onnxruntime's decode fast path (:func:`mlstm_function` with a ``step_branch``)."""
     g = _Builder("ch_")
     _mlstm_chunk_prelude(g)
     s, one = _PRE["s"], g.const([1])
@@ -257,6 +268,8 @@ def _mlstm_chunk_branch() -> onnx.GraphProto:
 
     # the recurrence over chunks
     nc_scalar = g.squeeze(nc, [0])
+    # a trip count and no condition input (a loop TensorRT's parser imports cleanly); the body still
+    # emits its condition, a constant true (see _mlstm_loop_body)
     g.op("Loop", nc_scalar, "", "c0", "n0", "m0", out=["ch_c_out", "ch_n_out", "ch_m_out", "ch_qc_all",
                                                         "ch_qn_all", "ch_mprev_all"], body=_mlstm_loop_body())
     # ch_qc_all (NC, B, NH, Lc, DV), ch_qn_all (NC, B, NH, Lc, 1), ch_mprev_all (NC, B, NH)
@@ -283,22 +296,32 @@ def _mlstm_chunk_branch() -> onnx.GraphProto:
     h = g.op("Div", num, g.unsqueeze(den, [-1]))  # (B, NH, NC, Lc, DV)
     h = g.op("Reshape", h, g.op("Concat", b_nh, g.op("Mul", nc, lc), dv, axis=0))  # (B, NH, NC*Lc, DV)
     g.op("Slice", h, g.const([0]), s, g.const([2]), out=["ch_h_out"])  # (B, NH, S, DV)
-    return _branch_graph(g, "mlstm_chunkwise")
+    return g
 
 
-def mlstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
+def mlstm_function(opset: int = DEFAULT_OPSET, step_branch: onnx.GraphProto | None = None) -> FunctionProto:
     """FunctionProto ``xlstm.mLSTM`` in standard ops (see the module docstring).
 
-    ``If(S == 1)``: the single-step update (decode) or the chunkwise form (any S; it also handles
-    S == 1 exactly). Each branch computes its own float32 casts, q scaling and logsigmoid(f), so
-    the decode path runs nothing the chunkwise form alone needs.
+    The portable body (``step_branch`` None, what every export carries) is the chunkwise form at
+    the body's top level: it is exact for any S, S == 1 included, and every importer takes it
+    (TensorRT's parser rejects a Loop nested in an If). ``step_branch``, a graph emitting
+    ``st_{h,c,n,m}_out`` from the function inputs (:func:`mlstm_step_branch`, or a native kernel),
+    gives onnxruntime's decode fast path instead: ``If(S == 1, step_branch, chunkwise)``, so a
+    decode step runs ~35 small ops and no loop (:func:`with_decode_step`).
     """
     g = _Builder("")
-    s = g.op("Shape", "q", start=2, end=3)  # [S]
     g.op("Constant", out=[_PRE["eps"]], ref_attrs={"value_float": ("eps", AttributeProto.FLOAT)})
-    is_step = g.op("Equal", s, g.const([1]))  # bool [1]: If takes a one-element condition
-    h, c, n, m = g.op("If", is_step, n_out=4, hint="branch",
-                      then_branch=_mlstm_step_branch(), else_branch=_mlstm_chunk_branch())
+    chunkwise = _mlstm_chunkwise()
+    if step_branch is None:
+        g.nodes.extend(chunkwise.nodes)
+        h, c, n, m = (f"{chunkwise.prefix}{o}_out" for o in _BRANCH_OUT)
+        body = "chunkwise (Loop over chunks, parallel inside; linear in S)"
+    else:
+        s = g.op("Shape", "q", start=2, end=3)  # [S]
+        is_step = g.op("Equal", s, g.const([1]))  # bool [1]: If takes a one-element condition
+        h, c, n, m = g.op("If", is_step, n_out=4, hint="branch", then_branch=step_branch,
+                          else_branch=_branch_graph(chunkwise, "mlstm_chunkwise"))
+        body = "If(S == 1) step, else chunkwise (onnxruntime's decode fast path)"
     g.op("Identity", c, out=["c"])  # (B, NH, DQK, DV)
     g.op("Identity", n, out=["n"])  # (B, NH, DQK)
     g.op("Identity", m, out=["m"])  # (B, NH)
@@ -308,9 +331,23 @@ def mlstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
         DOMAIN, MLSTM.name, contract.input_names(MLSTM), contract.output_names(MLSTM), g.nodes,
         [helper.make_opsetid("", opset)],
         attribute_protos=_fn_attributes(MLSTM),
-        doc_string=MLSTM.doc + " -- body: If(S == 1) step, else chunkwise (Loop over chunks, parallel "
-                               "inside; linear in S)",
+        doc_string=f"{MLSTM.doc} -- body: {body}",
     )
+
+
+def with_decode_step(model: ModelProto, step_branch: onnx.GraphProto | None = None) -> ModelProto:
+    """``model`` (changed in place) with its ``xlstm.mLSTM`` function given the decode fast path
+    (``If(S == 1, step_branch, chunkwise)``; default step: :func:`mlstm_step_branch`).
+
+    For runtimes that take a Loop inside an If (onnxruntime): the file keeps the portable body,
+    and a runner applies this in memory. The function is built anew from the contract, so what the
+    file's body looked like does not matter, only that the model is ours.
+    """
+    for j, fn in enumerate(model.functions):
+        if fn.domain == DOMAIN and fn.name == MLSTM.name:
+            opset = next((o.version for o in fn.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+            model.functions[j].CopyFrom(mlstm_function(opset, step_branch or mlstm_step_branch()))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,14 +355,18 @@ def mlstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
 # ---------------------------------------------------------------------------------------------
 
 
-_R_F32 = "Rf"  # the sLSTM body's float32 r (NH, DH, 4*DH), captured by the Scan step
+_R_F32 = "Rf"  # the sLSTM body's float32 r (NH, DH, 4*DH), a Scan state
 
 
 def _slstm_scan_body() -> onnx.GraphProto:
-    """One step: (h, c, n, m), x_t (B, NH, 4*DH) -> new state, y_t. Captures ``Rf`` (NH, DH, 4*DH)."""
+    """One step: (h, c, n, m, r), x_t (B, NH, 4*DH) -> new state, r unchanged, y_t.
+
+    r is a Scan state passed through, not a value captured from the function: OpenVINO's Scan
+    takes only explicit inputs ("Number of Scan node inputs (5) is less than required (6)").
+    """
     g = _Builder("sb_")
-    h, c, n, m, x_t = "sb_h", "sb_c", "sb_n", "sb_m", "sb_x"
-    rec = g.squeeze(g.op("MatMul", g.unsqueeze(h, [2]), _R_F32), [2])  # (B, NH, 4*DH)  h_{t-1} @ r[head]
+    h, c, n, m, r, x_t = "sb_h", "sb_c", "sb_n", "sb_m", "sb_r", "sb_x"
+    rec = g.squeeze(g.op("MatMul", g.unsqueeze(h, [2]), r), [2])  # (B, NH, 4*DH)  h_{t-1} @ r[head]
     pre = g.op("Add", x_t, rec)  # (B, NH, 4*DH)
     i_p, f_p, z_p, o_p = g.op("Split", pre, axis=-1, num_outputs=4, n_out=4)  # each (B, NH, DH)
     log_f = g.logsigmoid(f_p)
@@ -336,23 +377,25 @@ def _slstm_scan_body() -> onnx.GraphProto:
     c_new = g.op("Add", g.op("Mul", f_a, c), g.op("Mul", i_a, g.op("Tanh", z_p)), out=["sb_c_out"])
     n_new = g.op("Add", g.op("Mul", f_a, n), i_a, out=["sb_n_out"])
     h_new = g.op("Div", g.op("Mul", g.op("Sigmoid", o_p), c_new), n_new, out=["sb_h_out"])
+    g.op("Identity", r, out=["sb_r_out"])
     g.op("Identity", h_new, out=["sb_y_out"])
     return helper.make_graph(
         g.nodes, "slstm_step",
-        [_vi(h, _F), _vi(c, _F), _vi(n, _F), _vi(m, _F), _vi(x_t, _F)],
-        [_vi("sb_h_out", _F), _vi("sb_c_out", _F), _vi("sb_n_out", _F), _vi("sb_m_out", _F), _vi("sb_y_out", _F)],
+        [_vi(h, _F), _vi(c, _F), _vi(n, _F), _vi(m, _F), _vi(r, _F), _vi(x_t, _F)],
+        [_vi("sb_h_out", _F), _vi("sb_c_out", _F), _vi("sb_n_out", _F), _vi("sb_m_out", _F), _vi("sb_r_out", _F),
+         _vi("sb_y_out", _F)],
     )
 
 
 def slstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
-    """FunctionProto ``xlstm.sLSTM``: a Scan over time in standard ops."""
+    """FunctionProto ``xlstm.sLSTM``: a Scan over time in standard ops, state (h, c, n, m, r)."""
     g = _Builder("")
     x = g.op("Cast", "x", to=_F)  # (B, NH, S, 4*DH)
     bias = g.unsqueeze(g.op("Cast", "b", to=_F), [1])  # (NH, 1, 4*DH)
     g.op("Cast", "r", to=_F, out=[_R_F32])  # (NH, DH, 4*DH)
     xb = g.op("Add", x, bias)  # (B, NH, S, 4*DH)
-    h, c, n, m, y = g.op("Scan", "h0", "c0", "n0", "m0", xb, n_out=5, body=_slstm_scan_body(),
-                         num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
+    h, c, n, m, _, y = g.op("Scan", "h0", "c0", "n0", "m0", _R_F32, xb, n_out=6, body=_slstm_scan_body(),
+                            num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
     for src, dst in ((h, "h"), (c, "c"), (n, "n"), (m, "m")):
         g.op("Identity", src, out=[dst])  # (B, NH, DH)
     g.op("CastLike", y, "x", out=["y"])  # (B, NH, S, DH) T

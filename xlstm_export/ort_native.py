@@ -7,8 +7,10 @@ per-step subgraph costs more than its arithmetic. The library built from ``plugi
 (:mod:`xlstm_export.plugins.cpu_build`) does both in one kernel each, float32, with one pass over
 the state:
 
-* ``xlstm.cpu::mLSTMStep(q, k, v, i, f, c0, n0, m0, eps) -> (h, c, n, m)`` replaces the ``S == 1``
-  branch of the mLSTM body (the chunkwise branch, MatMul-bound at prefill, is kept);
+* ``xlstm.cpu::mLSTMStep(q, k, v, i, f, c0, n0, m0, eps) -> (h, c, n, m)`` is the mLSTM body's
+  decode fast path (``If(S == 1, mLSTMStep, chunkwise)``, see
+  :func:`xlstm_export.onnx_functions.with_decode_step`; the chunkwise form, MatMul-bound at
+  prefill, is kept);
 * ``xlstm.cpu::sLSTMScan(h0, c0, n0, m0, x, r) -> (h, c, n, m, y)`` replaces the sLSTM body's Scan;
 * ``xlstm.cpu::PackedMatMul(x, w) -> y`` (attribute ``n``) replaces each float32 MatMul of the main
   graph by a weight initializer [K, n]: the weight is packed into column panels [ceil(n/32), K, 32]
@@ -87,22 +89,20 @@ def _native_step_branch() -> GraphProto:
 
 
 def _rewrite_mlstm(fn: FunctionProto) -> None:
-    branches = [n for n in fn.node if n.op_type == "If"]
-    if len(branches) != 1:
-        raise NativeOpsError(f"the {DOMAIN}::{MLSTM.name} body has {len(branches)} If nodes, expected 1 "
-                             "(not a body written by this version of xlstm_export.onnx_functions)")
-    for attr in branches[0].attribute:
-        if attr.name == "then_branch":
-            attr.g.CopyFrom(_native_step_branch())
+    """The mLSTM body with the native step as its decode fast path (chunkwise for S > 1)."""
+    opset = next((o.version for o in fn.opset_import if o.domain in ("", "ai.onnx")), of.DEFAULT_OPSET)
+    fn.CopyFrom(of.mlstm_function(opset, step_branch=_native_step_branch()))
 
 
 def _rewrite_slstm(fn: FunctionProto) -> None:
-    scans = [j for j, n in enumerate(fn.node) if n.op_type == "Scan"]
-    if len(scans) != 1 or list(fn.node[scans[0]].input)[:4] != ["h0", "c0", "n0", "m0"]:
-        raise NativeOpsError(f"the {DOMAIN}::{SLSTM.name} body is not a Scan over (h0, c0, n0, m0, x) "
+    """The sLSTM body's Scan over (h, c, n, m, r; x) as one native sLSTMScan node."""
+    scans = [n for n in fn.node if n.op_type == "Scan"]
+    if len(scans) != 1 or len(scans[0].input) != 6 or len(scans[0].output) != 6:
+        raise NativeOpsError(f"the {DOMAIN}::{SLSTM.name} body is not one Scan over (h, c, n, m, r; x) "
                              "(not a body written by this version of xlstm_export.onnx_functions)")
-    scan = fn.node[scans[0]]
-    scan.CopyFrom(helper.make_node("sLSTMScan", [*scan.input, of._R_F32], list(scan.output),
+    scan = scans[0]
+    (h0, c0, n0, m0, r, x), (h, c, n, m, _, y) = scan.input, scan.output  # r passes through the Scan
+    scan.CopyFrom(helper.make_node("sLSTMScan", [h0, c0, n0, m0, x, r], [h, c, n, m, y],
                                    domain=NATIVE_DOMAIN, name="native_slstm_scan"))
 
 
