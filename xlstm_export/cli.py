@@ -69,8 +69,9 @@ def cmd_export(args) -> int:
     from .export import export_onnx
 
     model = _load_model(args.source)
-    path = export_onnx(model, args.output, dtype=args.dtype, progress=not args.quiet)
-    print(f"wrote {path} ({args.dtype}, {len(model.state_spec(1))} state tensors)")
+    path = export_onnx(model, args.output, dtype=args.dtype, progress=not args.quiet, inline=args.inline)
+    kind = ", standard ops only" if args.inline else ""
+    print(f"wrote {path} ({args.dtype}, {len(model.state_spec(1))} state tensors{kind})")
     return 0
 
 
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="weights and logits dtype (states stay float32)")
+    e.add_argument("--inline", action="store_true",
+                   help="standard ops only: the xlstm function bodies inlined (for OpenVINO and runtimes "
+                        "that take neither custom domains nor local functions)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 

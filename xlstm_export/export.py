@@ -64,6 +64,7 @@ __all__ = [
     "SEQUENCE_DIM",
     "ExportError",
     "export_onnx",
+    "inline_xlstm",
     "state_input_name",
     "state_output_name",
 ]
@@ -479,6 +480,23 @@ def _legalize_low_precision(model: onnx.ModelProto, dtype: str, max_rounds: int 
     raise ExportError(f"could not legalise the {dtype} graph in {max_rounds} rounds")
 
 
+def inline_xlstm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every ``xlstm`` node replaced by its function body (standard ops only, no
+    local functions, no ``xlstm`` opset import); metadata ``bodies`` = "inline" says so. The
+    weights are not touched (external data keeps its references)."""
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_local_functions(model)
+    left = sorted({n.op_type for n in _all_nodes(inlined.graph) if n.domain == DOMAIN})
+    if left or len(inlined.functions):
+        raise ExportError(f"inlining left xlstm nodes {left} / {len(inlined.functions)} functions")
+    kept = [o for o in inlined.opset_import if o.domain != DOMAIN]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    inlined.metadata_props.add(key=METADATA_PREFIX + "bodies", value="inline")
+    return inlined
+
+
 def _check_interface(model: onnx.ModelProto, keys: list[str], dtype: str) -> None:
     elem = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
             "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
@@ -507,12 +525,15 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     progress: bool = True,
     external_data: bool | None = None,
+    inline: bool = False,
 ) -> Path:
     """Export ``model`` (an xLSTMLM) to ``path``; returns the path of the written .onnx file.
 
     dtype: "fp32" | "fp16" | "bf16" (weights and logits; states stay float32).
     opset: ai.onnx opset (>= 18). external_data: None = automatic (weights over ~2 GB go to
-    ``<name>.data``), True / False to force. The caller's model is not modified.
+    ``<name>.data``), True / False to force. inline: write standard ops only (the function bodies
+    inlined, no ``xlstm`` nodes, no local functions; :func:`inline_xlstm`) for runtimes that take
+    neither custom domains nor local functions (OpenVINO). The caller's model is not modified.
     Raises ValueError for bad arguments, OSError for an unwritable destination, ExportError when
     tracing, translation or the ONNX checker fails; nothing is left at ``path`` on failure.
     """
@@ -559,6 +580,8 @@ def export_onnx(
         proto = _postprocess(proto, keys=keys, spec=spec, vocab=vocab, dtype=dt, config_json=config_json)
         if dt != "float32":
             _legalize_low_precision(proto, dt)
+        if inline:
+            proto = inline_xlstm(proto)
         _check_interface(proto, keys, dt)
         bar.update()
 
