@@ -133,6 +133,27 @@ def test_ort_parity_fp32(kind, B, S, exported):
 
 
 @pytest.mark.parametrize("kind", ["paper", "large"])
+def test_portable_body_and_decode_fast_path_agree(kind, exported):
+    """The file as written (chunkwise body only, what TensorRT and OpenVINO run) and OrtModel's
+    default (the S == 1 step put in memory, with_decode_step) both match PyTorch, at decode too."""
+    model, path, fast = exported(kind)
+    portable = OrtModel(path, intra_op_threads=2, decode_step=False)
+    ops = lambda m: {n.op_type for f in m.functions for n in f.node}  # noqa: E731
+    assert "If" not in ops(onnx.load(path, load_external_data=False))
+    B = 3
+    state = warm_state(model, B, seed=5)
+    for S in (1, 7):
+        ids = torch.randint(0, model.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(S))
+        with torch.no_grad():
+            ref_logits, ref_state = model(ids, state)
+        for om in (portable, fast):
+            logits, new_state = om.run(ids.numpy(), state)
+            assert rel(logits, ref_logits) < 1e-4, (S, rel(logits, ref_logits))
+            for k in ref_state:
+                assert rel(new_state[k], ref_state[k]) < 1e-4, (S, k, rel(new_state[k], ref_state[k]))
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
 def test_ort_decode_after_prefill_reproduces_whole_sequence(kind, exported):
     model, _, om = exported(kind)
     B, S, P = 2, 13, 5
