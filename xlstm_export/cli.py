@@ -263,6 +263,34 @@ def cmd_build(args) -> int:
     return 0
 
 
+# --- serve / triton-repo ---------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("serve needs uvicorn and starlette: pip install 'xlstm-export[serve]'") from None
+    from .serve import run_server
+
+    target = args.target
+    if target.endswith((".onnx", ".engine", ".plan")):
+        _require_file(target, None)
+    run_server(target, host=args.host, port=args.port, max_batch=args.max_batch, max_state_mb=args.max_state_mb,
+               max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, name=args.model_name,
+               native_ops=not args.no_native_ops, log_level=args.log_level)
+    return 0
+
+
+def cmd_triton_repo(args) -> int:
+    from .triton_repo import write_triton_repo
+
+    _require_file(args.model, None)
+    model_dir = write_triton_repo(args.model, args.output, name=args.name, max_batch=args.max_batch,
+                                  device=args.device, overwrite=args.overwrite)
+    print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/; run: tritonserver --model-repository={args.output}")
+    return 0
+
+
 VALIDATE_CASES = ((1, 1), (1, 7), (3, 64), (3, 129))
 
 
@@ -438,6 +466,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, nargs=3, default=[1, 1, 8], metavar=("MIN", "OPT", "MAX"))
     b.add_argument("--seq", type=int, nargs=3, default=[1, 128, 4096], metavar=("MIN", "OPT", "MAX"))
     b.set_defaults(func=cmd_build)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible completions server with continuous batching")
+    sv.add_argument("target", help=SOURCE_HELP + ", an .onnx file (onnxruntime) or a TensorRT .engine/.plan")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="default: 8000")
+    sv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most (default: 32)")
+    sv.add_argument("--max-state-mb", type=float, default=2048,
+                    help="state memory for all sequence slots, MiB (default: 2048)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting for a slot before 503 (default: 256)")
+    sv.add_argument("--prefill-chunk", type=int, default=64,
+                    help="prompt tokens per sequence per scheduler step (default: 64)")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the file's stem)")
+    sv.add_argument("--no-native-ops", action="store_true", help="onnxruntime without the native CPU kernels")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
+
+    tr = sub.add_parser("triton-repo", help="a Triton Inference Server model repository (sequence batching, "
+                        "implicit state)")
+    tr.add_argument("model", help="an exported .onnx file or a TensorRT .engine/.plan with its build record")
+    tr.add_argument("-o", "--output", required=True, help="the model repository directory")
+    tr.add_argument("--name", default="xlstm", help="model name in the repository (default: xlstm)")
+    tr.add_argument("--max-batch", type=int, default=None,
+                    help="Triton's max_batch_size (default: 32; an engine's profile maximum)")
+    tr.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                    help="instance group for an .onnx model (default: cpu; an engine is always gpu)")
+    tr.add_argument("--overwrite", action="store_true", help="replace the model's folder if it exists")
+    tr.set_defaults(func=cmd_triton_repo)
 
     from .train import add_train_arguments, run_train
 

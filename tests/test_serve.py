@@ -1,0 +1,366 @@
+"""`serve`: continuous batching over recurrent state behind the OpenAI completions API.
+
+Scheduler tests run the serving loop directly (no HTTP); server tests talk to a real uvicorn
+server on 127.0.0.1 with the official `openai` client. One small 7B-style model (2 blocks,
+byte vocabulary, byte tokenizer beside the .onnx) is exported once for the module; the reference
+for every completion is that prompt's solo greedy generation through the same exported model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from xlstm_export.export import export_onnx  # noqa: E402
+from xlstm_export.generate import generate  # noqa: E402
+from xlstm_export.models import preset, xLSTMLM  # noqa: E402
+from xlstm_export.ort import OrtModel  # noqa: E402
+from xlstm_export.serve import OrtSlots, SamplingParams, Scheduler, TorchSlots  # noqa: E402
+from xlstm_export.serve.app import create_app  # noqa: E402
+from xlstm_export.serve.text import CompletionText  # noqa: E402
+from xlstm_export.tokenizer import byte_tokenizer_files, load_tokenizer, write_tokenizer_files  # noqa: E402
+
+MAX_WAIT_S = 30  # every polling loop gives up after this
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(OrtModel with the native kernels, tokenizer, torch model) of a small exported model."""
+    d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = xLSTMLM(preset("tiny-large", embedding_dim=64, num_heads=2)).eval()
+    path = export_onnx(model, d / "small.onnx", progress=False)
+    write_tokenizer_files(byte_tokenizer_files(), d)
+    return OrtModel(path, native_ops=True), load_tokenizer(path), model
+
+
+def solo(om: OrtModel, prompt, max_tokens: int) -> list[int]:
+    return generate(om.decoder(), np.array([prompt], np.int64), max_tokens).tokens[0].tolist()
+
+
+@contextlib.contextmanager
+def running_server(scheduler, tokenizer, name="small"):
+    """A uvicorn server for ``scheduler`` on a free loopback port, in a thread; yields its URL."""
+    import uvicorn
+
+    app = create_app(scheduler, model_name=name, tokenizer=tokenizer)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + MAX_WAIT_S
+    while not (server.started and server.servers):
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(MAX_WAIT_S)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + MAX_WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=MAX_WAIT_S)
+
+
+# --- the scheduler alone ---------------------------------------------------------------------------
+class _Recording:
+    """A pool that records the batch of every call (and forwards to the real one)."""
+
+    def __init__(self, pool):
+        self.pool, self.calls = pool, []
+        self.capacity, self.vocab_size, self.state_bytes = pool.capacity, pool.vocab_size, pool.state_bytes
+
+    def prefill(self, ids, states):
+        self.calls.append(("prefill", ids.shape))
+        return self.pool.prefill(ids, states)
+
+    def step(self, ids):
+        self.calls.append(("step", len(ids)))
+        return self.pool.step(ids)
+
+    def put(self, row, state):
+        self.pool.put(row, state)
+
+    def move(self, src, dst):
+        self.pool.move(src, dst)
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(served):
+    om, _, _ = served
+    rng = np.random.default_rng(1)
+    pool = _Recording(OrtSlots(om, 4))
+    sched = Scheduler(pool, max_batch=4, prefill_chunk=16, prefill_tokens=32)
+    short = [sched.submit(rng.integers(0, 256, 3), SamplingParams(max_tokens=40, temperature=0)) for _ in range(2)]
+    for _ in range(3):
+        sched.step()
+    assert sched.active == 2
+    long_prompt = rng.integers(0, 256, 101)
+    late = sched.submit(long_prompt, SamplingParams(max_tokens=5, temperature=0))
+    n_before = [len(s.tokens) for s in short]
+    start = len(pool.calls)
+    for it in range(7):  # 101 tokens = 6 chunks of 16 + 5: one chunk per iteration, each beside a step
+        sched.step()
+        assert [len(s.tokens) for s in short] == [n + it + 1 for n in n_before]  # never stalled
+    kinds = pool.calls[start:]
+    chunks = [shape for kind, shape in kinds if kind == "prefill"]
+    assert chunks == [(1, 16)] * 6 + [(1, 5)]
+    assert all(c[0] * c[1] <= 32 for c in chunks)
+    assert sched.active == 3  # joined the running batch after its last chunk
+    while any(s.finish_reason is None for s in [*short, late]):
+        sched.step()
+    assert late.tokens == solo(om, long_prompt, 5)
+    assert [s.tokens for s in short] == [solo(om, s.prompt, 40) for s in short]
+    assert sched.active == 0 and sched.prefilling == 0
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(served):
+    om, _, _ = served
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, 256, 7)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, seed=1234)
+
+    def run(n_others: int) -> list[int]:
+        sched = Scheduler(OrtSlots(om, 8), max_batch=8)
+        others = [sched.submit(rng.integers(0, 256, int(rng.integers(1, 40))),
+                               SamplingParams(max_tokens=20, temperature=1.0, seed=j)) for j in range(n_others)]
+        seq = sched.submit(prompt, params)
+        while any(s.finish_reason is None for s in [seq, *others]):
+            sched.step()
+        return seq.tokens
+
+    alone = run(0)
+    assert run(5) == alone and len(alone) == 12
+    other_seed = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, seed=99)
+    sched = Scheduler(OrtSlots(om, 1), max_batch=1)
+    s = sched.submit(prompt, other_seed)
+    while s.finish_reason is None:
+        sched.step()
+    assert s.tokens != alone
+
+
+def test_torch_slots_match_the_onnx_slots(served):
+    """The pool a TensorRT engine uses (torch tensors), run here on the PyTorch model."""
+    om, _, model = served
+    shapes = {k: tuple(s[1:]) for k, s in model.state_spec(1).items()}
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 256, int(n)) for n in (1, 17, 40, 5)]
+    out = []
+    for pool in (OrtSlots(om, 4), TorchSlots(model, shapes, 256, 4)):
+        sched = Scheduler(pool, max_batch=4, prefill_chunk=16, prefill_tokens=32)
+        seqs = [sched.submit(p, SamplingParams(max_tokens=9 + j, temperature=0)) for j, p in enumerate(prompts)]
+        while any(s.finish_reason is None for s in seqs):
+            sched.step()
+        out.append([s.tokens for s in seqs])
+    assert out[0] == out[1]
+
+
+def test_queue_bound_and_cancel_without_http(served):
+    om, _, _ = served
+    sched = Scheduler(OrtSlots(om, 1), max_batch=1, max_queue=1)
+    a = sched.submit([1, 2, 3], SamplingParams(max_tokens=1000, temperature=0))
+    b = sched.submit([4], SamplingParams(max_tokens=2, temperature=0))
+    with pytest.raises(Exception, match="queue"):
+        sched.submit([5], SamplingParams(max_tokens=2, temperature=0))
+    sched.step()
+    sched.cancel(b)  # queued: gone at once
+    assert b.finish_reason == "cancelled" and sched.queued == 0
+    sched.cancel(a)  # running: leaves at the next iteration
+    sched.step()
+    assert a.finish_reason == "cancelled" and sched.active == 0
+    with pytest.raises(ValueError, match="lie in"):
+        sched.submit([256], SamplingParams(max_tokens=1))
+
+
+def test_stop_strings_hold_back_a_possible_start():
+    tok = load_tokenizer_bytes()
+    ids = list("abc##de#".encode())
+    whole = CompletionText(tok, ["##d"])
+    text, used = whole.push(ids)
+    assert whole.stopped and text == "abc" and used == 6
+    pieces = CompletionText(tok, ["##d"])
+    got = []
+    for t in ids:
+        got.append(pieces.push([t])[0])
+        if pieces.stopped:
+            break
+    assert "".join(got) == "abc" and got[3] == "" and got[4] == ""  # "#" and "##" held back
+    plain = CompletionText(tok, ["zz"])
+    assert plain.push(list("a#z".encode()))[0] == "a#" and plain.finish() == "z"
+
+
+def load_tokenizer_bytes():
+    from xlstm_export.tokenizer import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+# --- over HTTP ---------------------------------------------------------------------------------------
+def test_32_concurrent_completions_equal_their_solo_generation(served):
+    om, tok, _ = served
+    rng = np.random.default_rng(4)
+    lengths = [1, 300, *rng.integers(1, 301, 30)]
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in lengths]
+    max_tokens = [1, 64, *(int(m) for m in rng.integers(1, 65, 30))]
+    sched = Scheduler(OrtSlots(om, 32), max_batch=32, prefill_chunk=64, prefill_tokens=256)
+    with running_server(sched, tok) as url:
+        async def all_at_once():
+            c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=MAX_WAIT_S)
+            return await asyncio.gather(*(c.completions.create(model="small", prompt=p, max_tokens=m, temperature=0)
+                                          for p, m in zip(prompts, max_tokens)))
+
+        results = asyncio.run(all_at_once())
+        m = metrics(url)
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert m["xlstm_decode_rows_total"] / m["xlstm_decode_steps_total"] > 4  # they did share steps
+    assert m["xlstm_generated_tokens_total"] == sum(max_tokens)
+    for p, mt, r in zip(prompts, max_tokens, results):
+        ref = solo(om, p, mt)
+        choice = r.choices[0]
+        assert choice.model_extra["token_ids"] == ref
+        assert choice.text == tok.decode(ref)
+        assert choice.finish_reason == "length"
+        assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == mt
+
+
+def test_streaming_yields_the_same_text(served):
+    om, tok, _ = served
+    sched = Scheduler(OrtSlots(om, 4), max_batch=4)
+    with running_server(sched, tok) as url:
+        c = client(url)
+        for prompt, stop in (("The xLSTM ", None), ("def main():\n", None), ("Hello", ["e", "ab"])):
+            whole = c.completions.create(model="small", prompt=prompt, max_tokens=40, temperature=0, stop=stop)
+            chunks = list(c.completions.create(model="small", prompt=prompt, max_tokens=40, temperature=0,
+                                               stop=stop, stream=True))
+            assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+            assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+            if stop is None:
+                ref = solo(om, tok.encode(prompt), 40)
+                assert whole.choices[0].text == tok.decode(ref)
+            else:
+                assert not any(s in whole.choices[0].text for s in stop)
+        ids = tok.encode("tokens")
+        assert c.completions.create(model="small", prompt=ids, max_tokens=5, temperature=0).choices[0].text == \
+            c.completions.create(model="small", prompt="tokens", max_tokens=5, temperature=0).choices[0].text
+        models = c.models.list()
+        assert [m.id for m in models.data] == ["small"]
+
+
+def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served):
+    om, tok, _ = served
+    sched = Scheduler(OrtSlots(om, 1), max_batch=1, max_queue=0)
+    with running_server(sched, tok) as url:
+        c = client(url)
+        stream = c.completions.create(model="small", prompt="long", max_tokens=60000, temperature=0, stream=True)
+        it = iter(stream)
+        next(it)
+        next(it)
+        assert metrics(url)["xlstm_active_sequences"] == 1
+        with pytest.raises(openai.APIStatusError) as full:  # every slot busy, no queue
+            c.completions.create(model="small", prompt="x", max_tokens=2)
+        assert full.value.status_code == 503
+        assert full.value.response.headers["retry-after"] == "1"
+        assert full.value.response.json()["error"]["code"] == "server_busy"
+        stream.close()  # the client goes away
+        wait_for(lambda: metrics(url)["xlstm_active_sequences"] == 0, "the cancelled stream to leave")
+        m = metrics(url)
+        assert m['xlstm_requests_finished_total{reason="cancelled"}'] == 1
+        assert m["xlstm_generated_tokens_total"] < 60000
+        r = c.completions.create(model="small", prompt="x", max_tokens=2, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+
+
+BAD_REQUESTS = [
+    ({"model": "small", "max_tokens": 3}, "prompt"),
+    ({"model": "small", "prompt": None}, "prompt"),
+    ({"model": "small", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": "small", "prompt": "hi", "max_tokens": -5}, "max_tokens"),
+    ({"model": "small", "prompt": [1, 2, 256]}, "prompt"),
+    ({"model": "small", "prompt": [-1]}, "prompt"),
+    ({"model": "small", "prompt": [1, 2.5]}, "prompt"),
+    ({"model": "small", "prompt": []}, "prompt"),
+    ({"model": "small", "prompt": ""}, "prompt"),
+    ({"model": "small", "prompt": 5}, "prompt"),
+    ({"model": "small", "prompt": {"text": "hi"}}, "prompt"),
+    ({"model": "small", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "small", "prompt": "hi", "max_tokens": 2.0}, "max_tokens"),
+    ({"model": "small", "prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ({"model": "small", "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": "small", "prompt": "hi", "temperature": -1}, "temperature"),
+    ({"model": "small", "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": "small", "prompt": "hi", "seed": "1"}, "seed"),
+    ({"model": "small", "prompt": "hi", "stream": "yes"}, "stream"),
+    ({"model": "small", "prompt": "hi", "stop": 3}, "stop"),
+    ({"model": "small", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "small", "prompt": "hi", "n": 2}, "n"),
+    ({"model": "small", "prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"model": 7, "prompt": "hi"}, "model"),
+]
+
+
+def test_bad_requests_get_400_and_the_server_stays_up(served):
+    om, tok, _ = served
+    sched = Scheduler(OrtSlots(om, 2), max_batch=2)
+    with running_server(sched, tok) as url:
+        with httpx.Client(base_url=url, timeout=MAX_WAIT_S) as h:
+            for body, param in BAD_REQUESTS:
+                r = h.post("/v1/completions", json=body)
+                assert r.status_code == 400, (body, r.text)
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+                assert err["param"] == param and err["message"], (body, err)
+            for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
+                r = h.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == 400 and "error" in r.json(), raw
+            r = h.post("/v1/completions", json={"model": "other", "prompt": "hi"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+            assert h.get("/v1/nowhere").status_code == 404
+            assert h.get("/v1/completions").status_code == 405
+            assert h.get("/health").status_code == 200
+        c = client(url)
+        with pytest.raises(openai.BadRequestError):  # the official client sees the same
+            c.completions.create(model="small", prompt=[1, 999], max_tokens=2)
+        r = c.completions.create(model="small", prompt="still up", max_tokens=3, temperature=0)
+        assert r.choices[0].model_extra["token_ids"] == solo(om, tok.encode("still up"), 3)
+        m = metrics(url)
+        assert m['xlstm_http_requests_total{code="400"}'] >= len(BAD_REQUESTS) + 4
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, capsys):
+    from xlstm_export.cli import main
+
+    for args, fragment in (([str(tmp_path / "missing.onnx")], "no such file"),
+                           (["tiny", "--max-batch", "0"], "--max-batch must be >= 1"),
+                           (["tiny", "--max-state-mb", "0.001"], "holds no sequence")):
+        assert main(["serve", *args, "--port", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error:" in err[0] and fragment in err[0], err

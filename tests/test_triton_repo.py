@@ -1,0 +1,106 @@
+"""`triton-repo`: the generated config parses as Triton's ModelConfig and its implicit state is
+exactly the exported model's past.* / present.* interface (paper and 7B-style exports)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import pytest
+import torch
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+from google.protobuf import text_format  # noqa: E402
+
+from xlstm_export.export import export_onnx  # noqa: E402
+from xlstm_export.models import preset, xLSTMLM  # noqa: E402
+from xlstm_export.ort import inspect_model  # noqa: E402
+from xlstm_export.triton_repo import config_pbtxt, model_interface, state_order_safe, write_triton_repo  # noqa: E402
+
+TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+         onnx.TensorProto.INT64: "TYPE_INT64"}
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-large"])
+def exported(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = xLSTMLM(preset(request.param)).eval()
+    return export_onnx(model, tmp_path_factory.mktemp(request.param) / "model.onnx", progress=False)
+
+
+def parse(path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def graph_io(path):
+    g = onnx.load(str(path), load_external_data=False).graph
+    dims = lambda v: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    return ({v.name: (TYPES[v.type.tensor_type.elem_type], dims(v)) for v in g.input},
+            {v.name: (TYPES[v.type.tensor_type.elem_type], dims(v)) for v in g.output})
+
+
+def test_config_states_match_the_onnx_interface(exported, tmp_path):
+    folder = write_triton_repo(exported, tmp_path / "repo", name="xlstm", max_batch=16)
+    cfg = parse(folder / "config.pbtxt")
+    ins, outs = graph_io(exported)
+    T = model_config_pb2.DataType.Name
+
+    assert cfg.name == "xlstm" and cfg.backend == "onnxruntime" and cfg.max_batch_size == 16
+    assert [(i.name, T(i.data_type), list(i.dims)) for i in cfg.input] == [("input_ids", "TYPE_INT64", [-1])]
+    assert [(o.name, T(o.data_type), list(o.dims)) for o in cfg.output] == \
+        [("logits", outs["logits"][0], outs["logits"][1][1:])]
+    sb = cfg.sequence_batching
+    assert sb.WhichOneof("strategy_choice") == "oldest" and sb.oldest.max_candidate_sequences == 16
+    assert len(sb.control_input) == 0  # the model takes no control tensors; initial_state starts a sequence
+    past = sorted(n for n in ins if n.startswith("past."))
+    assert sorted(s.input_name for s in sb.state) == past  # every state, once
+    for s in sb.state:
+        key = s.input_name[len("past."):]
+        assert s.output_name == "present." + key
+        dtype, dims = ins[s.input_name]
+        assert (T(s.data_type), list(s.dims)) == (dtype, dims[1:])  # the batch dim is Triton's
+        assert outs[s.output_name] == ins[s.input_name]
+        init = s.initial_state[0]
+        assert init.zero_data and list(init.dims) == list(s.dims) and init.data_type == s.data_type
+    assert set(ins) == {"input_ids", *past} and set(outs) == {"logits", *(s.output_name for s in sb.state)}
+    assert state_order_safe([(s.input_name, s.output_name) for s in sb.state])
+    assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    copied = inspect_model(folder / "1" / "model.onnx")
+    assert copied["state_shapes"] == inspect_model(exported)["state_shapes"]
+
+
+def test_gpu_and_engine_configs_parse(exported, tmp_path):
+    gpu = parse(write_triton_repo(exported, tmp_path / "r", device="gpu") / "config.pbtxt")
+    assert gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and gpu.max_batch_size == 32
+    plan = dataclasses.replace(model_interface(exported), kind="plan", max_batch=8)  # an engine's record, as read
+    cfg = text_format.Parse(config_pbtxt(plan, name="m", max_batch=8, device="gpu"), model_config_pb2.ModelConfig())
+    assert cfg.backend == "tensorrt" and cfg.default_model_filename == "model.plan"
+    assert len(cfg.sequence_batching.state) == len(inspect_model(exported)["state_names"])
+
+
+def test_triton_pairing_hazard_is_detected():
+    # server#8586: the outputs sort in another order than the inputs, Triton swaps the states
+    assert not state_order_safe([("cache_last_channel", "cache_last_channel_next"),
+                                 ("cache_last_channel_len", "cache_last_channel_len_next")])
+    # our naming: a name extending another ("0.c" / "0.conv") keeps its order under a common prefix
+    assert state_order_safe([("past.0.c", "present.0.c"), ("past.0.conv", "present.0.conv"),
+                             ("past.10.c", "present.10.c"), ("past.1.c", "present.1.c")])
+
+
+def test_bad_targets_are_one_clear_error(exported, tmp_path, capsys):
+    from xlstm_export.cli import main
+
+    write_triton_repo(exported, tmp_path / "repo")
+    cases = [([str(exported), "-o", str(tmp_path / "repo")], "exists: pass --overwrite"),
+             ([str(tmp_path / "none.onnx"), "-o", str(tmp_path / "x")], "no such file"),
+             ([str(exported), "-o", str(tmp_path / "y"), "--max-batch", "0"], "--max-batch"),
+             ([str(tmp_path / "e.engine"), "-o", str(tmp_path / "z")], "no such file")]
+    eng = tmp_path / "e2.engine"
+    eng.write_bytes(b"not a plan")
+    cases.append(([str(eng), "-o", str(tmp_path / "w")], "no build record"))
+    for args, fragment in cases:
+        assert main(["triton-repo", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "y").exists()
+    assert main(["triton-repo", str(exported), "-o", str(tmp_path / "repo"), "--overwrite"]) == 0

@@ -1,0 +1,327 @@
+"""The HTTP layer: the OpenAI completions API over a :class:`~.scheduler.Scheduler` (Starlette,
+run by uvicorn).
+
+    POST /v1/completions   prompt (text or token ids), max_tokens, temperature, top_p, seed, stop,
+                           stream (server-sent events), stream_options.include_usage, ignore_eos
+    GET  /v1/models        the one model served
+    GET  /health           200 while the scheduler runs
+    GET  /metrics          Prometheus text: requests, tokens, active sequences, queue, latencies
+
+The scheduler runs in its own thread; after each iteration it hands the sequences that changed
+to the event loop in one call, which wakes their requests. A request whose client disconnects
+cancels its sequences (the slot is free after the current iteration). Every error a client can
+cause is a 4xx with OpenAI's JSON error shape; 503 with Retry-After when the server is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from .protocol import RequestError, error_body, parse_completion_request
+from .scheduler import QueueFullError, Scheduler
+from .text import CompletionText
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger("xlstm_export.serve")
+
+RETRY_AFTER_S = 1
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class _Waiter:
+    """The sink of one request's sequences: an event the scheduler's hand-off sets."""
+
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = asyncio.Event()
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Completion:
+    """One request's sequences, read as they progress: text deltas and finish reasons."""
+
+    def __init__(self, scheduler: Scheduler, seqs, waiter: _Waiter, tokenizer, stop):
+        self.scheduler = scheduler
+        self.seqs = seqs
+        self.waiter = waiter
+        self.texts = [CompletionText(tokenizer, stop) for _ in seqs]
+        self.read = [0] * len(seqs)  # tokens taken from each sequence
+        self.used = [0] * len(seqs)  # tokens that made its text (up to a stop string)
+        self.token_ids: list[list[int]] = [[] for _ in seqs]
+        self.finish: list[str | None] = [None] * len(seqs)
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    async def updates(self, disconnect: asyncio.Future):
+        """Yields lists of (index, text delta, token ids, finish reason or None) until all finish;
+        raises _Disconnected when the client goes away."""
+        while not self.done:
+            wait = asyncio.ensure_future(self.waiter.event.wait())
+            await asyncio.wait((wait, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            if disconnect.done():
+                wait.cancel()
+                raise _Disconnected
+            self.waiter.event.clear()
+            out = []
+            for i, s in enumerate(self.seqs):
+                if self.finish[i] is not None:
+                    continue
+                reason = s.finish_reason  # before the tokens: all of them are in by then
+                new = s.tokens[self.read[i]:]
+                self.read[i] += len(new)
+                if reason == "error":
+                    raise RuntimeError(s.error or "generation failed")
+                if reason == "cancelled":
+                    raise RuntimeError("the sequence was cancelled by the server")
+                text, used = self.texts[i].push(new)
+                ids = new[:used]
+                self.token_ids[i] += ids
+                if self.texts[i].stopped:
+                    self.scheduler.cancel(s)
+                    reason = "stop"
+                elif reason is not None:
+                    text += self.texts[i].finish()
+                if text or ids or reason:
+                    out.append((i, text, ids, reason))
+                self.finish[i] = reason
+            if out:
+                yield out
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            self.scheduler.cancel(s)
+
+    def usage(self) -> dict:
+        prompt = sum(len(s.prompt) for s in self.seqs)
+        completion = sum(len(t) for t in self.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: str = ""):
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    created = int(time.time())
+    eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
+    http_counts: dict[int, int] = {}
+    loop_box: dict[str, Any] = {}
+
+    def count(status: int) -> None:
+        http_counts[status] = http_counts.get(status, 0) + 1
+
+    def error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        count(status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def hand_off(seqs) -> None:  # scheduler thread
+        loop = loop_box.get("loop")
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_wake, seqs)
+
+    def _wake(seqs) -> None:  # event loop
+        for s in seqs:
+            if s.sink is not None:
+                s.sink.event.set()
+
+    async def completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error(400, error_body(f"the request body is not valid JSON: {e}"))
+        try:
+            req = parse_completion_request(body, model_name=model_name, tokenizer=tokenizer,
+                                           vocab_size=scheduler.vocab_size, eos_token_ids=eos)
+        except RequestError as e:
+            return error(e.status, e.body())
+        waiter = _Waiter()
+        try:
+            seqs = scheduler.submit_many(req.prompts, [req.params] * len(req.prompts), [waiter] * len(req.prompts))
+        except QueueFullError as e:
+            return error(503, error_body(f"{e}; retry later", "server_error", None, "server_busy"),
+                         {"Retry-After": str(RETRY_AFTER_S)})
+        except ValueError as e:
+            return error(400, error_body(str(e), param="prompt"))
+        comp = _Completion(scheduler, seqs, waiter, tokenizer, req.stop)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            count(200)
+            return _SSE(comp, cid, created_now(), model_name, req.include_usage)
+        disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
+        texts = [""] * len(seqs)
+        try:
+            async for updates in comp.updates(disconnect):
+                for i, text, _, _ in updates:
+                    texts[i] += text
+        except _Disconnected:
+            comp.cancel()
+            return Response(status_code=499)
+        except RuntimeError as e:
+            comp.cancel()
+            return error(500, error_body(str(e), "server_error"))
+        finally:
+            disconnect.cancel()
+            if not comp.done:
+                comp.cancel()
+        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": comp.finish[i],
+                    "token_ids": comp.token_ids[i]} for i in range(len(seqs))]
+        count(200)
+        return JSONResponse({"id": cid, "object": "text_completion", "created": created_now(),
+                             "model": model_name, "choices": choices, "usage": comp.usage()})
+
+    async def models(request: Request):
+        count(200)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "xlstm-export"}]})
+
+    async def health(request: Request):
+        alive = scheduler._thread is not None and scheduler._thread.is_alive()
+        count(200 if alive else 503)
+        return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
+
+    async def metrics(request: Request):
+        count(200)
+        return PlainTextResponse(_prometheus(scheduler, http_counts),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, error_body(str(exc.detail), "invalid_request_error"))
+
+    async def server_error(request: Request, exc: Exception):
+        log.exception("request failed")
+        return error(500, error_body("internal server error", "server_error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop_box["loop"] = asyncio.get_running_loop()
+        scheduler.on_events = hand_off
+        scheduler.start()
+        log.info("serving %s with %s: %d slots", model_name, label, scheduler.capacity)
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def created_now() -> int:
+    return int(time.time())
+
+
+class _SSE:
+    """A streamed completion as server-sent events (an ASGI response): one event per update of
+    the request's sequences (tokens that arrive together go together), then ``data: [DONE]``.
+    The client going away cancels the sequences."""
+
+    def __init__(self, comp: _Completion, cid: str, created: int, model: str, include_usage: bool):
+        self.comp, self.cid, self.created, self.model, self.include_usage = comp, cid, created, model, include_usage
+
+    def _event(self, choices: list, usage: dict | None = None) -> bytes:
+        body = {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache")]})
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            async for updates in self.comp.updates(disconnect):
+                choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
+                           for i, text, ids, reason in updates]
+                await send({"type": "http.response.body", "body": self._event(choices), "more_body": True})
+            tail = b""
+            if self.include_usage:
+                tail = self._event([], self.comp.usage())
+            await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+        except (_Disconnected, OSError):
+            pass  # the client went away
+        except RuntimeError as e:
+            err = json.dumps(error_body(str(e), "server_error")).encode()
+            try:
+                await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n", "more_body": False})
+            except OSError:
+                pass
+        finally:
+            disconnect.cancel()
+            if not self.comp.done:
+                self.comp.cancel()
+
+
+def serve(app, host: str, port: int, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _prometheus(s: Scheduler, http_counts: dict[int, int]) -> str:
+    st = s.stats
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.append(f"# HELP xlstm_{name} {help_}")
+        lines.append(f"# TYPE xlstm_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"xlstm_{name}{labels} {value}")
+
+    metric("http_requests_total", "counter", "HTTP responses by status code.",
+           [(f'{{code="{c}"}}', n) for c, n in sorted(http_counts.items())])
+    metric("requests_submitted_total", "counter", "Sequences accepted by the scheduler.", [("", st.submitted)])
+    metric("requests_rejected_total", "counter", "Sequences refused because the queue was full (503).",
+           [("", st.rejected)])
+    metric("requests_finished_total", "counter", "Sequences finished, by reason.",
+           [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled or admitted.", [("", st.prompt_tokens)])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens)])
+    metric("active_sequences", "gauge", "Sequences in the running decode batch.", [("", s.active)])
+    metric("prefilling_sequences", "gauge", "Sequences whose prompts are being prefilled.", [("", s.prefilling)])
+    metric("queued_sequences", "gauge", "Sequences waiting for a slot.", [("", s.queued)])
+    metric("slots", "gauge", "Sequences that can hold a state slot at once.", [("", s.capacity)])
+    metric("state_bytes_per_sequence", "gauge", "Recurrent state of one sequence (float32).",
+           [("", s.pool.state_bytes)])
+    metric("decode_steps_total", "counter", "Decode steps run.", [("", st.decode_steps)])
+    metric("decode_rows_total", "counter", "Sequences summed over decode steps (mean batch = rows / steps).",
+           [("", st.decode_rows)])
+    for name, h, what in (("step_latency_seconds", st.step_latency, "Decode step latency (one batch)."),
+                          ("prefill_latency_seconds", st.prefill_latency, "Prefill chunk latency.")):
+        samples = [(f'{{le="{b:g}"}}', c) for b, c in zip(h.buckets, h.counts)]
+        samples += [('{le="+Inf"}', h.n), ("_sum", f"{h.total:.6f}"), ("_count", h.n)]
+        lines.append(f"# HELP xlstm_{name} {what}")
+        lines.append(f"# TYPE xlstm_{name} histogram")
+        for labels, value in samples:
+            if labels.startswith("_"):
+                lines.append(f"xlstm_{name}{labels} {value}")
+            else:
+                lines.append(f"xlstm_{name}_bucket{labels} {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""What `serve` runs: an .onnx file (onnxruntime, with the native CPU kernels), a TensorRT engine
+(on a GPU), or a model source (a preset or model directory, run in PyTorch), as a slot pool sized
+by ``--max-batch`` and ``--max-state-mb``, with the model's tokenizer when it has one.
+
+    backend = load_backend("model.onnx", max_batch=32, max_state_mb=1024)
+    backend.pool, backend.capacity, backend.tokenizer, backend.name, backend.label
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .slots import OrtSlots, TorchSlots
+
+__all__ = ["Backend", "load_backend", "slot_capacity"]
+
+log = logging.getLogger("xlstm_export.serve")
+
+
+@dataclass
+class Backend:
+    pool: Any  # OrtSlots | TorchSlots
+    capacity: int  # sequences with a slot at once
+    tokenizer: Any  # xlstm_export.tokenizer.Tokenizer | None
+    name: str  # the model id of /v1/models
+    label: str  # what runs it, for the start-up line
+    vocab_size: int
+
+
+def slot_capacity(max_batch: int, max_state_mb: float, slot_bytes: int) -> int:
+    """Slots that fit: at most ``max_batch``, and their state memory within ``max_state_mb`` MiB."""
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_state_mb <= 0:
+        raise ValueError(f"--max-state-mb must be > 0, got {max_state_mb}")
+    fit = int(max_state_mb * 2**20 // slot_bytes)
+    if fit < 1:
+        raise ValueError(f"--max-state-mb {max_state_mb:g} holds no sequence: one takes "
+                         f"{slot_bytes / 2**20:.2f} MiB of state buffers")
+    return min(max_batch, fit)
+
+
+def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str | None = None,
+                 native_ops: bool = True) -> Backend:
+    from ..tokenizer import load_tokenizer
+
+    p = Path(target)
+    if target.endswith(".onnx"):
+        pool, label = _onnx_pool(p, max_batch, max_state_mb, native_ops)
+        tokenizer = load_tokenizer(p)
+    elif target.endswith((".engine", ".plan")):
+        pool, label = _engine_pool(p, max_batch, max_state_mb)
+        tokenizer = load_tokenizer(p)
+    else:
+        pool, label, files = _torch_pool(target, max_batch, max_state_mb)
+        tokenizer = _tokenizer_from_files(files)
+    if tokenizer is not None and tokenizer.vocab_size > pool.vocab_size:
+        log.warning("the tokenizer has %d tokens, the model %d: ids beyond the model's are refused",
+                    tokenizer.vocab_size, pool.vocab_size)
+    return Backend(pool, pool.capacity, tokenizer, name or (p.stem if p.suffix else p.name) or target,
+                   label, pool.vocab_size)
+
+
+def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool):
+    from ..ort import OrtModel
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    label = "onnxruntime (native CPU kernels)"
+    if native_ops:
+        from ..plugins.cpu_build import CompilerNotFoundError
+
+        try:
+            model = OrtModel(path, native_ops=True)
+        except CompilerNotFoundError as e:
+            log.warning("native CPU kernels unavailable (%s): running the standard-op bodies", e)
+            model, label = OrtModel(path), "onnxruntime"
+    else:
+        model, label = OrtModel(path), "onnxruntime"
+    capacity = slot_capacity(max_batch, max_state_mb, OrtSlots.bytes_per_slot(model))
+    return OrtSlots(model, capacity), label
+
+
+def _engine_pool(path: Path, max_batch: int, max_state_mb: float):
+    from ..tensorrt import TrtModel
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    model = TrtModel(path)
+    engine = model.engine
+    shapes = {k: tuple(int(d) for d in engine.get_tensor_shape(f"past.{k}"))[1:] for k in model.state_keys}
+    vocab = int(engine.get_tensor_shape("logits")[-1])
+    if vocab < 0:
+        raise ValueError(f"{path}: the engine's logits have no static vocabulary dim")
+    engine_max = int(engine.get_tensor_profile_shape("input_ids", 0)[2][0])  # (min, opt, max)[max][batch]
+    capacity = min(slot_capacity(max_batch, max_state_mb, TorchSlots.bytes_per_slot(shapes)), engine_max)
+    return TorchSlots(model.run, shapes, vocab, capacity, device=model.device), \
+        f"TensorRT (engine batch <= {engine_max})"
+
+
+def _torch_pool(source: str, max_batch: int, max_state_mb: float):
+    from ..models import load
+
+    model = load(source).eval()
+    shapes = {k: tuple(s[1:]) for k, s in model.state_spec(1).items()}
+    capacity = slot_capacity(max_batch, max_state_mb, TorchSlots.bytes_per_slot(shapes))
+    return TorchSlots(model, shapes, model.config.vocab_size, capacity), \
+        "PyTorch (export to .onnx and serve that for speed)", getattr(model, "tokenizer_files", None)
+
+
+def _tokenizer_from_files(files: dict[str, bytes] | None):
+    """The tokenizer a loaded model carries (its ``tokenizer_files``), or None."""
+    import tempfile
+
+    from ..tokenizer import load_tokenizer, write_tokenizer_files
+
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenizer_files(files, d)
+        return load_tokenizer(d)
