@@ -97,11 +97,15 @@ def _rewrite_mlstm(fn: FunctionProto) -> None:
 def _rewrite_slstm(fn: FunctionProto) -> None:
     """The sLSTM body's Scan over (h, c, n, m, r; x) as one native sLSTMScan node."""
     scans = [n for n in fn.node if n.op_type == "Scan"]
-    if len(scans) != 1 or len(scans[0].input) != 6 or len(scans[0].output) != 6:
-        raise NativeOpsError(f"the {DOMAIN}::{SLSTM.name} body is not one Scan over (h, c, n, m, r; x) "
-                             "(not a body written by this version of xlstm_export.onnx_functions)")
-    scan = scans[0]
-    (h0, c0, n0, m0, r, x), (h, c, n, m, _, y) = scan.input, scan.output  # r passes through the Scan
+    if len(scans) == 1 and len(scans[0].input) == 6 and len(scans[0].output) == 6:
+        scan = scans[0]
+        (h0, c0, n0, m0, r, x), (h, c, n, m, _, y) = scan.input, scan.output  # r passes through the Scan
+    elif len(scans) == 1 and len(scans[0].input) == 5 and len(scans[0].output) == 5:
+        scan = scans[0]  # a file of xlstm-export <= 0.1.0: the Scan body captured the function's r
+        (h0, c0, n0, m0, x), (h, c, n, m, y), r = scan.input, scan.output, of._R_F32
+    else:
+        raise NativeOpsError(f"the {DOMAIN}::{SLSTM.name} body is not one Scan over (h, c, n, m[, r]; x) "
+                             "(not a body written by xlstm_export.onnx_functions)")
     scan.CopyFrom(helper.make_node("sLSTMScan", [h0, c0, n0, m0, x, r], [h, c, n, m, y],
                                    domain=NATIVE_DOMAIN, name="native_slstm_scan"))
 
