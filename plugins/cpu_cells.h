@@ -150,9 +150,10 @@ inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float
       const float zp = xt[2 * dh + e] + pre[2 * dh + e];
       const float op = xt[3 * dh + e] + pre[3 * dh + e];
       const float lfm = log_sigmoid(fp) + m[e];
-      const float m_new = std::max(ip, lfm);
+      // n == 0 (a fresh sequence): m starts at i~ as in the official cell, so n_1 = 1 for any i~
+      const float m_new = n[e] == 0.0f ? ip : std::max(ip, lfm);
       const float i_act = std::exp(ip - m_new);
-      const float f_act = std::exp(lfm - m_new);
+      const float f_act = std::exp(std::min(lfm - m_new, 0.0f));
       const float c_new = f_act * c[e] + i_act * std::tanh(zp);
       const float n_new = f_act * n[e] + i_act;
       const float h_new = sigmoid(op) * c_new / n_new;

@@ -5,8 +5,9 @@
 //   b [NH, 4*DH] T    h0, c0, n0, m0 [B, NH, DH] float32;   y [B, NH, S, DH] T;  h, c, n, m float32
 //
 // Per step, pre = x_t + b + h_{t-1} @ r[head], split into (i~, f~, z~, o~):
-//   m_t = max(i~, logsigmoid(f~) + m_{t-1});  i = exp(i~ - m_t);  f = exp(logsigmoid(f~) + m_{t-1} - m_t)
-//   c_t = f c + i tanh(z~);  n_t = f n + i;  h_t = sigmoid(o~) c_t / n_t
+//   a = logsigmoid(f~) + m_{t-1};  m_t = n_{t-1} == 0 ? i~ : max(i~, a)  (the official first step)
+//   i = exp(i~ - m_t);  f = exp(min(a - m_t, 0));  c_t = f c + i tanh(z~);  n_t = f n + i
+//   h_t = sigmoid(o~) c_t / n_t
 //
 // Launch (plugins/launch.py::slstm_launch computes exactly this):
 //   grid = (NH, B)   block = min(round_up(4*DH, 32), 1024) threads
@@ -85,10 +86,11 @@ __device__ __forceinline__ void slstm_fwd(const T* __restrict__ x, const T* __re
         if (tid < DH) {
             const float i_pre = pre[tid], f_pre = pre[DH + tid], z_pre = pre[2 * DH + tid],
                         o_pre = pre[3 * DH + tid];
-            const float lf = logsigmoid(f_pre);
-            const float m_new = fmaxf(i_pre, lf + mst);
+            const float a = logsigmoid(f_pre) + mst;
+            // n == 0 (a fresh sequence): m starts at i~, so n_1 = 1 for any i~ (no 0/0)
+            const float m_new = nst == 0.0f ? i_pre : fmaxf(i_pre, a);
             const float ia = expf(i_pre - m_new);
-            const float fa = expf(lf + mst - m_new);
+            const float fa = expf(fminf(a - m_new, 0.0f));
             cst = fa * cst + ia * tanhf(z_pre);
             nst = fa * nst + ia;
             mst = m_new;

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_recurrent_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
 
@@ -220,6 +221,15 @@ def test_onnx_slstm_body_matches_reference_fp32(B, NH, S, DH, with_state):
         assert C.relative_error(a, e) < 1e-4, (name, C.relative_error(a, e))
         assert_close(a, e, C.TOLERANCES["float32"].outputs if name == "y" else C.TOLERANCES["float32"].states,
                      f"sLSTM {name}")
+
+
+def test_onnx_slstm_body_extreme_first_step_input_gate_matches_official():
+    """An input gate far below -104 on the first step of a fresh sequence: the Scan body stays
+    finite, as the official vanilla cell (m starts at i~ where n == 0)."""
+    B, NH, S, DH = 2, 2, 5, 6
+    x, r, b = extreme_first_step_inputs(B, NH, S, DH)
+    y, *state = run_ort("sLSTM", "float32", (x, r, b, *(torch.zeros(B, NH, DH) for _ in range(4))))
+    check_against_official(y, state, x, r, b, 1e-5)
 
 
 # --- fp16 / bf16: the body on T inputs vs the reference on the same T inputs ----------------------

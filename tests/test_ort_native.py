@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_recurrent_mlstm, naive_step_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
 from xlstm_export.models import preset, xLSTMLM
@@ -132,6 +133,18 @@ def test_slstm_native_scan_matches_reference(B, NH, S, DH):
     assert _rel(y, y_ref) < TOL_CELL["h"]
     for got, want in ((h, h_ref), (c, c_ref), (n, n_ref), (m, m_ref)):
         assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_slstm_native_scan_extreme_first_step_input_gate_matches_official():
+    """An input gate far below -104 on the first step of a fresh sequence: finite, as the official
+    vanilla cell (m starts at i~ where n == 0)."""
+    B, NH, S, DH = 2, 2, 5, 6
+    x, w, b = extreme_first_step_inputs(B, NH, S, DH)
+    model = ort_native.with_native_ops(OF.cell_model("sLSTM", dims={"NH": NH, "DH": DH}))
+    zeros = [np.zeros((B, NH, DH), np.float32)] * 4
+    feeds = dict(zip(C.input_names("sLSTM"), [t.numpy() for t in (x, w, b)] + zeros))
+    y, *state = _session(model).run(None, feeds)
+    check_against_official(torch.from_numpy(y), [torch.from_numpy(t) for t in state], x, w, b, TOL_CELL["h"])
 
 
 def test_native_kernel_rejects_inconsistent_shapes_with_its_own_message():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_step_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
 from xlstm_export.plugins import build, launch
@@ -206,6 +207,18 @@ def test_slstm_source_with_r_partly_or_not_in_shared_memory(emu, r_rows_fit):
     _close("y", y, y_ref, tol.outputs)
     for name, a, e in zip("hcnm", state, state_ref):
         _close(name, a, e, tol.states)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slstm_source_extreme_first_step_input_gate_matches_official(emu, dtype):
+    """An input gate far below -104 on the first step of a fresh sequence: finite, as the official
+    vanilla cell (m starts at i~ where n == 0), within the dtype's output tolerance."""
+    B, NH, S, DH = 2, 2, 5, 6
+    x, r, b = extreme_first_step_inputs(B, NH, S, DH, dtype=dtype)
+    zeros = [torch.zeros(B, NH, DH) for _ in range(4)]
+    y, *state = _slstm_emu(emu, [x.contiguous(), r.contiguous(), b.contiguous(), *zeros])
+    tol = contract.tolerance(dtype).outputs
+    check_against_official(y, state, x, r, b, max(tol.rtol, tol.atol))
 
 
 # --- the kernels inside exported models, fed by onnxruntime (a CPU rehearsal of the TensorRT path) ---

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slstm_oracle import check_against_official, extreme_first_step_inputs, official_vanilla_slstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm, naive_step_slstm
 
 SEED = 4321
@@ -176,32 +177,12 @@ def test_gradcheck():
 
 
 def _vanilla(x, r, b, state):
-    """Run xlstm's vanilla `slstm_forward` on our layout.
-
-    Its layout: x (S, B, 4*H) and bias (4*H,) gate-major then head-major (H = NH*DH),
-    R (NH, 4*DH, DH) with h_head @ R[head]^T giving the head's gate-major pre-activations,
-    states (4, B, H) ordered (h, c, n, m). Ours: r[head] = R[head]^T.
-    """
-    vanilla = pytest.importorskip("xlstm.blocks.slstm.src.vanilla", reason="oracle needs xlstm")
-    B, NH, S, G = x.shape
-    DH = G // 4
-    x_v = x.reshape(B, NH, S, 4, DH).permute(2, 0, 3, 1, 4).reshape(S, B, 4 * NH * DH)  # (S, B, 4*H)
-    b_v = b.reshape(NH, 4, DH).permute(1, 0, 2).reshape(4 * NH * DH)  # (4*H,)
-    R_v = r.transpose(1, 2)  # (NH, 4*DH, DH)
-    if state is None:
-        states = torch.zeros(4, B, NH * DH, dtype=x.dtype)
-    else:
-        states = torch.stack([t.reshape(B, NH * DH) for t in state])  # (4, B, H)
-    pointwise = vanilla.slstm_pointwise_function_registry["slstm"]
-    all_states, last, _ = vanilla.slstm_forward(x_v, states, R_v, b_v, pointwise)
-    y = all_states[0, 1:].reshape(S, B, NH, DH).permute(1, 2, 0, 3)  # (B, NH, S, DH)
-    return y, tuple(t.reshape(B, NH, DH) for t in last.unbind(0))
+    return official_vanilla_slstm(x, r, b, state)
 
 
 def _compare_states(ours, theirs, tol):
     """h must match; (c, n) are compared after moving ours onto the oracle's stabilizer
-    (the vanilla cell sets m = i~ on the first step of a fresh state instead of
-    max(i~, logsigmoid(f~) + 0); c exp(m) and n exp(m) are the same)."""
+    (c exp(m) and n exp(m) are what the stabilizer leaves unchanged)."""
     h, c, n, m = ours
     h_o, c_o, n_o, m_o = theirs
     assert rel_err(h, h_o) < tol
@@ -233,8 +214,7 @@ def test_oracle_vanilla_forward(B, NH, S, DH, dtype, state_kind):
     y, s = naive_recurrent_slstm(x, r, b, state)
     assert rel_err(y, y_o) < ORACLE_TOL[dtype]
     _compare_states(s, s_o, ORACLE_TOL[dtype])
-    if state is not None:  # with a non-zero state both use the same stabilizer
-        assert rel_err(s[3], s_o[3]) < ORACLE_TOL[dtype]
+    assert rel_err(s[3], s_o[3]) < ORACLE_TOL[dtype]  # the same stabilizer, first step included
 
 
 @pytest.mark.parametrize("state_kind", ["none", "prefix"])
@@ -260,6 +240,25 @@ def test_oracle_vanilla_gradients(state_kind):
         assert e.abs().max() > 0, f"gradient of {name} is zero: the test would be vacuous"
         err = rel_err(a, e)
         assert err < 1e-10, f"d{name}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_extreme_first_step_input_gate_matches_official(dtype):
+    """An input gate far below -104 on the first step of a fresh sequence: finite, as the official
+    cell (m starts at i~ where n == 0), by the loop and by the step function; and gradients finite."""
+    x, r, b = extreme_first_step_inputs(B=2, NH=2, S=5, DH=3, dtype=dtype)
+    y, state = naive_recurrent_slstm(x, r, b)
+    check_against_official(y, state, x, r, b, ORACLE_TOL[dtype])
+    s = tuple(torch.zeros(2, 2, 3, dtype=dtype) for _ in range(4))
+    ys = []
+    for t in range(5):
+        y_t, s = naive_step_slstm(x[:, :, t : t + 1], r, b, s)
+        ys.append(y_t)
+    check_against_official(torch.cat(ys, dim=2), s, x, r, b, ORACLE_TOL[dtype])
+    leaves = [t.clone().requires_grad_(True) for t in (x, r, b)]
+    y, (h, c, n, m) = naive_recurrent_slstm(*leaves)
+    (y.sum() + h.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
 
 
 # ---------------------------------------------------------------------------------------------

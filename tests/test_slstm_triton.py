@@ -30,6 +30,7 @@ from xlstm_export.kernels.slstm.fused_recurrent import (  # noqa: E402
     fused_recurrent_step_slstm,
 )
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm, naive_step_slstm  # noqa: E402
+from slstm_oracle import check_against_official, extreme_first_step_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten outputs are NaN, not stale
 
@@ -283,6 +284,20 @@ def test_matches_flashrnn_vanilla():
     assert rel_err(y, states[0].permute(0, 2, 1, 3)) < TOL[torch.float32]  # (B, NH, S, DH)
     for a, e in zip((h, c, n, m), last[:, :, 0]):  # (4, B, NH, DH)
         assert rel_err(a, e) < TOL[torch.float32]
+
+
+def test_extreme_first_step_input_gate_matches_official():
+    """An input gate far below -104 on the first step of a fresh sequence: the sequence kernel
+    and the step kernel stay finite and match the official vanilla cell; the backward kernel's
+    gradients match autograd through the float64 reference."""
+    x, r, b = (t.to(DEVICE) for t in extreme_first_step_inputs(B=3, NH=2, S=5, DH=16))
+    y, state = fused_recurrent_slstm(x, r, b)
+    check_against_official(y.cpu(), [t.cpu() for t in state], x.cpu(), r.cpu(), b.cpu(), TOL[torch.float32])
+    zeros = tuple(torch.zeros(3, 2, 16, device=DEVICE) for _ in range(4))
+    with torch.no_grad():
+        y1, s1 = fused_recurrent_step_slstm(x[:, :, :1], r, b, zeros)
+    check_against_official(y1.cpu(), [t.cpu() for t in s1], x[:, :, :1].cpu(), r.cpu(), b.cpu(), TOL[torch.float32])
+    check_against_reference(x, r, b, None, TOL[torch.float32])
 
 
 # step kernel: (B, DH, state kind, dtype); DH 48 splits into two unit blocks, the second masked

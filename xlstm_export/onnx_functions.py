@@ -371,9 +371,12 @@ def _slstm_scan_body() -> onnx.GraphProto:
     i_p, f_p, z_p, o_p = g.op("Split", pre, axis=-1, num_outputs=4, n_out=4)  # each (B, NH, DH)
     log_f = g.logsigmoid(f_p)
     lfm = g.op("Add", log_f, m)  # (B, NH, DH)
-    m_new = g.op("Max", i_p, lfm, out=["sb_m_out"])
+    # n == 0 (a fresh sequence): m starts at i~ as in NX-AI's vanilla cell, so n_1 = 1 for any i~
+    # (max(i~, lfm) would underflow i = exp(i~ - m) to 0 below i~ ~ -104: h = 0/0); f capped at 1
+    zero = g.const(0.0, np.float32)
+    m_new = g.op("Where", g.op("Equal", n, zero), i_p, g.op("Max", i_p, lfm), out=["sb_m_out"])
     i_a = g.op("Exp", g.op("Sub", i_p, m_new))
-    f_a = g.op("Exp", g.op("Sub", lfm, m_new))
+    f_a = g.op("Exp", g.op("Min", g.op("Sub", lfm, m_new), zero))
     c_new = g.op("Add", g.op("Mul", f_a, c), g.op("Mul", i_a, g.op("Tanh", z_p)), out=["sb_c_out"])
     n_new = g.op("Add", g.op("Mul", f_a, n), i_a, out=["sb_n_out"])
     h_new = g.op("Div", g.op("Mul", g.op("Sigmoid", o_p), c_new), n_new, out=["sb_h_out"])

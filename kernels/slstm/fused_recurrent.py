@@ -20,8 +20,9 @@ Example::
 
 The cell (per head and step; the math of ``naive.py``)::
 
-    ĩ, f̃, z̃, õ = x_t + h_{t-1} @ r + b
-    m_t = max(ĩ, logσ(f̃) + m_{t-1});  i = exp(ĩ - m_t);  f = exp(logσ(f̃) + m_{t-1} - m_t)
+    ĩ, f̃, z̃, õ = x_t + h_{t-1} @ r + b;  a = logσ(f̃) + m_{t-1}
+    m_t = ĩ where n_{t-1} == 0 (first step, as NX-AI's cell), else max(ĩ, a)
+    i = exp(ĩ - m_t);  f = exp(min(a - m_t, 0))
     c_t = f c_{t-1} + i tanh(z̃);  n_t = f n_{t-1} + i;  h_t = σ(õ) c_t / n_t
 
 Layout of the work:
@@ -157,12 +158,18 @@ if HAVE_TRITON:
         return r_i, r_f, r_z, r_o
 
     @triton.jit
+    def _stabilizer(g_i, a, n):
+        """m_t: i~ where n_{t-1} == 0 (the first step of a fresh sequence, as the official cell),
+        else max(i~, a)."""
+        return tl.where(n == 0.0, g_i, tl.maximum(g_i, a))
+
+    @triton.jit
     def _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m):
         """One sLSTM cell step on (BLOCK_B, BLOCK_DH) float32 tiles -> (h, c, n, m)."""
         a = _logsigmoid(g_f) + m  # log of the unstabilised forget gate times the old scale
-        m_new = tl.maximum(g_i, a)
+        m_new = _stabilizer(g_i, a, n)
         i = tl.exp(g_i - m_new)
-        f = tl.exp(a - m_new)
+        f = tl.exp(tl.minimum(a - m_new, 0.0))  # <= 1: a no-op unless n == 0
         c_new = f * c + i * _tanh(g_z)
         n_new = f * n + i
         h_new = tl.sigmoid(g_o) * c_new / n_new
@@ -341,9 +348,9 @@ if HAVE_TRITON:
 
             # recompute the step exactly as the forward did
             a = _logsigmoid(g_f) + m_p
-            m_t = tl.maximum(g_i, a)
+            m_t = _stabilizer(g_i, a, n_p)
             ig = tl.exp(g_i - m_t)
-            fg = tl.exp(a - m_t)
+            fg = tl.exp(tl.minimum(a - m_t, 0.0))
             zg = _tanh(g_z)
             og = tl.sigmoid(g_o)
             c_t = fg * c_p + ig * zg
@@ -358,11 +365,14 @@ if HAVE_TRITON:
             d_ig = dc_t * zg + dn_t  # dL/di (the gate value)
             d_fg = dc_t * c_p + dn_t * n_p  # dL/df
             dgi_direct = d_ig * ig  # through i = exp(ĩ - m_t), holding m_t
-            da_direct = d_fg * fg  # through f = exp(a - m_t), holding m_t
+            # through f = exp(min(a - m_t, 0)), holding m_t (the cap passes the gradient at 0,
+            # as torch.clamp does; it caps only where n == 0)
+            da_direct = tl.where(a - m_t <= 0.0, d_fg * fg, 0.0)
             dm_t = dm - dgi_direct - da_direct  # total dL/dm_t
             # m_t = max(ĩ, a): the gradient goes to the larger one, split evenly on a tie
-            # (as torch.maximum does)
+            # (as torch.maximum does); m_t = ĩ where n == 0
             sel = tl.where(g_i > a, 1.0, tl.where(g_i == a, 0.5, 0.0))
+            sel = tl.where(n_p == 0.0, 1.0, sel)
             d_i = dgi_direct + dm_t * sel
             d_a = da_direct + dm_t * (1.0 - sel)
             d_f = d_a * tl.sigmoid(-g_f)  # d logσ(v)/dv = σ(-v)

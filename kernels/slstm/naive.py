@@ -11,9 +11,18 @@ Fixed cell signature (head-first, gate order i, f, z, o)::
 
 Per step, with pre-activations (i~, f~, z~, o~)::
 
-    m_t = max(i~, logsigmoid(f~) + m_{t-1})                           # stabilizer
-    i = exp(i~ - m_t);  f = exp(logsigmoid(f~) + m_{t-1} - m_t)
+    a = logsigmoid(f~) + m_{t-1}
+    m_t = i~ where n_{t-1} == 0, else max(i~, a)                      # stabilizer
+    i = exp(i~ - m_t);  f = exp(min(a - m_t, 0))
     c_t = f c_{t-1} + i tanh(z~);  n_t = f n_{t-1} + i;  h_t = sigmoid(o~) c_t / n_t
+
+The first step of a fresh sequence (n == 0) is NX-AI's vanilla cell's: the stabilizer starts at
+m = i~, so i = 1 and n_1 = 1 whatever i~ is. max(i~, a) alone would give n_1 = exp(i~ - a), which
+underflows to 0 for i~ below about -104 (float32), and h = 0/0 = NaN; the official cell stays
+finite (h_1 = sigmoid(o~) tanh(z~)). f is capped at 1 as the official cell caps it: a no-op where
+m_t = max(i~, a) (a - m_t <= 0 there), and on the first step f multiplies c = n = 0. The official
+cell tests n == 0 for the whole batch at once (``torch.all``); here it is per element, which is
+the same for a fresh (all-zero) or a running (all n > 0) state, and keeps batch rows independent.
 
 The initial state is all zeros when ``state`` is None (an all-zero state is the same as None).
 Computation runs in float32, or float64 when any input is float64. Both functions are plain
@@ -117,10 +126,10 @@ def _step(
     """One sLSTM step in the compute dtype; returns the new (h, c, n, m)."""
     pre = pre_x + torch.einsum("bnd,ndg->bng", h, r)  # (B, NH, 4*DH)
     i_pre, f_pre, z_pre, o_pre = pre.chunk(4, dim=-1)  # each (B, NH, DH)
-    log_f = F.logsigmoid(f_pre)  # (B, NH, DH)
-    m_new = torch.maximum(i_pre, log_f + m)  # (B, NH, DH)
+    a = F.logsigmoid(f_pre) + m  # (B, NH, DH) log of the forget gate times the old scale
+    m_new = torch.where(n == 0, i_pre, torch.maximum(i_pre, a))  # (B, NH, DH) n == 0: first step
     i_act = torch.exp(i_pre - m_new)  # (B, NH, DH)
-    f_act = torch.exp(log_f + m - m_new)  # (B, NH, DH)
+    f_act = torch.exp(torch.clamp(a - m_new, max=0.0))  # (B, NH, DH) <= 1 (clamp passes grad at 0)
     c_new = f_act * c + i_act * torch.tanh(z_pre)  # (B, NH, DH)
     n_new = f_act * n + i_act  # (B, NH, DH)
     h_new = torch.sigmoid(o_pre) * c_new / n_new  # (B, NH, DH)
