@@ -135,5 +135,6 @@ def test_build_without_tensorrt_says_what_to_install(exported):
 
     if tensorrt_available():
         pytest.skip("TensorRT is installed here; the build itself is tested in tests/test_tensorrt.py")
-    assert_one_line_error(run_cli("build", str(exported), "-o", str(exported.with_suffix(".plan"))), "pip install tensorrt")
+    assert_one_line_error(run_cli("build", str(exported), "-o", str(exported.with_suffix(".plan")), "--runtime", "tensorrt"),
+                          "pip install tensorrt")
     assert not exported.with_suffix(".plan").exists()

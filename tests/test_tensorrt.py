@@ -1,14 +1,18 @@
-"""TensorRT stage: build engines with the xlstm plugins, run them, compare with onnxruntime.
+"""TensorRT stage: build engines with the xlstm plugins (or from the function bodies), run them,
+compare with onnxruntime.
 
 The ``tensorrt`` tier (``pytest -m tensorrt``) needs TensorRT >= 10.9 and a GPU and skips with the
 reason otherwise. The unmarked tests run everywhere (CI): ONNX inspection, the onnxruntime side of
-the comparison, and the one clear error where TensorRT is missing.
+the comparison, and the one clear error where TensorRT is missing. TensorRT-RTX builds (no GPU) are
+in tests/test_build_rtx.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -85,10 +89,10 @@ def test_default_feeds_cover_every_input(tmp_path):
 def test_missing_tensorrt_is_one_clear_error(tmp_path):
     path = _cell_onnx(tmp_path, "mLSTM", "float32", NH=1, DQK=8, DV=8)
     with pytest.raises(RuntimeError, match=r"pip install tensorrt.*GPU"):
-        xtrt.build_engine(path, tmp_path / "m.plan")
+        xtrt.build_engine(path, tmp_path / "m.plan", runtime="tensorrt")
     with pytest.raises(RuntimeError, match=r"pip install tensorrt"):
         xtrt.TrtModel(tmp_path / "m.plan")
-    assert not (tmp_path / "m.plan").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mLSTM_float32.onnx"]  # no engine, record or temp file
 
 
 def test_build_arguments_are_checked_before_tensorrt(tmp_path):
@@ -97,6 +101,12 @@ def test_build_arguments_are_checked_before_tensorrt(tmp_path):
         xtrt.build_engine(path, tmp_path / "m.plan", precision="fp16")
     with pytest.raises(ValueError, match="seq range"):
         xtrt.build_engine(path, tmp_path / "m.plan", seq=(4, 2, 8))
+    with pytest.raises(ValueError, match="excludes 1"):
+        xtrt.build_engine(path, tmp_path / "m.plan", seq=(2, 4, 8))
+    with pytest.raises(ValueError, match="unknown runtime"):
+        xtrt.build_engine(path, tmp_path / "m.plan", runtime="onnxruntime")
+    with pytest.raises(ValueError, match="supports no plugins"):
+        xtrt.build_engine(path, tmp_path / "m.plan", runtime="tensorrt-rtx", plugins=True)
     with pytest.raises(FileNotFoundError):
         xtrt.build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan")
 
@@ -123,6 +133,8 @@ def test_mlstm_cell_engine_matches_onnxruntime(tmp_path, dtype, caplog):
     with caplog.at_level(logging.INFO, logger="xlstm_export.tensorrt"):
         plan = xtrt.build_engine(path, tmp_path / "mlstm.plan", batch=(1, 2, 4), seq=(1, 37, 64))
     assert "1 xlstm plugin layers" in caplog.text  # the plugin, not the inlined function body
+    info = xtrt.read_build_info(plan)
+    assert info["runtime"] == "tensorrt" and info["plugins"] and info["cells"][0]["compiled_as"] == "plugin"
     gen = torch.Generator().manual_seed(SEED)
     for S in (37, 1):  # chunk path (odd S, partial chunk) and decode step
         report = xtrt.validate_engine(path, plan, feeds=_mlstm_feeds(2, NH, S, DQK, DV, dtype, gen))
@@ -145,15 +157,25 @@ def test_slstm_cell_engine_matches_onnxruntime(tmp_path, dtype, caplog):
 
 
 @pytest.mark.tensorrt
+@pytest.mark.parametrize("plugins", [True, False], ids=["plugins", "bodies"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-large"])
-def test_exported_model_engine_matches_onnxruntime_and_carries_state(tmp_path, preset):
+def test_exported_model_engine_matches_onnxruntime_and_carries_state(tmp_path, preset, plugins):
     _require_tensorrt_gpu()
     from xlstm_export.export import export_onnx
     from xlstm_export.models import load
 
     model = load(preset, seed=SEED)
     path = export_onnx(model, tmp_path / f"{preset}.onnx", dtype="fp32", progress=False)
-    plan = xtrt.build_engine(path, tmp_path / f"{preset}.plan", batch=(1, 2, 4), seq=(1, 16, 64))
+    plan = tmp_path / f"{preset}.plan"
+    if plugins:
+        xtrt.build_engine(path, plan, runtime="tensorrt", batch=(1, 2, 4), seq=(1, 16, 64))
+    else:  # a fresh process: once this one has registered the plugins, the parser prefers them
+        proc = subprocess.run([sys.executable, "-m", "xlstm_export.cli", "build", str(path), "-o", str(plan),
+                               "--runtime", "tensorrt", "--no-plugins", "--batch", "1", "2", "4",
+                               "--seq", "1", "16", "64"], capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr
+    cells = xtrt.read_build_info(plan)["cells"]
+    assert cells and all(c["compiled_as"] == ("plugin" if plugins else "loop") for c in cells), cells
     report = xtrt.validate_engine(path, plan, batch=2, seq=11, decode_steps=3)
     assert report.ok, str(report)
 

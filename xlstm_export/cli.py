@@ -88,6 +88,7 @@ def cmd_validate(args) -> int:
         from .tensorrt import TrtModel
 
         _require_file(args.engine, None)
+        _check_engine_source(args.engine, args.model)
         ort_model = OrtModel(args.model)
         report = compare_runners(
             TrtModel(args.engine), ort_model.run, vocab_size=ort_model.vocab_size,
@@ -119,7 +120,8 @@ def _runner(target: str, native_ops: bool = False):
         from .tensorrt import TrtModel
 
         _require_file(target, None)
-        return TrtModel(target), None, "TensorRT"
+        m = TrtModel(target)
+        return m, m.vocab_size, _engine_label(m.build_info, m.runtime)
     model = _load_model(target)
     return torch_runner(model), model.config.vocab_size, "PyTorch"
 
@@ -254,12 +256,40 @@ def _generate_text(args, runner, vocab, label, tok) -> int:
 
 
 def cmd_build(args) -> int:
-    from .tensorrt import build_engine
+    import logging
+
+    from .engine import RUNTIMES, build_engine, build_info_path, read_build_info
 
     _require_file(args.model, ".onnx")
+    if args.verbose:  # every builder message
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("xlstm_export.tensorrt")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else None
-    build_engine(args.model, args.output, precision=precision, batch=tuple(args.batch), seq=tuple(args.seq))
-    print(f"wrote {args.output}")
+    engine = build_engine(args.model, args.output, runtime=args.runtime, plugins=False if args.no_plugins else None,
+                          precision=precision, batch=tuple(args.batch), seq=tuple(args.seq), verbose=args.verbose)
+    info = read_build_info(engine)
+    label = RUNTIMES[info["runtime"]].label
+    how = ("our AOT plugins" if info["plugins"] else "their function bodies") if info["cells"] else \
+        "the standard ops of an --inline export"
+    print(f"{label} {info['runtime_version']}, {info['precision']}: the xlstm cells compiled from {how}")
+    width = max((len(c["node"]) for c in info["cells"]), default=0)
+    for c in info["cells"]:
+        loops = f" [{', '.join(c['loops'])}]" if c["loops"] else ""
+        print(f"  {c['node']:<{width}}  xlstm::{c['op']:<5}  {c['compiled_as']}{loops}, {c['layers']} network layers")
+    if not info["cells"]:
+        print(f"  network loops: {', '.join(info['network']['loop_names']) or 'none'}")
+    rep = info["engine_report"]
+    if rep:
+        kinds = ", ".join(f"{k} {v}" for k, v in list(rep["layer_types"].items())[:6])
+        print(f"  engine: {rep['layers']} layers after fusion ({kinds}, ...)")
+    p = info["profiles"][0]
+    print(f"  profile: batch {'/'.join(map(str, p['batch']))}, sequence {'/'.join(map(str, p['sequence']))} "
+          f"(min/opt/max); {info['warnings']} builder warnings" + ("" if args.verbose else " (--verbose shows them)"))
+    print(f"built in {info['build_seconds']:.1f} s: {engine} ({info['engine']['bytes'] / 2**20:.1f} MiB), "
+          f"record {build_info_path(engine)}")
     return 0
 
 
@@ -289,6 +319,25 @@ def cmd_triton_repo(args) -> int:
                                   device=args.device, overwrite=args.overwrite)
     print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/; run: tritonserver --model-repository={args.output}")
     return 0
+
+
+def _engine_label(info: dict | None, runtime: str) -> str:
+    from .engine import RUNTIMES
+
+    label = RUNTIMES[runtime].label
+    if info:
+        label += " (plugins)" if info["plugins"] else " (function bodies)"
+    return label
+
+
+def _check_engine_source(engine: str, onnx_path: str) -> None:
+    """An engine with a build record must come from the ONNX file it is compared with."""
+    from .engine import file_sha256, read_build_info
+
+    info = read_build_info(engine)
+    if info is not None and info["onnx"]["sha256"] != file_sha256(onnx_path):
+        raise UserError(f"{engine} was built from another ONNX file ({info['onnx']['file']}, sha256 "
+                        f"{info['onnx']['sha256'][:12]}...), not {onnx_path}: rebuild it or give that file")
 
 
 VALIDATE_CASES = ((1, 1), (1, 7), (3, 64), (3, 129))
@@ -376,7 +425,7 @@ def cmd_run(args) -> int:
                                         f"{native_gen.ms_per_token:.2f} ms/token"))
 
     if tensorrt_available():
-        plan = build_engine(onnx_path, out / "model.plan")
+        plan = build_engine(onnx_path, out / "model.plan", runtime="tensorrt")
         trt_report = compare_runners(TrtModel(plan), ort_model.run, vocab_size=ort_model.vocab_size,
                                      dtype=ort_model.dtype, cases=VALIDATE_CASES)
         ok &= trt_report.ok
@@ -457,9 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("build", help="build a TensorRT engine with the xLSTM plugins (needs TensorRT and a GPU)")
+    b = sub.add_parser("build", help="build a TensorRT engine (plugins, needs a GPU) or a TensorRT-RTX engine "
+                       "(function bodies, no GPU needed), and its build record <engine>.json")
     b.add_argument("model", help="the exported .onnx file")
-    b.add_argument("-o", "--output", required=True, help="output .plan path")
+    b.add_argument("-o", "--output", required=True, help="output engine path (.engine or .plan)")
+    b.add_argument("--runtime", choices=["tensorrt", "tensorrt-rtx"], default=None,
+                   help="default: tensorrt where it imports and a CUDA GPU is present, else tensorrt-rtx")
+    b.add_argument("--no-plugins", action="store_true",
+                   help="TensorRT: compile the xlstm nodes from their function bodies, not our plugins "
+                        "(TensorRT-RTX always does)")
+    b.add_argument("--verbose", action="store_true", help="print every TensorRT message")
     prec = b.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="the model must have been exported with --dtype fp16")
     prec.add_argument("--bf16", action="store_true", help="the model must have been exported with --dtype bf16")

@@ -1,20 +1,19 @@
-"""Build, run and validate TensorRT engines of exported xLSTM models.
+"""Run and validate TensorRT / TensorRT-RTX engines of exported xLSTM models (the build lives in
+:mod:`xlstm_export.engine`, re-exported here).
 
     from xlstm_export.tensorrt import build_engine, TrtModel, validate_engine
-    build_engine("model.onnx", "model.plan", batch=(1, 1, 8), seq=(1, 128, 4096))
-    report = validate_engine("model.onnx", "model.plan")        # TensorRT vs onnxruntime
-    model = TrtModel("model.plan")
+    build_engine("model.onnx", "model.engine", batch=(1, 1, 8), seq=(1, 128, 4096))
+    report = validate_engine("model.onnx", "model.engine")      # engine vs onnxruntime
+    model = TrtModel("model.engine")
     logits, state = model.run(input_ids)                         # prefill, fresh state
     logits, state = model.run(next_ids, state)                   # decode, state carried
     logits_np, state_np = model(ids_np, None)                    # the numpy Runner protocol of
                                                                  # generate.generate / validate.compare_runners
 
-Engines are built from the exported ONNX with TensorRT's ONNX parser into a strongly typed
-network (TensorRT 11 only has those; the precision is the one the model was exported in) whose
-``xlstm::mLSTM`` / ``xlstm::sLSTM`` nodes become the AOT plugins of
-:mod:`xlstm_export.plugins.tensorrt_plugins`: their CUDA kernels are baked into the plan, which
-then runs in any TensorRT runtime without Python. One optimization profile covers the batch and
-sequence ranges; every ``past.*`` state input follows the batch range.
+Running an engine needs a CUDA GPU (an RTX GPU for TensorRT-RTX engines) and the runtime that
+built it, which :class:`TrtModel` reads from the engine's build record (``<engine>.json``). With
+our AOT plugins the CUDA kernels are in the plan, which then runs in any TensorRT runtime without
+Python.
 
 TensorRT is optional: importing this module never needs it; each function that does raises one
 RuntimeError saying what to install.
@@ -24,29 +23,24 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import contract
-
-__all__ = ["INSTALL_HINT", "tensorrt_available", "build_engine", "TrtModel", "validate_engine",
-           "ValidationReport", "onnx_dynamic_dims", "onnx_model_dtype"]
-
-log = logging.getLogger("xlstm_export.tensorrt")
-
-INSTALL_HINT = (
-    "TensorRT is not available: `pip install tensorrt` (>= 10.9, it brings the Python bindings with "
-    "tensorrt.plugin) on a Linux machine with an NVIDIA GPU and driver, then retry. The ONNX file runs "
-    "without TensorRT in onnxruntime (`xlstm-export validate` without --engine)."
+from .engine import (  # noqa: F401  INSTALL_HINT, build_engine, read_build_info: re-exported
+    INSTALL_HINT,
+    _dim_kind,
+    build_engine,
+    import_runtime,
+    inspect_onnx,
+    read_build_info,
 )
 
-BATCH_NAMES = ("batch", "B")  # dim_params of the dynamic batch dim (export / cell models)
-SEQUENCE_NAMES = ("sequence", "S")  # dim_params of the dynamic sequence dim
+__all__ = ["INSTALL_HINT", "tensorrt_available", "build_engine", "TrtModel", "validate_engine",
+           "ValidationReport", "onnx_dynamic_dims", "onnx_model_dtype", "read_build_info"]
 
-_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+log = logging.getLogger("xlstm_export.tensorrt")
 
 
 def tensorrt_available() -> bool:
@@ -57,170 +51,15 @@ def tensorrt_available() -> bool:
     return True
 
 
-def _require_tensorrt(*, plugins: bool):
-    """Import tensorrt (and register the xlstm plugins), or raise one RuntimeError with the fix."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise RuntimeError(INSTALL_HINT) from exc
-    if plugins:
-        try:
-            from .plugins import tensorrt_plugins  # noqa: F401  registers xlstm::mLSTM / xlstm::sLSTM
-        except ImportError as exc:
-            raise RuntimeError(f"{exc}. {INSTALL_HINT}") from exc
-    return trt
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX inspection (no TensorRT needed)
-# ---------------------------------------------------------------------------------------------
-
-
-def _load_onnx_graph(onnx_path: str | os.PathLike):
-    import onnx
-
-    return onnx.load(str(onnx_path), load_external_data=False)
-
-
 def onnx_dynamic_dims(onnx_path: str | os.PathLike) -> dict[str, list[int | str]]:
     """Graph input name -> dims (int when static, the dim_param string when dynamic)."""
-    model = _load_onnx_graph(onnx_path)
-    out: dict[str, list[int | str]] = {}
-    for vi in model.graph.input:
-        dims: list[int | str] = []
-        for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            else:
-                dims.append(d.dim_param or "?")
-        out[vi.name] = dims
-    return out
+    return {name: dims for name, (_, dims) in inspect_onnx(onnx_path).inputs.items()}
 
 
 def onnx_model_dtype(onnx_path: str | os.PathLike) -> str:
     """The compute dtype of an exported model: metadata ``xlstm_export.dtype``, else the first
     graph output's element type ("float32" / "float16" / "bfloat16")."""
-    import onnx
-
-    model = _load_onnx_graph(onnx_path)
-    for prop in model.metadata_props:
-        if prop.key == "xlstm_export.dtype":
-            return contract.canonical_dtype(prop.value)
-    elem = model.graph.output[0].type.tensor_type.elem_type
-    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-             onnx.TensorProto.BFLOAT16: "bfloat16"}
-    if elem not in names:
-        raise ValueError(f"{onnx_path}: first output {model.graph.output[0].name} has element type "
-                         f"{onnx.TensorProto.DataType.Name(elem)}; expected float32/float16/bfloat16")
-    return names[elem]
-
-
-def _dim_kind(input_name: str, dim: int | str) -> str:
-    if dim in BATCH_NAMES:
-        return "batch"
-    if dim in SEQUENCE_NAMES:
-        return "sequence"
-    raise ValueError(f"input {input_name}: dynamic dim {dim!r} is neither batch {BATCH_NAMES} nor sequence "
-                     f"{SEQUENCE_NAMES}; export with static dims except batch and sequence")
-
-
-def _check_range(name: str, r: Sequence[int]) -> tuple[int, int, int]:
-    if len(r) != 3 or not all(isinstance(x, int) for x in r) or not 1 <= r[0] <= r[1] <= r[2]:
-        raise ValueError(f"{name} range must be (min, opt, max) ints with 1 <= min <= opt <= max, got {r!r}")
-    return tuple(r)  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------------
-# build
-# ---------------------------------------------------------------------------------------------
-
-
-def build_engine(
-    onnx_path: str | os.PathLike,
-    plan_path: str | os.PathLike,
-    *,
-    precision: str | None = None,  # "fp32" | "fp16" | "bf16": must match the export (strongly typed)
-    batch: Sequence[int] = (1, 1, 8),  # (min, opt, max) batch size of the profile
-    seq: Sequence[int] = (1, 128, 2048),  # (min, opt, max) sequence length of the profile
-    workspace_gib: float | None = None,  # builder workspace limit; None: TensorRT's default
-    verbose: bool = False,
-) -> Path:
-    """Build a TensorRT plan from an exported ONNX model; returns ``plan_path``.
-
-    The plan is written to a temporary file beside ``plan_path`` and renamed into place, so a failed
-    build never leaves a partial plan.
-    """
-    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
-    batch, seq = _check_range("batch", batch), _check_range("seq", seq)
-    model_dtype = onnx_model_dtype(onnx_path)
-    if precision is not None:
-        want = _PRECISIONS.get(precision, precision)
-        if contract.canonical_dtype(want) != model_dtype:
-            raise ValueError(
-                f"--{precision} asked, but {onnx_path.name} was exported in {model_dtype}. TensorRT "
-                "networks are strongly typed (the precision is the ONNX model's): re-export with "
-                f"--dtype {precision}, or build without a precision flag")
-    dims = onnx_dynamic_dims(onnx_path)
-    trt = _require_tensorrt(plugins=True)
-
-    t0 = time.perf_counter()
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    for flag in ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS"):  # STRONGLY_TYPED: implicit in TRT 11
-        if hasattr(trt.NetworkDefinitionCreationFlag, flag):
-            flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    log.info("[tensorrt] parsing %s (%s, TensorRT %s)", onnx_path, model_dtype, trt.__version__)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
-    n_plugins = sum(1 for j in range(network.num_layers)
-                    if network.get_layer(j).type == trt.LayerType.PLUGIN_V3)
-    log.info("[tensorrt] network: %d layers, %d xlstm plugin layers, %d inputs, %d outputs",
-             network.num_layers, n_plugins, network.num_inputs, network.num_outputs)
-
-    config = builder.create_builder_config()
-    if workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    profile = builder.create_optimization_profile()
-    ranges = {"batch": batch, "sequence": seq}
-    for j in range(network.num_inputs):
-        tensor = network.get_input(j)
-        onnx_dims = dims.get(tensor.name)
-        if onnx_dims is None:
-            raise RuntimeError(f"network input {tensor.name} is not a graph input of {onnx_path}")
-        shapes: list[list[int]] = [[], [], []]
-        for d_trt, d_onnx in zip(tensor.shape, onnx_dims):
-            if d_trt >= 0:
-                for s in shapes:
-                    s.append(int(d_trt))
-            else:
-                r = ranges[_dim_kind(tensor.name, d_onnx)]
-                for s, v in zip(shapes, r):
-                    s.append(v)
-        profile.set_shape(tensor.name, *shapes)
-    config.add_optimization_profile(profile)
-    log.info("[tensorrt] building: batch %s, sequence %s (min, opt, max)", batch, seq)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log)")
-
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=plan_path.name + ".", suffix=".tmp", dir=plan_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(memoryview(serialized))
-        os.replace(tmp, plan_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("[tensorrt] wrote %s (%.1f MiB) in %.1f s", plan_path, plan_path.stat().st_size / 2**20,
-             time.perf_counter() - t0)
-    return plan_path
+    return inspect_onnx(onnx_path).dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,33 +78,38 @@ def _torch_dtype(trt, dtype):
 
 
 class TrtModel:
-    """A deserialized TensorRT plan with named tensors; ``run`` carries the recurrent state.
+    """A deserialized TensorRT / TensorRT-RTX engine with named tensors; ``run`` carries the
+    recurrent state. ``build_info`` is the engine's build record (None for an engine built elsewhere).
 
     Inputs/outputs follow the export: ``input_ids`` -> ``logits`` and ``past.{key}`` ->
     ``present.{key}`` for every state key (``"{block}.{c|n|m|h|conv}"``). :meth:`infer` runs any
     plan (e.g. a one-node cell model) on a dict of tensors.
     """
 
-    def __init__(self, plan_path: str | os.PathLike, *, device: str = "cuda"):
+    def __init__(self, plan_path: str | os.PathLike, *, device: str = "cuda", runtime: str | None = None):
         import torch
 
-        trt = _require_tensorrt(plugins=False)  # AOT plugins live in the plan: no Python needed
+        # the runtime that built it (its build record), else TensorRT; AOT plugins live in the plan
+        self.build_info = read_build_info(plan_path)
+        self.runtime = runtime or (self.build_info["runtime"] if self.build_info else "tensorrt")
+        trt = import_runtime(self.runtime)
         if not torch.cuda.is_available():
             raise RuntimeError("TrtModel needs a CUDA GPU (torch.cuda.is_available() is False)")
         self._trt = trt
         self.device = torch.device(device)
         self.plan_path = Path(plan_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._logger)
-        self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {self.plan_path} (built with another "
-                               "TensorRT version or for another GPU?)")
+            raise RuntimeError(f"{self.runtime} could not deserialize {self.plan_path} (built with another "
+                               "version or for another GPU?)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(j) for j in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.state_keys = [n[len("past."):] for n in self.input_names if n.startswith("past.")]
+        config = (self.build_info or {}).get("model_config") or {}
+        self.vocab_size: int | None = config.get("vocab_size")
 
     def dtype(self, name: str):
         return _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
