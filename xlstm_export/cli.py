@@ -81,6 +81,11 @@ def cmd_validate(args) -> int:
     _require_file(args.model, ".onnx")
     if args.engine and args.native_ops:
         raise UserError("--native-ops compares onnxruntime with PyTorch (--source), not with --engine")
+    if args.runtime == "openvino" and (args.engine or args.native_ops):
+        raise UserError("--runtime openvino compares OpenVINO with PyTorch (--source); "
+                        "--engine and --native-ops do not apply to it")
+    if args.runtime == "openvino":
+        _require_openvino()
     bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
     step = lambda _: bar.update(1)  # noqa: E731
     if args.engine:
@@ -98,18 +103,27 @@ def cmd_validate(args) -> int:
         if not args.source:
             raise UserError("validate needs --source SRC (the PyTorch model) or --engine PLAN")
         report = validate_onnx(args.model, _load_model(args.source), native_ops=args.native_ops,
-                               cases=VALIDATE_CASES, progress=step)
+                               runtime=args.runtime, cases=VALIDATE_CASES, progress=step)
     bar.close()
     print(report.table(all_rows=args.all))
     return 0 if report.ok else 1
 
 
-def _runner(target: str, native_ops: bool = False):
+def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime"):
     """(runner, vocab_size, label) for a preset/model directory, an .onnx file or a TensorRT plan."""
     from .generate import torch_runner
 
     if native_ops and not target.endswith(".onnx"):
         raise UserError("--native-ops applies to an .onnx target (onnxruntime's CPU provider)")
+    if runtime == "openvino":
+        if not target.endswith(".onnx") or native_ops:
+            raise UserError("--runtime openvino runs an .onnx file (standard ops), without --native-ops")
+        from .openvino_runner import OpenVinoModel
+
+        _require_file(target, ".onnx")
+        _require_openvino()
+        m = OpenVinoModel(target)
+        return m.run, m.vocab_size, f"OpenVINO ({m.device}, {m.inference_precision})"
     if target.endswith(".onnx"):
         from .ort import OrtModel
 
@@ -131,7 +145,7 @@ DEFAULT_PROMPT = "The xLSTM "
 
 def cmd_generate(args) -> int:
     _check_generate_args(args)
-    runner, vocab, label = _runner(args.target, args.native_ops)
+    runner, vocab, label = _runner(args.target, args.native_ops, args.runtime)
     from .models import PRESETS
     from .tokenizer import tokenizer_for
 
@@ -343,6 +357,13 @@ def _check_engine_source(engine: str, onnx_path: str) -> None:
 VALIDATE_CASES = ((1, 1), (1, 7), (3, 64), (3, 129))
 
 
+def _require_openvino() -> None:
+    from .openvino_runner import openvino_available
+
+    if not openvino_available():
+        raise UserError("--runtime openvino needs the openvino package: pip install 'xlstm-export[openvino]'")
+
+
 def _require_file(path: str, suffix: str | None) -> None:
     p = Path(path)
     if not p.exists():
@@ -445,6 +466,8 @@ def cmd_run(args) -> int:
 # --- parser --------------------------------------------------------------------------------------
 NATIVE_HELP = ("run the cells with the native onnxruntime CPU kernels (compiled on first use with the "
                "system C++ compiler) instead of their standard-op function bodies")
+RUNTIME_HELP = ("what runs an .onnx file: onnxruntime (default) or openvino (OpenVINO on CPU, float32 "
+                "models computed in f32; needs the openvino extra)")
 SOURCE_HELP = "a preset name (e.g. tiny), a directory written by convert/train, or a transformers xLSTM directory"
 
 
@@ -485,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", help="a TensorRT plan built from the .onnx file")
     v.add_argument("--all", action="store_true", help="one row per state tensor instead of the worst per case")
     v.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
+    v.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime", help=RUNTIME_HELP)
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)
 
@@ -503,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
+    g.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime", help=RUNTIME_HELP)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

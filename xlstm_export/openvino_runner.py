@@ -14,9 +14,9 @@ onnxruntime: OpenVINO's stateful-model transformation is not used.
 Which file it runs: OpenVINO's ONNX frontend has no conversion rule for the ``xlstm::mLSTM`` /
 ``xlstm::sLSTM`` nodes and does not inline ONNX local functions itself. The ``--inline`` export
 (standard ops only) is read as it is. Given a default export, the runner inlines its function
-bodies in memory first (``onnx.inliner.inline_local_functions``, a few milliseconds on the presets;
-the file is not changed), so both files work; anything still outside the standard ONNX domain after
-that raises :class:`~xlstm_export.ort.NotAnXLSTMModelError` naming the ops.
+bodies in memory first (:func:`xlstm_export.export.inline_xlstm`, the step ``export --inline`` ends
+with; milliseconds on the presets; the file is not changed), so both files work; anything still
+outside the standard ONNX domain after that raises :class:`~xlstm_export.ort.NotAnXLSTMModelError` naming the ops.
 
 Precision: OpenVINO's CPU plugin picks its inference precision itself, and on CPUs with bfloat16
 support (AVX512-BF16 / AMX) its default is bf16 even for a float32 model. The runner therefore sets
@@ -108,20 +108,25 @@ class OpenVinoModel:
         self._state_key_set = set(self.state_names)
 
     def _read(self, core):
-        """The OpenVINO model of the file, its xlstm functions inlined in memory where it has any."""
-        import onnx
-        import onnx.inliner
-
+        """The OpenVINO model of the file: an --inline export as it is; a default export with its
+        xlstm nodes replaced by their function bodies in memory (:func:`export.inline_xlstm`)."""
         from .ort import NotAnXLSTMModelError
 
-        model = onnx.load(str(self.path))  # loads external data too
-        if model.functions:
-            model = onnx.inliner.inline_local_functions(model)
+        if self.metadata.get("bodies") == "inline":
+            return core.read_model(str(self.path))  # OpenVINO reads external data itself
+        import onnx
+
+        from .export import ExportError, inline_xlstm
+
+        try:
+            model = inline_xlstm(onnx.load(str(self.path)))  # loads external data too
+        except ExportError as e:
+            raise NotAnXLSTMModelError(f"{self.path}: cannot inline its xlstm nodes: {e}") from None
         custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph)
                          if n.domain not in _STANDARD_DOMAINS})
         if custom:
-            raise NotAnXLSTMModelError(f"{self.path}: ops outside the standard ONNX domain remain after "
-                                       f"inlining local functions, OpenVINO cannot convert them: {custom}")
+            raise NotAnXLSTMModelError(f"{self.path}: ops outside the standard ONNX domain, OpenVINO "
+                                       f"cannot convert them: {custom}")
         if model.ByteSize() < _PROTOBUF_LIMIT:
             return core.read_model(model.SerializeToString())
         import tempfile

@@ -145,13 +145,24 @@ def torch_reference(model) -> Runner:
     return run
 
 
-def validate_onnx(onnx_path, model, *, native_ops: bool = False, **kwargs) -> Report:
+def validate_onnx(onnx_path, model, *, native_ops: bool = False, runtime: str = "onnxruntime",
+                  **kwargs) -> Report:
     """onnxruntime on ``onnx_path`` against the PyTorch ``model`` (float32 reference computation
     for a float32 graph; for fp16/bf16 graphs the reference runs in the graph's dtype).
-    ``native_ops``: run the cells with the native CPU kernels (:mod:`xlstm_export.ort_native`)."""
+    ``native_ops``: run the cells with the native CPU kernels (:mod:`xlstm_export.ort_native`).
+    ``runtime``: "onnxruntime" or "openvino" (:class:`xlstm_export.openvino_runner.OpenVinoModel`, CPU)."""
     from .ort import OrtModel
 
-    ort_model = OrtModel(onnx_path, native_ops=native_ops)
+    if runtime == "openvino":
+        if native_ops:
+            raise ValueError("native_ops are onnxruntime kernels; runtime='openvino' runs the standard ops")
+        from .openvino_runner import OpenVinoModel
+
+        ort_model = OpenVinoModel(onnx_path)
+    elif runtime == "onnxruntime":
+        ort_model = OrtModel(onnx_path, native_ops=native_ops)
+    else:
+        raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {runtime!r}")
     dtype = contract.canonical_dtype(ort_model.dtype)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     ref = model if torch_dtype == torch.float32 else _cast_copy(model, torch_dtype)
