@@ -32,6 +32,7 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger("xlstm_export.serve")
 
 RETRY_AFTER_S = 1
+SWITCH_INTERVAL_S = 0.0002  # GIL hand-over interval while serving (Python's default: 0.005)
 
 
 class _Disconnected(Exception):
@@ -74,11 +75,10 @@ class _Completion:
     async def updates(self, disconnect: asyncio.Future):
         """Yields lists of (index, text delta, token ids, finish reason or None) until all finish;
         raises _Disconnected when the client goes away."""
+        disconnect.add_done_callback(lambda _: self.waiter.event.set())  # a disconnect wakes us too
         while not self.done:
-            wait = asyncio.ensure_future(self.waiter.event.wait())
-            await asyncio.wait((wait, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            await self.waiter.event.wait()
             if disconnect.done():
-                wait.cancel()
                 raise _Disconnected
             self.waiter.event.clear()
             out = []
@@ -280,8 +280,13 @@ class _SSE:
 
 def serve(app, host: str, port: int, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn until interrupted."""
+    import sys
+
     import uvicorn
 
+    # The scheduler thread needs the GIL back as soon as each decode step leaves onnxruntime; with
+    # the default 5 ms switch interval it can wait that long behind the event loop's streaming work.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 

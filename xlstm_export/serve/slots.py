@@ -20,12 +20,18 @@ engine's :class:`~xlstm_export.tensorrt.TrtModel` on a GPU, or the PyTorch model
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
 import numpy as np
 
+from .. import export as _export
 from ..export import state_input_name, state_output_name
+
+# an int64 (1,) input of newer exports choosing the rows the head computes (0: all; a decode step's
+# one row either way); older files do not have it
+_LOGITS_FROM = getattr(_export, "LOGITS_FROM", "logits_from")
 
 __all__ = ["OrtSlots", "TorchSlots", "state_bytes"]
 
@@ -68,6 +74,13 @@ class OrtSlots:
         self._ids = np.zeros((capacity, 1), np.int64)  # (capacity, 1)
         self._logits = np.zeros((capacity, 1, self.vocab_size), self._logits_dtype)  # (capacity, 1, V)
         self._bindings: dict[tuple[int, int], Any] = {}  # (rows, source set) -> IOBinding
+        fed = {"input_ids", *(state_input_name(k) for k in self.names)}
+        extra = [i.name for i in model.session.get_inputs() if i.name not in fed]
+        if extra not in ([], [_LOGITS_FROM]):
+            raise ValueError(f"{model.path}: unexpected session inputs {extra}")
+        self._logits_from = np.zeros(1, np.int64) if extra else None  # (1,)
+        # prefill wants the last position's logits only; runners that can, compute only that row
+        self._last_only = "logits" in inspect.signature(model.run).parameters
         self.state_bytes = state_bytes(shapes)
         self.slot_bytes = self.bytes_per_slot(model)
 
@@ -85,6 +98,8 @@ class OrtSlots:
             dst = 1 - src if self._swap else src
             b = self.model.session.io_binding()
             b.bind_cpu_input("input_ids", self._ids[:n])
+            if self._logits_from is not None:
+                b.bind_cpu_input(_LOGITS_FROM, self._logits_from)
             for k in self.names:
                 b.bind_cpu_input(state_input_name(k), self._bufs[src][k][:n])
                 out = self._bufs[dst][k][:n]
@@ -114,7 +129,10 @@ class OrtSlots:
         else:
             zero = {n: np.zeros((1, *self.model.state_shapes[n]), np.float32) for n in self.names}
             state = {n: np.concatenate([(s or zero)[n] for s in states]) for n in self.names}
-        logits, new = self.model.run(ids, state)  # (k, C, V), {name: (k, *dims)}
+        if self._last_only:
+            logits, new = self.model.run(ids, state, logits="last")  # (k, 1, V), {name: (k, *dims)}
+        else:
+            logits, new = self.model.run(ids, state)  # (k, C, V)
         return (np.ascontiguousarray(logits[:, -1], dtype=np.float32),
                 [{n: new[n][i : i + 1] for n in self.names} for i in range(k)])
 

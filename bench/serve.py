@@ -1,0 +1,250 @@
+"""Benchmark: `xlstm-export serve` under concurrent streamed completions (continuous batching).
+
+For each model, the export runs in a real server process (``xlstm-export serve model.onnx``,
+onnxruntime with the native CPU kernels) on 127.0.0.1; this process is the client (asyncio +
+httpx, streamed completions, ``ignore_eos``). At each concurrency level C, C client workers each
+send requests back to back (closed loop) until the level's requests are done:
+
+- aggregate generated tokens/s = tokens received / wall time of the level (prefill included);
+- time to first token (TTFT) per request: from sending it to the first streamed token; p50, p99;
+- the server's own view from /metrics: mean decode batch (rows / steps) and mean step latency;
+- server memory: resident set (VmRSS) of the server process after each level, and after a second
+  run of the largest level (twice the tokens): flat means generated tokens cost no memory.
+
+    python bench/serve.py                                    # tiny-large and xlstm-large-160m
+    python bench/serve.py --models tiny-large --concurrency 1 8 --requests 16   # smoke test
+    python bench/serve.py --out /tmp/serve.md --json /tmp/serve.json
+
+Random prompts of ``--prompt-len`` token ids, ``--max-tokens`` new tokens each (greedy). The
+models have random weights (presets); what is measured is the serving path, not the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = {  # name -> preset (random weights)
+    "tiny-large": "tiny-large",  # 7B-style, 0.49M parameters: framework overhead is what batching amortises
+    "xlstm-large-160m": "xlstm-large-160m",  # 7B-style, 162M parameters: a B = 32 step is compute-bound
+}
+TARGETS = {"tiny-large": 10.0, "xlstm-large-160m": 5.0}  # tokens/s at C=32 over C=1
+START_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def export(name: str, workdir: Path) -> Path:
+    import torch
+
+    from xlstm_export.export import export_onnx
+    from xlstm_export.models import load
+
+    path = workdir / f"{name}.onnx"
+    if not path.exists():
+        torch.manual_seed(0)
+        export_onnx(load(MODELS[name]), path, progress=False)
+    return path
+
+
+def metrics(client_sync, url: str) -> dict[str, float]:
+    out = {}
+    for line in client_sync.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """(seconds to first token, seconds to the end, tokens) of one streamed completion."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    t0 = time.perf_counter()
+    first, n = None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"])
+            k = sum(len(c.get("token_ids", ())) for c in ev["choices"])
+            if k and first is None:
+                first = time.perf_counter() - t0
+            n += k
+    return first, time.perf_counter() - t0, n
+
+
+async def level(url: str, concurrency: int, n_requests: int, prompt_len: int, max_tokens: int, vocab: int,
+                seed: int) -> dict:
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(n_requests)]
+    queue = list(range(n_requests))
+    results = []
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async def worker():
+            while queue:
+                j = queue.pop()
+                results.append(await one_request(client, url, prompts[j], max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    tokens = sum(r[2] for r in results)
+    assert tokens == n_requests * max_tokens, (tokens, n_requests * max_tokens)
+    return {"concurrency": concurrency, "requests": n_requests, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttft),
+            "ttft_p99_s": float(np.percentile(ttft, 99)), "latency_mean_s": statistics.mean(r[1] for r in results)}
+
+
+def bench_model(name: str, args) -> dict:
+    import httpx
+
+    path = export(name, args.workdir)
+    from xlstm_export.ort import inspect_model
+
+    vocab = inspect_model(path)["vocab_size"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    max_c = max(args.concurrency)
+    cmd = [sys.executable, "-m", "xlstm_export.cli", "serve", str(path), "--port", str(port), "--model-name", "bench",
+           "--max-batch", str(max_c), "--max-queue", str(4 * max_c), "--max-state-mb", str(args.max_state_mb),
+           "--log-level", "warning"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = {"model": name, "command": " ".join(cmd[1:]), "levels": []}
+    try:
+        sync = httpx.Client(timeout=60)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited: {server.stdout.read()}")
+            try:
+                if sync.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+        out["server_line"] = server.stdout.readline().strip()
+        asyncio.run(level(url, min(8, max_c), min(8, max_c), args.prompt_len, 8, vocab, 99))  # warm-up
+        out["rss_after_warmup_mib"] = rss_mib(server.pid)
+        for c in args.concurrency:
+            before = metrics(sync, url)
+            n = max(args.requests, 2 * c) if c > 1 else args.requests
+            res = asyncio.run(level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
+            after = metrics(sync, url)
+            steps = after["xlstm_decode_steps_total"] - before["xlstm_decode_steps_total"]
+            res["mean_decode_batch"] = (after["xlstm_decode_rows_total"] - before["xlstm_decode_rows_total"]) / steps
+            res["mean_step_ms"] = 1e3 * (after["xlstm_step_latency_seconds_sum"]
+                                         - before["xlstm_step_latency_seconds_sum"]) / steps
+            res["rss_mib"] = rss_mib(server.pid)
+            res["generated_total"] = after["xlstm_generated_tokens_total"]
+            out["levels"].append(res)
+            print(f"{name} C={c}: {res['tokens_per_s']:.0f} tok/s, TTFT p50 {res['ttft_p50_s'] * 1e3:.0f} ms "
+                  f"p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch {res['mean_decode_batch']:.1f}, "
+                  f"step {res['mean_step_ms']:.2f} ms, RSS {res['rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        again = asyncio.run(level(url, max_c, max(args.requests, 2 * max_c), args.prompt_len, args.max_tokens,
+                                  vocab, 7))
+        out["rss_after_repeat_mib"] = rss_mib(server.pid)
+        out["generated_after_repeat"] = metrics(sync, url)["xlstm_generated_tokens_total"]
+        out["repeat_tokens_per_s"] = again["tokens_per_s"]
+        assert sync.get(f"{url}/health").status_code == 200
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return out
+
+
+def markdown(results: list[dict], args, started: str, load: tuple) -> str:
+    lines = [f"Date (UTC): {started}  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores; Python {platform.python_version()}  ",
+             f"Load average (1/5/15 min) at start: {load[0]}; at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  ",
+             f"Command: `python bench/serve.py {' '.join(sys.argv[1:])}`  ",
+             f"Workload: prompts of {args.prompt_len} random token ids, {args.max_tokens} new tokens each "
+             f"(greedy, ignore_eos), streamed; closed loop of C workers", ""]
+    for r in results:
+        lv = r["levels"]
+        base = next((x for x in lv if x["concurrency"] == 1), None)
+        lines += [f"#### {r['model']}", "", f"Server: `{r['command']}`  ", f"{r['server_line']}", "",
+                  "| C | requests | tokens/s | vs C=1 | TTFT p50 | TTFT p99 | mean decode batch | mean step | server RSS |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for x in lv:
+            ratio = f"{x['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
+            lines.append(f"| {x['concurrency']} | {x['requests']} | {x['tokens_per_s']:,.0f} | {ratio} | "
+                         f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p99_s'] * 1e3:,.0f} ms | "
+                         f"{x['mean_decode_batch']:.1f} | {x['mean_step_ms']:.2f} ms | {x['rss_mib']:,.0f} MiB |")
+        target = TARGETS.get(r["model"])
+        c32 = next((x for x in lv if x["concurrency"] == 32), None)
+        if target and base and c32:
+            got = c32["tokens_per_s"] / base["tokens_per_s"]
+            lines += ["", f"Target C=32 >= {target:g}x C=1: {got:.1f}x, {'met' if got >= target else 'missed'}."]
+        lines += [f"Memory: {r['rss_after_warmup_mib']:,.0f} MiB after warm-up; "
+                  f"{lv[-1]['rss_mib']:,.0f} MiB after {lv[-1]['generated_total']:,.0f} generated tokens; "
+                  f"{r['rss_after_repeat_mib']:,.0f} MiB after {r['generated_after_repeat']:,.0f} "
+                  f"(the largest level again: {r['repeat_tokens_per_s']:,.0f} tokens/s).", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
+    p.add_argument("--requests", type=int, default=8, help="requests per level at least (2 per worker above C=1)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-state-mb", type=float, default=4096)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
+    p.add_argument("--out", type=Path, help="write the markdown here (else stdout)")
+    p.add_argument("--json", type=Path, help="write the raw figures here")
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = [bench_model(m, args) for m in args.models]
+    md = markdown(results, args, started, (load,))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(md)
+    else:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
