@@ -229,3 +229,20 @@ def test_version_and_byte_presets(tmp_path, capsys):
     res = generate_batch(runner, [list(b"ab")], 5)
     assert rc == 0 and out == byte_tokenizer().decode(res.tokens[0]) + "\n"
     assert np.asarray(res.tokens).shape == (1, 5)
+
+
+def test_public_api_from_the_package():
+    """`from xlstm_export import ...` (README quick start); the names load lazily, so the bare
+    import does not pull in torch."""
+    import subprocess
+    import sys
+
+    import xlstm_export
+
+    for name in xlstm_export.__all__:
+        assert getattr(xlstm_export, name) is not None, name
+    assert xlstm_export.load is load and xlstm_export.generate_text is generate_text
+    assert xlstm_export.load_tokenizer is load_tokenizer
+    probe = "import sys, xlstm_export; print('torch' in sys.modules, xlstm_export.__version__)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split()[0] == "False", proc.stderr
