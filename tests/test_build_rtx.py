@@ -20,6 +20,7 @@ import time
 
 import onnx
 import pytest
+import torch
 
 from xlstm_export import onnx_functions
 from xlstm_export.cli import main
@@ -226,6 +227,9 @@ def test_record_follows_its_engine_and_its_onnx(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(other), "--engine", str(engine)]) == 2
     assert "built from another ONNX file" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # generate reads the record, then needs the GPU it names
+        assert main(["generate", str(engine), "--prompt-ids", "1,2"]) == 2
+        assert "needs an RTX GPU" in capsys.readouterr().err
     with open(engine, "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ValueError, match="rebuild"):
@@ -241,8 +245,6 @@ def test_record_follows_its_engine_and_its_onnx(tmp_path, capsys):
 @needs_rtx
 @pytest.mark.parametrize("preset", ["tiny", "tiny-large"])
 def test_rtx_engine_matches_onnxruntime(exported, tmp_path, preset):
-    import torch
-
     from xlstm_export.tensorrt import validate_engine
 
     if not torch.cuda.is_available():

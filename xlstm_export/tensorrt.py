@@ -94,7 +94,8 @@ class TrtModel:
         self.runtime = runtime or (self.build_info["runtime"] if self.build_info else "tensorrt")
         trt = import_runtime(self.runtime)
         if not torch.cuda.is_available():
-            raise RuntimeError("TrtModel needs a CUDA GPU (torch.cuda.is_available() is False)")
+            gpu = "an RTX GPU" if self.runtime == "tensorrt-rtx" else "a CUDA GPU"
+            raise RuntimeError(f"running a {self.runtime} engine needs {gpu} (torch.cuda.is_available() is False)")
         self._trt = trt
         self.device = torch.device(device)
         self.plan_path = Path(plan_path)
