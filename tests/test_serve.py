@@ -255,24 +255,30 @@ def test_32_concurrent_completions_equal_their_solo_generation(served):
 def test_streaming_yields_the_same_text(served):
     om, tok, _ = served
     sched = Scheduler(OrtSlots(om, 4), max_batch=4)
+    ref = tok.decode(solo(om, tok.encode("Hello"), 40))
+    stop = ref[12:14]  # a stop string the greedy text reaches; the text ends before its first match
     with running_server(sched, tok) as url:
         c = client(url)
-        for prompt, stop in (("The xLSTM ", None), ("def main():\n", None), ("Hello", ["e", "ab"])):
-            whole = c.completions.create(model="small", prompt=prompt, max_tokens=40, temperature=0, stop=stop)
+        for prompt, stops, expected in (("The xLSTM ", None, None), ("def main():\n", None, None),
+                                        ("Hello", ["\x00\x01", stop], ref[: ref.find(stop)])):
+            whole = c.completions.create(model="small", prompt=prompt, max_tokens=40, temperature=0, stop=stops)
             chunks = list(c.completions.create(model="small", prompt=prompt, max_tokens=40, temperature=0,
-                                               stop=stop, stream=True))
+                                               stop=stops, stream=True))
             assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
             assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
-            if stop is None:
-                ref = solo(om, tok.encode(prompt), 40)
-                assert whole.choices[0].text == tok.decode(ref)
+            if stops is None:
+                assert whole.choices[0].text == tok.decode(solo(om, tok.encode(prompt), 40))
+                assert whole.choices[0].finish_reason == "length"
             else:
-                assert not any(s in whole.choices[0].text for s in stop)
+                assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "stop"
         ids = tok.encode("tokens")
         assert c.completions.create(model="small", prompt=ids, max_tokens=5, temperature=0).choices[0].text == \
             c.completions.create(model="small", prompt="tokens", max_tokens=5, temperature=0).choices[0].text
         models = c.models.list()
         assert [m.id for m in models.data] == ["small"]
+        m = metrics(url)
+        # a stop string ends a sequence as "stop" (or it had already run to its length), never "cancelled"
+        assert m['xlstm_requests_finished_total{reason="cancelled"}'] == 0
 
 
 def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served):

@@ -96,7 +96,7 @@ class _Completion:
                 ids = new[:used]
                 self.token_ids[i] += ids
                 if self.texts[i].stopped:
-                    self.scheduler.cancel(s)
+                    self.scheduler.cancel(s, "stop")
                     reason = "stop"
                 elif reason is not None:
                     text += self.texts[i].finish()
@@ -196,7 +196,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
             {"id": model_name, "object": "model", "created": created, "owned_by": "xlstm-export"}]})
 
     async def health(request: Request):
-        alive = scheduler._thread is not None and scheduler._thread.is_alive()
+        alive = scheduler.alive
         count(200 if alive else 503)
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 

@@ -69,7 +69,7 @@ class Sequence:
     _rng: Any = None
     _pos: int = 0  # prompt tokens prefilled
     _state: Any = None  # the state while prefilling (a pool's per-sequence state)
-    _cancel: bool = False
+    _cancel: str | bool = False  # the finish reason it was cancelled with
 
 
 @dataclass
@@ -179,20 +179,26 @@ class Scheduler:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{a.min()}, {a.max()}]")
         return a.astype(np.int64)
 
-    def cancel(self, seq: Sequence) -> None:
-        """Stop ``seq``; its slot is free after the current iteration (at once if it was queued)."""
+    @property
+    def alive(self) -> bool:
+        """The background loop is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stop ``seq``; its slot is free after the current iteration (at once if it was queued).
+        ``reason`` is its finish reason ("stop" when the caller found a stop string)."""
         with self._lock:
             if seq.finish_reason is not None or seq._cancel:
                 return
-            seq._cancel = True
+            seq._cancel = reason
             try:
                 self._waiting.remove(seq)
             except ValueError:  # prefilling or running: the scheduler thread drops it
                 self._cancelled.append(seq)
                 self._wake.notify()
                 return
-            seq.finish_reason = "cancelled"  # never started: nothing of it is in the pool
-            self.stats.finished["cancelled"] += 1
+            seq.finish_reason = reason  # never started: nothing of it is in the pool
+            self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if self.on_events is not None:
             self.on_events([seq])
 
@@ -253,7 +259,7 @@ class Scheduler:
         self._remove_rows([i for i, s in enumerate(self._running) if id(s) in gone])
         for s in cancelled:
             s._state = None
-            self._finish(s, "cancelled")
+            self._finish(s, s._cancel)
 
     def _admit(self) -> None:
         with self._lock:
