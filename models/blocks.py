@@ -1,7 +1,7 @@
 """The residual blocks: paper mLSTM and sLSTM blocks, and the xLSTM-7B ("large") block.
 
 Each block maps (x (B, S, E), state dict) -> (x, new state dict). A block's state is a dict of
-float32 tensors whose keys are the tensor names of the model's state layout ("c", "n", "m",
+float32 tensors (float64 in a float64 model) whose keys are the tensor names of the model's state layout ("c", "n", "m",
 "conv", "h"); the model prefixes them with the block index.
 """
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +67,7 @@ class xLSTMConfig:
     chunk_size: int = 64  # mLSTM chunk length for the chunkwise forms
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.architecture not in ("paper", "large"):
             raise ValueError(f"architecture must be 'paper' or 'large', got {self.architecture!r}")
         if self.backend not in ("auto", "torch", "triton"):
@@ -136,6 +140,53 @@ class xLSTMConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (int, float, bool, str, list[int], X | None,
+    Literal[...]). bool is not an int here, and an int is a float."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:  # the type here; the value is checked (ValueError) in __post_init__
+        return isinstance(value, type(args[0]))
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)  # e.g. "one of 'paper', 'large'"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return "a list of " + {int: "integers", float: "numbers"}.get(args[0], _type_name(args[0]))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_field_types(config: "xLSTMConfig") -> None:
+    """One clear TypeError naming the first field whose value has the wrong type (a config.json
+    written by hand: ``"embedding_dim": "128"``), before any comparison trips over it."""
+    hints = typing.get_type_hints(type(config), globalns={**globals(), "Architecture": Architecture,
+                                                          "Backend": Backend})
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise TypeError(
+                f"config field {f.name!r} must be {_type_name(hints[f.name])}, got "
+                f"{type(value).__name__} {value!r}"
+            )
 
 
 PRESETS: dict[str, xLSTMConfig] = {

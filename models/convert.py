@@ -37,8 +37,9 @@ from typing import Any
 import torch
 
 from .config import round_up, xLSTMConfig
-from .io import CheckpointError, load_state_dict_checked
-from .model import xLSTMLM
+from .io import CheckpointError
+from .layers import compute_dtype
+from .model import checkpoint_dtype, resolve_dtype, xLSTMLM
 
 Tensors = dict[str, torch.Tensor]
 
@@ -65,30 +66,34 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = {
 # ================================================================================================
 # public entry points
 # ================================================================================================
-def from_official(obj, state_dict: dict[str, torch.Tensor] | None = None) -> xLSTMLM:
-    """An :class:`xLSTMLM` (float32, CPU, eval mode) computing the same function as ``obj``.
+def from_official(obj, state_dict: dict[str, torch.Tensor] | None = None, *, dtype=None) -> xLSTMLM:
+    """An :class:`xLSTMLM` (CPU, eval mode) computing the same function as ``obj``.
 
-    ``obj`` is an official model instance (``state_dict`` then defaults to its own), or an official
-    config object together with ``state_dict``::
+    The model keeps the dtype of the official weights (float64 stays float64, bfloat16 stays
+    bfloat16; see ``model.checkpoint_dtype``) unless ``dtype`` (a torch dtype or "fp32", "bf16",
+    ...) says otherwise. ``obj`` is an official model instance (``state_dict`` then defaults to its
+    own), or an official config object together with ``state_dict``::
 
         model = from_official(xlstm_lm_model)                        # NX-AI paper model
         model = from_official(paper_config, torch.load("ckpt.pt"))   # e.g. trained with sLSTM "cuda"
         model = from_official(xlstm_large_model)                     # weight_mode single or fused
         model = from_official(hf_xlstm_for_causal_lm)                # transformers
     """
+    if dtype is not None:
+        dtype = resolve_dtype(dtype)
     if _is_instance(obj, "xlstm", "xLSTMLMModel"):
         layouts = _paper_instance_slstm_layouts(obj)
-        return _from_paper(obj.config, _sd(obj, state_dict), layouts)
+        return _from_paper(obj.config, _sd(obj, state_dict), layouts, dtype)
     if _is_instance(obj, "xlstm", "xLSTMLMModelConfig"):
-        return _from_paper(obj, _required_sd(obj, state_dict), None)
+        return _from_paper(obj, _required_sd(obj, state_dict), None, dtype)
     if _is_instance(obj, "xlstm", "xLSTMLarge"):
-        return _from_large(obj.config, _sd(obj, state_dict))
+        return _from_large(obj.config, _sd(obj, state_dict), dtype)
     if _is_instance(obj, "xlstm", "xLSTMLargeConfig"):
-        return _from_large(obj, _required_sd(obj, state_dict))
+        return _from_large(obj, _required_sd(obj, state_dict), dtype)
     if _is_instance(obj, "transformers", "xLSTMForCausalLM"):
-        return _from_transformers(obj.config.to_dict(), _sd(obj, state_dict))
+        return _from_transformers(obj.config.to_dict(), _sd(obj, state_dict), dtype)
     if _is_instance(obj, "transformers", "xLSTMConfig"):
-        return _from_transformers(obj.to_dict(), _required_sd(obj, state_dict))
+        return _from_transformers(obj.to_dict(), _required_sd(obj, state_dict), dtype)
     raise TypeError(
         "from_official takes an NX-AI xLSTMLMModel / xLSTMLarge, a transformers xLSTMForCausalLM, "
         f"or one of their config objects with a state_dict; got {type(obj).__module__}.{type(obj).__name__}"
@@ -201,12 +206,14 @@ def state_dict_from_transformers(tensors: Tensors, config: xLSTMConfig) -> Tenso
 # ================================================================================================
 # paper model (NX-AI xLSTMLMModel)
 # ================================================================================================
-def _from_paper(cfg, state_dict: Tensors, layouts: dict[int, str] | None) -> xLSTMLM:
+def _from_paper(cfg, state_dict: Tensors, layouts: dict[int, str] | None, dtype=None) -> xLSTMLM:
     config, slstm_backend = _paper_config(cfg)
     if layouts is None:  # from a config: every sLSTM block stores the config's backend layout
         layouts = {i: slstm_backend for i in config.slstm_at}
+    source = "NX-AI xLSTMLMModel"
+    dtype = dtype or checkpoint_dtype(state_dict, source)  # of the official tensors, before any offset
     ours = _paper_state_dict(state_dict, config, layouts, group_norm_weight=_slstm_group_norm_weight(cfg))
-    return _load(config, ours, "NX-AI xLSTMLMModel")
+    return _load(config, ours, source, dtype)
 
 
 def _paper_config(cfg) -> tuple[xLSTMConfig, str | None]:
@@ -315,7 +322,9 @@ def _paper_instance_slstm_layouts(model) -> dict[int, str]:
 def _paper_state_dict(sd: Tensors, config: xLSTMConfig, layouts: dict[int, str], *, group_norm_weight: bool) -> Tensors:
     src = dict(sd)
     out: Tensors = {}
-    one = lambda t: t.float() + 1.0  # noqa: E731  (offset-stored norm weight -> effective scale)
+    # offset-stored norm weight -> effective scale, exact: 1 + w in float32 (float64 for float64);
+    # the load rounds it once to the model's dtype (bfloat16: as the official model's 1 + w)
+    one = lambda t: t.to(compute_dtype(t.dtype)) + 1.0  # noqa: E731
 
     def take(name: str) -> torch.Tensor:
         if name not in src:
@@ -428,7 +437,7 @@ def _ffn_factor(width: int, E: int, factor: float, multiple: int) -> tuple[float
 # ================================================================================================
 # xLSTM-7B architecture (NX-AI xLSTMLarge, transformers xLSTMForCausalLM)
 # ================================================================================================
-def _from_large(cfg, state_dict: Tensors) -> xLSTMLM:
+def _from_large(cfg, state_dict: Tensors, dtype=None) -> xLSTMLM:
     fields = {
         name: getattr(cfg, name)
         for name in (
@@ -439,12 +448,12 @@ def _from_large(cfg, state_dict: Tensors) -> xLSTMLM:
         )
     }
     config = _large_config(fields, source="xLSTMLargeConfig")
-    return _load(config, state_dict_from_transformers(state_dict, config), "NX-AI xLSTMLarge")
+    return _load(config, state_dict_from_transformers(state_dict, config), "NX-AI xLSTMLarge", dtype)
 
 
-def _from_transformers(raw: dict[str, Any], state_dict: Tensors) -> xLSTMLM:
+def _from_transformers(raw: dict[str, Any], state_dict: Tensors, dtype=None) -> xLSTMLM:
     config = config_from_transformers_dict(raw)
-    return _load(config, state_dict_from_transformers(state_dict, config), "transformers xLSTMForCausalLM")
+    return _load(config, state_dict_from_transformers(state_dict, config), "transformers xLSTMForCausalLM", dtype)
 
 
 def _large_config(f: dict[str, Any], *, source: str) -> xLSTMConfig:
@@ -537,11 +546,11 @@ def _apply_overrides(config: xLSTMConfig, overrides: dict[str, Any]) -> xLSTMCon
         raise CheckpointError(f"overrides {overrides}: {e}") from None
 
 
-def _load(config: xLSTMConfig, state_dict: Tensors, source: str) -> xLSTMLM:
-    with torch.device("cpu"):
-        model = xLSTMLM(config)
-    load_state_dict_checked(model, {k: v.detach().cpu() for k, v in state_dict.items()}, source=source)
-    return model.eval()
+def _load(config: xLSTMConfig, state_dict: Tensors, source: str, dtype=None) -> xLSTMLM:
+    """The model holding ``state_dict`` (our names), in ``dtype`` (None: the tensors' own).
+    Tensors are copied off the official model (``clone``), so ours never aliases its parameters."""
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+    return xLSTMLM.from_state_dict(config, tensors, dtype, source=source)
 
 
 __all__ = [

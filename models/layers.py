@@ -2,6 +2,10 @@
 
 Norm weights are stored as the effective scale (initialised to 1); the NX-AI paper code stores
 LayerNorm weights as an offset from 1, which the converters add back.
+
+Dtypes: every layer computes in the dtype it is given. The RMS / multi-head norms reduce in
+``compute_dtype(x.dtype)``: float32 for float32 / float16 / bfloat16 inputs, float64 for float64;
+conv states are kept in that dtype too (float32, or float64 for a float64 model).
 """
 
 from __future__ import annotations
@@ -9,6 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norms' reductions and of recurrent states for a model computing in ``dtype``:
+    float64 stays float64, everything narrower runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -32,7 +42,7 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with float32 reductions (the xLSTM-7B norm)."""
+    """RMSNorm (the xLSTM-7B norm), reduced in float32 (float64 for float64 inputs)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -40,16 +50,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim)
-        xf = x.float()
+        dt = compute_dtype(x.dtype)
+        xf = x.to(dt)
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(dt)).to(x.dtype)
 
 
 class MultiHeadLayerNorm(nn.Module):
     """Per-head LayerNorm (GroupNorm with one group a head) over head-first cell outputs.
 
     Input (B, NH, S, DH), output (B, S, NH * DH): the layout the next projection wants.
-    Reductions run in float32.
+    Reductions run in float32 (float64 for float64 inputs).
     """
 
     def __init__(self, num_heads: int, head_dim: int, eps: float):
@@ -60,9 +71,10 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, NH, S, DH)
         B, NH, S, DH = h.shape
-        hf = h.float().transpose(1, 2)  # (B, S, NH, DH)
+        dt = compute_dtype(h.dtype)
+        hf = h.to(dt).transpose(1, 2)  # (B, S, NH, DH)
         hf = F.layer_norm(hf, (DH,), eps=self.eps)
-        y = hf.reshape(B, S, NH * DH) * self.weight.float()  # (B, S, NH*DH)
+        y = hf.reshape(B, S, NH * DH) * self.weight.to(dt)  # (B, S, NH*DH)
         return y.to(h.dtype)
 
 
@@ -104,7 +116,7 @@ class CausalConv1d(nn.Module):
         nn.init.normal_(self.weight, std=kernel_size**-0.5)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: (B, S, C); state: (B, K-1, C) float32
+        # x: (B, S, C); state: (B, K-1, C) in compute_dtype(x.dtype)
         K = self.kernel_size
         xs = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+S, C)
         # y_t = bias + sum_k w[:, k] * xs_{t+k}: the depthwise conv as K shifted products. Same math
@@ -115,7 +127,8 @@ class CausalConv1d(nn.Module):
         y = xs[:, : 1 - K] * w[:, 0] if K > 1 else xs * w[:, 0]  # (B, S, C)
         for k in range(1, K):
             y = y + (xs[:, k : k + 1 - K] if k < K - 1 else xs[:, k:]) * w[:, k]  # (B, S, C)
-        new_state = xs[:, 1 - K :].float() if K > 1 else xs[:, :0].float()  # (B, K-1, C)
+        sdt = compute_dtype(x.dtype)
+        new_state = xs[:, 1 - K :].to(sdt) if K > 1 else xs[:, :0].to(sdt)  # (B, K-1, C)
         return y + self.bias, new_state
 
 

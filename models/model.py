@@ -4,9 +4,14 @@
     logits, state = model(input_ids)              # input_ids (B, S) int64 -> logits (B, S, V)
     logits2, state = model(next_ids, state)       # continue: pieces give the logits of the whole
 
-The state is a flat dict of float32 tensors, batch first, keyed "{block}.{tensor}" (see
-``state_spec``); all zeros is a fresh sequence. It is exactly what the ONNX graph carries as
-``past.*`` / ``present.*``.
+The state is a flat dict of tensors, batch first, keyed "{block}.{tensor}" (see ``state_spec``);
+all zeros is a fresh sequence. It is exactly what the ONNX graph carries as ``past.*`` /
+``present.*``.
+
+Dtypes: the model computes in the dtype of its parameters (``model.to(torch.float64)``: float64 end
+to end). States are float32, or float64 for a float64 model (``state_dtype``); norms reduce in the
+same dtype. ``xLSTMLM.from_state_dict`` builds a model directly in a checkpoint's dtype: a
+bfloat16 checkpoint is never materialised in float32.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import nn
 from .. import kernels
 from .blocks import LargeBlock, mLSTMBlock, sLSTMBlock
 from .config import xLSTMConfig
-from .layers import LayerNorm, RMSNorm, soft_cap
+from .layers import LayerNorm, RMSNorm, compute_dtype, soft_cap
 
 State = dict[str, torch.Tensor]
 
@@ -45,9 +50,25 @@ class xLSTMLM(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=(2.0 / (5.0 * E)) ** 0.5)
 
+    # --- dtypes --------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (that of its parameters)."""
+        return self.embedding.weight.dtype
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of every recurrent state tensor: float32, or float64 for a float64 model."""
+        return compute_dtype(self.dtype)
+
+    def tie_weights(self) -> None:
+        """lm_head shares the embedding matrix where the config says so (again, after loading)."""
+        if self.config.architecture == "paper" and self.config.tie_weights:
+            self.lm_head.weight = self.embedding.weight
+
     # --- state ---------------------------------------------------------------------------------
     def state_spec(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of every recurrent state tensor (all float32, batch first)."""
+        """Name -> shape of every recurrent state tensor (all ``state_dtype``, batch first)."""
         return {
             f"{b}.{name}": shape
             for b, block in enumerate(self.blocks)
@@ -59,12 +80,13 @@ class xLSTMLM(nn.Module):
         if device is None:
             device = self.embedding.weight.device
         return {
-            k: torch.zeros(shape, dtype=torch.float32, device=device)
+            k: torch.zeros(shape, dtype=self.state_dtype, device=device)
             for k, shape in self.state_spec(batch_size).items()
         }
 
     def state_bytes(self, batch_size: int = 1) -> int:
-        return sum(4 * _numel(s) for s in self.state_spec(batch_size).values())
+        size = self.state_dtype.itemsize
+        return sum(size * _numel(s) for s in self.state_spec(batch_size).values())
 
     def set_backend(self, backend: str) -> "xLSTMLM":
         """Switch the cell kernels of every block (a name from kernels.MLSTM_BACKENDS)."""
@@ -143,10 +165,32 @@ class xLSTMLM(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, **overrides) -> "xLSTMLM":
+    def from_pretrained(cls, directory, dtype=None, **overrides) -> "xLSTMLM":
+        """Load a directory; ``dtype`` None keeps the checkpoint's (see ``io.from_pretrained``)."""
         from .io import from_pretrained
 
-        return from_pretrained(directory, **overrides)
+        return from_pretrained(directory, dtype=dtype, **overrides)
+
+    @classmethod
+    def from_state_dict(
+        cls, config: xLSTMConfig, state_dict: dict[str, torch.Tensor], dtype=None, *, source: str = "checkpoint"
+    ) -> "xLSTMLM":
+        """A model (CPU, eval mode) holding ``state_dict``'s tensors, built directly in ``dtype``.
+
+        ``dtype`` None keeps the checkpoint's (:func:`checkpoint_dtype`); a torch dtype or a name
+        ("fp32", "float64", "bf16", ...) converts. The module is built on the meta device and the
+        tensors are assigned (cast where their dtype differs), so no float32 copy of a bfloat16
+        checkpoint is ever made and tensors already in the right dtype are used as they are.
+        Missing, unexpected or mis-shaped tensors raise ``CheckpointError`` naming them.
+        """
+        from .io import load_state_dict_checked
+
+        dtype = checkpoint_dtype(state_dict, source) if dtype is None else resolve_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype)  # meta: free
+        load_state_dict_checked(model, state_dict, source=source)
+        return model.eval()
 
 
 def sample_next(
@@ -164,6 +208,52 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+# names a user may give for a model dtype (the CLI's --dtype choices) -> torch dtype
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A model dtype from a torch dtype or one of the names in ``DTYPES``; ValueError otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown model dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+
+
+def checkpoint_dtype(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> torch.dtype:
+    """The dtype a checkpoint is kept in: that of its floating-point tensors (where they mix, the
+    dtype holding most elements, e.g. bfloat16 weights beside float32 biases).
+
+    Raises ``CheckpointError`` when it cannot be kept: integer / quantized tensors, or a floating
+    dtype the model does not compute in (float8): the message says so and how to convert.
+    """
+    from .io import CheckpointError
+
+    counts: dict[torch.dtype, int] = {}
+    for name, t in state_dict.items():
+        if not t.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} is {str(t.dtype).replace('torch.', '')}: not a floating-point "
+                "weight (quantized checkpoints are not supported)"
+            )
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if not counts:
+        raise CheckpointError(f"{source}: no tensors")
+    dtype = max(counts, key=lambda d: (counts[d], d.itemsize))
+    if dtype not in DTYPES.values():
+        raise CheckpointError(
+            f"{source}: the checkpoint's dtype {str(dtype).replace('torch.', '')} cannot be kept (the model "
+            f"computes in float32, float64, float16 or bfloat16): choose one with --dtype / dtype="
+        )
+    return dtype
 
 
 def _check_input_ids(input_ids, vocab_size: int) -> None:

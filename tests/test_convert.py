@@ -226,6 +226,145 @@ def test_paper_cuda_layout_state_dict(name):
         from_official(official.config, cuda_sd)
 
 
+# ================================================================================================
+# float64 end to end: ours in float64 against the official recurrent form in float64
+# ================================================================================================
+RTOL_F64 = 1e-9  # the issue's bound; measured ~1e-15 (the same formula, float64 rounding)
+
+
+def _official_step_logits(official, ids: torch.Tensor) -> torch.Tensor:
+    """The NX-AI paper model's recurrent ``.step``, token by token: the formula we implement (its
+    parallel forward differs from it by ~1e-9..2e-7 in float64: where eps enters the stabilised
+    denominator)."""
+    state, steps = None, []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            logits, state = official.step(ids[:, t : t + 1], state)
+            steps.append(logits)
+    return torch.cat(steps, dim=1)  # (B, S, V)
+
+
+def _check_float64_prefill_and_decode(ours, ref: torch.Tensor, ids: torch.Tensor, split: int) -> None:
+    """Whole-sequence prefill, and a prefill of ``split`` tokens followed by token-by-token decode
+    carrying our state, both within RTOL_F64 of ``ref``; every state tensor float64."""
+    with torch.no_grad():
+        got, state = ours(ids)
+        assert got.dtype == torch.float64 and all(v.dtype == torch.float64 for v in state.values())
+        assert _rel_err(got, ref) < RTOL_F64, f"prefill {_rel_err(got, ref):.3g}"
+        first, state = ours(ids[:, :split])
+        parts = [first]
+        for t in range(split, ids.shape[1]):
+            logits, state = ours(ids[:, t : t + 1], state)
+            parts.append(logits)
+    decoded = torch.cat(parts, dim=1)
+    assert _rel_err(decoded, ref) < RTOL_F64, f"prefill + decode {_rel_err(decoded, ref):.3g}"
+
+
+@pytest.mark.parametrize(
+    "name, layout",
+    [("s1-mNH4-sNH4", "vanilla"), ("s02-mNH2-sNH1-tied", "vanilla"), ("bias-noconv-nogn", "vanilla"),
+     ("s02-mNH2-sNH1-tied", "cuda"), ("all-slstm-NH4", "cuda"), ("mlstm-NH1", "vanilla")],
+)
+def test_paper_float64_matches_official_step(name, layout):
+    """A float64 NX-AI paper model converts to a float64 model (every parameter, every state) that
+    matches the official recurrent ``.step`` within 1e-9, prefill and decode; the sLSTM "cuda"
+    layout through config + state dict (no GPU needed to load it)."""
+    official = _paper_model(name, seed=8).double()
+    if layout == "vanilla":
+        ours = from_official(official)
+    else:
+        cuda_config = copy.deepcopy(official.config)
+        cuda_config.slstm_block.slstm.backend = "cuda"
+        ours = from_official(cuda_config, _to_cuda_layout(official.state_dict(), official.config))
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
+    assert ours.state_dtype == torch.float64
+    ids = _ids(97, 11, seed=12)
+    _check_float64_prefill_and_decode(ours, _official_step_logits(official, ids), ids, split=6)
+
+
+@pytest.mark.parametrize("weight_mode", ["single", "fused"])
+def test_xlstm_large_float64_matches_official_forward(weight_mode):
+    """xlstm_large in float64 (its norms reducing in float64 and its inference state float64, the
+    options that keep the official model float64) against ours in float64: logits and states."""
+    official = _large_model(weight_mode, seed=3, gate_soft_cap=10.0, output_logit_soft_cap=20.0,
+                            norm_reduction_force_float32=False, inference_state_dtype="float64").double()
+    ours = from_official(official)
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
+    for S in (1, 13, 37):
+        ids = _ids(97, S, seed=S + 20)
+        with torch.no_grad():
+            ref, ref_state = official(ids)
+        _check_float64_prefill_and_decode(ours, ref, ids, split=max(S - 3, 1))
+        with torch.no_grad():
+            _, state = ours(ids)
+        for b, (c, n, m) in ref_state.items():
+            assert _rel_err(state[f"{b}.c"], c) < RTOL_F64
+            assert _rel_err(state[f"{b}.n"], n) < RTOL_F64
+            assert _rel_err(state[f"{b}.m"], m[..., 0]) < RTOL_F64
+
+
+# ================================================================================================
+# dtypes kept (or converted on request)
+# ================================================================================================
+def test_converters_keep_the_checkpoint_dtype():
+    """bfloat16 official weights give a bfloat16 model (norm scales 1 + w included, rounded once as
+    the official model's own 1 + w); dtype= converts; a dtype that does not exist is refused."""
+    official = _paper_model("s1-mNH4-sNH4", seed=9)
+    bf16 = from_official(official.to(torch.bfloat16))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.state_dtype == torch.float32  # bf16 / fp16 models keep float32 states
+    w = official.xlstm_block_stack.blocks[0].xlstm_norm.weight  # (E,) bfloat16 offset
+    assert torch.equal(bf16.blocks[0].norm.weight, (w.float() + 1.0).to(torch.bfloat16))
+    fp32 = from_official(official, dtype="fp32")
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    # the exact 1 + w (float32 holds it): not rounded through bfloat16 on the way
+    assert torch.equal(fp32.blocks[0].norm.weight, w.float() + 1.0)
+    with pytest.raises(ValueError, match="unknown model dtype 'fp8'"):
+        from_official(official, dtype="fp8")
+
+
+def test_from_pretrained_keeps_the_dtype_and_refuses_what_it_cannot_keep(tmp_path):
+    """A bfloat16 directory loads as bfloat16 (the safetensors tensors themselves, no float32 copy),
+    dtype= converts, float8 / integer checkpoints are refused with the reason."""
+    from safetensors.torch import load_file, save_file
+    from xlstm_export.models import load
+
+    model = load("tiny-large", seed=1, dtype="bf16")
+    model.save_pretrained(tmp_path / "bf16")
+    loaded = xLSTMLM.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (k, a), b in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert load(str(tmp_path / "bf16"), dtype="float64").dtype == torch.float64
+    sd = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}, str(tmp_path / "bf16" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="dtype float8_e4m3fn cannot be kept"):
+        xLSTMLM.from_pretrained(tmp_path / "bf16")
+    assert xLSTMLM.from_pretrained(tmp_path / "bf16", dtype="fp32").dtype == torch.float32  # on request
+    sd["embedding.weight"] = sd["embedding.weight"].to(torch.int8)
+    save_file(sd, str(tmp_path / "bf16" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'embedding.weight' is int8"):
+        xLSTMLM.from_pretrained(tmp_path / "bf16")
+
+
+def test_cli_convert_keeps_or_converts_the_dtype(tmp_path, capsys):
+    from xlstm_export.cli import main
+
+    src = tmp_path / "src"
+    from xlstm_export.models import load
+
+    load("tiny", seed=2, dtype="bf16").save_pretrained(src)
+    assert main(["convert", str(src), "-o", str(tmp_path / "kept")]) == 0
+    assert xLSTMLM.from_pretrained(tmp_path / "kept").dtype == torch.bfloat16
+    assert main(["convert", str(src), "-o", str(tmp_path / "f64"), "--dtype", "fp64"]) == 0
+    assert xLSTMLM.from_pretrained(tmp_path / "f64").dtype == torch.float64
+    assert "float64" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(src), "-o", str(tmp_path / "bad"), "--dtype", "fp8"])
+    assert e.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.gpu
 def test_paper_real_cuda_backend_model():
     """A real sLSTM backend "cuda" model (the official CUDA kernel, compiled on first use, float32

@@ -137,6 +137,56 @@ def test_bad_inputs_have_clear_errors():
         xLSTMConfig(backend="cuda")
 
 
+def test_config_field_of_the_wrong_type_is_named(tmp_path, capsys):
+    """A hand-written config.json with `"embedding_dim": "128"`: one error naming the field (the
+    library's TypeError, from_pretrained's CheckpointError, the CLI's one line and exit 2)."""
+    import json
+
+    from xlstm_export.cli import main
+
+    with pytest.raises(TypeError, match=r"config field 'embedding_dim' must be an integer, got str '128'"):
+        xLSTMConfig(embedding_dim="128")
+    for field, value, expected in (("num_blocks", True, "an integer"), ("slstm_at", [1, "2"], "a list of integers"),
+                                   ("norm_eps", "1e-5", "a number or null"), ("tie_weights", 1, "true/false"),
+                                   ("architecture", 3, "one of 'paper', 'large'")):
+        with pytest.raises(TypeError, match=f"config field '{field}' must be {expected}"):
+            xLSTMConfig(**{field: value})
+    assert xLSTMConfig(mlstm_proj_factor=2).mlstm_inner_dim == 256  # an integer is a number
+    xLSTMLM(preset("tiny")).save_pretrained(tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw["embedding_dim"] = "128"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="config.json: config field 'embedding_dim' must be an integer"):
+        xLSTMLM.from_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "'embedding_dim' must be an integer, got str '128'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_model_computes_in_its_dtype():
+    """float64: every state float64 (8 bytes an element), norms reduce in float64; bf16 / fp16:
+    float32 states and float32 norm reductions, as the float32 model rounded once."""
+    model = xLSTMLM(preset("tiny-large")).eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    m64 = xLSTMLM(preset("tiny-large")).eval().to(torch.float64)
+    m64.load_state_dict(model.state_dict())
+    assert m64.state_dtype == torch.float64 and m64.state_bytes(1) == 2 * model.state_bytes(1)
+    with torch.no_grad():
+        logits64, state64 = m64(ids)
+        norm = m64.blocks[0].norm_mlstm
+        x = torch.randn(3, norm.weight.shape[0], dtype=torch.float64)
+        ref = x / x.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt() * norm.weight  # float64 RMSNorm
+        assert (norm(x) - ref).abs().max() < 1e-14  # not rounded through float32 (~1e-7)
+    assert logits64.dtype == torch.float64 and {v.dtype for v in state64.values()} == {torch.float64}
+    for dtype in (torch.bfloat16, torch.float16):
+        low = xLSTMLM(preset("tiny")).eval().to(dtype)
+        assert low.state_dtype == torch.float32
+        with torch.no_grad():
+            logits, state = low(ids)
+        assert logits.dtype == dtype and {v.dtype for v in state.values()} == {torch.float32}
+
+
 def test_generate_greedy_matches_argmax_loop():
     torch.manual_seed(0)
     model = xLSTMLM(preset("tiny", backend="torch")).eval()
