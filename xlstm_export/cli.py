@@ -25,12 +25,13 @@ def _load_model(source: str, **overrides):
 
 # --- convert / info ------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    model = _load_model(args.source)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
+    model = _load_model(args.source, dtype=args.dtype)  # None: the checkpoint's dtype
     model.save_pretrained(out)
-    print(f"wrote {out}/config.json and {out}/model.safetensors ({model.num_params():,} parameters)")
+    dtype = str(model.dtype).replace("torch.", "")
+    print(f"wrote {out}/config.json and {out}/model.safetensors ({model.num_params():,} parameters, {dtype})")
     return 0
 
 
@@ -484,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write a model in this project's format (config.json + safetensors)")
     c.add_argument("source", help=SOURCE_HELP)
     c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--dtype", choices=["fp32", "fp64", "fp16", "bf16"], default=None,
+                   help="weights dtype of the written model (default: the checkpoint's own; presets: fp32)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="config, parameter count and state bytes per sequence")
