@@ -92,14 +92,20 @@ def test_trainer_state_loads_with_weights_only(trained):
 
 
 # --- resume -----------------------------------------------------------------------------------------
-def test_resume_equals_straight_run(data_file, tmp_path):
+def test_resume_equals_straight_run(data_file, tmp_path, capsys):
+    """`train -o DIR --resume` with every option left out (the data file too) continues with the
+    saved run's options, exactly as the uninterrupted run."""
     kw = dict(steps=6, eval_every=3, batch_size=4, eval_batches=1)
     straight = run(data_file, tmp_path / "straight", **kw)
     part = run(data_file, tmp_path / "split", stop_at=3, **kw)
     assert part.step == 3
     assert torch.load(tmp_path / "split" / T.TRAINER_STATE_NAME, weights_only=True)["step"] == 3
-    resumed = run(data_file, tmp_path / "split", resume=True, **kw)
-    assert resumed.step == straight.step == 6
+    capsys.readouterr()
+    with torch.random.fork_rng():
+        assert T.main(["-o", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out, out  # nothing changed ...
+    assert "seq_len=16, batch_size=4, lr=0.005, min_lr=0.0005, warmup=2" in out, out  # ... and it says so
 
     w_straight = load_file(tmp_path / "straight" / "model.safetensors")
     w_resumed = load_file(tmp_path / "split" / "model.safetensors")
@@ -120,9 +126,23 @@ def test_resume_equals_straight_run(data_file, tmp_path):
     for (_, a), (_, b) in zip(s_resumed["evals"], s_straight["evals"]):
         assert a == pytest.approx(b, rel=1e-5)
 
+    assert s_resumed["args"] == s_straight["args"]
+
     # Resuming a finished run is a no-op, not an error.
     again = run(data_file, tmp_path / "split", resume=True, **kw)
     assert again.step == 6
+
+    # An explicit option wins and is named; those left out stay the checkpoint's.
+    with torch.random.fork_rng():
+        assert T.main(["-o", str(tmp_path / "split"), "--resume", "--quiet", "--steps", "7", "--lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "note: steps is 7 now, 6 in the checkpoint; continuing with 7" in out, out
+    assert "note: lr is 0.001 now, 0.005 in the checkpoint; continuing with 0.001" in out, out
+    assert out.count("note:") == 2, out
+    state = torch.load(tmp_path / "split" / T.TRAINER_STATE_NAME, weights_only=True)
+    assert state["step"] == 7 and (state["args"]["seq_len"], state["args"]["batch_size"]) == (16, 4)
+    assert state["schedule"] == {"name": "warmup_cosine", "lr": 1e-3, "min_lr": 5e-4, "warmup": 2, "steps": 7}
+    _fails(capsys, ["-o", str(tmp_path / "fresh"), "--quiet"], "--data is required")  # a fresh run needs it
 
 
 # --- pieces -----------------------------------------------------------------------------------------

@@ -18,12 +18,17 @@ windows are drawn once (seeded by the seed alone), so eval losses of one run are
 
 The learning rate is a pure function of the step (linear warmup, then cosine down to ``--min-lr`` at
 the last step), so the schedule's state is the step itself plus its four parameters.
+
+Resuming (``--resume``) continues with the saved run's options (``RESUMED_OPTIONS``: data file,
+steps, sequence length, batch, schedule, eval and save cadence, seed): an option left out keeps the
+checkpoint's value, one given explicitly wins and is reported as changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -43,6 +48,9 @@ TRAINER_STATE_FORMAT = "xlstm_export.trainer_state"
 TRAINER_STATE_VERSION = 1
 BYTE_VOCAB = 256
 ADAM_BETAS = (0.9, 0.95)  # the usual language-model betas (nanoGPT, NX-AI xlstm experiments)
+# the options a checkpoint saves and a resumed run continues with unless given explicitly
+RESUMED_OPTIONS = ("data", "steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
+                   "grad_clip", "val_fraction", "seed", "eval_every", "eval_batches", "save_every", "log_every")
 
 
 class TrainError(Exception):
@@ -52,7 +60,7 @@ class TrainError(Exception):
 # --- configuration ---------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    data: str  # path of the training text
+    data: str | None  # path of the training text; None on --resume: the checkpoint's
     output: str  # checkpoint directory (config.json + model.safetensors + trainer_state.pt)
     preset: str | None = None  # model preset for a fresh run; None -> "tiny" (a resumed run reads DIR)
     steps: int = 1000  # total optimizer steps; the cosine schedule ends here
@@ -76,8 +84,19 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing checkpoint in `output` with a fresh run
     stop_at: int | None = None  # stop (after saving) at this step; the schedule still spans `steps`
     quiet: bool = False  # no progress bar and no step lines; eval lines and the summary remain
+    # RESUMED_OPTIONS set explicitly (the command line knows); None: those that differ from the defaults
+    given: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise TrainError("--resume and --overwrite exclude each other")
+        if not self.resume:  # a resumed run is checked once the checkpoint's options are in
+            self.check()
+
+    def check(self) -> None:
+        """Every option's range (TrainError naming the option)."""
+        if self.data is None:
+            raise TrainError("--data is required (only --resume can take it from the checkpoint)")
         positive = ("steps", "seq_len", "batch_size", "eval_every", "eval_batches", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -99,14 +118,38 @@ class TrainConfig:
             raise TrainError(f"--tokenizer must be 'bytes', got {self.tokenizer!r}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise TrainError(f"--stop-at must lie in [1, --steps={self.steps}], got {self.stop_at}")
-        if self.resume and self.overwrite:
-            raise TrainError("--resume and --overwrite exclude each other")
 
     def hyperparameters(self) -> dict:
-        """The settings a resumed run is compared against (plain ints, floats and strings)."""
-        keys = ("steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
-                "grad_clip", "val_fraction", "seed")
-        return {k: getattr(self, k) for k in keys} | {"data": str(Path(self.data).resolve())}
+        """The options a checkpoint saves (RESUMED_OPTIONS; plain ints, floats and strings)."""
+        return {k: getattr(self, k) for k in RESUMED_OPTIONS} | {"data": str(Path(self.data).resolve())}
+
+    def given_options(self) -> frozenset[str]:
+        """RESUMED_OPTIONS set explicitly: ``given``, or else those that differ from the defaults."""
+        if self.given is not None:
+            return frozenset(self.given)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return frozenset(k for k in RESUMED_OPTIONS if k == "data" and self.data is not None
+                         or k != "data" and getattr(self, k) != defaults[k])
+
+
+def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict[str, tuple]]:
+    """``cfg`` with the options it leaves out taken from a checkpoint's saved ``args``, and the
+    explicit ones that differ from the checkpoint: {name: (saved, now)}. Options the checkpoint
+    does not hold (an older one) keep ``cfg``'s value."""
+    given = cfg.given_options()
+    taken, changed = {}, {}
+    for k in RESUMED_OPTIONS:
+        if k not in saved:
+            continue
+        if k not in given:
+            taken[k] = saved[k]
+        else:
+            now = str(Path(cfg.data).resolve()) if k == "data" else getattr(cfg, k)
+            if now != saved[k]:
+                changed[k] = (saved[k], now)
+    resolved = dataclasses.replace(cfg, **taken)
+    resolved.check()
+    return resolved, changed
 
 
 @dataclass
@@ -450,6 +493,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     d = dist_from_env()
     out = Path(cfg.output)
+    state = None
+    if cfg.resume:  # the checkpoint's options first: they say which data and window length to read
+        check_output_dir(out, resume=True, overwrite=False)
+        state = load_trainer_state(out)
+        cfg, _ = resumed_config(cfg, state.get("args", {}))  # _note_changes reports the differences
     device = resolve_device(cfg.device, d)
     check_backend(cfg.backend, device)
     # Every rank runs the same checks on the same files, so all fail alike before any collective.
@@ -457,9 +505,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_tokens, val_tokens = split_train_val(tokens, cfg.seq_len, cfg.val_fraction, source=cfg.data)
     check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
 
-    state = None
     if cfg.resume:
-        state = load_trainer_state(out)
         try:
             model = from_pretrained(out)
         except CheckpointError as e:
@@ -621,9 +667,12 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state,
 
 
 def _note_changes(state: dict, cfg: TrainConfig, d: Dist, report: _Reporter) -> None:
+    """Say what a resumed run continues with: the checkpoint's options, and every explicit option
+    (or the process count) that differs from the checkpoint."""
     saved = dict(state.get("args", {}), world_size=state.get("world_size"))
     now = dict(cfg.hyperparameters(), world_size=d.world_size)
-    report.line(f"resuming {cfg.output} at step {state['step']}")
+    report.line(f"resuming {cfg.output} at step {state['step']} with the checkpoint's options except "
+                f"those given: " + ", ".join(f"{k}={now[k]}" for k in RESUMED_OPTIONS if k != "data"))
     for k, v in now.items():
         if k in saved and saved[k] != v:
             report.line(f"note: {k} is {v} now, {saved[k]} in the checkpoint; continuing with {v}")
@@ -633,39 +682,42 @@ def _note_changes(state: dict, cfg: TrainConfig, d: Dist, report: _Reporter) -> 
 
 # --- command line ----------------------------------------------------------------------------------
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `train` options (used by `xlstm-export train` and `python -m xlstm_export.train`)."""
+    """The `train` options (used by `xlstm-export train` and `python -m xlstm_export.train`).
+
+    The options in RESUMED_OPTIONS default to None here: left out, a fresh run takes TrainConfig's
+    default and a resumed run the checkpoint's value (``config_from_args`` records which were given).
+    """
     dflt = TrainConfig(data="", output="")
-    p.add_argument("--data", required=True, help="training text file; its bytes are the tokens")
+    kept = "; --resume: the checkpoint's"
+
+    def opt(flag: str, typ, help_text: str) -> None:
+        name = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=typ, default=None, help=f"{help_text} (default {getattr(dflt, name)}{kept})")
+
+    p.add_argument("--data", default=None,
+                   help="training text file; its bytes are the tokens (required, except with --resume: the checkpoint's)")
     p.add_argument("-o", "--output", required=True, help="checkpoint directory (config.json, "
                    f"model.safetensors, {TRAINER_STATE_NAME})")
     p.add_argument("--preset", default=None, help="model preset for a fresh run (default: tiny)")
-    p.add_argument("--steps", type=int, default=dflt.steps, help=f"total optimizer steps (default {dflt.steps})")
-    p.add_argument("--seq-len", type=int, default=dflt.seq_len, help=f"tokens per window (default {dflt.seq_len})")
-    p.add_argument("--batch-size", type=int, default=dflt.batch_size,
-                   help=f"windows per step and per process (default {dflt.batch_size})")
-    p.add_argument("--lr", type=float, default=dflt.lr, help=f"peak learning rate (default {dflt.lr})")
-    p.add_argument("--min-lr", type=float, default=dflt.min_lr,
-                   help=f"learning rate at the last step (default {dflt.min_lr})")
-    p.add_argument("--warmup", type=int, default=dflt.warmup, help=f"linear warmup steps (default {dflt.warmup})")
-    p.add_argument("--weight-decay", type=float, default=dflt.weight_decay,
-                   help=f"AdamW weight decay on weight matrices (default {dflt.weight_decay})")
-    p.add_argument("--grad-clip", type=float, default=dflt.grad_clip,
-                   help=f"max gradient norm, 0 = off (default {dflt.grad_clip})")
-    p.add_argument("--eval-every", type=int, default=dflt.eval_every,
-                   help=f"steps between eval losses (default {dflt.eval_every})")
-    p.add_argument("--eval-batches", type=int, default=dflt.eval_batches,
-                   help=f"validation batches per eval (default {dflt.eval_batches})")
-    p.add_argument("--save-every", type=int, default=dflt.save_every,
-                   help=f"steps between checkpoints, 0 = only at the end (default {dflt.save_every})")
-    p.add_argument("--log-every", type=int, default=dflt.log_every,
-                   help=f"steps between log lines without a progress bar (default {dflt.log_every})")
-    p.add_argument("--val-fraction", type=float, default=dflt.val_fraction,
-                   help=f"tail of the file held out for eval, 0 = eval on the training text (default {dflt.val_fraction})")
-    p.add_argument("--seed", type=int, default=dflt.seed, help=f"init and data seed (default {dflt.seed})")
+    opt("--steps", int, "total optimizer steps")
+    opt("--seq-len", int, "tokens per window")
+    opt("--batch-size", int, "windows per step and per process")
+    opt("--lr", float, "peak learning rate")
+    opt("--min-lr", float, "learning rate at the last step")
+    opt("--warmup", int, "linear warmup steps")
+    opt("--weight-decay", float, "AdamW weight decay on weight matrices")
+    opt("--grad-clip", float, "max gradient norm, 0 = off")
+    opt("--eval-every", int, "steps between eval losses")
+    opt("--eval-batches", int, "validation batches per eval")
+    opt("--save-every", int, "steps between checkpoints, 0 = only at the end")
+    opt("--log-every", int, "steps between log lines without a progress bar")
+    opt("--val-fraction", float, "tail of the file held out for eval, 0 = eval on the training text")
+    opt("--seed", int, "init and data seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--backend", default=None, help="cell backend for this run: auto, torch, triton (default: the config's)")
     p.add_argument("--tokenizer", choices=["bytes"], default="bytes", help="byte-level tokens (vocab 256)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in -o exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in -o exactly, with its saved options unless given here")
     p.add_argument("--overwrite", action="store_true", help="start over, replacing the checkpoint in -o")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (after saving) at this step; the schedule still spans --steps")
@@ -674,8 +726,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f for f in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    """The TrainConfig of parsed arguments; RESUMED_OPTIONS left out (None) are not passed and
+    ``given`` names the ones that were."""
+    names = {f for f in TrainConfig.__dataclass_fields__} - {"given"}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    given = frozenset(k for k in RESUMED_OPTIONS if values.get(k) is not None)
+    values = {k: v for k, v in values.items() if k not in RESUMED_OPTIONS or k in given}
+    return TrainConfig(**{"data": None, **values}, given=given)
 
 
 def run_train(args: argparse.Namespace) -> int:
