@@ -327,8 +327,9 @@ def _compiled_cells(trt, network, nodes: list[tuple[str, str]]) -> tuple[list[di
     naming its node and call site: a node's layers span from its first to its last tagged layer
     (untagged helpers and loop boundaries in between included). A plugin layer there: "plugin";
     loop boundary layers: "loop" (the loops named after the body's Loop / Scan nodes); else
-    "inline". Returns (one dict per node, the distinct loop names in the network: a body inlined
-    twice gives its loops the same names, so that is a lower bound of the loop count).
+    "inline"; "unknown" where no layer names the node. Returns (one dict per node, the distinct
+    loop names in the network: a body inlined twice gives its loops the same names, so their count
+    is a lower bound of the loop count).
     """
     loop_types = {trt.LayerType.TRIP_LIMIT, trt.LayerType.RECURRENCE, trt.LayerType.ITERATOR,
                   trt.LayerType.LOOP_OUTPUT}
@@ -337,15 +338,16 @@ def _compiled_cells(trt, network, nodes: list[tuple[str, str]]) -> tuple[list[di
     layers = [network.get_layer(j) for j in range(network.num_layers)]
     names = {name for name, _ in nodes}
     span: dict[str, list[int]] = {}
-    for j, layer in enumerate(layers):
-        for name in _layer_nodes(layer.metadata) & names:
+    for j, layer in enumerate(layers):  # a plugin layer also carries its node's name
+        for name in (_layer_nodes(getattr(layer, "metadata", "")) | {layer.name}) & names:
             span.setdefault(name, [j, j])[1] = j
     all_loops = sorted({_loop_name(trt, layer) for layer in layers if layer.type in loop_types})
     cells = []
     for name, op in nodes:
-        if name not in span:
-            raise RuntimeError(f"no network layer carries the metadata of node {name} ({op}): the parser "
-                               "tags layers differently than expected; cannot report how it was compiled")
+        if name not in span:  # a parser that tags layers otherwise: say so, do not guess
+            log.warning("no network layer names node %s (%s) in its metadata: its compilation is unknown", name, op)
+            cells.append({"node": name, "op": op, "compiled_as": "unknown", "layers": 0, "loops": []})
+            continue
         first, last = span[name]
         own = layers[first:last + 1]
         loops = sorted({_loop_name(trt, lay) for lay in own if lay.type in loop_types})
@@ -415,6 +417,9 @@ def build_engine(
                 "networks are strongly typed (the precision is the ONNX model's): re-export with "
                 f"--dtype {precision}, or build without a precision flag")
     rt = _runtime(runtime or default_runtime())
+    if rt.name == "tensorrt" and runtime_available("tensorrt") and not _cuda_gpu():
+        raise RuntimeError("TensorRT builds engines on a CUDA GPU and none is available here; --runtime "
+                           "tensorrt-rtx builds from the function bodies without one")
     if plugins is None:
         plugins = rt.plugins
     if plugins and not rt.plugins:
