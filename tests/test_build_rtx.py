@@ -146,15 +146,16 @@ def _cell_onnx(tmp_path):
     return path
 
 
-def _run_build(capsys, *args) -> tuple[int, list[str]]:
+def _run_build(capsys, *args) -> tuple[int, str, list[str]]:
+    """(exit code, stdout, stderr lines) of `xlstm-export build ARGS`."""
     capsys.readouterr()
     code = main(["build", *map(str, args)])
     out = capsys.readouterr()
-    return code, [line for line in out.err.splitlines() if line.strip()]
+    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
 
 
 def assert_refused(capsys, args, fragment: str, folder) -> None:
-    code, err = _run_build(capsys, *args)
+    code, _, err = _run_build(capsys, *args)
     assert code == 2 and len(err) == 1 and fragment in err[0], (code, err)
     assert not [p for p in os.listdir(folder) if ".engine" in p], os.listdir(folder)
 
@@ -219,8 +220,9 @@ def test_record_follows_its_engine_and_its_onnx(tmp_path, capsys):
     cell = _cell_onnx(tmp_path)
     engine = tmp_path / "m.engine"
     for seq in ((1, 4, 8), (1, 16, 64)):
-        code, err = _run_build(capsys, cell, "-o", engine, "--seq", *seq, "--batch", 1, 1, 2)
+        code, out, err = _run_build(capsys, cell, "-o", engine, "--seq", *seq, "--batch", 1, 1, 2)
         assert code == 0, err
+        assert "TensorRT-RTX" in out and "xlstm::sLSTM  loop" in out and f"sequence 1/{seq[1]}/{seq[2]}" in out, out
         assert read_build_info(engine)["profiles"][0]["sequence"] == list(seq)
     other = tmp_path / "other.onnx"
     onnx.save(onnx_functions.cell_model("sLSTM", "float32", dims={"NH": 2, "DH": 8}), str(other))
