@@ -205,3 +205,21 @@ def test_stop_strings_cut_before_the_first_match():
     # No stop strings: every piece as soon as it is whole.
     pieces, ts = _stop_stream("plain → text", [])
     assert "".join(pieces) == "plain → text" and not ts.stopped
+
+
+def test_special_tokens_encode_and_decode_like_transformers(tmp_path):
+    """A tokenizer.json whose post-processor adds a BOS: ids as transformers' tokenizer gives them,
+    and decode drops the special tokens as ``decode(skip_special_tokens=True)`` does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import processors
+
+    bpe = train_bpe()
+    bpe.post_processor = processors.TemplateProcessing(single=f"{EOS} $A:0", special_tokens=[(EOS, 0)])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "bos_token": EOS}))
+    ours = load_tokenizer(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in CORPUS:
+        ids = ours.encode(text)
+        assert ids[0] == 0 and ids == hf(text)["input_ids"]
+        assert ours.decode(ids + [0]) == hf.decode(ids + [0], skip_special_tokens=True) == text

@@ -40,7 +40,10 @@ class Tokenizer:
     """Text <-> ids over a `tokenizers.Tokenizer`, with the model's EOS ids.
 
     ``encode`` adds the tokenizer's own special tokens (its post-processor, e.g. a BOS) as
-    transformers does; ``decode`` skips special tokens (EOS, BOS, padding).
+    transformers does; ``decode`` skips special tokens (EOS, BOS, padding). Like transformers 5,
+    it leaves tokenizer_config.json's add_bos_token / add_eos_token and
+    clean_up_tokenization_spaces aside (transformers 5.24 keeps tokenizer.json's post-processor
+    and skips the clean-up for BPE).
     """
 
     def __init__(self, backend, eos_token_ids: tuple[int, ...] = (), *, source: str = ""):
@@ -161,6 +164,13 @@ def load_tokenizer(path) -> Tokenizer | None:
     return Tokenizer(backend, _eos_ids(directory, backend), source=str(directory))
 
 
+def _special_token(config: dict, name: str) -> str | None:
+    token = config.get(name)
+    if isinstance(token, dict):  # {"content": "</s>", ...}
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
 def tokenizer_for(path, vocab_size: int | None) -> Tokenizer | None:
     """The tokenizer to run a model with: its files (``path``: a model directory or an .onnx /
     engine file; None for a preset), else the byte tokenizer for a vocabulary of 256 (this
@@ -203,10 +213,8 @@ def _eos_ids(directory: Path, backend) -> tuple[int, ...]:
         if ids is not None:
             return ids
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        token = _read_json(directory / name).get("eos_token")
-        if isinstance(token, dict):  # {"content": "</s>", ...}
-            token = token.get("content")
-        if isinstance(token, str):
+        token = _special_token(_read_json(directory / name), "eos_token")
+        if token is not None:
             tid = backend.token_to_id(token)
             if tid is None:
                 raise TokenizerError(f"{directory / name}: eos_token {token!r} is not in {TOKENIZER_FILE}")
