@@ -230,7 +230,8 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 def checkpoint_dtype(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> torch.dtype:
     """The dtype a checkpoint is kept in: that of its floating-point tensors (where they mix, the
-    dtype holding most elements, e.g. bfloat16 weights beside float32 biases).
+    dtype holding most elements, e.g. bfloat16 weights beside float32 biases). The values need only
+    ``.dtype`` and ``.shape`` (tensors, or the locations of tensors not yet read).
 
     Raises ``CheckpointError`` when it cannot be kept: integer / quantized tensors, or a floating
     dtype the model does not compute in (float8): the message says so and how to convert.
@@ -244,7 +245,7 @@ def checkpoint_dtype(state_dict: dict[str, torch.Tensor], source: str = "checkpo
                 f"{source}: tensor {name!r} is {str(t.dtype).replace('torch.', '')}: not a floating-point "
                 "weight (quantized checkpoints are not supported)"
             )
-        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        counts[t.dtype] = counts.get(t.dtype, 0) + _numel(t.shape)
     if not counts:
         raise CheckpointError(f"{source}: no tensors")
     dtype = max(counts, key=lambda d: (counts[d], d.itemsize))

@@ -187,6 +187,24 @@ def test_model_computes_in_its_dtype():
         assert logits.dtype == dtype and {v.dtype for v in state.values()} == {torch.float32}
 
 
+def test_from_state_dict_takes_the_tensors_in_their_dtype():
+    """Built on the meta device, the model holds the given tensors themselves (no second copy, no
+    float32 detour for bfloat16), tied weights stay tied; another dtype on request; and a
+    checkpoint dtype that cannot be kept is refused with the reason."""
+    src = xLSTMLM(preset("tiny", tie_weights=True)).to(torch.bfloat16)
+    sd = {k: v.clone() for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    model = xLSTMLM.from_state_dict(src.config, sd)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert all(p.data_ptr() == sd[k].data_ptr() for k, p in model.named_parameters())
+    assert model.lm_head.weight is model.embedding.weight
+    assert all(p.requires_grad for p in model.parameters())
+    assert xLSTMLM.from_state_dict(src.config, sd, "fp64").dtype == torch.float64
+    with pytest.raises(CheckpointError, match="float8_e5m2 cannot be kept"):
+        xLSTMLM.from_state_dict(src.config, {k: v.to(torch.float8_e5m2) for k, v in sd.items()})
+    with pytest.raises(ValueError, match="unknown model dtype 'int8'"):
+        xLSTMLM.from_state_dict(src.config, sd, "int8")
+
+
 def test_generate_greedy_matches_argmax_loop():
     torch.manual_seed(0)
     model = xLSTMLM(preset("tiny", backend="torch")).eval()
