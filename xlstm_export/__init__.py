@@ -29,8 +29,9 @@ _API: dict[str, str] = {
     "ExportError": ".export", "export_onnx": ".export",
     "OrtModel": ".ort",
     "compare_runners": ".validate", "validate_onnx": ".validate",
-    # TensorRT (needs the tensorrt package at call time)
+    # TensorRT / TensorRT-RTX engines (each needs its package at call time; running needs a GPU)
     "TrtModel": ".tensorrt", "build_engine": ".tensorrt", "tensorrt_available": ".tensorrt",
+    "read_build_info": ".engine",
     # generation and tokenizers (the module ``xlstm_export.generate`` keeps the name ``generate``)
     "generate_batch": ".generate", "generate_text": ".generate", "torch_runner": ".generate",
     "Tokenizer": ".tokenizer", "TokenizerError": ".tokenizer", "byte_tokenizer": ".tokenizer",
