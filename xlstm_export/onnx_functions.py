@@ -260,14 +260,15 @@ def _mlstm_chunkwise() -> _Builder:
     log_f = g.op("Pad", _PRE["logf"], pads3, zero_f)  # (B, NH, NC*Lc)
     ig = g.op("Pad", _PRE["i"], pads3, ninf)  # (B, NH, NC*Lc)
 
-    # chunked views
+    # chunked views (allowzero=1: no dim of these shapes is 0-as-copy, and TensorRT then need not
+    # plan for a data-dependent 0)
     b_nh, dqk, dv = _PRE["b_nh"], _PRE["dqk"], _PRE["dv"]
-    g.op("Reshape", q, g.op("Concat", b_nh, nc, lc, dqk, axis=0), out=["ch_Qc"])  # (B, NH, NC, Lc, DQK)
-    g.op("Reshape", k, g.op("Concat", b_nh, nc, lc, dqk, axis=0), out=["ch_Kc"])  # (B, NH, NC, Lc, DQK)
-    g.op("Reshape", v, g.op("Concat", b_nh, nc, lc, dv, axis=0), out=["ch_Vc"])  # (B, NH, NC, Lc, DV)
+    g.op("Reshape", q, g.op("Concat", b_nh, nc, lc, dqk, axis=0), out=["ch_Qc"], allowzero=1)  # (B, NH, NC, Lc, DQK)
+    g.op("Reshape", k, g.op("Concat", b_nh, nc, lc, dqk, axis=0), out=["ch_Kc"], allowzero=1)  # (B, NH, NC, Lc, DQK)
+    g.op("Reshape", v, g.op("Concat", b_nh, nc, lc, dv, axis=0), out=["ch_Vc"], allowzero=1)  # (B, NH, NC, Lc, DV)
     sh4 = g.op("Concat", b_nh, nc, lc, axis=0)
-    ic = g.op("Reshape", ig, sh4, hint="ic")  # (B, NH, NC, Lc)
-    bcum = g.op("CumSum", g.op("Reshape", log_f, sh4), g.const(3), hint="bcum")  # (B, NH, NC, Lc)
+    ic = g.op("Reshape", ig, sh4, hint="ic", allowzero=1)  # (B, NH, NC, Lc)
+    bcum = g.op("CumSum", g.op("Reshape", log_f, sh4, allowzero=1), g.const(3), hint="bcum")  # (B, NH, NC, Lc)
     g_last = g.op("Slice", bcum, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([3]))  # (B,NH,NC,1)
     g.op("Squeeze", g_last, g.const([3]), out=["ch_G"])  # (B, NH, NC)  b_L
     g.op("Add", g.op("Sub", g_last, bcum), ic, out=["ch_A"])  # (B, NH, NC, Lc)  a_s = b_L - b_s + i_s
@@ -300,7 +301,7 @@ def _mlstm_chunkwise() -> _Builder:
     qn = g.op("Add", g.reduce("ReduceSum", scores, [-1]), g.op("Mul", w_inter, q_nprev))  # (B, NH, NC, Lc)
     den = g.op("Add", g.op("Max", g.op("Abs", qn), g.op("Exp", g.op("Neg", m_t))), _PRE["eps"])
     h = g.op("Div", num, g.unsqueeze(den, [-1]))  # (B, NH, NC, Lc, DV)
-    h = g.op("Reshape", h, g.op("Concat", b_nh, g.op("Mul", nc, lc), dv, axis=0))  # (B, NH, NC*Lc, DV)
+    h = g.op("Reshape", h, g.op("Concat", b_nh, g.op("Mul", nc, lc), dv, axis=0), allowzero=1)  # (B, NH, NC*Lc, DV)
     g.op("Slice", h, g.const([0]), s, g.const([2]), out=["ch_h_out"])  # (B, NH, S, DV)
     return g
 
