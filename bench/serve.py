@@ -1,8 +1,8 @@
 """Benchmark: `xlstm-export serve` under concurrent streamed completions (continuous batching).
 
 For each model, the export runs in a real server process (``xlstm-export serve model.onnx``,
-onnxruntime with the native CPU kernels) on 127.0.0.1; this process is the client (asyncio +
-httpx, streamed completions, ``ignore_eos``). At each concurrency level C, C client workers each
+onnxruntime with the native CPU kernels) on 127.0.0.1; this process is the client (plain
+asyncio streams, one keep-alive connection per worker; streamed completions, ``ignore_eos``). At each concurrency level C, C client workers each
 send requests back to back (closed loop) until the level's requests are done:
 
 - aggregate generated tokens/s = tokens received / wall time of the level (prefill included);
@@ -80,46 +80,81 @@ def metrics(client_sync, url: str) -> dict[str, float]:
     return out
 
 
-async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to first token, seconds to the end, tokens) of one streamed completion."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    t0 = time.perf_counter()
-    first, n = None, 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                raise RuntimeError(ev["error"])
-            k = sum(len(c.get("token_ids", ())) for c in ev["choices"])
-            if k and first is None:
-                first = time.perf_counter() - t0
-            n += k
-    return first, time.perf_counter() - t0, n
+class _Connection:
+    """One keep-alive HTTP/1.1 connection of a client worker, on plain asyncio streams: the client
+    shares the machine with the server, so it does as little per streamed event as it can (no
+    HTTP library, no JSON parsing: tokens are counted from each event's "token_ids" array)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def post_stream(self, body: dict) -> tuple[float, float, int]:
+        """(seconds to first token, seconds to the end, tokens) of one streamed completion."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        t0 = time.perf_counter()
+        self.writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(data), data))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"HTTP error: {head[:200]!r} {await self.reader.read(500)!r}")
+        if b"chunked" not in head.lower():
+            raise RuntimeError(f"expected a chunked event stream, got {head!r}")
+        first, n, buf, done = None, 0, b"", False
+        while True:  # chunked transfer encoding
+            size = int((await self.reader.readline()).strip(), 16)
+            if size == 0:
+                await self.reader.readline()
+                break
+            buf += (await self.reader.readexactly(size + 2))[:-2]
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if ev == b"data: [DONE]":
+                    done = True
+                    continue
+                if b'"error"' in ev:
+                    raise RuntimeError(ev.decode())
+                j = ev.find(b'"token_ids":[')
+                if j < 0:
+                    continue
+                ids = ev[j + 13 : ev.index(b"]", j)]
+                k = ids.count(b",") + 1 if ids else 0
+                if k and first is None:
+                    first = time.perf_counter() - t0
+                n += k
+        if not done:
+            raise RuntimeError("the stream ended without [DONE]")
+        return first, time.perf_counter() - t0, n
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 async def level(url: str, concurrency: int, n_requests: int, prompt_len: int, max_tokens: int, vocab: int,
                 seed: int) -> dict:
-    import httpx
-
+    host, port = url.split("//")[1].split(":")
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(n_requests)]
     queue = list(range(n_requests))
     results = []
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        async def worker():
+
+    async def worker():
+        conn = _Connection(host, int(port))
+        try:
             while queue:
                 j = queue.pop()
-                results.append(await one_request(client, url, prompts[j], max_tokens))
+                body = {"model": "bench", "prompt": prompts[j], "max_tokens": max_tokens, "temperature": 0,
+                        "stream": True, "ignore_eos": True}
+                results.append(await conn.post_stream(body))
+        finally:
+            conn.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
     ttft = sorted(r[0] for r in results)
     tokens = sum(r[2] for r in results)
     assert tokens == n_requests * max_tokens, (tokens, n_requests * max_tokens)

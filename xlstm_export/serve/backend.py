@@ -64,6 +64,16 @@ def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str 
                    label, pool.vocab_size)
 
 
+def _session_options():
+    """onnxruntime options for serving: worker threads sleep between runs instead of spinning,
+    because the HTTP layer and the scheduler need the same cores between decode steps."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool):
     from ..ort import OrtModel
 
@@ -74,12 +84,12 @@ def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool
         from ..plugins.cpu_build import CompilerNotFoundError
 
         try:
-            model = OrtModel(path, native_ops=True)
+            model = OrtModel(path, native_ops=True, session_options=_session_options())
         except CompilerNotFoundError as e:
             log.warning("native CPU kernels unavailable (%s): running the standard-op bodies", e)
-            model, label = OrtModel(path), "onnxruntime"
+            model, label = OrtModel(path, session_options=_session_options()), "onnxruntime"
     else:
-        model, label = OrtModel(path), "onnxruntime"
+        model, label = OrtModel(path, session_options=_session_options()), "onnxruntime"
     capacity = slot_capacity(max_batch, max_state_mb, OrtSlots.bytes_per_slot(model))
     return OrtSlots(model, capacity), label
 
