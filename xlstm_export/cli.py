@@ -47,8 +47,28 @@ def model_info(model) -> dict:
     }
 
 
+def config_info(source: str) -> dict:
+    """``model_info`` from the config alone (a preset or config.json; no weights read or built):
+    the counts come from the model built on the meta device. Adds the checkpoint's stored dtype."""
+    from .export_stream import meta_model
+    from .models import PRESETS, CheckpointError, preset
+    from .models.lazy import lazy_state_dict
+    from .models.model import checkpoint_dtype
+
+    if source in PRESETS:
+        config, stored = preset(source), "float32 (random weights)"
+    elif Path(source).is_dir():
+        config, locations = lazy_state_dict(source)  # config.json and the safetensors headers only
+        stored = str(checkpoint_dtype(locations)).replace("torch.", "")
+    elif Path(source).exists():
+        raise CheckpointError(f"{source}: expected a model directory (config.json + safetensors), got a file")
+    else:
+        raise CheckpointError(f"{source}: no such preset or directory; presets: {', '.join(PRESETS)}")
+    return {**model_info(meta_model(config)), "checkpoint_dtype": stored}
+
+
 def cmd_info(args) -> int:
-    info = model_info(_load_model(args.source))
+    info = config_info(args.source)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -60,19 +80,35 @@ def cmd_info(args) -> int:
     print(f"mLSTM heads       {cfg['num_heads']}")
     if cfg["slstm_at"]:
         print(f"sLSTM heads       {cfg['slstm_num_heads']}  at blocks {cfg['slstm_at']}")
-    print(f"parameters        {info['parameters']:,}")
+    print(f"parameters        {info['parameters']:,}  (stored as {info['checkpoint_dtype']})")
     print(f"state per seq     {info['state_bytes_per_sequence']:,} bytes (float32, {len(info['state_tensors'])} tensors)")
     return 0
 
 
 # --- export / validate / generate / build ---------------------------------------------------------
 def cmd_export(args) -> int:
+    """A model directory streams its weights into the file (export_stream.py: the model is never
+    materialised); a preset is built (random weights) and exported as it is."""
     from .export import export_onnx
+    from .models import PRESETS
 
-    model = _load_model(args.source)
-    path = export_onnx(model, args.output, dtype=args.dtype, progress=not args.quiet, inline=args.inline)
+    if args.source not in PRESETS and Path(args.source).is_dir():
+        from .export_stream import default_export_dtype, export_checkpoint, meta_model
+        from .models.lazy import lazy_state_dict
+        from .models.model import checkpoint_dtype
+
+        config, locations = lazy_state_dict(args.source)  # config.json and the headers only
+        dtype = args.dtype or default_export_dtype(checkpoint_dtype(locations))
+        path = export_checkpoint(args.source, args.output, dtype=dtype, progress=not args.quiet,
+                                 inline=args.inline)
+        n_states = len(meta_model(config).state_spec(1))
+    else:
+        model = _load_model(args.source)
+        dtype = args.dtype or "fp32"
+        path = export_onnx(model, args.output, dtype=dtype, progress=not args.quiet, inline=args.inline)
+        n_states = len(model.state_spec(1))
     kind = ", standard ops only" if args.inline else ""
-    print(f"wrote {path} ({args.dtype}, {len(model.state_spec(1))} state tensors{kind})")
+    print(f"wrote {path} ({dtype}, {n_states} state tensors{kind})")
     return 0
 
 
@@ -497,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export to ONNX with xlstm::mLSTM / xlstm::sLSTM custom ops")
     e.add_argument("source", help=SOURCE_HELP)
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
-    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="weights and logits dtype (states stay float32)")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="weights and logits dtype (states stay float32); default: the checkpoint's dtype "
+                        "(fp32 for presets)")
     e.add_argument("--inline", action="store_true",
                    help="standard ops only: the xlstm function bodies inlined (for OpenVINO and runtimes "
                         "that take neither custom domains nor local functions)")

@@ -168,8 +168,10 @@ def _quiet_loggers() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], opset: int):
-    """torch.export (non-strict, dynamic batch and sequence) -> torch.onnx ONNXProgram."""
+def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], opset: int,
+                    optimize: bool = True):
+    """torch.export (non-strict, dynamic batch and sequence) -> torch.onnx ONNXProgram (optimised
+    unless ``optimize=False``: a meta model's weights are bound first, see export_stream.py)."""
     from torch.export import Dim
 
     device = next(model.parameters()).device
@@ -191,7 +193,7 @@ def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], op
                               f"sequence dims: {type(e).__name__}: {e}") from e
         try:
             program = torch.onnx.export(
-                exported, dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                exported, dynamo=True, opset_version=opset, verbose=False, optimize=optimize,
                 custom_translation_table=_translation_table(),
                 input_names=["input_ids", *(state_input_name(k) for k in keys)],
                 output_names=["logits", *(state_output_name(k) for k in keys)],
@@ -526,6 +528,7 @@ def export_onnx(
     progress: bool = True,
     external_data: bool | None = None,
     inline: bool = False,
+    weights: Any = None,
 ) -> Path:
     """Export ``model`` (an xLSTMLM) to ``path``; returns the path of the written .onnx file.
 
@@ -534,6 +537,9 @@ def export_onnx(
     ``<name>.data``), True / False to force. inline: write standard ops only (the function bodies
     inlined, no ``xlstm`` nodes, no local functions; :func:`inline_xlstm`) for runtimes that take
     neither custom domains nor local functions (OpenVINO). The caller's model is not modified.
+    weights: for a model built on the meta device, the source of its tensors
+    (:class:`xlstm_export.export_stream.StreamedWeights`, used by ``export_checkpoint``): they are
+    read from the checkpoint one at a time while the file is written.
     Raises ValueError for bad arguments, OSError for an unwritable destination, ExportError when
     tracing, translation or the ONNX checker fails; nothing is left at ``path`` on failure.
     """
@@ -566,7 +572,9 @@ def export_onnx(
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         with _export_copy(model, _TORCH_DTYPES[dt]) as m:
-            program = _export_program(m, keys, spec, opset)
+            program = _export_program(m, keys, spec, opset, optimize=weights is None)
+        if weights is not None:
+            weights.bind(program)  # optimises with the checkpoint's tensors bound lazily
         bar.update()
 
         tmp_model = tmpdir / out.name
