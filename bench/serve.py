@@ -12,6 +12,7 @@ send requests back to back (closed loop) until the level's requests are done:
   run of the largest level (twice the tokens): flat means generated tokens cost no memory.
 
     python bench/serve.py                                    # tiny-large and xlstm-large-160m
+    python bench/serve.py --models xlstm-large-160m --requests 4 --waves 1 --no-repeat   # shorter
     python bench/serve.py --models tiny-large --concurrency 1 8 --requests 16   # smoke test
     python bench/serve.py --out /tmp/serve.md --json /tmp/serve.json
 
@@ -64,8 +65,9 @@ def export(name: str, workdir: Path) -> Path:
     from xlstm_export.export import export_onnx
     from xlstm_export.models import load
 
-    path = workdir / f"{name}.onnx"
+    path = workdir / name / f"{name}.onnx"  # a folder each: a tokenizer.json beside it is the model's
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         export_onnx(load(MODELS[name]), path, progress=False)
     return path
@@ -197,7 +199,7 @@ def bench_model(name: str, args) -> dict:
         out["rss_after_warmup_mib"] = rss_mib(server.pid)
         for c in args.concurrency:
             before = metrics(sync, url)
-            n = max(args.requests, 2 * c) if c > 1 else args.requests
+            n = max(args.requests, args.waves * c) if c > 1 else args.requests
             res = asyncio.run(level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
             after = metrics(sync, url)
             steps = after["xlstm_decode_steps_total"] - before["xlstm_decode_steps_total"]
@@ -210,11 +212,12 @@ def bench_model(name: str, args) -> dict:
             print(f"{name} C={c}: {res['tokens_per_s']:.0f} tok/s, TTFT p50 {res['ttft_p50_s'] * 1e3:.0f} ms "
                   f"p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch {res['mean_decode_batch']:.1f}, "
                   f"step {res['mean_step_ms']:.2f} ms, RSS {res['rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
-        again = asyncio.run(level(url, max_c, max(args.requests, 2 * max_c), args.prompt_len, args.max_tokens,
-                                  vocab, 7))
-        out["rss_after_repeat_mib"] = rss_mib(server.pid)
-        out["generated_after_repeat"] = metrics(sync, url)["xlstm_generated_tokens_total"]
-        out["repeat_tokens_per_s"] = again["tokens_per_s"]
+        if args.repeat:
+            again = asyncio.run(level(url, max_c, max(args.requests, args.waves * max_c), args.prompt_len,
+                                      args.max_tokens, vocab, 7))
+            out["rss_after_repeat_mib"] = rss_mib(server.pid)
+            out["generated_after_repeat"] = metrics(sync, url)["xlstm_generated_tokens_total"]
+            out["repeat_tokens_per_s"] = again["tokens_per_s"]
         assert sync.get(f"{url}/health").status_code == 200
     finally:
         server.terminate()
@@ -248,10 +251,12 @@ def markdown(results: list[dict], args, started: str, load: tuple) -> str:
         if target and base and c32:
             got = c32["tokens_per_s"] / base["tokens_per_s"]
             lines += ["", f"Target C=32 >= {target:g}x C=1: {got:.1f}x, {'met' if got >= target else 'missed'}."]
-        lines += [f"Memory: {r['rss_after_warmup_mib']:,.0f} MiB after warm-up; "
-                  f"{lv[-1]['rss_mib']:,.0f} MiB after {lv[-1]['generated_total']:,.0f} generated tokens; "
-                  f"{r['rss_after_repeat_mib']:,.0f} MiB after {r['generated_after_repeat']:,.0f} "
-                  f"(the largest level again: {r['repeat_tokens_per_s']:,.0f} tokens/s).", ""]
+        mem = (f"Memory: {r['rss_after_warmup_mib']:,.0f} MiB after warm-up; "
+               f"{lv[-1]['rss_mib']:,.0f} MiB after {lv[-1]['generated_total']:,.0f} generated tokens")
+        if "rss_after_repeat_mib" in r:
+            mem += (f"; {r['rss_after_repeat_mib']:,.0f} MiB after {r['generated_after_repeat']:,.0f} "
+                    f"(the largest level again: {r['repeat_tokens_per_s']:,.0f} tokens/s)")
+        lines += [mem + ".", ""]
     return "\n".join(lines)
 
 
@@ -259,7 +264,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
-    p.add_argument("--requests", type=int, default=8, help="requests per level at least (2 per worker above C=1)")
+    p.add_argument("--requests", type=int, default=8, help="requests per level at least")
+    p.add_argument("--waves", type=int, default=2, help="requests per worker above C=1 (default: 2)")
+    p.add_argument("--no-repeat", dest="repeat", action="store_false",
+                   help="skip the second run of the largest level (the memory check)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-state-mb", type=float, default=4096)

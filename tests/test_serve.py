@@ -370,3 +370,15 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
         assert main(["serve", *args, "--port", "0"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0] and fragment in err[0], err
+
+
+def test_admission_is_bounded_by_state_memory(served):
+    from xlstm_export.serve import slot_capacity
+
+    om, _, _ = served
+    per_slot = OrtSlots.bytes_per_slot(om)
+    assert per_slot >= 2 * OrtSlots(om, 1).state_bytes  # its rows plus a prefill state
+    assert slot_capacity(64, 5 * per_slot / 2**20, per_slot) == 5  # memory binds before --max-batch
+    assert slot_capacity(3, 1e6, per_slot) == 3
+    with pytest.raises(ValueError, match="holds no sequence"):
+        slot_capacity(8, 0.5 * per_slot / 2**20, per_slot)
