@@ -22,8 +22,12 @@ Precision: OpenVINO's CPU plugin picks its inference precision itself, and on CP
 support (AVX512-BF16 / AMX) its default is bf16 even for a float32 model. The runner therefore sets
 ``INFERENCE_PRECISION_HINT`` from the graph's dtype: f32 for float32 graphs; f16 for float16 graphs
 where the CPU reports FP16 in ``OPTIMIZATION_CAPABILITIES`` (else f32: the plugin then widens the
-fp16 weights and computes in f32, as its documentation says); bf16 likewise. Logits come back as
-float32 numpy (fp16 / bf16 are upcast exactly), states as float32.
+fp16 weights and computes in f32, as its documentation says); f32 for bfloat16 graphs, i.e. float32
+arithmetic over the bf16 weights, as onnxruntime's CPU provider runs them. OpenVINO's own bf16
+arithmetic is too coarse for these cells: on the 7B-style preset it is 0.67 (relative) off the
+float64 PyTorch model in logits after a decode step, where f32 over the bf16 weights stays at
+4e-2 (measured with OpenVINO 2026.4). Logits come back as float32 numpy (fp16 / bf16 are widened
+exactly), states as float32.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .export import _all_nodes, state_input_name, state_output_name
 __all__ = ["OpenVinoModel", "openvino_available"]
 
 # graph dtype -> (OpenVINO inference precision hint, the OPTIMIZATION_CAPABILITIES entry it needs)
-_PRECISION = {"float32": ("f32", "FP32"), "float16": ("f16", "FP16"), "bfloat16": ("bf16", "BF16")}
+_PRECISION = {"float32": ("f32", "FP32"), "float16": ("f16", "FP16"), "bfloat16": ("f32", "FP32")}
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _PROTOBUF_LIMIT = 1_900_000_000  # bytes: larger models go to OpenVINO through a temporary file
 
@@ -89,7 +93,7 @@ class OpenVinoModel:
         if inference_precision is None:
             hint, capability = _PRECISION.get(self.dtype, ("f32", "FP32"))
             if device == "CPU" and capability not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
-                hint = "f32"  # no native fp16 / bf16 arithmetic: computed in f32 over the same weights
+                hint = "f32"  # no native fp16 arithmetic: computed in f32 over the same weights
             inference_precision = hint
         self.inference_precision = inference_precision
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision}
@@ -106,6 +110,8 @@ class OpenVinoModel:
         self._outputs = [self.compiled.output("logits"),
                          *(self.compiled.output(state_output_name(k)) for k in self.state_names)]
         self._state_key_set = set(self.state_names)
+        # OpenVINO's Python API hands a bf16 tensor out as a float16 array over the raw bf16 bits
+        self._bf16_logits = self._outputs[0].get_element_type() == ov.Type.bf16
 
     def _read(self, core):
         """The OpenVINO model of the file: an --inline export as it is; a default export with its
@@ -177,7 +183,10 @@ class OpenVinoModel:
                 raise ValueError(f"state {k!r} has shape {a.shape}, expected {(B, *self.state_shapes[k])}")
             feeds[state_input_name(k)] = a
         res = self._request.infer(feeds)  # share_outputs=False: results are copies
-        logits = np.asarray(res[self._outputs[0]]).astype(np.float32, copy=False)  # (B, S, vocab)
+        logits = np.asarray(res[self._outputs[0]])  # (B, S, vocab)
+        if self._bf16_logits:  # the raw bf16 bits, widened exactly (bf16 is the top half of fp32)
+            logits = (logits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        logits = logits.astype(np.float32, copy=False)
         new_state = {k: np.asarray(res[o], dtype=np.float32)
                      for k, o in zip(self.state_names, self._outputs[1:])}
         return logits, new_state
