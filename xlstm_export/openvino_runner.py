@@ -23,11 +23,12 @@ support (AVX512-BF16 / AMX) its default is bf16 even for a float32 model. The ru
 ``INFERENCE_PRECISION_HINT`` from the graph's dtype: f32 for float32 graphs; f16 for float16 graphs
 where the CPU reports FP16 in ``OPTIMIZATION_CAPABILITIES`` (else f32: the plugin then widens the
 fp16 weights and computes in f32, as its documentation says); f32 for bfloat16 graphs, i.e. float32
-arithmetic over the bf16 weights, as onnxruntime's CPU provider runs them. OpenVINO's own bf16
-arithmetic is too coarse for these cells: on the 7B-style preset it is 0.67 (relative) off the
-float64 PyTorch model in logits after a decode step, where f32 over the bf16 weights stays at
-4e-2 (measured with OpenVINO 2026.4). Logits come back as float32 numpy (fp16 / bf16 are widened
-exactly), states as float32.
+arithmetic over the bf16 weights (ops the graph itself declares bf16 still run in bf16). OpenVINO's
+all-bf16 arithmetic is too coarse for these cells: ``validate_onnx(..., runtime="openvino")`` on a
+bf16 export of the 7B-style test preset puts it at 8.6x its limit (logits 0.67 off float64 after a
+decode step), the f32 hint at 1.3x (worst 0.c, 4.0e-2; onnxruntime passes); measured with
+OpenVINO 2026.4. Logits come back as float32 numpy (fp16 / bf16 are widened exactly), states as
+float32.
 """
 
 from __future__ import annotations
