@@ -320,7 +320,7 @@ def _prometheus(s: Scheduler, http_counts: dict[int, int]) -> str:
            [("", st.decode_rows)])
     for name, h, what in (("step_latency_seconds", st.step_latency, "Decode step latency (one batch)."),
                           ("prefill_latency_seconds", st.prefill_latency, "Prefill chunk latency.")):
-        samples = [(f'{{le="{b:g}"}}', c) for b, c in zip(h.buckets, h.counts)]
+        samples = [(f'{{le="{b:g}"}}', c) for b, c in zip(h.buckets, h.cumulative())]
         samples += [('{le="+Inf"}', h.n), ("_sum", f"{h.total:.6f}"), ("_count", h.n)]
         lines.append(f"# HELP xlstm_{name} {what}")
         lines.append(f"# TYPE xlstm_{name} histogram")

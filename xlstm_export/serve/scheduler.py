@@ -28,6 +28,7 @@ before a sequence is marked finished).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import threading
@@ -38,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .sampling import SamplingParams, greedy, sample_row
+from .sampling import SamplingParams, sample_row
 
 __all__ = ["QueueFullError", "Scheduler", "Sequence", "Stats"]
 
@@ -80,11 +81,15 @@ class _Histogram:
     n: int = 0
 
     def observe(self, seconds: float) -> None:
-        for j, b in enumerate(self.buckets):
-            if seconds <= b:
-                self.counts[j] += 1
+        j = bisect.bisect_left(self.buckets, seconds)  # the first bucket >= seconds
+        if j < len(self.counts):
+            self.counts[j] += 1
         self.total += seconds
         self.n += 1
+
+    def cumulative(self) -> list[int]:
+        """Prometheus' bucket counts: observations <= each bound."""
+        return list(itertools.accumulate(self.counts))
 
 
 @dataclass
@@ -128,6 +133,7 @@ class Scheduler:
         self._cancelled: list[Sequence] = []
         self._prefilling: list[Sequence] = []  # scheduler thread only
         self._running: list[Sequence] = []  # row i of the pool is _running[i]
+        self._last = np.zeros(self.capacity, np.int64)  # (capacity,) row i's last token: its next input
         self._events: list[Sequence] = []
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -250,6 +256,8 @@ class Scheduler:
         return did
 
     def _drop_cancelled(self) -> None:
+        if not self._cancelled:  # unlocked peek; a cancel that lands now is taken next iteration
+            return
         with self._lock:
             cancelled, self._cancelled = self._cancelled, []
         if not cancelled:
@@ -262,6 +270,8 @@ class Scheduler:
             self._finish(s, s._cancel)
 
     def _admit(self) -> None:
+        if not self._waiting:  # unlocked peek, as above
+            return
         with self._lock:
             while self._waiting and len(self._prefilling) + len(self._running) < self.capacity:
                 s = self._waiting.popleft()
@@ -299,12 +309,13 @@ class Scheduler:
         for s in done:
             if s.finish_reason is None:  # joins the running batch
                 self.pool.put(len(self._running), s._state)
+                self._last[len(self._running)] = s.tokens[-1]
                 self._running.append(s)
             s._state = None
 
     def _decode_step(self) -> None:
         n = len(self._running)
-        last = np.fromiter((s.tokens[-1] for s in self._running), np.int64, n)  # (n,)
+        last = self._last[:n]  # (n,) the last token of each row
         t0 = time.perf_counter()
         try:
             logits = self.pool.step(last)  # (n, V)
@@ -315,7 +326,7 @@ class Scheduler:
             self._running = []
             return
         if all(s.params.greedy for s in self._running):
-            toks = greedy(logits).tolist()
+            toks = logits.argmax(axis=-1).tolist()
         else:
             toks = [sample_row(logits[i], s.params, s._rng) for i, s in enumerate(self._running)]
         self.stats.step_latency.observe(time.perf_counter() - t0)
@@ -326,6 +337,7 @@ class Scheduler:
             self._append(s, t)
             if s.finish_reason is not None:
                 ended.append(i)
+        self._last[:n] = toks
         self._remove_rows(ended)
 
     def _remove_rows(self, rows: list[int]) -> None:
@@ -335,6 +347,7 @@ class Scheduler:
             if i != last:
                 self.pool.move(last, i)
                 self._running[i] = self._running[last]
+                self._last[i] = self._last[last]
             self._running.pop()
 
     def _sample(self, s: Sequence, logits: np.ndarray) -> int:
