@@ -31,7 +31,9 @@ def cmd_convert(args) -> int:
     model = _load_model(args.source, dtype=args.dtype)  # None: the checkpoint's dtype
     model.save_pretrained(out)
     dtype = str(model.dtype).replace("torch.", "")
-    print(f"wrote {out}/config.json and {out}/model.safetensors ({model.num_params():,} parameters, {dtype})")
+    tok = sorted(getattr(model, "tokenizer_files", None) or ())
+    tok = f" and {', '.join(tok)}" if tok else ", no tokenizer.json"
+    print(f"wrote {out}/config.json and {out}/model.safetensors ({model.num_params():,} parameters, {dtype}){tok}")
     return 0
 
 
