@@ -344,9 +344,11 @@ def test_bad_requests_get_400_and_the_server_stays_up(served):
                 err = r.json()["error"]
                 assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
                 assert err["param"] == param and err["message"], (body, err)
-            for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
+            for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b"", b"[" * 100_000 + b"]" * 100_000):
                 r = h.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
                 assert r.status_code == 400 and "error" in r.json(), raw
+            r = h.post("/v1/completions", content=b" " * (33 << 20), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "error" in r.json()
             r = h.post("/v1/completions", json={"model": "other", "prompt": "hi"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
             assert h.get("/v1/nowhere").status_code == 404

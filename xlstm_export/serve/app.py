@@ -32,6 +32,7 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger("xlstm_export.serve")
 
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 32 << 20  # a request body larger than this gets 413
 SWITCH_INTERVAL_S = 0.0002  # GIL hand-over interval while serving (Python's default: 0.005)
 
 
@@ -146,9 +147,14 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                 s.sink.event.set()
 
     async def completions(request: Request):
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                return error(413, error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"))
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
             return error(400, error_body(f"the request body is not valid JSON: {e}"))
         try:
             req = parse_completion_request(body, model_name=model_name, tokenizer=tokenizer,
