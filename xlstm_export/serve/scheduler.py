@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .sampling import SamplingParams, sample_row
+from .sampling import SamplingParams, greedy, sample_row
 
 __all__ = ["QueueFullError", "Scheduler", "Sequence", "Stats"]
 
@@ -326,7 +326,7 @@ class Scheduler:
             self._running = []
             return
         if all(s.params.greedy for s in self._running):
-            toks = logits.argmax(axis=-1).tolist()
+            toks = greedy(logits).tolist()
         else:
             toks = [sample_row(logits[i], s.params, s._rng) for i, s in enumerate(self._running)]
         self.stats.step_latency.observe(time.perf_counter() - t0)
