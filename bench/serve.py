@@ -177,7 +177,7 @@ def bench_model(name: str, args) -> dict:
     max_c = max(args.concurrency)
     cmd = [sys.executable, "-m", "xlstm_export.cli", "serve", str(path), "--port", str(port), "--model-name", "bench",
            "--max-batch", str(max_c), "--max-queue", str(4 * max_c), "--max-state-mb", str(args.max_state_mb),
-           "--log-level", "warning"]
+           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = {"model": name, "command": " ".join(cmd[1:]), "levels": []}
     try:
@@ -271,6 +271,7 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-state-mb", type=float, default=4096)
+    p.add_argument("--threads", type=int, default=None, help="the server's onnxruntime threads (default: all)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
     p.add_argument("--out", type=Path, help="write the markdown here (else stdout)")
     p.add_argument("--json", type=Path, help="write the raw figures here")

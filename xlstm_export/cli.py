@@ -360,7 +360,7 @@ def cmd_serve(args) -> int:
         _require_file(target, None)
     run_server(target, host=args.host, port=args.port, max_batch=args.max_batch, max_state_mb=args.max_state_mb,
                max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, name=args.model_name,
-               native_ops=not args.no_native_ops, log_level=args.log_level)
+               native_ops=not args.no_native_ops, threads=args.threads, log_level=args.log_level)
     return 0
 
 
@@ -603,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens per sequence per scheduler step (default: 64)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the file's stem)")
     sv.add_argument("--no-native-ops", action="store_true", help="onnxruntime without the native CPU kernels")
+    sv.add_argument("--threads", type=int, default=None,
+                    help="onnxruntime intra-op threads (default: all cores; the HTTP layer shares them)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
 

@@ -44,12 +44,13 @@ def slot_capacity(max_batch: int, max_state_mb: float, slot_bytes: int) -> int:
 
 
 def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str | None = None,
-                 native_ops: bool = True) -> Backend:
+                 native_ops: bool = True, threads: int | None = None) -> Backend:
+    """``threads``: onnxruntime intra-op threads for an .onnx target (None: all cores)."""
     from ..tokenizer import load_tokenizer
 
     p = Path(target)
     if target.endswith(".onnx"):
-        pool, label = _onnx_pool(p, max_batch, max_state_mb, native_ops)
+        pool, label = _onnx_pool(p, max_batch, max_state_mb, native_ops, threads)
         tokenizer = load_tokenizer(p)
     elif target.endswith((".engine", ".plan")):
         pool, label = _engine_pool(p, max_batch, max_state_mb)
@@ -64,17 +65,21 @@ def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str 
                    label, pool.vocab_size)
 
 
-def _session_options():
+def _session_options(threads: int | None):
     """onnxruntime options for serving: worker threads sleep between runs instead of spinning,
     because the HTTP layer and the scheduler need the same cores between decode steps."""
     import onnxruntime as ort
 
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     return opts
 
 
-def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool):
+def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool, threads: int | None):
     from ..ort import OrtModel
 
     if not path.is_file():
@@ -84,12 +89,12 @@ def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool
         from ..plugins.cpu_build import CompilerNotFoundError
 
         try:
-            model = OrtModel(path, native_ops=True, session_options=_session_options())
+            model = OrtModel(path, native_ops=True, session_options=_session_options(threads))
         except CompilerNotFoundError as e:
             log.warning("native CPU kernels unavailable (%s): running the standard-op bodies", e)
-            model, label = OrtModel(path, session_options=_session_options()), "onnxruntime"
+            model, label = OrtModel(path, session_options=_session_options(threads)), "onnxruntime"
     else:
-        model, label = OrtModel(path, session_options=_session_options()), "onnxruntime"
+        model, label = OrtModel(path, session_options=_session_options(threads)), "onnxruntime"
     capacity = slot_capacity(max_batch, max_state_mb, OrtSlots.bytes_per_slot(model))
     return OrtSlots(model, capacity), label
 
