@@ -118,6 +118,11 @@ def check(path: Path) -> float:
 
 
 def weight_bytes(source: str, dtype_bytes: int) -> int:
+    """Bytes of the weights as stored: a directory's tensors (headers), a preset's parameters."""
+    if Path(source).is_dir():
+        from xlstm_export.models.lazy import lazy_state_dict
+
+        return sum(loc.nbytes for loc in lazy_state_dict(source)[1].values())
     from xlstm_export.cli import config_info
 
     return config_info(source)["parameters"] * dtype_bytes
@@ -128,6 +133,8 @@ def main() -> int:
     ap.add_argument("--cases", nargs="+", default=["160m", "1.3b", "7b"], choices=["160m", "1.3b", "7b"])
     ap.add_argument("--workdir", default="/tmp/xlstm-bench-export", help="checkpoint and .onnx files go here")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint and .onnx files")
+    ap.add_argument("--reuse", action="store_true", help="export the 7B checkpoint already in --workdir "
+                    "(written by an earlier --keep run) instead of writing it again")
     args = ap.parse_args()
     if not Path(TIME).exists():
         print(f"{TIME} is needed (GNU time: apt-get install time)", file=sys.stderr)
@@ -145,7 +152,7 @@ def main() -> int:
     try:
         for name in args.cases:
             source, dtype, src_bytes, how = cases[name]
-            if name == "7b":
+            if name == "7b" and not (args.reuse and (Path(source) / "config.json").is_file()):
                 t0 = time.perf_counter()
                 total = write_7b_checkpoint(Path(source))
                 print(f"wrote {source}: {total / 1e9:.2f} GB of bfloat16 weights in {time.perf_counter() - t0:.0f} s")
@@ -153,6 +160,8 @@ def main() -> int:
             cmd = [sys.executable, "-m", "xlstm_export.cli", "export", source, "-o", str(out),
                    "--dtype", dtype, "--quiet"]
             r = measure(cmd)
+            print(f"{name}: {' '.join(cmd)}: peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, wall {r['wall_s']:.0f} s",
+                  flush=True)
             check_s = check(out)
             wbytes = weight_bytes(source, src_bytes)
             files = [out, *out.parent.glob(out.name + ".data")]
