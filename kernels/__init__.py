@@ -8,7 +8,7 @@ holds unscaled k, the `mlstm_kernels` / transformers convention)::
     h, (c, n, m) = mlstm_cell(q, k, v, i, f, state=None, *, backend="auto", chunk_size=64, eps=1e-6)
     # q, k: (B, NH, S, DHQK)   v: (B, NH, S, DHV)   i, f: (B, NH, S) gate pre-activations
     # state: None or (c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)), all float32
-    # h: (B, NH, S, DHV) in the dtype of v; the final state is float32
+    # h: (B, NH, S, DHV) in the dtype of v; the final state is float32 (float64 for float64 inputs)
 
 sLSTM (head-first, block-diagonal recurrence, gate order i, f, z, o)::
 
@@ -17,13 +17,13 @@ sLSTM (head-first, block-diagonal recurrence, gate order i, f, z, o)::
     # r: (NH, DH, 4*DH)    recurrent weights: pre-activations += h_{t-1} @ r[head]
     # b: (NH, 4*DH)        bias, same gate-major layout
     # state: None or (h, c, n, m), each (B, NH, DH) float32
-    # y: (B, NH, S, DH) in the dtype of x; the final state is float32
+    # y: (B, NH, S, DH) in the dtype of x; the final state is float32 (float64 for float64 inputs)
 
 A state of all zeros is a fresh sequence (identical to ``state=None``).
 
 Backends live in small dict registries. "torch" is the pure-PyTorch reference (runs anywhere),
 "triton" the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), and "auto" picks Triton on
-CUDA tensors and the reference elsewhere. Other layers (the ONNX exporter's custom ops) add
+CUDA tensors (float32 / float16 / bfloat16) and the reference elsewhere (float64 included). Other layers (the ONNX exporter's custom ops) add
 entries with :func:`register_backend`.
 """
 
@@ -98,12 +98,14 @@ def _slstm_triton(x, r, b, state=None):
 
 
 def _mlstm_auto(q, *args, **kwargs):
-    fn = _mlstm_triton if q.is_cuda and triton_available() else _mlstm_torch
+    # float64 (a float64 model computes in float64 end to end) runs the reference: the Triton
+    # kernels take float32 / float16 / bfloat16
+    fn = _mlstm_triton if q.is_cuda and q.dtype != torch.float64 and triton_available() else _mlstm_torch
     return fn(q, *args, **kwargs)
 
 
 def _slstm_auto(x, r, *args, **kwargs):
-    use_triton = x.is_cuda and triton_available()
+    use_triton = x.is_cuda and x.dtype != torch.float64 and triton_available()
     if use_triton:  # the fused kernel keeps r on chip; larger heads run the reference
         from .slstm.fused_recurrent import MAX_HEAD_DIM
 
