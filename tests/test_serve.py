@@ -383,3 +383,39 @@ def test_admission_is_bounded_by_state_memory(served):
     assert slot_capacity(3, 1e6, per_slot) == 3
     with pytest.raises(ValueError, match="holds no sequence"):
         slot_capacity(8, 0.5 * per_slot / 2**20, per_slot)
+
+
+def test_serve_command_serves_until_terminated(served):
+    """`xlstm-export serve model.onnx` as a user runs it: a process that answers, then exits on SIGTERM."""
+    import socket
+    import subprocess
+    import sys
+
+    om, tok, _ = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_export.cli", "serve", str(om.path), "--port", str(port),
+                             "--max-batch", "4", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        deadline = time.monotonic() + 120  # a fresh process: imports and the native kernels' load
+        while not up():
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        r = client(url).completions.create(model="small", prompt="Hi", max_tokens=4, temperature=0)
+        assert r.choices[0].model_extra["token_ids"] == solo(om, tok.encode("Hi"), 4)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=MAX_WAIT_S)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert proc.returncode in (0, -15) and "Traceback" not in out, out
+    assert "serving small (onnxruntime (native CPU kernels); 4 sequence slots" in out
