@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-openvino = pytest.importorskip("openvino", reason="the OpenVINO runner needs the openvino package (the test extra brings it)")
+openvino = pytest.importorskip("openvino", reason="the OpenVINO runner needs the openvino package "
+                                                   "(the test extra brings it)")
 
 from xlstm_export import contract as C  # noqa: E402
 from xlstm_export.cli import main  # noqa: E402
