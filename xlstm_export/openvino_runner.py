@@ -105,8 +105,9 @@ class OpenVinoModel:
             self.compiled = core.compile_model(ov_model, device, config)
         except NotAnXLSTMModelError:
             raise
-        except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
-            raise NotAnXLSTMModelError(f"{self.path}: OpenVINO cannot load it on {device}: {e}") from e
+        except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report: one line here
+            raise NotAnXLSTMModelError(f"{self.path}: OpenVINO cannot load it on {device}: "
+                                       f"{' '.join(str(e).split())}") from e
         self._request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output("logits"),
                          *(self.compiled.output(state_output_name(k)) for k in self.state_names)]
