@@ -127,6 +127,7 @@ def cmd_validate(args) -> int:
         _require_openvino()
     bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
     step = lambda _: bar.update(1)  # noqa: E731
+    limits = {"factor": args.factor, "atol": args.atol, "median": args.median}
     if args.engine:
         from .ort import OrtModel
         from .tensorrt import TrtModel
@@ -134,15 +135,27 @@ def cmd_validate(args) -> int:
         _require_file(args.engine, None)
         _check_engine_source(args.engine, args.model)
         ort_model = OrtModel(args.model)
-        report = compare_runners(
-            TrtModel(args.engine), ort_model.run, vocab_size=ort_model.vocab_size,
-            dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
-        )
+        if args.source:  # TensorRT against PyTorch in float64, limits from PyTorch in the dtype
+            from .validate import torch_reference, torch_runner
+
+            model = _load_model(args.source)
+            report = compare_runners(
+                TrtModel(args.engine), torch_reference(model), baseline=torch_runner(model, ort_model.dtype),
+                vocab_size=ort_model.vocab_size, dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
+                **limits)
+        else:
+            if any(v is not None for v in limits.values()):
+                raise UserError("--factor / --atol / --median need --source (limits come from PyTorch in "
+                                "the export's dtype)")
+            report = compare_runners(
+                TrtModel(args.engine), ort_model.run, vocab_size=ort_model.vocab_size,
+                dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
+            )
     else:
         if not args.source:
             raise UserError("validate needs --source SRC (the PyTorch model) or --engine PLAN")
         report = validate_onnx(args.model, _load_model(args.source), native_ops=args.native_ops,
-                               runtime=args.runtime, cases=VALIDATE_CASES, progress=step)
+                               runtime=args.runtime, cases=VALIDATE_CASES, progress=step, **limits)
     bar.close()
     print(report.table(all_rows=args.all))
     return 0 if report.ok else 1
@@ -456,8 +469,8 @@ def cmd_run(args) -> int:
     bar.close()
     worst = report.worst()
     ok &= report.ok
-    summary.append(("validate", f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} comparisons, worst rel "
-                                f"err {worst.rel:.1e} ({worst.name}, limit {worst.limit:.0e})"))
+    summary.append(("validate", f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} comparisons against "
+                                f"PyTorch in float64, worst err {worst.err:.1e} ({worst.name}, limit {worst.limit:.1e})"))
 
     prompt = np.array([list(b"The xLSTM ")], np.int64) % model.config.vocab_size
     n = args.max_new_tokens
@@ -480,7 +493,7 @@ def cmd_run(args) -> int:
         native_same = bool(np.array_equal(ref.tokens, native_gen.tokens))
         ok &= native_report.ok and native_same
         summary.append(("native kernels", f"{'PASS' if native_report.ok else 'FAIL'}: onnxruntime with the native "
-                                        f"CPU kernels vs PyTorch, worst rel err {native_report.worst().rel:.1e}; "
+                                        f"CPU kernels vs PyTorch, worst rel err {native_report.worst().err:.1e}; "
                                         f"greedy tokens {'==' if native_same else '!='} PyTorch; decode "
                                         f"{native_gen.ms_per_token:.2f} ms/token"))
 
@@ -508,6 +521,33 @@ NATIVE_HELP = ("run the cells with the native onnxruntime CPU kernels (compiled 
 RUNTIME_HELP = ("what runs an .onnx file: onnxruntime (default) or openvino (OpenVINO on CPU, float32 "
                 "models computed in f32; needs the openvino extra)")
 SOURCE_HELP = "a preset name (e.g. tiny), a directory written by convert/train, or a transformers xLSTM directory"
+
+
+def _validate_defaults() -> str:
+    from .validate import DEFAULT_ATOL, DEFAULT_FACTOR, DEFAULT_MEDIAN
+
+    return "; ".join(f"{d} factor {DEFAULT_FACTOR[d]:g}, atol {DEFAULT_ATOL[d]:g}, median {DEFAULT_MEDIAN[d]:g}"
+                     for d in DEFAULT_FACTOR)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x >= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 1 (a ratio to PyTorch's own error), got {text}")
+    return x
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,10 +584,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("validate", help="onnxruntime vs PyTorch (--source) or TensorRT vs onnxruntime (--engine)")
+    v = sub.add_parser("validate", help="the export against PyTorch in float64 (--source), judged by what PyTorch "
+                       "achieves in the export's dtype; or TensorRT vs onnxruntime (--engine alone)",
+                       description="Every output and state is compared with the PyTorch model in float64; a row "
+                       "passes when the export's error is at most FACTOR times the error of PyTorch run in the "
+                       "export's dtype (or ATOL, whichever is larger), and the median over the rows of that "
+                       "ratio must be at most MEDIAN. Defaults: " + _validate_defaults() +
+                       ". Exit 0 = pass, 1 = fail, 2 = bad input.")
     v.add_argument("model", help="the exported .onnx file")
     v.add_argument("--source", help=SOURCE_HELP + " that was exported")
     v.add_argument("--engine", help="a TensorRT plan built from the .onnx file")
+    v.add_argument("--factor", type=_positive_float, default=None,
+                   help="limit = FACTOR x the error of PyTorch in the export's dtype (default per dtype)")
+    v.add_argument("--atol", type=_nonnegative_float, default=None,
+                   help="floor of the limit, in the error's units max|x - ref| / max|ref| (default per dtype)")
+    v.add_argument("--median", type=_positive_float, default=None,
+                   help="limit of the median over the rows of export error / PyTorch error (default per dtype)")
     v.add_argument("--all", action="store_true", help="one row per state tensor instead of the worst per case")
     v.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
     v.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime", help=RUNTIME_HELP)
