@@ -199,7 +199,7 @@ def test_ort_decoder_matches_run_and_guards_its_buffers(kind, dtype, exported):
         ids = rng.integers(0, V, (B, 7))
         (lr, sr), (ld, sd) = om.run(ids), dec(ids)
         for step in range(4):
-            assert ld.dtype == np.float32 and np.array_equal(ld, lr), (B, step)
+            assert ld.dtype == np.float32 and np.array_equal(ld, lr[:, -1:]), (B, step)  # logits="last"
             assert sd.keys() == sr.keys() and all(np.array_equal(sd[k], sr[k]) for k in sr), (B, step)
             tok = rng.integers(0, V, (B, 1))
             (lr, sr), (ld, sd) = om.run(tok, sr), dec(tok, sd)
@@ -213,6 +213,48 @@ def test_ort_decoder_matches_run_and_guards_its_buffers(kind, dtype, exported):
     own = {k: v.copy() for k, v in sd.items()}  # a copied state is a plain dict: the run() path
     (l1, _), (l2, _) = dec(np.ones((2, 1), np.int64), own), om.run(np.ones((2, 1), np.int64), own)
     assert np.array_equal(l1, l2)
+
+
+@pytest.mark.parametrize("kind", ["paper", "large"])
+def test_logits_last_computes_one_row(kind, exported, tmp_path):
+    """run(logits="last") equals the last row of run(); the head's vocabulary product is computed for
+    that row alone (onnxruntime's profile lists no (B, S, V) tensor); the file's interface is
+    input_ids + past.* as before, logits_from a constant there."""
+    import onnxruntime as ort
+
+    from xlstm_export.export import LOGITS_FROM
+
+    model, path, om = exported(kind)
+    proto = onnx.load(path)
+    assert LOGITS_FROM in {t.name for t in proto.graph.initializer}
+    assert LOGITS_FROM not in {i.name for i in proto.graph.input}
+    V, B, S = model.config.vocab_size, 2, 37
+    ids = np.random.default_rng(5).integers(0, V, (B, S))
+    state = {k: v.numpy() for k, v in warm_state(model, B, seed=1).items()}
+    (la, sa), (ll, sl) = om.run(ids, state), om.run(ids, state, logits="last")
+    assert la.shape == (B, S, V) and ll.shape == (B, 1, V)
+    assert np.array_equal(ll, la[:, -1:]) and all(np.array_equal(sa[k], sl[k]) for k in sa)
+    dec = om.decoder()  # generation's runner: the prefill's last row only
+    ld, sd = dec(ids, state)
+    assert np.array_equal(ld, ll)
+    la2, _ = om.decoder(logits="all")(ids, state)
+    assert np.array_equal(la2, la)
+    with pytest.raises(ValueError, match="logits must be one of"):
+        om.run(ids, logits="first")
+
+    def computed(mode: str) -> int:  # values written by all the nodes onnxruntime ran
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / mode)
+        m = OrtModel(path, session_options=opts)
+        m.run(ids, state, logits=mode)
+        events = json.loads(open(m.session.end_profiling()).read())
+        shapes = [list(d.values())[0] for e in events if e.get("cat") == "Node"
+                  for d in e.get("args", {}).get("output_type_shape", [])]
+        return sum(int(np.prod(sh)) for sh in shapes)
+
+    # the head's vocabulary product (and the soft cap) ran on one row instead of S
+    assert computed("all") - computed("last") >= B * (S - 1) * V
 
 
 @pytest.mark.parametrize("kind", ["paper", "large"])

@@ -9,6 +9,10 @@ The graph (B = "batch", S = "sequence", both dynamic; every other dim static)::
     outputs  logits [B, S, vocab] (the export dtype), present.{i}.{t} (float32, same shape as past)
 
 All-zero ``past.*`` is a fresh sequence; the same graph serves prefill (S > 1) and decode (S = 1).
+The head reads positions ``logits_from:`` of the last block's output, where ``logits_from`` is an
+int64 (1,) initializer holding 0 (every position); onnxruntime callers can ask for the last
+position's logits alone (``OrtModel.run(..., logits="last")`` feeds -1 in memory), every other
+runtime sees the constant and the interface above.
 Each cell call is ONE node in domain ``xlstm`` (attributes plugin_namespace="xlstm",
 plugin_version="1", plus chunk_size and eps for mLSTM) backed by a model-local function in standard
 ops (:mod:`xlstm_export.onnx_functions`): onnxruntime runs the file as is, TensorRT takes the plugin.
@@ -73,6 +77,7 @@ DEFAULT_OPSET = 18  # ai.onnx opset: torchlib's native opset, parsed by TensorRT
 BATCH_DIM = "batch"  # dim_param of the dynamic batch dim
 SEQUENCE_DIM = "sequence"  # dim_param of the dynamic sequence dim
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with room for the graph
+LOGITS_FROM = "logits_from"  # int64 (1,) initializer: logits for positions logits_from: (0 = all)
 METADATA_PREFIX = "xlstm_export."  # metadata_props keys: format, dtype, state_names, config
 FORMAT_VERSION = "1"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -96,15 +101,32 @@ def state_output_name(key: str) -> str:
 
 
 class _FlatLM(torch.nn.Module):
-    """(input_ids, *past in state_spec order) -> (logits, *present in the same order)."""
+    """(input_ids, *past in state_spec order, logits_from) -> (logits, *present in the same order).
+
+    ``logits_from`` (int64 (1,)): the head (out_norm, lm_head) sees positions ``logits_from:`` of
+    the last block's output (Python slice semantics: 0 = all, -1 = the last one), so a prefill
+    that needs only the next token's logits computes one row of the vocabulary product. The
+    written file holds it as the constant 0 (see :data:`LOGITS_FROM`).
+    """
 
     def __init__(self, model: torch.nn.Module, keys: list[str]):
         super().__init__()
         self.model = model
         self.keys = keys
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
-        logits, state = self.model(input_ids, dict(zip(self.keys, past)))
+    def forward(self, input_ids: torch.Tensor, *past_and_from: torch.Tensor):
+        *past, logits_from = past_and_from
+        S = input_ids.shape[1]
+        start = logits_from[0].item()
+        torch._check(start >= -S)
+        torch._check(start < S)
+        # per-position head: slicing its input equals slicing the logits
+        head = self.model.out_norm if self.model.out_norm is not None else self.model.lm_head
+        hook = head.register_forward_pre_hook(lambda _, args: (args[0][:, start:], *args[1:]))
+        try:
+            logits, state = self.model(input_ids, dict(zip(self.keys, past)))
+        finally:
+            hook.remove()
         return (logits, *(state[k] for k in self.keys))
 
 
@@ -180,12 +202,13 @@ def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], op
     example_state = [torch.zeros((B, *spec[k][1:]), dtype=torch.float32, device=device) for k in keys]
     batch = Dim(BATCH_DIM, min=1, max=1 << 20)
     seq = Dim(SEQUENCE_DIM, min=1, max=1 << 30)
-    dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch} for _ in keys))  # (ids, *past)
+    logits_from = torch.zeros(1, dtype=torch.int64)  # on the CPU even for a meta model: read by .item()
+    dynamic_shapes = ({0: batch, 1: seq}, (*({0: batch} for _ in keys), None))  # (ids, *past, logits_from)
     flat = _FlatLM(model, keys).eval()
     with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         try:
-            exported = torch.export.export(flat, (example_ids, *example_state),
+            exported = torch.export.export(flat, (example_ids, *example_state, logits_from),
                                            dynamic_shapes=dynamic_shapes,
                                            strict=False)
         except Exception as e:
@@ -195,7 +218,7 @@ def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], op
             program = torch.onnx.export(
                 exported, dynamo=True, opset_version=opset, verbose=False, optimize=optimize,
                 custom_translation_table=_translation_table(),
-                input_names=["input_ids", *(state_input_name(k) for k in keys)],
+                input_names=["input_ids", *(state_input_name(k) for k in keys), LOGITS_FROM],
                 output_names=["logits", *(state_output_name(k) for k in keys)],
             )
         except Exception as e:
@@ -249,6 +272,7 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
     for k in keys:
         want_in[state_input_name(k)] = [BATCH_DIM, *spec[k][1:]]
         want_out[state_output_name(k)] = [BATCH_DIM, *spec[k][1:]]
+    _logits_from_as_constant(model.graph)
     _fix_dims(model.graph.input, want_in, "input")
     _fix_dims(model.graph.output, want_out, "output")
 
@@ -267,6 +291,18 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
                                         **{METADATA_PREFIX + k: v for k, v in meta.items()}})
     model.producer_name = "xlstm-export"
     return model
+
+
+def _logits_from_as_constant(graph: onnx.GraphProto) -> None:
+    """The traced ``logits_from`` input becomes an initializer holding 0 (logits for every position):
+    the file's interface stays input_ids + past.* for every runtime (TensorRT and OpenVINO fold it
+    away); :class:`xlstm_export.ort.OrtModel` makes it an input again in memory (logits="last")."""
+    inputs = [i for i in graph.input if i.name != LOGITS_FROM]
+    if len(inputs) == len(graph.input):
+        raise ExportError(f"the traced graph has no {LOGITS_FROM!r} input")
+    del graph.input[:]
+    graph.input.extend(inputs)
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_FROM))
 
 
 def _fuse_sibling_matmuls(graph: onnx.GraphProto) -> int:

@@ -8,6 +8,9 @@
 State names are the model's own ("{block}.{tensor}"), read from the graph (``past.*`` inputs paired
 with ``present.*`` outputs), so the dicts are interchangeable with ``xLSTMLM``'s state (numpy here).
 Logits come back as float32 numpy (float16 / bfloat16 graphs are upcast exactly); states are float32.
+``m.run(ids, state, logits="last")`` returns the last position's logits alone, (B, 1, vocab): the
+session feeds the graph's ``logits_from`` (a constant 0 in the file, an input in memory), so the
+vocabulary product runs for that row only (a prefill's full logits are S x vocab x 4 bytes).
 onnxruntime's CPU provider has no bfloat16 kernels, so a bfloat16 graph runs there as float32
 arithmetic over its bfloat16 weights (:func:`upcast_bfloat16`; ``OrtModel.upcast`` says so).
 A file that is not an ONNX model, or an ONNX model without this interface, raises
@@ -23,7 +26,9 @@ the file exactly as exported.
 
 For a stream of decode steps, ``m.decoder()`` is the same (input_ids, state) -> (logits, state)
 runner with the state kept in buffers bound to the session (:class:`OrtDecoder`): each step writes
-the new state into preallocated memory instead of fresh output arrays.
+the new state into preallocated memory instead of fresh output arrays. Its prefill returns the last
+position's logits only (``logits="last"``, what generation reads; ``m.decoder(logits="all")`` for
+every position's).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .export import METADATA_PREFIX, state_input_name, state_output_name
+from .export import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
 
 __all__ = ["BoundState", "NotAnXLSTMModelError", "OrtDecoder", "OrtModel", "inspect_model", "upcast_bfloat16"]
 
@@ -107,8 +112,9 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     elem = outs["logits"].type.tensor_type.elem_type
     dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
              onnx.TensorProto.BFLOAT16: "bfloat16"}.get(elem, onnx.TensorProto.DataType.Name(elem).lower())
+    logits_from = any(t.name == LOGITS_FROM for t in g.initializer)  # files since logits="last"
     return {"state_names": names, "state_shapes": shapes, "dtype": dtype, "vocab_size": vocab,
-            "metadata": meta, "xlstm_ops": xlstm_ops}
+            "metadata": meta, "xlstm_ops": xlstm_ops, "logits_from": logits_from}
 
 
 def _to_numpy(x, dtype) -> np.ndarray:
@@ -219,6 +225,10 @@ class OrtModel:
         self.native_ops = native_ops
         self._inplace_states: set[str] = set()  # states a decode step may update in place (OrtDecoder)
         rewrites = []
+        # logits="last": the file's constant logits_from becomes an input of the session
+        self._logits_from = info["logits_from"]
+        if self._logits_from:
+            rewrites.append(_expose_logits_from)
         if self.upcast:
             rewrites.append(upcast_bfloat16)
         if decode_step and not native_ops:  # native_ops puts its own kernel there
@@ -282,14 +292,19 @@ class OrtModel:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
 
-    def run(self, input_ids, state: Mapping[str, Any] | None = None
+    def run(self, input_ids, state: Mapping[str, Any] | None = None, *, logits: str = "all"
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """input_ids (B, S) int -> logits (B, S, vocab) float32, new state {name: float32 array}.
 
         ``state`` None starts fresh sequences; torch tensors are accepted anywhere numpy is.
+        ``logits="last"``: logits (B, 1, vocab) of the last position only; the graph computes the
+        vocabulary product for that row alone (a long prefill's logits are S x vocab x 4 bytes).
+        Files exported before the graph had ``logits_from`` compute every row and return the last.
         """
         import onnxruntime as ort
 
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
         ids = self._token_ids(input_ids)
         B = ids.shape[0]
         if state is None:
@@ -304,6 +319,11 @@ class OrtModel:
             if a.shape[1:] != dims or a.shape[0] != B:
                 raise ValueError(f"state {k!r} has shape {a.shape}, expected {(B, *dims)}")
             feeds[name] = a
+        if self._logits_from:
+            feeds[LOGITS_FROM] = _LOGITS_FROM_VALUES[logits]
+        elif logits == "last":  # an older file: every row is computed, the last one returned
+            out_logits, new_state = self.run(ids, state)
+            return np.ascontiguousarray(out_logits[:, -1:]), new_state
         if self._numpy_outputs:
             # numpy in and out: onnxruntime's plain run() path, measurably cheaper per call than
             # wrapping every feed in an OrtValue (it matters at decode, ~20 tensors per step)
@@ -326,9 +346,28 @@ class OrtModel:
                              f"[{ids.min()}, {ids.max()}]")
         return ids
 
-    def decoder(self) -> OrtDecoder:
-        """A runner like :meth:`run` that keeps a decode stream's state in session-bound buffers."""
-        return OrtDecoder(self)
+    def decoder(self, logits: str = "last") -> OrtDecoder:
+        """A runner like :meth:`run` that keeps a decode stream's state in session-bound buffers;
+        by default a prefill returns the last position's logits only (B, 1, vocab): what
+        generation reads. ``logits="all"``: every position's, as :meth:`run` does."""
+        return OrtDecoder(self, logits=logits)
+
+
+LOGITS_MODES = ("all", "last")
+_LOGITS_FROM_VALUES = {"all": np.zeros(1, np.int64), "last": np.full(1, -1, np.int64)}
+
+
+def _expose_logits_from(model):
+    """The file's ``logits_from`` initializer (0: logits for every position) as an int64 (1,) graph
+    input, so that :meth:`OrtModel.run` can ask for the last position's logits alone."""
+    import onnx
+
+    g = model.graph
+    kept = [t for t in g.initializer if t.name != LOGITS_FROM]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.input.append(onnx.helper.make_tensor_value_info(LOGITS_FROM, onnx.TensorProto.INT64, [1]))
+    return model
 
 
 class BoundState(dict):
@@ -348,10 +387,15 @@ class OrtDecoder:
     the state is 27 MiB per step). States that the native ``mLSTMLayer`` kernel alone reads
     (:func:`xlstm_export.ort_native.inplace_states`) have one buffer, updated in place. Anything else (a prefill, a fresh or foreign state, another
     batch size) goes through :meth:`OrtModel.run` and its result is copied into the buffers once.
-    Logits are returned as a new float32 array.
+    Logits are returned as a new float32 array: (B, 1, vocab) at every call with ``logits="last"``
+    (the default of :meth:`OrtModel.decoder`: a prefill computes the last position's row only),
+    (B, S, vocab) with ``logits="all"``.
     """
 
-    def __init__(self, model: OrtModel):
+    def __init__(self, model: OrtModel, logits: str = "last"):
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
+        self.logits = logits
         if not model._numpy_outputs:
             raise ValueError("OrtDecoder needs a graph with numpy outputs (a bfloat16 graph on a "
                              "non-CPU provider returns OrtValues): use OrtModel.run")
@@ -375,6 +419,8 @@ class OrtDecoder:
         for src, dst in ((0, 1), (1, 0)):  # binding j reads buffer set j, writes the other one
             b = m.session.io_binding()
             b.bind_cpu_input("input_ids", self._ids)
+            if m._logits_from:  # S == 1: every mode is the one row
+                b.bind_cpu_input(LOGITS_FROM, _LOGITS_FROM_VALUES[self.logits])
             for k in m.state_names:
                 b.bind_cpu_input(state_input_name(k), self._bufs[src][k])
                 out = self._bufs[dst][k]
@@ -402,7 +448,7 @@ class OrtDecoder:
                 self.model.session.run_with_iobinding(self._bindings[self._current])
                 return self._logits.astype(np.float32), self._returned(1 - self._current)
             state = {k: v.copy() for k, v in state.items()}  # the buffers may be reallocated below
-        logits, new_state = self.model.run(input_ids, state)
+        logits, new_state = self.model.run(input_ids, state, logits=self.logits)
         batch = logits.shape[0]
         if batch != self._batch:
             self._allocate(batch)
