@@ -130,7 +130,9 @@ def weight_bytes(source: str, dtype_bytes: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["160m", "1.3b", "7b"], choices=["160m", "1.3b", "7b"])
+    ap.add_argument("--cases", nargs="+", default=["160m", "1.3b", "7b"],
+                    choices=["160m", "1.3b", "7b", "160m-dir", "1.3b-dir"],
+                    help="*-dir: the preset saved as a float32 directory first, then exported streamed")
     ap.add_argument("--workdir", default="/tmp/xlstm-bench-export", help="checkpoint and .onnx files go here")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint and .onnx files")
     ap.add_argument("--reuse", action="store_true", help="export the 7B checkpoint already in --workdir "
@@ -145,6 +147,8 @@ def main() -> int:
         "160m": ("xlstm-large-160m", "fp32", 4, "preset, in memory"),
         "1.3b": ("xlstm-1.3b", "fp32", 4, "preset, in memory"),
         "7b": (str(work / "xlstm-7b-bf16"), "bf16", 2, "bf16 transformers checkpoint, streamed"),
+        "160m-dir": (str(work / "xlstm-large-160m"), "fp32", 4, "fp32 directory (same preset), streamed"),
+        "1.3b-dir": (str(work / "xlstm-1.3b"), "fp32", 4, "fp32 directory (same preset), streamed"),
     }
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
@@ -156,6 +160,10 @@ def main() -> int:
                 t0 = time.perf_counter()
                 total = write_7b_checkpoint(Path(source))
                 print(f"wrote {source}: {total / 1e9:.2f} GB of bfloat16 weights in {time.perf_counter() - t0:.0f} s")
+            if name.endswith("-dir"):  # written by a child: the parent stays small
+                code = (f"from xlstm_export.models import load; "
+                        f"load({Path(source).name!r}).save_pretrained({source!r})")
+                subprocess.run([sys.executable, "-c", code], check=True)
             out = work / f"{name}.onnx"
             cmd = [sys.executable, "-m", "xlstm_export.cli", "export", source, "-o", str(out),
                    "--dtype", dtype, "--quiet"]
@@ -174,6 +182,8 @@ def main() -> int:
             if not args.keep:
                 for f in files:
                     f.unlink(missing_ok=True)
+                if name.endswith("-dir"):
+                    shutil.rmtree(source, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(work / "xlstm-7b-bf16", ignore_errors=True)
