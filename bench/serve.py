@@ -229,8 +229,14 @@ def bench_model(name: str, args) -> dict:
 
 
 def markdown(results: list[dict], args, started: str, load: tuple) -> str:
+    import onnxruntime
+    import uvicorn
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
     lines = [f"Date (UTC): {started}  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores; Python {platform.python_version()}  ",
+             f"Machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, onnxruntime "
+             f"{onnxruntime.__version__}, uvicorn {uvicorn.__version__}  ",
              f"Load average (1/5/15 min) at start: {load[0]}; at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  ",
              f"Command: `python bench/serve.py {' '.join(sys.argv[1:])}`  ",
              f"Workload: prompts of {args.prompt_len} random token ids, {args.max_tokens} new tokens each "
