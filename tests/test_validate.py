@@ -3,7 +3,9 @@ dtype. Honest exports pass (fp32 / fp16 / bf16, function bodies and native kerne
 largest weight is off by 1% fails (fp32, fp16), on a 12-block model too; the stabilizer m may be
 represented differently; the CLI's limits and exit codes.
 
-The 160M preset checks are run by hand (they take minutes): see bench/RESULTS.md.
+The preset checks up to 160M (xlstm-125m, xlstm-large-160m) take minutes each and are run by hand:
+    xlstm-export export xlstm-large-160m -o m.onnx --dtype fp16
+    xlstm-export validate m.onnx --source xlstm-large-160m [--native-ops]
 """
 
 from __future__ import annotations

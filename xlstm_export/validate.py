@@ -14,9 +14,10 @@ baseline's error against the reference, both as ``err = max |x - ref| / max |ref
 The export passes when
 
 1. every row has ``err_export <= max(factor * err_baseline, atol)``, and
-2. the median over the rows of ``typ_export / typ_baseline`` is at most ``median``, where ``typ``
-   is a row's typical error: the median over its slices ((batch, position) of the logits, (batch,
-   head) of a state) of ``|x - ref|_2 / |ref|_2``.
+2. the median over all rows of ``typ_export / typ_baseline`` is at most ``median``, and for every
+   output (logits, each state) the median over its cases at most ``OUTPUT_MEDIAN_SCALE * median``;
+   ``typ`` is a row's typical error: the median over its slices ((batch, position) of the logits,
+   (batch, head) of a state) of ``|x - ref|_2 / |ref|_2``.
 
 The baseline's error is what the precision achieves on this model and these inputs: a deep model
 with random weights amplifies rounding far beyond what a fixed tolerance can know, a shallow one
@@ -55,9 +56,11 @@ DEFAULT_CASES: tuple[tuple[int, int], ...] = ((1, 1), (1, 7), (3, 64), (3, 129))
 
 # Per row: how many times the baseline's error (PyTorch in the export's dtype vs float64) the
 # export may be off. Honest exports measured (tiny, tiny-large, a 12-block E=64 model, the presets
-# up to 160M: bench/RESULTS.md): fp32 rows up to 3.2x above the floor; fp16 / bf16 rows up to 14x
-# on the 12-block model (rounding amplified through the stack lands on different rows).
-DEFAULT_FACTOR: dict[str, float] = {"float32": 10.0, "float16": 20.0, "bfloat16": 20.0}
+# xlstm-125m and xlstm-large-160m): fp32 rows up to 10.6x (one mLSTM n state of the 24-block 125M
+# preset through the function bodies; 3x elsewhere), fp16 / bf16 rows up to 14x on the 12-block
+# model (rounding amplified through the stack lands on different rows). A weight off by 1% puts
+# fp32 rows 800x and more above PyTorch's error.
+DEFAULT_FACTOR: dict[str, float] = {"float32": 20.0, "float16": 20.0, "bfloat16": 20.0}
 # Floor of a row's limit, in the same units (max |x - ref| / max |ref|): a few units of rounding of
 # the dtype (float32 2^-24, float16 2^-11, bfloat16 2^-8), below any real defect's error.
 DEFAULT_ATOL: dict[str, float] = {"float32": 1e-6, "float16": 5e-3, "bfloat16": 3e-2}
@@ -65,6 +68,10 @@ DEFAULT_ATOL: dict[str, float] = {"float32": 1e-6, "float16": 5e-3, "bfloat16": 
 # weight scaled by 1.01: fp32 > 1000, fp16 2.6-6.5 (tiny, tiny-large, 12 blocks); bf16 rounding
 # (0.4%) hides a 1% weight, so bf16 only catches larger defects.
 DEFAULT_MEDIAN: dict[str, float] = {"float32": 2.0, "float16": 1.5, "bfloat16": 1.5}
+# Each output's own median (over its cases) may reach this multiple of the median limit: it has
+# fewer rows to average (honest: up to 2.8 on the 12-block fp16 model); it catches a defect that
+# touches one output only (the vocabulary head: logits alone).
+OUTPUT_MEDIAN_SCALE = 2.5
 
 Runner = Callable[[np.ndarray, "dict | None"], "tuple[object, dict]"]
 
@@ -103,11 +110,25 @@ class Report:
     median: float | None = None  # limit of median_ratio
     rows: list[Row] = field(default_factory=list)
 
+    def median_ratios(self) -> dict[str, float]:
+        """Per output (logits, each state): the median over the cases of typical error / the
+        baseline's. Empty without a baseline."""
+        by_name: dict[str, list[float]] = {}
+        for r in self.rows:
+            if r.typ_ratio is not None:
+                by_name.setdefault(r.name, []).append(r.typ_ratio)
+        return {k: float(np.median(v)) for k, v in by_name.items()}
+
     @property
     def median_ratio(self) -> float | None:
-        """Median over the rows of typical error / the baseline's; None without a baseline."""
+        """The median over all rows of typical error / the baseline's; None without a baseline."""
         ratios = [r.typ_ratio for r in self.rows if r.typ_ratio is not None]
         return float(np.median(ratios)) if ratios else None
+
+    def worst_output_median(self) -> tuple[str, float] | None:
+        """(output, its median ratio) of the output with the largest one; None without a baseline."""
+        ratios = self.median_ratios()
+        return max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
 
     @property
     def rows_ok(self) -> bool:
@@ -115,8 +136,10 @@ class Report:
 
     @property
     def median_ok(self) -> bool:
-        m = self.median_ratio
-        return self.median is None or (m is not None and m <= self.median)
+        if self.median is None:
+            return True
+        m, worst = self.median_ratio, self.worst_output_median()
+        return m is not None and m <= self.median and worst[1] <= OUTPUT_MEDIAN_SCALE * self.median
 
     @property
     def ok(self) -> bool:
@@ -151,7 +174,9 @@ class Report:
         line = (f"{verdict}: {len(self.rows)} comparisons ({self.dtype}); worst {worst.name} in "
                 f"'{worst.case}': err {worst.err:.2e} (limit {worst.limit:.2e}) {'ok' if self.rows_ok else 'NO'}")
         if self.median is not None:
-            line += (f"; median typical ratio {self.median_ratio:.2f} (limit {self.median:g}) "
+            name, worst = self.worst_output_median()
+            line += (f"; median typical ratio {self.median_ratio:.2f} (limit {self.median:g}), worst output "
+                     f"{name} {worst:.2f} (limit {OUTPUT_MEDIAN_SCALE * self.median:g}) "
                      f"{'ok' if self.median_ok else 'NO'}")
         lines.append(line)
         return "\n".join(lines)
