@@ -9,8 +9,9 @@ For each model, one set of random weights is built in an OFFICIAL implementation
   ``xLSTMCache`` carried between decode steps) and NX-AI ``xlstm.xlstm_large.model.xLSTMLarge``
   (native CPU kernels, mode "inference", return_last_states; the state tuple carried);
 - ours: ``xLSTMLM`` eager (cell backend "torch") and its ONNX export run by onnxruntime
-  (``xlstm_export.ort.OrtModel``, CPU provider), once as exported (the cells through their
-  standard-op function bodies) and once with the native CPU cell kernels
+  (``xlstm_export.ort.OrtModel``, CPU provider), once through the standard-op function bodies
+  (with onnxruntime's in-memory decode fast path for the mLSTM, ``OrtModel``'s default) and once
+  with the native CPU cell kernels
   (``OrtModel(native_ops=True)``, :mod:`xlstm_export.ort_native`; needs a C++ compiler). Targets
   are judged on the faster onnxruntime row.
 
@@ -228,7 +229,8 @@ def _ort_runner(path: Path, threads: int, native: bool = False) -> Runner:
     how = ("OrtModel(native_ops=True): the mLSTM decode step (7B-style: the whole mLSTM layer), the "
            "sLSTM loop and the float32 weight MatMuls (packed, with the norms, SwiGLU, residual adds and "
            "logit soft cap around them folded in) as native CPU kernels" if native else
-           "OrtModel: the file as exported, the cells through their standard-op bodies")
+           "OrtModel: the cells through their standard-op bodies (the mLSTM's S == 1 step put in "
+           "memory as onnxruntime's decode fast path)")
     note = how + "; prefill with .run, decode with .decoder() (state in IOBinding-bound buffers)"
     return Runner(NATIVE_NAME if native else ORT_NAME, lambda ids: om.run(ids)[0], om.init_state,
                   lambda tok, state: dec(tok, state)[1], note)

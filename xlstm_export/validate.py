@@ -365,12 +365,13 @@ def validate_onnx(onnx_path, model, *, native_ops: bool = False, runtime: str = 
     """The exported file in ``runtime`` ("onnxruntime" or "openvino") against the PyTorch ``model``
     it was exported from: errors against ``model`` in float64, limits from ``model`` run in the
     graph's dtype (module docstring). ``native_ops``: onnxruntime with the native CPU kernels
-    (:mod:`xlstm_export.ort_native`). ``kwargs``: :func:`compare_runners`' cases, decode_steps,
-    seed, progress."""
+    (:mod:`xlstm_export.ort_native`); without them onnxruntime runs the file's bodies exactly as
+    written (no decode fast path: what TensorRT and OpenVINO run too). ``kwargs``:
+    :func:`compare_runners`' cases, decode_steps, seed, progress."""
     if runtime == "onnxruntime":
         from .ort import OrtModel
 
-        exported = OrtModel(onnx_path, native_ops=native_ops)
+        exported = OrtModel(onnx_path, native_ops=native_ops, decode_step=False)
     elif runtime == "openvino":
         if native_ops:
             raise ValueError("native_ops are onnxruntime kernels; they do not apply to runtime='openvino'")
