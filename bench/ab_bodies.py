@@ -27,7 +27,6 @@ import numpy as np
 import onnx
 import torch
 
-from xlstm_export import onnx_functions
 from xlstm_export.export import export_onnx
 from xlstm_export.models import load
 from xlstm_export.ort import OrtModel

@@ -20,17 +20,13 @@ from xlstm_export import onnx_functions as OF
 from xlstm_export.export import ExportError, export_onnx
 from xlstm_export.generate import generate
 from xlstm_export.ort import NotAnXLSTMModelError, OrtModel, inspect_model
+from model_makers import perturbed_model
 
 MODELS = {"paper": "tiny", "large": "tiny-large"}  # paper: mixed mLSTM/sLSTM stack; large: 7B-style
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> xLSTMLM:
-    torch.manual_seed(seed)
-    model = xLSTMLM(preset(MODELS[kind], **overrides)).eval()
-    with torch.no_grad():  # move the gates off their init so the cells see varied inputs
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturbed_model(preset(MODELS[kind], **overrides), seed)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
 from xlstm_export import cli
-from xlstm_export.export import ExportError, export_onnx
+from xlstm_export.export import export_onnx
 from xlstm_export.export_stream import StreamedWeights, export_checkpoint
 from xlstm_export.models import CheckpointError, from_pretrained, load
 from xlstm_export.models.lazy import lazy_state_dict, read_safetensors_header

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
 openvino = pytest.importorskip("openvino", reason="the OpenVINO runner needs the openvino package "
                                                    "(the test extra brings it)")
@@ -19,6 +18,7 @@ from xlstm_export.generate import generate  # noqa: E402
 from xlstm_export.models import preset, xLSTMLM  # noqa: E402
 from xlstm_export.openvino_runner import OpenVinoModel  # noqa: E402
 from xlstm_export.ort import NotAnXLSTMModelError, OrtModel  # noqa: E402
+from model_makers import perturbed_model  # noqa: E402
 
 MODELS = {"paper": "tiny", "large": "tiny-large"}  # paper: mLSTM + sLSTM stack; large: 7B-style
 
@@ -36,12 +36,7 @@ DECODE_STEPS = 3
 
 
 def make_model(kind: str, seed: int = 0) -> xLSTMLM:
-    torch.manual_seed(seed)
-    model = xLSTMLM(preset(MODELS[kind])).eval()
-    with torch.no_grad():  # move the gates off their init so the cells see varied inputs
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturbed_model(preset(MODELS[kind]), seed)
 
 
 @pytest.fixture(scope="module")

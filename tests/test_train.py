@@ -96,7 +96,7 @@ def test_resume_equals_straight_run(data_file, tmp_path, capsys):
     """`train -o DIR --resume` with every option left out (the data file too) continues with the
     saved run's options, exactly as the uninterrupted run."""
     kw = dict(steps=6, eval_every=3, batch_size=4, eval_batches=1)
-    straight = run(data_file, tmp_path / "straight", **kw)
+    run(data_file, tmp_path / "straight", **kw)
     part = run(data_file, tmp_path / "split", stop_at=3, **kw)
     assert part.step == 3
     assert torch.load(tmp_path / "split" / T.TRAINER_STATE_NAME, weights_only=True)["step"] == 3

@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from xlstm_export import validate as V
 from xlstm_export.cli import main
 from xlstm_export.export import export_onnx
 from xlstm_export.models import preset, xLSTMConfig, xLSTMLM
+from model_makers import perturbed_model
 
 # small cases: S = 1 decode, an odd prefill, one over the 64-long chunk; two decode steps each
 CASES = ((1, 5), (2, 67))
@@ -35,12 +35,7 @@ CONFIGS = {
 
 
 def make_model(kind: str, seed: int = 0) -> xLSTMLM:
-    torch.manual_seed(seed)
-    model = xLSTMLM(CONFIGS[kind]()).eval()
-    with torch.no_grad():  # move the gates off their init so the cells see varied inputs
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturbed_model(CONFIGS[kind](), seed)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ float32.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .export import _all_nodes, state_input_name, state_output_name
+from .ort import ExportedModel
 
 __all__ = ["OpenVinoModel", "openvino_available"]
 
@@ -68,7 +68,7 @@ def _import_openvino():
     return openvino
 
 
-class OpenVinoModel:
+class OpenVinoModel(ExportedModel):
     """An exported xLSTM LM compiled by OpenVINO (see the module docstring).
 
     device: an OpenVINO device name ("CPU", the one this project tests). inference_precision:
@@ -143,18 +143,6 @@ class OpenVinoModel:
             p = Path(d) / "inlined.onnx"
             onnx.save_model(model, p, save_as_external_data=True, location="inlined.onnx.data")
             return core.read_model(str(p))
-
-    @property
-    def config(self) -> dict | None:
-        """The model config stored at export (a dict), or None."""
-        c = self.metadata.get("config")
-        return json.loads(c) if c else None
-
-    def init_state(self, batch: int) -> dict[str, np.ndarray]:
-        """All-zero float32 state (a fresh sequence) for ``batch`` sequences."""
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
 
     def run(self, input_ids, state: Mapping[str, Any] | None = None
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -44,7 +44,8 @@ import numpy as np
 
 from .export import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
 
-__all__ = ["BoundState", "NotAnXLSTMModelError", "OrtDecoder", "OrtModel", "inspect_model", "upcast_bfloat16"]
+__all__ = ["BoundState", "ExportedModel", "NotAnXLSTMModelError", "OrtDecoder", "OrtModel", "inspect_model",
+           "upcast_bfloat16"]
 
 _PAST, _PRESENT = "past.", "present."
 
@@ -201,7 +202,27 @@ def upcast_bfloat16(model):
     return model
 
 
-class OrtModel:
+class ExportedModel:
+    """What every runner of an exported file shares: the interface read by :func:`inspect_model`
+    (``metadata``, ``state_shapes``), the stored config and a fresh state."""
+
+    metadata: dict[str, str]
+    state_shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def config(self) -> dict | None:
+        """The model config stored at export (a dict), or None."""
+        c = self.metadata.get("config")
+        return json.loads(c) if c else None
+
+    def init_state(self, batch: int) -> dict[str, np.ndarray]:
+        """All-zero float32 state (a fresh sequence) for ``batch`` sequences."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
+
+
+class OrtModel(ExportedModel):
     """An exported xLSTM LM in an onnxruntime InferenceSession (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
@@ -279,18 +300,6 @@ class OrtModel:
             p = Path(d) / "upcast.onnx"
             onnx.save_model(model, p, save_as_external_data=True, location="upcast.onnx.data")
             return ort.InferenceSession(str(p), opts, providers=providers)
-
-    @property
-    def config(self) -> dict | None:
-        """The model config stored at export (a dict), or None."""
-        c = self.metadata.get("config")
-        return json.loads(c) if c else None
-
-    def init_state(self, batch: int) -> dict[str, np.ndarray]:
-        """All-zero float32 state (a fresh sequence) for ``batch`` sequences."""
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
 
     def run(self, input_ids, state: Mapping[str, Any] | None = None, *, logits: str = "all"
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
