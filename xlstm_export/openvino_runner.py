@@ -79,15 +79,9 @@ class OpenVinoModel(ExportedModel):
     def __init__(self, path: str | os.PathLike, *, device: str = "CPU",
                  inference_precision: str | None = None, num_threads: int | None = None):
         ov = _import_openvino()
-        from .ort import NotAnXLSTMModelError, inspect_model
+        from .ort import NotAnXLSTMModelError
 
-        info = inspect_model(path)  # the interface: raises for a missing file or one not ours
-        self.path = Path(path)
-        self.state_names: list[str] = info["state_names"]
-        self.state_shapes: dict[str, tuple[int, ...]] = info["state_shapes"]  # dims after batch
-        self.dtype: str = info["dtype"]  # logits dtype of the graph
-        self.vocab_size: int | None = info["vocab_size"]
-        self.metadata: dict[str, str] = info["metadata"]
+        self._read_interface(path)
         self.device = device
 
         core = ov.Core()

@@ -206,8 +206,17 @@ class ExportedModel:
     """What every runner of an exported file shares: the interface read by :func:`inspect_model`
     (``metadata``, ``state_shapes``), the stored config and a fresh state."""
 
-    metadata: dict[str, str]
-    state_shapes: dict[str, tuple[int, ...]]
+    def _read_interface(self, path) -> dict[str, Any]:
+        """Sets path, state_names, state_shapes, dtype, vocab_size, metadata from the file
+        (:func:`inspect_model`: raises for a missing file or one not ours); returns the whole info."""
+        info = inspect_model(path)
+        self.path = Path(path)
+        self.state_names: list[str] = info["state_names"]
+        self.state_shapes: dict[str, tuple[int, ...]] = info["state_shapes"]  # dims after batch
+        self.dtype: str = info["dtype"]  # logits dtype of the graph
+        self.vocab_size: int | None = info["vocab_size"]
+        self.metadata: dict[str, str] = info["metadata"]
+        return info
 
     @property
     def config(self) -> dict | None:
@@ -230,13 +239,7 @@ class OrtModel(ExportedModel):
                  decode_step: bool = True):
         import onnxruntime as ort
 
-        info = inspect_model(path)
-        self.path = Path(path)
-        self.state_names: list[str] = info["state_names"]
-        self.state_shapes: dict[str, tuple[int, ...]] = info["state_shapes"]  # dims after batch
-        self.dtype: str = info["dtype"]  # logits dtype of the graph
-        self.vocab_size: int | None = info["vocab_size"]
-        self.metadata: dict[str, str] = info["metadata"]
+        info = self._read_interface(path)
         opts = session_options or ort.SessionOptions()
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
