@@ -58,19 +58,17 @@ def test_atomic_file_explicit_mode(tmp_path):
 def test_atomic_file_failure_keeps_the_old_file(tmp_path):
     out = tmp_path / "model.engine"
     out.write_bytes(b"old")
-    with pytest.raises(Boom):
-        with atomic_file(out) as tmp:
-            tmp.write_bytes(b"half")
-            raise Boom
+    with pytest.raises(Boom), atomic_file(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise Boom
     assert out.read_bytes() == b"old"
     _only(tmp_path, "model.engine")
 
 
 def test_atomic_file_failure_leaves_nothing(tmp_path):
-    with pytest.raises(Boom):
-        with atomic_file(tmp_path / "a.bin") as tmp:
-            tmp.write_bytes(b"half")
-            raise Boom
+    with pytest.raises(Boom), atomic_file(tmp_path / "a.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise Boom
     _only(tmp_path)
 
 
@@ -108,20 +106,18 @@ def test_atomic_dir_failure_keeps_the_old_folder(tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "weights").write_bytes(b"old")
-    with pytest.raises(Boom):
-        with atomic_dir(out) as tmp:
-            (tmp / "weights").write_bytes(b"half")
-            raise Boom
+    with pytest.raises(Boom), atomic_dir(out) as tmp:
+        (tmp / "weights").write_bytes(b"half")
+        raise Boom
     assert (out / "weights").read_bytes() == b"old"
     _only(out, "weights")
     _only(tmp_path, "ckpt")
 
 
 def test_atomic_dir_failure_leaves_nothing(tmp_path):
-    with pytest.raises(Boom):
-        with atomic_dir(tmp_path / "ckpt") as tmp:
-            (tmp / "weights").write_bytes(b"half")
-            raise Boom
+    with pytest.raises(Boom), atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "weights").write_bytes(b"half")
+        raise Boom
     _only(tmp_path)
 
 
@@ -137,9 +133,8 @@ def test_atomic_dir_puts_the_old_folder_back_when_the_rename_fails(tmp_path, mon
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError, match="No space"):
-        with atomic_dir(out) as tmp:
-            (tmp / "weights").write_bytes(b"new")
+    with pytest.raises(OSError, match="No space"), atomic_dir(out) as tmp:
+        (tmp / "weights").write_bytes(b"new")
     assert (out / "weights").read_bytes() == b"old"
     _only(tmp_path, "ckpt")
 
@@ -165,10 +160,9 @@ def test_staged_files_moves_the_last_file_in_after_its_companions(tmp_path, monk
 
 def test_staged_files_failure_leaves_nothing(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"old")
-    with pytest.raises(Boom):
-        with staged_files(tmp_path, last="model.onnx") as tmp:
-            (tmp / "model.onnx").write_bytes(b"half")
-            raise Boom
+    with pytest.raises(Boom), staged_files(tmp_path, last="model.onnx") as tmp:
+        (tmp / "model.onnx").write_bytes(b"half")
+        raise Boom
     assert (tmp_path / "model.onnx").read_bytes() == b"old"
     _only(tmp_path, "model.onnx")
 
