@@ -73,9 +73,8 @@ def test_atomic_file_failure_leaves_nothing(tmp_path):
 
 
 def test_atomic_file_unwritable_folder_fails_on_entry(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        with atomic_file(tmp_path / "missing" / "a.bin"):
-            pytest.fail("the body must not run")
+    with pytest.raises(FileNotFoundError), atomic_file(tmp_path / "missing" / "a.bin"):
+        pytest.fail("the body must not run")
 
 
 # --- atomic_dir ----------------------------------------------------------------------------------
@@ -168,7 +167,6 @@ def test_staged_files_failure_leaves_nothing(tmp_path):
 
 
 def test_staged_files_missing_last_file_moves_nothing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.onnx"):
-        with staged_files(tmp_path, last="model.onnx") as tmp:
-            (tmp / "model.onnx.data").write_bytes(b"data")
+    with pytest.raises(FileNotFoundError, match="model.onnx"), staged_files(tmp_path, last="model.onnx") as tmp:
+        (tmp / "model.onnx.data").write_bytes(b"data")
     _only(tmp_path)
