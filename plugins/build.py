@@ -36,6 +36,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import launch
+
 __all__ = [
     "ARCHS", "KERNELS", "NVCC_FLAGS", "STRICT_FLAGS", "NvccNotFoundError", "PtxParam", "find_nvcc",
     "nvcc_version", "source_hash", "cache_dir", "shipped_path", "build_ptx", "build_all", "ptx",
@@ -53,8 +55,11 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "-lineinfo")
 STRICT_FLAGS = ("-Werror", "all-warnings")
 
 
-def _flags() -> tuple[str, ...]:
-    return NVCC_FLAGS + (STRICT_FLAGS if os.environ.get("XLSTM_NVCC_STRICT") == "1" else ())
+def _flags(strict: bool | None = None) -> tuple[str, ...]:
+    """nvcc flags: NVCC_FLAGS, the tile sizes of :mod:`.launch` (-D; part of every hash, so a
+    changed tile size never picks up stale PTX), and STRICT_FLAGS under XLSTM_NVCC_STRICT=1."""
+    strict = os.environ.get("XLSTM_NVCC_STRICT") == "1" if strict is None else strict
+    return NVCC_FLAGS + launch.cuda_defines() + (STRICT_FLAGS if strict else ())
 
 # op -> T dtype name -> extern "C" entry point (see the .cu files)
 KERNELS: dict[str, dict[str, str]] = {
@@ -113,8 +118,10 @@ def nvcc_version(nvcc: str) -> str:
     return lines[-1].strip() if lines else out.strip().splitlines()[-1]
 
 
-def source_hash(nvcc_ver: str = "", flags: tuple[str, ...] = NVCC_FLAGS) -> str:
-    """sha256 (16 hex digits) of the kernel sources and headers, ``flags`` and ``nvcc_ver``."""
+def source_hash(nvcc_ver: str = "", flags: tuple[str, ...] | None = None) -> str:
+    """sha256 (16 hex digits) of the kernel sources and headers, ``flags`` (default: the build's,
+    tile sizes included) and ``nvcc_ver``."""
+    flags = _flags(strict=False) if flags is None else flags
     h = hashlib.sha256()
     for name in sorted({*SOURCES.values(), *HEADERS}):
         h.update(name.encode())

@@ -12,8 +12,11 @@ because they choose the shared-memory layout::
     >>> p.extra_args  # B, NH, S, DQK, DV, chunk_size, bits of eps=1e-6
     (2, 4, 100, 256, 512, 64, 897988541)
 
-The layouts here mirror the constants at the top of ``mlstm_fwd.cu`` / ``slstm_fwd.cu``; the CPU
-tests compile a host program against those headers to check both sides agree.
+The tile sizes below are set here and nowhere else: the kernels' header ``layout.cuh`` takes them
+as -D flags (:func:`cuda_defines`, passed by ``build.py`` to nvcc and by the CPU tests to g++) and
+refuses to compile without them. The shared-memory formulas are written twice, here and in
+``layout.cuh`` (the kernels carve their shared memory by it); the CPU tests compile a host program
+against that header to check both agree.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = [
     "MLSTM_TILE_V", "MLSTM_STEP_V", "MLSTM_SLAB",
     "SLSTM_MAX_THREADS", "SMEM_OPTIN_BYTES", "MAX_THREADS_PER_BLOCK", "MAX_GRID_YZ", "float_bits",
     "mlstm_shared_bytes", "mlstm_launch", "slstm_threads", "slstm_shared_bytes", "slstm_r_rows",
-    "slstm_launch", "check_limits", "max_mlstm_head_dim",
+    "slstm_launch", "check_limits", "max_mlstm_head_dim", "cuda_defines",
 ]
 
 # ---- hardware limits (CUDA programming guide, "Technical Specifications per Compute Capability")
@@ -43,7 +46,7 @@ SMEM_OPTIN_BYTES: dict[str, int] = {
 MAX_THREADS_PER_BLOCK = 1024
 MAX_GRID_YZ = 65535
 
-# ---- mlstm_fwd.cu constants
+# ---- mlstm_fwd.cu tile sizes (layout.cuh's xlstm::mlstm::k*, through cuda_defines)
 MLSTM_THREADS = 256  # kThreads
 MLSTM_CHUNK = 64  # kChunk: chunk_size is clamped to it
 MLSTM_TILE_V = 64  # kTileV: DV columns per block, chunk path
@@ -53,9 +56,17 @@ MLSTM_SLAB = 64  # kSlab: DQK rows streamed per pass
 # Names of the int32 kernel arguments, in kernel order (the .cu entry points use these names).
 MLSTM_EXTRA_ARGS = ("B", "NH", "S", "DQK", "DV", "chunk_size", "eps_bits")
 
-# ---- slstm_fwd.cu constants
+# ---- slstm_fwd.cu (layout.cuh's xlstm::slstm::kMaxThreads, through cuda_defines)
 SLSTM_MAX_THREADS = 1024  # kMaxThreads; DH <= 1024 (4 gate columns per thread at most)
 SLSTM_EXTRA_ARGS = ("B", "NH", "S", "DH", "r_rows")
+
+
+def cuda_defines() -> tuple[str, ...]:
+    """The tile sizes as compiler flags ("-DXLSTM_MLSTM_THREADS=256", ...): ``layout.cuh`` reads
+    its constants from them, so a tile size is changed here, in one line, for every build."""
+    values = {"MLSTM_THREADS": MLSTM_THREADS, "MLSTM_CHUNK": MLSTM_CHUNK, "MLSTM_TILE_V": MLSTM_TILE_V,
+              "MLSTM_STEP_V": MLSTM_STEP_V, "MLSTM_SLAB": MLSTM_SLAB, "SLSTM_MAX_THREADS": SLSTM_MAX_THREADS}
+    return tuple(f"-DXLSTM_{name}={value}" for name, value in values.items())
 
 
 @dataclass(frozen=True)

@@ -333,8 +333,8 @@ def test_cuda_layout_matches_launch_module(tmp_path):
           'xlstm::mlstm::kTileV, xlstm::mlstm::kStepV, xlstm::mlstm::kSlab);\n'
         + '  std::printf("K %d\\n", xlstm::slstm::kMaxThreads);\n  return 0;\n}\n')
     exe = tmp_path / "layout_check"
-    subprocess.run([cxx, "-std=c++17", "-I", str(build.PLUGIN_DIR), str(src), "-o", str(exe)], check=True,
-                   capture_output=True)
+    subprocess.run([cxx, "-std=c++17", *launch.cuda_defines(), "-I", str(build.PLUGIN_DIR), str(src), "-o",
+                    str(exe)], check=True, capture_output=True)
     lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
     seen = 0
     for line in lines:

@@ -30,7 +30,7 @@ from xlstm_export.plugins import build, launch
 from xlstm_export import contract
 
 EMU_DIR = Path(__file__).parent / "cuda_emu"
-SMEM_LIMIT = 232_448  # per-block opt-in shared memory of an H100 / A100-class GPU (227 KiB)
+SMEM_LIMIT = launch.SMEM_OPTIN_BYTES["sm_90"]  # per-block opt-in shared memory of an H100 / H200 (227 KiB)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
@@ -54,7 +54,8 @@ def emu(tmp_path_factory):
     if cxx is None or inc is None:
         pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h, from the toolkit of nvcc)")
     out = tmp_path_factory.mktemp("cuda_emu") / "emu_kernels.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-I", str(EMU_DIR), "-I",
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", *launch.cuda_defines(),
+           f"-DXLSTM_EMU_SMEM_LIMIT={SMEM_LIMIT}", "-I", str(EMU_DIR), "-I",
            str(build.PLUGIN_DIR), "-I", str(inc), str(EMU_DIR / "emu_kernels.cc"),
            str(EMU_DIR / "emu_ort_ops.cc"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -5,8 +5,10 @@
 // TensorRT engine does with the plugins: prefill (chunk path) and decode (step path) inside the
 // real models, fed by onnxruntime. Built and used by tests/test_plugins_emu.py.
 //
-// The geometry is computed from the kernels' own header (plugins/layout.cuh), as in
-// plugins/launch.py; emu_*_geometry export it so the test can hold both to each other.
+// The geometry is computed from the kernels' own header (plugins/layout.cuh, its tile sizes -D flags
+// from plugins/launch.py), as launch.py computes it; emu_*_geometry export it so the test can hold
+// both to each other. XLSTM_EMU_SMEM_LIMIT (-D, from the test) is the per-block limit the sLSTM
+// launches plan with.
 #include <cstdint>
 #include <cstring>
 #include <iterator>
@@ -22,7 +24,7 @@ extern "C" int emu_slstm_fwd(int dtype, const unsigned* launch, void* const* in,
 
 namespace {
 
-constexpr int kSmemLimit = 232448;  // the per-block opt-in limit the launches plan with (H100 / A100)
+constexpr int kSmemLimit = XLSTM_EMU_SMEM_LIMIT;  // launch.SMEM_OPTIN_BYTES of the emulated GPU
 constexpr int kOrtFloat16 = 10, kOrtBfloat16 = 16;
 
 int float_bits(float x) {
