@@ -217,6 +217,26 @@ def test_stop_strings_hold_back_a_possible_start():
     assert plain.push(list("a#z".encode()))[0] == "a#" and plain.finish() == "z"
 
 
+def test_streamed_event_bytes_equal_json_dumps():
+    """The SSE fast path writes the bytes json.dumps writes for the same event (escapes included)."""
+    import json
+
+    from xlstm_export.serve.app import _SSE
+
+    rng = np.random.default_rng(7)
+    for include_usage in (False, True):
+        sse = _SSE(None, "cmpl-1", 1700000000, 'a "model"\\', include_usage)
+        for _ in range(20):
+            updates = [(int(rng.integers(0, 4)), "".join(chr(int(c)) for c in rng.integers(0, 0x3000, 5)),
+                        rng.integers(0, 50000, int(rng.integers(0, 4))).tolist(),
+                        [None, "stop", "length"][int(rng.integers(0, 3))]) for _ in range(int(rng.integers(1, 4)))]
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r, "token_ids": ids}
+                       for i, t, ids, r in updates]
+            assert sse._token_event(updates) == sse._event(choices)
+            body = json.loads(sse._token_event(updates)[len(b"data: "):])
+            assert body["choices"] == choices and ("usage" in body) == include_usage
+
+
 def load_tokenizer_bytes():
     from xlstm_export.tokenizer import byte_tokenizer
 

@@ -29,7 +29,6 @@ TOKENIZER_FILE = "tokenizer.json"
 # config.json's token ids when the source has none, so the EOS id survives our own config.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-_REPLACEMENT = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 
 
 class TokenizerError(ValueError):
@@ -79,32 +78,34 @@ class StreamDecoder:
     incomplete UTF-8 sequence (and any text a later token could still change) until it completes;
     ``flush`` returns what is left. The pieces joined equal ``Tokenizer.decode`` of all the ids.
 
-    It decodes a short window of ids: ``_prefix`` is where the window starts (a token boundary at
-    which all earlier text is final), ``_read`` is how far text has been returned. Decoding from a
-    boundary one step back keeps tokenizers that strip a leading space on the first token
-    (SentencePiece's Metaspace) from losing it.
+    The steps are `tokenizers`' own ``DecodeStream`` (one call into Rust per token: it decodes a
+    short window of ids from a token boundary at which all earlier text is final, so tokenizers
+    that strip a leading space on the first token, SentencePiece's Metaspace, keep it). ``flush``
+    decodes the whole sequence once and returns what the steps held back.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # ids[_prefix:_read] gave the text already returned
+        self._reset()
+
+    def _reset(self) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []  # every id pushed (flush decodes them all)
+        self._sent = 0  # characters returned so far
 
     def push(self, token_id: int) -> str:
-        self._ids.append(int(token_id))
-        done = self._tok.decode(self._ids[self._prefix : self._read])
-        text = self._tok.decode(self._ids[self._prefix :])
-        if len(text) > len(done) and not text.endswith(_REPLACEMENT) and text.startswith(done):
-            self._prefix, self._read = self._read, len(self._ids)
-            return text[len(done) :]
-        return ""
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        text = self._stream.step(self._tok.backend, token_id) or ""
+        self._sent += len(text)
+        return text
 
     def flush(self) -> str:
-        done = self._tok.decode(self._ids[self._prefix : self._read])
-        text = self._tok.decode(self._ids[self._prefix :])
-        self._ids, self._prefix, self._read = [], 0, 0
-        return text[len(done) :]
+        rest = self._tok.decode(self._ids)[self._sent :]
+        self._reset()
+        return rest
 
 
 # --- the byte tokenizer --------------------------------------------------------------------------

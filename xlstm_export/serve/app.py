@@ -36,6 +36,9 @@ MAX_BODY_BYTES = 32 << 20  # a request body larger than this gets 413
 SWITCH_INTERVAL_S = 0.0002  # GIL hand-over interval while serving (Python's default: 0.005)
 
 
+_json_str = json.encoder.encode_basestring_ascii  # str -> its JSON string literal, as json.dumps writes it
+
+
 class _Disconnected(Exception):
     pass
 
@@ -248,6 +251,8 @@ class _SSE:
 
     def __init__(self, comp: _Completion, cid: str, created: int, model: str, include_usage: bool):
         self.comp, self.cid, self.created, self.model, self.include_usage = comp, cid, created, model, include_usage
+        self._head: bytes | None = None  # the event's bytes up to its first choice (built once)
+        self._tail = b""
 
     def _event(self, choices: list, usage: dict | None = None) -> bytes:
         body = {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
@@ -256,6 +261,21 @@ class _SSE:
             body["usage"] = usage
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
+    def _token_event(self, updates: list) -> bytes:
+        """``_event`` of the updates' choices, byte for byte, without building the dicts: the event
+        of every streamed token goes through here (at 32 streams, json.dumps alone was a fifth of
+        the event loop's time per token)."""
+        if self._head is None:
+            self._head = self._event([])[: -len(b"]}\n\n") - (len(b',"usage":null') if self.include_usage else 0)]
+            self._tail = (b'],"usage":null}\n\n' if self.include_usage else b"]}\n\n")
+        parts = [self._head]
+        for n, (i, text, ids, reason) in enumerate(updates):
+            parts.append(b'%s{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s,"token_ids":[%s]}' % (
+                b"," if n else b"", i, _json_str(text).encode(), b"null" if reason is None else _json_str(reason).encode(),
+                ",".join(map(str, ids)).encode()))
+        parts.append(self._tail)
+        return b"".join(parts)
+
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -263,9 +283,7 @@ class _SSE:
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             async for updates in self.comp.updates(disconnect):
-                choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
-                           for i, text, ids, reason in updates]
-                await send({"type": "http.response.body", "body": self._event(choices), "more_body": True})
+                await send({"type": "http.response.body", "body": self._token_event(updates), "more_body": True})
             tail = b""
             if self.include_usage:
                 tail = self._event([], self.comp.usage())
