@@ -27,12 +27,12 @@ each problem is one ValueError / RuntimeError / OSError naming the fix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import contract
+from .fsio import staged_files
 
 __all__ = ["RUNTIMES", "INSTALL_HINT", "RTX_INSTALL_HINT", "build_engine", "build_info_path",
            "default_runtime", "import_runtime", "inspect_onnx", "read_build_info", "runtime_available",
@@ -225,43 +226,19 @@ def build_info_path(engine_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".json")
 
 
-class _Destination:
-    """Temporary engine and record files in the destination folder, created up front (so an
-    unwritable folder fails before the build), renamed into place by :meth:`commit`."""
-
-    def __init__(self, engine_path: Path):
-        self.engine, self.record = engine_path, build_info_path(engine_path)
-        parent = engine_path.parent
-        if not parent.is_dir():
-            raise OSError(f"cannot write {engine_path}: directory {parent} does not exist")
-        if engine_path.is_dir():
-            raise OSError(f"cannot write {engine_path}: it is a directory")
-        self.tmps: list[str] = []
-        try:
-            for _ in range(2):
-                fd, tmp = tempfile.mkstemp(prefix=f".{engine_path.name}.", suffix=".tmp", dir=parent)
-                os.close(fd)
-                self.tmps.append(tmp)
-        except OSError as e:
-            self.cleanup()
-            raise OSError(f"cannot write {engine_path}: directory {parent} is not writable "
-                          f"({e.strerror or e})") from None
-
-    def commit(self, engine_bytes, record: dict) -> None:
-        with open(self.tmps[0], "wb") as fh:
-            fh.write(engine_bytes)
-        with open(self.tmps[1], "w") as fh:
-            json.dump(record, fh, indent=2)
-            fh.write("\n")
-        # never an engine beside another build's record: old record out, engine in, record in
-        self.record.unlink(missing_ok=True)
-        os.replace(self.tmps[0], self.engine)
-        os.replace(self.tmps[1], self.record)
-
-    def cleanup(self) -> None:
-        for tmp in self.tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+def _stage(stack: contextlib.ExitStack, engine_path: Path) -> Path:
+    """A staging folder beside the engine, made up front (so an unwritable folder fails before the
+    build); the engine and its record written there move in at the end, the record last."""
+    parent = engine_path.parent
+    if not parent.is_dir():
+        raise OSError(f"cannot write {engine_path}: directory {parent} does not exist")
+    if engine_path.is_dir():
+        raise OSError(f"cannot write {engine_path}: it is a directory")
+    try:
+        return stack.enter_context(staged_files(parent, last=build_info_path(engine_path).name))
+    except OSError as e:
+        raise OSError(f"cannot write {engine_path}: directory {parent} is not writable "
+                      f"({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,16 +413,18 @@ def build_engine(
             from .plugins import tensorrt_plugins  # noqa: F401  registers xlstm::mLSTM / xlstm::sLSTM
         except ImportError as exc:
             raise RuntimeError(f"{exc}. {INSTALL_HINT}") from exc
-    dest = _Destination(engine_path)
-    try:
+    record_path = build_info_path(engine_path)
+    with contextlib.ExitStack() as stack:
+        stage = _stage(stack, engine_path)
         record, serialized = _build(trt, rt, plugins, onnx_path, iface, batch, seq, workspace_gib, verbose)
         t_write = time.perf_counter()
         record["engine"] = {"file": engine_path.name, "bytes": serialized.nbytes}
-        dest.commit(memoryview(serialized), record)
-    finally:
-        dest.cleanup()
+        (stage / engine_path.name).write_bytes(memoryview(serialized))
+        (stage / record_path.name).write_text(json.dumps(record, indent=2) + "\n")
+        # never an engine beside another build's record: old record out, engine in, record in
+        record_path.unlink(missing_ok=True)
     log.info("[%s] wrote %s (%.1f MiB) and %s in %.1f s", rt.name, engine_path, engine_path.stat().st_size / 2**20,
-             dest.record.name, record["build_seconds"] + time.perf_counter() - t_write)
+             record_path.name, record["build_seconds"] + time.perf_counter() - t_write)
     return engine_path
 
 

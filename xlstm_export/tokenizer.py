@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .fsio import atomic_file
+
 BYTE_VOCAB = 256
 TOKENIZER_FILE = "tokenizer.json"
 # Files carried with a model (those present are copied; generation_config.json is written from
@@ -243,19 +245,13 @@ def read_tokenizer_files(directory) -> dict[str, bytes]:
 def write_tokenizer_files(files: dict[str, bytes] | None, directory) -> list[Path]:
     """Write ``files`` (from ``read_tokenizer_files``) into ``directory``, each under a temporary
     name first, then renamed: a reader never sees half a file."""
-    import os
-
     written = []
     for name, data in (files or {}).items():
         if name not in TOKENIZER_FILES:
             raise ValueError(f"{name!r} is not a tokenizer file ({', '.join(TOKENIZER_FILES)})")
         target = Path(directory) / name
-        tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-        try:
+        with atomic_file(target) as tmp:
             tmp.write_bytes(data)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(target)
     return written
 

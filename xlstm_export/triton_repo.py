@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .fsio import atomic_dir
 
 __all__ = ["ModelInterface", "config_pbtxt", "model_interface", "state_order_safe", "write_triton_repo"]
 
@@ -213,8 +214,7 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, *, name
     if final.exists() and not overwrite:
         raise ValueError(f"{final} exists: pass --overwrite to replace it")
     repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
-    try:
+    with atomic_dir(final) as tmp:
         version = tmp / "1"
         version.mkdir()
         main_file = "model.onnx" if iface.kind == "onnx" else "model.plan"
@@ -223,10 +223,4 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, *, name
             (version / f.relative_to(iface.path.parent)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, version / f.relative_to(iface.path.parent))
         (tmp / "config.pbtxt").write_text(text)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return final
