@@ -8,7 +8,9 @@ import torch
 
 from ..tokenizer import BYTE_VOCAB, byte_tokenizer_files
 from .config import PRESETS, xLSTMConfig, preset
-from .io import CheckpointError, from_pretrained, save_pretrained
+from .convert import from_official
+from .errors import CheckpointError
+from .io import save_pretrained
 from .model import State, resolve_dtype, sample_next, xLSTMLM
 
 
@@ -34,12 +36,9 @@ def load(source: str, *, seed: int = 0, dtype=None, **overrides) -> xLSTMLM:
     )
 
 
-def from_official(obj, state_dict=None, *, dtype=None) -> xLSTMLM:
-    """An xLSTMLM computing the same function as an official model, in its dtype unless ``dtype``
-    says otherwise (see models/convert.py)."""
-    from .convert import from_official as _from_official
-
-    return _from_official(obj, state_dict, dtype=dtype)
+def from_pretrained(directory, dtype=None, **overrides) -> xLSTMLM:
+    """Load our directory or a transformers xLSTM directory (see :meth:`xLSTMLM.from_pretrained`)."""
+    return xLSTMLM.from_pretrained(directory, dtype=dtype, **overrides)
 
 
 __all__ = [

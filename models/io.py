@@ -2,69 +2,49 @@
 
 Our directories hold ``config.json`` (``"model_type": "xlstm_export"`` plus the xLSTMConfig
 fields) and ``model.safetensors``, plus the tokenizer files of the model's source (see
-``tokenizer.py``). ``from_pretrained`` also reads transformers xLSTM directories
+``tokenizer.py``). ``read_pretrained`` (under ``xLSTMLM.from_pretrained``) also reads transformers xLSTM directories
 (``"model_type": "xlstm"``, single or sharded safetensors) without transformers installed.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fsio import atomic_dir
 from ..tokenizer import read_tokenizer_files, write_tokenizer_files
 from .config import xLSTMConfig
+from .errors import CheckpointError
+from .hf import config_from_transformers_dict, state_dict_from_transformers
 
 MODEL_TYPE = "xlstm_export"
 WEIGHTS_NAME = "model.safetensors"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message says which file or tensor and why."""
-
-
 def save_pretrained(model, directory) -> Path:
     """Write config.json + model.safetensors into ``directory`` (created; replaced atomically)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # Tied weights are stored once (safetensors refuses shared storage).
-        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if model.config.architecture == "paper" and model.config.tie_weights:
-            sd.pop("lm_head.weight", None)
-        save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_tokenizer_files(getattr(model, "tokenizer_files", None), tmp)  # read at load, carried along
-        _default_permissions(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(directory) as tmp:
+        write_pretrained(model, tmp)
     return directory
 
 
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp makes 0700 folders: give the folder and its files the user's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
+def write_pretrained(model, folder: Path) -> None:
+    """The files of a model directory (config.json, model.safetensors, the tokenizer files it carries)
+    written into the existing ``folder``, not atomically: :func:`save_pretrained` stages them."""
+    config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Tied weights are stored once (safetensors refuses shared storage).
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.architecture == "paper" and model.config.tie_weights:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_tokenizer_files(getattr(model, "tokenizer_files", None), folder)  # read at load, carried along
 
 
 def read_config_json(directory) -> dict:
@@ -116,19 +96,9 @@ def read_safetensors_dir(directory) -> dict[str, torch.Tensor]:
 def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load every tensor of the model from ``state_dict``; name any missing, extra or mis-shaped one."""
     expected = model.state_dict()
-    if model.config.architecture == "paper" and model.config.tie_weights:
-        state_dict = dict(state_dict)
-        state_dict.setdefault("lm_head.weight", state_dict.get("embedding.weight"))
-    missing = [k for k in expected if state_dict.get(k) is None]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(state_dict) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}")
-    for k, ref in expected.items():
-        got = tuple(state_dict[k].shape)
-        if got != tuple(ref.shape):
-            raise CheckpointError(f"{source}: tensor {k!r} has shape {got}, the model expects {tuple(ref.shape)}")
+    state_dict = with_tied_head(model.config, state_dict)
+    check_tensor_shapes({k: tuple(v.shape) for k, v in expected.items()},
+                        {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     # A model built on the meta device (xLSTMLM.from_state_dict) takes the tensors themselves
     # (cast only where the dtype differs): no second copy of the weights.
     assign = any(p.is_meta for p in model.parameters())
@@ -138,15 +108,34 @@ def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor], source: 
         model.tie_weights()
 
 
+def with_tied_head(config: xLSTMConfig, tensors: dict) -> dict:
+    """A paper model with tied weights stores its embedding once: ``lm_head.weight`` is it again."""
+    if config.architecture == "paper" and config.tie_weights and "embedding.weight" in tensors:
+        tensors = dict(tensors)
+        tensors.setdefault("lm_head.weight", tensors["embedding.weight"])
+    return tensors
+
+
+def check_tensor_shapes(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str) -> None:
+    """Name any tensor (name -> shape) that ``got`` misses, has in excess, or has in another shape."""
+    missing = [k for k in expected if k not in got]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(got) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}")
+    for k, shape in expected.items():
+        if got[k] != shape:
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {got[k]}, the model expects {shape}")
+
+
 def read_config(directory, **overrides) -> tuple[xLSTMConfig, str]:
     """(config, model_type) of our directory or a transformers xLSTM directory, from config.json
-    alone (no weights read). ``overrides`` replace config fields (see :func:`from_pretrained`)."""
+    alone (no weights read). ``overrides`` replace config fields (see :meth:`xLSTMLM.from_pretrained`)."""
     directory = Path(directory)
     raw = read_config_json(directory)
     model_type = raw.get("model_type")
     if model_type == "xlstm":
-        from .convert import config_from_transformers_dict
-
         return config_from_transformers_dict(raw, **overrides), model_type
     if model_type == MODEL_TYPE:
         fields = {k: v for k, v in raw.items() if k != "model_type"}
@@ -160,20 +149,12 @@ def read_config(directory, **overrides) -> tuple[xLSTMConfig, str]:
     )
 
 
-def from_pretrained(directory, dtype=None, **overrides):
-    """Load our directory or a transformers xLSTM directory. ``overrides`` replace config fields
-    that do not change the weights (e.g. ``backend``, ``chunk_size``). ``dtype`` None keeps the
-    checkpoint's dtype (a bfloat16 checkpoint loads as a bfloat16 model), else converts."""
-    from .model import xLSTMLM
-
+def read_pretrained(directory, **overrides) -> tuple[xLSTMConfig, dict[str, torch.Tensor], dict[str, bytes]]:
+    """(config, state dict in our names, tokenizer files) of our directory or a transformers xLSTM
+    directory, every tensor read (``xLSTMLM.from_pretrained`` builds the model of them)."""
     directory = Path(directory)
     config, model_type = read_config(directory, **overrides)
+    state_dict = read_safetensors_dir(directory)
     if model_type == "xlstm":
-        from .convert import state_dict_from_transformers
-
-        state_dict = state_dict_from_transformers(read_safetensors_dir(directory), config)
-    else:
-        state_dict = read_safetensors_dir(directory)
-    model = xLSTMLM.from_state_dict(config, state_dict, dtype, source=str(directory))
-    model.tokenizer_files = read_tokenizer_files(directory)  # written again by save_pretrained / export
-    return model.eval()
+        state_dict = state_dict_from_transformers(state_dict, config)
+    return config, state_dict, read_tokenizer_files(directory)

@@ -6,7 +6,7 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 byte range) and the raw little-endian data. :func:`lazy_state_dict` parses the headers and maps
 every tensor of OUR state dict to a byte range of one file. For transformers directories the
-layout conversion is the converter itself (:func:`models.convert.state_dict_from_transformers`,
+layout conversion is the converter itself (:func:`models.hf.state_dict_from_transformers`,
 one owner of the layout) run on meta tensors: its fused-row splits come back as views, whose
 storage offset names the rows. Nothing is read until ``TensorLocation.read``, which maps just the
 tensor's pages and unmaps them again, so reading every tensor in turn keeps one tensor resident.
@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 from .config import xLSTMConfig
-from .io import CheckpointError, read_config, safetensors_files
+from .errors import CheckpointError
+from .hf import state_dict_from_transformers
+from .io import check_tensor_shapes, read_config, safetensors_files, with_tied_head
+from .model import xLSTMLM
 
 # safetensors dtype names -> torch dtypes (the float and integer types a checkpoint may hold)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -104,9 +107,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
 def lazy_state_dict(directory, **overrides) -> tuple[xLSTMConfig, dict[str, TensorLocation]]:
     """(config, our state-dict name -> location) for our directory or a transformers xLSTM
     directory; reads config.json and the safetensors headers only. Missing, unexpected and
-    mis-shaped tensors raise :class:`CheckpointError` as :func:`models.io.from_pretrained` does."""
-    from .model import xLSTMLM
-
+    mis-shaped tensors raise :class:`CheckpointError` as :func:`xLSTMLM.from_pretrained` does."""
     directory = Path(directory)
     config, model_type = read_config(directory, **overrides)
     source: dict[str, TensorLocation] = {}
@@ -118,26 +119,15 @@ def lazy_state_dict(directory, **overrides) -> tuple[xLSTMConfig, dict[str, Tens
         locations = dict(source)
     with torch.device("meta"):
         expected = xLSTMLM(config).state_dict()
-    if config.architecture == "paper" and config.tie_weights and "embedding.weight" in locations:
-        locations.setdefault("lm_head.weight", locations["embedding.weight"])
-    missing = [k for k in expected if k not in locations]
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(locations) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor(s) {unexpected[:5]}")
-    for k, ref in expected.items():
-        if locations[k].shape != tuple(ref.shape):
-            raise CheckpointError(f"{directory}: tensor {k!r} has shape {locations[k].shape}, "
-                                  f"the model expects {tuple(ref.shape)}")
+    locations = with_tied_head(config, locations)
+    check_tensor_shapes({k: tuple(v.shape) for k, v in expected.items()},
+                        {k: loc.shape for k, loc in locations.items()}, str(directory))
     return config, {k: locations[k] for k in expected}
 
 
 def _through_converter(source: dict[str, TensorLocation], config: xLSTMConfig) -> dict[str, TensorLocation]:
     """Our names -> locations for transformers tensors: the converter run on meta tensors; each
     result must be a contiguous slice of one source tensor (a fused-row split)."""
-    from .convert import state_dict_from_transformers
-
     metas = {k: torch.empty(loc.shape, dtype=loc.dtype, device="meta") for k, loc in source.items()}
     owner = {id(t): k for k, t in metas.items()}
     converted = state_dict_from_transformers(metas, config)

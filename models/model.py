@@ -23,6 +23,8 @@ from torch import nn
 from .. import kernels
 from .blocks import LargeBlock, mLSTMBlock, sLSTMBlock
 from .config import xLSTMConfig
+from .errors import CheckpointError
+from .io import load_state_dict_checked, read_pretrained, save_pretrained
 from .layers import LayerNorm, RMSNorm, compute_dtype, soft_cap
 
 State = dict[str, torch.Tensor]
@@ -160,16 +162,17 @@ class xLSTMLM(nn.Module):
 
     # --- persistence (see models/io.py) -------------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        from .io import save_pretrained
-
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, **overrides) -> "xLSTMLM":
-        """Load a directory; ``dtype`` None keeps the checkpoint's (see ``io.from_pretrained``)."""
-        from .io import from_pretrained
-
-        return from_pretrained(directory, dtype=dtype, **overrides)
+        """Load our directory or a transformers xLSTM directory. ``overrides`` replace config fields
+        that do not change the weights (e.g. ``backend``, ``chunk_size``). ``dtype`` None keeps the
+        checkpoint's dtype (a bfloat16 checkpoint loads as a bfloat16 model), else converts."""
+        config, state_dict, tokenizer_files = read_pretrained(directory, **overrides)
+        model = cls.from_state_dict(config, state_dict, dtype, source=str(directory))
+        model.tokenizer_files = tokenizer_files  # written again by save_pretrained / export
+        return model.eval()
 
     @classmethod
     def from_state_dict(
@@ -183,8 +186,6 @@ class xLSTMLM(nn.Module):
         checkpoint is ever made and tensors already in the right dtype are used as they are.
         Missing, unexpected or mis-shaped tensors raise ``CheckpointError`` naming them.
         """
-        from .io import load_state_dict_checked
-
         dtype = checkpoint_dtype(state_dict, source) if dtype is None else resolve_dtype(dtype)
         with torch.device("meta"):
             model = cls(config)
@@ -236,8 +237,6 @@ def checkpoint_dtype(state_dict: dict[str, torch.Tensor], source: str = "checkpo
     Raises ``CheckpointError`` when it cannot be kept: integer / quantized tensors, or a floating
     dtype the model does not compute in (float8): the message says so and how to convert.
     """
-    from .io import CheckpointError
-
     counts: dict[torch.dtype, int] = {}
     for name, t in state_dict.items():
         if not t.dtype.is_floating_point:

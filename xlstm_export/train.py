@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +41,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .fsio import atomic_dir
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 TRAINER_STATE_FORMAT = "xlstm_export.trainer_state"
@@ -361,38 +362,14 @@ def save_checkpoint(model, out: Path, trainer_state: dict) -> None:
     crash leaves either the old checkpoint or the new one, never weights of one step with the trainer
     state of another.
     """
-    from .models import save_pretrained
+    from .models.io import write_pretrained
 
-    stage = out.with_name(f".{out.name}.stage-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
-        save_pretrained(model, stage)  # config.json + model.safetensors
-        mask = _umask()  # mkdtemp made the folder 0700: give the checkpoint the user's usual modes
-        os.chmod(stage, 0o777 & ~mask)
-        for f in stage.iterdir():
-            os.chmod(f, 0o666 & ~mask)
-        tmp = stage / (TRAINER_STATE_NAME + ".tmp")
-        torch.save(trainer_state, tmp)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, stage / TRAINER_STATE_NAME)
-        if out.exists():
-            os.replace(out, old)
-        try:
-            os.replace(stage, out)
-        except OSError:
-            if old.exists() and not out.exists():
-                os.replace(old, out)  # put the previous checkpoint back
-            raise
+        with atomic_dir(out) as stage:
+            write_pretrained(model, stage)  # config.json + model.safetensors
+            torch.save(trainer_state, stage / TRAINER_STATE_NAME)
     except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
         raise TrainError(f"cannot write checkpoint {out}: {e.strerror or e}") from None
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_trainer_state(out: Path) -> dict:
