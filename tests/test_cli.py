@@ -138,3 +138,30 @@ def test_build_without_tensorrt_says_what_to_install(exported):
     assert_one_line_error(run_cli("build", str(exported), "-o", str(exported.with_suffix(".plan")), "--runtime", "tensorrt"),
                           "pip install tensorrt")
     assert not exported.with_suffix(".plan").exists()
+
+
+# --- run: the pipeline in the library, the summary in the CLI ------------------------------------
+def test_run_into_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["run", "tiny", "-o", str(f), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"xlstm-export run: error: {f}: exists and is not a directory"
+    assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("ok, code", [(True, 0), (False, 1)], ids=["pass", "fail"])
+def test_run_prints_the_pipeline_summary(tmp_path, capsys, monkeypatch, ok, code):
+    """`run` prints run_pipeline's stages, aligned, and exits 1 when a comparison failed."""
+    from xlstm_export import pipeline
+
+    def fake_run(source, output, *, max_new_tokens, progress):
+        assert (source, output, max_new_tokens, progress) == ("tiny", str(tmp_path), 5, False)
+        result = pipeline.RunResult(tmp_path)
+        result.add("convert", "c-line")
+        result.add("native kernels", "n-line", ok)
+        return result
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    assert main(["run", "tiny", "-o", str(tmp_path), "--max-new-tokens", "5", "--quiet"]) == code
+    assert capsys.readouterr().out.splitlines() == ["", "summary", "  convert         c-line",
+                                                    "  native kernels  n-line"]

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from .pipeline import VALIDATE_CASES
+
 
 class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit code 2."""
@@ -406,7 +408,6 @@ def _check_engine_source(engine: str, onnx_path: str) -> None:
                         f"{info['onnx']['sha256'][:12]}...), not {onnx_path}: rebuild it or give that file")
 
 
-VALIDATE_CASES = ((1, 1), (1, 7), (3, 64), (3, 129))
 
 
 def _require_openvino() -> None:
@@ -434,85 +435,16 @@ def _bar(total: int, desc: str, quiet: bool):
 
 # --- run: the main job ----------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    """The whole pipeline on one model, with one summary at the end: convert, export, validate
-    against onnxruntime, generate on PyTorch and onnxruntime, and the TensorRT build, validation
-    and generation when TensorRT is present."""
-    import numpy as np
+    """The whole pipeline on one model (:func:`xlstm_export.pipeline.run_pipeline`), with one summary
+    at the end; exit 1 when a comparison failed."""
+    from .pipeline import run_pipeline
 
-    from .export import export_onnx
-    from .generate import generate, torch_runner
-    from .ort import OrtModel
-    from .plugins.cpu_build import CompilerNotFoundError, find_compiler
-    from .tensorrt import TrtModel, build_engine, tensorrt_available
-    from .validate import compare_runners, validate_onnx
-
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    summary: list[tuple[str, str]] = []
-    ok = True
-
-    model = _load_model(args.source)
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    info = model_info(model)
-    summary.append(("convert", f"{model_dir} ({info['parameters']:,} parameters, "
-                               f"{''.join(t[0] for t in info['block_types'])}, "
-                               f"state {info['state_bytes_per_sequence']:,} bytes/sequence)"))
-
-    onnx_path = export_onnx(model, out / "model.onnx", dtype="fp32", progress=not args.quiet)
-    summary.append(("export", f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)"))
-
-    bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
-    report = validate_onnx(onnx_path, model, cases=VALIDATE_CASES, progress=lambda _: bar.update(1))
-    bar.close()
-    worst = report.worst()
-    ok &= report.ok
-    summary.append(("validate", f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} comparisons against "
-                                f"PyTorch in float64, worst err {worst.err:.1e} ({worst.name}, limit {worst.limit:.1e})"))
-
-    prompt = np.array([list(b"The xLSTM ")], np.int64) % model.config.vocab_size
-    n = args.max_new_tokens
-    ref = generate(torch_runner(model), prompt, n)
-    ort_model = OrtModel(onnx_path)
-    got = generate(ort_model.decoder(), prompt, n)
-    same = bool(np.array_equal(ref.tokens, got.tokens))
-    ok &= same
-    summary.append(("generate", f"{n} greedy tokens: onnxruntime {'==' if same else '!='} PyTorch; "
-                                f"decode {got.ms_per_token:.2f} ms/token (ORT), {ref.ms_per_token:.2f} (PyTorch)"))
-
-    try:
-        find_compiler()
-    except CompilerNotFoundError:
-        summary.append(("native kernels", "skipped: no C++ compiler to build the native CPU kernels "
-                                        "(install g++ or set CXX)"))
-    else:
-        native_report = validate_onnx(onnx_path, model, native_ops=True, cases=VALIDATE_CASES)
-        native_gen = generate(OrtModel(onnx_path, native_ops=True).decoder(), prompt, n)
-        native_same = bool(np.array_equal(ref.tokens, native_gen.tokens))
-        ok &= native_report.ok and native_same
-        summary.append(("native kernels", f"{'PASS' if native_report.ok else 'FAIL'}: onnxruntime with the native "
-                                        f"CPU kernels vs PyTorch, worst rel err {native_report.worst().err:.1e}; "
-                                        f"greedy tokens {'==' if native_same else '!='} PyTorch; decode "
-                                        f"{native_gen.ms_per_token:.2f} ms/token"))
-
-    if tensorrt_available():
-        plan = build_engine(onnx_path, out / "model.plan", runtime="tensorrt")
-        trt_report = compare_runners(TrtModel(plan), ort_model.run, vocab_size=ort_model.vocab_size,
-                                     dtype=ort_model.dtype, cases=VALIDATE_CASES)
-        ok &= trt_report.ok
-        trt_gen = generate(TrtModel(plan), prompt, n)
-        summary.append(("tensorrt", f"{plan}: {'PASS' if trt_report.ok else 'FAIL'} vs onnxruntime, "
-                                    f"decode {trt_gen.ms_per_token:.2f} ms/token"))
-    else:
-        summary.append(("tensorrt", "skipped: TensorRT is not installed here (pip install tensorrt on a GPU machine)"))
-
-    width = max(len(k) for k, _ in summary)
+    result = run_pipeline(args.source, args.output, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    width = max(len(k) for k, _ in result.stages)
     print("\nsummary")
-    for k, v in summary:
+    for k, v in result.stages:
         print(f"  {k:<{width}}  {v}")
-    return 0 if ok else 1
+    return 0 if result.ok else 1
 
 
 # --- parser --------------------------------------------------------------------------------------
