@@ -85,6 +85,32 @@ def test_default_feeds_cover_every_input(tmp_path):
         xtrt._dim_kind("x", "tokens")
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.01], ids=["same", "h-off-by-1%"])
+def test_validate_engine_report_with_onnxruntime_standing_in_for_the_engine(tmp_path, monkeypatch, scale):
+    """validate_engine's comparison where no GPU is: an onnxruntime session in TrtModel's place (h
+    scaled by ``scale``). One validate.Report row per output at the dtype's fixed limit; 1% off fails."""
+    path = _cell_onnx(tmp_path, "mLSTM", "float32", NH=2, DQK=8, DV=16)
+
+    class OrtEngine:
+        state_keys: list = []
+
+        def __init__(self, plan):
+            self.session = xtrt._ort_session(path)
+
+        def infer(self, feeds):
+            out = xtrt._ort_run(self.session, feeds)
+            return {**out, "h": out["h"] * scale}
+
+    monkeypatch.setattr(xtrt, "TrtModel", OrtEngine)
+    feeds = _mlstm_feeds(2, 2, 7, 8, 16, "float32", torch.Generator().manual_seed(SEED))
+    report = xtrt.validate_engine(path, tmp_path / "unused.plan", feeds=feeds)
+    assert isinstance(report, xtrt.ValidationReport)
+    assert [(r.case, r.name) for r in report.rows] == [("call 0", n) for n in ("h", "c", "n", "m")]
+    assert all(r.limit == contract.MAX_RELATIVE_ERROR["float32"] for r in report.rows)
+    assert report.ok == (scale == 1.0), str(report)
+    assert {r.name for r in report.rows if not r.ok} == (set() if scale == 1.0 else {"h"})
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_missing_tensorrt_is_one_clear_error(tmp_path):
     path = _cell_onnx(tmp_path, "mLSTM", "float32", NH=1, DQK=8, DV=8)

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import contract
 from .engine import (  # noqa: F401  INSTALL_HINT, build_engine, read_build_info: re-exported
     INSTALL_HINT,
     _dim_kind,
@@ -36,6 +34,7 @@ from .engine import (  # noqa: F401  INSTALL_HINT, build_engine, read_build_info
     inspect_onnx,
     read_build_info,
 )
+from .validate import Report as ValidationReport  # the one report type (validate_engine's rows: "call j")
 
 __all__ = ["INSTALL_HINT", "tensorrt_available", "build_engine", "TrtModel", "validate_engine",
            "ValidationReport", "onnx_dynamic_dims", "onnx_model_dtype", "read_build_info"]
@@ -215,32 +214,6 @@ def _ort_run(session, feeds: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-@dataclass
-class ValidationReport:
-    """Per-output relative errors (max |trt - ort| / max |ort|) of each call."""
-
-    dtype: str
-    tolerance: float  # contract.MAX_RELATIVE_ERROR[dtype]
-    calls: list[dict[str, float]] = field(default_factory=list)  # one dict output -> error per call
-
-    @property
-    def max_error(self) -> float:
-        return max((e for c in self.calls for e in c.values()), default=0.0)
-
-    @property
-    def ok(self) -> bool:
-        return self.max_error <= self.tolerance
-
-    def __str__(self) -> str:
-        lines = [f"TensorRT vs onnxruntime ({self.dtype}, tolerance {self.tolerance:g}):"]
-        for j, call in enumerate(self.calls):
-            for name, err in call.items():
-                verdict = "ok" if err <= self.tolerance else "FAIL"
-                lines.append(f"  call {j} {name:<28} rel err {err:.3e} {verdict}")
-        lines.append(f"  max {self.max_error:.3e}: {'PASS' if self.ok else 'FAIL'}")
-        return "\n".join(lines)
-
-
 def _default_feeds(session, batch: int, seq: int, gen) -> dict[str, Any]:
     import torch
 
@@ -279,7 +252,9 @@ def validate_engine(
     feeds: dict[str, Any] | None = None,  # inputs of the first call; default: random ids, zero state
     seed: int = 0,
 ) -> ValidationReport:
-    """Compare a TensorRT plan with onnxruntime on the same ONNX model, output by output.
+    """Compare a TensorRT plan with onnxruntime on the same ONNX model, output by output: a
+    :class:`xlstm_export.validate.Report` with one row per output and call (case ``"call j"``), each
+    held to the dtype's fixed limit ``contract.MAX_RELATIVE_ERROR``.
 
     The first call runs ``feeds`` (a prefill); then, for exported LMs, ``decode_steps`` single-token
     calls feed both runtimes the same state (onnxruntime's ``present.*``) so errors do not compound.
@@ -291,16 +266,13 @@ def validate_engine(
     session = _ort_session(onnx_path)
     gen = torch.Generator().manual_seed(seed)
     feeds = dict(feeds) if feeds is not None else _default_feeds(session, batch, seq, gen)
-    report = ValidationReport(dtype, contract.MAX_RELATIVE_ERROR[dtype])
+    report = ValidationReport(dtype)
     n_calls = 1 + (decode_steps if "input_ids" in feeds and model.state_keys else 0)
     for call in range(n_calls):
         ort_out = _ort_run(session, feeds)
-        trt_out = model.infer(feeds)
-        errs = {name: contract.relative_error(trt_out[name].float().cpu(), ort_out[name].float())
-                for name in ort_out}
-        report.calls.append(errs)
-        log.info("[validate] call %d: max rel err %.3e (%s)", call, max(errs.values(), default=0.0),
-                 ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+        rows = report.add(f"call {call}", model.infer(feeds), ort_out)
+        log.info("[validate] call %d: max rel err %.3e (%s)", call, max((r.err for r in rows), default=0.0),
+                 ", ".join(f"{r.name} {r.err:.2e}" for r in rows))
         if call + 1 < n_calls:
             b = feeds["input_ids"].shape[0]
             feeds = {"input_ids": torch.randint(0, max(2, int(ort_out["logits"].shape[-1])), (b, 1),

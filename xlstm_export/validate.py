@@ -110,6 +110,9 @@ class Row:
 
 @dataclass
 class Report:
+    """Rows of errors against a reference, their limits and the verdict: what :func:`validate_onnx`,
+    :func:`compare_runners` and ``tensorrt.validate_engine`` return (rows added by :meth:`add`)."""
+
     dtype: str
     factor: float | None = None  # None: fixed limits (no baseline runner)
     atol: float | None = None
@@ -153,6 +156,27 @@ class Report:
 
     def worst(self) -> Row:
         return max(self.rows, key=lambda r: r.badness)
+
+    def add(self, case: str, actual: dict, reference: dict, baseline: dict | None = None) -> list[Row]:
+        """One row per output of ``reference`` (name -> array or tensor, any float dtype): the error
+        of ``actual`` against it and its limit, ``max(factor * baseline error, atol)`` with a
+        ``baseline``, else the fixed ``contract.MAX_RELATIVE_ERROR`` of the dtype. Returns the rows."""
+        rows = []
+        for name, ref in reference.items():
+            ref, act = _np64(ref), _np64(actual[name])
+            err = _error(case, name, act, ref)
+            if baseline is None:
+                rows.append(Row(case, name, err, None, contract.MAX_RELATIVE_ERROR[self.dtype]))
+            else:
+                base_x = _np64(baseline[name])
+                base = _error(case, name, base_x, ref)
+                rows.append(Row(case, name, err, base, max(self.factor * base, self.atol),
+                                _typical_error(act, ref), _typical_error(base_x, ref)))
+        self.rows.extend(rows)
+        return rows
+
+    def __str__(self) -> str:
+        return self.table()
 
     def table(self, *, all_rows: bool = False) -> str:
         """Worst rows first. Without all_rows, each case's states are folded to its worst one."""
@@ -236,25 +260,14 @@ def compare_runners(
                              f"atol={atol}, median={median}")
     elif factor is not None or atol is not None or median is not None:
         raise ValueError("factor / atol / median apply to a comparison with a baseline runner")
-    fixed = contract.MAX_RELATIVE_ERROR[dtype]
     rng = np.random.default_rng(seed)
     report = Report(dtype, factor, atol, median)
     runners = [actual, reference] if baseline is None else [actual, reference, baseline]
 
     def compare(case: str, outs) -> None:
-        (a_logits, a_state), (r_logits, r_state) = outs[0], outs[1]
-        b = outs[2] if baseline is not None else None
-        a_rows = {"logits": _np64(a_logits), **_aligned_states(a_state, r_state)}
-        r_rows = {"logits": _np64(r_logits), **_aligned_states(r_state, r_state)}
-        b_rows = None if b is None else {"logits": _np64(b[0]), **_aligned_states(b[1], r_state)}
-        for name, ref in r_rows.items():
-            err = _error(case, name, a_rows[name], ref)
-            if b_rows is None:
-                report.rows.append(Row(case, name, err, None, fixed))
-            else:
-                base = _error(case, name, b_rows[name], ref)
-                report.rows.append(Row(case, name, err, base, max(factor * base, atol),
-                                       _typical_error(a_rows[name], ref), _typical_error(b_rows[name], ref)))
+        r_state = outs[1][1]  # every state in the reference's stabilizer frame
+        rows = [{"logits": logits, **_aligned_states(state, r_state)} for logits, state in outs]
+        report.add(case, rows[0], rows[1], rows[2] if baseline is not None else None)
 
     for B, S in cases:
         if progress:
