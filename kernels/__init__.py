@@ -29,10 +29,22 @@ entries with :func:`register_backend`.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
+
+from ._triton import interpreting, require_triton, triton_available, triton_runs_on
+
+__all__ = [
+    "MLSTM_BACKENDS",
+    "SLSTM_BACKENDS",
+    "interpreting",
+    "mlstm_cell",
+    "register_backend",
+    "slstm_cell",
+    "triton_available",
+    "triton_runs_on",
+]
 
 MLSTM_BACKENDS: dict[str, Callable] = {}
 SLSTM_BACKENDS: dict[str, Callable] = {}
@@ -42,26 +54,6 @@ def register_backend(name: str, *, mlstm: Callable, slstm: Callable) -> None:
     """Make ``name`` usable as a cell backend (``model.set_backend(name)``)."""
     MLSTM_BACKENDS[name] = mlstm
     SLSTM_BACKENDS[name] = slstm
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_triton(device: torch.device) -> None:
-    if not triton_available():
-        raise RuntimeError(
-            "backend 'triton' needs the triton package: pip install 'xlstm-export[triton]'"
-        )
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"backend 'triton' got tensors on {device.type}; Triton runs on CUDA, or on CPU "
-            "only under TRITON_INTERPRET=1 (slow, for tests). Use backend 'torch' or 'auto'."
-        )
 
 
 def _mlstm_torch(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
@@ -79,7 +71,7 @@ def _slstm_torch(x, r, b, state=None):
 
 
 def _mlstm_triton(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
-    _check_triton(q.device)
+    require_triton("backend 'triton'", q.device)
     from .mlstm.chunk import chunk_mlstm
     from .mlstm.fused_recurrent import fused_recurrent_step_mlstm
 
@@ -89,7 +81,7 @@ def _mlstm_triton(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
 
 
 def _slstm_triton(x, r, b, state=None):
-    _check_triton(x.device)
+    require_triton("backend 'triton'", x.device)
     from .slstm.fused_recurrent import fused_recurrent_slstm, fused_recurrent_step_slstm
 
     if x.shape[2] == 1 and state is not None and not torch.is_grad_enabled():

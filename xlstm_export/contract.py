@@ -37,7 +37,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -77,20 +77,55 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class AttrSpec:
-    """One node attribute with its default and valid range."""
+    """One node attribute with its default and valid range (the one statement of that range: the
+    ONNX schema, the fake impl, the plugins and every kernel entry point read it from here)."""
 
     name: str
     type: Literal["int", "float", "str"]
     default: int | float | str
     doc: str = ""
-    check: Callable[[Any], bool] | None = None  # None: any value of the type
-    check_doc: str = ""  # the valid range in words, for error messages
+    minimum: float | None = None  # numbers: value >= minimum (> minimum when exclusive); floats finite
+    exclusive: bool = False
+    choices: tuple[str, ...] = ()  # strings: the allowed values (empty: any)
 
-    def validate(self, op: str, value: Any) -> Any:
+    def check(self, value: Any) -> bool:
+        if self.choices and value not in self.choices:
+            return False
+        if self.type == "float" and not math.isfinite(value):
+            return False
+        if self.minimum is None:
+            return True
+        return value > self.minimum if self.exclusive else value >= self.minimum
+
+    @property
+    def check_doc(self) -> str:
+        """The valid range in words, as the op's error messages and the ONNX schema write it."""
+        if self.choices:
+            return " or ".join(repr(c) for c in self.choices)
+        if self.minimum is None:
+            return "finite" if self.type == "float" else ""
+        rng = f"{'>' if self.exclusive else '>='} {self.minimum:g}"
+        return f"{rng} and finite" if self.type == "float" else rng
+
+    @property
+    def words(self) -> str:
+        """The same range as a phrase for a function's argument ("a positive int")."""
+        positive = self.minimum is not None and (
+            (self.minimum == 0 and self.exclusive) or (self.type == "int" and self.minimum == 1 and not self.exclusive))
+        if positive:
+            return f"a {'finite ' if self.type == 'float' else ''}positive {self.type}"
+        return f"a {self.type} {self.check_doc}".rstrip()
+
+    def validate(self, op: str, value: Any, *, argument: bool = False) -> Any:
+        """``value`` checked; raises ValueError naming ``op`` (the op, or with ``argument`` the
+        function whose keyword argument it is), the attribute, the range and the value."""
         py = {"int": int, "float": (int, float), "str": str}[self.type]
-        if isinstance(value, bool) or not isinstance(value, py):
+        ok_type = not isinstance(value, bool) and isinstance(value, py)
+        if argument and not (ok_type and self.check(value)):
+            raise ValueError(f"{op}: {self.name} must be {self.words}, got {value!r}")
+        if not ok_type:
             raise ValueError(f"{op}: attribute {self.name} must be {self.type}, got {value!r}")
-        if self.check is not None and not self.check(value):
+        if not self.check(value):
             raise ValueError(f"{op}: attribute {self.name} must be {self.check_doc}, got {value!r}")
         return value
 
@@ -119,6 +154,17 @@ class OpSpec:
                 return a
         raise KeyError(f"{self.qualname} has no attribute {name!r}; it has {[a.name for a in self.attrs]}")
 
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """The op's dim names in order of first use: ("B", "NH", "S", "DQK", "DV") / (..., "DH")."""
+        out: list[str] = []
+        for t in self.inputs:
+            for d in t.dims:
+                name = d.split("*")[-1]
+                if name not in out:
+                    out.append(name)
+        return tuple(out)
+
     def defaults(self) -> dict[str, int | float | str]:
         return {a.name: a.default for a in self.attrs}
 
@@ -135,9 +181,19 @@ class OpSpec:
 _PLUGIN_ATTRS = (
     AttrSpec("plugin_namespace", "str", PLUGIN_NAMESPACE,
              "TensorRT plugin namespace: the ONNX parser routes the node to the registered plugin",
-             lambda v: v == PLUGIN_NAMESPACE, f"{PLUGIN_NAMESPACE!r}"),
-    AttrSpec("plugin_version", "str", PLUGIN_VERSION, "TensorRT plugin version",
-             lambda v: v == PLUGIN_VERSION, f"{PLUGIN_VERSION!r}"),
+             choices=(PLUGIN_NAMESPACE,)),
+    AttrSpec("plugin_version", "str", PLUGIN_VERSION, "TensorRT plugin version", choices=(PLUGIN_VERSION,)),
+)
+
+def _finals(states: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """The final-state outputs: each initial state's name without the 0, same dims and dtype."""
+    return tuple(TensorSpec(t.name.rstrip("0"), t.dims, t.dtype, t.doc.replace("initial", "final")) for t in states)
+
+
+_MLSTM_STATES = (
+    TensorSpec("c0", ("B", "NH", "DQK", "DV"), "float32", "initial matrix memory"),
+    TensorSpec("n0", ("B", "NH", "DQK"), "float32", "initial normalizer"),
+    TensorSpec("m0", ("B", "NH"), "float32", "initial stabilizer"),
 )
 
 MLSTM = OpSpec(
@@ -150,25 +206,23 @@ MLSTM = OpSpec(
         TensorSpec("v", ("B", "NH", "S", "DV"), "T", "values"),
         TensorSpec("i", ("B", "NH", "S"), "T", "input-gate pre-activation (exp gate)"),
         TensorSpec("f", ("B", "NH", "S"), "T", "forget-gate pre-activation (logsigmoid gate)"),
-        TensorSpec("c0", ("B", "NH", "DQK", "DV"), "float32", "initial matrix memory"),
-        TensorSpec("n0", ("B", "NH", "DQK"), "float32", "initial normalizer"),
-        TensorSpec("m0", ("B", "NH"), "float32", "initial stabilizer"),
+        *_MLSTM_STATES,
     ),
-    outputs=(
-        TensorSpec("h", ("B", "NH", "S", "DV"), "T", "hidden states"),
-        TensorSpec("c", ("B", "NH", "DQK", "DV"), "float32", "final matrix memory"),
-        TensorSpec("n", ("B", "NH", "DQK"), "float32", "final normalizer"),
-        TensorSpec("m", ("B", "NH"), "float32", "final stabilizer"),
-    ),
+    outputs=(TensorSpec("h", ("B", "NH", "S", "DV"), "T", "hidden states"), *_finals(_MLSTM_STATES)),
     attrs=(
         AttrSpec("chunk_size", "int", 64, "chunk length of the chunkwise form (a performance knob: "
-                 "the result does not depend on it beyond rounding)", lambda v: v >= 1, ">= 1"),
+                 "the result does not depend on it beyond rounding)", minimum=1),
+        # eps > 0: the denominator max(|n^T q|, exp(-m)) + eps is already > 0 for eps = 0 (the
+        # references evaluate that limit, see kernels/mlstm/naive.py); the op keeps eps > 0
         AttrSpec("eps", "float", 1e-6, "added to the denominator max(|n^T q|, exp(-m))",
-                 lambda v: v > 0 and math.isfinite(v), "> 0 and finite"),
+                 minimum=0.0, exclusive=True),
         *_PLUGIN_ATTRS,
     ),
     doc="mLSTM cell over a sequence (head-first, float32 state; q scaled by 1/sqrt(DQK) inside)",
 )
+
+_SLSTM_STATES = tuple(TensorSpec(f"{name}0", ("B", "NH", "DH"), "float32", f"initial {doc}") for name, doc in
+                      (("h", "hidden state"), ("c", "cell state"), ("n", "normalizer"), ("m", "stabilizer")))
 
 SLSTM = OpSpec(
     name="sLSTM",
@@ -178,18 +232,9 @@ SLSTM = OpSpec(
         TensorSpec("x", ("B", "NH", "S", "4*DH"), "T", "W x per head, gate-major [i | f | z | o], no bias"),
         TensorSpec("r", ("NH", "DH", "4*DH"), "T", "recurrent weights: pre-activations += h_{t-1} @ r[head]"),
         TensorSpec("b", ("NH", "4*DH"), "T", "bias, gate-major"),
-        TensorSpec("h0", ("B", "NH", "DH"), "float32", "initial hidden state"),
-        TensorSpec("c0", ("B", "NH", "DH"), "float32", "initial cell state"),
-        TensorSpec("n0", ("B", "NH", "DH"), "float32", "initial normalizer"),
-        TensorSpec("m0", ("B", "NH", "DH"), "float32", "initial stabilizer"),
+        *_SLSTM_STATES,
     ),
-    outputs=(
-        TensorSpec("y", ("B", "NH", "S", "DH"), "T", "hidden state of every step"),
-        TensorSpec("h", ("B", "NH", "DH"), "float32", "final hidden state"),
-        TensorSpec("c", ("B", "NH", "DH"), "float32", "final cell state"),
-        TensorSpec("n", ("B", "NH", "DH"), "float32", "final normalizer"),
-        TensorSpec("m", ("B", "NH", "DH"), "float32", "final stabilizer"),
-    ),
+    outputs=(TensorSpec("y", ("B", "NH", "S", "DH"), "T", "hidden state of every step"), *_finals(_SLSTM_STATES)),
     attrs=_PLUGIN_ATTRS,
     doc="sLSTM cell over a sequence (head-first, gate order i, f, z, o; float32 state)",
 )
@@ -243,12 +288,15 @@ def output_shapes(op: str | OpSpec, shapes: Sequence[Sequence]) -> list[tuple]:
 
 
 def _dim_env(spec: OpSpec, shapes: Sequence[Sequence]) -> dict[str, Any]:
-    """Symbolic dim name -> value, read from the inputs that define each dim first."""
-    if spec is MLSTM:
-        q = shapes[0]
-        return {"B": q[0], "NH": q[1], "S": q[2], "DQK": q[3], "DV": shapes[2][3]}
-    x, r = shapes[0], shapes[1]
-    return {"B": x[0], "NH": x[1], "S": x[2], "DH": r[1]}
+    """Symbolic dim name -> value, each read from the first input (contract order) that has it as
+    a plain dim: a product ("4*DH") never defines its factor, so nothing is divided and the rule
+    runs on symbolic dims (DH comes from r)."""
+    env: dict[str, Any] = {}
+    for t, s in zip(spec.inputs, shapes):
+        for d, v in zip(t.dims, s):
+            if "*" not in d and d not in env:
+                env[d] = v
+    return env
 
 
 def expected_shape(spec: OpSpec, tensor: TensorSpec, env: dict[str, Any]) -> tuple:
@@ -263,6 +311,74 @@ def expected_shape(spec: OpSpec, tensor: TensorSpec, env: dict[str, Any]) -> tup
     return tuple(out)
 
 
+# The Python cell API (kernels/) spells the mLSTM head dims DHQK / DHV (mlstm_kernels' names).
+CELL_DIM_NAMES = {"DQK": "DHQK", "DV": "DHV"}
+# How a mismatching state shape is worded: the mLSTM states name the values first
+# ("state c must be (2, 2, 4, 6) (B, NH, DHQK, DHV), got ..."), everything else the dims first
+# ("state h must be (B, NH, DH) = (2, 3, 4), got ..."); tests match both wordings.
+_VALUES_FIRST_STATES = ("mLSTM",)
+
+
+def _fmt(shape: Sequence) -> str:
+    return str(tuple(int(d) if isinstance(d, int) else d for d in shape))
+
+
+def _dim_doc(d: str, names: dict[str, str]) -> str:
+    factor, star, name = d.rpartition("*")
+    return f"{factor}{star}{names.get(name, name)}"
+
+
+def _dims_doc(t: TensorSpec, names: dict[str, str]) -> str:
+    return "(" + ", ".join(_dim_doc(d, names) for d in t.dims) + ")"
+
+
+def _check_shapes(spec: OpSpec, who: str, shapes: Sequence[Sequence[int] | None], label, names: dict[str, str],
+                  products: bool) -> dict[str, int]:
+    """The shape rules of ``spec`` on concrete shapes (None: an input not given); returns the dims.
+
+    ``label(t)`` names an input in messages ("input k", "state c"); ``names`` renames dims for the
+    messages (the cell API's DHQK). One wording for every caller: ``{who}: {label} must be
+    {dims} = {expected}, got {actual}``."""
+    # 1. the dims, each from the first input that has it; that input's rank must be right
+    env: dict[str, int] = {}
+    origin: dict[str, tuple[TensorSpec, Sequence[int]]] = {}
+    for t, s in zip(spec.inputs, shapes):
+        if s is None:
+            continue
+        new = [d for d in t.dims if d.rpartition("*")[2] not in env and (products or "*" not in d)]
+        if not new:
+            continue
+        if len(s) != t.rank:
+            raise ValueError(f"{who}: {label(t)} must be {_dims_doc(t, names)}, got shape {_fmt(s)} "
+                             f"({label(t)} must have {t.rank} dims)")
+        for j, (d, v) in enumerate(zip(t.dims, s)):
+            factor, _, name = d.rpartition("*")
+            if d not in new:
+                continue
+            if factor and (v < int(factor) or v % int(factor)):
+                where = "the last dim" if j == t.rank - 1 else f"dim {j}"
+                raise ValueError(f"{who}: {where} of {label(t)} must be {_dim_doc(d, names)} "
+                                 f"(a positive multiple of {factor}), got {label(t)} of shape {_fmt(s)}")
+            if name not in env:
+                env[name] = v // int(factor) if factor else v
+                origin[name] = (t, s)
+    # 2. every given input against the dims
+    for t, s in zip(spec.inputs, shapes):
+        if s is None:
+            continue
+        want = expected_shape(spec, t, env)
+        if tuple(int(d) for d in s) != tuple(int(d) for d in want):
+            if t.is_state and spec.name in _VALUES_FIRST_STATES:
+                raise ValueError(f"{who}: {label(t)} must be {_fmt(want)} {_dims_doc(t, names)}, got {_fmt(s)}")
+            raise ValueError(f"{who}: {label(t)} must be {_dims_doc(t, names)} = {_fmt(want)}, got {_fmt(s)}")
+    # 3. no empty dim
+    for name, v in env.items():
+        if int(v) < 1:
+            t, s = origin[name]
+            raise ValueError(f"{who}: dim {names.get(name, name)} must be >= 1, got {label(t)} of shape {_fmt(s)}")
+    return env
+
+
 def validate_shapes(op: str | OpSpec, shapes: Sequence[Sequence[int]]) -> list[tuple]:
     """Check every input shape against the op's dims; return the output shapes.
 
@@ -273,20 +389,7 @@ def validate_shapes(op: str | OpSpec, shapes: Sequence[Sequence[int]]) -> list[t
     if len(shapes) != len(spec.inputs):
         raise ValueError(f"{spec.qualname}: expected {len(spec.inputs)} inputs "
                          f"({input_names(spec)}), got {len(shapes)}")
-    for t, s in zip(spec.inputs, shapes):
-        if len(s) != t.rank:
-            raise ValueError(f"{spec.qualname}: input {t.name} must have rank {t.rank} "
-                             f"{list(t.dims)}, got shape {tuple(s)}")
-    env = _dim_env(spec, shapes)
-    for t, s in zip(spec.inputs, shapes):
-        want = expected_shape(spec, t, env)
-        if tuple(int(d) for d in s) != tuple(int(d) for d in want):
-            raise ValueError(f"{spec.qualname}: input {t.name} {list(t.dims)} expected shape "
-                             f"{tuple(want)}, got {tuple(s)}")
-    for name in ("B", "NH", "S", "DQK", "DV", "DH"):
-        if name in env and int(env[name]) < 1:
-            raise ValueError(f"{spec.qualname}: dim {name} must be >= 1, got {env[name]} "
-                             f"(input shapes {[tuple(s) for s in shapes]})")
+    _check_shapes(spec, spec.qualname, shapes, lambda t: f"input {t.name}", {}, products=False)
     return output_shapes(spec, shapes)
 
 
@@ -308,6 +411,87 @@ def validate_dtypes(op: str | OpSpec, dtypes: Sequence[str]) -> str:
         elif d != STATE_DTYPE:
             raise ValueError(f"{spec.qualname}: state input {t.name} must be float32, got {d}")
     return t_dtype
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _words(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def check_inputs(
+    op: str | OpSpec,
+    fn: str,
+    inputs: Sequence,  # the sequence inputs and weights in contract order: (q, k, v, i, f) / (x, r, b)
+    state: Sequence | None = None,  # None or the states in contract order: (c, n, m) / (h, c, n, m)
+    attrs: dict[str, Any] | None = None,  # attribute values passed as keyword arguments
+    *,
+    dtypes: Sequence[str] = T_DTYPES,  # what the implementation takes for T (a reference: float64 too)
+    same_dtype: Sequence[str] = (),  # inputs that must share one dtype (the kernel's tl.dot operands)
+    state_dtypes: Sequence[str] | None = (STATE_DTYPE,),  # None: any floating point (cast inside)
+    state_required: bool = False,
+    step: bool = False,  # a decoding step: S must be 1
+    allow: dict[str, tuple] | None = None,  # attribute values an implementation takes beyond the range
+) -> tuple[int, ...]:
+    """The one input check of every implementation of ``op`` (the naive references, the Triton
+    kernels); returns the dims in ``spec.dims`` order ((B, NH, S, DQK, DV) / (B, NH, S, DH)).
+
+    Works on torch tensors or anything with ``.shape``, ``.dtype`` and ``.device``. Raises
+    TypeError for a non-tensor and ValueError otherwise, each naming ``fn``, the tensor or
+    attribute, what was expected and what came. The op's facts (shapes, state dtype, attribute
+    ranges) come from the spec; the keyword arguments state an implementation's capabilities.
+
+    Example::
+
+        >>> B, NH, S, DHQK, DHV = check_inputs(MLSTM, "chunk_mlstm", (q, k, v, i, f), state,
+        ...                                    {"chunk_size": 64, "eps": 1e-6}, same_dtype="qkv")
+    """
+    spec = get_op(op)
+    seq = [t for t in spec.inputs if not t.is_state]
+    states = [t for t in spec.inputs if t.is_state]
+    state_doc = "(" + ", ".join(t.name.rstrip("0") for t in states) + ")"
+    if state is None and state_required:
+        raise ValueError(f"{fn}: state is required, got None (use zeros for a fresh sequence)")
+    if state is not None and (not isinstance(state, (tuple, list)) or len(state) != len(states)):
+        raise ValueError(f"{fn}: state must be None or a tuple {state_doc}, got {type(state).__name__}"
+                         + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
+    given = list(zip(seq, inputs)) + list(zip(states, state or ()))
+    first = seq[0].name
+    for t, x in given:
+        name = _label(t)
+        if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "device")):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(x).__name__}")
+        d = _dtype_name(x)
+        if t.is_state:
+            if state_dtypes is None and not d.startswith(("float", "bfloat")):
+                raise ValueError(f"{fn}: {name} must be floating point, got dtype {x.dtype}")
+            if state_dtypes is not None and d not in state_dtypes:
+                raise ValueError(f"{fn}: {name} must be {_words(state_dtypes)}, got {x.dtype}")
+        elif d not in dtypes:
+            raise ValueError(f"{fn}: {name} must be a floating-point tensor of dtype {_words(dtypes)}, got {x.dtype}")
+    shared = [(t.name, x) for t, x in given if t.name in same_dtype]
+    if len({x.dtype for _, x in shared}) > 1:
+        raise ValueError(f"{fn}: {', '.join(n for n, _ in shared)} must share one dtype, got "
+                         f"{', '.join(str(x.dtype) for _, x in shared)}")
+    shapes = [tuple(x.shape) for x in inputs] + ([tuple(x.shape) for x in state] if state is not None
+                                                 else [None] * len(states))
+    env = _check_shapes(spec, fn, shapes, _label, CELL_DIM_NAMES, products=True)
+    if step and env["S"] != 1:
+        raise ValueError(f"{fn}: needs S == 1, got {first} of shape {_fmt(inputs[0].shape)} (S={env['S']})")
+    for t, x in given[1:]:
+        if x.device != inputs[0].device:
+            raise ValueError(f"{fn}: {_label(t)} is on {x.device} but {first} is on {inputs[0].device}")
+    for name, value in (attrs or {}).items():
+        if value not in (allow or {}).get(name, ()):
+            spec.attr(name).validate(fn, value, argument=True)
+    return tuple(env[d] for d in spec.dims)
+
+
+def _label(t: TensorSpec) -> str:
+    """How the cell API names an input: "q", or "state c" for the state input c0."""
+    return f"state {t.name.rstrip('0')}" if t.is_state else t.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +747,7 @@ __all__ = [
     "TensorSpec",
     "Tolerance",
     "canonical_dtype",
+    "check_inputs",
     "get_op",
     "input_names",
     "max_abs_error",

@@ -17,18 +17,18 @@ every program recomputes the scalar gates and n'.q (DHQK long, cheap).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .chunk import _dot_dtype_precision, _next_pow2, validate_mlstm_inputs
+from ...contract import MLSTM, check_inputs
+from .._triton import DOT_MIN, dot_precision, is_pow2, next_pow2, require_triton
 
 try:
     import triton
     import triton.language as tl
 
-    from .chunk import _cast
+    from .._tl import cast, logsigmoid
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
@@ -49,12 +49,17 @@ class StepMLSTMLaunch:
     def __post_init__(self):
         for name in ("block_dqk", "block_dv"):
             val = getattr(self, name)
-            if not (isinstance(val, int) and val >= 1 and val & (val - 1) == 0):
+            if not (isinstance(val, int) and is_pow2(val)):
                 raise ValueError(f"StepMLSTMLaunch.{name} must be a power of two, got {val!r}")
 
 
+STEP_MAX_BLOCK_DQK = 64  # BK: rows of C per loop iteration
+STEP_MAX_BLOCK_DV = 128  # BV: columns of C per program
+
+
 def step_mlstm_launch_params(DHQK: int, DHV: int) -> StepMLSTMLaunch:
-    return StepMLSTMLaunch(block_dqk=min(64, _next_pow2(DHQK)), block_dv=min(128, max(16, _next_pow2(DHV))))
+    return StepMLSTMLaunch(block_dqk=min(STEP_MAX_BLOCK_DQK, next_pow2(DHQK)),
+                           block_dv=min(STEP_MAX_BLOCK_DV, max(DOT_MIN, next_pow2(DHV))))
 
 
 if triton is not None:
@@ -79,7 +84,7 @@ if triton is not None:
         DHV: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
-        ROUND: tl.constexpr,  # "interpret-bf16" under the interpreter with bfloat16 (see chunk._cast)
+        ROUND: tl.constexpr,  # "interpret-bf16" under the interpreter with bfloat16 (see _tl.cast)
     ):
         iv = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -88,7 +93,7 @@ if triton is not None:
         ig = tl.load(i_ptr + bh).to(tl.float32)
         fg = tl.load(f_ptr + bh).to(tl.float32)
         m = tl.load(m_ptr + bh)
-        lf = tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg)))  # logsigmoid(f)
+        lf = logsigmoid(fg)
         m_new = tl.maximum(lf + m, ig)
         fw = tl.exp(lf + m - m_new)  # stabilized forget gate
         iw = tl.exp(ig - m_new)  # stabilized input gate
@@ -112,7 +117,7 @@ if triton is not None:
             num += tl.sum(c * qt[:, None], 0)
             nq += n * qt
         den = tl.maximum(tl.abs(tl.sum(nq, 0)), tl.exp(-m_new)) + eps
-        tl.store(h_ptr + bh * DHV + offs_v, _cast(num / den, h_ptr.dtype.element_ty, ROUND), mask=mv)
+        tl.store(h_ptr + bh * DHV + offs_v, cast(num / den, h_ptr.dtype.element_ty, ROUND), mask=mv)
         if iv == 0:
             tl.store(m_out_ptr + bh, m_new)
 
@@ -132,13 +137,11 @@ def fused_recurrent_step_mlstm(
 
     Returns h (B, NH, 1, DHV) in the dtype of v and the new state (c, n, m) in float32.
     """
-    if state is None:
-        raise ValueError("fused_recurrent_step_mlstm: state is required, got None (use zeros for a fresh sequence)")
-    B, NH, S, DHQK, DHV = validate_mlstm_inputs("fused_recurrent_step_mlstm", q, k, v, i, f, state)
-    if S != 1:
-        raise ValueError(f"fused_recurrent_step_mlstm: needs S == 1, got q of shape {tuple(q.shape)} (S={S})")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"fused_recurrent_step_mlstm: eps must be a finite float >= 0, got {eps!r}")
+    B, NH, S, DHQK, DHV = check_inputs(
+        MLSTM, "fused_recurrent_step_mlstm", (q, k, v, i, f), state, {"eps": eps},
+        same_dtype="qkv", state_required=True, step=True,
+    )
+    require_triton("fused_recurrent_step_mlstm", q.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, *state)):
         raise RuntimeError(
             "fused_recurrent_step_mlstm: the step kernel has no backward; use chunk_mlstm (any S) for training"
@@ -155,7 +158,7 @@ def fused_recurrent_step_mlstm(
         q.reshape(BH, DHQK).contiguous(), k.reshape(BH, DHQK).contiguous(), v.reshape(BH, DHV).contiguous(),
         i.reshape(BH).contiguous(), f.reshape(BH).contiguous(),
         c0, n0, m0, h, c, n, m, DHQK**-0.5, float(eps),
-        DHQK=DHQK, DHV=DHV, BK=p.block_dqk, BV=p.block_dv, ROUND=_dot_dtype_precision(v.dtype, None),
+        DHQK=DHQK, DHV=DHV, BK=p.block_dqk, BV=p.block_dv, ROUND=dot_precision(v.dtype),
         num_warps=p.num_warps,
     )
     return h.view(B, NH, 1, DHV), (c.view(B, NH, DHQK, DHV), n.view(B, NH, DHQK), m.view(B, NH))

@@ -42,9 +42,11 @@ Example::
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
+
+from ...contract import MLSTM, check_inputs
+from .._reference import REFERENCE_DTYPES, compute_dtype
 
 __all__ = [
     "naive_parallel_mlstm",
@@ -61,87 +63,25 @@ MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # c (B,NH,DHQK,DHV
 # ---------------------------------------------------------------------------------------------
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_shapes(
-    fn: str,
-    q: torch.Tensor,  # (B, NH, S, DHQK)
-    k: torch.Tensor,  # (B, NH, S, DHQK)
-    v: torch.Tensor,  # (B, NH, S, DHV)
-    i: torch.Tensor,  # (B, NH, S)
-    f: torch.Tensor,  # (B, NH, S)
-    state: MLSTMState | None,
-) -> tuple[int, int, int, int, int]:
-    """Validate the cell inputs; return (B, NH, S, DHQK, DHV) or raise a ValueError naming
-    the expected and the actual shape."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if q.dim() != 4:
-        raise ValueError(f"{fn}: q must be (B, NH, S, DHQK), got shape {_shape(q)}")
-    B, NH, S, DHQK = q.shape
-    if S < 1:
-        raise ValueError(f"{fn}: the sequence length S must be >= 1, got q of shape {_shape(q)}")
-    if DHQK < 1:
-        raise ValueError(f"{fn}: DHQK must be >= 1, got q of shape {_shape(q)}")
-    if tuple(k.shape) != (B, NH, S, DHQK):
-        raise ValueError(
-            f"{fn}: k must be (B, NH, S, DHQK) = {(B, NH, S, DHQK)} like q, got {_shape(k)}"
-        )
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, NH, S) or v.shape[3] < 1:
-        raise ValueError(
-            f"{fn}: v must be (B, NH, S, DHV) = {(B, NH, S)} + (DHV,), got {_shape(v)}"
-        )
-    DHV = v.shape[3]
-    for name, t in (("i", i), ("f", f)):
-        if tuple(t.shape) != (B, NH, S):
-            raise ValueError(f"{fn}: {name} must be (B, NH, S) = {(B, NH, S)}, got {_shape(t)}")
-    for name, t in (("k", k), ("v", v), ("i", i), ("f", f)):
-        if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
-    if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 3:
-            raise ValueError(
-                f"{fn}: state must be None or a tuple (c, n, m), got {type(state).__name__}"
-                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
-            )
-        expected = {"c": (B, NH, DHQK, DHV), "n": (B, NH, DHQK), "m": (B, NH)}
-        for (name, shape), t in zip(expected.items(), state):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{fn}: state {name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"{fn}: state {name} must be {shape} (B, NH"
-                    + {"c": ", DHQK, DHV", "n": ", DHQK", "m": ""}[name]
-                    + f"), got {_shape(t)}"
-                )
-            if not t.is_floating_point():
-                raise ValueError(f"{fn}: state {name} must be floating point, got dtype {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{fn}: state {name} is on {t.device} but q is on {q.device}")
-    return B, NH, S, DHQK, DHV
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64 (kept end-to-end), else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _initial_state(
-    state: MLSTMState | None, B: int, NH: int, DHQK: int, DHV: int, dtype: torch.dtype, device
-) -> MLSTMState:
+def _prepare(fn: str, q, k, v, i, f, state, chunk_size, eps, step: bool = False):
+    """Check the inputs with the op's one check (xlstm_export.contract) and the references'
+    capabilities: any float dtype (float64 included, mixed allowed), states in any float dtype, and
+    eps = 0 (the limit without eps: max(|n^T q|, exp(-m)) > 0 already). Returns the dims
+    (B, NH, S, DHQK, DHV), the output dtype (that of v), q, k, v, i, f in the compute dtype and
+    the initial (c, n, m) in it."""
+    B, NH, S, DHQK, DHV = check_inputs(
+        MLSTM, fn, (q, k, v, i, f), state, {"chunk_size": chunk_size, "eps": eps}, dtypes=REFERENCE_DTYPES,
+        state_dtypes=None, state_required=step, step=step, allow={"eps": (0, 0.0)},
+    )
+    dt = compute_dtype(q, k, v, i, f)
     if state is None:
-        return (
-            torch.zeros(B, NH, DHQK, DHV, dtype=dtype, device=device),  # c (B, NH, DHQK, DHV)
-            torch.zeros(B, NH, DHQK, dtype=dtype, device=device),  # n (B, NH, DHQK)
-            torch.zeros(B, NH, dtype=dtype, device=device),  # m (B, NH)
+        state = (
+            torch.zeros(B, NH, DHQK, DHV, dtype=dt, device=q.device),  # c (B, NH, DHQK, DHV)
+            torch.zeros(B, NH, DHQK, dtype=dt, device=q.device),  # n (B, NH, DHQK)
+            torch.zeros(B, NH, dtype=dt, device=q.device),  # m (B, NH)
         )
-    c0, n0, m0 = state
-    return c0.to(dtype), n0.to(dtype), m0.to(dtype)
+    qkvif = tuple(t.to(dt) for t in (q, k, v, i, f))
+    return (B, NH, S, DHQK, DHV), v.dtype, qkvif, tuple(t.to(dt) for t in state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,18 +130,10 @@ def naive_step_mlstm(
 
     Returns h (B, NH, 1, DHV) in the dtype of v and the new state (c, n, m).
     """
-    if state is None:
-        raise ValueError("naive_step_mlstm: state is required, got None (use zeros for a fresh sequence)")
-    B, NH, S, DHQK, DHV = _check_shapes("naive_step_mlstm", q, k, v, i, f, state)
-    if S != 1:
-        raise ValueError(f"naive_step_mlstm: needs S == 1, got q of shape {_shape(q)} (S={S})")
-    dt = _compute_dtype(q, k, v, i, f)
-    c, n, m = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
-    h, (c, n, m) = _step(
-        q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt), i[:, :, 0].to(dt), f[:, :, 0].to(dt),
-        c, n, m, eps,
-    )
-    return h[:, :, None].to(v.dtype), (c, n, m)  # (B, NH, 1, DHV)
+    _, out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
+        "naive_step_mlstm", q, k, v, i, f, state, chunk_size, eps, step=True)
+    h, (c, n, m) = _step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c, n, m, eps)
+    return h[:, :, None].to(out_dtype), (c, n, m)  # (B, NH, 1, DHV)
 
 
 def naive_recurrent_mlstm(
@@ -216,11 +148,8 @@ def naive_recurrent_mlstm(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """The mLSTM as a plain loop over single steps (O(S) steps, the most literal form)."""
-    B, NH, S, DHQK, DHV = _check_shapes("naive_recurrent_mlstm", q, k, v, i, f, state)
-    dt = _compute_dtype(q, k, v, i, f)
-    c, n, m = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
-    out_dtype = v.dtype
-    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
+        "naive_recurrent_mlstm", q, k, v, i, f, state, chunk_size, eps)
     hs = []
     for t in range(S):
         h_t, (c, n, m) = _step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], c, n, m, eps)
@@ -250,12 +179,8 @@ def naive_parallel_mlstm(
     log D[t, s] = b_t - b_s + i_s for s <= t (b = cumsum logsigmoid(f)), -inf above the diagonal;
     the initial state contributes with log weight b_t + m_0 (an extra column); m_t is the row max.
     """
-    B, NH, S, DHQK, DHV = _check_shapes("naive_parallel_mlstm", q, k, v, i, f, state)
-    dt = _compute_dtype(q, k, v, i, f)
-    c0, n0, m0 = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
-    out_dtype = v.dtype
-    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
-
+    (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c0, n0, m0) = _prepare(
+        "naive_parallel_mlstm", q, k, v, i, f, state, chunk_size, eps)
     b = F.logsigmoid(f).cumsum(-1)  # (B, NH, S)
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # (S, S)
     log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]  # (B, NH, S, S)
@@ -309,13 +234,8 @@ def naive_chunk_mlstm(
     and the carried state becomes, with a_s = b_L - b_s + i_s and m = max(b_L + m_prev, max_s a_s),
     C = exp(b_L + m_prev - m) C_prev + sum_s exp(a_s - m) k_s v_s^T (n alike).
     """
-    B, NH, S, DHQK, DHV = _check_shapes("naive_chunk_mlstm", q, k, v, i, f, state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"naive_chunk_mlstm: chunk_size must be a positive int, got {chunk_size!r}")
-    dt = _compute_dtype(q, k, v, i, f)
-    c, n, m = _initial_state(state, B, NH, DHQK, DHV, dt, q.device)
-    out_dtype = v.dtype
-    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
+        "naive_chunk_mlstm", q, k, v, i, f, state, chunk_size, eps)
     q = q * (DHQK**-0.5)  # (B, NH, S, DHQK)
     log_f = F.logsigmoid(f)  # (B, NH, S)
 

@@ -55,15 +55,19 @@ Layout of the work:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import torch
 
+from ...contract import SLSTM, check_inputs
+from .._triton import DOT_MIN, interpreting, is_pow2, next_pow2, require_triton
+
 try:
     import triton
     import triton.language as tl
+
+    from .._tl import logsigmoid
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing
@@ -81,7 +85,6 @@ __all__ = [
 ]
 
 MAX_HEAD_DIM = 128  # the four (DH x DH) gate blocks of r must stay on chip for the whole loop
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,8 @@ class SLSTMLaunchParams:
     def __post_init__(self):
         for name in ("block_b", "step_block_n"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"SLSTMLaunchParams.{name} must be a power of two >= 16, got {v}")
+            if v < DOT_MIN or not is_pow2(v):
+                raise ValueError(f"SLSTMLaunchParams.{name} must be a power of two >= {DOT_MIN}, got {v}")
         if self.fp32_precision not in ("tf32x3", "ieee", "tf32"):
             raise ValueError(f"SLSTMLaunchParams.fp32_precision must be 'tf32x3', 'ieee' or 'tf32', "
                              f"got {self.fp32_precision!r}")
@@ -127,11 +130,6 @@ DEFAULT_PARAMS = SLSTMLaunchParams()
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if HAVE_TRITON:
-
-    @triton.jit
-    def _logsigmoid(v):
-        # log σ(v) = min(v, 0) - log(1 + exp(-|v|)), stable for both signs
-        return tl.minimum(v, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(v)))
 
     @triton.jit
     def _tanh(v):
@@ -166,7 +164,7 @@ if HAVE_TRITON:
     @triton.jit
     def _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m):
         """One sLSTM cell step on (BLOCK_B, BLOCK_DH) float32 tiles -> (h, c, n, m)."""
-        a = _logsigmoid(g_f) + m  # log of the unstabilised forget gate times the old scale
+        a = logsigmoid(g_f) + m  # log of the unstabilised forget gate times the old scale
         m_new = _stabilizer(g_i, a, n)
         i = tl.exp(g_i - m_new)
         f = tl.exp(tl.minimum(a - m_new, 0.0))  # <= 1: a no-op unless n == 0
@@ -347,7 +345,7 @@ if HAVE_TRITON:
             dyn_t = tl.load(p_dy + tn * DH, mask=mask_bd, other=0.0)
 
             # recompute the step exactly as the forward did
-            a = _logsigmoid(g_f) + m_p
+            a = logsigmoid(g_f) + m_p
             m_t = _stabilizer(g_i, a, n_p)
             ig = tl.exp(g_i - m_t)
             fg = tl.exp(tl.minimum(a - m_t, 0.0))
@@ -481,7 +479,7 @@ if HAVE_TRITON:
 # Host launchers
 # --------------------------------------------------------------------------------------------
 def _block_dh(dh: int) -> int:
-    return max(16, triton.next_power_of_2(dh))
+    return max(DOT_MIN, next_pow2(dh))
 
 
 def _dot_precision(dtype: torch.dtype, params: SLSTMLaunchParams) -> str:
@@ -490,7 +488,7 @@ def _dot_precision(dtype: torch.dtype, params: SLSTMLaunchParams) -> str:
 
 def _upcast(dtype: torch.dtype) -> bool:
     # the CPU interpreter multiplies bfloat16 as raw 16-bit integers: widen the (exact) values
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def launch_meta(kind: str, DH: int, dtype: torch.dtype, params: Optional[SLSTMLaunchParams] = None) -> dict:
@@ -616,53 +614,15 @@ class FusedRecurrentSLSTMFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
-def _check_inputs(x, r, b, state, name: str):
-    if not HAVE_TRITON:
-        raise RuntimeError(f"{name} needs the triton package: pip install 'xlstm-export[triton]'")
-    for arg, t, rank in (("x", x, 4), ("r", r, 3), ("b", b, 2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != rank:
-            raise ValueError(f"{name}: {arg} must have {rank} dims, got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")
-    B, NH, S, G = x.shape
-    if G % 4 != 0 or G == 0:
-        raise ValueError(f"{name}: x must be (B, NH, S, 4*DH), got last dim {G} "
-                         "(not a positive multiple of 4)")
-    DH = G // 4
-    if S < 1 or B < 1 or NH < 1:
-        raise ValueError(f"{name}: x must be (B, NH, S, 4*DH) with B, NH, S >= 1, got {tuple(x.shape)}")
+def _check_inputs(x, r, b, state, name: str, step: bool = False):
+    """The op's input check (xlstm_export.contract; states of any float dtype are cast to float32)
+    plus this kernel's capability: DH <= MAX_HEAD_DIM. Returns the state as float32 or None."""
+    DH = check_inputs(SLSTM, name, (x, r, b), state, state_dtypes=None, step=step)[3]
     if DH > MAX_HEAD_DIM:
         raise ValueError(f"{name}: head dim DH={DH} > {MAX_HEAD_DIM} is not supported by the fused kernel "
                          "(its four DH x DH gate blocks must stay on chip); use the 'torch' backend")
-    if tuple(r.shape) != (NH, DH, 4 * DH):
-        raise ValueError(f"{name}: r must be (NH, DH, 4*DH) = {(NH, DH, 4 * DH)}, got {tuple(r.shape)}")
-    if tuple(b.shape) != (NH, 4 * DH):
-        raise ValueError(f"{name}: b must be (NH, 4*DH) = {(NH, 4 * DH)}, got {tuple(b.shape)}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{name}: tensors are on {x.device.type}; the Triton kernels run on CUDA, "
-                           "or on CPU only under TRITON_INTERPRET=1")
-    if state is None:
-        return None
-    if not isinstance(state, (tuple, list)) or len(state) != 4:
-        raise ValueError(f"{name}: state must be None or a tuple (h, c, n, m), got {type(state).__name__}"
-                         + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
-    out = []
-    for sname, s in zip("hcnm", state):
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"{name}: state {sname} must be a torch.Tensor, got {type(s).__name__}")
-        if tuple(s.shape) != (B, NH, DH):
-            raise ValueError(f"{name}: state {sname} must be (B, NH, DH) = {(B, NH, DH)}, "
-                             f"got {tuple(s.shape)}")
-        if not s.is_floating_point():
-            raise TypeError(f"{name}: state {sname} must be a float tensor, got {s.dtype}")
-        if s.device != x.device:
-            raise ValueError(f"{name}: state {sname} is on {s.device} but x is on {x.device}")
-        out.append(s.float().contiguous())
-    return out
+    require_triton(name, x.device)
+    return None if state is None else [s.float().contiguous() for s in state]
 
 
 def fused_recurrent_slstm(
@@ -719,10 +679,7 @@ def fused_recurrent_step_slstm(
     Returns ``y`` (B, NH, 1, DH) in the dtype of x and the new state ``(h, c, n, m)``, each
     (B, NH, DH) float32. ``state=None`` is the all-zero state (a fresh sequence).
     """
-    st = _check_inputs(x, r, b, state, "fused_recurrent_step_slstm")
-    if x.shape[2] != 1:
-        raise ValueError(f"fused_recurrent_step_slstm: x must be (B, NH, 1, 4*DH), got S={x.shape[2]} "
-                         f"(shape {tuple(x.shape)}); use fused_recurrent_slstm for sequences")
+    st = _check_inputs(x, r, b, state, "fused_recurrent_step_slstm", step=True)
     x = x.detach().contiguous()
     r_dot = r.detach().to(x.dtype).contiguous()  # the matmul runs in the dtype of x
     st = [t.detach() for t in st] if st is not None else None

@@ -43,76 +43,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...contract import SLSTM, check_inputs
+from .._reference import REFERENCE_DTYPES, compute_dtype
+
 __all__ = ["naive_recurrent_slstm", "naive_step_slstm"]
 
 SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # h, c, n, m: (B, NH, DH)
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_shapes(
-    fn: str,
-    x: torch.Tensor,  # (B, NH, S, 4*DH)
-    r: torch.Tensor,  # (NH, DH, 4*DH)
-    b: torch.Tensor,  # (NH, 4*DH)
-    state: SLSTMState | None,
-) -> tuple[int, int, int, int]:
-    """Validate the cell inputs; return (B, NH, S, DH) or raise a ValueError naming the
-    expected and the actual shape."""
-    for name, t in (("x", x), ("r", r), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{fn}: x must be (B, NH, S, 4*DH), got shape {_shape(x)}")
-    B, NH, S, G = x.shape
-    if S < 1:
-        raise ValueError(f"{fn}: the sequence length S must be >= 1, got x of shape {_shape(x)}")
-    if G < 4 or G % 4 != 0:
-        raise ValueError(
-            f"{fn}: the last dim of x must be 4*DH (gates i, f, z, o), got x of shape {_shape(x)}"
-        )
-    DH = G // 4
-    if tuple(r.shape) != (NH, DH, 4 * DH):
-        raise ValueError(f"{fn}: r must be (NH, DH, 4*DH) = {(NH, DH, 4 * DH)}, got {_shape(r)}")
-    if tuple(b.shape) != (NH, 4 * DH):
-        raise ValueError(f"{fn}: b must be (NH, 4*DH) = {(NH, 4 * DH)}, got {_shape(b)}")
-    for name, t in (("r", r), ("b", b)):
-        if t.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
-    if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 4:
-            raise ValueError(
-                f"{fn}: state must be None or a tuple (h, c, n, m), got {type(state).__name__}"
-                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
-            )
-        for name, t in zip("hcnm", state):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{fn}: state {name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != (B, NH, DH):
-                raise ValueError(
-                    f"{fn}: state {name} must be (B, NH, DH) = {(B, NH, DH)}, got {_shape(t)}"
-                )
-            if not t.is_floating_point():
-                raise ValueError(f"{fn}: state {name} must be floating point, got dtype {t.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"{fn}: state {name} is on {t.device} but x is on {x.device}")
-    return B, NH, S, DH
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64 (kept end-to-end), else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _initial_state(state: SLSTMState | None, B: int, NH: int, DH: int, dtype, device) -> SLSTMState:
+def _prepare(fn: str, x, r, b, state, step: bool = False):
+    """Check the inputs with the op's one check (xlstm_export.contract) and the reference's
+    capabilities (any float dtype, float64 included, mixed allowed; states in any float dtype).
+    Returns the dims (B, NH, S, DH), the compute dtype and the initial (h, c, n, m) in it."""
+    B, NH, S, DH = check_inputs(SLSTM, fn, (x, r, b), state, dtypes=REFERENCE_DTYPES, state_dtypes=None,
+                                state_required=step, step=step)
+    dt = compute_dtype(x, r, b)
     if state is None:
-        z = torch.zeros(B, NH, DH, dtype=dtype, device=device)  # (B, NH, DH)
-        return z, z, z, z
-    return tuple(t.to(dtype) for t in state)  # type: ignore[return-value]
+        z = torch.zeros(B, NH, DH, dtype=dt, device=x.device)  # (B, NH, DH)
+        state = (z, z, z, z)
+    return (B, NH, S, DH), dt, tuple(t.to(dt) for t in state)
 
 
 def _step(
@@ -144,9 +93,7 @@ def naive_recurrent_slstm(
 ) -> tuple[torch.Tensor, SLSTMState]:
     """The sLSTM over a sequence as a plain step loop. Returns y (B, NH, S, DH) in the dtype of
     x and the final state (h, c, n, m)."""
-    B, NH, S, DH = _check_shapes("naive_recurrent_slstm", x, r, b, state)
-    dt = _compute_dtype(x, r, b)
-    h, c, n, m = _initial_state(state, B, NH, DH, dt, x.device)
+    (B, NH, S, DH), dt, (h, c, n, m) = _prepare("naive_recurrent_slstm", x, r, b, state)
     pre_x = x.to(dt) + b.to(dt)[:, None, :]  # (B, NH, S, 4*DH)
     r = r.to(dt)
     ys = []
@@ -165,12 +112,6 @@ def naive_step_slstm(
 ) -> tuple[torch.Tensor, SLSTMState]:
     """One sLSTM step (S == 1; the state is required). Returns y (B, NH, 1, DH) in the dtype of x
     and the new state (h, c, n, m)."""
-    if state is None:
-        raise ValueError("naive_step_slstm: state is required, got None (use zeros for a fresh sequence)")
-    B, NH, S, DH = _check_shapes("naive_step_slstm", x, r, b, state)
-    if S != 1:
-        raise ValueError(f"naive_step_slstm: needs S == 1, got x of shape {_shape(x)} (S={S})")
-    dt = _compute_dtype(x, r, b)
-    h, c, n, m = _initial_state(state, B, NH, DH, dt, x.device)
+    _, dt, (h, c, n, m) = _prepare("naive_step_slstm", x, r, b, state, step=True)
     h, c, n, m = _step(x[:, :, 0].to(dt) + b.to(dt), r.to(dt), h, c, n, m)
     return h[:, :, None].to(x.dtype), (h, c, n, m)

@@ -1,0 +1,54 @@
+"""@triton.jit helpers shared by the mLSTM and sLSTM kernels (they inline into each kernel).
+
+``INTERPRETED``: whether ``triton.jit`` built interpreted kernels in this process (the
+environment at import, exactly as for the kernels; read it through ``_triton.interpreting``).
+
+Triton's interpreter (3.9) multiplies bfloat16 ``tl.dot`` operands as their raw uint16 bits and
+truncates float32 -> bfloat16 casts (triton-lang/triton#11584, unsupported upstream): ``mm`` and
+``cast`` take the mode ``"interpret-bf16"`` there, which widens the (already bf16-rounded)
+operands and rounds to nearest even on the bits, the same products and roundings as a GPU.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+INTERPRET_BF16 = "interpret-bf16"  # the mode of mm / cast for bfloat16 under the interpreter
+
+if triton is not None:
+
+    @triton.jit
+    def _probe():
+        pass
+
+    INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+
+    @triton.jit
+    def mm(a, b, DOT_PREC: tl.constexpr):
+        """tl.dot with float32 accumulation; DOT_PREC is tl.dot's input_precision or "interpret-bf16"."""
+        if DOT_PREC == "interpret-bf16":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
+    def cast(x, dtype: tl.constexpr, DOT_PREC: tl.constexpr):
+        """x.to(dtype), rounding to nearest even as compiled Triton does (also when interpreted)."""
+        if DOT_PREC == "interpret-bf16":
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(dtype)
+
+    @triton.jit
+    def logsigmoid(x):
+        """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), stable for any x."""
+        return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+else:
+    INTERPRETED = False

@@ -1,0 +1,599 @@
+"""Backward of the chunkwise mLSTM in Triton: five kernels and their host launcher.
+
+The forward states are recomputed (:func:`.chunk_fwd.chunk_mlstm_fwd_states`), not stored::
+
+    chunk_mlstm_bwd_prep_kernel    1/den_t, z_t = dL/d(n_t.q_t), E_t = dL/dm_t through eps
+    chunk_mlstm_bwd_state_kernel   dC_k, dn_k from dC_S, dn_S                          reverse, sequential
+    chunk_mlstm_bwd_kernel         dq, dk, dv of every (time tile, DHQK or DHV tile), plus the row
+                                   sums q.dq, k.dk per DHQK tile (tiles: _bwd_dq/dk/dv_tile)
+    chunk_mlstm_bwd_gates_kernel   di, df, dm0: suffix sums and the stabilizer chain, one scan per head
+
+Every launcher takes flattened heads (BH = B * NH) and a ``ChunkMLSTMLaunch`` ``p`` (:mod:`.chunk`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._triton import DOT_MIN, dot_precision, next_pow2
+from .chunk_fwd import chunk_mlstm_fwd_states
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .._tl import cast, logsigmoid, mm
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = [
+    "chunk_mlstm_bwd",
+    "chunk_mlstm_bwd_gates_kernel",
+    "chunk_mlstm_bwd_kernel",
+    "chunk_mlstm_bwd_prep_kernel",
+    "chunk_mlstm_bwd_state_kernel",
+]
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_recurrence_combine(a1, b1, a2, b2):
+        # composition of y -> a1 y + b1 then y -> a2 y + b2 (left is the earlier element)
+        return a1 * a2, b1 * a2 + b2
+
+    @triton.jit
+    def chunk_mlstm_bwd_prep_kernel(
+        h_ptr,  # (BH, S, DHV) forward output
+        dh_ptr,  # (BH, S, DHV) its gradient
+        mrow_ptr,  # (BH, S) fp32
+        nq_ptr,  # (BH, S) fp32
+        rden_ptr,  # out (BH, S) fp32: 1 / (max(|n.q|, e^{-m}) + eps)
+        z_ptr,  # out (BH, S) fp32: dL/d(n_t.q_t)
+        e_ptr,  # out (BH, S) fp32: dL/dm_t through eps, -(dh.h) eps / den
+        eps,
+        S,
+        DHV: tl.constexpr,
+        BT: tl.constexpr,
+        BV: tl.constexpr,
+    ):
+        bh = tl.program_id(1).to(tl.int64)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
+        tv = t < S
+        dhh = tl.zeros([BT], dtype=tl.float32)
+        for iv in range((DHV + BV - 1) // BV):
+            offs_v = iv * BV + tl.arange(0, BV)
+            msk = tv[:, None] & (offs_v < DHV)[None, :]
+            off = bh * S * DHV + t[:, None] * DHV + offs_v[None, :]
+            h = tl.load(h_ptr + off, mask=msk, other=0.0).to(tl.float32)  # (BT, BV)
+            dh = tl.load(dh_ptr + off, mask=msk, other=0.0).to(tl.float32)  # (BT, BV)
+            dhh += tl.sum(h * dh, 1)
+        m = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
+        nq = tl.load(nq_ptr + bh * S + t, mask=tv, other=0.0)
+        lower = tl.exp(-m)
+        rden = 1.0 / (tl.maximum(tl.abs(nq), lower) + eps)
+        dden = -dhh * rden  # dL/dden
+        sgn = tl.where(nq > 0, 1.0, tl.where(nq < 0, -1.0, 0.0))
+        z = tl.where(tl.abs(nq) > lower, dden * sgn, 0.0)
+        tl.store(rden_ptr + bh * S + t, rden, mask=tv)
+        tl.store(z_ptr + bh * S + t, z, mask=tv)
+        tl.store(e_ptr + bh * S + t, dden * eps, mask=tv)
+
+    @triton.jit
+    def chunk_mlstm_bwd_state_kernel(
+        q_ptr,  # (BH, S, DHQK)
+        dh_ptr,  # (BH, S, DHV)
+        b_ptr,  # (BH, S) fp32
+        mrow_ptr,  # (BH, S) fp32
+        rden_ptr,  # (BH, S) fp32
+        z_ptr,  # (BH, S) fp32
+        g_ptr,  # (BH, NC) fp32
+        ms_ptr,  # (BH, NC + 1) fp32
+        dcl_ptr,  # (BH, DHQK, DHV) gradient of the final c (read when HAS_DFINAL)
+        dnl_ptr,  # (BH, DHQK) gradient of the final n
+        dcs_ptr,  # out (BH, NC + 1, DHQK, DHV) fp32: dL/dC_k (index 0 is dL/dc0)
+        dns_ptr,  # out (BH, NC + 1, DHQK) fp32
+        scale,
+        S,
+        NC,
+        DHQK: tl.constexpr,
+        DHV: tl.constexpr,
+        L: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        HAS_DFINAL: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+    ):
+        """Reverse inter-chunk recurrence of the state gradients."""
+        ik = tl.program_id(0)
+        iv = tl.program_id(1)
+        bh = tl.program_id(2).to(tl.int64)
+        offs_k = ik * BK + tl.arange(0, BK)
+        offs_v = iv * BV + tl.arange(0, BV)
+        mk = offs_k < DHQK
+        mv = offs_v < DHV
+        c_off = offs_k[:, None] * DHV + offs_v[None, :]  # (BK, BV)
+        c_mask = mk[:, None] & mv[None, :]
+        if HAS_DFINAL:
+            dc = tl.load(dcl_ptr + bh * DHQK * DHV + c_off, mask=c_mask, other=0.0).to(tl.float32)  # (BK, BV)
+            dn = tl.load(dnl_ptr + bh * DHQK + offs_k, mask=mk, other=0.0).to(tl.float32)  # (BK,)
+        else:
+            dc = tl.zeros([BK, BV], dtype=tl.float32)
+            dn = tl.zeros([BK], dtype=tl.float32)
+        st = bh * (NC + 1)
+        NSUB: tl.constexpr = L // BL
+        # one flat loop over (chunk, time tile), backwards (see the forward state kernel)
+        for j in range(NC * NSUB):
+            it = NC * NSUB - 1 - j
+            kc = it // NSUB
+            sb = it % NSUB
+            m_prev = tl.load(ms_ptr + st + kc)
+            if sb == NSUB - 1:  # entering chunk kc from its end: dc is dL/dC_{kc+1}
+                o = st + kc + 1
+                tl.store(dcs_ptr + o * DHQK * DHV + c_off, dc, mask=c_mask)
+                if iv == 0:
+                    tl.store(dns_ptr + o * DHQK + offs_k, dn, mask=mk)
+            g = tl.load(g_ptr + bh * NC + kc)
+            m_next = tl.load(ms_ptr + st + kc + 1)
+            decay = tl.where(sb == NSUB - 1, tl.exp(g + m_prev - m_next), 1.0)  # once per chunk
+            dc = dc * decay
+            dn = dn * decay
+            t = kc * L + sb * BL + tl.arange(0, BL)  # (BL,)
+            tv = t < S
+            b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
+            mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
+            rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
+            z = tl.load(z_ptr + bh * S + t, mask=tv, other=0.0)
+            w_q = tl.where(tv, tl.exp(b_r + m_prev - mrow), 0.0)  # (BL,)
+            qT = tl.load(
+                q_ptr + bh * S * DHQK + t[None, :] * DHQK + offs_k[:, None],
+                mask=mk[:, None] & tv[None, :], other=0.0,
+            )  # (BK, BL)
+            dh = tl.load(
+                dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :],
+                mask=tv[:, None] & mv[None, :], other=0.0,
+            )  # (BL, BV)
+            # the row scale 1/den_t goes on q (one rounding to the input dtype), dh stays exact
+            qw = qT.to(tl.float32) * (rden * w_q * scale)[None, :]  # (BK, BL)
+            dc += mm(cast(qw, dh.dtype, DOT_PREC), dh, DOT_PREC)  # (BK, BV)
+            dn += tl.sum(qT.to(tl.float32) * (z * w_q * scale)[None, :], 1)  # (BK,)
+        tl.store(dcs_ptr + st * DHQK * DHV + c_off, dc, mask=c_mask)
+        if iv == 0:
+            tl.store(dns_ptr + st * DHQK + offs_k, dn, mask=mk)
+
+    @triton.jit
+    def _bwd_dq_tile(
+        q_ptr, k_ptr, v_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr, z_ptr,
+        cs_ptr, ns_ptr, ms_ptr, dq_ptr, qpart_ptr,
+        kc, rb, ik, bh, BH, scale, S, NC,
+        DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        """dq of one (row tile, DHQK tile): inter (dnum C_{k-1}^T + z n_{k-1}) and intra dS K."""
+        t = kc * L + rb * BL + tl.arange(0, BL)  # (BL,) rows
+        tv = t < S
+        offs_k = ik * BK + tl.arange(0, BK)
+        mk = offs_k < DHQK
+        st = bh * (NC + 1) + kc
+        m_prev = tl.load(ms_ptr + st)
+        b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
+        mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
+        rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
+        z = tl.load(z_ptr + bh * S + t, mask=tv, other=0.0)
+        w_q = tl.where(tv, tl.exp(b_r + m_prev - mrow), 0.0)  # (BL,)
+        qt = tl.load(
+            q_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :], mask=tv[:, None] & mk[None, :], other=0.0
+        )  # (BL, BK)
+        dq = tl.zeros([BL, BK], dtype=tl.float32)
+        for iv in range((DHV + BV - 1) // BV):
+            offs_v = iv * BV + tl.arange(0, BV)
+            mv = offs_v < DHV
+            dh = tl.load(
+                dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :], mask=tv[:, None] & mv[None, :], other=0.0
+            )  # (BL, BV)
+            cT = tl.load(
+                cs_ptr + st * DHQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
+                mask=mk[None, :] & mv[:, None], other=0.0,
+            )  # (BV, BK)
+            dq += mm(dh, cast(cT, dh.dtype, DOT_PREC), DOT_PREC)  # (BL, BK) dh C^T; 1/den applied below
+        n_prev = tl.load(ns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
+        dq = w_q[:, None] * (rden[:, None] * dq + z[:, None] * n_prev[None, :])
+        for cb in range(0, rb + 1):
+            s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
+            sv = s < S
+            b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
+            i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
+            dp = tl.zeros([BL, BL], dtype=tl.float32)
+            for iv in range((DHV + BV - 1) // BV):
+                offs_v = iv * BV + tl.arange(0, BV)
+                mv = offs_v < DHV
+                dh = tl.load(
+                    dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :],
+                    mask=tv[:, None] & mv[None, :], other=0.0,
+                )  # (BL, BV)
+                vT = tl.load(
+                    v_ptr + bh * S * DHV + s[None, :] * DHV + offs_v[:, None], mask=mv[:, None] & sv[None, :], other=0.0
+                )  # (BV, BL)
+                dp += mm(dh, vT, DOT_PREC)  # (BL, BL) dh_t . v_s
+            mask = (t[:, None] >= s[None, :]) & sv[None, :] & tv[:, None]
+            d = tl.where(mask, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - mrow[:, None]), 0.0)
+            ds = d * (dp * rden[:, None] + z[:, None])  # (BL, BL) dL/d(score)
+            kc_t = tl.load(
+                k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :], mask=sv[:, None] & mk[None, :], other=0.0
+            )  # (BL, BK)
+            dq += mm(cast(ds, kc_t.dtype, DOT_PREC), kc_t, DOT_PREC)
+        dq = dq * scale
+        tl.store(
+            dq_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :],
+            cast(dq, dq_ptr.dtype.element_ty, DOT_PREC),
+            mask=tv[:, None] & mk[None, :],
+        )
+        qp = tl.sum(qt.to(tl.float32) * dq, 1)  # (BL,) partial q.dq over this DHQK tile
+        tl.store(qpart_ptr + (ik * BH + bh) * S + t, qp, mask=tv)
+
+    @triton.jit
+    def _bwd_dk_tile(
+        q_ptr, k_ptr, v_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr, z_ptr,
+        g_ptr, ms_ptr, dcs_ptr, dns_ptr, dk_ptr, kpart_ptr,
+        kc, cb, ik, bh, BH, scale, S, NC,
+        DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        """dk of one (column tile, DHQK tile): inter w (dC_k v + dn_k) and intra dS^T Q."""
+        NSUB: tl.constexpr = L // BL
+        s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
+        sv = s < S
+        offs_k = ik * BK + tl.arange(0, BK)
+        mk = offs_k < DHQK
+        st = bh * (NC + 1) + kc + 1
+        g = tl.load(g_ptr + bh * NC + kc)
+        m_next = tl.load(ms_ptr + st)
+        b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
+        i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
+        w_k = tl.where(sv, tl.exp(g - b_c + i_c - m_next), 0.0)  # (BL,)
+        kt = tl.load(
+            k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :], mask=sv[:, None] & mk[None, :], other=0.0
+        )  # (BL, BK)
+        dk = tl.zeros([BL, BK], dtype=tl.float32)
+        for iv in range((DHV + BV - 1) // BV):
+            offs_v = iv * BV + tl.arange(0, BV)
+            mv = offs_v < DHV
+            vt = tl.load(
+                v_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :], mask=sv[:, None] & mv[None, :], other=0.0
+            )  # (BL, BV)
+            dcT = tl.load(
+                dcs_ptr + st * DHQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
+                mask=mk[None, :] & mv[:, None], other=0.0,
+            )  # (BV, BK)
+            dk += mm(vt, cast(dcT, vt.dtype, DOT_PREC), DOT_PREC)
+        dn_next = tl.load(dns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
+        dk = w_k[:, None] * (dk + dn_next[None, :])
+        acc = tl.zeros([BL, BK], dtype=tl.float32)
+        for rb in range(cb, NSUB):
+            t = kc * L + rb * BL + tl.arange(0, BL)  # (BL,) rows
+            tv = t < S
+            b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
+            mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
+            rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
+            z = tl.load(z_ptr + bh * S + t, mask=tv, other=0.0)
+            dpT = tl.zeros([BL, BL], dtype=tl.float32)  # (s, t)
+            for iv in range((DHV + BV - 1) // BV):
+                offs_v = iv * BV + tl.arange(0, BV)
+                mv = offs_v < DHV
+                vt = tl.load(
+                    v_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :],
+                    mask=sv[:, None] & mv[None, :], other=0.0,
+                )  # (BL, BV)
+                dhT = tl.load(
+                    dh_ptr + bh * S * DHV + t[None, :] * DHV + offs_v[:, None],
+                    mask=mv[:, None] & tv[None, :], other=0.0,
+                )  # (BV, BL)
+                dpT += mm(vt, dhT, DOT_PREC)  # (BL, BL) v_s . dh_t
+            maskT = (t[None, :] >= s[:, None]) & sv[:, None] & tv[None, :]
+            dT = tl.where(maskT, tl.exp(b_r[None, :] - b_c[:, None] + i_c[:, None] - mrow[None, :]), 0.0)  # (s, t)
+            dsT = dT * (dpT * rden[None, :] + z[None, :])  # (BL, BL)
+            qt = tl.load(
+                q_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :], mask=tv[:, None] & mk[None, :], other=0.0
+            )  # (BL, BK)
+            acc += mm(cast(dsT, qt.dtype, DOT_PREC), qt, DOT_PREC)
+        dk = dk + scale * acc
+        tl.store(
+            dk_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :],
+            cast(dk, dk_ptr.dtype.element_ty, DOT_PREC),
+            mask=sv[:, None] & mk[None, :],
+        )
+        kp = tl.sum(kt.to(tl.float32) * dk, 1)  # (BL,) partial k.dk over this DHQK tile
+        tl.store(kpart_ptr + (ik * BH + bh) * S + s, kp, mask=sv)
+
+    @triton.jit
+    def _bwd_dv_tile(
+        q_ptr, k_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr,
+        g_ptr, ms_ptr, dcs_ptr, dv_ptr,
+        kc, cb, iv, bh, scale, S, NC,
+        DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        """dv of one (column tile, DHV tile): inter w K dC_k and intra (D o S)^T dnum."""
+        NSUB: tl.constexpr = L // BL
+        s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
+        sv = s < S
+        offs_v = iv * BV + tl.arange(0, BV)
+        mv = offs_v < DHV
+        st = bh * (NC + 1) + kc + 1
+        g = tl.load(g_ptr + bh * NC + kc)
+        m_next = tl.load(ms_ptr + st)
+        b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
+        i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
+        w_k = tl.where(sv, tl.exp(g - b_c + i_c - m_next), 0.0)  # (BL,)
+        dv = tl.zeros([BL, BV], dtype=tl.float32)
+        for ik in range((DHQK + BK - 1) // BK):
+            offs_k = ik * BK + tl.arange(0, BK)
+            mk = offs_k < DHQK
+            kt = tl.load(
+                k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :], mask=sv[:, None] & mk[None, :], other=0.0
+            )  # (BL, BK)
+            dct = tl.load(
+                dcs_ptr + st * DHQK * DHV + offs_k[:, None] * DHV + offs_v[None, :],
+                mask=mk[:, None] & mv[None, :], other=0.0,
+            )  # (BK, BV)
+            dv += mm(kt, cast(dct, kt.dtype, DOT_PREC), DOT_PREC)
+        dv = w_k[:, None] * dv
+        for rb in range(cb, NSUB):
+            t = kc * L + rb * BL + tl.arange(0, BL)  # (BL,) rows
+            tv = t < S
+            b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
+            mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
+            rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
+            scT = tl.zeros([BL, BL], dtype=tl.float32)  # (s, t)
+            for ik in range((DHQK + BK - 1) // BK):
+                offs_k = ik * BK + tl.arange(0, BK)
+                mk = offs_k < DHQK
+                kt = tl.load(
+                    k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :],
+                    mask=sv[:, None] & mk[None, :], other=0.0,
+                )  # (BL, BK)
+                qT = tl.load(
+                    q_ptr + bh * S * DHQK + t[None, :] * DHQK + offs_k[:, None],
+                    mask=mk[:, None] & tv[None, :], other=0.0,
+                )  # (BK, BL)
+                scT += mm(kt, qT, DOT_PREC)
+            maskT = (t[None, :] >= s[:, None]) & sv[:, None] & tv[None, :]
+            dT = tl.where(maskT, tl.exp(b_r[None, :] - b_c[:, None] + i_c[:, None] - mrow[None, :]), 0.0)  # (s, t)
+            pT = dT * scT * (scale * rden[None, :])  # (BL, BL) score weights with 1/den_t folded in
+            dh = tl.load(
+                dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :], mask=tv[:, None] & mv[None, :], other=0.0
+            )  # (BL, BV)
+            dv += mm(cast(pT, dh.dtype, DOT_PREC), dh, DOT_PREC)
+        tl.store(
+            dv_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :],
+            cast(dv, dv_ptr.dtype.element_ty, DOT_PREC),
+            mask=sv[:, None] & mv[None, :],
+        )
+
+    @triton.jit
+    def chunk_mlstm_bwd_kernel(
+        q_ptr,  # (BH, S, DHQK)
+        k_ptr,  # (BH, S, DHQK)
+        v_ptr,  # (BH, S, DHV)
+        dh_ptr,  # (BH, S, DHV)
+        i_ptr,  # (BH, S)
+        b_ptr,  # (BH, S) fp32
+        mrow_ptr,  # (BH, S) fp32
+        rden_ptr,  # (BH, S) fp32
+        z_ptr,  # (BH, S) fp32
+        g_ptr,  # (BH, NC) fp32
+        cs_ptr,  # (BH, NC + 1, DHQK, DHV) fp32 forward states
+        ns_ptr,  # (BH, NC + 1, DHQK) fp32
+        ms_ptr,  # (BH, NC + 1) fp32
+        dcs_ptr,  # (BH, NC + 1, DHQK, DHV) fp32 state gradients
+        dns_ptr,  # (BH, NC + 1, DHQK) fp32
+        dq_ptr,  # out (BH, S, DHQK)
+        dk_ptr,  # out (BH, S, DHQK)
+        dv_ptr,  # out (BH, S, DHV)
+        qpart_ptr,  # out (NK, BH, S) fp32: q.dq per DHQK tile
+        kpart_ptr,  # out (NK, BH, S) fp32: k.dk per DHQK tile
+        scale,
+        S,
+        NC,
+        BH,
+        DHQK: tl.constexpr,
+        DHV: tl.constexpr,
+        L: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+    ):
+        """All intra-chunk gradients in one launch: grid axis 1 enumerates NK dq tiles, NK dk
+        tiles and NV dv tiles of the time tile given by axis 0."""
+        NSUB: tl.constexpr = L // BL
+        NK: tl.constexpr = (DHQK + BK - 1) // BK
+        kc = tl.program_id(0) // NSUB
+        blk = tl.program_id(0) % NSUB
+        role = tl.program_id(1)
+        bh = tl.program_id(2).to(tl.int64)
+        if role < NK:
+            _bwd_dq_tile(
+                q_ptr, k_ptr, v_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr, z_ptr,
+                cs_ptr, ns_ptr, ms_ptr, dq_ptr, qpart_ptr,
+                kc, blk, role, bh, BH, scale, S, NC,
+                DHQK, DHV, L, BL, BK, BV, DOT_PREC,
+            )
+        elif role < 2 * NK:
+            _bwd_dk_tile(
+                q_ptr, k_ptr, v_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr, z_ptr,
+                g_ptr, ms_ptr, dcs_ptr, dns_ptr, dk_ptr, kpart_ptr,
+                kc, blk, role - NK, bh, BH, scale, S, NC,
+                DHQK, DHV, L, BL, BK, BV, DOT_PREC,
+            )
+        else:
+            _bwd_dv_tile(
+                q_ptr, k_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr,
+                g_ptr, ms_ptr, dcs_ptr, dv_ptr,
+                kc, blk, role - 2 * NK, bh, scale, S, NC,
+                DHQK, DHV, L, BL, BK, BV, DOT_PREC,
+            )
+
+    @triton.jit
+    def chunk_mlstm_bwd_gates_kernel(
+        qpart_ptr,  # (NK, BH, S) fp32
+        kpart_ptr,  # (NK, BH, S) fp32
+        e_ptr,  # (BH, S) fp32: dL/dm_t through eps
+        mrow_ptr,  # (BH, S) fp32
+        i_ptr,  # (BH, S)
+        f_ptr,  # (BH, S)
+        m0_ptr,  # (BH,) fp32 (read when HAS_STATE)
+        qfin_ptr,  # (BH,) fp32: sum(c_S * dc_S) + sum(n_S * dn_S)
+        dmfin_ptr,  # (BH,) fp32: upstream dL/dm_S
+        q0_ptr,  # (BH,) fp32: sum(c0 * dc0) + sum(n0 * dn0)
+        di_ptr,  # out (BH, S) fp32
+        df_ptr,  # out (BH, S) fp32
+        dm0_ptr,  # out (BH,) fp32 (written when HAS_STATE)
+        S,
+        BH,
+        NK: tl.constexpr,
+        BT: tl.constexpr,
+        HAS_STATE: tl.constexpr,
+    ):
+        """Gate gradients, one program per head, scanning time backwards in blocks of BT.
+
+        With every stabilizer frozen, i_s enters only as e^{i_s} k_s and a logsigmoid(f_r) term
+        multiplies exactly the (query t >= r, key s < r) pairs, hence (keys include the initial
+        state at s = 0, queries the final state at S + 1):
+            di_s|frozen = k_s.dk_s,    dlogsig(f_r)|frozen = sum_{t>=r} (q_t.dq_t - k_t.dk_t) + Q_{S+1}
+        with Q_{S+1} = sum(c_S dc_S) + sum(n_S dn_S). The stabilizers enter through eps at every step
+        (E_t = -(dh_t.h_t) eps / den_t) and through the final state: dL/dm_S += dm_S - Q_{S+1}.
+        That gradient D flows down m_t = max(logsig(f_t) + m_{t-1}, i_t): with c_t = [first branch],
+        Dtot_t = D_t + c_{t+1} Dtot_{t+1}, di_t += (1 - c_t) Dtot_t, dlogsig(f_t) += c_t Dtot_t,
+        dm0 = sum(c0 dc0) + sum(n0 dn0) + c_1 Dtot_1. Exact (up to ties of the max, measure zero).
+        """
+        bh = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BT)  # position in the reversed block: j = 0 is its latest step
+        qfin = tl.load(qfin_ptr + bh)
+        dmfin = tl.load(dmfin_ptr + bh)
+        if HAS_STATE:
+            m0 = tl.load(m0_ptr + bh).to(tl.float32)
+        else:
+            m0 = qfin * 0.0
+        carry_suf = qfin  # sum_{t' > block} (q.dq - k.dk) + Q_{S+1}
+        carry_d = qfin * 0.0  # c_{t0} Dtot_{t0} of the block after (t0 its first step)
+        nb = (S + BT - 1) // BT
+        for jb in range(nb):
+            t = (nb - 1 - jb) * BT + (BT - 1 - j)  # (BT,) times, descending
+            tv = t < S
+            qs = tl.zeros([BT], dtype=tl.float32)
+            ks = tl.zeros([BT], dtype=tl.float32)
+            for ik in range(NK):
+                qs += tl.load(qpart_ptr + (ik * BH + bh) * S + t, mask=tv, other=0.0)
+                ks += tl.load(kpart_ptr + (ik * BH + bh) * S + t, mask=tv, other=0.0)
+            qk = tl.where(tv, qs - ks, 0.0)
+            suf = carry_suf + tl.cumsum(qk, 0)  # (BT,) sum_{t' >= t}
+            ig = tl.load(i_ptr + bh * S + t, mask=tv, other=0.0).to(tl.float32)
+            fg = tl.load(f_ptr + bh * S + t, mask=tv, other=0.0).to(tl.float32)
+            mprev = tl.load(mrow_ptr + bh * S + t - 1, mask=tv & (t > 0), other=0.0)
+            mprev = tl.where(t > 0, mprev, m0)
+            c_t = tl.where(logsigmoid(fg) + mprev >= ig, 1.0, 0.0)  # (BT,) m_t took the carried branch
+            t1v = (t + 1) < S
+            ig1 = tl.load(i_ptr + bh * S + t + 1, mask=t1v, other=0.0).to(tl.float32)
+            fg1 = tl.load(f_ptr + bh * S + t + 1, mask=t1v, other=0.0).to(tl.float32)
+            mt = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
+            c_next = tl.where(t1v & (logsigmoid(fg1) + mt >= ig1), 1.0, 0.0)  # c_{t+1}
+            dd = tl.load(e_ptr + bh * S + t, mask=tv, other=0.0)
+            dd += tl.where(t == S - 1, dmfin - qfin, 0.0)
+            dd += tl.where(j == 0, carry_d, 0.0)
+            a = tl.where(j == 0, 0.0, c_next)
+            _, dtot = tl.associative_scan((a, dd), 0, _linear_recurrence_combine)  # (BT,) Dtot_t
+            di = ks + (1.0 - c_t) * dtot
+            dlf = suf + c_t * dtot
+            df = dlf / (1.0 + tl.exp(fg))  # d logsigmoid(x)/dx = sigmoid(-x)
+            tl.store(di_ptr + bh * S + t, di, mask=tv)
+            tl.store(df_ptr + bh * S + t, df, mask=tv)
+            carry_suf += tl.sum(qk, 0)
+            carry_d = tl.sum(tl.where(j == BT - 1, c_t * dtot, 0.0), 0)
+        if HAS_STATE:
+            tl.store(dm0_ptr + bh, tl.load(q0_ptr + bh) + carry_d)
+
+    # the kernels are interpreted when TRITON_INTERPRET=1 was set before triton.jit ran (import time)
+
+
+def chunk_mlstm_bwd(
+    q, k, v, i, f,  # (BH, S, DHQK) x2, (BH, S, DHV), (BH, S) x2
+    c0, n0, m0,  # None or (BH, DHQK, DHV), (BH, DHQK), (BH,) fp32
+    h,  # (BH, S, DHV) forward output
+    b, g, amax, mrow, nq,  # saved forward gate tensors
+    dh,  # (BH, S, DHV)
+    dc_last, dn_last, dm_last,  # None or (BH, DHQK, DHV), (BH, DHQK), (BH,)
+    p,  # ChunkMLSTMLaunch (chunk.py)
+    eps: float,
+):
+    """Host launcher of the backward; returns dq, dk, dv, di, df (fp32 for the gates), dc0, dn0, dm0."""
+    BH, S, DHQK = q.shape
+    DHV = v.shape[-1]
+    L, BL, BK, BV = p.chunk_size, p.block_t, p.block_dqk, p.block_dv
+    NC = triton.cdiv(S, L)
+    NK, NV = triton.cdiv(DHQK, BK), triton.cdiv(DHV, BV)
+    dev = q.device
+    prec = dot_precision(q.dtype, p.dot_precision)
+    scale = DHQK**-0.5
+
+    cs, ns, ms = chunk_mlstm_fwd_states(k, v, i, b, g, amax, c0, n0, m0, NC, p)  # recomputed, not stored
+
+    rden = torch.empty(BH, S, device=dev, dtype=torch.float32)  # (BH, S)
+    z = torch.empty_like(rden)  # (BH, S)
+    e = torch.empty_like(rden)  # (BH, S)
+    BT = p.block_t_prep
+    chunk_mlstm_bwd_prep_kernel[(triton.cdiv(S, BT), BH)](
+        h, dh, mrow, nq, rden, z, e, eps, S, DHV=DHV, BT=BT, BV=BV, num_warps=4, num_stages=2
+    )
+
+    has_dfinal = dc_last is not None or dn_last is not None
+    if has_dfinal:
+        dcl = dc_last if dc_last is not None else torch.zeros(BH, DHQK, DHV, device=dev, dtype=torch.float32)
+        dnl = dn_last if dn_last is not None else torch.zeros(BH, DHQK, device=dev, dtype=torch.float32)
+    else:
+        dcl = dnl = rden  # unused
+    dcs = torch.empty(BH, NC + 1, DHQK, DHV, device=dev, dtype=torch.float32)  # (BH, NC+1, DHQK, DHV)
+    dns = torch.empty(BH, NC + 1, DHQK, device=dev, dtype=torch.float32)  # (BH, NC+1, DHQK)
+    chunk_mlstm_bwd_state_kernel[(NK, NV, BH)](
+        q, dh, b, mrow, rden, z, g, ms, dcl, dnl, dcs, dns, scale, S, NC,
+        DHQK=DHQK, DHV=DHV, L=L, BL=BL, BK=BK, BV=BV, HAS_DFINAL=has_dfinal, DOT_PREC=prec,
+        num_warps=p.num_warps, num_stages=p.num_stages,
+    )
+
+    dq = torch.empty_like(q)  # (BH, S, DHQK)
+    dk = torch.empty_like(k)  # (BH, S, DHQK)
+    dv = torch.empty_like(v)  # (BH, S, DHV)
+    qpart = torch.empty(NK, BH, S, device=dev, dtype=torch.float32)  # (NK, BH, S)
+    kpart = torch.empty_like(qpart)  # (NK, BH, S)
+    chunk_mlstm_bwd_kernel[(NC * (L // BL), 2 * NK + NV, BH)](
+        q, k, v, dh, i, b, mrow, rden, z, g, cs, ns, ms, dcs, dns, dq, dk, dv, qpart, kpart,
+        scale, S, NC, BH,
+        DHQK=DHQK, DHV=DHV, L=L, BL=BL, BK=BK, BV=BV, DOT_PREC=prec,
+        num_warps=p.num_warps, num_stages=p.num_stages,
+    )
+
+    # per-head scalars of the final and initial states (tiny reductions)
+    qfin = torch.zeros(BH, device=dev, dtype=torch.float32)  # (BH,)
+    if dc_last is not None:
+        qfin += (cs[:, NC] * dc_last).sum((-2, -1))
+    if dn_last is not None:
+        qfin += (ns[:, NC] * dn_last).sum(-1)
+    dmfin = dm_last.float() if dm_last is not None else torch.zeros(BH, device=dev, dtype=torch.float32)
+    has_state = c0 is not None
+    if has_state:
+        dc0, dn0 = dcs[:, 0], dns[:, 0]  # (BH, DHQK, DHV), (BH, DHQK)
+        q0 = (c0 * dc0).sum((-2, -1)) + (n0 * dn0).sum(-1)  # (BH,)
+        dm0 = torch.empty(BH, device=dev, dtype=torch.float32)  # (BH,)
+    else:
+        dc0 = dn0 = None
+        q0 = dm0 = qfin  # unused
+    di = torch.empty(BH, S, device=dev, dtype=torch.float32)  # (BH, S)
+    df = torch.empty_like(di)  # (BH, S)
+    chunk_mlstm_bwd_gates_kernel[(BH,)](
+        qpart, kpart, e, mrow, i, f, m0 if has_state else qfin, qfin, dmfin, q0, di, df, dm0,
+        S, BH, NK=NK, BT=min(p.block_t_gates, max(DOT_MIN, next_pow2(S))), HAS_STATE=has_state,
+    )
+    return dq, dk, dv, di, df, dc0, dn0, (dm0 if has_state else None)
+
+
