@@ -57,6 +57,35 @@ def _triton(name: str):
         return None
 
 
+def _cannot_time() -> str | None:
+    """Why this machine cannot time the plugin kernels (no torch, CUDA device or CuPy), or None."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install cupy-cuda12x)"
+    return None
+
+
+def _mlstm_inputs(B: int, NH: int, S: int, DQK: int, DV: int, dtype, *, random_state: bool):
+    """q, k, v, i, f, c0, n0, m0 on the GPU; forget gates mostly open; m0 zero, c0 and n0 random or zero."""
+    import torch
+
+    dev = "cuda"
+    q, k = (torch.randn(B, NH, S, DQK, device=dev, dtype=dtype) for _ in range(2))  # (B, NH, S, DQK)
+    v = torch.randn(B, NH, S, DV, device=dev, dtype=dtype)  # (B, NH, S, DV)
+    i = torch.randn(B, NH, S, device=dev, dtype=dtype)  # (B, NH, S)
+    f = (torch.randn(B, NH, S, device=dev) + 3).to(dtype)  # (B, NH, S)
+    state = torch.randn if random_state else torch.zeros
+    c0, n0 = state(B, NH, DQK, DV, device=dev), state(B, NH, DQK, device=dev)  # (B, NH, DQK, DV), (B, NH, DQK)
+    return q, k, v, i, f, c0, n0, torch.zeros(B, NH, device=dev)  # m0 (B, NH)
+
+
 def bench(quick: bool, warmup: int, reps: int) -> list[str]:
     import torch
 
@@ -75,12 +104,7 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
     prefill = [(1, 8, 2048, 256, 512), (4, 16, 2048, 128, 256)] + ([] if quick else [(1, 8, 8192, 256, 512)])
     for dtype in (torch.bfloat16, torch.float32):
         for B, NH, S, DQK, DV in prefill:
-            q, k = (torch.randn(B, NH, S, DQK, device=dev, dtype=dtype) for _ in range(2))
-            v = torch.randn(B, NH, S, DV, device=dev, dtype=dtype)
-            i = torch.randn(B, NH, S, device=dev, dtype=dtype)
-            f = (torch.randn(B, NH, S, device=dev) + 3).to(dtype)
-            c0 = torch.zeros(B, NH, DQK, DV, device=dev)
-            n0, m0 = torch.zeros(B, NH, DQK, device=dev), torch.zeros(B, NH, device=dev)
+            q, k, v, i, f, c0, n0, m0 = _mlstm_inputs(B, NH, S, DQK, DV, dtype, random_state=False)
             ms = cuda_time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
             tms = None
             if chunk is not None:
@@ -97,12 +121,7 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
     for dtype in (torch.bfloat16, torch.float32):
         for B in (1, 8) if quick else (1, 8, 32):
             NH, DQK, DV = 8, 256, 512  # xLSTM-7B heads
-            q, k = (torch.randn(B, NH, 1, DQK, device=dev, dtype=dtype) for _ in range(2))
-            v = torch.randn(B, NH, 1, DV, device=dev, dtype=dtype)
-            i = torch.randn(B, NH, 1, device=dev, dtype=dtype)
-            f = (torch.randn(B, NH, 1, device=dev) + 3).to(dtype)
-            c0 = torch.randn(B, NH, DQK, DV, device=dev)
-            n0, m0 = torch.randn(B, NH, DQK, device=dev), torch.zeros(B, NH, device=dev)
+            q, k, v, i, f, c0, n0, m0 = _mlstm_inputs(B, NH, 1, DQK, DV, dtype, random_state=True)
             ms = cuda_time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
             tms = None
             if step is not None:
@@ -142,19 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--write", type=Path, help="append the table to this markdown file")
     args = p.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("bench/plugins.py: torch is not installed; nothing to time")
+    missing = _cannot_time()
+    if missing:
+        print(f"bench/plugins.py: {missing}; nothing to time")
         return 0
-    if not torch.cuda.is_available():
-        print("bench/plugins.py: no CUDA device; nothing to time")
-        return 0
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        print("bench/plugins.py: CuPy is not installed (pip install cupy-cuda12x); nothing to time")
-        return 0
+    import torch
+
     rows = bench(args.quick, args.warmup, args.reps)
     header = (f"## CUDA plugin kernels vs Triton ({_dt.date.today().isoformat()}, "
               f"{torch.cuda.get_device_name()}, torch {torch.__version__})\n\n"

@@ -81,6 +81,21 @@ __device__ void chunk_gates(const T* __restrict__ ig, const T* __restrict__ fg, 
 }
 
 // ---- S > 1: chunkwise ---------------------------------------------------------------------------
+
+// acc[r][c] += a[r] * b[c]: a rank-1 update of one thread's 4 x 4 micro-tile.
+__device__ __forceinline__ void fma_4x4(const float (&a)[4], const float (&b)[4], float (&acc)[4][4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+}
+
+// Row j of a [kChunk][kTileV] tile at this thread's columns tx + 16 c.
+__device__ __forceinline__ void tile_row_cols(const float* tile, int j, int tx, float (&out)[4]) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = tile[j * kTileV + tx + 16 * c];
+}
+
 template <typename T>
 __device__ void chunk_path(const T* __restrict__ qb,   // [S, DQK] of this (b, head)
                            const T* __restrict__ kb,   // [S, DQK]
@@ -174,12 +189,8 @@ __device__ void chunk_path(const T* __restrict__ qb,   // [S, DQK] of this (b, h
                 float kw[4], vv[4];
 #pragma unroll
                 for (int r = 0; r < 4; ++r) kw[r] = Ks[j * kRowQK + ty + 16 * r] * wj;
-#pragma unroll
-                for (int c = 0; c < 4; ++c) vv[c] = Vs[j * kTileV + tx + 16 * c];
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) accC[r][c] = fmaf(kw[r], vv[c], accC[r][c]);
+                tile_row_cols(Vs, j, tx, vv);
+                fma_4x4(kw, vv, accC);
             }
 #pragma unroll
             for (int r = 0; r < 4; ++r)
@@ -214,12 +225,8 @@ __device__ void chunk_path(const T* __restrict__ qb,   // [S, DQK] of this (b, h
                 sv[r] = Ss[(ty + 16 * r) * kRowS + s];
                 rowsum[r] += sv[r];
             }
-#pragma unroll
-            for (int c = 0; c < 4; ++c) vv[c] = Vs[s * kTileV + tx + 16 * c];
-#pragma unroll
-            for (int r = 0; r < 4; ++r)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) accI[r][c] = fmaf(sv[r], vv[c], accI[r][c]);
+            tile_row_cols(Vs, s, tx, vv);
+            fma_4x4(sv, vv, accI);
         }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {

@@ -92,7 +92,7 @@ def test_validate_engine_report_with_onnxruntime_standing_in_for_the_engine(tmp_
     path = _cell_onnx(tmp_path, "mLSTM", "float32", NH=2, DQK=8, DV=16)
 
     class OrtEngine:
-        state_keys: list = []
+        state_keys = ()  # a cell model: one call, no state carried
 
         def __init__(self, plan):
             self.session = xtrt._ort_session(path)

@@ -2,6 +2,9 @@
 // cuda_emu.h, with C entry points that take the launch as TensorRT hands it to the kernel: grid,
 // block, dynamic shared memory bytes, then the kernel's own arguments in their AOT order (input
 // pointers, int32 scalars, output pointers). Built and called by tests/test_plugins_emu.py.
+#include <tuple>
+#include <type_traits>
+
 #include "cuda_emu.h"
 
 #include "mlstm_fwd.cu"
@@ -14,35 +17,30 @@ namespace xlstm::slstm { alignas(16) float smem[kSmemBytes / sizeof(float)]; }
 
 namespace {
 
-template <typename T>
-using MlstmKernel = void (*)(const T*, const T*, const T*, const T*, const T*, const float*, const float*,
-                             const float*, int, int, int, int, int, int, int, T*, float*, float*, float*);
-template <typename T>
-using SlstmKernel = void (*)(const T*, const T*, const T*, const float*, const float*, const float*,
-                             const float*, int, int, int, int, int, T*, float*, float*, float*, float*);
-
-template <typename T>
-int mlstm(MlstmKernel<T> kernel, const unsigned* launch, void* const* in, const int* a, void* const* out) {
+// Launch `kernel` with its parameters taken in order from the flat arrays (TensorRT's AOT order):
+// each `const X*` parameter is the next input pointer, each int the next of `a`, each `X*` the next
+// output pointer. Returns 0, or 1 when the launch asks for more shared memory than the emulation has.
+template <typename... P>
+int run(void (*kernel)(P...), const unsigned* launch, void* const* in, const int* a, void* const* out) {
   if (launch[6] > kSmemBytes) return 1;
-  emu::launch(kernel, dim3{launch[0], launch[1], launch[2]}, dim3{launch[3], launch[4], launch[5]},
-              static_cast<const T*>(in[0]), static_cast<const T*>(in[1]), static_cast<const T*>(in[2]),
-              static_cast<const T*>(in[3]), static_cast<const T*>(in[4]), static_cast<const float*>(in[5]),
-              static_cast<const float*>(in[6]), static_cast<const float*>(in[7]), a[0], a[1], a[2], a[3],
-              a[4], a[5], a[6], static_cast<T*>(out[0]), static_cast<float*>(out[1]),
-              static_cast<float*>(out[2]), static_cast<float*>(out[3]));
+  size_t n_in = 0, n_a = 0, n_out = 0;
+  auto next = [&]<typename Q>(std::type_identity<Q>) -> Q {
+    if constexpr (std::is_same_v<Q, int>) return a[n_a++];
+    else if constexpr (std::is_const_v<std::remove_pointer_t<Q>>) return static_cast<Q>(in[n_in++]);
+    else return static_cast<Q>(out[n_out++]);
+  };
+  const std::tuple<P...> params{next(std::type_identity<P>{})...};  // braced: evaluated left to right
+  std::apply([&](auto... p) { emu::launch(kernel, dim3{launch[0], launch[1], launch[2]},
+                                          dim3{launch[3], launch[4], launch[5]}, p...); }, params);
   return 0;
 }
 
-template <typename T>
-int slstm(SlstmKernel<T> kernel, const unsigned* launch, void* const* in, const int* a, void* const* out) {
-  if (launch[6] > kSmemBytes) return 1;
-  emu::launch(kernel, dim3{launch[0], launch[1], launch[2]}, dim3{launch[3], launch[4], launch[5]},
-              static_cast<const T*>(in[0]), static_cast<const T*>(in[1]), static_cast<const T*>(in[2]),
-              static_cast<const float*>(in[3]), static_cast<const float*>(in[4]),
-              static_cast<const float*>(in[5]), static_cast<const float*>(in[6]), a[0], a[1], a[2], a[3],
-              a[4], static_cast<T*>(out[0]), static_cast<float*>(out[1]), static_cast<float*>(out[2]),
-              static_cast<float*>(out[3]), static_cast<float*>(out[4]));
-  return 0;
+// The entry point of `dtype` (0 f32, 1 f16, 2 bf16).
+template <typename F32, typename F16, typename BF16>
+int run_dtype(int dtype, F32 f32, F16 f16, BF16 bf16, const unsigned* launch, void* const* in, const int* a,
+              void* const* out) {
+  if (dtype == 0) return run(f32, launch, in, a, out);
+  return dtype == 1 ? run(f16, launch, in, a, out) : run(bf16, launch, in, a, out);
 }
 
 }  // namespace
@@ -51,18 +49,10 @@ int slstm(SlstmKernel<T> kernel, const unsigned* launch, void* const* in, const 
 // Returns 0, or 1 when the launch asks for more shared memory than the emulation holds.
 extern "C" int emu_mlstm_fwd(int dtype, const unsigned* launch, void* const* in, const int* args,
                              void* const* out) {
-  switch (dtype) {
-    case 0: return mlstm<float>(mlstm_fwd_kernel_f32, launch, in, args, out);
-    case 1: return mlstm<__half>(mlstm_fwd_kernel_f16, launch, in, args, out);
-    default: return mlstm<__nv_bfloat16>(mlstm_fwd_kernel_bf16, launch, in, args, out);
-  }
+  return run_dtype(dtype, mlstm_fwd_kernel_f32, mlstm_fwd_kernel_f16, mlstm_fwd_kernel_bf16, launch, in, args, out);
 }
 
 extern "C" int emu_slstm_fwd(int dtype, const unsigned* launch, void* const* in, const int* args,
                              void* const* out) {
-  switch (dtype) {
-    case 0: return slstm<float>(slstm_fwd_kernel_f32, launch, in, args, out);
-    case 1: return slstm<__half>(slstm_fwd_kernel_f16, launch, in, args, out);
-    default: return slstm<__nv_bfloat16>(slstm_fwd_kernel_bf16, launch, in, args, out);
-  }
+  return run_dtype(dtype, slstm_fwd_kernel_f32, slstm_fwd_kernel_f16, slstm_fwd_kernel_bf16, launch, in, args, out);
 }
