@@ -21,6 +21,8 @@
 //       gate_bias [2*NH]  c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV]
 //       y [B, S, NH*DV]
 //
+// The signatures (inputs, outputs and attributes by name) are xlstm_export/native_ops.py's table,
+// written again in kOps below and checked equal by tests/test_ort_native.py.
 // xlstm_export/ort_native.py puts these nodes inside the exported models' xlstm function bodies and
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
 // weight MatMuls of the main graph for PackedMatMul, packing their weights as it does, and each
@@ -33,6 +35,7 @@
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -51,8 +54,8 @@ struct Ctx {
   const OrtApi* api;
   OrtKernelContext* context;
   const char* op;     // for error messages
-  const int64_t* ints;  // the op's int attributes, in OpDef::int_attributes order
-  const float* floats;  // the op's float attributes, in OpDef::float_attributes order
+  const int64_t* ints;  // the op's int attributes, in Signature::int_attributes order
+  const float* floats;  // the op's float attributes, in Signature::float_attributes order
 
   OrtStatus* error(const char* fmt, long a = 0, long b = 0, long c = 0) const {
     char msg[512];
@@ -452,6 +455,7 @@ OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kMaxAttributes = 6;  // of each type
+constexpr int kMaxTensors = 12;    // inputs or outputs of one op
 
 struct Kernel {
   const OrtApi* api;
@@ -461,28 +465,43 @@ struct Kernel {
   float floats[kMaxAttributes];
 };
 
+// One op's signature: the same table as xlstm_export/native_ops.py (tests/test_ort_native.py
+// compares the two through XlstmCpuOpSignatures below). The compute functions read input j and
+// write output j in this order. Every tensor is float32. Name lists are nullptr-terminated.
+struct Signature {
+  const char* inputs[kMaxTensors + 1];
+  const char* outputs[kMaxTensors + 1];
+  const char* int_attributes[kMaxAttributes + 1];    // required, in Ctx::ints order
+  const char* float_attributes[kMaxAttributes + 1];  // required, in Ctx::floats order
+};
+
+size_t count(const char* const* names) {
+  size_t n = 0;
+  while (names[n] != nullptr) ++n;
+  return n;
+}
+
 struct OpDef {
   OrtCustomOpLayout table;  // first member: onnxruntime passes &table back to the callbacks
   const char* name;
-  size_t inputs, outputs;
   OrtStatus* (*compute)(const Ctx&);
-  const char* int_attributes[kMaxAttributes];    // required int attributes (nullptr-terminated)
-  const char* float_attributes[kMaxAttributes];  // required float attributes (nullptr-terminated)
+  Signature sig;
 };
 
 const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const OpDef*>(op); }
 
 OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  const Signature& sig = def(op)->sig;
   Kernel kernel{api, def(op)->name, def(op)->compute, {}, {}};
   using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
   using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
-  for (int j = 0; j < kMaxAttributes && def(op)->int_attributes[j]; ++j) {
-    if (OrtStatus* s = ort::fn<GetInt>(api, ort::kKernelInfoGetAttributeInt64)(info, def(op)->int_attributes[j],
+  for (size_t j = 0; sig.int_attributes[j]; ++j) {
+    if (OrtStatus* s = ort::fn<GetInt>(api, ort::kKernelInfoGetAttributeInt64)(info, sig.int_attributes[j],
                                                                               &kernel.ints[j]))
       return s;
   }
-  for (int j = 0; j < kMaxAttributes && def(op)->float_attributes[j]; ++j) {
-    if (OrtStatus* s = ort::fn<GetFloat>(api, ort::kKernelInfoGetAttributeFloat)(info, def(op)->float_attributes[j],
+  for (size_t j = 0; sig.float_attributes[j]; ++j) {
+    if (OrtStatus* s = ort::fn<GetFloat>(api, ort::kKernelInfoGetAttributeFloat)(info, sig.float_attributes[j],
                                                                                   &kernel.floats[j]))
       return s;
   }
@@ -495,44 +514,72 @@ OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   return k->compute(Ctx{k->api, context, k->name, k->ints, k->floats});
 }
 
-OpDef make_op(const char* name, size_t inputs, size_t outputs, OrtStatus* (*compute)(const Ctx&),
-              std::initializer_list<const char*> int_attributes = {},
-              std::initializer_list<const char*> float_attributes = {}) {
+OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signature& sig) {
   OpDef d{};
   OrtCustomOpLayout& t = d.table;
   ort::fill_common(t, create_kernel, compute_kernel);
   t.GetName = [](const OrtCustomOpLayout* op) { return def(op)->name; };
   t.GetInputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
-  t.GetInputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->inputs; };
   t.GetOutputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
-  t.GetOutputTypeCount = [](const OrtCustomOpLayout* op) { return def(op)->outputs; };
+  t.GetInputTypeCount = [](const OrtCustomOpLayout* op) { return count(def(op)->sig.inputs); };
+  t.GetOutputTypeCount = [](const OrtCustomOpLayout* op) { return count(def(op)->sig.outputs); };
   t.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   d.name = name;
-  d.inputs = inputs;
-  d.outputs = outputs;
   d.compute = compute;
-  std::copy(int_attributes.begin(), int_attributes.end(), d.int_attributes);
-  std::copy(float_attributes.begin(), float_attributes.end(), d.float_attributes);
+  d.sig = sig;
   return d;
 }
 
 // onnxruntime keeps pointers to these for as long as any session uses them: static storage.
-const OpDef kMlstmStep = make_op("mLSTMStep", 9, 4, mlstm_step_compute);
-const OpDef kSlstmScan = make_op("sLSTMScan", 6, 5, slstm_scan_compute);
-const OpDef kPackedMatMul = make_op("PackedMatMul", 2, 1, packed_matmul_compute, {"n"});
-const OpDef kPackedMatMulAdd = make_op("PackedMatMulAdd", 3, 1, packed_matmul_add_compute, {"n"});
-const OpDef kPackedNormMatMul = make_op("PackedNormMatMul", 3, 1, packed_norm_matmul_compute, {"n"},
-                                       {"eps", "soft_cap"});
-const OpDef kPackedGluMatMulAdd = make_op("PackedGluMatMulAdd", 3, 1, packed_glu_matmul_add_compute, {"n"});
-const OpDef kMlstmLayer = make_op("mLSTMLayer", 12, 4, mlstm_layer_compute,
-                                  {"q_col", "k_col", "v_col", "g_col", "o_col"}, {"eps", "norm_eps", "soft_cap"});
+const OpDef kOps[] = {
+    make_op("mLSTMStep", mlstm_step_compute,
+            {{"q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"}, {"h", "c", "n", "m"}, {}, {}}),
+    make_op("sLSTMScan", slstm_scan_compute, {{"h0", "c0", "n0", "m0", "x", "r"}, {"h", "c", "n", "m", "y"}, {}, {}}),
+    make_op("PackedMatMul", packed_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}}),
+    make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}}),
+    make_op("PackedNormMatMul", packed_norm_matmul_compute, {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}}),
+    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}}),
+    make_op("mLSTMLayer", mlstm_layer_compute,
+            {{"q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
+             {"y", "c", "n", "m"},
+             {"q_col", "k_col", "v_col", "g_col", "o_col"},
+             {"eps", "norm_eps", "soft_cap"}}),
+};
+constexpr size_t kOpCount = sizeof kOps / sizeof kOps[0];
+
+void append_names(std::string& out, const char* const* names) {
+  for (size_t j = 0; names[j]; ++j) out += (j ? "," : "") + std::string(names[j]);
+}
+
+// "name(in,...)->(out,...) ints(...) floats(...)" per op, one a line (NativeOp.signature's format).
+std::string signatures() {
+  std::string out;
+  for (const OpDef& op : kOps) {
+    out += op.name;
+    out += "(";
+    append_names(out, op.sig.inputs);
+    out += ")->(";
+    append_names(out, op.sig.outputs);
+    out += ") ints(";
+    append_names(out, op.sig.int_attributes);
+    out += ") floats(";
+    append_names(out, op.sig.float_attributes);
+    out += ")\n";
+  }
+  return out;
+}
 
 }  // namespace
 
+// The ops' signatures, for the test that checks them against xlstm_export/native_ops.py.
+extern "C" __attribute__((visibility("default"))) const char* XlstmCpuOpSignatures() {
+  static const std::string text = signatures();
+  return text.c_str();
+}
+
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtCustomOpLayout* ops[] = {&kMlstmStep.table, &kSlstmScan.table, &kPackedMatMul.table,
-                                    &kPackedMatMulAdd.table, &kPackedNormMatMul.table, &kPackedGluMatMulAdd.table,
-                                    &kMlstmLayer.table};
-  return ort::register_ops(options, base, "xlstm.cpu", ops, sizeof ops / sizeof ops[0]);
+  const OrtCustomOpLayout* ops[kOpCount];
+  for (size_t j = 0; j < kOpCount; ++j) ops[j] = &kOps[j].table;
+  return ort::register_ops(options, base, "xlstm.cpu", ops, kOpCount);
 }

@@ -339,6 +339,58 @@ def test_legalize_low_precision_wraps_einsum():
     assert any(n.name.endswith("_cast_back") for n in proto.graph.node)
 
 
+def _graph_model(nodes, inputs, outputs, inits=()):
+    from onnx import TensorProto, helper
+
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
+    g = helper.make_graph(nodes, "g", [vi(n) for n in inputs], [vi(n) for n in outputs], initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_rsqrt_as_div_only_where_every_reader_is_a_mul():
+    """x * Reciprocal(Sqrt(v)) becomes x / Sqrt(v) (same values); a reciprocal that anything but
+    a Mul reads is left as it was."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    from xlstm_export.export import _rsqrt_as_div
+
+    x, v = np.random.default_rng(0).normal(size=(2, 7)).astype(np.float32), np.float32([[1.5] * 7, [0.3] * 7])
+    nodes = [helper.make_node("Sqrt", ["v"], ["s"]), helper.make_node("Reciprocal", ["s"], ["r"]),
+             helper.make_node("Mul", ["x", "r"], ["y"]), helper.make_node("Mul", ["r", "x"], ["z"])]
+    model = _graph_model(nodes, ["x", "v"], ["y", "z"])
+    want = ReferenceEvaluator(model).run(None, {"x": x, "v": v})
+    assert _rsqrt_as_div(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["Sqrt", "Div", "Div"]
+    got = ReferenceEvaluator(model).run(None, {"x": x, "v": v})
+    assert all(np.allclose(a, b, rtol=1e-6) for a, b in zip(got, want))
+    kept = _graph_model([*nodes[:3], helper.make_node("Add", ["r", "x"], ["z"])], ["x", "v"], ["y", "z"])
+    assert _rsqrt_as_div(kept.graph) == 0
+    assert [n.op_type for n in kept.graph.node] == ["Sqrt", "Reciprocal", "Mul", "Add"]
+
+
+def test_sibling_matmuls_fused_into_one_product_and_a_split():
+    """MatMuls of one activation by their own constant weights become one MatMul and a Split with
+    the same outputs; a weight another node reads keeps its MatMul."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from xlstm_export.export import _fuse_sibling_matmuls
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    w = [numpy_helper.from_array(rng.normal(size=(5, n)).astype(np.float32), f"w{j}") for j, n in enumerate((4, 7, 6))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{j}"], [f"y{j}"]) for j in range(3)]
+    nodes.append(helper.make_node("Identity", ["w2"], ["w2_copy"]))  # w2 is read twice: not fused
+    model = _graph_model(nodes, ["x"], ["y0", "y1", "y2", "w2_copy"], w)
+    want = ReferenceEvaluator(model).run(None, {"x": x})
+    assert _fuse_sibling_matmuls(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Split", "MatMul", "Identity"]
+    assert sorted(t.name for t in model.graph.initializer) == ["w0__fused2", "w0__fused2__split", "w2"]
+    got = ReferenceEvaluator(model).run(None, {"x": x})
+    assert all(np.allclose(a, b, rtol=1e-6) for a, b in zip(got, want))
+
+
 # --- bad input: one clear error each, no partial output -------------------------------------------
 
 

@@ -24,8 +24,8 @@ from xlstm_export.models import preset, xLSTMLM
 from xlstm_export.plugins import cpu_build
 
 from xlstm_export import contract as C
+from xlstm_export import native_ops, ort_native
 from xlstm_export import onnx_functions as OF
-from xlstm_export import ort_native
 from xlstm_export.cli import main as cli
 from xlstm_export.export import export_onnx
 from xlstm_export.generate import generate
@@ -153,6 +153,15 @@ def test_native_kernel_rejects_inconsistent_shapes_with_its_own_message():
     x[6] = np.zeros((1, 2, 9), np.float32)  # n0 with DQK 9 against q's 8
     with pytest.raises(Exception, match=r"xlstm\.cpu::mLSTMStep: inputs disagree"):
         _session(model).run(None, dict(zip(C.input_names("mLSTM"), x)))
+
+
+def test_library_ops_have_the_python_tables_signatures():
+    """plugins/cpu_ops.cc's op table (names, inputs, outputs, attributes) is native_ops.OPS."""
+    import ctypes
+
+    report = ctypes.CDLL(ort_native.library_path()).XlstmCpuOpSignatures
+    report.restype = ctypes.c_char_p
+    assert report().decode().splitlines() == native_ops.signatures()
 
 
 def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():

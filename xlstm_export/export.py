@@ -59,6 +59,7 @@ from onnx import numpy_helper
 from . import contract, onnx_functions
 from . import ops as _ops  # registers torch.ops.xlstm.* and the "custom_op" backend
 from .contract import DOMAIN
+from .graph_rewrite import Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
 from .tokenizer import write_tokenizer_files
 
 __all__ = [
@@ -80,6 +81,7 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, 
 LOGITS_FROM = "logits_from"  # int64 (1,) initializer: logits for positions logits_from: (0 = all)
 METADATA_PREFIX = "xlstm_export."  # metadata_props keys: format, dtype, state_names, config
 FORMAT_VERSION = "1"
+_all_nodes = all_nodes  # the name openvino_runner imports (graph_rewrite.all_nodes owns it)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -233,10 +235,10 @@ def _export_program(model, keys: list[str], spec: dict[str, tuple[int, ...]], op
 
 
 def _model_opset(model: onnx.ModelProto) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
-    raise ExportError("exported model imports no ai.onnx opset")
+    opset = opset_version(model.opset_import)
+    if opset is None:
+        raise ExportError("exported model imports no ai.onnx opset")
+    return opset
 
 
 def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tuple[int, ...]],
@@ -244,7 +246,7 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
     """Attach function bodies, complete the xlstm nodes' attributes, fix names/dims, add metadata."""
     opset = _model_opset(model)
     used = []
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if node.domain != DOMAIN:
             continue
         op = contract.get_op(node.op_type)
@@ -305,6 +307,46 @@ def _logits_from_as_constant(graph: onnx.GraphProto) -> None:
     graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_FROM))
 
 
+def _fusable_weight(index: GraphIndex, node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The constant 2-D weight of a standard MatMul that reads it alone, loaded in memory."""
+    w = index.inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+    if w is None or len(w.dims) != 2 or len(index.readers.get(w.name, [])) != 1:
+        return None
+    return None if w.data_location == onnx.TensorProto.EXTERNAL else w
+
+
+def _match_sibling_matmuls(index: GraphIndex, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """Pattern: ``node`` is the first of >= 2 MatMuls that read the same activation x, each with
+    its own constant [K, N_j] weight of the same K and dtype (:func:`_fusable_weight`)."""
+    w = _fusable_weight(index, node)
+    if w is None:
+        return None
+    siblings = [n for n in index.readers[node.input[0]] if n.input[0] == node.input[0] and index.holds(n)
+                and (s := _fusable_weight(index, n)) is not None and (s.dims[0], s.data_type) == (w.dims[0], w.data_type)]
+    return siblings if len(siblings) >= 2 and siblings[0] is node else None
+
+
+def _fuse_siblings(edit: Edit, nodes: list[onnx.NodeProto]) -> None:
+    """Replacement: ONE MatMul over the weights concatenated along N, then a Split into the
+    original outputs, where the first MatMul stood."""
+    x = nodes[0].input[0]
+    weights = [numpy_helper.to_array(edit.index.inits[n.input[1]]) for n in nodes]  # (K, N_j) each
+    fused_name = f"{nodes[0].input[1]}__fused{len(nodes)}"
+    split_name = f"{fused_name}__split"
+    edit.add_initializer(numpy_helper.from_array(np.concatenate(weights, axis=1), fused_name))  # (K, sum N_j)
+    edit.add_initializer(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), split_name))
+    edit.drop_initializers(n.input[1] for n in nodes)
+    y = f"{nodes[0].output[0]}__fused"
+    edit.replace(nodes, [
+        onnx.helper.make_node("MatMul", [x, fused_name], [y], name=f"{nodes[0].name}_fused"),
+        onnx.helper.make_node("Split", [y, split_name], [n.output[0] for n in nodes], axis=-1,
+                              name=f"{nodes[0].name}_fused_split"),
+    ], at=nodes[0])
+
+
+SIBLING_MATMULS = Rule("sibling MatMuls -> one MatMul + Split", _match_sibling_matmuls, _fuse_siblings)
+
+
 def _fuse_sibling_matmuls(graph: onnx.GraphProto) -> int:
     """MatMuls that read the same activation with their own constant 2-D weights become ONE MatMul
     over the weights concatenated along N, followed by a Split into the original outputs.
@@ -314,62 +356,40 @@ def _fuse_sibling_matmuls(graph: onnx.GraphProto) -> int:
     the same normed input (six MatMuls -> one), and the SwiGLU's two up-projections (two -> one).
     That is fewer nodes for the per-node overhead of small models, and fewer, better-shaped GEMVs
     at decode. Weights held as external data (not loaded here) or used by any other node are left
-    alone. Returns the number of MatMul nodes removed.
+    alone. Returns the number of groups fused.
     """
-    inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in _all_nodes(graph):
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    return apply_rules(graph, [SIBLING_MATMULS])[SIBLING_MATMULS.name]
 
-    def fusable_weight(node) -> onnx.TensorProto | None:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
-        if w is None or len(w.dims) != 2 or uses.get(w.name) != 1:
-            return None
-        if w.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        return w
 
-    groups: dict[tuple[str, int, int], list[int]] = {}
-    for idx, node in enumerate(graph.node):
-        w = fusable_weight(node)
-        if w is not None:
-            groups.setdefault((node.input[0], w.dims[0], w.data_type), []).append(idx)
-    replace: dict[int, list[onnx.NodeProto]] = {}
-    drop: set[int] = set()
-    dropped_weights: set[str] = set()
-    new_inits = []
-    for (x, _, _), members in groups.items():
-        if len(members) < 2:
-            continue
-        nodes = [graph.node[i] for i in members]
-        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]  # (K, N_j) each
-        fused_name = f"{nodes[0].input[1]}__fused{len(nodes)}"
-        new_inits.append(numpy_helper.from_array(np.concatenate(weights, axis=1), fused_name))  # (K, sum N_j)
-        split_name = f"{fused_name}__split"
-        new_inits.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), split_name))
-        y = f"{nodes[0].output[0]}__fused"
-        replace[members[0]] = [
-            onnx.helper.make_node("MatMul", [x, fused_name], [y], name=f"{nodes[0].name}_fused"),
-            onnx.helper.make_node("Split", [y, split_name], [n.output[0] for n in nodes], axis=-1,
-                                  name=f"{nodes[0].name}_fused_split"),
-        ]
-        drop.update(members[1:])
-        dropped_weights.update(n.input[1] for n in nodes)
-    if not replace:
-        return 0
-    kept = []
-    for idx, node in enumerate(graph.node):
-        if idx in replace:
-            kept.extend(replace[idx])
-        elif idx not in drop:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-    keep_inits = [t for t in graph.initializer if t.name not in dropped_weights]
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits + new_inits)
-    return len(drop)
+def _match_rsqrt_mul(index: GraphIndex, rec: onnx.NodeProto) -> tuple | None:
+    """Pattern: ``Reciprocal(Sqrt(v))`` read only by Muls of the main graph (none squaring it),
+    no graph output."""
+    r = rec.output[0] if rec.op_type == "Reciprocal" and not rec.domain else None
+    if r is None or r in index.outputs or r in index.nested:
+        return None
+    sqrt = index.producer.get(rec.input[0])
+    users = index.readers.get(r, [])
+    if sqrt is None or sqrt.op_type != "Sqrt" or not users:
+        return None
+    if any(u.op_type != "Mul" or u.domain or list(u.input) == [r, r] for u in users):
+        return None
+    return rec, sqrt, users
+
+
+def _mul_as_div(edit: Edit, found: tuple) -> None:
+    """Replacement: each ``Mul(x, Reciprocal(Sqrt(v)))`` becomes ``Div(x, Sqrt(v))`` where it
+    stands; the Reciprocal goes."""
+    rec, sqrt, users = found
+    r = rec.output[0]
+    for mul in users:
+        other = mul.input[1] if mul.input[0] == r else mul.input[0]
+        mul.op_type = "Div"
+        del mul.input[:]
+        mul.input.extend([other, sqrt.output[0]])
+    edit.replace([rec], [])
+
+
+RSQRT_AS_DIV = Rule("x * Reciprocal(Sqrt(v)) -> x / Sqrt(v)", _match_rsqrt_mul, _mul_as_div)
 
 
 def _rsqrt_as_div(graph: onnx.GraphProto) -> int:
@@ -378,57 +398,9 @@ def _rsqrt_as_div(graph: onnx.GraphProto) -> int:
     torch exports ``x * rsqrt(v)`` (our RMSNorm) as Sqrt -> Reciprocal -> Mul. onnxruntime fuses
     RMSNorm into one SimplifiedLayerNormalization node only from the Sqrt -> Div form, so the
     7B-style blocks' norms go from 7 nodes to 1. Same value up to the rounding of one division.
-    The eager model keeps rsqrt (the official implementations' form). Returns the rewrites made.
+    The eager model keeps rsqrt (the official implementations' form). Returns the Reciprocals removed.
     """
-    nodes = list(graph.node)
-    producer = {o: j for j, n in enumerate(nodes) for o in n.output}
-    consumers: dict[str, list[int]] = {}  # top-level readers, by index
-    for j, n in enumerate(nodes):
-        for i in n.input:
-            consumers.setdefault(i, []).append(j)
-    nested = {i for n in nodes for sub in _subgraphs(n) for m in _all_nodes(sub) for i in m.input}
-    graph_outputs = {v.name for v in graph.output}
-    dead, count = set(), 0
-    for j, rec in enumerate(nodes):
-        r = rec.output[0] if rec.op_type == "Reciprocal" and not rec.domain else None
-        if r is None or r in graph_outputs or r in nested:
-            continue
-        sqrt = nodes[producer[rec.input[0]]] if rec.input[0] in producer else None
-        users = [nodes[u] for u in consumers.get(r, [])]
-        if sqrt is None or sqrt.op_type != "Sqrt" or not users:
-            continue
-        if any(u.op_type != "Mul" or u.domain or list(u.input) == [r, r] for u in users):
-            continue
-        for mul in users:
-            other = mul.input[1] if mul.input[0] == r else mul.input[0]
-            mul.op_type = "Div"
-            del mul.input[:]
-            mul.input.extend([other, sqrt.output[0]])
-            count += 1
-        dead.add(j)
-    if dead:
-        del graph.node[:]
-        graph.node.extend(n for j, n in enumerate(nodes) if j not in dead)
-    return count
-
-
-def _subgraphs(node: onnx.NodeProto):
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
+    return apply_rules(graph, [RSQRT_AS_DIV])[RSQRT_AS_DIV.name]
 
 
 def _fix_dims(values, want: dict[str, list], kind: str) -> None:
@@ -474,48 +446,57 @@ def _legalize_low_precision(model: onnx.ModelProto, dtype: str, max_rounds: int 
         g = inferred.graph
         types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
         types.update({t.name: t.data_type for t in g.initializer})
-        new_nodes, changed = [], False
-        for node in model.graph.node:
-            if node.domain not in ("", "ai.onnx"):  # a wrapped node has float32 inputs: not seen again
-                new_nodes.append(node)
-                continue
-            try:
-                schema = onnx.defs.get_schema(node.op_type, opset, "")
-            except onnx.defs.SchemaError:
-                new_nodes.append(node)
-                continue
-            bad_params = set()
-            for idx, name in enumerate(node.input):
-                if not name or types.get(name) != elem or not schema.inputs:
-                    continue
-                param = schema.inputs[min(idx, len(schema.inputs) - 1)]
-                if tstr not in _allowed_types(schema, param):
-                    bad_params.add(param.type_str)
-            if not bad_params:
-                new_nodes.append(node)
-                continue
-            for idx, name in enumerate(node.input):
-                if name and types.get(name) == elem:
-                    cast_name = f"{name}__f32_{node.name}_{idx}"
-                    new_nodes.append(onnx.helper.make_node(
-                        "Cast", [name], [cast_name], to=onnx.TensorProto.FLOAT, name=f"{cast_name}_cast"))
-                    node.input[idx] = cast_name
-            back = []
-            for j, out in enumerate(node.output):
-                param = schema.outputs[min(j, len(schema.outputs) - 1)] if schema.outputs else None
-                if out and param is not None and param.type_str in bad_params:
-                    tmp = f"{out}__f32"
-                    node.output[j] = tmp
-                    back.append(onnx.helper.make_node("Cast", [tmp], [out], to=elem, name=f"{out}_cast_back"))
-            new_nodes.append(node)
-            new_nodes.extend(back)
-            wrapped += 1
-            changed = True
-        if not changed:
+        index = GraphIndex(model.graph)
+        edit = Edit(index)
+        for node in index.nodes:
+            bad = _illegal_params(node, opset, types, elem, tstr)
+            if bad:
+                edit.replace([node], _wrapped_in_float32(node, bad, types, elem))
+        if not edit.changed:
             return wrapped
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
+        wrapped += edit.changed
+        edit.apply()
     raise ExportError(f"could not legalise the {dtype} graph in {max_rounds} rounds")
+
+
+def _illegal_params(node: onnx.NodeProto, opset: int, types: dict, elem: int, tstr: str):
+    """(schema, the type parameters of a standard ``node`` that ``elem`` inputs bind to a type
+    the schema does not allow), or None where every input is allowed. A wrapped node has float32
+    inputs: it is not seen again."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    bad_params = set()
+    for idx, name in enumerate(node.input):
+        if not name or types.get(name) != elem or not schema.inputs:
+            continue
+        param = schema.inputs[min(idx, len(schema.inputs) - 1)]
+        if tstr not in _allowed_types(schema, param):
+            bad_params.add(param.type_str)
+    return (schema, bad_params) if bad_params else None
+
+
+def _wrapped_in_float32(node: onnx.NodeProto, bad, types: dict, elem: int) -> list[onnx.NodeProto]:
+    """Cast-to-float32 before ``node`` on its ``elem`` inputs, ``node`` (changed in place), and
+    Cast-back after it on the outputs that follow an illegal type parameter."""
+    schema, bad_params = bad
+    before, back = [], []
+    for idx, name in enumerate(node.input):
+        if name and types.get(name) == elem:
+            cast_name = f"{name}__f32_{node.name}_{idx}"
+            before.append(onnx.helper.make_node(
+                "Cast", [name], [cast_name], to=onnx.TensorProto.FLOAT, name=f"{cast_name}_cast"))
+            node.input[idx] = cast_name
+    for j, out in enumerate(node.output):
+        param = schema.outputs[min(j, len(schema.outputs) - 1)] if schema.outputs else None
+        if out and param is not None and param.type_str in bad_params:
+            tmp = f"{out}__f32"
+            node.output[j] = tmp
+            back.append(onnx.helper.make_node("Cast", [tmp], [out], to=elem, name=f"{out}_cast_back"))
+    return [*before, node, *back]
 
 
 def inline_xlstm(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -525,7 +506,7 @@ def inline_xlstm(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx.inliner
 
     inlined = onnx.inliner.inline_local_functions(model)
-    left = sorted({n.op_type for n in _all_nodes(inlined.graph) if n.domain == DOMAIN})
+    left = sorted({n.op_type for n in all_nodes(inlined.graph) if n.domain == DOMAIN})
     if left or len(inlined.functions):
         raise ExportError(f"inlining left xlstm nodes {left} / {len(inlined.functions)} functions")
     kept = [o for o in inlined.opset_import if o.domain != DOMAIN]

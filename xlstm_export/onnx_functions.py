@@ -38,7 +38,7 @@ often) for no gain on ~60 nodes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -53,9 +53,10 @@ from onnx import (
 
 from . import contract
 from .contract import DOMAIN, MLSTM, SLSTM
+from .graph_rewrite import opset_version
 
-__all__ = ["DEFAULT_OPSET", "cell_model", "functions", "mlstm_function", "mlstm_step_branch", "slstm_function",
-           "with_decode_step"]
+__all__ = ["DEFAULT_OPSET", "STEP_EPS", "STEP_OUTPUTS", "cell_model", "functions", "mlstm_function",
+           "mlstm_step_branch", "slstm_function", "step_branch", "with_decode_step"]
 
 DEFAULT_OPSET = 18  # lowest ai.onnx opset the bodies are written for (Split num_outputs, ReduceMax axes input)
 _F = TensorProto.FLOAT
@@ -174,10 +175,21 @@ _PRE = {
 }
 _BRANCH_OUT = ("h", "c", "n", "m")
 
+# the interface of a decode-step branch (mlstm_function's step_branch): it reads the function's
+# inputs (contract.input_names(MLSTM)) and STEP_EPS, and writes STEP_OUTPUTS, all float32
+STEP_EPS = _PRE["eps"]  # the body's eps attribute as a float32 scalar
+STEP_OUTPUTS = {o: f"st_{o}_out" for o in _BRANCH_OUT}  # h (B, NH, 1, DV), c, n, m like c0, n0, m0
+
 
 def _branch_graph(g: _Builder, name: str) -> onnx.GraphProto:
     outs = [f"{g.prefix}{o}_out" for o in _BRANCH_OUT]
     return helper.make_graph(g.nodes, name, [], [_vi(o, _F) for o in outs])
+
+
+def step_branch(nodes: Sequence[onnx.NodeProto], name: str) -> onnx.GraphProto:
+    """A decode-step branch for :func:`mlstm_function` from ``nodes`` that read the function's
+    inputs and :data:`STEP_EPS` and write :data:`STEP_OUTPUTS` (a native kernel, say)."""
+    return helper.make_graph(list(nodes), name, [], [_vi(o, _F) for o in STEP_OUTPUTS.values()])
 
 
 def _scale_and_cast_q(g: _Builder, out: str | None = None) -> str:
@@ -207,16 +219,16 @@ def mlstm_step_branch() -> onnx.GraphProto:
     i_a = g.op("Exp", g.op("Sub", i, m_new))  # (B, NH, 1, 1)
     ki = g.op("Mul", k, i_a)  # (B, NH, 1, DQK)  i' k
     kv = g.op("MatMul", g.op("Transpose", ki, perm=[0, 1, 3, 2]), v)  # (B, NH, DQK, DV)  i' k v^T
-    c = g.op("Add", g.op("Mul", f_a, "c0"), kv, out=["st_c_out"])  # (B, NH, DQK, DV)
+    c = g.op("Add", g.op("Mul", f_a, "c0"), kv, out=[STEP_OUTPUTS["c"]])  # (B, NH, DQK, DV)
     n = g.op("Add", g.op("Mul", f_a, g.unsqueeze("n0", [2])), ki)  # (B, NH, 1, DQK)
-    g.op("Squeeze", n, g.const([2]), out=["st_n_out"])  # (B, NH, DQK)
+    g.op("Squeeze", n, g.const([2]), out=[STEP_OUTPUTS["n"]])  # (B, NH, DQK)
     num = g.op("MatMul", q, c)  # (B, NH, 1, DV)
     qn = g.op("MatMul", q, g.op("Transpose", n, perm=[0, 1, 3, 2]))  # (B, NH, 1, 1)
     floor = g.op("Exp", g.op("Neg", m_new))  # (B, NH, 1, 1)  exp(-m)
-    den = g.op("Add", g.op("Max", g.op("Abs", qn), floor), _PRE["eps"])  # (B, NH, 1, 1)
-    g.op("Div", num, den, out=["st_h_out"])  # (B, NH, 1, DV)
-    g.op("Squeeze", m_new, g.const([2, 3]), out=["st_m_out"])  # (B, NH)
-    return _branch_graph(g, "mlstm_step")
+    den = g.op("Add", g.op("Max", g.op("Abs", qn), floor), STEP_EPS)  # (B, NH, 1, 1)
+    g.op("Div", num, den, out=[STEP_OUTPUTS["h"]])  # (B, NH, 1, DV)
+    g.op("Squeeze", m_new, g.const([2, 3]), out=[STEP_OUTPUTS["m"]])  # (B, NH)
+    return step_branch(g.nodes, "mlstm_step")
 
 
 def _mlstm_chunk_prelude(g: _Builder) -> None:
@@ -312,7 +324,8 @@ def mlstm_function(opset: int = DEFAULT_OPSET, step_branch: onnx.GraphProto | No
     The portable body (``step_branch`` None, what every export carries) is the chunkwise form at
     the body's top level: it is exact for any S, S == 1 included, and every importer takes it
     (TensorRT's parser rejects a Loop nested in an If). ``step_branch``, a graph emitting
-    ``st_{h,c,n,m}_out`` from the function inputs (:func:`mlstm_step_branch`, or a native kernel),
+    :data:`STEP_OUTPUTS` from the function inputs (:func:`mlstm_step_branch`, or a native kernel's
+    :func:`step_branch`),
     gives onnxruntime's decode fast path instead: ``If(S == 1, step_branch, chunkwise)``, so a
     decode step runs ~35 small ops and no loop (:func:`with_decode_step`).
     """
@@ -350,10 +363,10 @@ def with_decode_step(model: ModelProto, step_branch: onnx.GraphProto | None = No
     and a runner applies this in memory. The function is built anew from the contract, so what the
     file's body looked like does not matter, only that the model is ours.
     """
-    for j, fn in enumerate(model.functions):
+    for fn in model.functions:
         if fn.domain == DOMAIN and fn.name == MLSTM.name:
-            opset = next((o.version for o in fn.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
-            model.functions[j].CopyFrom(mlstm_function(opset, step_branch or mlstm_step_branch()))
+            fn.CopyFrom(mlstm_function(opset_version(fn.opset_import, DEFAULT_OPSET),
+                                       step_branch or mlstm_step_branch()))
     return model
 
 
@@ -397,8 +410,16 @@ def _slstm_scan_body() -> onnx.GraphProto:
     )
 
 
-def slstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
-    """FunctionProto ``xlstm.sLSTM``: a Scan over time in standard ops, state (h, c, n, m, r)."""
+TimeLoop = Callable[[dict[str, str], dict[str, str]], onnx.NodeProto]
+
+
+def slstm_function(opset: int = DEFAULT_OPSET, time_loop: TimeLoop | None = None) -> FunctionProto:
+    """FunctionProto ``xlstm.sLSTM``: a Scan over time in standard ops, state (h, c, n, m, r).
+
+    ``time_loop`` (a native kernel) makes the one node that runs the loop instead of the Scan: it
+    gets the loop's float32 inputs {h0, c0, n0, m0: (B, NH, DH), x: (B, NH, S, 4*DH) with the bias
+    added, r: (NH, DH, 4*DH)} and outputs {h, c, n, m, y: (B, NH, S, DH)} by name.
+    """
     g = _Builder("")
     x = g.op("Cast", "x", to=_F)  # (B, NH, S, 4*DH)
     bias = g.unsqueeze(g.op("Cast", "b", to=_F), [1])  # (NH, 1, 4*DH)
@@ -406,6 +427,9 @@ def slstm_function(opset: int = DEFAULT_OPSET) -> FunctionProto:
     xb = g.op("Add", x, bias)  # (B, NH, S, 4*DH)
     h, c, n, m, _, y = g.op("Scan", "h0", "c0", "n0", "m0", _R_F32, xb, n_out=6, body=_slstm_scan_body(),
                             num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
+    if time_loop is not None:  # the same values from one node
+        g.nodes[-1] = time_loop({"h0": "h0", "c0": "c0", "n0": "n0", "m0": "m0", "x": xb, "r": _R_F32},
+                                {"h": h, "c": c, "n": n, "m": m, "y": y})
     for src, dst in ((h, "h"), (c, "c"), (n, "n"), (m, "m")):
         g.op("Identity", src, out=[dst])  # (B, NH, DH)
     g.op("CastLike", y, "x", out=["y"])  # (B, NH, S, DH) T
@@ -438,16 +462,13 @@ def cell_model(op: str, dtype: str = "float32", *, opset: int = DEFAULT_OPSET,
     attrs = spec.validate_attrs(attrs)
     dims = {"B": "B", "S": "S", **(dims or {})}
 
+    def dim(d: str):  # "4*DH" -> 4 * dims["DH"] (None unless an int), "S" -> dims["S"]
+        factor, _, name = d.rpartition("*")
+        v = dims.get(name)
+        return v if not factor else (int(factor) * v if isinstance(v, int) else None)
+
     def shape(t: contract.TensorSpec):
-        out = []
-        for d in t.dims:
-            if "*" in d:
-                factor, name = d.split("*")
-                v = dims.get(name)
-                out.append(int(factor) * v if isinstance(v, int) else None)
-            else:
-                out.append(dims.get(d))
-        return out
+        return [dim(d) for d in t.dims]
 
     def vi(t: contract.TensorSpec):
         elem = _ONNX_ELEM[dtype] if t.dtype == "T" else TensorProto.FLOAT

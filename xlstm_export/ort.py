@@ -154,52 +154,52 @@ def upcast_bfloat16(model):
     (so the graph's own rounding points stay). The per-op rounding of bfloat16 arithmetic is what
     is not reproduced; the comparison tolerance for bfloat16 covers it. Modifies ``model`` in place.
     """
+    from .graph_rewrite import graphs
+
+    for g in reversed(list(graphs(model.graph))):  # subgraphs before the graphs that hold them
+        _upcast_graph(g)
+    return model
+
+
+def _widened(t):
+    """A bfloat16 TensorProto as float32, exactly (bf16 is the top half of fp32)."""
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+
+
+def _upcast_graph(g) -> None:
+    """:func:`upcast_bfloat16` on one graph (its subgraphs are separate graphs)."""
     import onnx
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
+
+    from .graph_rewrite import Edit, GraphIndex
 
     BF, F = TensorProto.BFLOAT16, TensorProto.FLOAT
-
-    def widen(t):
-        arr = numpy_helper.to_array(t).astype(np.float32)
-        return numpy_helper.from_array(arr, t.name)
-
-    def fix_graph(g):
-        for j, init in enumerate(g.initializer):
-            if init.data_type == BF:
-                g.initializer[j].CopyFrom(widen(init))
-        for v in (*g.input, *g.output):
-            if v.type.tensor_type.elem_type == BF:
-                v.type.tensor_type.elem_type = F
-        keep = [v for v in g.value_info if v.type.tensor_type.elem_type != BF]
-        del g.value_info[:]
-        g.value_info.extend(keep)
-        nodes = []
-        for node in g.node:
-            extra = None
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == BF:
-                    a.t.CopyFrom(widen(a.t))
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    fix_graph(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        fix_graph(sub)
-                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == BF:
-                    if node.op_type == "Cast":  # keep the rounding, hand float32 on
-                        out = node.output[0]
-                        node.output[0] = f"{out}__bf16"
-                        extra = onnx.helper.make_node("Cast", [node.output[0]], [out], to=F,
-                                                      name=f"{node.name}_widen")
-                    else:
-                        a.i = F
-            nodes.append(node)
-            if extra is not None:
-                nodes.append(extra)
-        del g.node[:]
-        g.node.extend(nodes)
-
-    fix_graph(model.graph)
-    return model
+    for j, init in enumerate(g.initializer):
+        if init.data_type == BF:
+            g.initializer[j].CopyFrom(_widened(init))
+    for v in (*g.input, *g.output):
+        if v.type.tensor_type.elem_type == BF:
+            v.type.tensor_type.elem_type = F
+    keep = [v for v in g.value_info if v.type.tensor_type.elem_type != BF]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    index = GraphIndex(g)
+    edit = Edit(index)
+    for node in index.nodes:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == BF:
+                a.t.CopyFrom(_widened(a.t))
+            elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == BF:
+                if node.op_type != "Cast":
+                    a.i = F
+                    continue
+                out = node.output[0]  # keep the rounding, hand float32 on
+                node.output[0] = f"{out}__bf16"
+                edit.replace([node], [node, onnx.helper.make_node("Cast", [node.output[0]], [out], to=F,
+                                                                   name=f"{node.name}_widen")])
+    edit.apply()
 
 
 class ExportedModel:
