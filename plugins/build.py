@@ -32,9 +32,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from xlstm_export.fsio import atomic_file
 
 from . import launch
 
@@ -148,19 +149,14 @@ def _check_arch(arch: str) -> str:
 
 def _compile(nvcc: str, src: Path, arch: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    cmd = [nvcc, "-ptx", f"-arch=compute_{arch[3:]}", *_flags(), "-I", str(PLUGIN_DIR), str(src), "-o", tmp]
-    try:
+    # atomic: a concurrent build never sees a partial file; 0644 as the cache may be shared
+    with atomic_file(out, mode=0o644) as tmp:
+        cmd = [nvcc, "-ptx", f"-arch=compute_{arch[3:]}", *_flags(), "-I", str(PLUGIN_DIR), str(src), "-o",
+               str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({proc.returncode}) for {src.name} [{arch}]:\n"
                                f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, out)  # atomic: a concurrent build never sees a partial file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_ptx(op: str, arch: str, *, force: bool = False) -> Path:

@@ -24,8 +24,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from xlstm_export.fsio import atomic_file
 
 from .build import PLUGIN_DIR, cache_dir
 
@@ -88,17 +89,10 @@ def library_path(*, force: bool = False) -> Path:
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *CXX_FLAGS, "-I", str(PLUGIN_DIR), str(PLUGIN_DIR / SOURCES[0]), "-o", tmp]
-    try:
+    with atomic_file(out, mode=0o755) as tmp:  # atomic: a concurrent build never sees a partial library
+        cmd = [cxx, *CXX_FLAGS, "-I", str(PLUGIN_DIR), str(PLUGIN_DIR / SOURCES[0]), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"building the onnxruntime CPU kernels failed ({proc.returncode}):\n"
                                f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # atomic: a concurrent build never sees a partial library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
