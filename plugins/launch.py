@@ -57,7 +57,7 @@ MLSTM_SLAB = 64  # kSlab: DQK rows streamed per pass
 MLSTM_EXTRA_ARGS = ("B", "NH", "S", "DQK", "DV", "chunk_size", "eps_bits")
 
 # ---- slstm_fwd.cu (layout.cuh's xlstm::slstm::kMaxThreads, through cuda_defines)
-SLSTM_MAX_THREADS = 1024  # kMaxThreads; DH <= 1024 (4 gate columns per thread at most)
+SLSTM_MAX_THREADS = 1024  # kMaxThreads; DH <= SLSTM_MAX_THREADS (4 gate columns per thread at most)
 SLSTM_EXTRA_ARGS = ("B", "NH", "S", "DH", "r_rows")
 
 
