@@ -8,34 +8,22 @@ The forward states are recomputed (:func:`.chunk_fwd.chunk_mlstm_fwd_states`), n
                                    sums q.dq, k.dk per DHQK tile (tiles: _bwd_dq/dk/dv_tile)
     chunk_mlstm_bwd_gates_kernel   di, df, dm0: suffix sums and the stabilizer chain, one scan per head
 
-Every launcher takes flattened heads (BH = B * NH) and a ``ChunkMLSTMLaunch`` ``p`` (:mod:`.chunk`).
+The launcher works on flattened heads (BH = B * NH) with the tiles of a ``ChunkMLSTMLaunch`` ``p``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._tl import cast, logsigmoid, mm, store_tile, tile, tl, triton
 from .._triton import DOT_MIN, dot_precision, next_pow2
 from .chunk_fwd import chunk_mlstm_fwd_states
 
-try:
-    import triton
-    import triton.language as tl
-
-    from .._tl import cast, logsigmoid, mm
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-
-__all__ = [
-    "chunk_mlstm_bwd",
-    "chunk_mlstm_bwd_gates_kernel",
-    "chunk_mlstm_bwd_kernel",
-    "chunk_mlstm_bwd_prep_kernel",
-    "chunk_mlstm_bwd_state_kernel",
-]
+__all__ = ["chunk_mlstm_bwd", "chunk_mlstm_bwd_gates_kernel", "chunk_mlstm_bwd_kernel", "chunk_mlstm_bwd_prep_kernel",
+           "chunk_mlstm_bwd_state_kernel"]
 
 if triton is not None:
+    from .chunk_fwd import causal_decay, gram, key_cols, query_rows, state_tile, store_state_tile
 
     @triton.jit
     def _linear_recurrence_combine(a1, b1, a2, b2):
@@ -46,16 +34,11 @@ if triton is not None:
     def chunk_mlstm_bwd_prep_kernel(
         h_ptr,  # (BH, S, DHV) forward output
         dh_ptr,  # (BH, S, DHV) its gradient
-        mrow_ptr,  # (BH, S) fp32
-        nq_ptr,  # (BH, S) fp32
+        mrow_ptr, nq_ptr,  # (BH, S) fp32
         rden_ptr,  # out (BH, S) fp32: 1 / (max(|n.q|, e^{-m}) + eps)
         z_ptr,  # out (BH, S) fp32: dL/d(n_t.q_t)
         e_ptr,  # out (BH, S) fp32: dL/dm_t through eps, -(dh.h) eps / den
-        eps,
-        S,
-        DHV: tl.constexpr,
-        BT: tl.constexpr,
-        BV: tl.constexpr,
+        eps, S, DHV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     ):
         bh = tl.program_id(1).to(tl.int64)
         t = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
@@ -83,44 +66,21 @@ if triton is not None:
     def chunk_mlstm_bwd_state_kernel(
         q_ptr,  # (BH, S, DHQK)
         dh_ptr,  # (BH, S, DHV)
-        b_ptr,  # (BH, S) fp32
-        mrow_ptr,  # (BH, S) fp32
-        rden_ptr,  # (BH, S) fp32
-        z_ptr,  # (BH, S) fp32
+        b_ptr, mrow_ptr, rden_ptr, z_ptr,  # (BH, S) fp32
         g_ptr,  # (BH, NC) fp32
         ms_ptr,  # (BH, NC + 1) fp32
         dcl_ptr,  # (BH, DHQK, DHV) gradient of the final c (read when HAS_DFINAL)
         dnl_ptr,  # (BH, DHQK) gradient of the final n
         dcs_ptr,  # out (BH, NC + 1, DHQK, DHV) fp32: dL/dC_k (index 0 is dL/dc0)
         dns_ptr,  # out (BH, NC + 1, DHQK) fp32
-        scale,
-        S,
-        NC,
-        DHQK: tl.constexpr,
-        DHV: tl.constexpr,
-        L: tl.constexpr,
-        BL: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        HAS_DFINAL: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        scale, S, NC, DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """Reverse inter-chunk recurrence of the state gradients."""
-        ik = tl.program_id(0)
-        iv = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
-        offs_k = ik * BK + tl.arange(0, BK)
-        offs_v = iv * BV + tl.arange(0, BV)
-        mk = offs_k < DHQK
-        mv = offs_v < DHV
-        c_off = offs_k[:, None] * DHV + offs_v[None, :]  # (BK, BV)
-        c_mask = mk[:, None] & mv[None, :]
-        if HAS_DFINAL:
-            dc = tl.load(dcl_ptr + bh * DHQK * DHV + c_off, mask=c_mask, other=0.0).to(tl.float32)  # (BK, BV)
-            dn = tl.load(dnl_ptr + bh * DHQK + offs_k, mask=mk, other=0.0).to(tl.float32)  # (BK,)
-        else:
-            dc = tl.zeros([BK, BV], dtype=tl.float32)
-            dn = tl.zeros([BK], dtype=tl.float32)
+        # dc (BK, BV), dn (BK,): this program's tiles of the final state's gradient
+        offs_k, offs_v, mk, mv, dc, dn = state_tile(dcl_ptr + bh * DHQK * DHV, dnl_ptr + bh * DHQK, HAS_DFINAL, DHQK,
+                                                    DHV, BK, BV)
         st = bh * (NC + 1)
         NSUB: tl.constexpr = L // BL
         # one flat loop over (chunk, time tile), backwards (see the forward state kernel)
@@ -130,37 +90,43 @@ if triton is not None:
             sb = it % NSUB
             m_prev = tl.load(ms_ptr + st + kc)
             if sb == NSUB - 1:  # entering chunk kc from its end: dc is dL/dC_{kc+1}
-                o = st + kc + 1
-                tl.store(dcs_ptr + o * DHQK * DHV + c_off, dc, mask=c_mask)
-                if iv == 0:
-                    tl.store(dns_ptr + o * DHQK + offs_k, dn, mask=mk)
+                store_state_tile(dcs_ptr, dns_ptr, st + kc + 1, dc, dn, offs_k, offs_v, mk, mv, DHQK, DHV)
             g = tl.load(g_ptr + bh * NC + kc)
             m_next = tl.load(ms_ptr + st + kc + 1)
             decay = tl.where(sb == NSUB - 1, tl.exp(g + m_prev - m_next), 1.0)  # once per chunk
             dc = dc * decay
             dn = dn * decay
-            t = kc * L + sb * BL + tl.arange(0, BL)  # (BL,)
-            tv = t < S
-            b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
-            mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
-            rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
-            z = tl.load(z_ptr + bh * S + t, mask=tv, other=0.0)
+            t, tv, b_r, mrow, rden, z = query_rows(b_ptr, mrow_ptr, rden_ptr, z_ptr, kc, sb, bh, S, L, BL)  # (BL,) each
             w_q = tl.where(tv, tl.exp(b_r + m_prev - mrow), 0.0)  # (BL,)
-            qT = tl.load(
-                q_ptr + bh * S * DHQK + t[None, :] * DHQK + offs_k[:, None],
-                mask=mk[:, None] & tv[None, :], other=0.0,
-            )  # (BK, BL)
-            dh = tl.load(
-                dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :],
-                mask=tv[:, None] & mv[None, :], other=0.0,
-            )  # (BL, BV)
+            qT = tile(q_ptr + bh * S * DHQK, offs_k, t, mk, tv, 1, DHQK)  # (BK, BL)
+            dh = tile(dh_ptr + bh * S * DHV, t, offs_v, tv, mv, DHV, 1)  # (BL, BV)
             # the row scale 1/den_t goes on q (one rounding to the input dtype), dh stays exact
             qw = qT.to(tl.float32) * (rden * w_q * scale)[None, :]  # (BK, BL)
             dc += mm(cast(qw, dh.dtype, DOT_PREC), dh, DOT_PREC)  # (BK, BV)
             dn += tl.sum(qT.to(tl.float32) * (z * w_q * scale)[None, :], 1)  # (BK,)
-        tl.store(dcs_ptr + st * DHQK * DHV + c_off, dc, mask=c_mask)
-        if iv == 0:
-            tl.store(dns_ptr + st * DHQK + offs_k, dn, mask=mk)
+        store_state_tile(dcs_ptr, dns_ptr, st, dc, dn, offs_k, offs_v, mk, mv, DHQK, DHV)
+
+    @triton.jit
+    def times_state(x_ptr, r, mr, c_ptr, o, mo, sd, so, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                    BO: tl.constexpr, DOT_PREC: tl.constexpr):
+        """(BL, BO) tile of X C: x[r, d] (one head's (S, D) rows) times a state tile whose element (d, o)
+        is at c_ptr + d * sd + o * so, summed over the D axis in tiles of BD (C rounded to x's dtype)."""
+        acc = tl.zeros([BL, BO], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs = d0 + tl.arange(0, BD)
+            md = offs < D
+            x = tile(x_ptr, r, offs, mr, md, D, 1)  # (BL, BD)
+            acc += mm(x, cast(tile(c_ptr, offs, o, md, mo, sd, so), x.dtype, DOT_PREC), DOT_PREC)
+        return acc
+
+    @triton.jit
+    def _key_steps(g_ptr, ms_ptr, b_ptr, i_ptr, kc, cb, bh, S, NC, L: tl.constexpr, BL: tl.constexpr):
+        """The key steps of tile cb in chunk kc (see key_cols), the weight w_s = e^{g - b_s + i_s - m_k}
+        with which k_s v_s^T enters the chunk's state C_k (BL,), and C_k's index in the states."""
+        s, sv, b_c, i_c = key_cols(b_ptr, i_ptr, kc, cb, bh, S, L, BL)
+        g = tl.load(g_ptr + bh * NC + kc)
+        st = bh * (NC + 1) + kc + 1
+        return s, sv, b_c, i_c, tl.where(sv, tl.exp(g - b_c + i_c - tl.load(ms_ptr + st)), 0.0), st
 
     @triton.jit
     def _bwd_dq_tile(
@@ -171,64 +137,27 @@ if triton is not None:
         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """dq of one (row tile, DHQK tile): inter (dnum C_{k-1}^T + z n_{k-1}) and intra dS K."""
-        t = kc * L + rb * BL + tl.arange(0, BL)  # (BL,) rows
-        tv = t < S
+        t, tv, b_r, mrow, rden, z = query_rows(b_ptr, mrow_ptr, rden_ptr, z_ptr, kc, rb, bh, S, L, BL)  # (BL,) each
         offs_k = ik * BK + tl.arange(0, BK)
         mk = offs_k < DHQK
         st = bh * (NC + 1) + kc
         m_prev = tl.load(ms_ptr + st)
-        b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
-        mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
-        rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
-        z = tl.load(z_ptr + bh * S + t, mask=tv, other=0.0)
         w_q = tl.where(tv, tl.exp(b_r + m_prev - mrow), 0.0)  # (BL,)
-        qt = tl.load(
-            q_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :], mask=tv[:, None] & mk[None, :], other=0.0
-        )  # (BL, BK)
-        dq = tl.zeros([BL, BK], dtype=tl.float32)
-        for iv in range((DHV + BV - 1) // BV):
-            offs_v = iv * BV + tl.arange(0, BV)
-            mv = offs_v < DHV
-            dh = tl.load(
-                dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :], mask=tv[:, None] & mv[None, :], other=0.0
-            )  # (BL, BV)
-            cT = tl.load(
-                cs_ptr + st * DHQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
-                mask=mk[None, :] & mv[:, None], other=0.0,
-            )  # (BV, BK)
-            dq += mm(dh, cast(cT, dh.dtype, DOT_PREC), DOT_PREC)  # (BL, BK) dh C^T; 1/den applied below
+        qt = tile(q_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1)  # (BL, BK)
+        # (BL, BK) dh C_{k-1}^T; 1/den applied below
+        dq = times_state(dh_ptr + bh * S * DHV, t, tv, cs_ptr + st * DHQK * DHV, offs_k, mk, 1, DHV, DHV, BV, BL, BK,
+                         DOT_PREC)
         n_prev = tl.load(ns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
         dq = w_q[:, None] * (rden[:, None] * dq + z[:, None] * n_prev[None, :])
         for cb in range(0, rb + 1):
-            s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
-            sv = s < S
-            b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
-            i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
-            dp = tl.zeros([BL, BL], dtype=tl.float32)
-            for iv in range((DHV + BV - 1) // BV):
-                offs_v = iv * BV + tl.arange(0, BV)
-                mv = offs_v < DHV
-                dh = tl.load(
-                    dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :],
-                    mask=tv[:, None] & mv[None, :], other=0.0,
-                )  # (BL, BV)
-                vT = tl.load(
-                    v_ptr + bh * S * DHV + s[None, :] * DHV + offs_v[:, None], mask=mv[:, None] & sv[None, :], other=0.0
-                )  # (BV, BL)
-                dp += mm(dh, vT, DOT_PREC)  # (BL, BL) dh_t . v_s
-            mask = (t[:, None] >= s[None, :]) & sv[None, :] & tv[:, None]
-            d = tl.where(mask, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - mrow[:, None]), 0.0)
+            s, sv, b_c, i_c = key_cols(b_ptr, i_ptr, kc, cb, bh, S, L, BL)  # (BL,) each
+            dp = gram(dh_ptr + bh * S * DHV, t, tv, v_ptr + bh * S * DHV, s, sv, DHV, BV, BL, DOT_PREC)  # dh_t . v_s
+            d = causal_decay(t, tv, b_r, mrow, s, sv, b_c, i_c, False)  # (BL, BL)
             ds = d * (dp * rden[:, None] + z[:, None])  # (BL, BL) dL/d(score)
-            kc_t = tl.load(
-                k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :], mask=sv[:, None] & mk[None, :], other=0.0
-            )  # (BL, BK)
+            kc_t = tile(k_ptr + bh * S * DHQK, s, offs_k, sv, mk, DHQK, 1)  # (BL, BK)
             dq += mm(cast(ds, kc_t.dtype, DOT_PREC), kc_t, DOT_PREC)
         dq = dq * scale
-        tl.store(
-            dq_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :],
-            cast(dq, dq_ptr.dtype.element_ty, DOT_PREC),
-            mask=tv[:, None] & mk[None, :],
-        )
+        store_tile(dq_ptr + bh * S * DHQK, cast(dq, dq_ptr.dtype.element_ty, DOT_PREC), t, offs_k, tv, mk, DHQK, 1)
         qp = tl.sum(qt.to(tl.float32) * dq, 1)  # (BL,) partial q.dq over this DHQK tile
         tl.store(qpart_ptr + (ik * BH + bh) * S + t, qp, mask=tv)
 
@@ -241,68 +170,25 @@ if triton is not None:
         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """dk of one (column tile, DHQK tile): inter w (dC_k v + dn_k) and intra dS^T Q."""
-        NSUB: tl.constexpr = L // BL
-        s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
-        sv = s < S
+        s, sv, b_c, i_c, w_k, st = _key_steps(g_ptr, ms_ptr, b_ptr, i_ptr, kc, cb, bh, S, NC, L, BL)  # (BL,) each
         offs_k = ik * BK + tl.arange(0, BK)
         mk = offs_k < DHQK
-        st = bh * (NC + 1) + kc + 1
-        g = tl.load(g_ptr + bh * NC + kc)
-        m_next = tl.load(ms_ptr + st)
-        b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
-        i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
-        w_k = tl.where(sv, tl.exp(g - b_c + i_c - m_next), 0.0)  # (BL,)
-        kt = tl.load(
-            k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :], mask=sv[:, None] & mk[None, :], other=0.0
-        )  # (BL, BK)
-        dk = tl.zeros([BL, BK], dtype=tl.float32)
-        for iv in range((DHV + BV - 1) // BV):
-            offs_v = iv * BV + tl.arange(0, BV)
-            mv = offs_v < DHV
-            vt = tl.load(
-                v_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :], mask=sv[:, None] & mv[None, :], other=0.0
-            )  # (BL, BV)
-            dcT = tl.load(
-                dcs_ptr + st * DHQK * DHV + offs_k[None, :] * DHV + offs_v[:, None],
-                mask=mk[None, :] & mv[:, None], other=0.0,
-            )  # (BV, BK)
-            dk += mm(vt, cast(dcT, vt.dtype, DOT_PREC), DOT_PREC)
+        kt = tile(k_ptr + bh * S * DHQK, s, offs_k, sv, mk, DHQK, 1)  # (BL, BK)
+        # (BL, BK) v dC_k^T
+        dk = times_state(v_ptr + bh * S * DHV, s, sv, dcs_ptr + st * DHQK * DHV, offs_k, mk, 1, DHV, DHV, BV, BL, BK,
+                         DOT_PREC)
         dn_next = tl.load(dns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
         dk = w_k[:, None] * (dk + dn_next[None, :])
         acc = tl.zeros([BL, BK], dtype=tl.float32)
-        for rb in range(cb, NSUB):
-            t = kc * L + rb * BL + tl.arange(0, BL)  # (BL,) rows
-            tv = t < S
-            b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
-            mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
-            rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
-            z = tl.load(z_ptr + bh * S + t, mask=tv, other=0.0)
-            dpT = tl.zeros([BL, BL], dtype=tl.float32)  # (s, t)
-            for iv in range((DHV + BV - 1) // BV):
-                offs_v = iv * BV + tl.arange(0, BV)
-                mv = offs_v < DHV
-                vt = tl.load(
-                    v_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :],
-                    mask=sv[:, None] & mv[None, :], other=0.0,
-                )  # (BL, BV)
-                dhT = tl.load(
-                    dh_ptr + bh * S * DHV + t[None, :] * DHV + offs_v[:, None],
-                    mask=mv[:, None] & tv[None, :], other=0.0,
-                )  # (BV, BL)
-                dpT += mm(vt, dhT, DOT_PREC)  # (BL, BL) v_s . dh_t
-            maskT = (t[None, :] >= s[:, None]) & sv[:, None] & tv[None, :]
-            dT = tl.where(maskT, tl.exp(b_r[None, :] - b_c[:, None] + i_c[:, None] - mrow[None, :]), 0.0)  # (s, t)
+        for rb in range(cb, L // BL):
+            t, tv, b_r, mrow, rden, z = query_rows(b_ptr, mrow_ptr, rden_ptr, z_ptr, kc, rb, bh, S, L, BL)  # (BL,) each
+            dpT = gram(v_ptr + bh * S * DHV, s, sv, dh_ptr + bh * S * DHV, t, tv, DHV, BV, BL, DOT_PREC)  # v_s . dh_t
+            dT = causal_decay(t, tv, b_r, mrow, s, sv, b_c, i_c, True)  # (s, t)
             dsT = dT * (dpT * rden[None, :] + z[None, :])  # (BL, BL)
-            qt = tl.load(
-                q_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :], mask=tv[:, None] & mk[None, :], other=0.0
-            )  # (BL, BK)
+            qt = tile(q_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1)  # (BL, BK)
             acc += mm(cast(dsT, qt.dtype, DOT_PREC), qt, DOT_PREC)
         dk = dk + scale * acc
-        tl.store(
-            dk_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :],
-            cast(dk, dk_ptr.dtype.element_ty, DOT_PREC),
-            mask=sv[:, None] & mk[None, :],
-        )
+        store_tile(dk_ptr + bh * S * DHQK, cast(dk, dk_ptr.dtype.element_ty, DOT_PREC), s, offs_k, sv, mk, DHQK, 1)
         kp = tl.sum(kt.to(tl.float32) * dk, 1)  # (BL,) partial k.dk over this DHQK tile
         tl.store(kpart_ptr + (ik * BH + bh) * S + s, kp, mask=sv)
 
@@ -315,95 +201,39 @@ if triton is not None:
         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """dv of one (column tile, DHV tile): inter w K dC_k and intra (D o S)^T dnum."""
-        NSUB: tl.constexpr = L // BL
-        s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
-        sv = s < S
+        s, sv, b_c, i_c, w_k, st = _key_steps(g_ptr, ms_ptr, b_ptr, i_ptr, kc, cb, bh, S, NC, L, BL)  # (BL,) each
         offs_v = iv * BV + tl.arange(0, BV)
         mv = offs_v < DHV
-        st = bh * (NC + 1) + kc + 1
-        g = tl.load(g_ptr + bh * NC + kc)
-        m_next = tl.load(ms_ptr + st)
-        b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
-        i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
-        w_k = tl.where(sv, tl.exp(g - b_c + i_c - m_next), 0.0)  # (BL,)
-        dv = tl.zeros([BL, BV], dtype=tl.float32)
-        for ik in range((DHQK + BK - 1) // BK):
-            offs_k = ik * BK + tl.arange(0, BK)
-            mk = offs_k < DHQK
-            kt = tl.load(
-                k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :], mask=sv[:, None] & mk[None, :], other=0.0
-            )  # (BL, BK)
-            dct = tl.load(
-                dcs_ptr + st * DHQK * DHV + offs_k[:, None] * DHV + offs_v[None, :],
-                mask=mk[:, None] & mv[None, :], other=0.0,
-            )  # (BK, BV)
-            dv += mm(kt, cast(dct, kt.dtype, DOT_PREC), DOT_PREC)
-        dv = w_k[:, None] * dv
-        for rb in range(cb, NSUB):
-            t = kc * L + rb * BL + tl.arange(0, BL)  # (BL,) rows
-            tv = t < S
-            b_r = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)
-            mrow = tl.load(mrow_ptr + bh * S + t, mask=tv, other=0.0)
-            rden = tl.load(rden_ptr + bh * S + t, mask=tv, other=0.0)
-            scT = tl.zeros([BL, BL], dtype=tl.float32)  # (s, t)
-            for ik in range((DHQK + BK - 1) // BK):
-                offs_k = ik * BK + tl.arange(0, BK)
-                mk = offs_k < DHQK
-                kt = tl.load(
-                    k_ptr + bh * S * DHQK + s[:, None] * DHQK + offs_k[None, :],
-                    mask=sv[:, None] & mk[None, :], other=0.0,
-                )  # (BL, BK)
-                qT = tl.load(
-                    q_ptr + bh * S * DHQK + t[None, :] * DHQK + offs_k[:, None],
-                    mask=mk[:, None] & tv[None, :], other=0.0,
-                )  # (BK, BL)
-                scT += mm(kt, qT, DOT_PREC)
-            maskT = (t[None, :] >= s[:, None]) & sv[:, None] & tv[None, :]
-            dT = tl.where(maskT, tl.exp(b_r[None, :] - b_c[:, None] + i_c[:, None] - mrow[None, :]), 0.0)  # (s, t)
+        # (BL, BV) k dC_k, weighted
+        dv = w_k[:, None] * times_state(k_ptr + bh * S * DHQK, s, sv, dcs_ptr + st * DHQK * DHV, offs_v, mv, DHV, 1,
+                                        DHQK, BK, BL, BV, DOT_PREC)
+        for rb in range(cb, L // BL):
+            t, tv, b_r, mrow, rden, _ = query_rows(b_ptr, mrow_ptr, rden_ptr, rden_ptr, kc, rb, bh, S, L, BL)
+            scT = gram(k_ptr + bh * S * DHQK, s, sv, q_ptr + bh * S * DHQK, t, tv, DHQK, BK, BL, DOT_PREC)  # k_s . q_t
+            dT = causal_decay(t, tv, b_r, mrow, s, sv, b_c, i_c, True)  # (s, t)
             pT = dT * scT * (scale * rden[None, :])  # (BL, BL) score weights with 1/den_t folded in
-            dh = tl.load(
-                dh_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :], mask=tv[:, None] & mv[None, :], other=0.0
-            )  # (BL, BV)
+            dh = tile(dh_ptr + bh * S * DHV, t, offs_v, tv, mv, DHV, 1)  # (BL, BV)
             dv += mm(cast(pT, dh.dtype, DOT_PREC), dh, DOT_PREC)
-        tl.store(
-            dv_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :],
-            cast(dv, dv_ptr.dtype.element_ty, DOT_PREC),
-            mask=sv[:, None] & mv[None, :],
-        )
+        store_tile(dv_ptr + bh * S * DHV, cast(dv, dv_ptr.dtype.element_ty, DOT_PREC), s, offs_v, sv, mv, DHV, 1)
 
     @triton.jit
     def chunk_mlstm_bwd_kernel(
-        q_ptr,  # (BH, S, DHQK)
-        k_ptr,  # (BH, S, DHQK)
-        v_ptr,  # (BH, S, DHV)
-        dh_ptr,  # (BH, S, DHV)
+        q_ptr, k_ptr,  # (BH, S, DHQK)
+        v_ptr, dh_ptr,  # (BH, S, DHV)
         i_ptr,  # (BH, S)
-        b_ptr,  # (BH, S) fp32
-        mrow_ptr,  # (BH, S) fp32
-        rden_ptr,  # (BH, S) fp32
-        z_ptr,  # (BH, S) fp32
+        b_ptr, mrow_ptr, rden_ptr, z_ptr,  # (BH, S) fp32
         g_ptr,  # (BH, NC) fp32
         cs_ptr,  # (BH, NC + 1, DHQK, DHV) fp32 forward states
         ns_ptr,  # (BH, NC + 1, DHQK) fp32
         ms_ptr,  # (BH, NC + 1) fp32
         dcs_ptr,  # (BH, NC + 1, DHQK, DHV) fp32 state gradients
         dns_ptr,  # (BH, NC + 1, DHQK) fp32
-        dq_ptr,  # out (BH, S, DHQK)
-        dk_ptr,  # out (BH, S, DHQK)
+        dq_ptr, dk_ptr,  # out (BH, S, DHQK)
         dv_ptr,  # out (BH, S, DHV)
         qpart_ptr,  # out (NK, BH, S) fp32: q.dq per DHQK tile
         kpart_ptr,  # out (NK, BH, S) fp32: k.dk per DHQK tile
-        scale,
-        S,
-        NC,
-        BH,
-        DHQK: tl.constexpr,
-        DHV: tl.constexpr,
-        L: tl.constexpr,
-        BL: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        scale, S, NC, BH, DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """All intra-chunk gradients in one launch: grid axis 1 enumerates NK dq tiles, NK dk
         tiles and NV dv tiles of the time tile given by axis 0."""
@@ -437,24 +267,17 @@ if triton is not None:
 
     @triton.jit
     def chunk_mlstm_bwd_gates_kernel(
-        qpart_ptr,  # (NK, BH, S) fp32
-        kpart_ptr,  # (NK, BH, S) fp32
+        qpart_ptr, kpart_ptr,  # (NK, BH, S) fp32
         e_ptr,  # (BH, S) fp32: dL/dm_t through eps
         mrow_ptr,  # (BH, S) fp32
-        i_ptr,  # (BH, S)
-        f_ptr,  # (BH, S)
+        i_ptr, f_ptr,  # (BH, S)
         m0_ptr,  # (BH,) fp32 (read when HAS_STATE)
         qfin_ptr,  # (BH,) fp32: sum(c_S * dc_S) + sum(n_S * dn_S)
         dmfin_ptr,  # (BH,) fp32: upstream dL/dm_S
         q0_ptr,  # (BH,) fp32: sum(c0 * dc0) + sum(n0 * dn0)
-        di_ptr,  # out (BH, S) fp32
-        df_ptr,  # out (BH, S) fp32
+        di_ptr, df_ptr,  # out (BH, S) fp32
         dm0_ptr,  # out (BH,) fp32 (written when HAS_STATE)
-        S,
-        BH,
-        NK: tl.constexpr,
-        BT: tl.constexpr,
-        HAS_STATE: tl.constexpr,
+        S, BH, NK: tl.constexpr, BT: tl.constexpr, HAS_STATE: tl.constexpr,
     ):
         """Gate gradients, one program per head, scanning time backwards in blocks of BT.
 

@@ -14,24 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from .._tl import cast, logsigmoid, mm, store_tile, tile, tl, triton
 from .._triton import dot_precision
 
-try:
-    import triton
-    import triton.language as tl
-
-    from .._tl import cast, logsigmoid, mm
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-
-__all__ = [
-    "chunk_mlstm_fwd",
-    "chunk_mlstm_fwd_gates_kernel",
-    "chunk_mlstm_fwd_kernel",
-    "chunk_mlstm_fwd_state_kernel",
-    "chunk_mlstm_fwd_states",
-]
+__all__ = ["chunk_mlstm_fwd", "chunk_mlstm_fwd_gates_kernel", "chunk_mlstm_fwd_kernel", "chunk_mlstm_fwd_state_kernel",
+           "chunk_mlstm_fwd_states"]
 
 if triton is not None:
 
@@ -39,6 +26,70 @@ if triton is not None:
     def _max_combine(a, b):
         return tl.maximum(a, b)
 
+    @triton.jit
+    def causal_decay(t, tv, b_t, m_t, s, sv, b_s, i_s, TRANS: tl.constexpr):
+        """D[t, s] = e^{b_t - b_s + i_s - m_t} for s <= t, both real steps, else 0: a (len(t), len(s))
+        tile of the chunk's D-weights, or with TRANS its transpose (len(s), len(t))."""
+        if TRANS:
+            causal = (t[None, :] >= s[:, None]) & sv[:, None] & tv[None, :]
+            return tl.where(causal, tl.exp(b_t[None, :] - b_s[:, None] + i_s[:, None] - m_t[None, :]), 0.0)
+        else:
+            causal = (t[:, None] >= s[None, :]) & sv[None, :] & tv[:, None]
+            return tl.where(causal, tl.exp(b_t[:, None] - b_s[None, :] + i_s[None, :] - m_t[:, None]), 0.0)
+
+    @triton.jit
+    def state_tile(c_ptr, n_ptr, LOAD: tl.constexpr, DHQK: tl.constexpr, DHV: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr):
+        """This program's (DHQK tile, DHV tile) of a matrix state (grid axes 0 and 1): rows offs_k,
+        columns offs_v, their masks, and float32 tiles c (BK, BV), n (BK,) read at c_ptr, n_ptr
+        (zeros unless LOAD)."""
+        offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
+        offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+        mk = offs_k < DHQK
+        mv = offs_v < DHV
+        if LOAD:
+            c = tile(c_ptr, offs_k, offs_v, mk, mv, DHV, 1).to(tl.float32)
+            n = tl.load(n_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+        else:
+            c = tl.zeros([BK, BV], dtype=tl.float32)
+            n = tl.zeros([BK], dtype=tl.float32)
+        return offs_k, offs_v, mk, mv, c, n
+
+    @triton.jit
+    def store_state_tile(cs_ptr, ns_ptr, k, c, n, offs_k, offs_v, mk, mv, DHQK: tl.constexpr, DHV: tl.constexpr):
+        """Store the tiles c, n as state k of cs (.., DHQK, DHV), ns (.., DHQK); n from the first DHV tile."""
+        store_tile(cs_ptr + k * DHQK * DHV, c, offs_k, offs_v, mk, mv, DHV, 1)
+        if tl.program_id(1) == 0:
+            tl.store(ns_ptr + k * DHQK + offs_k, n, mask=mk)
+
+    @triton.jit
+    def gram(x_ptr, r, mr, y_ptr, c, mc, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, DOT_PREC: tl.constexpr):
+        """(BL, BL) tile of X Y^T: x[r] . y[c] over the D axis in tiles of BD (x, y: one head's (S, D) rows)."""
+        acc = tl.zeros([BL, BL], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs = d0 + tl.arange(0, BD)
+            md = offs < D
+            acc += mm(tile(x_ptr, r, offs, mr, md, D, 1), tile(y_ptr, offs, c, md, mc, 1, D), DOT_PREC)
+        return acc
+
+    @triton.jit
+    def key_cols(b_ptr, i_ptr, kc, cb, bh, S, L: tl.constexpr, BL: tl.constexpr):
+        """The key (column) steps s of time tile cb in chunk kc: s, s < S, b_s and float32 i_s, each (BL,)."""
+        s = kc * L + cb * BL + tl.arange(0, BL)
+        sv = s < S
+        b_s = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)
+        i_s = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)
+        return s, sv, b_s, i_s
+
+    @triton.jit
+    def query_rows(b_ptr, mrow_ptr, rden_ptr, z_ptr, kc, rb, bh, S, L: tl.constexpr, BL: tl.constexpr):
+        """The query (row) steps t of time tile rb in chunk kc: t, t < S and the float32 b_t, m_t,
+        1/den_t, z_t of the backward, each (BL,)."""
+        t = kc * L + rb * BL + tl.arange(0, BL)
+        tv = t < S
+        idx = bh * S + t
+        return (t, tv, tl.load(b_ptr + idx, mask=tv, other=0.0), tl.load(mrow_ptr + idx, mask=tv, other=0.0),
+                tl.load(rden_ptr + idx, mask=tv, other=0.0), tl.load(z_ptr + idx, mask=tv, other=0.0))
 
     @triton.jit
     def chunk_mlstm_fwd_gates_kernel(
@@ -48,9 +99,7 @@ if triton is not None:
         cmx_ptr,  # out (BH, S) fp32: in-chunk cummax_{s<=t} (i_s - b_s)
         g_ptr,  # out (BH, NC) fp32: b at the chunk's last step
         amax_ptr,  # out (BH, NC) fp32: max_j a_j, a_j = g - b_j + i_j
-        S,
-        NC,
-        L: tl.constexpr,
+        S, NC, L: tl.constexpr,
     ):
         kc = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -75,49 +124,29 @@ if triton is not None:
         v_ptr,  # (BH, S, DHV)
         i_ptr,  # (BH, S)
         b_ptr,  # (BH, S) fp32
-        g_ptr,  # (BH, NC) fp32
-        amax_ptr,  # (BH, NC) fp32
+        g_ptr, amax_ptr,  # (BH, NC) fp32
         c0_ptr,  # (BH, DHQK, DHV) fp32 initial state (read when HAS_STATE)
         n0_ptr,  # (BH, DHQK) fp32
         m0_ptr,  # (BH,) fp32
         cs_ptr,  # out (BH, NC + 1, DHQK, DHV) fp32: the state before chunk k at index k
         ns_ptr,  # out (BH, NC + 1, DHQK) fp32
         ms_ptr,  # out (BH, NC + 1) fp32
-        S,
-        NC,
-        DHQK: tl.constexpr,
-        DHV: tl.constexpr,
-        L: tl.constexpr,
-        BL: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        HAS_STATE: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        S, NC, DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+        BV: tl.constexpr, HAS_STATE: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """Inter-chunk recurrence: one program per (DHQK tile, DHV tile, head), loop over chunks."""
-        ik = tl.program_id(0)
-        iv = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
-        offs_k = ik * BK + tl.arange(0, BK)  # (BK,)
-        offs_v = iv * BV + tl.arange(0, BV)  # (BV,)
-        mk = offs_k < DHQK
-        mv = offs_v < DHV
-        c_off = offs_k[:, None] * DHV + offs_v[None, :]  # (BK, BV)
-        c_mask = mk[:, None] & mv[None, :]
+        # (BK,), (BV,) this program's rows / columns of C; c (BK, BV), n (BK,) the initial state
+        offs_k, offs_v, mk, mv, c, n = state_tile(c0_ptr + bh * DHQK * DHV, n0_ptr + bh * DHQK, HAS_STATE, DHQK, DHV,
+                                                  BK, BV)
         if HAS_STATE:
-            c = tl.load(c0_ptr + bh * DHQK * DHV + c_off, mask=c_mask, other=0.0).to(tl.float32)  # (BK, BV)
-            n = tl.load(n0_ptr + bh * DHQK + offs_k, mask=mk, other=0.0).to(tl.float32)  # (BK,)
             m = tl.load(m0_ptr + bh).to(tl.float32)
         else:
-            c = tl.zeros([BK, BV], dtype=tl.float32)
-            n = tl.zeros([BK], dtype=tl.float32)
             m = tl.sum(tl.zeros([BK], dtype=tl.float32), 0)  # a float32 scalar 0
         st = bh * (NC + 1)
-        tl.store(cs_ptr + st * DHQK * DHV + c_off, c, mask=c_mask)
-        if iv == 0:
-            tl.store(ns_ptr + st * DHQK + offs_k, n, mask=mk)
-            if ik == 0:
-                tl.store(ms_ptr + st, m)
+        store_state_tile(cs_ptr, ns_ptr, st, c, n, offs_k, offs_v, mk, mv, DHQK, DHV)
+        if tl.program_id(0) + tl.program_id(1) == 0:
+            tl.store(ms_ptr + st, m)
         NSUB: tl.constexpr = L // BL
         # one flat loop over (chunk, time tile): the loads of the next tile are independent of the
         # carried state, so the compiler can prefetch them across chunk boundaries
@@ -134,51 +163,31 @@ if triton is not None:
             b = tl.load(b_ptr + bh * S + t, mask=tv, other=0.0)  # (BL,)
             ig = tl.load(i_ptr + bh * S + t, mask=tv, other=0.0).to(tl.float32)  # (BL,)
             w = tl.where(tv, tl.exp(g - b + ig - m_new), 0.0)  # (BL,) e^{a_j - m_k}
-            kT = tl.load(
-                k_ptr + bh * S * DHQK + t[None, :] * DHQK + offs_k[:, None],
-                mask=mk[:, None] & tv[None, :], other=0.0,
-            )  # (BK, BL)
-            vt = tl.load(
-                v_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :],
-                mask=tv[:, None] & mv[None, :], other=0.0,
-            )  # (BL, BV)
+            kT = tile(k_ptr + bh * S * DHQK, offs_k, t, mk, tv, 1, DHQK)  # (BK, BL)
+            vt = tile(v_ptr + bh * S * DHV, t, offs_v, tv, mv, DHV, 1)  # (BL, BV)
             kw = kT.to(tl.float32) * w[None, :]  # (BK, BL)
             c += mm(cast(kw, vt.dtype, DOT_PREC), vt, DOT_PREC)  # (BK, BV)
             n += tl.sum(kw, 1)  # (BK,)
             if sb == NSUB - 1:
-                o = st + kc + 1
-                tl.store(cs_ptr + o * DHQK * DHV + c_off, c, mask=c_mask)
-                if iv == 0:
-                    tl.store(ns_ptr + o * DHQK + offs_k, n, mask=mk)
-                    if ik == 0:
-                        tl.store(ms_ptr + o, m_new)
+                store_state_tile(cs_ptr, ns_ptr, st + kc + 1, c, n, offs_k, offs_v, mk, mv, DHQK, DHV)
+                if tl.program_id(0) + tl.program_id(1) == 0:
+                    tl.store(ms_ptr + st + kc + 1, m_new)
             m = tl.where(sb == NSUB - 1, m_new, m)
 
     @triton.jit
     def chunk_mlstm_fwd_kernel(
-        q_ptr,  # (BH, S, DHQK)
-        k_ptr,  # (BH, S, DHQK)
+        q_ptr, k_ptr,  # (BH, S, DHQK)
         v_ptr,  # (BH, S, DHV)
         i_ptr,  # (BH, S)
-        b_ptr,  # (BH, S) fp32
-        cmx_ptr,  # (BH, S) fp32
+        b_ptr, cmx_ptr,  # (BH, S) fp32
         cs_ptr,  # (BH, NC + 1, DHQK, DHV) fp32
         ns_ptr,  # (BH, NC + 1, DHQK) fp32
         ms_ptr,  # (BH, NC + 1) fp32
         h_ptr,  # out (BH, S, DHV), dtype of v
         mrow_ptr,  # out (BH, S) fp32: the per-step stabilizer m_t
         nq_ptr,  # out (BH, S) fp32: the stabilized n_t . q_t (scaled q)
-        scale,
-        eps,
-        S,
-        NC,
-        DHQK: tl.constexpr,
-        DHV: tl.constexpr,
-        L: tl.constexpr,
-        BL: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        scale, eps, S, NC, DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """Outputs of one (row tile of a chunk, DHV tile, head): inter-chunk term from C_{k-1}
         plus the causal D-weighted q k^T v over the chunk's tiles up to the diagonal."""
@@ -204,13 +213,8 @@ if triton is not None:
         for ik in range((DHQK + BK - 1) // BK):
             offs_k = ik * BK + tl.arange(0, BK)
             mk = offs_k < DHQK
-            qt = tl.load(
-                q_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :], mask=tv[:, None] & mk[None, :], other=0.0
-            )  # (BL, BK)
-            c = tl.load(
-                cs_ptr + st * DHQK * DHV + offs_k[:, None] * DHV + offs_v[None, :],
-                mask=mk[:, None] & mv[None, :], other=0.0,
-            )  # (BK, BV)
+            qt = tile(q_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1)  # (BL, BK)
+            c = tile(cs_ptr + st * DHQK * DHV, offs_k, offs_v, mk, mv, DHV, 1)  # (BK, BV)
             n = tl.load(ns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
             acc_h += mm(qt, cast(c, qt.dtype, DOT_PREC), DOT_PREC)
             acc_n += tl.sum(qt.to(tl.float32) * n[None, :], 1)
@@ -219,39 +223,17 @@ if triton is not None:
 
         # intra-chunk term over column tiles cb <= rb
         for cb in range(0, rb + 1):
-            s = kc * L + cb * BL + tl.arange(0, BL)  # (BL,) columns
-            sv = s < S
-            b_c = tl.load(b_ptr + bh * S + s, mask=sv, other=0.0)  # (BL,)
-            i_c = tl.load(i_ptr + bh * S + s, mask=sv, other=0.0).to(tl.float32)  # (BL,)
-            sc = tl.zeros([BL, BL], dtype=tl.float32)
-            for ik in range((DHQK + BK - 1) // BK):
-                offs_k = ik * BK + tl.arange(0, BK)
-                mk = offs_k < DHQK
-                qt = tl.load(
-                    q_ptr + bh * S * DHQK + t[:, None] * DHQK + offs_k[None, :],
-                    mask=tv[:, None] & mk[None, :], other=0.0,
-                )  # (BL, BK)
-                kT = tl.load(
-                    k_ptr + bh * S * DHQK + s[None, :] * DHQK + offs_k[:, None],
-                    mask=mk[:, None] & sv[None, :], other=0.0,
-                )  # (BK, BL)
-                sc += mm(qt, kT, DOT_PREC)  # (BL, BL)
-            mask = (t[:, None] >= s[None, :]) & sv[None, :] & tv[:, None]
-            d = tl.where(mask, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - mrow[:, None]), 0.0)  # (BL, BL)
+            s, sv, b_c, i_c = key_cols(b_ptr, i_ptr, kc, cb, bh, S, L, BL)  # (BL,) each
+            sc = gram(q_ptr + bh * S * DHQK, t, tv, k_ptr + bh * S * DHQK, s, sv, DHQK, BK, BL, DOT_PREC)  # q_t . k_s
+            d = causal_decay(t, tv, b_r, mrow, s, sv, b_c, i_c, False)  # (BL, BL)
             p = sc * scale * d  # (BL, BL)
             acc_n += tl.sum(p, 1)
-            vt = tl.load(
-                v_ptr + bh * S * DHV + s[:, None] * DHV + offs_v[None, :], mask=sv[:, None] & mv[None, :], other=0.0
-            )  # (BL, BV)
+            vt = tile(v_ptr + bh * S * DHV, s, offs_v, sv, mv, DHV, 1)  # (BL, BV)
             acc_h += mm(cast(p, vt.dtype, DOT_PREC), vt, DOT_PREC)
 
         den = tl.maximum(tl.abs(acc_n), tl.exp(-mrow)) + eps  # (BL,)
         h = acc_h / den[:, None]  # (BL, BV)
-        tl.store(
-            h_ptr + bh * S * DHV + t[:, None] * DHV + offs_v[None, :],
-            cast(h, h_ptr.dtype.element_ty, DOT_PREC),
-            mask=tv[:, None] & mv[None, :],
-        )
+        store_tile(h_ptr + bh * S * DHV, cast(h, h_ptr.dtype.element_ty, DOT_PREC), t, offs_v, tv, mv, DHV, 1)
         if iv == 0:
             tl.store(mrow_ptr + bh * S + t, mrow, mask=tv)
             tl.store(nq_ptr + bh * S + t, acc_n, mask=tv)
