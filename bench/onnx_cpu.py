@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from xlstm_export.models import from_official, xLSTMConfig
 from xlstm_export.models.config import preset
+from xlstm_export.testing import randomize_
 
 # ---------------------------------------------------------------------------------------------
 # models
@@ -97,27 +98,6 @@ ORT_NAME, NATIVE_NAME = "onnxruntime", "onnxruntime + native kernels"  # the two
 ROUND_BW_REPEATS = 3  # read-bandwidth probes per round (best of), for the same-round floor
 SETTLE_S = 0.3  # pause between frameworks (spin-waiting worker threads go to sleep)
 ROUND_WARMUP_S = 0.2  # untimed decode steps after the pause, before each framework's timed steps
-
-
-def _randomize_(model: torch.nn.Module, seed: int, *, norm_offset: bool) -> None:
-    """Every parameter random (the official inits zero gates and recurrent kernels).
-
-    Matrices normal(0, fan_in^-1/2); norm weights an effective scale 1 + normal(0, 0.1) (stored as
-    the offset when ``norm_offset``, the paper LayerNorm convention); forget-gate biases
-    uniform(2, 5) so memory lasts; other vectors normal(0, 0.3).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-            elif "norm" in name and leaf == "weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (0.0 if norm_offset else 1.0))
-            elif leaf == "bias" and ("fgate" in name or "ifgate" in name):
-                p.copy_(torch.rand(p.shape, generator=g) * 3.0 + 2.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _nxai_paper(cfg: xLSTMConfig, context_length: int, seed: int):
@@ -146,7 +126,7 @@ def _nxai_paper(cfg: xLSTMConfig, context_length: int, seed: int):
         tie_weights=cfg.tie_weights, bias=cfg.bias, add_post_blocks_norm=cfg.add_post_blocks_norm)
     torch.manual_seed(seed)
     model = xLSTMLMModel(ocfg).eval()
-    _randomize_(model, seed, norm_offset=True)
+    randomize_(model, seed, norm_offset=True)
     return model
 
 
@@ -166,7 +146,7 @@ def _hf_large(cfg: xLSTMConfig, seed: int):
     )
     torch.manual_seed(seed)
     model = xLSTMForCausalLM(hcfg).eval()
-    _randomize_(model, seed, norm_offset=False)
+    randomize_(model, seed, norm_offset=False)
     return model
 
 

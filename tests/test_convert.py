@@ -3,7 +3,7 @@
 Oracles: NX-AI ``xlstm`` 2.0.6 (the paper's xLSTMLMModel, sLSTM backend "vanilla"; xlstm_large in
 both weight modes, with the native mlstm_kernels) and transformers ``xLSTMForCausalLM``.
 
-Every parameter of every oracle is randomised (`_randomize_official_`): the official init zeroes
+Every parameter of every oracle is randomised (`xlstm_export.testing.randomize_`): the official init zeroes
 the gate weights and recurrent kernels, which would hide a swapped gate or a transposed matrix.
 Forget-gate biases stay in [0.5, 4] so memory matters over the sequence.
 
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from xlstm_export.models import CheckpointError, from_official, xLSTMLM
+from xlstm_export.testing import randomize_
 
 RTOL = 1e-5  # float32 logits, see the module docstring
 SEQ_LENS = [1, 13, 97]  # S = 1, an odd S, S > 64 (and not a multiple of any chunk size used)
@@ -36,55 +37,6 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _ids(vocab: int, S: int, seed: int, B: int = 2) -> torch.Tensor:
     return torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize_official_(model: torch.nn.Module, *, norm_offset: bool, seed: int) -> None:
-    """Fill EVERY parameter of an official model with random values of a sensible scale.
-
-    - matrices (Linear, head-wise, conv, embedding): normal(0, 1/sqrt(fan_in)), fan_in = last dim;
-    - norm weights: effective scale 1 + normal(0, 0.2) (stored as the offset when ``norm_offset``,
-      the paper LayerNorm convention);
-    - mLSTM gate biases: input gate normal(0, 1), forget gate uniform(0.5, 4) per head;
-    - sLSTM cells (paper): recurrent kernel normal(0, 1/sqrt(DH)), biases per gate (i normal(0, 1),
-      f uniform(0.5, 4), z and o normal(0, 0.5)), written through the official layout-agnostic
-      proxies (`recurrent_kernel`, `bias`: (NH, DH, G, DH) and (NH, G, DH));
-    - everything else (biases, learnable_skip): normal(0, 0.5).
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def normal(shape, std, mean=0.0):
-        return torch.randn(shape, generator=g) * std + mean
-
-    def uniform(shape, lo, hi):
-        return torch.rand(shape, generator=g) * (hi - lo) + lo
-
-    slstm_cells = [m for m in model.modules() if type(m).__name__.startswith("sLSTMCell_")]
-    cell_params = {id(p) for c in slstm_cells for p in c.parameters()}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if id(p) in cell_params:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf == "weight":
-                p.copy_(normal(p.shape, 0.2, 0.0 if norm_offset else 1.0))
-            elif leaf == "bias" and "ifgate" in name:  # fused [i | f]
-                nh = p.shape[0] // 2
-                p.copy_(torch.cat([normal(nh, 1.0), uniform(nh, 0.5, 4.0)]))
-            elif leaf == "bias" and "fgate" in name:
-                p.copy_(uniform(p.shape, 0.5, 4.0))
-            elif leaf == "bias" and "igate" in name:
-                p.copy_(normal(p.shape, 1.0))
-            elif p.dim() >= 2:
-                p.copy_(normal(p.shape, p.shape[-1] ** -0.5))
-            else:
-                p.copy_(normal(p.shape, 0.5))
-        for cell in slstm_cells:
-            NH, DH = cell.config.num_heads, cell.config.head_dim
-            cell.recurrent_kernel[:] = normal((NH, DH, 4, DH), DH**-0.5)  # [head, in, gate, out]
-            cell.bias[:] = torch.stack(  # [head, gate, d]
-                [normal((NH, DH), 1.0), uniform((NH, DH), 0.5, 4.0), normal((NH, DH), 0.5), normal((NH, DH), 0.5)],
-                dim=1,
-            )
 
 
 # ================================================================================================
@@ -135,7 +87,7 @@ def _paper_model(name: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = xLSTMLMModel(_paper_config(*PAPER[name])).eval()
-    _randomize_official_(model, norm_offset=True, seed=seed + 100)
+    randomize_(model, seed + 100, norm_offset=True)
     return model
 
 
@@ -383,7 +335,7 @@ def test_paper_real_cuda_backend_model():
     assert cfg.slstm_block.slstm.dtype_r == "float32"
     torch.manual_seed(0)
     official = xLSTMLMModel(cfg)
-    _randomize_official_(official, norm_offset=True, seed=11)
+    randomize_(official, 11, norm_offset=True)
     official = official.cuda().eval()
     assert type(official.xlstm_block_stack.blocks[0].xlstm.slstm_cell).__name__ == "sLSTMCell_cuda"
     a = from_official(official)
@@ -470,7 +422,7 @@ def _large_model(weight_mode: str, seed: int = 0, **kw):
     )
     torch.manual_seed(seed)
     model = xLSTMLarge(cfg).eval()
-    _randomize_official_(model, norm_offset=False, seed=seed + 100)
+    randomize_(model, seed + 100, norm_offset=False)
     return model
 
 
@@ -548,7 +500,7 @@ def _hf_model(seed: int = 0, **kw):
     )
     torch.manual_seed(seed)
     model = xLSTMForCausalLM(cfg).eval()
-    _randomize_official_(model, norm_offset=False, seed=seed + 100)
+    randomize_(model, seed + 100, norm_offset=False)
     return model
 
 

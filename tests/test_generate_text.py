@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from test_convert import _randomize_official_
 from test_tokenizer import EOS, train_bpe
 from xlstm_export.cli import main
 from xlstm_export.generate import generate_batch, generate_text, torch_runner
 from xlstm_export.models import load, preset, xLSTMLM
+from xlstm_export.testing import randomize_
 from xlstm_export.tokenizer import byte_tokenizer, load_tokenizer
 
 N_NEW = 20  # new tokens per prompt
@@ -40,7 +40,7 @@ def hf(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = transformers.xLSTMForCausalLM(cfg).eval()
-    _randomize_official_(model, norm_offset=False, seed=100)
+    randomize_(model, 100, norm_offset=False)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
     d = tmp_path_factory.mktemp("hf") / "model"
     model.save_pretrained(d)

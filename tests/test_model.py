@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xlstm_export.models import PRESETS, CheckpointError, load, preset, xLSTMConfig, xLSTMLM
+from xlstm_export.testing import randomize_
 
 # Small configs covering both architectures and the paper model's options.
 CONFIGS = {
@@ -24,21 +25,12 @@ CONFIGS = {
 }
 
 
-def _randomize_(model: xLSTMLM, seed: int) -> None:
-    """Every parameter random (the default init zeroes some gate weights and hides mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.5 if p.dim() == 1 else 1.0 / max(p.shape[-1], 1) ** 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("splits", [(1,), (17, 1, 21), (40,)], ids=["S1", "S17-1-21", "S40"])
 def test_pieces_equal_whole(name, splits):
     torch.manual_seed(0)
     model = xLSTMLM(CONFIGS[name]).eval()
-    _randomize_(model, seed=1)
+    randomize_(model, seed=1)
     S = sum(splits)
     ids = torch.randint(0, model.config.vocab_size, (2, S))
     with torch.no_grad():
@@ -64,7 +56,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_zero_state_is_fresh_sequence(name):
     model = xLSTMLM(CONFIGS[name]).eval()
-    _randomize_(model, seed=2)
+    randomize_(model, seed=2)
     ids = torch.randint(0, model.config.vocab_size, (3, 9))
     with torch.no_grad():
         a, _ = model(ids)
@@ -75,7 +67,7 @@ def test_zero_state_is_fresh_sequence(name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gradients_reach_every_parameter(name):
     model = xLSTMLM(CONFIGS[name]).train()
-    _randomize_(model, seed=3)
+    randomize_(model, seed=3)
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     logits, state = model(ids[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
@@ -208,7 +200,7 @@ def test_from_state_dict_takes_the_tensors_in_their_dtype():
 def test_generate_greedy_matches_argmax_loop():
     torch.manual_seed(0)
     model = xLSTMLM(preset("tiny", backend="torch")).eval()
-    _randomize_(model, seed=4)
+    randomize_(model, seed=4)
     prompt = torch.randint(0, 256, (2, 5))
     new, _ = model.generate(prompt, 6)
     ids = prompt
