@@ -33,6 +33,11 @@ def _mlstm_state_shapes(cfg: xLSTMConfig, batch: int) -> dict[str, tuple[int, ..
     return {"c": (batch, NH, DQK, DV), "n": (batch, NH, DQK), "m": (batch, NH)}
 
 
+def _conv_state_shapes(conv: CausalConv1d | None, batch: int) -> dict[str, tuple[int, ...]]:
+    """A block's "conv" state: the last K-1 inputs (B, K-1, C); none without a conv."""
+    return {} if conv is None else {"conv": (batch, conv.kernel_size - 1, conv.weight.shape[0])}
+
+
 def _gate_bias_init(bias: torch.Tensor, num_heads: int, fgate: bool) -> None:
     """Forget gates open (3..6 across heads, so memory lasts), input gates near zero."""
     with torch.no_grad():
@@ -68,10 +73,7 @@ class mLSTMBlock(nn.Module):
         _gate_bias_init(self.fgate.bias, NH, fgate=True)
 
     def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
-        shapes = _mlstm_state_shapes(self.cfg, batch)
-        if self.conv is not None:
-            shapes["conv"] = (batch, self.conv.kernel_size - 1, self.cfg.mlstm_inner_dim)
-        return shapes
+        return {**_mlstm_state_shapes(self.cfg, batch), **_conv_state_shapes(self.conv, batch)}
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]):
         B, S, _ = x.shape
@@ -139,10 +141,7 @@ class sLSTMBlock(nn.Module):
     def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         NH = self.cfg.slstm_num_heads
         DH = self.cfg.embedding_dim // NH
-        shapes = {t: (batch, NH, DH) for t in ("h", "c", "n", "m")}
-        if self.conv is not None:
-            shapes["conv"] = (batch, self.conv.kernel_size - 1, self.cfg.embedding_dim)
-        return shapes
+        return {**{t: (batch, NH, DH) for t in ("h", "c", "n", "m")}, **_conv_state_shapes(self.conv, batch)}
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]):
         B, S, _ = x.shape

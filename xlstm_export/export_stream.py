@@ -288,16 +288,16 @@ def _recipe(name: str, producers: dict[str, tuple], params: dict[str, str], cons
 
 
 def _unknowns(recipe) -> set[str]:
-    if isinstance(recipe, _Unknown):
-        return {recipe.name}
-    if isinstance(recipe, _Op):
-        return set().union(*(_unknowns(r) for r in recipe.inputs if r is not None))
-    return set()
+    return _gather(recipe, lambda r: r.name if isinstance(r, _Unknown) else None)
 
 
 def _leaves(recipe) -> set[str]:
-    if isinstance(recipe, _Param):
-        return {recipe.key}
+    return _gather(recipe, lambda r: r.key if isinstance(r, _Param) else None)
+
+
+def _gather(recipe, pick) -> set[str]:
+    """The names ``pick`` gives the leaves of ``recipe`` (an op's inputs searched recursively)."""
     if isinstance(recipe, _Op):
-        return set().union(*(_leaves(r) for r in recipe.inputs if r is not None))
-    return set()
+        return set().union(*(_gather(r, pick) for r in recipe.inputs if r is not None))
+    name = pick(recipe)
+    return set() if name is None else {name}

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, TypedDict
 
 import numpy as np
 import torch
 
 from .models import sample_next
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11 on
 
 
 class Runner(Protocol):
@@ -109,6 +112,14 @@ class BatchResult:
     @property
     def ms_per_step(self) -> float:
         return 1e3 * float(np.mean(self.decode_s)) if self.decode_s else float("nan")
+
+
+class Sampling(TypedDict, total=False):
+    """How :func:`generate_text` draws tokens: the keyword arguments it hands to :func:`generate_batch`."""
+
+    temperature: float
+    top_k: int | None
+    seed: int | None
 
 
 def generate_batch(
@@ -225,15 +236,13 @@ def generate_text(
     prompts: Sequence[str],
     max_new_tokens: int,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int | None = 0,
     stop: Sequence[str] = (),
     on_text: Callable[[int, str], None] | None = None,
+    **sampling: Unpack[Sampling],
 ) -> tuple[list[TextResult], BatchResult]:
     """Complete each prompt (one batch through ``runner``); ``on_text(row, piece)`` gets each row's
     text as it becomes final. Stops at the tokenizer's EOS ids, a ``stop`` string or
-    ``max_new_tokens``."""
+    ``max_new_tokens``. ``sampling``: ``temperature``, ``top_k``, ``seed`` as in :func:`generate_batch`."""
     ids = [tokenizer.encode(p) for p in prompts]
     for p, i in zip(prompts, ids):
         if not i:
@@ -248,8 +257,8 @@ def generate_text(
         emit(row, streams[row].push(tok))
         return streams[row].stopped
 
-    res = generate_batch(runner, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                         eos_token_ids=tokenizer.eos_token_ids, on_token=on_token)
+    res = generate_batch(runner, ids, max_new_tokens, eos_token_ids=tokenizer.eos_token_ids, on_token=on_token,
+                         **sampling)
     for row, s in enumerate(streams):
         emit(row, s.flush())
     out = [TextResult(p, s.text, toks, reason)

@@ -166,12 +166,12 @@ class TrainResult:
 def read_bytes(path) -> torch.Tensor:
     """The file's bytes as a uint8 tensor (N,), with clear errors for missing or unreadable files."""
     path = Path(path)
-    if not path.exists():
-        raise TrainError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise TrainError(f"data file {path} is a directory, expected a text file")
     try:
         raw = np.fromfile(path, dtype=np.uint8)  # (N,)
+    except FileNotFoundError:
+        raise TrainError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TrainError(f"data file {path} is a directory, expected a text file") from None
     except OSError as e:
         raise TrainError(f"cannot read data file {path}: {e.strerror or e}") from None
     return torch.from_numpy(raw)
@@ -315,7 +315,7 @@ def check_backend(backend: str | None, device: torch.device) -> None:
     if backend == "triton":
         if not kernels.triton_available():
             raise TrainError("--backend triton needs the triton package: pip install 'xlstm-export[triton]'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not kernels.triton_runs_on(device):
             raise TrainError(
                 "--backend triton on the CPU runs only under TRITON_INTERPRET=1 (slow, for tests); "
                 "use --backend torch or auto"
