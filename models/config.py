@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Architecture = Literal["paper", "large"]
-Backend = Literal["auto", "torch", "triton"]
+# the cell backends (kernels.MLSTM_BACKENDS): "custom_op" runs the cells as torch.ops.xlstm.* (xlstm_export.ops),
+# the single nodes the ONNX exporter traces
+Backend = Literal["auto", "torch", "triton", "custom_op"]
 
 
 def round_up(x: float, multiple: int) -> int:
@@ -70,8 +72,9 @@ class xLSTMConfig:
         _check_field_types(self)
         if self.architecture not in ("paper", "large"):
             raise ValueError(f"architecture must be 'paper' or 'large', got {self.architecture!r}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.backend not in typing.get_args(Backend):
+            *rest, last = (repr(b) for b in typing.get_args(Backend))
+            raise ValueError(f"backend must be {', '.join(rest)} or {last}, got {self.backend!r}")
         if self.ffn_proj_factor is None:
             self.ffn_proj_factor = 1.3 if self.architecture == "paper" else 2.6667
         if self.norm_eps is None:

@@ -27,9 +27,24 @@ import torch
 from . import contract
 from .contract import MLSTM, SLSTM
 
-__all__ = ["BACKEND_NAME", "mlstm_custom_op", "slstm_custom_op"]
+__all__ = ["BACKEND_NAME", "mlstm_custom_op", "slstm_custom_op", "torch_schema"]
 
 BACKEND_NAME = "custom_op"
+
+
+_SCHEMA_TYPES = {"int": "SymInt", "float": "float"}  # contract attribute type -> torch schema type
+
+
+def torch_schema(spec: contract.OpSpec) -> str:
+    """The op's torch.library schema from its contract: the tensors in contract order, the numeric
+    attributes with their defaults (the string attributes name the TensorRT plugin: ONNX only), one
+    Tensor per output."""
+    args = [f"Tensor {t.name}" for t in spec.inputs]
+    args += [f"{_SCHEMA_TYPES[a.type]} {a.name}={a.default!r}" for a in spec.attrs if a.type in _SCHEMA_TYPES]
+    return f"({', '.join(args)}) -> ({', '.join('Tensor' for _ in spec.outputs)})"
+
+
+_MLSTM_DEFAULTS = MLSTM.defaults()  # the Python defaults (the schema's are for callers of torch.ops)
 
 
 def _check(spec: contract.OpSpec, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -50,20 +65,11 @@ def _fresh(out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("xlstm::mLSTM", mutates_args=())
-def mlstm_op(
-    q: torch.Tensor,  # (B, NH, S, DQK) T
-    k: torch.Tensor,  # (B, NH, S, DQK) T
-    v: torch.Tensor,  # (B, NH, S, DV) T
-    i: torch.Tensor,  # (B, NH, S) T
-    f: torch.Tensor,  # (B, NH, S) T
-    c0: torch.Tensor,  # (B, NH, DQK, DV) float32
-    n0: torch.Tensor,  # (B, NH, DQK) float32
-    m0: torch.Tensor,  # (B, NH) float32
-    chunk_size: int = 64,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """xlstm::mLSTM: h (B,NH,S,DV) T, c (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH) float32."""
+@torch.library.custom_op("xlstm::mLSTM", mutates_args=(), schema=torch_schema(MLSTM))
+def mlstm_op(q, k, v, i, f, c0, n0, m0, chunk_size=_MLSTM_DEFAULTS["chunk_size"], eps=_MLSTM_DEFAULTS["eps"]):
+    """xlstm::mLSTM (inputs, attributes and defaults: ``contract.MLSTM``): q, k (B,NH,S,DQK), v (B,NH,S,DV),
+    i, f (B,NH,S) in T; c0 (B,NH,DQK,DV), n0 (B,NH,DQK), m0 (B,NH) float32
+    -> h (B,NH,S,DV) T, c (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH) float32."""
     from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm
 
     inputs = (q, k, v, i, f, c0, n0, m0)
@@ -74,7 +80,7 @@ def mlstm_op(
 
 
 @mlstm_op.register_fake
-def _mlstm_fake(q, k, v, i, f, c0, n0, m0, chunk_size=64, eps=1e-6):
+def _mlstm_fake(q, k, v, i, f, c0, n0, m0, chunk_size=_MLSTM_DEFAULTS["chunk_size"], eps=_MLSTM_DEFAULTS["eps"]):
     h_s, c_s, n_s, m_s = contract.mlstm_output_shapes(q.shape, k.shape, v.shape)
     return (
         q.new_empty(h_s, dtype=v.dtype),  # (B, NH, S, DV) T
@@ -89,17 +95,10 @@ def _mlstm_fake(q, k, v, i, f, c0, n0, m0, chunk_size=64, eps=1e-6):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("xlstm::sLSTM", mutates_args=())
-def slstm_op(
-    x: torch.Tensor,  # (B, NH, S, 4*DH) T
-    r: torch.Tensor,  # (NH, DH, 4*DH) T
-    b: torch.Tensor,  # (NH, 4*DH) T
-    h0: torch.Tensor,  # (B, NH, DH) float32
-    c0: torch.Tensor,  # (B, NH, DH) float32
-    n0: torch.Tensor,  # (B, NH, DH) float32
-    m0: torch.Tensor,  # (B, NH, DH) float32
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """xlstm::sLSTM: y (B,NH,S,DH) T, h, c, n, m (B,NH,DH) float32."""
+@torch.library.custom_op("xlstm::sLSTM", mutates_args=(), schema=torch_schema(SLSTM))
+def slstm_op(x, r, b, h0, c0, n0, m0):
+    """xlstm::sLSTM (inputs: ``contract.SLSTM``): x (B,NH,S,4*DH), r (NH,DH,4*DH), b (NH,4*DH) in T;
+    h0, c0, n0, m0 (B,NH,DH) float32 -> y (B,NH,S,DH) T, h, c, n, m (B,NH,DH) float32."""
     from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
 
     inputs = (x, r, b, h0, c0, n0, m0)
