@@ -50,12 +50,52 @@ namespace {
 // Tensor access through the C API (every call's status is checked and passed on)
 // ---------------------------------------------------------------------------------------------
 
+constexpr int kMaxAttributes = 6;  // of each type
+constexpr int kMaxTensors = 12;    // inputs or outputs of one op
+
+// One op's signature: the same table as xlstm_export/native_ops.py (tests/test_ort_native.py
+// compares the two through XlstmCpuOpSignatures below). Kernels read inputs, outputs and
+// attributes by these names (Ctx), never by position. Every tensor is float32. Name lists are
+// nullptr-terminated.
+struct Signature {
+  const char* inputs[kMaxTensors + 1];
+  const char* outputs[kMaxTensors + 1];
+  const char* int_attributes[kMaxAttributes + 1];    // required
+  const char* float_attributes[kMaxAttributes + 1];  // required
+};
+
+size_t count(const char* const* names) {
+  size_t n = 0;
+  while (names[n] != nullptr) ++n;
+  return n;
+}
+
+// Where `name` stands in `names`, or -1.
+long position(const char* const* names, const char* name) {
+  for (size_t j = 0; names[j]; ++j)
+    if (std::strcmp(names[j], name) == 0) return static_cast<long>(j);
+  return -1;
+}
+
 struct Ctx {
   const OrtApi* api;
   OrtKernelContext* context;
-  const char* op;     // for error messages
-  const int64_t* ints;  // the op's int attributes, in Signature::int_attributes order
-  const float* floats;  // the op's float attributes, in Signature::float_attributes order
+  const char* op;         // for error messages
+  const Signature* sig;   // names of the inputs, outputs and attributes
+  const int64_t* ints;    // the int attributes' values, in sig->int_attributes order
+  const float* floats;    // the float attributes' values, in sig->float_attributes order
+
+  // The attribute `name` (a programming error if the op has none: 0 and a message on stderr).
+  int64_t attr_int(const char* name) const {
+    const long j = position(sig->int_attributes, name);
+    if (j < 0) std::fprintf(stderr, "xlstm.cpu::%s has no int attribute %s\n", op, name);
+    return j < 0 ? 0 : ints[j];
+  }
+  float attr_float(const char* name) const {
+    const long j = position(sig->float_attributes, name);
+    if (j < 0) std::fprintf(stderr, "xlstm.cpu::%s has no float attribute %s\n", op, name);
+    return j < 0 ? 0.0f : floats[j];
+  }
 
   OrtStatus* error(const char* fmt, long a = 0, long b = 0, long c = 0) const {
     char msg[512];
@@ -64,12 +104,14 @@ struct Ctx {
     return ort::error(api, msg);
   }
 
-  // Input `index`: its data and dims.
-  OrtStatus* input(size_t index, const float** data, std::vector<int64_t>* dims) const {
+  // Input `name`: its data and dims.
+  OrtStatus* input(const char* name, const float** data, std::vector<int64_t>* dims) const {
     using GetInput = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
+    const long index = position(sig->inputs, name);
+    if (index < 0) return error(("no input named " + std::string(name) + " (a bug in the kernel)").c_str());
     const OrtValue* value = nullptr;
     if (OrtStatus* s = ort::fn<GetInput>(api, ort::kKernelContextGetInput)(context, index, &value)) return s;
-    if (value == nullptr) return error("input %ld is missing", static_cast<long>(index));
+    if (value == nullptr) return error("input %ld is missing", index);
     if (OrtStatus* s = ort::tensor_dims(api, value, dims)) return s;
     void* p = nullptr;
     if (OrtStatus* s = ort::tensor_data(api, value, &p)) return s;
@@ -77,9 +119,11 @@ struct Ctx {
     return nullptr;
   }
 
-  // Output `index`, allocated by onnxruntime with `dims`.
-  OrtStatus* output(size_t index, const std::vector<int64_t>& dims, float** data) const {
+  // Output `name`, allocated by onnxruntime with `dims`.
+  OrtStatus* output(const char* name, const std::vector<int64_t>& dims, float** data) const {
     using GetOutput = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+    const long index = position(sig->outputs, name);
+    if (index < 0) return error(("no output named " + std::string(name) + " (a bug in the kernel)").c_str());
     OrtValue* value = nullptr;
     if (OrtStatus* s = ort::fn<GetOutput>(api, ort::kKernelContextGetOutput)(context, index, dims.data(),
                                                                               dims.size(), &value))
@@ -134,10 +178,10 @@ OrtStatus* mlstm_step_compute(const Ctx& ctx) {
   MlstmStepArgs a{};
   std::vector<int64_t> q, k, v, i, f, c0, n0, m0, eps;
   const float* eps_data = nullptr;
-  for (auto [index, data, dims] : {std::tuple{0, &a.q, &q}, {1, &a.k, &k}, {2, &a.v, &v}, {3, &a.i, &i},
-                                   {4, &a.f, &f}, {5, &a.c0, &c0}, {6, &a.n0, &n0}, {7, &a.m0, &m0},
-                                   {8, &eps_data, &eps}}) {
-    if (OrtStatus* s = ctx.input(index, data, dims)) return s;
+  for (auto [name, data, dims] : {std::tuple{"q", &a.q, &q}, {"k", &a.k, &k}, {"v", &a.v, &v}, {"i", &a.i, &i},
+                                  {"f", &a.f, &f}, {"c0", &a.c0, &c0}, {"n0", &a.n0, &n0}, {"m0", &a.m0, &m0},
+                                  {"eps", &eps_data, &eps}}) {
+    if (OrtStatus* s = ctx.input(name, data, dims)) return s;
   }
   if (q.size() != 4 || q[2] != 1)
     return ctx.error("q must be [B, NH, 1, DQK] (one decode step), got rank %ld with S = %ld",
@@ -156,11 +200,11 @@ OrtStatus* mlstm_step_compute(const Ctx& ctx) {
   a.eps = eps_data[0];
   a.dqk = DQK;
   a.dv = DV;
-  for (auto [index, data, dims] : {std::tuple{0, &a.h, std::vector<int64_t>{B, NH, 1, DV}},
-                                   {1, &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
-                                   {2, &a.n, std::vector<int64_t>{B, NH, DQK}},
-                                   {3, &a.m, std::vector<int64_t>{B, NH}}}) {
-    if (OrtStatus* s = ctx.output(index, dims, data)) return s;
+  for (auto [name, data, dims] : {std::tuple{"h", &a.h, std::vector<int64_t>{B, NH, 1, DV}},
+                                  {"c", &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
+                                  {"n", &a.n, std::vector<int64_t>{B, NH, DQK}},
+                                  {"m", &a.m, std::vector<int64_t>{B, NH}}}) {
+    if (OrtStatus* s = ctx.output(name, dims, data)) return s;
   }
   return ctx.for_each(static_cast<size_t>(B * NH), B * NH * DQK * DV >= kParallelWork, mlstm_step_task, &a);
 }
@@ -188,9 +232,9 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
   const float *h0_data, *c0_data, *n0_data, *m0_data;
   SlstmScanArgs a{};
   std::vector<int64_t> h0, c0, n0, m0, x, r;
-  for (auto [index, data, dims] : {std::tuple{0, &h0_data, &h0}, {1, &c0_data, &c0}, {2, &n0_data, &n0},
-                                   {3, &m0_data, &m0}, {4, &a.x, &x}, {5, &a.r, &r}}) {
-    if (OrtStatus* s = ctx.input(index, data, dims)) return s;
+  for (auto [name, data, dims] : {std::tuple{"h0", &h0_data, &h0}, {"c0", &c0_data, &c0}, {"n0", &n0_data, &n0},
+                                  {"m0", &m0_data, &m0}, {"x", &a.x, &x}, {"r", &a.r, &r}}) {
+    if (OrtStatus* s = ctx.input(name, data, dims)) return s;
   }
   if (x.size() != 4 || x[3] % 4 != 0)
     return ctx.error("x must be [B, NH, S, 4*DH], got rank %ld", static_cast<long>(x.size()));
@@ -206,11 +250,12 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
   const std::vector<int64_t> state{B, NH, DH};
   const float* init[4] = {h0_data, c0_data, n0_data, m0_data};
   float** outs[4] = {&a.h, &a.c, &a.n, &a.m};
+  const char* out_names[4] = {"h", "c", "n", "m"};
   for (int t = 0; t < 4; ++t) {
-    if (OrtStatus* s = ctx.output(t, state, outs[t])) return s;
+    if (OrtStatus* s = ctx.output(out_names[t], state, outs[t])) return s;
     std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place by the loop
   }
-  if (OrtStatus* s = ctx.output(4, {B, NH, S, DH}, &a.y)) return s;
+  if (OrtStatus* s = ctx.output("y", {B, NH, S, DH}, &a.y)) return s;
   return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 4 * DH >= kParallelWork, slstm_scan_task, &a);
 }
 
@@ -271,13 +316,15 @@ void mlstm_layer_task(void* data, size_t bh) {
 OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
   MlstmLayerArgs a{};
   std::vector<int64_t> dims[5], gb, c0, n0, m0, ls, lb, w;
+  const char* in_names[5] = {"q", "k", "v", "g", "o"};  // MlstmLayerArgs::in order
+  const char* col_names[5] = {"q_col", "k_col", "v_col", "g_col", "o_col"};
   for (int j = 0; j < 5; ++j) {
-    if (OrtStatus* s = ctx.input(j, &a.in[j], &dims[j])) return s;
+    if (OrtStatus* s = ctx.input(in_names[j], &a.in[j], &dims[j])) return s;
   }
-  for (auto [index, data, shape] : {std::tuple{5, &a.gate_bias, &gb}, {6, &a.c0, &c0}, {7, &a.n0, &n0},
-                                    {8, &a.m0, &m0}, {9, &a.ln_scale, &ls}, {10, &a.ln_bias, &lb},
-                                    {11, &a.weight, &w}}) {
-    if (OrtStatus* s = ctx.input(index, data, shape)) return s;
+  for (auto [name, data, shape] : {std::tuple{"gate_bias", &a.gate_bias, &gb}, {"c0", &a.c0, &c0},
+                                   {"n0", &a.n0, &n0}, {"m0", &a.m0, &m0}, {"ln_scale", &a.ln_scale, &ls},
+                                   {"ln_bias", &a.ln_bias, &lb}, {"weight", &a.weight, &w}}) {
+    if (OrtStatus* s = ctx.input(name, data, shape)) return s;
   }
   if (c0.size() != 4 || dims[0].size() != 3)
     return ctx.error("c0 must be [B, NH, DQK, DV] and q [B, S, *], got ranks %ld and %ld",
@@ -287,7 +334,7 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
   bool ok = same(gb, {2 * NH}) && same(n0, {B, NH, DQK}) && same(m0, {B, NH}) && same(ls, {DV}) &&
             same(lb, {DV}) && same(w, {NH * DV});
   for (int j = 0; j < 5; ++j) {
-    a.col[j] = ctx.ints[j];
+    a.col[j] = ctx.attr_int(col_names[j]);
     ok = ok && dims[j].size() == 3 && dims[j][0] == B && dims[j][1] == S && a.col[j] >= 0 &&
          a.col[j] + need[j] <= dims[j][2];
     a.width[j] = dims[j].size() == 3 ? dims[j][2] : 0;
@@ -301,14 +348,14 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
   a.s = S;
   a.dqk = DQK;
   a.dv = DV;
-  a.eps = ctx.floats[0];
-  a.norm_eps = ctx.floats[1];
-  a.cap = ctx.floats[2];
-  for (auto [index, data, shape] : {std::tuple{0, &a.y, std::vector<int64_t>{B, S, NH * DV}},
-                                    {1, &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
-                                    {2, &a.n, std::vector<int64_t>{B, NH, DQK}},
-                                    {3, &a.m, std::vector<int64_t>{B, NH}}}) {
-    if (OrtStatus* s = ctx.output(index, shape, data)) return s;
+  a.eps = ctx.attr_float("eps");
+  a.norm_eps = ctx.attr_float("norm_eps");
+  a.cap = ctx.attr_float("soft_cap");
+  for (auto [name, data, shape] : {std::tuple{"y", &a.y, std::vector<int64_t>{B, S, NH * DV}},
+                                   {"c", &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
+                                   {"n", &a.n, std::vector<int64_t>{B, NH, DQK}},
+                                   {"m", &a.m, std::vector<int64_t>{B, NH}}}) {
+    if (OrtStatus* s = ctx.output(name, shape, data)) return s;
   }
   if (S == 0) {  // no step: the state passes through
     std::memcpy(a.c, a.c0, sizeof(float) * B * NH * DQK * DV);
@@ -391,9 +438,9 @@ void prologue_row(void* data, size_t row) {
 OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   PackedMatMulArgs a{};
   std::vector<int64_t> x, w;
-  if (OrtStatus* s = ctx.input(0, &a.x, &x)) return s;
-  if (OrtStatus* s = ctx.input(1, &a.w, &w)) return s;
-  a.n = ctx.ints[0];
+  if (OrtStatus* s = ctx.input(prologue == Prologue::kGlu ? "z" : "x", &a.x, &x)) return s;
+  if (OrtStatus* s = ctx.input("w", &a.w, &w)) return s;
+  a.n = ctx.attr_int("n");
   if (w.size() != 3 || w[2] != xlstm_cpu::kPanel || a.n <= 0 || (a.n + xlstm_cpu::kPanel - 1) / xlstm_cpu::kPanel != w[0])
     return ctx.error("w must be [ceil(n / 32), K, 32] for the attribute n = %ld, got rank %ld with %ld panels",
                      static_cast<long>(a.n), static_cast<long>(w.size()), w.empty() ? -1L : static_cast<long>(w[0]));
@@ -408,13 +455,14 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   std::vector<int64_t> y(x);
   y.back() = a.n;
   std::vector<float> rows;  // the prologue's rows of x, [m, K]
-  PrologueArgs pro{prologue, a.x, nullptr, ctx.floats[0], a.k, nullptr};
+  PrologueArgs pro{prologue, a.x, nullptr, 0.0f, a.k, nullptr};
   if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
-    if (OrtStatus* s = ctx.input(2, &pro.g, &g)) return s;
+    pro.eps = ctx.attr_float("eps");
+    if (OrtStatus* s = ctx.input("g", &pro.g, &g)) return s;
     if (!same(g, {a.k})) return ctx.error("g must be [K = %ld], got rank %ld", static_cast<long>(a.k),
                                           static_cast<long>(g.size()));
-    a.cap = ctx.floats[1];
+    a.cap = ctx.attr_float("soft_cap");
   }
   if (prologue != Prologue::kNone) {  // rows split over the pool at prefill sizes
     rows.resize(static_cast<size_t>(a.m * a.k));
@@ -425,13 +473,13 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   }
   if (add) {
     std::vector<int64_t> r;
-    if (OrtStatus* s = ctx.input(2, &a.r, &r)) return s;
+    if (OrtStatus* s = ctx.input("r", &a.r, &r)) return s;
     if (r != y && !same(r, {a.n}))
       return ctx.error("r must have the product's shape [..., n = %ld] (rank %ld) or be [n], got rank %ld",
                        static_cast<long>(a.n), static_cast<long>(y.size()), static_cast<long>(r.size()));
     a.ldr = r == y ? a.n : 0;
   }
-  if (OrtStatus* s = ctx.output(0, y, &a.y)) return s;
+  if (OrtStatus* s = ctx.output("y", y, &a.y)) return s;
   if (a.m == 0) return nullptr;
   // One contiguous range of panels per thread (the pool runs `batches` batches of one index each).
   const int64_t weight = a.k * a.panels * xlstm_cpu::kPanel;
@@ -454,32 +502,14 @@ OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(
 // The OrtCustomOp tables
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kMaxAttributes = 6;  // of each type
-constexpr int kMaxTensors = 12;    // inputs or outputs of one op
-
 struct Kernel {
   const OrtApi* api;
   const char* name;
+  const Signature* sig;
   OrtStatus* (*compute)(const Ctx&);
   int64_t ints[kMaxAttributes];
   float floats[kMaxAttributes];
 };
-
-// One op's signature: the same table as xlstm_export/native_ops.py (tests/test_ort_native.py
-// compares the two through XlstmCpuOpSignatures below). The compute functions read input j and
-// write output j in this order. Every tensor is float32. Name lists are nullptr-terminated.
-struct Signature {
-  const char* inputs[kMaxTensors + 1];
-  const char* outputs[kMaxTensors + 1];
-  const char* int_attributes[kMaxAttributes + 1];    // required, in Ctx::ints order
-  const char* float_attributes[kMaxAttributes + 1];  // required, in Ctx::floats order
-};
-
-size_t count(const char* const* names) {
-  size_t n = 0;
-  while (names[n] != nullptr) ++n;
-  return n;
-}
 
 struct OpDef {
   OrtCustomOpLayout table;  // first member: onnxruntime passes &table back to the callbacks
@@ -492,7 +522,7 @@ const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const Op
 
 OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
   const Signature& sig = def(op)->sig;
-  Kernel kernel{api, def(op)->name, def(op)->compute, {}, {}};
+  Kernel kernel{api, def(op)->name, &sig, def(op)->compute, {}, {}};
   using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
   using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
   for (size_t j = 0; sig.int_attributes[j]; ++j) {
@@ -511,7 +541,7 @@ OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const O
 
 OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   const auto* k = static_cast<const Kernel*>(kernel);
-  return k->compute(Ctx{k->api, context, k->name, k->ints, k->floats});
+  return k->compute(Ctx{k->api, context, k->name, k->sig, k->ints, k->floats});
 }
 
 OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signature& sig) {
