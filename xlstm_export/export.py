@@ -34,7 +34,7 @@ that ONNX does not define for bfloat16 at opset 18 (Conv, Einsum): those nodes g
 around them (``_legalize_low_precision``), everything else stays in the export dtype.
 
 Files are written into a temporary folder beside the target and moved into place only after the
-check passes: a failed export leaves no partial output. Weights over 2 GB (or ``external_data=True``)
+check passes (:func:`xlstm_export.fsio.staged_files`): a failed export leaves no partial output. Weights over 2 GB (or ``external_data=True``)
 go to ``<name>.data`` beside the model.
 """
 
@@ -44,8 +44,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +57,7 @@ from onnx import numpy_helper
 from . import contract, onnx_functions
 from . import ops as _ops  # registers torch.ops.xlstm.* and the "custom_op" backend
 from .contract import DOMAIN
+from .fsio import staged_files
 from .graph_rewrite import Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
 from .tokenizer import write_tokenizer_files
 
@@ -586,50 +585,52 @@ def export_onnx(
 
     stages = ["trace + translate", "function bodies", "save", "check", "move into place"]
     bar = _progress(stages, progress, f"export {out.name} ({dt})")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
-        with _export_copy(model, _TORCH_DTYPES[dt]) as m:
-            program = _export_program(m, keys, spec, opset, optimize=weights is None)
-        if weights is not None:
-            weights.bind(program)  # optimises with the checkpoint's tensors bound lazily
-        bar.update()
-
-        tmp_model = tmpdir / out.name
-        weight_bytes = sum(p.numel() for p in model.parameters()) * _TORCH_DTYPES[dt].itemsize
-        use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program.save(tmp_model, external_data=use_external)
-        del program
-        proto = onnx.load(tmp_model, load_external_data=False)
-        proto = _postprocess(proto, keys=keys, spec=spec, vocab=vocab, dtype=dt, config_json=config_json)
-        if dt != "float32":
-            _legalize_low_precision(proto, dt)
-        if inline:
-            proto = inline_xlstm(proto)
-        _check_interface(proto, keys, dt)
-        bar.update()
-
-        onnx.save_model(proto, tmp_model)  # external tensors keep their references to <name>.data
-        del proto
-        bar.update()
-
-        try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
-        except Exception as e:
-            raise ExportError(f"the exported model fails onnx.checker (full_check): {e}") from e
-        bar.update()
-
-        write_tokenizer_files(getattr(model, "tokenizer_files", None), tmpdir)  # self-contained export
-        data_files = [p for p in tmpdir.iterdir() if p.name != out.name]
-        for p in data_files:  # data first: a visible .onnx always has its data beside it
-            os.replace(p, parent / p.name)
-        os.replace(tmp_model, out)
+        # data first: a visible .onnx always has its data (and tokenizer files) beside it
+        with staged_files(parent, last=out.name) as tmpdir:
+            _export_into(tmpdir / out.name, model, bar, dt=dt, keys=keys, spec=spec, vocab=vocab,
+                         config_json=config_json, opset=opset, external_data=external_data, inline=inline,
+                         weights=weights)
+            write_tokenizer_files(getattr(model, "tokenizer_files", None), tmpdir)  # self-contained export
         bar.update()
     finally:
         bar.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _export_into(tmp_model: Path, model, bar, *, dt: str, keys: list[str], spec: dict, vocab: int,
+                 config_json: str | None, opset: int, external_data: bool | None, inline: bool, weights) -> None:
+    """The export's stages up to a checked ``tmp_model`` (and its data file) in a staging folder."""
+    with _export_copy(model, _TORCH_DTYPES[dt]) as m:
+        program = _export_program(m, keys, spec, opset, optimize=weights is None)
+    if weights is not None:
+        weights.bind(program)  # optimises with the checkpoint's tensors bound lazily
+    bar.update()
+
+    weight_bytes = sum(p.numel() for p in model.parameters()) * _TORCH_DTYPES[dt].itemsize
+    use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program.save(tmp_model, external_data=use_external)
+    del program
+    proto = onnx.load(tmp_model, load_external_data=False)
+    proto = _postprocess(proto, keys=keys, spec=spec, vocab=vocab, dtype=dt, config_json=config_json)
+    if dt != "float32":
+        _legalize_low_precision(proto, dt)
+    if inline:
+        proto = inline_xlstm(proto)
+    _check_interface(proto, keys, dt)
+    bar.update()
+
+    onnx.save_model(proto, tmp_model)  # external tensors keep their references to <name>.data
+    del proto
+    bar.update()
+
+    try:
+        onnx.checker.check_model(str(tmp_model), full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported model fails onnx.checker (full_check): {e}") from e
+    bar.update()
 
 
 class _NoBar:
