@@ -147,13 +147,61 @@ if HAVE_TRITON:
         return v
 
     @triton.jit
+    def _load4(p, stride, mask):
+        """The four tiles at p + j * stride, j = 0..3 (gates i, f, z, o or states h, c, n, m), 0 off mask."""
+        return (tl.load(p, mask=mask, other=0.0), tl.load(p + stride, mask=mask, other=0.0),
+                tl.load(p + 2 * stride, mask=mask, other=0.0), tl.load(p + 3 * stride, mask=mask, other=0.0))
+
+    @triton.jit
+    def _store4(p, stride, a, b, c, d, mask):
+        """Store a, b, c, d where _load4 reads them."""
+        tl.store(p, a, mask=mask)
+        tl.store(p + stride, b, mask=mask)
+        tl.store(p + 2 * stride, c, mask=mask)
+        tl.store(p + 3 * stride, d, mask=mask)
+
+    @triton.jit
+    def _load_state(h_ptr, c_ptr, n_ptr, m_ptr, off, mask):
+        """(h, c, n, m) at off of four (B, NH, DH) tensors, as float32."""
+        return (tl.load(h_ptr + off, mask=mask, other=0.0).to(tl.float32),
+                tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32),
+                tl.load(n_ptr + off, mask=mask, other=0.0).to(tl.float32),
+                tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32))
+
+    @triton.jit
+    def _store_state(h_ptr, c_ptr, n_ptr, m_ptr, off, h, c, n, m, mask):
+        """Store (h, c, n, m) where _load_state reads them."""
+        tl.store(h_ptr + off, h, mask=mask)
+        tl.store(c_ptr + off, c, mask=mask)
+        tl.store(n_ptr + off, n, mask=mask)
+        tl.store(m_ptr + off, m, mask=mask)
+
+    @triton.jit
     def _load_gate_blocks(p, mask, DH: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr):
         # the four (BD, BD) gate blocks at p, p + DH, p + 2 DH, p + 3 DH (i, f, z, o)
-        r_i = _dot_operand(tl.load(p + 0 * DH, mask=mask, other=0.0), DT, UPCAST)
-        r_f = _dot_operand(tl.load(p + 1 * DH, mask=mask, other=0.0), DT, UPCAST)
-        r_z = _dot_operand(tl.load(p + 2 * DH, mask=mask, other=0.0), DT, UPCAST)
-        r_o = _dot_operand(tl.load(p + 3 * DH, mask=mask, other=0.0), DT, UPCAST)
-        return r_i, r_f, r_z, r_o
+        r_i, r_f, r_z, r_o = _load4(p, DH, mask)
+        return (_dot_operand(r_i, DT, UPCAST), _dot_operand(r_f, DT, UPCAST), _dot_operand(r_z, DT, UPCAST),
+                _dot_operand(r_o, DT, UPCAST))
+
+    @triton.jit
+    def _batch_head_tile(B, NH: tl.constexpr, DH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DH: tl.constexpr):
+        """This program's (batch tile, head) of the sequence kernels: the units offs_d (BD,), masks
+        mask_d (BD,), mask_bd (BB, BD), mask_dd (BD, BD), and its rows of the flattened (B, NH)."""
+        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
+        offs_d = tl.arange(0, BLOCK_DH)  # (BD,)
+        mask_d = offs_d < DH
+        mask_bd = (offs_b < B)[:, None] & mask_d[None, :]
+        mask_dd = mask_d[:, None] & mask_d[None, :]
+        return offs_d, mask_d, mask_bd, mask_dd, offs_b.to(tl.int64) * NH + tl.program_id(1)
+
+    @triton.jit
+    def _step_gate(p_x, p_bias, p_r, h_dot, mask_bn, mask_n, mask_kn, DT: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+        """One gate's pre-activation x + b + h_{t-1} r of the step kernel (pointers at that gate)."""
+        g = tl.load(p_x, mask=mask_bn, other=0.0).to(tl.float32)
+        g += tl.load(p_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        r_g = _dot_operand(tl.load(p_r, mask=mask_kn, other=0.0), DT, UPCAST)
+        return tl.dot(h_dot, r_g, acc=g, input_precision=DOT_PRECISION)
 
     @triton.jit
     def _stabilizer(g_i, a, n):
@@ -195,15 +243,8 @@ if HAVE_TRITON:
         UPCAST: tl.constexpr,  # interpreter + bfloat16: float32 products of the bfloat16 values
         R_ON_CHIP: tl.constexpr,  # load r once before the loop (else once per step, from L2)
     ):
-        i_b = tl.program_id(0)
         i_h = tl.program_id(1)
-        offs_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
-        offs_d = tl.arange(0, BLOCK_DH)  # (BD,)
-        mask_b = offs_b < B
-        mask_d = offs_d < DH
-        mask_bd = mask_b[:, None] & mask_d[None, :]  # (BB, BD)
-        mask_dd = mask_d[:, None] & mask_d[None, :]  # (BD, BD)
-        row = offs_b.to(tl.int64) * NH + i_h  # (BB,) index into the flattened (B, NH)
+        offs_d, mask_d, mask_bd, mask_dd, row = _batch_head_tile(B, NH, DH, BLOCK_B, BLOCK_DH)
 
         # the four gate blocks r[head][:, g*DH:(g+1)*DH], on chip for the whole loop
         p_r = r + i_h * DH * 4 * DH + offs_d[:, None] * (4 * DH) + offs_d[None, :]  # (BD, BD)
@@ -211,47 +252,30 @@ if HAVE_TRITON:
         if R_ON_CHIP:
             r_i, r_f, r_z, r_o = _load_gate_blocks(p_r, mask_dd, DH, DT, UPCAST)
         p_bias = b + i_h * 4 * DH + offs_d  # (BD,)
-        b_i = tl.load(p_bias + 0 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        b_f = tl.load(p_bias + 1 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        b_z = tl.load(p_bias + 2 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        b_o = tl.load(p_bias + 3 * DH, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        b_i, b_f, b_z, b_o = _load4(p_bias, DH, mask_d)  # (BD,) each
+        b_i, b_f = b_i.to(tl.float32)[None, :], b_f.to(tl.float32)[None, :]  # (1, BD)
+        b_z, b_o = b_z.to(tl.float32)[None, :], b_o.to(tl.float32)[None, :]
 
         p_state = row[:, None] * DH + offs_d[None, :]  # (BB, BD)
         if USE_INITIAL_STATE:
-            h = tl.load(h0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
-            c = tl.load(c0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
-            n = tl.load(n0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
-            m = tl.load(m0 + p_state, mask=mask_bd, other=0.0).to(tl.float32)
+            h, c, n, m = _load_state(h0, c0, n0, m0, p_state, mask_bd)
         else:
-            h = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
-            c = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
-            n = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
-            m = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+            zero = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
+            h, c, n, m = zero, zero, zero, zero
 
         p_x = x + row[:, None] * S * 4 * DH + offs_d[None, :]  # (BB, BD), step 0, gate i
         p_y = y + row[:, None] * S * DH + offs_d[None, :]  # (BB, BD), step 0
         p_g = gates_all + row[:, None] * S * 4 * DH + offs_d[None, :]  # (BB, BD)
         p_sa = states_all + row[:, None] * 4 * S * DH + offs_d[None, :]  # (BB, BD), h, step 0
 
-        x_i = tl.load(p_x + 0 * DH, mask=mask_bd, other=0.0)
-        x_f = tl.load(p_x + 1 * DH, mask=mask_bd, other=0.0)
-        x_z = tl.load(p_x + 2 * DH, mask=mask_bd, other=0.0)
-        x_o = tl.load(p_x + 3 * DH, mask=mask_bd, other=0.0)
+        x_i, x_f, x_z, x_o = _load4(p_x, DH, mask_bd)
         for t in range(S):
             # prefetch the next step's inputs; their latency hides behind this step's work
             # (clamped: the last step reloads itself, unused)
-            p_xn = p_x + tl.minimum(t + 1, S - 1) * 4 * DH
-            xn_i = tl.load(p_xn + 0 * DH, mask=mask_bd, other=0.0)
-            xn_f = tl.load(p_xn + 1 * DH, mask=mask_bd, other=0.0)
-            xn_z = tl.load(p_xn + 2 * DH, mask=mask_bd, other=0.0)
-            xn_o = tl.load(p_xn + 3 * DH, mask=mask_bd, other=0.0)
+            xn_i, xn_f, xn_z, xn_o = _load4(p_x + tl.minimum(t + 1, S - 1) * 4 * DH, DH, mask_bd)
 
             if SAVE:
-                p_st = p_sa + t * DH
-                tl.store(p_st + 0 * S * DH, h, mask=mask_bd)
-                tl.store(p_st + 1 * S * DH, c, mask=mask_bd)
-                tl.store(p_st + 2 * S * DH, n, mask=mask_bd)
-                tl.store(p_st + 3 * S * DH, m, mask=mask_bd)
+                _store4(p_sa + t * DH, S * DH, h, c, n, m, mask_bd)
 
             h_dot = _dot_operand(h, DT, UPCAST)  # (BB, BD)
             if not R_ON_CHIP:  # too large for shared memory: stream it from L2 every step
@@ -261,20 +285,13 @@ if HAVE_TRITON:
             g_z = tl.dot(h_dot, r_z, acc=x_z.to(tl.float32) + b_z, input_precision=DOT_PRECISION)
             g_o = tl.dot(h_dot, r_o, acc=x_o.to(tl.float32) + b_o, input_precision=DOT_PRECISION)
             if SAVE:
-                p_gt = p_g + t * 4 * DH
-                tl.store(p_gt + 0 * DH, g_i, mask=mask_bd)
-                tl.store(p_gt + 1 * DH, g_f, mask=mask_bd)
-                tl.store(p_gt + 2 * DH, g_z, mask=mask_bd)
-                tl.store(p_gt + 3 * DH, g_o, mask=mask_bd)
+                _store4(p_g + t * 4 * DH, DH, g_i, g_f, g_z, g_o, mask_bd)
 
             h, c, n, m = _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m)
             tl.store(p_y + t * DH, h.to(y.dtype.element_ty), mask=mask_bd)
             x_i, x_f, x_z, x_o = xn_i, xn_f, xn_z, xn_o
 
-        tl.store(hT + p_state, h, mask=mask_bd)
-        tl.store(cT + p_state, c, mask=mask_bd)
-        tl.store(nT + p_state, n, mask=mask_bd)
-        tl.store(mT + p_state, m, mask=mask_bd)
+        _store_state(hT, cT, nT, mT, p_state, h, c, n, m, mask_bd)
 
     @triton.jit
     def fused_recurrent_slstm_bwd_kernel(
@@ -285,25 +302,12 @@ if HAVE_TRITON:
         dhT, dcT, dnT, dmT,  # (B, NH, DH) float32 gradients of the final state
         dgates,  # (B, NH, S, 4*DH) float32 out: d(pre-activations) == dx
         dh0, dc0, dn0, dm0,  # (B, NH, DH) float32 out: gradients of the initial state
-        B,
-        S,
-        NH: tl.constexpr,
-        DH: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_DH: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
-        R_ON_CHIP: tl.constexpr,
+        B, S,  # batch size, sequence length
+        NH: tl.constexpr, DH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DH: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_ON_CHIP: tl.constexpr,
     ):
-        i_b = tl.program_id(0)
         i_h = tl.program_id(1)
-        offs_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
-        offs_d = tl.arange(0, BLOCK_DH)  # (BD,)
-        mask_b = offs_b < B
-        mask_d = offs_d < DH
-        mask_bd = mask_b[:, None] & mask_d[None, :]
-        mask_dd = mask_d[:, None] & mask_d[None, :]
-        row = offs_b.to(tl.int64) * NH + i_h
+        offs_d, mask_d, mask_bd, mask_dd, row = _batch_head_tile(B, NH, DH, BLOCK_B, BLOCK_DH)
 
         # transposed gate blocks: rt_g[j, k] = r[head][k, g*DH + j]  (BD, BD), on chip
         p_rt = r + i_h * DH * 4 * DH + offs_d[None, :] * (4 * DH) + offs_d[:, None]
@@ -312,10 +316,7 @@ if HAVE_TRITON:
             rt_i, rt_f, rt_z, rt_o = _load_gate_blocks(p_rt, mask_dd, DH, DT, UPCAST)
 
         p_state = row[:, None] * DH + offs_d[None, :]  # (BB, BD)
-        dh = tl.load(dhT + p_state, mask=mask_bd, other=0.0)  # dL/dh_t from later steps
-        dc = tl.load(dcT + p_state, mask=mask_bd, other=0.0)
-        dn = tl.load(dnT + p_state, mask=mask_bd, other=0.0)
-        dm = tl.load(dmT + p_state, mask=mask_bd, other=0.0)
+        dh, dc, dn, dm = _load_state(dhT, dcT, dnT, dmT, p_state, mask_bd)  # dL/dh_t... from later steps
 
         p_g = gates_all + row[:, None] * S * 4 * DH + offs_d[None, :]
         p_dg = dgates + row[:, None] * S * 4 * DH + offs_d[None, :]
@@ -324,24 +325,14 @@ if HAVE_TRITON:
 
         # step S-1 prefetched; inside the loop the loads of step t-1 are issued first
         t = S - 1
-        g_i = tl.load(p_g + t * 4 * DH + 0 * DH, mask=mask_bd, other=0.0)
-        g_f = tl.load(p_g + t * 4 * DH + 1 * DH, mask=mask_bd, other=0.0)
-        g_z = tl.load(p_g + t * 4 * DH + 2 * DH, mask=mask_bd, other=0.0)
-        g_o = tl.load(p_g + t * 4 * DH + 3 * DH, mask=mask_bd, other=0.0)
-        c_p = tl.load(p_sa + 1 * S * DH + t * DH, mask=mask_bd, other=0.0)
-        n_p = tl.load(p_sa + 2 * S * DH + t * DH, mask=mask_bd, other=0.0)
-        m_p = tl.load(p_sa + 3 * S * DH + t * DH, mask=mask_bd, other=0.0)
+        g_i, g_f, g_z, g_o = _load4(p_g + t * 4 * DH, DH, mask_bd)
+        _, c_p, n_p, m_p = _load4(p_sa + t * DH, S * DH, mask_bd)  # states entering step t
         dy_t = tl.load(p_dy + t * DH, mask=mask_bd, other=0.0)
         for tt in range(S):
             t = S - 1 - tt
             tn = tl.maximum(t - 1, 0)  # the step loaded ahead (clamped: step 0 reloads itself)
-            gn_i = tl.load(p_g + tn * 4 * DH + 0 * DH, mask=mask_bd, other=0.0)
-            gn_f = tl.load(p_g + tn * 4 * DH + 1 * DH, mask=mask_bd, other=0.0)
-            gn_z = tl.load(p_g + tn * 4 * DH + 2 * DH, mask=mask_bd, other=0.0)
-            gn_o = tl.load(p_g + tn * 4 * DH + 3 * DH, mask=mask_bd, other=0.0)
-            cn_p = tl.load(p_sa + 1 * S * DH + tn * DH, mask=mask_bd, other=0.0)
-            nn_p = tl.load(p_sa + 2 * S * DH + tn * DH, mask=mask_bd, other=0.0)
-            mn_p = tl.load(p_sa + 3 * S * DH + tn * DH, mask=mask_bd, other=0.0)
+            gn_i, gn_f, gn_z, gn_o = _load4(p_g + tn * 4 * DH, DH, mask_bd)
+            _, cn_p, nn_p, mn_p = _load4(p_sa + tn * DH, S * DH, mask_bd)
             dyn_t = tl.load(p_dy + tn * DH, mask=mask_bd, other=0.0)
 
             # recompute the step exactly as the forward did
@@ -375,11 +366,7 @@ if HAVE_TRITON:
             d_a = da_direct + dm_t * (1.0 - sel)
             d_f = d_a * tl.sigmoid(-g_f)  # d logσ(v)/dv = σ(-v)
 
-            p_dgt = p_dg + t * 4 * DH
-            tl.store(p_dgt + 0 * DH, d_i, mask=mask_bd)
-            tl.store(p_dgt + 1 * DH, d_f, mask=mask_bd)
-            tl.store(p_dgt + 2 * DH, d_z, mask=mask_bd)
-            tl.store(p_dgt + 3 * DH, d_o, mask=mask_bd)
+            _store4(p_dg + t * 4 * DH, DH, d_i, d_f, d_z, d_o, mask_bd)
 
             # carries to step t-1: dL/dh_{t-1} = Σ_g d(g̃) @ r_g^T; c, n through f; m through a
             if not R_ON_CHIP:
@@ -395,10 +382,7 @@ if HAVE_TRITON:
             g_i, g_f, g_z, g_o = gn_i, gn_f, gn_z, gn_o
             c_p, n_p, m_p, dy_t = cn_p, nn_p, mn_p, dyn_t
 
-        tl.store(dh0 + p_state, dh, mask=mask_bd)
-        tl.store(dc0 + p_state, dc, mask=mask_bd)
-        tl.store(dn0 + p_state, dn, mask=mask_bd)
-        tl.store(dm0 + p_state, dm, mask=mask_bd)
+        _store_state(dh0, dc0, dn0, dm0, p_state, dh, dc, dn, dm, mask_bd)
 
     @triton.jit
     def fused_recurrent_step_slstm_fwd_kernel(
@@ -438,41 +422,24 @@ if HAVE_TRITON:
         p_sn = row[:, None] * DH + offs_n[None, :]  # (BB, BN)
 
         if USE_INITIAL_STATE:
-            h = tl.load(h0 + row[:, None] * DH + offs_k[None, :], mask=mask_bk, other=0.0)
-            c = tl.load(c0 + p_sn, mask=mask_bn, other=0.0).to(tl.float32)
-            n = tl.load(n0 + p_sn, mask=mask_bn, other=0.0).to(tl.float32)
-            m = tl.load(m0 + p_sn, mask=mask_bn, other=0.0).to(tl.float32)
+            h = tl.load(h0 + row[:, None] * DH + offs_k[None, :], mask=mask_bk, other=0.0)  # (BB, BD) all of h
+            _, c, n, m = _load_state(h0, c0, n0, m0, p_sn, mask_bn)  # (BB, BN) this program's units
         else:
             h = tl.zeros([BLOCK_B, BLOCK_DH], dtype=tl.float32)
-            c = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            n = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            m = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            zero = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            c, n, m = zero, zero, zero
         DT: tl.constexpr = r.dtype.element_ty
         h_dot = _dot_operand(h, DT, UPCAST)
-
-        g_i = tl.load(p_x + 0 * DH, mask=mask_bn, other=0.0).to(tl.float32)
-        g_i += tl.load(p_bias + 0 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        g_i = tl.dot(h_dot, _dot_operand(tl.load(p_r + 0 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_i,
-                     input_precision=DOT_PRECISION)
-        g_f = tl.load(p_x + 1 * DH, mask=mask_bn, other=0.0).to(tl.float32)
-        g_f += tl.load(p_bias + 1 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        g_f = tl.dot(h_dot, _dot_operand(tl.load(p_r + 1 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_f,
-                     input_precision=DOT_PRECISION)
-        g_z = tl.load(p_x + 2 * DH, mask=mask_bn, other=0.0).to(tl.float32)
-        g_z += tl.load(p_bias + 2 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        g_z = tl.dot(h_dot, _dot_operand(tl.load(p_r + 2 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_z,
-                     input_precision=DOT_PRECISION)
-        g_o = tl.load(p_x + 3 * DH, mask=mask_bn, other=0.0).to(tl.float32)
-        g_o += tl.load(p_bias + 3 * DH, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        g_o = tl.dot(h_dot, _dot_operand(tl.load(p_r + 3 * DH, mask=mask_kn, other=0.0), DT, UPCAST), acc=g_o,
-                     input_precision=DOT_PRECISION)
+        g_i = _step_gate(p_x, p_bias, p_r, h_dot, mask_bn, mask_n, mask_kn, DT, UPCAST, DOT_PRECISION)
+        g_f = _step_gate(p_x + DH, p_bias + DH, p_r + DH, h_dot, mask_bn, mask_n, mask_kn, DT, UPCAST, DOT_PRECISION)
+        g_z = _step_gate(p_x + 2 * DH, p_bias + 2 * DH, p_r + 2 * DH, h_dot, mask_bn, mask_n, mask_kn, DT, UPCAST,
+                         DOT_PRECISION)
+        g_o = _step_gate(p_x + 3 * DH, p_bias + 3 * DH, p_r + 3 * DH, h_dot, mask_bn, mask_n, mask_kn, DT, UPCAST,
+                         DOT_PRECISION)
 
         h_new, c, n, m = _slstm_pointwise(g_i, g_f, g_z, g_o, c, n, m)
         tl.store(y + p_sn, h_new.to(y.dtype.element_ty), mask=mask_bn)
-        tl.store(hT + p_sn, h_new, mask=mask_bn)
-        tl.store(cT + p_sn, c, mask=mask_bn)
-        tl.store(nT + p_sn, n, mask=mask_bn)
-        tl.store(mT + p_sn, m, mask=mask_bn)
+        _store_state(hT, cT, nT, mT, p_sn, h_new, c, n, m, mask_bn)
 
 
 # --------------------------------------------------------------------------------------------
