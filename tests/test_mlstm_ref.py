@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from op_inputs import mlstm_inputs, mlstm_state, rel_err
 from xlstm_export.kernels.mlstm.naive import (
     naive_chunk_mlstm,
     naive_parallel_mlstm,
@@ -38,42 +39,15 @@ FORMS = {
 DTYPE_ID = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def make_inputs(B, NH, S, DHQK, DHV, dtype=torch.float64, seed=SEED, f_mean=3.0):
-    """Random q, k, v ~ N(0, 1); gate pre-activations with a realistic spread:
-    i ~ 2 N(0, 1), f ~ N(f_mean, 1). Values are float32-representable, so a float32 run and the
-    float64 reference see the same inputs and the error measures the arithmetic only."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, NH, S, DHQK, generator=g, dtype=torch.float64)  # (B, NH, S, DHQK)
-    k = torch.randn(B, NH, S, DHQK, generator=g, dtype=torch.float64)  # (B, NH, S, DHQK)
-    v = torch.randn(B, NH, S, DHV, generator=g, dtype=torch.float64)  # (B, NH, S, DHV)
-    i = 2.0 * torch.randn(B, NH, S, generator=g, dtype=torch.float64)  # (B, NH, S)
-    f = f_mean + torch.randn(B, NH, S, generator=g, dtype=torch.float64)  # (B, NH, S)
-    return tuple(t.float().to(dtype) for t in (q, k, v, i, f))
+    """op_inputs.mlstm_inputs drawn in float64 (float32-representable values, so a float32 run and
+    the float64 reference see the same inputs and the error measures the arithmetic only)."""
+    return mlstm_inputs(B, NH, S, DHQK, DHV, seed=seed, dtype=dtype, f_mean=f_mean, draw_dtype=torch.float64)
 
 
 def make_state(kind, B, NH, DHQK, DHV, seed=SEED + 1):
-    """A float64 initial state: None, the state after a random 11-step prefix (realistic c, n, m
-    that belong together), or independent random tensors with m ~ 3 N(0, 1)."""
-    if kind == "none":
-        return None
-    if kind == "prefix":
-        q, k, v, i, f = make_inputs(B, NH, 11, DHQK, DHV, seed=seed)
-        state = naive_recurrent_mlstm(q, k, v, i, f)[1]
-    else:
-        g = torch.Generator().manual_seed(seed)
-        state = (
-            torch.randn(B, NH, DHQK, DHV, generator=g, dtype=torch.float64),  # c (B, NH, DHQK, DHV)
-            torch.randn(B, NH, DHQK, generator=g, dtype=torch.float64),  # n (B, NH, DHQK)
-            3.0 * torch.randn(B, NH, generator=g, dtype=torch.float64),  # m (B, NH)
-        )
-    return tuple(t.float().double() for t in state)  # float32-representable, like the inputs
+    """A float64 initial state (op_inputs.mlstm_state): None, "prefix" or "random"."""
+    return mlstm_state(B, NH, DHQK, DHV, kind, seed=seed, dtype=torch.float64, draw_dtype=torch.float64)
 
 
 def as_dtype(state, dtype):

@@ -22,6 +22,8 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 
+from op_inputs import mlstm_inputs, mlstm_state, rel_err  # noqa: E402
+
 from xlstm_export.kernels import MLSTM_BACKENDS  # noqa: E402
 from xlstm_export.kernels.mlstm.chunk import (  # noqa: E402
     ChunkMLSTMFunction,
@@ -50,32 +52,14 @@ DTYPE_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 NAMES = ("h", "c", "n", "m", "dq", "dk", "dv", "di", "df", "dc0", "dn0", "dm0")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def make_inputs(B, NH, S, DHQK, DHV, dtype, device=CPU_DEVICE, seed=SEED, i_scale=2.0, f_mean=3.0):
-    """q, k, v ~ N(0, 1); i ~ i_scale N(0, 1); f ~ N(f_mean, 1), rounded to ``dtype``."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, NH, S, DHQK, generator=g)  # (B, NH, S, DHQK)
-    k = torch.randn(B, NH, S, DHQK, generator=g)  # (B, NH, S, DHQK)
-    v = torch.randn(B, NH, S, DHV, generator=g)  # (B, NH, S, DHV)
-    i = i_scale * torch.randn(B, NH, S, generator=g)  # (B, NH, S)
-    f = f_mean + torch.randn(B, NH, S, generator=g)  # (B, NH, S)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v, i, f))
+    """op_inputs.mlstm_inputs: q, k, v ~ N(0, 1); i ~ i_scale N(0, 1); f ~ N(f_mean, 1), in ``dtype``."""
+    return mlstm_inputs(B, NH, S, DHQK, DHV, seed=seed, dtype=dtype, device=device, i_scale=i_scale, f_mean=f_mean)
 
 
 def make_state(B, NH, DHQK, DHV, device=CPU_DEVICE, seed=SEED + 1):
-    """A float32 initial state with independent random c, n and m ~ 3 N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, NH, DHQK, DHV, generator=g).to(device),  # c (B, NH, DHQK, DHV)
-        torch.randn(B, NH, DHQK, generator=g).to(device),  # n (B, NH, DHQK)
-        (3.0 * torch.randn(B, NH, generator=g)).to(device),  # m (B, NH)
-    )
+    """A float32 initial state with independent random c, n and m ~ 3 N(0, 1) (op_inputs.mlstm_state)."""
+    return mlstm_state(B, NH, DHQK, DHV, seed=seed, device=device)
 
 
 def make_cotangents(B, NH, S, DHQK, DHV, h_dtype, device=CPU_DEVICE, seed=SEED + 2):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from op_inputs import rel_err, slstm_inputs, slstm_state
 from slstm_oracle import check_against_official, extreme_first_step_inputs, official_vanilla_slstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm, naive_step_slstm
 
@@ -23,39 +24,14 @@ TOL = {
 DTYPE_ID = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def make_inputs(B, NH, S, DH, dtype=torch.float64, seed=SEED):
-    """x with a realistic gate spread (gate-major i, f, z, o): i ~ 2 N(0,1), f ~ N(3,1),
-    z, o ~ N(0,1); r ~ N(0,1)/sqrt(DH); b ~ 0.5 N(0,1)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, NH, S, 4, DH, generator=g, dtype=torch.float64)  # (B, NH, S, 4, DH)
-    x[..., 0, :] *= 2.0  # input gate spread
-    x[..., 1, :] += 3.0  # forget gate mostly open
-    x = x.reshape(B, NH, S, 4 * DH)  # (B, NH, S, 4*DH) gate-major
-    r = torch.randn(NH, DH, 4 * DH, generator=g, dtype=torch.float64) / DH**0.5  # (NH, DH, 4*DH)
-    b = 0.5 * torch.randn(NH, 4 * DH, generator=g, dtype=torch.float64)  # (NH, 4*DH)
-    return x.to(dtype), r.to(dtype), b.to(dtype)
+    """op_inputs.slstm_inputs: x with a realistic gate spread (gate-major i, f, z, o), r, b."""
+    return slstm_inputs(B, NH, S, DH, seed=seed, dtype=dtype)
 
 
 def make_state(kind, B, NH, DH, seed=SEED + 1):
-    """None, the state after a random 9-step prefix (realistic), or random tensors with n > 0."""
-    if kind == "none":
-        return None
-    x, r, b = make_inputs(B, NH, 9, DH, seed=seed)
-    if kind == "prefix":
-        return naive_recurrent_slstm(x, r, b)[1]
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, NH, DH, generator=g, dtype=torch.float64).tanh()  # (B, NH, DH)
-    c = torch.randn(B, NH, DH, generator=g, dtype=torch.float64)  # (B, NH, DH)
-    n = 0.1 + torch.rand(B, NH, DH, generator=g, dtype=torch.float64) * 3  # (B, NH, DH) positive
-    m = 3.0 * torch.randn(B, NH, DH, generator=g, dtype=torch.float64)  # (B, NH, DH)
-    return h, c, n, m
+    """A float64 state (op_inputs.slstm_state): None, "prefix" or "random" (n > 0)."""
+    return slstm_state(B, NH, DH, kind, seed=seed, dtype=torch.float64)
 
 
 def as_dtype(state, dtype):

@@ -30,6 +30,7 @@ from xlstm_export.kernels.slstm.fused_recurrent import (  # noqa: E402
     fused_recurrent_step_slstm,
 )
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm, naive_step_slstm  # noqa: E402
+from op_inputs import rel_err, slstm_inputs, slstm_state  # noqa: E402
 from slstm_oracle import check_against_official, extreme_first_step_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten outputs are NaN, not stale
@@ -52,42 +53,14 @@ TOL = {
 DTYPE_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values (an unwritten output?)"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def make_inputs(B, NH, S, DH, dtype, device=DEVICE, seed=SEED):
-    """Realistic gate spreads, gate-major [i | f | z | o]: ĩ ~ 2 N(0,1), f̃ ~ N(3,1) (forget gate
-    mostly open), z̃, õ ~ N(0,1); r ~ N(0,1)/sqrt(DH); b ~ 0.5 N(0,1)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, NH, S, 4, DH, generator=g, dtype=torch.float64)  # (B, NH, S, 4, DH)
-    x[..., 0, :] *= 2.0
-    x[..., 1, :] += 3.0
-    x = x.reshape(B, NH, S, 4 * DH)  # (B, NH, S, 4*DH)
-    r = torch.randn(NH, DH, 4 * DH, generator=g, dtype=torch.float64) / DH**0.5  # (NH, DH, 4*DH)
-    b = 0.5 * torch.randn(NH, 4 * DH, generator=g, dtype=torch.float64)  # (NH, 4*DH)
-    return tuple(t.to(device=device, dtype=dtype) for t in (x, r, b))
+    """op_inputs.slstm_inputs: realistic gate spreads, gate-major [i | f | z | o]."""
+    return slstm_inputs(B, NH, S, DH, seed=seed, dtype=dtype, device=device)
 
 
 def make_state(kind, B, NH, DH, device=DEVICE, seed=SEED + 1):
-    """None, the state after a random 9-step prefix (realistic), or random tensors with n > 0;
-    each (B, NH, DH) float32."""
-    if kind == "none":
-        return None
-    if kind == "prefix":
-        x, r, b = make_inputs(B, NH, 9, DH, torch.float64, device="cpu", seed=seed)
-        state = naive_recurrent_slstm(x, r, b)[1]
-    else:
-        g = torch.Generator().manual_seed(seed)
-        h = torch.randn(B, NH, DH, generator=g, dtype=torch.float64).tanh()
-        c = torch.randn(B, NH, DH, generator=g, dtype=torch.float64)
-        n = 0.1 + 3.0 * torch.rand(B, NH, DH, generator=g, dtype=torch.float64)  # positive
-        m = 3.0 * torch.randn(B, NH, DH, generator=g, dtype=torch.float64)
-        state = (h, c, n, m)
-    return tuple(t.to(device=device, dtype=torch.float32) for t in state)
+    """op_inputs.slstm_state: None, "prefix" or "random" (n > 0); each (B, NH, DH) float32."""
+    return slstm_state(B, NH, DH, kind, seed=seed, device=device)
 
 
 def run_both(x, r, b, state):
@@ -133,19 +106,12 @@ def case_id(B, NH, S, DH, state_kind, dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # (B, NH, S, DH, state kind, dtype): odd S; B 17 spans two batch tiles (the second masked);
 # DH 24 is padded to a 32 block by masking; S 1 is a single step through the sequence kernel
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 CASES = [
-    (2, 2, 7, 16, "none", torch.float32),
-    (3, 2, 9, 16, "random", torch.float32),
-    (2, 1, 13, 32, "prefix", torch.float32),
-    (1, 2, 5, 32, "none", torch.float32),
-    (17, 1, 3, 16, "random", torch.float32),
-    (2, 1, 5, 24, "prefix", torch.float32),
-    (2, 2, 1, 16, "random", torch.float32),
-    (2, 2, 7, 16, "none", torch.bfloat16),
-    (3, 1, 9, 32, "prefix", torch.bfloat16),
-    (17, 2, 4, 32, "prefix", torch.bfloat16),
-    (1, 3, 15, 16, "random", torch.float32),
-    (2, 1, 7, 16, "random", torch.float16),
+    (2, 2, 7, 16, "none", FP32), (3, 2, 9, 16, "random", FP32), (2, 1, 13, 32, "prefix", FP32),
+    (1, 2, 5, 32, "none", FP32), (17, 1, 3, 16, "random", FP32), (2, 1, 5, 24, "prefix", FP32),
+    (2, 2, 1, 16, "random", FP32), (2, 2, 7, 16, "none", BF16), (3, 1, 9, 32, "prefix", BF16),
+    (17, 2, 4, 32, "prefix", BF16), (1, 3, 15, 16, "random", FP32), (2, 1, 7, 16, "random", FP16),
 ]
 
 
