@@ -25,6 +25,11 @@ Backends live in small dict registries. "torch" is the pure-PyTorch reference (r
 "triton" the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), and "auto" picks Triton on
 CUDA tensors (float32 / float16 / bfloat16) and the reference elsewhere (float64 included). Other layers (the ONNX exporter's custom ops) add
 entries with :func:`register_backend`.
+
+Where Triton runs is decided in one place (``_triton.py``): :func:`triton_available`,
+:func:`interpreting` (TRITON_INTERPRET=1 when the kernels were imported) and
+:func:`triton_runs_on` (CUDA, or CPU when interpreted). Every implementation checks its inputs with
+``xlstm_export.contract.check_inputs`` (the op spec's shapes, dtypes and attribute ranges).
 """
 
 from __future__ import annotations

@@ -135,12 +135,12 @@ class OpSpec:
     """One custom op: name, domain, version, inputs, outputs, attributes."""
 
     name: str  # "mLSTM" / "sLSTM"
-    domain: str
-    version: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     attrs: tuple[AttrSpec, ...]
     doc: str = ""
+    domain: str = DOMAIN
+    version: int = VERSION
     type_param: str = "T"
     type_dtypes: tuple[str, ...] = T_DTYPES
 
@@ -198,8 +198,6 @@ _MLSTM_STATES = (
 
 MLSTM = OpSpec(
     name="mLSTM",
-    domain=DOMAIN,
-    version=VERSION,
     inputs=(
         TensorSpec("q", ("B", "NH", "S", "DQK"), "T", "queries, unscaled (the op scales by 1/sqrt(DQK))"),
         TensorSpec("k", ("B", "NH", "S", "DQK"), "T", "keys"),
@@ -226,8 +224,6 @@ _SLSTM_STATES = tuple(TensorSpec(f"{name}0", ("B", "NH", "DH"), "float32", f"ini
 
 SLSTM = OpSpec(
     name="sLSTM",
-    domain=DOMAIN,
-    version=VERSION,
     inputs=(
         TensorSpec("x", ("B", "NH", "S", "4*DH"), "T", "W x per head, gate-major [i | f | z | o], no bias"),
         TensorSpec("r", ("NH", "DH", "4*DH"), "T", "recurrent weights: pre-activations += h_{t-1} @ r[head]"),

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ...contract import MLSTM, check_inputs
 from .._reference import REFERENCE_DTYPES, compute_dtype
@@ -116,16 +117,10 @@ def _step(
 
 
 def naive_step_mlstm(
-    q: torch.Tensor,  # (B, NH, 1, DHQK)
-    k: torch.Tensor,  # (B, NH, 1, DHQK)
-    v: torch.Tensor,  # (B, NH, 1, DHV)
-    i: torch.Tensor,  # (B, NH, 1)
-    f: torch.Tensor,  # (B, NH, 1)
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor,  # (B, NH, 1, DHQK) x2, (B, NH, 1, DHV), (B, NH, 1) x2
     state: MLSTMState,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
-    *,
-    chunk_size: int = 64,  # unused; accepted so every form shares the cell signature
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, MLSTMState]:
+    *, chunk_size: int = 64, eps: float = 1e-6,  # chunk_size unused (the cell signature)
+) -> tuple[Tensor, MLSTMState]:
     """One recurrent mLSTM step (S == 1; the state is required).
 
     Returns h (B, NH, 1, DHV) in the dtype of v and the new state (c, n, m).
@@ -137,16 +132,10 @@ def naive_step_mlstm(
 
 
 def naive_recurrent_mlstm(
-    q: torch.Tensor,  # (B, NH, S, DHQK)
-    k: torch.Tensor,  # (B, NH, S, DHQK)
-    v: torch.Tensor,  # (B, NH, S, DHV)
-    i: torch.Tensor,  # (B, NH, S)
-    f: torch.Tensor,  # (B, NH, S)
-    state: MLSTMState | None = None,
-    *,
-    chunk_size: int = 64,  # unused; accepted so every form shares the cell signature
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, MLSTMState]:
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor,  # (B, NH, S, DHQK) x2, (B, NH, S, DHV), (B, NH, S) x2
+    state: MLSTMState | None = None,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
+    *, chunk_size: int = 64, eps: float = 1e-6,  # chunk_size unused (the cell signature)
+) -> tuple[Tensor, MLSTMState]:
     """The mLSTM as a plain loop over single steps (O(S) steps, the most literal form)."""
     (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
         "naive_recurrent_mlstm", q, k, v, i, f, state, chunk_size, eps)
@@ -164,16 +153,10 @@ def naive_recurrent_mlstm(
 
 
 def naive_parallel_mlstm(
-    q: torch.Tensor,  # (B, NH, S, DHQK)
-    k: torch.Tensor,  # (B, NH, S, DHQK)
-    v: torch.Tensor,  # (B, NH, S, DHV)
-    i: torch.Tensor,  # (B, NH, S)
-    f: torch.Tensor,  # (B, NH, S)
-    state: MLSTMState | None = None,
-    *,
-    chunk_size: int = 64,  # unused; accepted so every form shares the cell signature
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, MLSTMState]:
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor,  # (B, NH, S, DHQK) x2, (B, NH, S, DHV), (B, NH, S) x2
+    state: MLSTMState | None = None,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
+    *, chunk_size: int = 64, eps: float = 1e-6,  # chunk_size unused (the cell signature)
+) -> tuple[Tensor, MLSTMState]:
     """The mLSTM in its quadratic parallel form (memory O(S^2); for tests and short sequences).
 
     log D[t, s] = b_t - b_s + i_s for s <= t (b = cumsum logsigmoid(f)), -inf above the diagonal;
@@ -211,16 +194,10 @@ def naive_parallel_mlstm(
 
 
 def naive_chunk_mlstm(
-    q: torch.Tensor,  # (B, NH, S, DHQK)
-    k: torch.Tensor,  # (B, NH, S, DHQK)
-    v: torch.Tensor,  # (B, NH, S, DHV)
-    i: torch.Tensor,  # (B, NH, S)
-    f: torch.Tensor,  # (B, NH, S)
-    state: MLSTMState | None = None,
-    *,
-    chunk_size: int = 64,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, MLSTMState]:
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor,  # (B, NH, S, DHQK) x2, (B, NH, S, DHV), (B, NH, S) x2
+    state: MLSTMState | None = None,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
+    *, chunk_size: int = 64, eps: float = 1e-6,  # chunk_size: the chunk length
+) -> tuple[Tensor, MLSTMState]:
     """The mLSTM in chunkwise form: linear in S, any S and any chunk size.
 
     The sequence is cut into chunks of ``chunk_size`` steps; the last chunk holds the remaining
