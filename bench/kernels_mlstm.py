@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import report  # noqa: E402
 
 TOKENS = 65536
 NH, DHQK, DHV = 16, 128, 256
@@ -146,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {S} | {B} | " + " | ".join(_fmt(fwd[n]) for n in names) + " | "
             + " | ".join(_fmt(fwdbwd[n]) for n in names) + " |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        cmd = "python bench/kernels_mlstm.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.write, "a") as fh:
-            fh.write(f"\n## mLSTM kernels\n\nCommand: `{cmd.strip()}`\n\n{table}\n")
-    return 0
+    return report("\n".join(lines), args.write, "mLSTM kernels", "bench/kernels_mlstm.py", argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import report  # noqa: E402
 from _timing import cuda_time_ms  # noqa: E402
 
 BACKENDS = ("ours", "flashrnn_triton", "flashrnn_cuda", "torch")
@@ -177,13 +178,8 @@ def main(argv=None) -> int:
 
     table = run(args)
     print()
-    print(table)
-    if args.write:
-        stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-        cmd = "python bench/kernels_slstm.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.write, "a") as f:
-            f.write(f"\n## sLSTM kernels ({stamp})\n\nCommand: `{cmd.strip()}`\n\n{table}\n")
-    return 0
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return report(table, args.write, f"sLSTM kernels ({stamp})", "bench/kernels_slstm.py", argv)
 
 
 if __name__ == "__main__":
