@@ -23,6 +23,10 @@ exactly the cell API of :mod:`xlstm_export.kernels` (q is scaled by 1/sqrt(DQK) 
 
     T in {float32, float16, bfloat16}. All-zero initial states == a fresh sequence.
 
+Every implementation (the PyTorch references, the Triton kernels) checks its inputs with
+:func:`check_inputs`: the shapes, dtypes and attribute ranges below, plus the capabilities it
+states (a reference also takes float64; Triton's chunk_size is a power of two >= 16).
+
 Shape rules (:func:`mlstm_output_shapes`, :func:`slstm_output_shapes`) only index and combine input
 dims with ``+ - * //``, so they run unchanged on ints and on symbolic dims (TensorRT's
 ``tensorrt.plugin`` shape expressions). ONNX ``dim_param`` strings are handled by the schema
@@ -329,12 +333,12 @@ def _dims_doc(t: TensorSpec, names: dict[str, str]) -> str:
 
 
 def _check_shapes(spec: OpSpec, who: str, shapes: Sequence[Sequence[int] | None], label, names: dict[str, str],
-                  products: bool) -> dict[str, int]:
+                  products: bool, mismatch=None) -> dict[str, int]:
     """The shape rules of ``spec`` on concrete shapes (None: an input not given); returns the dims.
 
-    ``label(t)`` names an input in messages ("input k", "state c"); ``names`` renames dims for the
-    messages (the cell API's DHQK). One wording for every caller: ``{who}: {label} must be
-    {dims} = {expected}, got {actual}``."""
+    ``label(t)`` names an input in messages ("k", "state c"); ``names`` renames dims for the
+    messages (the cell API's DHQK). A wrong shape reads ``{who}: {label} must be {dims} =
+    {expected}, got {actual}``, or ``mismatch(t, expected, actual)`` when given."""
     # 1. the dims, each from the first input that has it; that input's rank must be right
     env: dict[str, int] = {}
     origin: dict[str, tuple[TensorSpec, Sequence[int]]] = {}
@@ -363,13 +367,15 @@ def _check_shapes(spec: OpSpec, who: str, shapes: Sequence[Sequence[int] | None]
         if s is None:
             continue
         want = expected_shape(spec, t, env)
-        if tuple(int(d) for d in s) != tuple(int(d) for d in want):
+        if tuple(s) != tuple(want):  # no int(): symbolic (traced) dims compare without specializing
+            if mismatch is not None:
+                raise ValueError(mismatch(t, want, s))
             if t.is_state and spec.name in _VALUES_FIRST_STATES:
                 raise ValueError(f"{who}: {label(t)} must be {_fmt(want)} {_dims_doc(t, names)}, got {_fmt(s)}")
             raise ValueError(f"{who}: {label(t)} must be {_dims_doc(t, names)} = {_fmt(want)}, got {_fmt(s)}")
     # 3. no empty dim
     for name, v in env.items():
-        if int(v) < 1:
+        if v < 1:
             t, s = origin[name]
             raise ValueError(f"{who}: dim {names.get(name, name)} must be >= 1, got {label(t)} of shape {_fmt(s)}")
     return env
@@ -385,7 +391,15 @@ def validate_shapes(op: str | OpSpec, shapes: Sequence[Sequence[int]]) -> list[t
     if len(shapes) != len(spec.inputs):
         raise ValueError(f"{spec.qualname}: expected {len(spec.inputs)} inputs "
                          f"({input_names(spec)}), got {len(shapes)}")
-    _check_shapes(spec, spec.qualname, shapes, lambda t: f"input {t.name}", {}, products=False)
+    for t, s in zip(spec.inputs, shapes):
+        if len(s) != t.rank:
+            raise ValueError(f"{spec.qualname}: input {t.name} must have rank {t.rank} "
+                             f"{list(t.dims)}, got shape {_fmt(s)}")
+
+    def mismatch(t: TensorSpec, want: tuple, got: Sequence) -> str:
+        return f"{spec.qualname}: input {t.name} {list(t.dims)} expected shape {_fmt(want)}, got {_fmt(got)}"
+
+    _check_shapes(spec, spec.qualname, shapes, lambda t: f"input {t.name}", {}, False, mismatch)
     return output_shapes(spec, shapes)
 
 
