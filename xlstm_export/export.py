@@ -80,7 +80,6 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, 
 LOGITS_FROM = "logits_from"  # int64 (1,) initializer: logits for positions logits_from: (0 = all)
 METADATA_PREFIX = "xlstm_export."  # metadata_props keys: format, dtype, state_names, config
 FORMAT_VERSION = "1"
-_all_nodes = all_nodes  # the name openvino_runner imports (graph_rewrite.all_nodes owns it)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

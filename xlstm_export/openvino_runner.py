@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from .export import _all_nodes, state_input_name, state_output_name
+from .export import state_input_name, state_output_name
+from .graph_rewrite import all_nodes
 from .ort import ExportedModel
 
 __all__ = ["OpenVinoModel", "openvino_available"]
@@ -124,7 +125,7 @@ class OpenVinoModel(ExportedModel):
             model = inline_xlstm(onnx.load(str(self.path)))  # loads external data too
         except ExportError as e:
             raise NotAnXLSTMModelError(f"{self.path}: cannot inline its xlstm nodes: {e}") from None
-        custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph)
+        custom = sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model.graph)
                          if n.domain not in _STANDARD_DOMAINS})
         if custom:
             raise NotAnXLSTMModelError(f"{self.path}: ops outside the standard ONNX domain, OpenVINO "
