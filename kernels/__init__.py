@@ -23,8 +23,10 @@ A state of all zeros is a fresh sequence (identical to ``state=None``).
 
 Backends live in small dict registries. "torch" is the pure-PyTorch reference (runs anywhere),
 "triton" the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), and "auto" picks Triton on
-CUDA tensors (float32 / float16 / bfloat16) and the reference elsewhere (float64 included). Other layers (the ONNX exporter's custom ops) add
-entries with :func:`register_backend`.
+CUDA tensors (float32 / float16 / bfloat16) and the reference elsewhere (float64 included);
+"custom_op" runs the reference as the opaque ``torch.ops.xlstm.*`` nodes the ONNX exporter needs
+(:mod:`.custom_op`). Each backend's module is imported on its first call; :func:`register_backend`
+adds others.
 
 Where Triton runs is decided in one place (``_triton.py``): :func:`triton_available`,
 :func:`interpreting` (TRITON_INTERPRET=1 when the kernels were imported) and
@@ -110,9 +112,23 @@ def _slstm_auto(x, r, *args, **kwargs):
     return (_slstm_triton if use_triton else _slstm_torch)(x, r, *args, **kwargs)
 
 
+def _mlstm_custom_op(q, k, v, i, f, state=None, *, chunk_size=64, eps=1e-6):
+    from .custom_op import mlstm_custom_op  # defines torch.ops.xlstm.* on first use
+
+    return mlstm_custom_op(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+
+
+def _slstm_custom_op(x, r, b, state=None):
+    from .custom_op import slstm_custom_op
+
+    return slstm_custom_op(x, r, b, state)
+
+
 register_backend("torch", mlstm=_mlstm_torch, slstm=_slstm_torch)
 register_backend("triton", mlstm=_mlstm_triton, slstm=_slstm_triton)
 register_backend("auto", mlstm=_mlstm_auto, slstm=_slstm_auto)
+# the cells as the opaque torch.ops.xlstm.* nodes the ONNX exporter turns into xlstm:: nodes
+register_backend("custom_op", mlstm=_mlstm_custom_op, slstm=_slstm_custom_op)
 
 
 def mlstm_cell(q, k, v, i, f, state=None, *, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Architecture = Literal["paper", "large"]
-# the cell backends (kernels.MLSTM_BACKENDS): "custom_op" runs the cells as torch.ops.xlstm.* (xlstm_export.ops),
-# the single nodes the ONNX exporter traces
+# the cell backends (kernels.MLSTM_BACKENDS): "custom_op" runs the cells as torch.ops.xlstm.*
+# (kernels/custom_op.py), the single nodes the ONNX exporter traces
 Backend = Literal["auto", "torch", "triton", "custom_op"]
 
 

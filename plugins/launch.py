@@ -21,10 +21,11 @@ against that header to check both agree.
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+from xlstm_export.contract import MLSTM
 
 __all__ = [
     "LaunchParams", "MLSTM_EXTRA_ARGS", "SLSTM_EXTRA_ARGS", "MLSTM_THREADS", "MLSTM_CHUNK",
@@ -125,10 +126,8 @@ def mlstm_launch(B: Any, NH: Any, S: Any, DQK: int, DV: int, *, chunk_size: int 
     grid (ceil(DV / 32), NH, B), 256 threads; extra args (B, NH, S, DQK, DV, chunk_size, eps bits).
     """
     DQK, DV = _static("DQK", DQK), _static("DV", DV)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"xlstm::mLSTM: chunk_size must be an int >= 1, got {chunk_size!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"xlstm::mLSTM: eps must be a finite float > 0, got {eps!r}")
+    for name, value in (("chunk_size", chunk_size), ("eps", eps)):  # the op spec's ranges
+        MLSTM.attr(name).validate(MLSTM.qualname, value, argument=True)
     # chunk_size beyond the on-chip chunk only changes rounding (the math does not depend on it)
     chunk = min(chunk_size, MLSTM_CHUNK)
     return LaunchParams(

@@ -68,9 +68,7 @@ def _t_dtype(spec: contract.OpSpec, descs) -> str:
 
 def _check_ranks(spec: contract.OpSpec, descs) -> None:
     for t, desc in zip(spec.inputs, descs):
-        if desc.ndim != t.rank:
-            raise ValueError(f"{spec.qualname}: input {t.name} must have rank {t.rank} {list(t.dims)}, "
-                             f"got rank {desc.ndim}")
+        contract.check_rank(spec, t, desc.ndim, f"rank {desc.ndim}")
 
 
 def _output_descs(spec: contract.OpSpec, shapes, t_dtype: str):

@@ -16,10 +16,8 @@ from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_recurrent_
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
 
 from xlstm_export import contract as C
-from xlstm_export import (
-    kernels,
-    ops,  # noqa: F401  (registers the ops and the "custom_op" backend)
-)
+from xlstm_export import kernels
+from xlstm_export.kernels import custom_op  # noqa: F401  (defines torch.ops.xlstm.*)
 from xlstm_export import onnx_functions as OF
 from xlstm_export.ort import _ortvalue_to_numpy
 

@@ -1,9 +1,10 @@
 """The op contract of ``xlstm::mLSTM`` and ``xlstm::sLSTM`` (domain ``xlstm``, version 1), written once.
 
 Everything that touches the two custom ops reads this module: the torch custom ops' fake
-implementations (:mod:`xlstm_export.ops`), the ONNX schemas (type and shape inference, registered by
-:func:`register_onnx_schemas`), the ONNX function bodies (:mod:`xlstm_export.onnx_functions`), the
-TensorRT plugin descriptors (``xlstm_export.plugins``) and the tests / ``validate``.
+implementations (:mod:`xlstm_export.kernels.custom_op`), the ONNX schemas (type and shape
+inference, registered by :func:`register_onnx_schemas`), the ONNX function bodies
+(:mod:`xlstm_export.onnx_functions`), the TensorRT plugin descriptors (``xlstm_export.plugins``)
+and the tests / ``validate``.
 
 Layout is head-first ``[B, NH, S, D]``; recurrent states are float32 in every dtype. The math is
 exactly the cell API of :mod:`xlstm_export.kernels` (q is scaled by 1/sqrt(DQK) INSIDE the op)::
@@ -381,6 +382,13 @@ def _check_shapes(spec: OpSpec, who: str, shapes: Sequence[Sequence[int] | None]
     return env
 
 
+def check_rank(spec: OpSpec, t: TensorSpec, ndim: int, got: str) -> None:
+    """One input's rank against the op's dims: ValueError naming the op, the input, both ranks
+    (``got`` says what was seen: "shape (2, 3)", "rank 2")."""
+    if ndim != t.rank:
+        raise ValueError(f"{spec.qualname}: input {t.name} must have rank {t.rank} {list(t.dims)}, got {got}")
+
+
 def validate_shapes(op: str | OpSpec, shapes: Sequence[Sequence[int]]) -> list[tuple]:
     """Check every input shape against the op's dims; return the output shapes.
 
@@ -392,9 +400,7 @@ def validate_shapes(op: str | OpSpec, shapes: Sequence[Sequence[int]]) -> list[t
         raise ValueError(f"{spec.qualname}: expected {len(spec.inputs)} inputs "
                          f"({input_names(spec)}), got {len(shapes)}")
     for t, s in zip(spec.inputs, shapes):
-        if len(s) != t.rank:
-            raise ValueError(f"{spec.qualname}: input {t.name} must have rank {t.rank} "
-                             f"{list(t.dims)}, got shape {_fmt(s)}")
+        check_rank(spec, t, len(s), f"shape {_fmt(s)}")
 
     def mismatch(t: TensorSpec, want: tuple, got: Sequence) -> str:
         return f"{spec.qualname}: input {t.name} {list(t.dims)} expected shape {_fmt(want)}, got {_fmt(got)}"

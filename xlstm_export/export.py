@@ -55,7 +55,7 @@ import torch
 from onnx import numpy_helper
 
 from . import contract, onnx_functions
-from . import ops as _ops  # registers torch.ops.xlstm.* and the "custom_op" backend
+from .kernels import custom_op as _ops  # defines torch.ops.xlstm.*, which the translation table names
 from .contract import DOMAIN
 from .fsio import staged_files
 from .graph_rewrite import Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version

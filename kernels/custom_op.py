@@ -1,4 +1,4 @@
-"""torch.library custom ops ``xlstm::mLSTM`` and ``xlstm::sLSTM`` and the cell backend "custom_op".
+"""torch.library custom ops ``xlstm::mLSTM`` and ``xlstm::sLSTM``: the cell backend "custom_op".
 
 The ops are the PyTorch face of the op contract (:mod:`xlstm_export.contract`): same name, same
 inputs (initial states explicit, float32), same outputs (final states float32), same attributes.
@@ -9,23 +9,24 @@ rules. ``torch.export`` keeps each call as ONE opaque node, which the ONNX expor
 
 Example::
 
-    >>> import torch, xlstm_export.ops  # registers the ops and the "custom_op" backend
+    >>> import torch, xlstm_export.kernels.custom_op  # defines torch.ops.xlstm.*
     >>> q = k = torch.randn(1, 2, 5, 8); v = torch.randn(1, 2, 5, 16); i = f = torch.randn(1, 2, 5)
     >>> c0, n0, m0 = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8), torch.zeros(1, 2)
     >>> h, c, n, m = torch.ops.xlstm.mLSTM(q, k, v, i, f, c0, n0, m0, chunk_size=64, eps=1e-6)
     >>> h.shape, c.shape
     (torch.Size([1, 2, 5, 16]), torch.Size([1, 2, 8, 16]))
 
-The backend "custom_op" (``model.set_backend("custom_op")``) routes the fixed cell API through
-these ops, with zeros for a ``None`` state.
+The backend "custom_op" (``model.set_backend("custom_op")``; :mod:`xlstm_export.kernels` lists it
+beside "torch" and "triton" and imports this module on its first call) routes the fixed cell API
+through these ops, with zeros for a ``None`` state.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import contract
-from .contract import MLSTM, SLSTM
+from .. import contract
+from ..contract import MLSTM, SLSTM
 
 __all__ = ["BACKEND_NAME", "mlstm_custom_op", "slstm_custom_op", "torch_schema"]
 
@@ -70,7 +71,7 @@ def mlstm_op(q, k, v, i, f, c0, n0, m0, chunk_size=_MLSTM_DEFAULTS["chunk_size"]
     """xlstm::mLSTM (inputs, attributes and defaults: ``contract.MLSTM``): q, k (B,NH,S,DQK), v (B,NH,S,DV),
     i, f (B,NH,S) in T; c0 (B,NH,DQK,DV), n0 (B,NH,DQK), m0 (B,NH) float32
     -> h (B,NH,S,DV) T, c (B,NH,DQK,DV), n (B,NH,DQK), m (B,NH) float32."""
-    from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm
+    from .mlstm.naive import naive_chunk_mlstm
 
     inputs = (q, k, v, i, f, c0, n0, m0)
     _check(MLSTM, inputs)
@@ -99,7 +100,7 @@ def _mlstm_fake(q, k, v, i, f, c0, n0, m0, chunk_size=_MLSTM_DEFAULTS["chunk_siz
 def slstm_op(x, r, b, h0, c0, n0, m0):
     """xlstm::sLSTM (inputs: ``contract.SLSTM``): x (B,NH,S,4*DH), r (NH,DH,4*DH), b (NH,4*DH) in T;
     h0, c0, n0, m0 (B,NH,DH) float32 -> y (B,NH,S,DH) T, h, c, n, m (B,NH,DH) float32."""
-    from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
+    from .slstm.naive import naive_recurrent_slstm
 
     inputs = (x, r, b, h0, c0, n0, m0)
     _check(SLSTM, inputs)
@@ -142,12 +143,3 @@ def slstm_custom_op(x, r, b, state=None):
     h0, c0, n0, m0 = state
     y, h, c, n, m = torch.ops.xlstm.sLSTM(x, r, b, h0, c0, n0, m0)
     return y, (h, c, n, m)
-
-
-def _register_backend() -> None:
-    from xlstm_export.kernels import register_backend
-
-    register_backend(BACKEND_NAME, mlstm=mlstm_custom_op, slstm=slstm_custom_op)
-
-
-_register_backend()
