@@ -19,6 +19,12 @@ in float32 and float64, and the tests' tolerances were measured on one of them).
     >>> c, n, m = mlstm_state(2, 4, 16, 32, "prefix", seed=1235, dtype=torch.float64)
     >>> x, r, b = slstm_inputs(2, 4, 9, 16, seed=2024, dtype=torch.bfloat16)
     >>> err = rel_err(actual, expected)                                    # max |a - e| / max |e|
+
+For the op's node as a whole (every input in contract order, states included) with a test's own
+spreads, :func:`op_args`::
+
+    >>> q, k, v, i, f, c0, n0, m0 = op_args(MLSTM, dict(B=2, NH=3, S=5, DQK=8, DV=6), seed=0,
+    ...                                     how={"f": lambda z: z + 2.0})
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 
 from xlstm_export.contract import MLSTM, SLSTM, OpSpec, expected_shape
 
-__all__ = ["MLSTM_PREFIX", "SLSTM_PREFIX", "mlstm_inputs", "mlstm_state", "rel_err", "slstm_inputs", "slstm_state"]
+__all__ = ["MLSTM_PREFIX", "SLSTM_PREFIX", "mlstm_inputs", "mlstm_state", "op_args", "rel_err", "slstm_inputs",
+           "slstm_state"]
 
 MLSTM_PREFIX = 11  # steps of the random prefix whose final state is a "prefix" mLSTM state
 SLSTM_PREFIX = 9  # the same for the sLSTM
@@ -50,6 +57,20 @@ def _shapes(spec: OpSpec, **dims: int) -> dict[str, tuple]:
 def _draw(shapes: dict[str, tuple], names: str, g: torch.Generator, dtype: torch.dtype, how: dict) -> list:
     """One tensor per name, in order: ``how[name](z)`` of a standard normal z (default: z itself)."""
     return [how.get(n, lambda z: z)(torch.randn(shapes[n], generator=g, dtype=dtype)) for n in names.split()]
+
+
+def op_args(spec: OpSpec, dims: dict[str, int], *, seed: int, dtype=torch.float32, state: bool = True,
+            how: dict | None = None, draw_dtype=torch.float32, state_dtype=torch.float32) -> tuple:
+    """Every input of ``spec`` in contract order, shaped by its dims: input ``name`` is
+    ``how[name](z)`` of a standard normal z (default z), drawn from one generator in that order;
+    the T inputs in ``dtype``, the states in ``state_dtype``, or zeros (a fresh sequence) when
+    ``state`` is False (then no state is drawn)."""
+    shapes = _shapes(spec, **dims)
+    g = torch.Generator().manual_seed(seed)
+    names = [t.name for t in spec.inputs if state or not t.is_state]
+    drawn = dict(zip(names, _draw(shapes, " ".join(names), g, draw_dtype, how or {})))
+    return tuple(drawn[t.name].to(state_dtype if t.is_state else dtype) if t.name in drawn
+                 else torch.zeros(shapes[t.name], dtype=state_dtype) for t in spec.inputs)
 
 
 def mlstm_inputs(B, NH, S, DQK, DV, *, seed, dtype=torch.float32, device="cpu", i_scale=2.0, f_mean=3.0,

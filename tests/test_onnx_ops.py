@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from op_inputs import op_args
 from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_recurrent_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
@@ -28,34 +29,16 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def mlstm_inputs(B, NH, S, DQK, DV, dtype="float32", *, with_state=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dt = TORCH_DTYPES[dtype]
-    r = lambda *s: torch.randn(*s, generator=g)
-    q, k = r(B, NH, S, DQK).to(dt), r(B, NH, S, DQK).to(dt)  # (B, NH, S, DQK)
-    v = r(B, NH, S, DV).to(dt)  # (B, NH, S, DV)
-    i = r(B, NH, S).to(dt)  # (B, NH, S) input-gate pre-activations, some > 0
-    f = (r(B, NH, S) + 2.0).to(dt)  # (B, NH, S) forget gates mostly open
-    if with_state:  # a state as a previous sequence leaves it: m of either sign, n and C non-zero
-        c0, n0, m0 = r(B, NH, DQK, DV), r(B, NH, DQK), r(B, NH)
-    else:
-        c0, n0, m0 = torch.zeros(B, NH, DQK, DV), torch.zeros(B, NH, DQK), torch.zeros(B, NH)
-    return q, k, v, i, f, c0, n0, m0
+    """The node's eight inputs; f ~ N(2, 1) (forget gates mostly open); a state as a previous
+    sequence leaves it (m of either sign, n and C non-zero) or zeros."""
+    return op_args(C.MLSTM, dict(B=B, NH=NH, S=S, DQK=DQK, DV=DV), seed=seed, dtype=TORCH_DTYPES[dtype],
+                   state=with_state, how={"f": lambda z: z + 2.0})
 
 
 def slstm_inputs(B, NH, S, DH, dtype="float32", *, with_state=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dt = TORCH_DTYPES[dtype]
-    r = lambda *s: torch.randn(*s, generator=g)
-    x = r(B, NH, S, 4 * DH).to(dt)  # (B, NH, S, 4*DH)
-    rw = (r(NH, DH, 4 * DH) / DH**0.5).to(dt)  # (NH, DH, 4*DH)
-    b = r(NH, 4 * DH).to(dt)  # (NH, 4*DH)
-    if with_state:
-        h0, c0 = r(B, NH, DH), r(B, NH, DH)
-        n0 = r(B, NH, DH).abs() + 0.5  # the normalizer of a real state is positive
-        m0 = r(B, NH, DH)
-    else:
-        h0 = c0 = n0 = m0 = torch.zeros(B, NH, DH)
-    return x, rw, b, h0, c0, n0, m0
+    """The node's seven inputs; r ~ N(0, 1) / sqrt(DH); n0 > 0, as the normalizer of a real state."""
+    return op_args(C.SLSTM, dict(B=B, NH=NH, S=S, DH=DH), seed=seed, dtype=TORCH_DTYPES[dtype], state=with_state,
+                   how={"r": lambda z: z / DH**0.5, "n0": lambda z: z.abs() + 0.5})
 
 
 # --- onnxruntime helpers ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from op_inputs import op_args
 from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_recurrent_mlstm, naive_step_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
@@ -79,13 +80,11 @@ def test_missing_compiler_is_one_clear_error(monkeypatch):
 
 
 def _mlstm_inputs(B, NH, S, DQK, DV, seed):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    q, k, v = r(B, NH, S, DQK), r(B, NH, S, DQK), r(B, NH, S, DV)
-    i = 3 * r(B, NH, S)  # exp input gate: pre-activations well above and below 0
-    f = 4 * r(B, NH, S) + 1  # log-sigmoid forget gate, closed to wide open
-    c0, n0, m0 = r(B, NH, DQK, DV), r(B, NH, DQK), 2 * r(B, NH)  # a used state, m of either sign
-    return q, k, v, i, f, c0, n0, m0
+    """float64: i ~ 3 N(0, 1) (exp input gate well above and below 0), f ~ 4 N(0, 1) + 1 (log-sigmoid
+    forget gate, closed to wide open), a used state with m of either sign."""
+    return op_args(C.MLSTM, dict(B=B, NH=NH, S=S, DQK=DQK, DV=DV), seed=seed, dtype=torch.float64,
+                   draw_dtype=torch.float64, state_dtype=torch.float64,
+                   how={"i": lambda z: 3 * z, "f": lambda z: 4 * z + 1, "m0": lambda z: 2 * z})
 
 
 @pytest.mark.parametrize("B,NH,S,DQK,DV", [(1, 1, 1, 8, 8), (3, 2, 1, 7, 13), (2, 4, 1, 32, 64),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_inputs import op_args
 from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_step_mlstm
 from xlstm_export.kernels.slstm.naive import naive_recurrent_slstm
@@ -91,17 +92,10 @@ def _close(name, actual, expected, tol: contract.Tolerance):
 
 
 def _mlstm_inputs(B, NH, S, DQK, DV, dtype, with_state, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q, k = rnd(B, NH, S, DQK).to(dtype), rnd(B, NH, S, DQK).to(dtype)  # (B, NH, S, DQK)
-    v = rnd(B, NH, S, DV).to(dtype)  # (B, NH, S, DV)
-    i = rnd(B, NH, S).to(dtype)  # (B, NH, S)
-    f = (rnd(B, NH, S) + 3.0).to(dtype)  # (B, NH, S) mostly-open forget gates
-    if with_state:
-        c0, n0, m0 = 0.5 * rnd(B, NH, DQK, DV), 0.5 * rnd(B, NH, DQK), rnd(B, NH)
-    else:
-        c0, n0, m0 = torch.zeros(B, NH, DQK, DV), torch.zeros(B, NH, DQK), torch.zeros(B, NH)
-    return q, k, v, i, f, c0, n0, m0
+    """The node's inputs: f ~ N(3, 1) (mostly-open forget gates), a used state or zeros."""
+    half = lambda z: 0.5 * z  # noqa: E731
+    return op_args(contract.MLSTM, dict(B=B, NH=NH, S=S, DQK=DQK, DV=DV), seed=seed, dtype=dtype,
+                   state=with_state, how={"f": lambda z: z + 3.0, "c0": half, "n0": half})
 
 
 def _mlstm_emu(emu, inputs, chunk_size, eps=1e-6):
@@ -152,18 +146,11 @@ def test_mlstm_decode_step_source_matches_reference(emu, B, NH, DQK, DV, dtype):
 
 
 def _slstm_inputs(B, NH, S, DH, dtype, with_state, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = rnd(B, NH, S, 4 * DH).to(dtype)  # (B, NH, S, 4*DH)
-    r = (rnd(NH, DH, 4 * DH) / DH**0.5).to(dtype)  # (NH, DH, 4*DH)
-    b = (0.5 * rnd(NH, 4 * DH)).to(dtype)  # (NH, 4*DH)
-    if with_state:
-        h0, c0 = 0.5 * rnd(B, NH, DH), rnd(B, NH, DH)
-        n0 = 1.0 + torch.rand(B, NH, DH, generator=g)  # the normalizer of a used state is positive
-        m0 = 0.5 * rnd(B, NH, DH)
-    else:
-        h0 = c0 = n0 = m0 = torch.zeros(B, NH, DH)
-    return x, r, b, h0, c0, n0, m0
+    """The node's inputs: r ~ N(0, 1) / sqrt(DH), n0 in (1, 2) as the normalizer of a used state."""
+    half = lambda z: 0.5 * z  # noqa: E731
+    return op_args(contract.SLSTM, dict(B=B, NH=NH, S=S, DH=DH), seed=seed, dtype=dtype, state=with_state,
+                   how={"r": lambda z: z / DH**0.5, "b": half, "h0": half, "n0": lambda z: 1.0 + torch.special.ndtr(z),
+                        "m0": half})
 
 
 def _slstm_emu(emu, inputs, smem_limit=SMEM_LIMIT):
