@@ -15,7 +15,7 @@ from typing import Any
 
 from .slots import OrtSlots, TorchSlots
 
-__all__ = ["Backend", "load_backend", "slot_capacity"]
+__all__ = ["Backend", "load_backend", "session_options", "slot_capacity"]
 
 log = logging.getLogger("xlstm_export.serve")
 
@@ -65,7 +65,7 @@ def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str 
                    label, pool.vocab_size)
 
 
-def _session_options(threads: int | None):
+def session_options(threads: int | None):
     """onnxruntime options for serving: worker threads sleep between runs instead of spinning,
     because the HTTP layer and the scheduler need the same cores between decode steps."""
     import onnxruntime as ort
@@ -89,12 +89,12 @@ def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool
         from ..plugins.cpu_build import CompilerNotFoundError
 
         try:
-            model = OrtModel(path, native_ops=True, session_options=_session_options(threads))
+            model = OrtModel(path, native_ops=True, session_options=session_options(threads))
         except CompilerNotFoundError as e:
             log.warning("native CPU kernels unavailable (%s): running the standard-op bodies", e)
-            model, label = OrtModel(path, session_options=_session_options(threads)), "onnxruntime"
+            model, label = OrtModel(path, session_options=session_options(threads)), "onnxruntime"
     else:
-        model, label = OrtModel(path, session_options=_session_options(threads)), "onnxruntime"
+        model, label = OrtModel(path, session_options=session_options(threads)), "onnxruntime"
     capacity = slot_capacity(max_batch, max_state_mb, OrtSlots.bytes_per_slot(model))
     return OrtSlots(model, capacity), label
 

@@ -1,0 +1,159 @@
+"""Benchmark: where a served token's time goes, part by part, at 1 and 32 concurrent sequences.
+
+For one export (onnxruntime with the native CPU kernels, the server's session options: worker
+threads not spinning), the same workload as ``bench/serve.py`` (prompts of ``--prompt-len``
+random ids, ``--max-tokens`` new tokens each, greedy), measured three ways:
+
+1. the decode step alone: ``OrtSlots.step`` on B = 1 and B = C rows (median of ``--steps``), with
+   the default intra-op threads and with one;
+2. the scheduler without HTTP: a ``Scheduler`` over ``OrtSlots`` driven by ``step()`` in this
+   process until C sequences finish (prefill included): wall time per generated token;
+3. the real server over HTTP (``xlstm-export serve``, bench/serve.py's client): wall time per
+   token, and the server's CPU time per token by thread (from /proc: the event loop is the main
+   thread; the other busy threads are the scheduler and onnxruntime's worker).
+
+    python bench/serve_parts.py                           # tiny-large, C = 1 and 32
+    python bench/serve_parts.py --model xlstm-large-160m --requests 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve as bench_serve  # noqa: E402  (bench/serve.py: export, server start, client)
+
+from xlstm_export.ort import OrtModel  # noqa: E402
+from xlstm_export.serve import OrtSlots, SamplingParams, Scheduler  # noqa: E402
+from xlstm_export.serve.backend import session_options  # noqa: E402
+
+
+def step_ms(model, rows: int, steps: int) -> float:
+    pool = OrtSlots(model, rows)
+    ids = np.arange(rows) % model.vocab_size
+    for _ in range(max(10, steps // 10)):
+        pool.step(ids)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        pool.step(ids)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def scheduler_us_per_token(model, c: int, prompt_len: int, max_tokens: int, seed: int = 0) -> float:
+    sched = Scheduler(OrtSlots(model, c), max_batch=c)
+    rng = np.random.default_rng(seed)
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
+    seqs = [sched.submit(rng.integers(0, model.vocab_size, prompt_len), greedy) for _ in range(c)]
+    t0 = time.perf_counter()
+    while any(s.finish_reason is None for s in seqs):
+        sched.step()
+    return 1e6 * (time.perf_counter() - t0) / sum(len(s.tokens) for s in seqs)
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return out
+
+
+def server_parts(path: Path, levels: list[int], args) -> list[dict]:
+    import httpx
+
+    port = bench_serve.free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "xlstm_export.cli", "serve", str(path), "--port", str(port), "--model-name",
+           "bench", "--max-batch", str(max(levels)), "--log-level", "warning"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = httpx.Client(timeout=60)
+        deadline = time.monotonic() + bench_serve.START_TIMEOUT_S
+        while True:
+            try:
+                if client.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.3)
+        vocab = args.vocab
+        asyncio.run(bench_serve.level(url, 8, 8, args.prompt_len, 8, vocab, 99))  # warm-up
+        rows = []
+        for c in levels:
+            before, client0 = thread_cpu_s(server.pid), time.process_time()
+            n = max(args.requests, 2 * c) if c > 1 else args.requests
+            res = asyncio.run(bench_serve.level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
+            after, client = thread_cpu_s(server.pid), time.process_time() - client0
+            per_tok = {t: 1e6 * (after[t] - before.get(t, 0.0)) / res["tokens"] for t in after}
+            main = per_tok.pop(server.pid)
+            others = sorted(per_tok.values(), reverse=True)
+            rows.append({"c": c, "wall_us": 1e6 * res["wall_s"] / res["tokens"], "event_loop_us": main,
+                         "busiest_us": others[0], "second_us": others[1] if len(others) > 1 else 0.0,
+                         "client_us": 1e6 * client / res["tokens"], "server_us": main + sum(others)})
+        return rows
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-large", choices=list(bench_serve.MODELS))
+    p.add_argument("--concurrency", type=int, default=32, help="the batched level (default: 32)")
+    p.add_argument("--requests", type=int, default=16, help="requests at C=1 (default: 16)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=400, help="decode steps timed alone (default: 400)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = bench_serve.export(args.model, args.workdir)
+    c = args.concurrency
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines = [f"Date (UTC): {started}; load average at start: {load}  ",
+             f"Command: `{' '.join(['python bench/serve_parts.py', *sys.argv[1:]])}`  ",
+             f"Model: {args.model}; prompts of {args.prompt_len} ids, {args.max_tokens} new tokens each, greedy", "",
+             f"| what | C = 1 | C = {c} | C={c} tokens/s over C=1 |", "|---|---|---|---|"]
+    for threads, label in ((None, "default threads"), (1, "1 thread")):
+        model = OrtModel(path, native_ops=True, session_options=session_options(threads))
+        args.vocab = int(model.vocab_size)
+        one, many = step_ms(model, 1, args.steps), step_ms(model, c, args.steps)
+        lines.append(f"| decode step alone, {label} | {one:.3f} ms | {many:.3f} ms | {c * one / many:.1f}x |")
+        if threads is None:
+            s1 = scheduler_us_per_token(model, 1, args.prompt_len, args.max_tokens)
+            sc = scheduler_us_per_token(model, c, args.prompt_len, args.max_tokens)
+            sched_line = f"| scheduler without HTTP, per token | {s1:.1f} us | {sc:.1f} us | {s1 / sc:.1f}x |"
+        del model
+    lines.append(sched_line)
+    one, many = server_parts(path, [1, c], args)
+    lines.append(f"| server over HTTP, wall per token | {one['wall_us']:.1f} us | {many['wall_us']:.1f} us | "
+                 f"{one['wall_us'] / many['wall_us']:.1f}x |")
+    lines.append(f"| server CPU per token: event loop / busiest other thread / next | "
+                 f"{one['event_loop_us']:.0f} / {one['busiest_us']:.0f} / {one['second_us']:.0f} us | "
+                 f"{many['event_loop_us']:.0f} / {many['busiest_us']:.0f} / {many['second_us']:.0f} us | |")
+    lines.append(f"| CPU per token, server + client (this process) | {one['server_us']:.0f} + {one['client_us']:.0f} us | "
+                 f"{many['server_us']:.0f} + {many['client_us']:.0f} us | |")
+    cores = os.cpu_count() or 1
+    bound = one["wall_us"] * cores / (many["server_us"] + many["client_us"])
+    lines.append(f"\nAt C={c} the two processes need {many['server_us'] + many['client_us']:.0f} us of CPU per token: "
+                 f"{cores} cores allow at most {bound:.1f}x the C=1 tokens/s over HTTP on this machine.")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
