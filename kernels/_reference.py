@@ -14,3 +14,8 @@ REFERENCE_DTYPES = ("float64", *T_DTYPES)
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64 (kept end-to-end), else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# eps = 0 is the limit without eps, which the cell math allows (max(|n^T q|, exp(-m)) > 0
+# already); the op's attribute range starts above it. Every mLSTM implementation here takes it.
+EPS_ZERO = {"eps": (0, 0.0)}

@@ -41,6 +41,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +79,11 @@ class TensorSpec:
     @property
     def is_state(self) -> bool:
         return self.dtype == STATE_DTYPE
+
+    @functools.cached_property
+    def parsed_dims(self) -> tuple[tuple[str, str, str], ...]:
+        """(dim, factor, name) per dim: "4*DH" -> ("4*DH", "4", "DH"), "B" -> ("B", "", "B")."""
+        return tuple((d, *d.rpartition("*")[::2]) for d in self.dims)
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,12 @@ class OpSpec:
                 return a
         raise KeyError(f"{self.qualname} has no attribute {name!r}; it has {[a.name for a in self.attrs]}")
 
-    @property
+    @functools.cached_property
+    def split_inputs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """(the sequence inputs and weights, the states), each in contract order."""
+        return tuple(t for t in self.inputs if not t.is_state), tuple(t for t in self.inputs if t.is_state)
+
+    @functools.cached_property
     def dims(self) -> tuple[str, ...]:
         """The op's dim names in order of first use: ("B", "NH", "S", "DQK", "DV") / (..., "DH")."""
         out: list[str] = []
@@ -302,14 +313,7 @@ def _dim_env(spec: OpSpec, shapes: Sequence[Sequence]) -> dict[str, Any]:
 
 def expected_shape(spec: OpSpec, tensor: TensorSpec, env: dict[str, Any]) -> tuple:
     """Shape of ``tensor`` given the dim values ``env`` ("4*DH" -> 4 * env["DH"])."""
-    out = []
-    for d in tensor.dims:
-        if "*" in d:
-            factor, name = d.split("*")
-            out.append(int(factor) * env[name])
-        else:
-            out.append(env[d])
-    return tuple(out)
+    return tuple(int(factor) * env[name] if factor else env[name] for _, factor, name in tensor.parsed_dims)
 
 
 # The Python cell API (kernels/) spells the mLSTM head dims DHQK / DHV (mlstm_kernels' names).
@@ -346,14 +350,14 @@ def _check_shapes(spec: OpSpec, who: str, shapes: Sequence[Sequence[int] | None]
     for t, s in zip(spec.inputs, shapes):
         if s is None:
             continue
-        new = [d for d in t.dims if d.rpartition("*")[2] not in env and (products or "*" not in d)]
+        parsed = t.parsed_dims
+        new = [d for d, factor, name in parsed if name not in env and (products or not factor)]
         if not new:
             continue
         if len(s) != t.rank:
             raise ValueError(f"{who}: {label(t)} must be {_dims_doc(t, names)}, got shape {_fmt(s)} "
                              f"({label(t)} must have {t.rank} dims)")
-        for j, (d, v) in enumerate(zip(t.dims, s)):
-            factor, _, name = d.rpartition("*")
+        for j, ((d, factor, name), v) in enumerate(zip(parsed, s)):
             if d not in new:
                 continue
             if factor and (v < int(factor) or v % int(factor)):
@@ -429,8 +433,10 @@ def validate_dtypes(op: str | OpSpec, dtypes: Sequence[str]) -> str:
     return t_dtype
 
 
-def _dtype_name(t) -> str:
-    return str(t.dtype).replace("torch.", "")
+@functools.lru_cache(maxsize=64)
+def _dtype_str(dtype) -> str:
+    """"float32" for torch.float32 (or numpy's float32)."""
+    return str(dtype).replace("torch.", "")
 
 
 def _words(names: Sequence[str]) -> str:
@@ -465,28 +471,27 @@ def check_inputs(
         ...                                    {"chunk_size": 64, "eps": 1e-6}, same_dtype="qkv")
     """
     spec = get_op(op)
-    seq = [t for t in spec.inputs if not t.is_state]
-    states = [t for t in spec.inputs if t.is_state]
-    state_doc = "(" + ", ".join(t.name.rstrip("0") for t in states) + ")"
+    seq, states = spec.split_inputs
     if state is None and state_required:
         raise ValueError(f"{fn}: state is required, got None (use zeros for a fresh sequence)")
     if state is not None and (not isinstance(state, (tuple, list)) or len(state) != len(states)):
+        state_doc = "(" + ", ".join(t.name.rstrip("0") for t in states) + ")"
         raise ValueError(f"{fn}: state must be None or a tuple {state_doc}, got {type(state).__name__}"
                          + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
     given = list(zip(seq, inputs)) + list(zip(states, state or ()))
     first = seq[0].name
     for t, x in given:
-        name = _label(t)
         if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "device")):
-            raise TypeError(f"{fn}: {name} must be a tensor, got {type(x).__name__}")
-        d = _dtype_name(x)
+            raise TypeError(f"{fn}: {_label(t)} must be a tensor, got {type(x).__name__}")
+        d = _dtype_str(x.dtype)
         if t.is_state:
             if state_dtypes is None and not d.startswith(("float", "bfloat")):
-                raise ValueError(f"{fn}: {name} must be floating point, got dtype {x.dtype}")
+                raise ValueError(f"{fn}: {_label(t)} must be floating point, got dtype {x.dtype}")
             if state_dtypes is not None and d not in state_dtypes:
-                raise ValueError(f"{fn}: {name} must be {_words(state_dtypes)}, got {x.dtype}")
+                raise ValueError(f"{fn}: {_label(t)} must be {_words(state_dtypes)}, got {x.dtype}")
         elif d not in dtypes:
-            raise ValueError(f"{fn}: {name} must be a floating-point tensor of dtype {_words(dtypes)}, got {x.dtype}")
+            raise ValueError(f"{fn}: {_label(t)} must be a floating-point tensor of dtype {_words(dtypes)}, "
+                             f"got {x.dtype}")
     shared = [(t.name, x) for t, x in given if t.name in same_dtype]
     if len({x.dtype for _, x in shared}) > 1:
         raise ValueError(f"{fn}: {', '.join(n for n, _ in shared)} must share one dtype, got "
@@ -496,9 +501,10 @@ def check_inputs(
     env = _check_shapes(spec, fn, shapes, _label, CELL_DIM_NAMES, products=True)
     if step and env["S"] != 1:
         raise ValueError(f"{fn}: needs S == 1, got {first} of shape {_fmt(inputs[0].shape)} (S={env['S']})")
+    device = inputs[0].device
     for t, x in given[1:]:
-        if x.device != inputs[0].device:
-            raise ValueError(f"{fn}: {_label(t)} is on {x.device} but {first} is on {inputs[0].device}")
+        if x.device != device:
+            raise ValueError(f"{fn}: {_label(t)} is on {x.device} but {first} is on {device}")
     for name, value in (attrs or {}).items():
         if value not in (allow or {}).get(name, ()):
             spec.attr(name).validate(fn, value, argument=True)

@@ -55,6 +55,7 @@ from typing import Literal
 import torch
 
 from ...contract import MLSTM, check_inputs
+from .._reference import EPS_ZERO
 from .._triton import DOT_MIN, is_pow2, next_pow2, require_triton
 from .chunk_bwd import (  # noqa: F401  (the kernels stay importable from here)
     chunk_mlstm_bwd,
@@ -181,7 +182,8 @@ def chunk_mlstm(
     Returns h (B, NH, S, DHV) in the dtype of v and the final state (c, n, m) in float32.
     """
     B, NH, S, DHQK, DHV = check_inputs(
-        MLSTM, "chunk_mlstm", (q, k, v, i, f), state, {"chunk_size": chunk_size, "eps": eps}, same_dtype="qkv"
+        MLSTM, "chunk_mlstm", (q, k, v, i, f), state, {"chunk_size": chunk_size, "eps": eps}, same_dtype="qkv",
+        allow=EPS_ZERO,
     )
     # capability: the tiles of tl.dot need a chunk of a power of two >= DOT_MIN steps
     if not is_pow2(chunk_size) or chunk_size < DOT_MIN:

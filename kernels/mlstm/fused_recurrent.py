@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ...contract import MLSTM, check_inputs
+from .._reference import EPS_ZERO
 from .._triton import DOT_MIN, dot_precision, is_pow2, next_pow2, require_triton
 
 try:
@@ -139,7 +140,7 @@ def fused_recurrent_step_mlstm(
     """
     B, NH, S, DHQK, DHV = check_inputs(
         MLSTM, "fused_recurrent_step_mlstm", (q, k, v, i, f), state, {"eps": eps},
-        same_dtype="qkv", state_required=True, step=True,
+        same_dtype="qkv", state_required=True, step=True, allow=EPS_ZERO,
     )
     require_triton("fused_recurrent_step_mlstm", q.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, *state)):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...contract import MLSTM, check_inputs
-from .._reference import REFERENCE_DTYPES, compute_dtype
+from .._reference import EPS_ZERO, REFERENCE_DTYPES, compute_dtype
 
 __all__ = [
     "naive_parallel_mlstm",
@@ -64,15 +64,15 @@ MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # c (B,NH,DHQK,DHV
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare(fn: str, q, k, v, i, f, state, chunk_size, eps, step: bool = False):
+def _prepare(fn: str, q, k, v, i, f, state, attrs: dict, step: bool = False):
     """Check the inputs with the op's one check (xlstm_export.contract) and the references'
     capabilities: any float dtype (float64 included, mixed allowed), states in any float dtype, and
-    eps = 0 (the limit without eps: max(|n^T q|, exp(-m)) > 0 already). Returns the dims
-    (B, NH, S, DHQK, DHV), the output dtype (that of v), q, k, v, i, f in the compute dtype and
-    the initial (c, n, m) in it."""
+    eps = 0 (EPS_ZERO). ``attrs``: the attributes the form uses (only the chunkwise form reads
+    chunk_size). Returns the dims (B, NH, S, DHQK, DHV), the output dtype (that of v), q, k, v, i, f
+    in the compute dtype and the initial (c, n, m) in it."""
     B, NH, S, DHQK, DHV = check_inputs(
-        MLSTM, fn, (q, k, v, i, f), state, {"chunk_size": chunk_size, "eps": eps}, dtypes=REFERENCE_DTYPES,
-        state_dtypes=None, state_required=step, step=step, allow={"eps": (0, 0.0)},
+        MLSTM, fn, (q, k, v, i, f), state, attrs, dtypes=REFERENCE_DTYPES,
+        state_dtypes=None, state_required=step, step=step, allow=EPS_ZERO,
     )
     dt = compute_dtype(q, k, v, i, f)
     if state is None:
@@ -126,7 +126,7 @@ def naive_step_mlstm(
     Returns h (B, NH, 1, DHV) in the dtype of v and the new state (c, n, m).
     """
     _, out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
-        "naive_step_mlstm", q, k, v, i, f, state, chunk_size, eps, step=True)
+        "naive_step_mlstm", q, k, v, i, f, state, {"eps": eps}, step=True)
     h, (c, n, m) = _step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c, n, m, eps)
     return h[:, :, None].to(out_dtype), (c, n, m)  # (B, NH, 1, DHV)
 
@@ -138,7 +138,7 @@ def naive_recurrent_mlstm(
 ) -> tuple[Tensor, MLSTMState]:
     """The mLSTM as a plain loop over single steps (O(S) steps, the most literal form)."""
     (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
-        "naive_recurrent_mlstm", q, k, v, i, f, state, chunk_size, eps)
+        "naive_recurrent_mlstm", q, k, v, i, f, state, {"eps": eps})
     hs = []
     for t in range(S):
         h_t, (c, n, m) = _step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], c, n, m, eps)
@@ -163,7 +163,7 @@ def naive_parallel_mlstm(
     the initial state contributes with log weight b_t + m_0 (an extra column); m_t is the row max.
     """
     (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c0, n0, m0) = _prepare(
-        "naive_parallel_mlstm", q, k, v, i, f, state, chunk_size, eps)
+        "naive_parallel_mlstm", q, k, v, i, f, state, {"eps": eps})
     b = F.logsigmoid(f).cumsum(-1)  # (B, NH, S)
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # (S, S)
     log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]  # (B, NH, S, S)
@@ -212,7 +212,7 @@ def naive_chunk_mlstm(
     C = exp(b_L + m_prev - m) C_prev + sum_s exp(a_s - m) k_s v_s^T (n alike).
     """
     (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c, n, m) = _prepare(
-        "naive_chunk_mlstm", q, k, v, i, f, state, chunk_size, eps)
+        "naive_chunk_mlstm", q, k, v, i, f, state, {"chunk_size": chunk_size, "eps": eps})
     q = q * (DHQK**-0.5)  # (B, NH, S, DHQK)
     log_f = F.logsigmoid(f)  # (B, NH, S)
 
