@@ -154,8 +154,10 @@ def test_limits_factor_floor_and_table_order():
     assert len(lines) == len(report.rows) + 3
     bad = V.compare_runners(V.torch_runner(make_model("large", seed=1), "fp16"), ref, baseline=base, **kw)
     table = bad.table(all_rows=True).splitlines()
-    badness = [r.badness for r in sorted(bad.rows, key=lambda r: -r.badness)]
-    assert badness == sorted(badness, reverse=True) and "NO" in table[1].split()
+    w, n = max(len(r.case) for r in bad.rows), max(len(r.name) for r in bad.rows)
+    by_key = {f"{r.case:<{w}}  {r.name:<{n}}": r.badness for r in bad.rows}
+    badness = [by_key[line[: w + 2 + n]] for line in table[1:-2]]  # in the order the table lists them
+    assert len(badness) == len(bad.rows) and badness == sorted(badness, reverse=True) and "NO" in table[1].split()
     assert table[-1].startswith("FAIL")
     with pytest.raises(ValueError, match="factor and median must be >= 1"):
         V.compare_runners(base, ref, baseline=base, factor=0.5, **kw)

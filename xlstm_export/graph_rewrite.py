@@ -40,7 +40,7 @@ import onnx
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 __all__ = ["STANDARD_DOMAINS", "Edit", "GraphIndex", "Rule", "all_nodes", "apply_rules", "attrs",
-           "drop_dead_nodes", "graphs", "opset_version", "subgraphs"]
+           "delete_initializers", "drop_dead_nodes", "graphs", "opset_version", "subgraphs"]
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -233,7 +233,7 @@ class Edit:
                     kept.append(node)
             del graph.node[:]
             graph.node.extend(kept)
-        _delete_initializers(graph, lambda t: t.name in self._dropped_inits)
+        delete_initializers(graph, lambda t: t.name in self._dropped_inits)
         graph.initializer.extend(self._new_inits)
 
 
@@ -273,10 +273,10 @@ def drop_dead_nodes(graph: GraphProto) -> None:
         for j in reversed(dead):
             del graph.node[j]
     read = {x for node in all_nodes(graph) for x in node.input}
-    _delete_initializers(graph, lambda t: t.name not in read)
+    delete_initializers(graph, lambda t: t.name not in read)
 
 
-def _delete_initializers(graph: GraphProto, dead: Callable[[TensorProto], bool]) -> None:
+def delete_initializers(graph: GraphProto, dead: Callable[[TensorProto], bool]) -> None:
     """Delete the initializers ``dead`` picks, in place: the others are not copied (a rebuilt
     list would copy every weight, ~1.5 s for 600 MB)."""
     for j in reversed([j for j, t in enumerate(graph.initializer) if dead(t)]):

@@ -297,7 +297,8 @@ class OrtModel(ExportedModel):
         model = onnx.load(str(self.path))  # loads external data too
         for rewrite in rewrites:
             model = rewrite(model)
-        if model.ByteSize() < 1_900_000_000:
+        # the weights are nearly all of it (ByteSize() would cost one more full serialisation)
+        if sum(len(t.raw_data) for t in model.graph.initializer) < 1_900_000_000:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB: go through a file
             p = Path(d) / "upcast.onnx"
@@ -374,10 +375,10 @@ def _expose_logits_from(model):
     input, so that :meth:`OrtModel.run` can ask for the last position's logits alone."""
     import onnx
 
+    from .graph_rewrite import delete_initializers
+
     g = model.graph
-    kept = [t for t in g.initializer if t.name != LOGITS_FROM]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    delete_initializers(g, lambda t: t.name == LOGITS_FROM)  # in place: the weights are not copied
     g.input.append(onnx.helper.make_tensor_value_info(LOGITS_FROM, onnx.TensorProto.INT64, [1]))
     return model
 
