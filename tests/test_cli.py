@@ -156,7 +156,7 @@ def test_run_prints_the_pipeline_summary(tmp_path, capsys, monkeypatch, ok, code
 
     def fake_run(source, output, *, max_new_tokens, progress):
         assert (source, output, max_new_tokens, progress) == ("tiny", str(tmp_path), 5, False)
-        result = pipeline.RunResult(tmp_path)
+        result = pipeline.RunResult()
         result.add("convert", "c-line")
         result.add("native kernels", "n-line", ok)
         return result

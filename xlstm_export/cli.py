@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .pipeline import VALIDATE_CASES
+from .pipeline import DEFAULT_PROMPT, progress_bar
 
 
 class UserError(Exception):
@@ -117,7 +117,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .validate import compare_runners, validate_onnx
+    from .validate import DEFAULT_CASES, compare_runners, validate_onnx
 
     _require_file(args.model, ".onnx")
     if args.engine and args.native_ops:
@@ -127,7 +127,7 @@ def cmd_validate(args) -> int:
                         "--engine and --native-ops do not apply to it")
     if args.runtime == "openvino":
         _require_openvino()
-    bar = _bar(len(VALIDATE_CASES), "validate", args.quiet)
+    bar = progress_bar(len(DEFAULT_CASES), "validate", args.quiet)
     step = lambda _: bar.update(1)  # noqa: E731
     limits = {"factor": args.factor, "atol": args.atol, "median": args.median}
     if args.engine:
@@ -143,7 +143,7 @@ def cmd_validate(args) -> int:
             model = _load_model(args.source)
             report = compare_runners(
                 TrtModel(args.engine), torch_reference(model), baseline=torch_runner(model, ort_model.dtype),
-                vocab_size=ort_model.vocab_size, dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
+                vocab_size=ort_model.vocab_size, dtype=ort_model.dtype, progress=step,
                 **limits)
         else:
             if any(v is not None for v in limits.values()):
@@ -151,13 +151,13 @@ def cmd_validate(args) -> int:
                                 "the export's dtype)")
             report = compare_runners(
                 TrtModel(args.engine), ort_model.run, vocab_size=ort_model.vocab_size,
-                dtype=ort_model.dtype, cases=VALIDATE_CASES, progress=step,
+                dtype=ort_model.dtype, progress=step,
             )
     else:
         if not args.source:
             raise UserError("validate needs --source SRC (the PyTorch model) or --engine PLAN")
         report = validate_onnx(args.model, _load_model(args.source), native_ops=args.native_ops,
-                               runtime=args.runtime, cases=VALIDATE_CASES, progress=step, **limits)
+                               runtime=args.runtime, progress=step, **limits)
     bar.close()
     print(report.table(all_rows=args.all))
     return 0 if report.ok else 1
@@ -194,7 +194,6 @@ def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime")
     return torch_runner(model), model.config.vocab_size, "PyTorch"
 
 
-DEFAULT_PROMPT = "The xLSTM "
 
 
 def cmd_generate(args) -> int:
@@ -263,7 +262,7 @@ def _generate_ids(args, runner, vocab, label, tok) -> int:
     if args.stop and tok is None:
         raise UserError("--stop needs a tokenizer to see text, and this model has none")
     stream = _text_stream(tok, args.stop)
-    bar = _bar(args.max_new_tokens, f"generate ({label})", args.quiet)
+    bar = progress_bar(args.max_new_tokens, f"generate ({label})", args.quiet)
 
     def on_token(_row: int, t: int) -> bool:
         bar.update(1)
@@ -425,12 +424,6 @@ def _require_file(path: str, suffix: str | None) -> None:
         raise UserError(f"{path}: is a directory, expected a file")
     if suffix and p.suffix != suffix:
         raise UserError(f"{path}: expected a {suffix} file")
-
-
-def _bar(total: int, desc: str, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=quiet or None, leave=False)
 
 
 # --- run: the main job ----------------------------------------------------------------------------

@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# (batch, sequence length) pairs ``validate`` and ``run`` compare: a single token, an odd short
-# sequence, and batched sequences across the 64-step chunk boundary
-VALIDATE_CASES = ((1, 1), (1, 7), (3, 64), (3, 129))
-PROMPT = b"The xLSTM "  # the generation prompt (bytes taken as token ids modulo the vocabulary)
+# the prompt of `run` (its UTF-8 bytes as token ids, modulo the vocabulary) and `generate`'s default
+DEFAULT_PROMPT = "The xLSTM "
 
 
 @dataclass
@@ -27,7 +25,6 @@ class RunResult:
     """What :func:`run_pipeline` did: one (stage, summary line) per stage in order, and whether every
     comparison passed."""
 
-    output: Path
     stages: list[tuple[str, str]] = field(default_factory=list)
     ok: bool = True
 
@@ -54,7 +51,7 @@ def run_pipeline(source: str, output, *, max_new_tokens: int = 16, progress: boo
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    result = RunResult(out)
+    result = RunResult()
 
     model = load(source)
     model_dir = out / "model"
@@ -66,13 +63,13 @@ def run_pipeline(source: str, output, *, max_new_tokens: int = 16, progress: boo
     onnx_path = export_onnx(model, out / "model.onnx", dtype="fp32", progress=progress)
     result.add("export", f"{onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)")
 
-    report = _validate_with_bar(validate_onnx, onnx_path, model, progress)
+    report = _validate_with_bar(onnx_path, model, progress)
     worst = report.worst()
     result.add("validate", f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} comparisons against "
                            f"PyTorch in float64, worst err {worst.err:.1e} ({worst.name}, limit {worst.limit:.1e})",
                report.ok)
 
-    prompt = np.array([list(PROMPT)], np.int64) % model.config.vocab_size  # (1, P)
+    prompt = np.array([list(DEFAULT_PROMPT.encode())], np.int64) % model.config.vocab_size  # (1, P)
     n = max_new_tokens
     ref = generate(torch_runner(model), prompt, n)
     ort_model = OrtModel(onnx_path)
@@ -87,7 +84,7 @@ def run_pipeline(source: str, output, *, max_new_tokens: int = 16, progress: boo
         result.add("native kernels", "skipped: no C++ compiler to build the native CPU kernels "
                                      "(install g++ or set CXX)")
     else:
-        native_report = validate_onnx(onnx_path, model, native_ops=True, cases=VALIDATE_CASES)
+        native_report = validate_onnx(onnx_path, model, native_ops=True)
         native_gen = generate(OrtModel(onnx_path, native_ops=True).decoder(), prompt, n)
         native_same = bool(np.array_equal(ref.tokens, native_gen.tokens))
         result.add("native kernels", f"{'PASS' if native_report.ok else 'FAIL'}: onnxruntime with the native "
@@ -98,7 +95,7 @@ def run_pipeline(source: str, output, *, max_new_tokens: int = 16, progress: boo
     if tensorrt_available():
         plan = build_engine(onnx_path, out / "model.plan", runtime="tensorrt")
         trt_report = compare_runners(TrtModel(plan), ort_model.run, vocab_size=ort_model.vocab_size,
-                                     dtype=ort_model.dtype, cases=VALIDATE_CASES)
+                                     dtype=ort_model.dtype)
         trt_gen = generate(TrtModel(plan), prompt, n)
         result.add("tensorrt", f"{plan}: {'PASS' if trt_report.ok else 'FAIL'} vs onnxruntime, "
                                f"decode {trt_gen.ms_per_token:.2f} ms/token", trt_report.ok)
@@ -107,15 +104,22 @@ def run_pipeline(source: str, output, *, max_new_tokens: int = 16, progress: boo
     return result
 
 
-def _validate_with_bar(validate_onnx, onnx_path: Path, model, progress: bool):
-    """validate_onnx over VALIDATE_CASES with a progress bar (shown on a terminal unless ``progress`` is False)."""
+def progress_bar(total: int, desc: str, quiet: bool):
+    """A tqdm bar on a terminal, none when ``quiet`` (the CLI's bars)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(VALIDATE_CASES), desc="validate", disable=(not progress) or None, leave=False)
+    return tqdm(total=total, desc=desc, disable=quiet or None, leave=False)
+
+
+def _validate_with_bar(onnx_path: Path, model, progress: bool):
+    """validate_onnx over its default cases with a progress bar (on a terminal unless ``progress`` is False)."""
+    from .validate import DEFAULT_CASES, validate_onnx
+
+    bar = progress_bar(len(DEFAULT_CASES), "validate", not progress)
     try:
-        return validate_onnx(onnx_path, model, cases=VALIDATE_CASES, progress=lambda _: bar.update(1))
+        return validate_onnx(onnx_path, model, progress=lambda _: bar.update(1))
     finally:
         bar.close()
 
 
-__all__ = ["PROMPT", "VALIDATE_CASES", "RunResult", "run_pipeline"]
+__all__ = ["DEFAULT_PROMPT", "RunResult", "progress_bar", "run_pipeline"]

@@ -251,8 +251,10 @@ class _SSE:
 
     def __init__(self, comp: _Completion, cid: str, created: int, model: str, include_usage: bool):
         self.comp, self.cid, self.created, self.model, self.include_usage = comp, cid, created, model, include_usage
-        self._head: bytes | None = None  # the event's bytes up to its first choice (built once)
-        self._tail = b""
+        # an event's bytes around its choices: what _token_event writes each choice between
+        empty = self._event([])
+        cut = empty.rindex(b'"choices":[') + len(b'"choices":[')
+        self._head, self._tail = empty[:cut], empty[cut:]
 
     def _event(self, choices: list, usage: dict | None = None) -> bytes:
         body = {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
@@ -265,9 +267,6 @@ class _SSE:
         """``_event`` of the updates' choices, byte for byte, without building the dicts: the event
         of every streamed token goes through here (at 32 streams, json.dumps alone was a fifth of
         the event loop's time per token)."""
-        if self._head is None:
-            self._head = self._event([])[: -len(b"]}\n\n") - (len(b',"usage":null') if self.include_usage else 0)]
-            self._tail = (b'],"usage":null}\n\n' if self.include_usage else b"]}\n\n")
         parts = [self._head]
         for n, (i, text, ids, reason) in enumerate(updates):
             parts.append(b'%s{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s,"token_ids":[%s]}' % (
