@@ -58,7 +58,8 @@ from . import contract, onnx_functions
 from .kernels import custom_op as _ops  # defines torch.ops.xlstm.*, which the translation table names
 from .contract import DOMAIN
 from .fsio import staged_files
-from .graph_rewrite import Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
+from .graph_rewrite import STANDARD_DOMAINS, Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
+from .models.model import resolve_dtype
 from .tokenizer import write_tokenizer_files
 
 __all__ = [
@@ -80,7 +81,6 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, 
 LOGITS_FROM = "logits_from"  # int64 (1,) initializer: logits for positions logits_from: (0 = all)
 METADATA_PREFIX = "xlstm_export."  # metadata_props keys: format, dtype, state_names, config
 FORMAT_VERSION = "1"
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ExportError(RuntimeError):
@@ -461,7 +461,7 @@ def _illegal_params(node: onnx.NodeProto, opset: int, types: dict, elem: int, ts
     """(schema, the type parameters of a standard ``node`` that ``elem`` inputs bind to a type
     the schema does not allow), or None where every input is allowed. A wrapped node has float32
     inputs: it is not seen again."""
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in STANDARD_DOMAINS:
         return None
     try:
         schema = onnx.defs.get_schema(node.op_type, opset, "")
@@ -600,13 +600,13 @@ def export_onnx(
 def _export_into(tmp_model: Path, model, bar, *, dt: str, keys: list[str], spec: dict, vocab: int,
                  config_json: str | None, opset: int, external_data: bool | None, inline: bool, weights) -> None:
     """The export's stages up to a checked ``tmp_model`` (and its data file) in a staging folder."""
-    with _export_copy(model, _TORCH_DTYPES[dt]) as m:
+    with _export_copy(model, resolve_dtype(dt)) as m:
         program = _export_program(m, keys, spec, opset, optimize=weights is None)
     if weights is not None:
         weights.bind(program)  # optimises with the checkpoint's tensors bound lazily
     bar.update()
 
-    weight_bytes = sum(p.numel() for p in model.parameters()) * _TORCH_DTYPES[dt].itemsize
+    weight_bytes = sum(p.numel() for p in model.parameters()) * resolve_dtype(dt).itemsize
     use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -40,7 +40,7 @@ import torch
 
 from .export import DEFAULT_OPSET, ExportError, export_onnx
 from .models.lazy import TensorLocation, lazy_state_dict
-from .models.model import checkpoint_dtype
+from .models.model import checkpoint_dtype, resolve_dtype
 
 __all__ = ["REAL_VALUE_LIMIT", "StreamedWeights", "export_checkpoint", "meta_model", "default_export_dtype"]
 
@@ -49,7 +49,6 @@ __all__ = ["REAL_VALUE_LIMIT", "StreamedWeights", "export_checkpoint", "meta_mod
 REAL_VALUE_LIMIT = 1 << 16
 _PREFIX = "model."  # the traced module (_FlatLM) holds the xLSTMLM as ``model``
 _EXPORT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def default_export_dtype(stored: torch.dtype) -> str:
@@ -90,9 +89,9 @@ def export_checkpoint(
 
     config, locations = lazy_state_dict(directory)
     dt = contract.canonical_dtype(dtype if dtype is not None else default_export_dtype(checkpoint_dtype(locations)))
-    model = meta_model(config, _TORCH_DTYPES[dt])
+    model = meta_model(config, resolve_dtype(dt))
     model.tokenizer_files = _tokenizer_files(directory)
-    weights = StreamedWeights(locations, _TORCH_DTYPES[dt], real_limit=real_limit)
+    weights = StreamedWeights(locations, resolve_dtype(dt), real_limit=real_limit)
     return export_onnx(model, path, dtype=dt, opset=opset, progress=progress, external_data=external_data,
                        weights=weights, **export_options)
 

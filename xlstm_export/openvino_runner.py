@@ -40,15 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from .export import state_input_name, state_output_name
-from .graph_rewrite import all_nodes
-from .ort import ExportedModel
+from .export import state_output_name
+from .graph_rewrite import STANDARD_DOMAINS, all_nodes
+from .ort import ExportedModel, NotAnXLSTMModelError, bf16_bits_to_float32
 
 __all__ = ["OpenVinoModel", "openvino_available"]
 
 # graph dtype -> (OpenVINO inference precision hint, the OPTIMIZATION_CAPABILITIES entry it needs)
 _PRECISION = {"float32": ("f32", "FP32"), "float16": ("f16", "FP16"), "bfloat16": ("f32", "FP32")}
-_STANDARD_DOMAINS = ("", "ai.onnx")
 _PROTOBUF_LIMIT = 1_900_000_000  # bytes: larger models go to OpenVINO through a temporary file
 
 
@@ -80,7 +79,6 @@ class OpenVinoModel(ExportedModel):
     def __init__(self, path: str | os.PathLike, *, device: str = "CPU",
                  inference_precision: str | None = None, num_threads: int | None = None):
         ov = _import_openvino()
-        from .ort import NotAnXLSTMModelError
 
         self._read_interface(path)
         self.device = device
@@ -106,14 +104,12 @@ class OpenVinoModel(ExportedModel):
         self._request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output("logits"),
                          *(self.compiled.output(state_output_name(k)) for k in self.state_names)]
-        self._state_key_set = set(self.state_names)
         # OpenVINO's Python API hands a bf16 tensor out as a float16 array over the raw bf16 bits
         self._bf16_logits = self._outputs[0].get_element_type() == ov.Type.bf16
 
     def _read(self, core):
         """The OpenVINO model of the file: an --inline export as it is; a default export with its
         xlstm nodes replaced by their function bodies in memory (:func:`export.inline_xlstm`)."""
-        from .ort import NotAnXLSTMModelError
 
         if self.metadata.get("bodies") == "inline":
             return core.read_model(str(self.path))  # OpenVINO reads external data itself
@@ -126,7 +122,7 @@ class OpenVinoModel(ExportedModel):
         except ExportError as e:
             raise NotAnXLSTMModelError(f"{self.path}: cannot inline its xlstm nodes: {e}") from None
         custom = sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model.graph)
-                         if n.domain not in _STANDARD_DOMAINS})
+                         if n.domain not in STANDARD_DOMAINS})
         if custom:
             raise NotAnXLSTMModelError(f"{self.path}: ops outside the standard ONNX domain, OpenVINO "
                                        f"cannot convert them: {custom}")
@@ -146,31 +142,11 @@ class OpenVinoModel(ExportedModel):
         ``state`` None starts fresh sequences; torch tensors are accepted anywhere numpy is. The
         returned arrays are the caller's own (copied out of OpenVINO's output tensors).
         """
-        from .ort import _as_array
-
-        ids = _as_array(input_ids, np.int64)  # (B, S)
-        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
-        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
-                             f"[{ids.min()}, {ids.max()}]")
-        B = ids.shape[0]
-        if state is None:
-            state = self.init_state(B)
-        if state.keys() != self._state_key_set:
-            missing = sorted(self._state_key_set - set(state))
-            extra = sorted(set(state) - self._state_key_set)
-            raise ValueError(f"state keys do not match the model: missing {missing}, unexpected {extra}")
-        feeds = {"input_ids": ids}
-        for k in self.state_names:
-            a = _as_array(state[k], np.float32)  # (B, *state_shapes[k])
-            if a.shape != (B, *self.state_shapes[k]):
-                raise ValueError(f"state {k!r} has shape {a.shape}, expected {(B, *self.state_shapes[k])}")
-            feeds[state_input_name(k)] = a
+        feeds = self._feeds(input_ids, state)
         res = self._request.infer(feeds)  # share_outputs=False: results are copies
         logits = np.asarray(res[self._outputs[0]])  # (B, S, vocab)
         if self._bf16_logits:  # the raw bf16 bits, widened exactly (bf16 is the top half of fp32)
-            logits = (logits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            logits = bf16_bits_to_float32(logits)
         logits = logits.astype(np.float32, copy=False)
         new_state = {k: np.asarray(res[o], dtype=np.float32)
                      for k, o in zip(self.state_names, self._outputs[1:])}

@@ -141,8 +141,14 @@ def _ortvalue_to_numpy(v) -> np.ndarray:
         raw = np.empty(v.shape(), dtype=np.uint16)
         if raw.nbytes:
             ctypes.memmove(raw.ctypes.data, v.data_ptr(), raw.nbytes)
-        return (raw.astype(np.uint32) << 16).view(np.float32)  # exact: bf16 is the top half of fp32
+        return bf16_bits_to_float32(raw)
     return v.numpy()
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values given as their raw 16 bits (any 16-bit array) -> float32, exactly: bf16 is
+    the top half of a float32."""
+    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def upcast_bfloat16(model):
@@ -216,6 +222,8 @@ class ExportedModel:
         self.dtype: str = info["dtype"]  # logits dtype of the graph
         self.vocab_size: int | None = info["vocab_size"]
         self.metadata: dict[str, str] = info["metadata"]
+        self._state_key_set = set(self.state_names)
+        self._state_feeds = [(k, state_input_name(k), self.state_shapes[k]) for k in self.state_names]
         return info
 
     @property
@@ -229,6 +237,35 @@ class ExportedModel:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
+
+    def _token_ids(self, input_ids) -> np.ndarray:
+        """input_ids as int64 (B, S), checked against the vocabulary."""
+        ids = _as_array(input_ids, np.int64)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
+        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        return ids
+
+    def _feeds(self, input_ids, state: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+        """The run's inputs: input_ids (``_token_ids``) and the state (None: fresh sequences),
+        checked key by key and shape by shape, as float32 arrays under the graph's input names."""
+        ids = self._token_ids(input_ids)
+        B = ids.shape[0]
+        if state is None:
+            state = self.init_state(B)
+        if state.keys() != self._state_key_set:
+            missing = sorted(self._state_key_set - set(state))
+            extra = sorted(set(state) - self._state_key_set)
+            raise ValueError(f"state keys do not match the model: missing {missing}, unexpected {extra}")
+        feeds = {"input_ids": ids}
+        for k, name, dims in self._state_feeds:
+            a = _as_array(state[k], np.float32)  # (B, *dims)
+            if a.shape[1:] != dims or a.shape[0] != B:
+                raise ValueError(f"state {k!r} has shape {a.shape}, expected {(B, *dims)}")
+            feeds[name] = a
+        return feeds
 
 
 class OrtModel(ExportedModel):
@@ -282,8 +319,6 @@ class OrtModel(ExportedModel):
         except Exception as e:
             raise NotAnXLSTMModelError(f"{self.path}: onnxruntime cannot load it: {e}") from e
         self._output_names = ["logits", *(state_output_name(k) for k in self.state_names)]
-        self._state_key_set = set(self.state_names)
-        self._state_feeds = [(k, state_input_name(k), self.state_shapes[k]) for k in self.state_names]
         # bfloat16 outputs (a non-CPU provider running a bf16 graph) have no numpy type: OrtValues
         self._numpy_outputs = self.dtype != "bfloat16" or self.upcast
 
@@ -318,24 +353,11 @@ class OrtModel(ExportedModel):
 
         if logits not in LOGITS_MODES:
             raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
-        ids = self._token_ids(input_ids)
-        B = ids.shape[0]
-        if state is None:
-            state = self.init_state(B)
-        if state.keys() != self._state_key_set:
-            missing = sorted(set(self.state_names) - set(state))
-            extra = sorted(set(state) - set(self.state_names))
-            raise ValueError(f"state keys do not match the model: missing {missing}, unexpected {extra}")
-        feeds = {"input_ids": ids}
-        for k, name, dims in self._state_feeds:
-            a = _as_array(state[k], np.float32)
-            if a.shape[1:] != dims or a.shape[0] != B:
-                raise ValueError(f"state {k!r} has shape {a.shape}, expected {(B, *dims)}")
-            feeds[name] = a
+        feeds = self._feeds(input_ids, state)
         if self._logits_from:
             feeds[LOGITS_FROM] = _LOGITS_FROM_VALUES[logits]
         elif logits == "last":  # an older file: every row is computed, the last one returned
-            out_logits, new_state = self.run(ids, state)
+            out_logits, new_state = self.run(input_ids, state)
             return np.ascontiguousarray(out_logits[:, -1:]), new_state
         if self._numpy_outputs:
             # numpy in and out: onnxruntime's plain run() path, measurably cheaper per call than
@@ -348,16 +370,6 @@ class OrtModel(ExportedModel):
         logits = _ortvalue_to_numpy(outs[0]).astype(np.float32, copy=False)
         new_state = {k: _ortvalue_to_numpy(v) for k, v in zip(self.state_names, outs[1:])}
         return logits, new_state
-
-    def _token_ids(self, input_ids) -> np.ndarray:
-        """input_ids as int64 (B, S), checked against the vocabulary."""
-        ids = _as_array(input_ids, np.int64)
-        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
-        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in "
-                             f"[{ids.min()}, {ids.max()}]")
-        return ids
 
     def decoder(self, logits: str = "last") -> OrtDecoder:
         """A runner like :meth:`run` that keeps a decode stream's state in session-bound buffers;

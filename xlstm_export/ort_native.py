@@ -213,7 +213,6 @@ class _Product:
 
     matmul: NodeProto
     weight: onnx.TensorProto  # W [k, n], an initializer nothing else reads
-    k: int
     n: int
     add: tuple[NodeProto, str] | None  # the Add after it, its other input
     norm: tuple[str, str, float] | None  # the RMSNorm before it: x0, scale, eps
@@ -237,7 +236,7 @@ def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
     norm = _match_rms_norm(g, x, k) if add is None else None
     glu = _match_swiglu(g, x, k) if add is not None else None
     cap = _match_soft_cap_after(g, y) if norm is not None else None
-    return _Product(node, t, int(k), int(n), add, norm, glu, cap)
+    return _Product(node, t, int(n), add, norm, glu, cap)
 
 
 def _packed_product(edit: Edit, p: _Product) -> bool | None:

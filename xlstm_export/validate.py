@@ -329,15 +329,14 @@ def _np64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _torch_dtype(dtype) -> torch.dtype:
+    from .models.model import resolve_dtype
+
     if isinstance(dtype, torch.dtype):
         return dtype
-    if str(dtype) in ("float64", "fp64"):
-        return torch.float64
-    return _TORCH_DTYPES[contract.canonical_dtype(dtype)]
+    return resolve_dtype(str(dtype) if str(dtype) in ("float64", "fp64") else contract.canonical_dtype(dtype))
 
 
 def torch_runner(model, dtype: str | torch.dtype | None = None) -> Runner:
