@@ -138,13 +138,10 @@ def cmd_validate(args) -> int:
         _check_engine_source(args.engine, args.model)
         ort_model = OrtModel(args.model)
         if args.source:  # TensorRT against PyTorch in float64, limits from PyTorch in the dtype
-            from .validate import torch_reference, torch_runner
+            from .validate import compare_with_torch
 
-            model = _load_model(args.source)
-            report = compare_runners(
-                TrtModel(args.engine), torch_reference(model), baseline=torch_runner(model, ort_model.dtype),
-                vocab_size=ort_model.vocab_size, dtype=ort_model.dtype, progress=step,
-                **limits)
+            report = compare_with_torch(TrtModel(args.engine), _load_model(args.source), ort_model.dtype,
+                                        vocab_size=ort_model.vocab_size, progress=step, **limits)
         else:
             if any(v is not None for v in limits.values()):
                 raise UserError("--factor / --atol / --median need --source (limits come from PyTorch in "
@@ -192,8 +189,6 @@ def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime")
         return m, m.vocab_size, _engine_label(m.build_info, m.runtime)
     model = _load_model(target)
     return torch_runner(model), model.config.vocab_size, "PyTorch"
-
-
 
 
 def cmd_generate(args) -> int:
@@ -407,8 +402,6 @@ def _check_engine_source(engine: str, onnx_path: str) -> None:
                         f"{info['onnx']['sha256'][:12]}...), not {onnx_path}: rebuild it or give that file")
 
 
-
-
 def _require_openvino() -> None:
     from .openvino_runner import openvino_available
 
@@ -455,24 +448,23 @@ def _validate_defaults() -> str:
                      for d in DEFAULT_FACTOR)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not x >= 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be >= 1 (a ratio to PyTorch's own error), got {text}")
-    return x
+def _float_at_least(low: float, why: str = ""):
+    """An argparse type: a float >= ``low`` (nan refused), else "must be >= low{why}"."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not x >= low:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}{why}, got {text}")
+        return x
+
+    return parse
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not x >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return x
+_ratio = _float_at_least(1.0, " (a ratio to PyTorch's own error)")  # --factor, --median
+_nonnegative_float = _float_at_least(0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -519,11 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="the exported .onnx file")
     v.add_argument("--source", help=SOURCE_HELP + " that was exported")
     v.add_argument("--engine", help="a TensorRT plan built from the .onnx file")
-    v.add_argument("--factor", type=_positive_float, default=None,
+    v.add_argument("--factor", type=_ratio, default=None,
                    help="limit = FACTOR x the error of PyTorch in the export's dtype (default per dtype)")
     v.add_argument("--atol", type=_nonnegative_float, default=None,
                    help="floor of the limit, in the error's units max|x - ref| / max|ref| (default per dtype)")
-    v.add_argument("--median", type=_positive_float, default=None,
+    v.add_argument("--median", type=_ratio, default=None,
                    help="limit of the median over the rows of export error / PyTorch error (default per dtype)")
     v.add_argument("--all", action="store_true", help="one row per state tensor instead of the worst per case")
     v.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)

@@ -392,7 +392,14 @@ def validate_onnx(onnx_path, model, *, native_ops: bool = False, runtime: str = 
         exported = OpenVinoModel(onnx_path)
     else:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    dtype = contract.canonical_dtype(exported.dtype)
-    return compare_runners(exported.run, torch_reference(model), baseline=torch_runner(model, dtype),
-                           vocab_size=model.config.vocab_size, dtype=dtype, factor=factor, atol=atol,
-                           median=median, **kwargs)
+    return compare_with_torch(exported.run, model, contract.canonical_dtype(exported.dtype), factor=factor,
+                              atol=atol, median=median, **kwargs)
+
+
+def compare_with_torch(runner: Runner, model, dtype, **kwargs) -> Report:
+    """``runner`` (an export in any runtime) against the PyTorch ``model``: errors against ``model``
+    in float64, limits from ``model`` run in ``dtype`` (the module docstring's rule). ``kwargs``:
+    :func:`compare_runners`' (``vocab_size`` defaults to the model's)."""
+    kwargs.setdefault("vocab_size", model.config.vocab_size)
+    return compare_runners(runner, torch_reference(model), baseline=torch_runner(model, dtype), dtype=dtype,
+                           **kwargs)
