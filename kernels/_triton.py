@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "DOT_MIN",
     "dot_precision",
+    "dot_tile",
     "interpreting",
     "is_pow2",
     "next_pow2",
@@ -64,6 +65,11 @@ def is_pow2(x: int) -> bool:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def dot_tile(x: int) -> int:
+    """The smallest tile that covers ``x`` and tl.dot takes: a power of two >= DOT_MIN."""
+    return max(DOT_MIN, next_pow2(x))
 
 
 def dot_precision(dtype, fp32: str = "ieee") -> str:

@@ -38,7 +38,6 @@ import torch
 from .config import round_up, xLSTMConfig
 from .errors import CheckpointError
 from .hf import (
-    TRANSFORMERS_DEFAULTS,
     Tensors,
     config_from_transformers_dict,
     ffn_factor,
@@ -361,5 +360,5 @@ def _load(config: xLSTMConfig, state_dict: Tensors, source: str, dtype=None) -> 
 
 
 __all__ = [
-    "TRANSFORMERS_DEFAULTS", "config_from_transformers_dict", "from_official", "state_dict_from_transformers",
+    "config_from_transformers_dict", "from_official", "state_dict_from_transformers",
 ]

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from model_makers import perturbed_model
 from op_inputs import op_args
 from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_recurrent_mlstm, naive_step_mlstm
@@ -265,15 +266,10 @@ def test_mlstm_layer_rejects_inconsistent_shapes_with_its_own_message():
 
 
 def _large_model(tmp_path, name: str, **changes) -> Path:
-    torch.manual_seed(4)
     cfg = preset("tiny-large")
     for k, v in changes.items():
         setattr(cfg, k, v)
-    model = xLSTMLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return export_onnx(model, tmp_path / f"{name}.onnx", progress=False)
+    return export_onnx(perturbed_model(cfg, seed=4), tmp_path / f"{name}.onnx", progress=False)
 
 
 def _op_counts(model: onnx.ModelProto) -> dict:
@@ -584,11 +580,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("native")
     out = {}
     for kind, name in (("paper", "tiny"), ("large", "tiny-large")):
-        torch.manual_seed(1)
-        model = xLSTMLM(preset(name)).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
+        model = perturbed_model(preset(name), seed=1)
         out[kind] = (model, export_onnx(model, root / f"{kind}.onnx", progress=False))
     return out
 

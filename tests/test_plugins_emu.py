@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_makers import perturbed_model
 from op_inputs import op_args
 from slstm_oracle import check_against_official, extreme_first_step_inputs
 from xlstm_export.kernels.mlstm.naive import naive_chunk_mlstm, naive_step_mlstm
@@ -227,7 +228,7 @@ def test_ort_library_launch_geometry_is_launch_py(emu):
 
 @pytest.fixture(scope="module")
 def exported_models(tmp_path_factory):
-    from xlstm_export.models import preset, xLSTMLM
+    from xlstm_export.models import preset
 
     from xlstm_export.export import export_onnx
 
@@ -235,11 +236,7 @@ def exported_models(tmp_path_factory):
     out = {}
     for kind, name, dtype in (("paper", "tiny", "fp32"), ("large", "tiny-large", "fp32"),
                               ("paper-fp16", "tiny", "fp16")):
-        torch.manual_seed(4)
-        model = xLSTMLM(preset(name)).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
+        model = perturbed_model(preset(name), seed=4)
         out[kind] = export_onnx(model, root / f"{kind}.onnx", dtype=dtype, progress=False)
     return out
 

@@ -56,7 +56,7 @@ import torch
 
 from ...contract import MLSTM, check_inputs
 from .._reference import EPS_ZERO
-from .._triton import DOT_MIN, is_pow2, next_pow2, require_triton
+from .._triton import DOT_MIN, dot_tile, is_pow2, require_triton
 from .chunk_bwd import (  # noqa: F401  (the kernels stay importable from here)
     chunk_mlstm_bwd,
     chunk_mlstm_bwd_gates_kernel,
@@ -114,10 +114,10 @@ class ChunkMLSTMLaunch:
 def chunk_mlstm_launch_params(S: int, DHQK: int, DHV: int, chunk_size: int) -> ChunkMLSTMLaunch:
     """Pick tiles for a problem. The chunk never exceeds the (power-of-two padded) sequence, which
     only skips work on padding: the result does not depend on the chunk size."""
-    L = min(chunk_size, max(DOT_MIN, next_pow2(S)))
+    L = min(chunk_size, dot_tile(S))
     BL = min(L, MAX_BLOCK_T)
-    BK = min(MAX_BLOCK_D, max(DOT_MIN, next_pow2(DHQK)))
-    BV = min(MAX_BLOCK_D, max(DOT_MIN, next_pow2(DHV)))
+    BK = min(MAX_BLOCK_D, dot_tile(DHQK))
+    BV = min(MAX_BLOCK_D, dot_tile(DHV))
     # 64 x 64 tiles keep several fp32 accumulators live: 8 warps avoid register spills on sm_90
     # (checked with cuobjdump --dump-resource-usage); small tiles run best with 4.
     num_warps = 8 if BL * max(BK, BV) >= 64 * 64 else 4

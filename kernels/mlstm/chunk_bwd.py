@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._tl import cast, logsigmoid, mm, store_tile, tile, tl, triton
-from .._triton import DOT_MIN, dot_precision, next_pow2
+from .._triton import dot_precision, dot_tile
 from .chunk_fwd import chunk_mlstm_fwd_states
 
 __all__ = ["chunk_mlstm_bwd", "chunk_mlstm_bwd_gates_kernel", "chunk_mlstm_bwd_kernel", "chunk_mlstm_bwd_prep_kernel",
@@ -415,7 +415,7 @@ def chunk_mlstm_bwd(
     df = torch.empty_like(di)  # (BH, S)
     chunk_mlstm_bwd_gates_kernel[(BH,)](
         qpart, kpart, e, mrow, i, f, m0 if has_state else qfin, qfin, dmfin, q0, di, df, dm0,
-        S, BH, NK=NK, BT=min(p.block_t_gates, max(DOT_MIN, next_pow2(S))), HAS_STATE=has_state,
+        S, BH, NK=NK, BT=min(p.block_t_gates, dot_tile(S)), HAS_STATE=has_state,
     )
     return dq, dk, dv, di, df, dc0, dn0, (dm0 if has_state else None)
 

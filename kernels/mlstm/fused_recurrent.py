@@ -23,7 +23,7 @@ import torch
 
 from ...contract import MLSTM, check_inputs
 from .._reference import EPS_ZERO
-from .._triton import DOT_MIN, dot_precision, is_pow2, next_pow2, require_triton
+from .._triton import dot_precision, dot_tile, is_pow2, next_pow2, require_triton
 
 try:
     import triton
@@ -60,7 +60,7 @@ STEP_MAX_BLOCK_DV = 128  # BV: columns of C per program
 
 def step_mlstm_launch_params(DHQK: int, DHV: int) -> StepMLSTMLaunch:
     return StepMLSTMLaunch(block_dqk=min(STEP_MAX_BLOCK_DQK, next_pow2(DHQK)),
-                           block_dv=min(STEP_MAX_BLOCK_DV, max(DOT_MIN, next_pow2(DHV))))
+                           block_dv=min(STEP_MAX_BLOCK_DV, dot_tile(DHV)))
 
 
 if triton is not None:

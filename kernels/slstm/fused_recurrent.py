@@ -61,7 +61,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from ...contract import SLSTM, check_inputs
-from .._triton import DOT_MIN, interpreting, is_pow2, next_pow2, require_triton
+from .._triton import DOT_MIN, dot_tile, interpreting, is_pow2, require_triton
 
 try:
     import triton
@@ -445,10 +445,6 @@ if HAVE_TRITON:
 # --------------------------------------------------------------------------------------------
 # Host launchers
 # --------------------------------------------------------------------------------------------
-def _block_dh(dh: int) -> int:
-    return max(DOT_MIN, next_pow2(dh))
-
-
 def _dot_precision(dtype: torch.dtype, params: SLSTMLaunchParams) -> str:
     return params.fp32_precision if dtype == torch.float32 else "ieee"  # 16-bit: no choice to make
 
@@ -463,7 +459,7 @@ def launch_meta(kind: str, DH: int, dtype: torch.dtype, params: Optional[SLSTMLa
     dim DH and matmul dtype ``dtype`` (the launchers use it; so does the ahead-of-time compile
     check in the tests)."""
     params = params or DEFAULT_PARAMS
-    block_dh = _block_dh(DH)
+    block_dh = dot_tile(DH)
     meta = dict(DH=DH, BLOCK_B=params.block_b, BLOCK_DH=block_dh,
                 DOT_PRECISION=_dot_precision(dtype, params), UPCAST=_upcast(dtype),
                 num_stages=1)  # no software pipelining: loads are prefetched by hand
