@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import cpu_name  # bench/_report.py (the script's folder is on sys.path)
 from xlstm_export.models import from_official, xLSTMConfig
 from xlstm_export.models.config import preset
 from xlstm_export.testing import randomize_
@@ -325,12 +326,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     mem_gib = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():

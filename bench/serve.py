@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import cpu_name  # bench/_report.py (the script's folder is on sys.path)
 
 MODELS = {  # name -> preset (random weights)
     "tiny-large": "tiny-large",  # 7B-style, 0.49M parameters: framework overhead is what batching amortises
@@ -165,41 +167,61 @@ async def level(url: str, concurrency: int, n_requests: int, prompt_len: int, ma
             "ttft_p99_s": float(np.percentile(ttft, 99)), "latency_mean_s": statistics.mean(r[1] for r in results)}
 
 
-def bench_model(name: str, args) -> dict:
+@contextlib.contextmanager
+def running_server(path: Path, extra: list[str]):
+    """``xlstm-export serve path`` on a free port of 127.0.0.1 until the block ends; yields
+    (process, command, url, httpx client) once /health answers 200. ``extra``: more serve options."""
     import httpx
 
-    path = export(name, args.workdir)
-    from xlstm_export.ort import inspect_model
-
-    vocab = inspect_model(path)["vocab_size"]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    max_c = max(args.concurrency)
     cmd = [sys.executable, "-m", "xlstm_export.cli", "serve", str(path), "--port", str(port), "--model-name", "bench",
-           "--max-batch", str(max_c), "--max-queue", str(4 * max_c), "--max-state-mb", str(args.max_state_mb),
-           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
+           "--log-level", "warning", *extra]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = {"model": name, "command": " ".join(cmd[1:]), "levels": []}
     try:
-        sync = httpx.Client(timeout=60)
+        client = httpx.Client(timeout=60)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited: {server.stdout.read()}")
             try:
-                if sync.get(f"{url}/health").status_code == 200:
+                if client.get(f"{url}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.5)
+        yield server, cmd, url, client
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def requests_at(c: int, requests: int, waves: int) -> int:
+    """Requests of the level with C workers: ``requests`` at C = 1, else ``waves`` per worker at least."""
+    return max(requests, waves * c) if c > 1 else requests
+
+
+def bench_model(name: str, args) -> dict:
+    path = export(name, args.workdir)
+    from xlstm_export.ort import inspect_model
+
+    vocab = inspect_model(path)["vocab_size"]
+    max_c = max(args.concurrency)
+    extra = ["--max-batch", str(max_c), "--max-queue", str(4 * max_c), "--max-state-mb", str(args.max_state_mb),
+             *(["--threads", str(args.threads)] if args.threads else [])]
+    with running_server(path, extra) as (server, cmd, url, sync):
+        out = {"model": name, "command": " ".join(cmd[1:]), "levels": []}
         out["server_line"] = server.stdout.readline().strip()
         asyncio.run(level(url, min(8, max_c), min(8, max_c), args.prompt_len, 8, vocab, 99))  # warm-up
         out["rss_after_warmup_mib"] = rss_mib(server.pid)
         for c in args.concurrency:
             before = metrics(sync, url)
-            n = max(args.requests, args.waves * c) if c > 1 else args.requests
+            n = requests_at(c, args.requests, args.waves)
             res = asyncio.run(level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
             after = metrics(sync, url)
             steps = after["xlstm_decode_steps_total"] - before["xlstm_decode_steps_total"]
@@ -213,18 +235,12 @@ def bench_model(name: str, args) -> dict:
                   f"p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch {res['mean_decode_batch']:.1f}, "
                   f"step {res['mean_step_ms']:.2f} ms, RSS {res['rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
         if args.repeat:
-            again = asyncio.run(level(url, max_c, max(args.requests, args.waves * max_c), args.prompt_len,
+            again = asyncio.run(level(url, max_c, requests_at(max_c, args.requests, args.waves), args.prompt_len,
                                       args.max_tokens, vocab, 7))
             out["rss_after_repeat_mib"] = rss_mib(server.pid)
             out["generated_after_repeat"] = metrics(sync, url)["xlstm_generated_tokens_total"]
             out["repeat_tokens_per_s"] = again["tokens_per_s"]
         assert sync.get(f"{url}/health").status_code == 200
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     return out
 
 
@@ -232,8 +248,7 @@ def markdown(results: list[dict], args, started: str, load: tuple) -> str:
     import onnxruntime
     import uvicorn
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_name()
     lines = [f"Date (UTC): {started}  ",
              f"Machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, onnxruntime "
              f"{onnxruntime.__version__}, uvicorn {uvicorn.__version__}  ",

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,31 +69,13 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
 
 
 def server_parts(path: Path, levels: list[int], args) -> list[dict]:
-    import httpx
-
-    port = bench_serve.free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "xlstm_export.cli", "serve", str(path), "--port", str(port), "--model-name",
-           "bench", "--max-batch", str(max(levels)), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = httpx.Client(timeout=60)
-        deadline = time.monotonic() + bench_serve.START_TIMEOUT_S
-        while True:
-            try:
-                if client.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.3)
+    with bench_serve.running_server(path, ["--max-batch", str(max(levels))]) as (server, _, url, _client):
         vocab = args.vocab
         asyncio.run(bench_serve.level(url, 8, 8, args.prompt_len, 8, vocab, 99))  # warm-up
         rows = []
         for c in levels:
             before, client0 = thread_cpu_s(server.pid), time.process_time()
-            n = max(args.requests, 2 * c) if c > 1 else args.requests
+            n = bench_serve.requests_at(c, args.requests, args.waves)
             res = asyncio.run(bench_serve.level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
             after, client = thread_cpu_s(server.pid), time.process_time() - client0
             per_tok = {t: 1e6 * (after[t] - before.get(t, 0.0)) / res["tokens"] for t in after}
@@ -104,9 +85,6 @@ def server_parts(path: Path, levels: list[int], args) -> list[dict]:
                          "busiest_us": others[0], "second_us": others[1] if len(others) > 1 else 0.0,
                          "client_us": 1e6 * client / res["tokens"], "server_us": main + sum(others)})
         return rows
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def main() -> int:
@@ -114,6 +92,7 @@ def main() -> int:
     p.add_argument("--model", default="tiny-large", choices=list(bench_serve.MODELS))
     p.add_argument("--concurrency", type=int, default=32, help="the batched level (default: 32)")
     p.add_argument("--requests", type=int, default=16, help="requests at C=1 (default: 16)")
+    p.add_argument("--waves", type=int, default=2, help="requests per worker above C=1 (default: 2)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=400, help="decode steps timed alone (default: 400)")
