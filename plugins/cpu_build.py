@@ -32,7 +32,7 @@ from .build import PLUGIN_DIR, cache_dir
 
 __all__ = ["CXX_FLAGS", "SOURCES", "CompilerNotFoundError", "find_compiler", "library_path"]
 
-SOURCES = ("cpu_ops.cc", "cpu_cells.h", "cpu_gemm.h", "ort_op.h", "ort_abi.h")  # the first is the translation unit
+SOURCES = ("cpu_ops.cc", "cpu_cells.h", "cpu_gemm.h", "cpu_vec.h", "ort_op.h", "ort_abi.h")  # the first is the translation unit
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden",
              "-Wall", "-Wextra", "-Werror")
 LIB_NAME = "libxlstm_cpu_ops.so"

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstddef>
 
+#include "cpu_vec.h"
+
 namespace xlstm_cpu {
 
 // log(sigmoid(x)) without overflow: min(x, 0) - log1p(exp(-|x|)).
@@ -77,6 +79,31 @@ inline void mlstm_step_head(const float* q, const float* k, const float* v, floa
   *m = m_new;
 }
 
+// The LayerNorm's two sums over d < n: of x[d], and of (x[d] - mean)^2. 16 lanes at a time (a
+// sequential float sum cannot be vectorised), the lanes added at the end.
+inline float lane_sum(const float* x, int n) {
+  vec16 lanes = {};
+  int d = 0;
+  for (; d + 16 <= n; d += 16) lanes += load16(x + d);
+  float sum = 0.0f;
+  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  for (; d < n; ++d) sum += x[d];
+  return sum;
+}
+
+inline float lane_sum_squared_deviation(const float* x, int n, float mean) {
+  vec16 lanes = {};
+  int d = 0;
+  for (; d + 16 <= n; d += 16) {
+    const vec16 v = load16(x + d) - mean;
+    lanes += v * v;
+  }
+  float sum = 0.0f;
+  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  for (; d < n; ++d) sum += (x[d] - mean) * (x[d] - mean);
+  return sum;
+}
+
 // cap * tanh(x / cap), or x when cap <= 0 (the 7B gates' soft cap, in the exported graph's order).
 inline float soft_cap(float x, float cap) { return cap > 0.0f ? std::tanh(x / cap) * cap : x; }
 
@@ -112,15 +139,17 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
     c_prev = a.c;  // later steps update the state in place
     n_prev = a.n;
     m_prev = *a.m;
-    float mean = 0.0f;
-    for (int d = 0; d < dv; ++d) mean += a.h[d];
-    mean /= static_cast<float>(dv);
-    float var = 0.0f;
-    for (int d = 0; d < dv; ++d) var += (a.h[d] - mean) * (a.h[d] - mean);
+    const float mean = lane_sum(a.h, dv) / static_cast<float>(dv);
+    const float var = lane_sum_squared_deviation(a.h, dv, mean);
     const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dv) + a.norm_eps);
     const float* o = a.o + t * a.o_stride;
     float* y = a.y + t * a.y_stride;
-    for (int d = 0; d < dv; ++d) {
+    int d = 0;
+    for (; d + 16 <= dv; d += 16) {  // the output gate's sigmoid in 16 lanes
+      const vec16 normed = (load16(a.h + d) - mean) * inv_std * load16(a.ln_scale + d) + load16(a.ln_bias + d);
+      store16(y + d, normed * load16(a.weight + d) * sigmoid16(load16(o + d)));
+    }
+    for (; d < dv; ++d) {
       const float normed = (a.h[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d];
       y[d] = normed * a.weight[d] * sigmoid(o[d]);
     }

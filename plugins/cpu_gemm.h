@@ -12,9 +12,7 @@
 // (8 rows x 32 columns of accumulators, each weight vector loaded once per 8 rows), so the prefill
 // products with many rows are compute-bound rather than load-bound.
 //
-// The vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register where the CPU has
-// it, two AVX2 registers (or four SSE registers) where it does not; the library is built with
-// -march=native.
+// The vectors are cpu_vec.h's (16 floats).
 #pragma once
 
 #include <algorithm>
@@ -22,83 +20,65 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_vec.h"
+
 namespace xlstm_cpu {
 
 constexpr int kPanel = 32;     // columns per packed panel
 constexpr int kBlockRows = 8;  // rows of x per register block
 
-using vec16 = float __attribute__((vector_size(64)));
-
-inline vec16 load16(const float* p) {  // unaligned load (onnxruntime's buffers need not be 64-aligned)
-  vec16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// ---- vector math for the products' prologues and epilogues --------------------------------------
-
-using vec16i = int32_t __attribute__((vector_size(64)));
-
-inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof v); }
-inline vec16 splat16(float a) { return vec16{} + a; }
-
-// exp(x), 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), e^r
-// by its degree-7 Taylor polynomial (relative error < 2e-7 on that interval), 2^n by building the
-// float's exponent. x is clamped to [-87, 88]: e^-87 ~ 1.6e-38 (the smallest normal float is 1.2e-38),
-// e^88 ~ 1.7e38; callers only need the function's limits there.
-inline vec16 exp16(vec16 x) {
-  x = x < -87.0f ? splat16(-87.0f) : x;
-  x = x > 88.0f ? splat16(88.0f) : x;
-  const vec16 shifter = splat16(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vec16 n = (x * 1.44269504f + shifter) - shifter;
-  const vec16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 = 0.693145752 + 1.42860677e-6
-  vec16 p = splat16(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;  // 2^n as a float's bits
-  vec16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+// ---- the products' prologues and epilogues -----------------------------------------------------
 
 // One row of the SwiGLU between a 7B block's two FFN products: out[f] = silu(z[f]) * z[F + f] for
-// f < F, silu(a) = a * sigmoid(a) = a / (1 + e^-a).
+// f < F, silu(a) = a * sigmoid(a) = a / (1 + e^-a). Whole vectors are read in place; only a last
+// partial vector goes through a zero-padded buffer.
+inline vec16 swiglu16(vec16 a, vec16 b) { return a / (1.0f + exp16(-a)) * b; }
+
 inline void swiglu_row(const float* z, int64_t F, float* out) {
-  for (int64_t f = 0; f < F; f += 16) {
-    const int64_t len = std::min<int64_t>(16, F - f);
+  int64_t f = 0;
+  for (; f + 16 <= F; f += 16) store16(out + f, swiglu16(load16(z + f), load16(z + F + f)));
+  if (f < F) {
+    const int64_t len = F - f;
     float a_buf[16] = {}, b_buf[16] = {}, o_buf[16];
     std::memcpy(a_buf, z + f, sizeof(float) * len);
     std::memcpy(b_buf, z + F + f, sizeof(float) * len);
-    const vec16 a = load16(a_buf), b = load16(b_buf);
-    store16(o_buf, a / (1.0f + exp16(-a)) * b);
+    store16(o_buf, swiglu16(load16(a_buf), load16(b_buf)));
     std::memcpy(out + f, o_buf, sizeof(float) * len);
   }
 }
 
 // y[j] = cap * tanh(y[j] / cap) for j < n, tanh(u) = 1 - 2 / (e^2u + 1) (the logits' soft cap).
+inline vec16 soft_cap16(vec16 y, float cap) {
+  const vec16 u = y / cap;
+  return (1.0f - 2.0f / (exp16(2.0f * u) + 1.0f)) * cap;
+}
+
 inline void soft_cap_row(float* y, int n, float cap) {
-  for (int j = 0; j < n; j += 16) {
-    const int len = std::min(16, n - j);
+  int j = 0;
+  for (; j + 16 <= n; j += 16) store16(y + j, soft_cap16(load16(y + j), cap));
+  if (j < n) {
     float buf[16] = {};
-    std::memcpy(buf, y + j, sizeof(float) * len);
-    const vec16 u = load16(buf) / cap;
-    store16(buf, (1.0f - 2.0f / (exp16(2.0f * u) + 1.0f)) * cap);
-    std::memcpy(y + j, buf, sizeof(float) * len);
+    std::memcpy(buf, y + j, sizeof(float) * (n - j));
+    store16(buf, soft_cap16(load16(buf), cap));
+    std::memcpy(y + j, buf, sizeof(float) * (n - j));
   }
 }
 
 // out[k] = x[k] / sqrt(mean(x^2) + eps) * g[k]  for k < K: one row of an RMS norm (the 7B blocks'
-// norm before their products; the exported graph's order of operations).
+// norm before their products; the exported graph's order of operations). The sum of squares runs in
+// 16 lanes (a sequential float sum cannot be vectorised), the lanes added at the end.
 inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, float* out) {
+  vec16 lanes = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const vec16 v = load16(x + k);
+    lanes += v * v;
+  }
   float sum = 0.0f;
-  for (int64_t k = 0; k < K; ++k) sum += x[k] * x[k];
+  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  for (; k < K; ++k) sum += x[k] * x[k];
   const float rms = std::sqrt(sum / static_cast<float>(K) + eps);
-  for (int64_t k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
+  for (k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
 }
 
 // out[r * kPanel + j] = sum_k x[r * ldx + k] * panel[k * kPanel + j]   for r < R, j < kPanel.

@@ -280,7 +280,8 @@ void mlstm_layer_task(void* data, size_t bh) {
   const int64_t head_cols[5] = {head * a.dqk, head * a.dqk, head * a.dv, head, head * a.dv};
   const float* at[5];
   for (int j = 0; j < 5; ++j) at[j] = a.in[j] + b * a.s * a.width[j] + a.col[j] + head_cols[j];
-  std::vector<float> h(static_cast<size_t>(a.dv));
+  float h_stack[512];  // scratch h [dv]: on the stack up to the 7B heads' 512
+  std::vector<float> h_heap(a.dv > 512 ? static_cast<size_t>(a.dv) : 0);
   xlstm_cpu::MlstmLayerHead l{};
   l.q = at[0];
   l.k = at[1];
@@ -309,7 +310,7 @@ void mlstm_layer_task(void* data, size_t bh) {
   l.n = a.n + bh * a.dqk;
   l.m = a.m + bh;
   l.y = a.y + b * a.s * a.nh * a.dv + head * a.dv;
-  l.h = h.data();
+  l.h = a.dv > 512 ? h_heap.data() : h_stack;
   xlstm_cpu::mlstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dqk), static_cast<int>(a.dv));
 }
 
