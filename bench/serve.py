@@ -106,14 +106,23 @@ class _Connection:
             raise RuntimeError(f"HTTP error: {head[:200]!r} {await self.reader.read(500)!r}")
         if b"chunked" not in head.lower():
             raise RuntimeError(f"expected a chunked event stream, got {head!r}")
-        first, n, buf, done = None, 0, b"", False
-        while True:  # chunked transfer encoding
-            size = int((await self.reader.readline()).strip(), 16)
-            if size == 0:
-                await self.reader.readline()
-                break
-            buf += (await self.reader.readexactly(size + 2))[:-2]
-            *events, buf = buf.split(b"\n\n")
+        first, n, done, end = None, 0, False, False
+        raw = data = b""  # bytes read but not yet de-chunked; de-chunked bytes not yet split into events
+        while not end:  # chunked transfer encoding, read in bulk: whatever has arrived, parsed at once
+            more = await self.reader.read(1 << 16)
+            if not more:
+                raise RuntimeError("the server closed the connection mid-stream")
+            raw += more
+            while (j := raw.find(b"\r\n")) >= 0:
+                size = int(raw[:j], 16)
+                if len(raw) < j + size + 4:  # the chunk (or the last chunk's final CRLF) is not all here
+                    break
+                data += raw[j + 2 : j + 2 + size]
+                raw = raw[j + size + 4 :]
+                if size == 0:
+                    end = True
+                    break
+            *events, data = data.split(b"\n\n")
             for ev in events:
                 if ev == b"data: [DONE]":
                     done = True
@@ -201,6 +210,17 @@ def running_server(path: Path, extra: list[str]):
             server.kill()
 
 
+def run(coro):
+    """Run a client coroutine on uvloop where it is installed (cheaper per streamed event than
+    asyncio's own loop: the client shares the cores with the server), else on asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def requests_at(c: int, requests: int, waves: int) -> int:
     """Requests of the level with C workers: ``requests`` at C = 1, else ``waves`` per worker at least."""
     return max(requests, waves * c) if c > 1 else requests
@@ -213,16 +233,17 @@ def bench_model(name: str, args) -> dict:
     vocab = inspect_model(path)["vocab_size"]
     max_c = max(args.concurrency)
     extra = ["--max-batch", str(max_c), "--max-queue", str(4 * max_c), "--max-state-mb", str(args.max_state_mb),
-             *(["--threads", str(args.threads)] if args.threads else [])]
+             *(["--threads", str(args.threads)] if args.threads else []),
+             *(["--stream-interval", f"{args.stream_interval:g}"] if args.stream_interval else [])]
     with running_server(path, extra) as (server, cmd, url, sync):
         out = {"model": name, "command": " ".join(cmd[1:]), "levels": []}
         out["server_line"] = server.stdout.readline().strip()
-        asyncio.run(level(url, min(8, max_c), min(8, max_c), args.prompt_len, 8, vocab, 99))  # warm-up
+        run(level(url, min(8, max_c), min(8, max_c), args.prompt_len, 8, vocab, 99))  # warm-up
         out["rss_after_warmup_mib"] = rss_mib(server.pid)
         for c in args.concurrency:
             before = metrics(sync, url)
             n = requests_at(c, args.requests, args.waves)
-            res = asyncio.run(level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
+            res = run(level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
             after = metrics(sync, url)
             steps = after["xlstm_decode_steps_total"] - before["xlstm_decode_steps_total"]
             res["mean_decode_batch"] = (after["xlstm_decode_rows_total"] - before["xlstm_decode_rows_total"]) / steps
@@ -235,7 +256,7 @@ def bench_model(name: str, args) -> dict:
                   f"p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch {res['mean_decode_batch']:.1f}, "
                   f"step {res['mean_step_ms']:.2f} ms, RSS {res['rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
         if args.repeat:
-            again = asyncio.run(level(url, max_c, requests_at(max_c, args.requests, args.waves), args.prompt_len,
+            again = run(level(url, max_c, requests_at(max_c, args.requests, args.waves), args.prompt_len,
                                       args.max_tokens, vocab, 7))
             out["rss_after_repeat_mib"] = rss_mib(server.pid)
             out["generated_after_repeat"] = metrics(sync, url)["xlstm_generated_tokens_total"]
@@ -293,6 +314,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-state-mb", type=float, default=4096)
     p.add_argument("--threads", type=int, default=None, help="the server's onnxruntime threads (default: all)")
+    p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
+                   help="the server's --stream-interval (default: 0, one event per token)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
     p.add_argument("--out", type=Path, help="write the markdown here (else stdout)")
     p.add_argument("--json", type=Path, help="write the raw figures here")

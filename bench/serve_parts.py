@@ -69,14 +69,15 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
 
 
 def server_parts(path: Path, levels: list[int], args) -> list[dict]:
-    with bench_serve.running_server(path, ["--max-batch", str(max(levels))]) as (server, _, url, _client):
+    extra = ["--max-batch", str(max(levels)), "--stream-interval", f"{args.stream_interval:g}"]
+    with bench_serve.running_server(path, extra) as (server, _, url, _client):
         vocab = args.vocab
-        asyncio.run(bench_serve.level(url, 8, 8, args.prompt_len, 8, vocab, 99))  # warm-up
+        bench_serve.run(bench_serve.level(url, 8, 8, args.prompt_len, 8, vocab, 99))  # warm-up
         rows = []
         for c in levels:
             before, client0 = thread_cpu_s(server.pid), time.process_time()
             n = bench_serve.requests_at(c, args.requests, args.waves)
-            res = asyncio.run(bench_serve.level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
+            res = bench_serve.run(bench_serve.level(url, c, n, args.prompt_len, args.max_tokens, vocab, c))
             after, client = thread_cpu_s(server.pid), time.process_time() - client0
             per_tok = {t: 1e6 * (after[t] - before.get(t, 0.0)) / res["tokens"] for t in after}
             main = per_tok.pop(server.pid)
@@ -96,6 +97,8 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=400, help="decode steps timed alone (default: 400)")
+    p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
+                   help="the server's --stream-interval (default: 0, one event per token)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
