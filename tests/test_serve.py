@@ -200,6 +200,35 @@ def test_queue_bound_and_cancel_without_http(served):
         sched.submit([256], SamplingParams(max_tokens=1))
 
 
+def test_stream_interval_gathers_running_tokens_but_not_first_tokens_or_ends(served):
+    """With a stream interval longer than the run, a sequence is handed on at its first token and at
+    its end only, the tokens between gathered; the tokens are the same as with hand-offs every step."""
+    om, _, _ = served
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (7, 12)]
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8, 2]]
+    runs = {}
+    for interval in (0.0, 3600.0):
+        sched = Scheduler(OrtSlots(om, 2), max_batch=2, stream_interval=interval)
+        seen = []  # per hand-off: (sequence index, tokens so far, finish reason)
+        seqs = []
+        sched.on_events = lambda ev: seen.append(sorted((seqs.index(s), len(s.tokens), s.finish_reason) for s in ev))
+        seqs += sched.submit_many(prompts, params, [None, None])
+        steps = 0
+        while any(s.finish_reason is None for s in seqs):
+            sched.step()
+            steps += 1
+        runs[interval] = ([s.tokens for s in seqs], seen, steps)
+    (tokens0, seen0, steps0), (tokens1, seen1, _) = runs[0.0], runs[3600.0]
+    assert tokens1 == tokens0 and [len(t) for t in tokens0] == [7, 12]
+    assert len(seen0) == steps0  # every iteration hands on
+    # the prompts' lengths differ, so they are prefilled one iteration apart; each such iteration also
+    # runs a decode step for what is running, hence 2 tokens at a first hand-off
+    assert seen1 == [[(0, 2, None)], [(0, 3, None), (1, 2, None)], [(0, 7, "length"), (1, 6, None)],
+                     [(1, 12, "length")]]
+    with pytest.raises(ValueError, match="stream_interval"):
+        Scheduler(OrtSlots(om, 1), max_batch=1, stream_interval=-1.0)
+
+
 def test_stop_strings_hold_back_a_possible_start():
     tok = load_tokenizer_bytes()
     ids = list("abc##de#".encode())
@@ -300,6 +329,21 @@ def test_streaming_yields_the_same_text(served):
         assert m['xlstm_requests_finished_total{reason="cancelled"}'] == 0
 
 
+def test_streamed_tokens_gathered_by_the_stream_interval_make_the_same_text(served):
+    om, tok, _ = served
+    sched = Scheduler(OrtSlots(om, 2), max_batch=2, stream_interval=3600.0)
+    with running_server(sched, tok) as url:
+        c = client(url)
+        whole = c.completions.create(model="small", prompt="The xLSTM ", max_tokens=30, temperature=0)
+        chunks = list(c.completions.create(model="small", prompt="The xLSTM ", max_tokens=30, temperature=0,
+                                           stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+        assert whole.choices[0].text == tok.decode(solo(om, tok.encode("The xLSTM "), 30))
+        # two hand-offs (the first token, the end), so at most two events; nothing gathered is held back
+        assert len(chunks) <= 2 and sum(len(ch.choices[0].token_ids) for ch in chunks) == 30
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served):
     om, tok, _ = served
     sched = Scheduler(OrtSlots(om, 1), max_batch=1, max_queue=0)
@@ -391,6 +435,9 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
         assert main(["serve", *args, "--port", "0"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0] and fragment in err[0], err
+    with pytest.raises(SystemExit) as e:  # argparse: its usage line, then the error
+        main(["serve", "tiny", "--stream-interval", "-1"])
+    assert e.value.code == 2 and "--stream-interval: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_admission_is_bounded_by_state_memory(served):

@@ -369,7 +369,8 @@ def cmd_serve(args) -> int:
         _require_file(target, None)
     run_server(target, host=args.host, port=args.port, max_batch=args.max_batch, max_state_mb=args.max_state_mb,
                max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, name=args.model_name,
-               native_ops=not args.no_native_ops, threads=args.threads, log_level=args.log_level)
+               native_ops=not args.no_native_ops, threads=args.threads, stream_interval=args.stream_interval / 1e3,
+               log_level=args.log_level)
     return 0
 
 
@@ -570,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting for a slot before 503 (default: 256)")
     sv.add_argument("--prefill-chunk", type=int, default=64,
                     help="prompt tokens per sequence per scheduler step (default: 64)")
+    sv.add_argument("--stream-interval", type=_nonnegative_float, default=0.0, metavar="MS",
+                    help="streamed tokens of running sequences go out at most every MS milliseconds, several "
+                         "per event (first tokens and ends at once): less work per token at high concurrency "
+                         "(default: 0, every token as it comes)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the file's stem)")
     sv.add_argument("--no-native-ops", action="store_true", help="onnxruntime without the native CPU kernels")
     sv.add_argument("--threads", type=int, default=None,

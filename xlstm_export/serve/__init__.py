@@ -31,14 +31,16 @@ __all__ = ["Backend", "OrtSlots", "QueueFullError", "SamplingParams", "Scheduler
 
 def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, max_queue: int = 256,
               prefill_chunk: int = 64, prefill_tokens: int = 256, name: str | None = None,
-              native_ops: bool = True, threads: int | None = None):
-    """(Starlette app, Backend) for ``target``; the app starts its scheduler thread on startup."""
+              native_ops: bool = True, threads: int | None = None, stream_interval: float = 0.0):
+    """(Starlette app, Backend) for ``target``; the app starts its scheduler thread on startup.
+    ``stream_interval``: seconds between hand-offs of running streams' tokens (see :class:`Scheduler`)."""
     from .app import create_app
 
     backend = load_backend(target, max_batch=max_batch, max_state_mb=max_state_mb, name=name,
                            native_ops=native_ops, threads=threads)
     scheduler = Scheduler(backend.pool, max_batch=max_batch, max_queue=max_queue,
-                          prefill_chunk=prefill_chunk, prefill_tokens=max(prefill_tokens, prefill_chunk))
+                          prefill_chunk=prefill_chunk, prefill_tokens=max(prefill_tokens, prefill_chunk),
+                          stream_interval=stream_interval)
     app = create_app(scheduler, model_name=backend.name, tokenizer=backend.tokenizer, label=backend.label)
     return app, backend
 

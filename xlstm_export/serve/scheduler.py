@@ -23,7 +23,10 @@ slot is known up front, which is what admission counts.
 
 ``on_events(seqs)`` is called after each iteration with the sequences that got tokens or
 finished; readers take ``seq.finish_reason`` first, then ``seq.tokens`` (tokens are appended
-before a sequence is marked finished).
+before a sequence is marked finished). With ``stream_interval`` > 0 it is called at most that often
+for tokens of running sequences (they gather: each reader then takes several tokens at once, which
+is what streaming costs per token at high concurrency); a first token, a finish or a cancellation
+is handed on after its iteration, with whatever has gathered.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class Stats:
 
 class Scheduler:
     def __init__(self, pool, *, max_batch: int, max_queue: int = 256, prefill_chunk: int = 64,
-                 prefill_tokens: int = 256, max_prompt_tokens: int = 1 << 16,
+                 prefill_tokens: int = 256, max_prompt_tokens: int = 1 << 16, stream_interval: float = 0.0,
                  on_events: Callable[[list[Sequence]], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -117,12 +120,15 @@ class Scheduler:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if not 1 <= prefill_chunk <= prefill_tokens:
             raise ValueError(f"need 1 <= prefill_chunk <= prefill_tokens, got {prefill_chunk}, {prefill_tokens}")
+        if not stream_interval >= 0:
+            raise ValueError(f"stream_interval must be >= 0 seconds, got {stream_interval}")
         self.pool = pool
         self.capacity = min(max_batch, pool.capacity)  # sequences holding a slot at once
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = prefill_tokens
         self.max_prompt_tokens = max_prompt_tokens
+        self.stream_interval = stream_interval
         self.vocab_size = pool.vocab_size
         self.on_events = on_events
         self.stats = Stats()
@@ -135,6 +141,8 @@ class Scheduler:
         self._running: list[Sequence] = []  # row i of the pool is _running[i]
         self._last = np.zeros(self.capacity, np.int64)  # (capacity,) row i's last token: its next input
         self._events: list[Sequence] = []
+        self._urgent = False  # an event that goes after this iteration: a first token, a finish
+        self._last_flush = 0.0  # perf_counter of the last hand-off
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -356,6 +364,7 @@ class Scheduler:
     def _append(self, s: Sequence, tok: int) -> None:
         if s.t_first is None:
             s.t_first = time.perf_counter()
+            self._urgent = True
         s.tokens.append(int(tok))
         self.stats.generated_tokens += 1
         if tok in s.params.stop_token_ids:
@@ -372,10 +381,16 @@ class Scheduler:
         s.finish_reason = reason  # last: readers take finish_reason before tokens
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._events.append(s)
+        self._urgent = True
 
     def _flush_events(self) -> None:
         if not self._events:
             return
+        now = time.perf_counter()
+        if not self._urgent and now - self._last_flush < self.stream_interval:
+            return  # only tokens of running sequences: they go with a later iteration's
+        self._last_flush = now
+        self._urgent = False
         events, self._events = self._events, []
         if self.on_events is not None:
             seen, unique = set(), []
