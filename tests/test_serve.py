@@ -222,9 +222,9 @@ def test_stream_interval_gathers_running_tokens_but_not_first_tokens_or_ends(ser
     assert tokens1 == tokens0 and [len(t) for t in tokens0] == [7, 12]
     assert len(seen0) == steps0  # every iteration hands on
     # the prompts' lengths differ, so they are prefilled one iteration apart; each such iteration also
-    # runs a decode step for what is running, hence 2 tokens at a first hand-off
-    assert seen1 == [[(0, 2, None)], [(0, 3, None), (1, 2, None)], [(0, 7, "length"), (1, 6, None)],
-                     [(1, 12, "length")]]
+    # runs a decode step for what is running, hence 2 tokens at a first hand-off. A hand-off for one
+    # sequence's first token or end takes that sequence alone: the other's tokens keep gathering.
+    assert seen1 == [[(0, 2, None)], [(1, 2, None)], [(0, 7, "length")], [(1, 12, "length")]]
     with pytest.raises(ValueError, match="stream_interval"):
         Scheduler(OrtSlots(om, 1), max_batch=1, stream_interval=-1.0)
 

@@ -23,10 +23,10 @@ slot is known up front, which is what admission counts.
 
 ``on_events(seqs)`` is called after each iteration with the sequences that got tokens or
 finished; readers take ``seq.finish_reason`` first, then ``seq.tokens`` (tokens are appended
-before a sequence is marked finished). With ``stream_interval`` > 0 it is called at most that often
-for tokens of running sequences (they gather: each reader then takes several tokens at once, which
-is what streaming costs per token at high concurrency); a first token, a finish or a cancellation
-is handed on after its iteration, with whatever has gathered.
+before a sequence is marked finished). With ``stream_interval`` > 0 the tokens of running sequences
+gather and are handed on at most that often (each reader then takes several tokens at once, which
+is what streaming costs per token at high concurrency); a sequence's first token, finish or
+cancellation still goes after its iteration, that sequence alone.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -140,9 +141,9 @@ class Scheduler:
         self._prefilling: list[Sequence] = []  # scheduler thread only
         self._running: list[Sequence] = []  # row i of the pool is _running[i]
         self._last = np.zeros(self.capacity, np.int64)  # (capacity,) row i's last token: its next input
-        self._events: list[Sequence] = []
-        self._urgent = False  # an event that goes after this iteration: a first token, a finish
-        self._last_flush = 0.0  # perf_counter of the last hand-off
+        self._events: dict[Sequence, None] = {}  # sequences with news since their last hand-off, in order
+        self._urgent: list[Sequence] = []  # of those, the ones that go after this iteration: first tokens, ends
+        self._last_flush = -math.inf  # perf_counter of the last hand-off of all
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -364,7 +365,7 @@ class Scheduler:
     def _append(self, s: Sequence, tok: int) -> None:
         if s.t_first is None:
             s.t_first = time.perf_counter()
-            self._urgent = True
+            self._urgent.append(s)
         s.tokens.append(int(tok))
         self.stats.generated_tokens += 1
         if tok in s.params.stop_token_ids:
@@ -372,7 +373,7 @@ class Scheduler:
         elif len(s.tokens) >= s.params.max_tokens:
             self._finish(s, "length")
         else:
-            self._events.append(s)
+            self._events[s] = None
 
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         if s.finish_reason is not None:
@@ -380,22 +381,23 @@ class Scheduler:
         s.error = error
         s.finish_reason = reason  # last: readers take finish_reason before tokens
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
-        self._events.append(s)
-        self._urgent = True
+        self._events[s] = None
+        self._urgent.append(s)
 
     def _flush_events(self) -> None:
         if not self._events:
             return
         now = time.perf_counter()
-        if not self._urgent and now - self._last_flush < self.stream_interval:
-            return  # only tokens of running sequences: they go with a later iteration's
-        self._last_flush = now
-        self._urgent = False
-        events, self._events = self._events, []
+        if now - self._last_flush >= self.stream_interval:  # everything (always, without an interval)
+            events = list(self._events)
+            self._events.clear()
+            self._last_flush = now
+        elif self._urgent:  # only those: the others' tokens keep gathering
+            events = list(dict.fromkeys(self._urgent))
+            for e in events:
+                del self._events[e]
+        else:
+            return
+        self._urgent.clear()
         if self.on_events is not None:
-            seen, unique = set(), []
-            for s in events:
-                if id(s) not in seen:
-                    seen.add(id(s))
-                    unique.append(s)
-            self.on_events(unique)
+            self.on_events(events)
