@@ -71,7 +71,7 @@ class Sequence:
     t_submit: float = 0.0
     t_first: float | None = None  # when the first token was sampled
     # scheduler-private
-    _rng: Any = None
+    _rng: Any = None  # the sampling generator (None when greedy: a fresh one costs ~20 us per request)
     _pos: int = 0  # prompt tokens prefilled
     _state: Any = None  # the state while prefilling (a pool's per-sequence state)
     _cancel: str | bool = False  # the finish reason it was cancelled with
@@ -175,7 +175,7 @@ class Scheduler:
                 self.stats.rejected += len(arrays)
                 raise QueueFullError(f"all {self.capacity} sequence slots are busy and the queue of "
                                      f"{self.max_queue} is full")
-            seqs = [Sequence(next(self._ids), a, p, sink=s, t_submit=now, _rng=p.generator())
+            seqs = [Sequence(next(self._ids), a, p, sink=s, t_submit=now, _rng=None if p.greedy else p.generator())
                     for a, p, s in zip(arrays, params, sinks)]
             self._waiting.extend(seqs)
             self.stats.submitted += len(seqs)
