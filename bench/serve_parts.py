@@ -7,7 +7,8 @@ random ids, ``--max-tokens`` new tokens each, greedy), measured three ways:
 1. the decode step alone: ``OrtSlots.step`` on B = 1 and B = C rows (median of ``--steps``), with
    the default intra-op threads and with one;
 2. the scheduler without HTTP: a ``Scheduler`` over ``OrtSlots`` driven by ``step()`` in this
-   process until C sequences finish (prefill included): wall time per generated token;
+   process, the same requests as over HTTP (C slots; queued requests join as slots free up;
+   prefill included): wall time per generated token;
 3. the real server over HTTP (``xlstm-export serve``, bench/serve.py's client): wall time per
    token, and the server's CPU time per token by thread (from /proc: the event loop is the main
    thread; the other busy threads are the scheduler and onnxruntime's worker).
@@ -49,14 +50,17 @@ def step_ms(model, rows: int, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def scheduler_us_per_token(model, c: int, prompt_len: int, max_tokens: int, seed: int = 0) -> float:
-    sched = Scheduler(OrtSlots(model, c), max_batch=c)
+def scheduler_us_per_token(model, c: int, n: int, prompt_len: int, max_tokens: int, seed: int = 0) -> float:
+    """Wall time per generated token of ``n`` requests through a Scheduler with ``c`` slots (the rest
+    queue and join as slots free up, as in the server), after a warm-up of ``c`` requests."""
+    sched = Scheduler(OrtSlots(model, c), max_batch=c, max_queue=n)
     rng = np.random.default_rng(seed)
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
-    seqs = [sched.submit(rng.integers(0, model.vocab_size, prompt_len), greedy) for _ in range(c)]
-    t0 = time.perf_counter()
-    while any(s.finish_reason is None for s in seqs):
-        sched.step()
+    for count in (c, n):  # the warm-up, then the timed requests
+        seqs = [sched.submit(rng.integers(0, model.vocab_size, prompt_len), greedy) for _ in range(count)]
+        t0 = time.perf_counter()
+        while any(s.finish_reason is None for s in seqs):
+            sched.step()
     return 1e6 * (time.perf_counter() - t0) / sum(len(s.tokens) for s in seqs)
 
 
@@ -116,8 +120,10 @@ def main() -> int:
         one, many = step_ms(model, 1, args.steps), step_ms(model, c, args.steps)
         lines.append(f"| decode step alone, {label} | {one:.3f} ms | {many:.3f} ms | {c * one / many:.1f}x |")
         if threads is None:
-            s1 = scheduler_us_per_token(model, 1, args.prompt_len, args.max_tokens)
-            sc = scheduler_us_per_token(model, c, args.prompt_len, args.max_tokens)
+            s1 = scheduler_us_per_token(model, 1, bench_serve.requests_at(1, args.requests, args.waves),
+                                        args.prompt_len, args.max_tokens)
+            sc = scheduler_us_per_token(model, c, bench_serve.requests_at(c, args.requests, args.waves),
+                                        args.prompt_len, args.max_tokens)
             sched_line = f"| scheduler without HTTP, per token | {s1:.1f} us | {sc:.1f} us | {s1 / sc:.1f}x |"
         del model
     lines.append(sched_line)
