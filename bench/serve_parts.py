@@ -20,7 +20,6 @@ random ids, ``--max-tokens`` new tokens each, greedy), measured three ways:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
