@@ -45,7 +45,7 @@ import numpy as np
 
 from .sampling import SamplingParams, greedy, sample_row
 
-__all__ = ["QueueFullError", "Scheduler", "Sequence", "Stats"]
+__all__ = ["QueueFullError", "Scheduler", "Sequence", "Stats", "check_prompt"]
 
 log = logging.getLogger("xlstm_export.serve")
 
@@ -55,6 +55,23 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 class QueueFullError(RuntimeError):
     """Every slot is busy and the waiting queue is full: try again later (HTTP 503)."""
+
+    def __init__(self, capacity: int, max_queue: int):
+        super().__init__(f"all {capacity} sequence slots are busy and the queue of {max_queue} is full")
+
+
+def check_prompt(prompt, vocab_size: int, max_tokens: int) -> np.ndarray:
+    """A prompt as (S,) int64 token ids, or ValueError saying what is wrong with it."""
+    a = np.asarray(prompt)
+    if a.ndim != 1 or a.size < 1:
+        raise ValueError("the prompt must be a non-empty list of token ids")
+    if a.dtype.kind not in "iu":
+        raise ValueError("token ids must be integers")
+    if a.size > max_tokens:
+        raise ValueError(f"the prompt has {a.size} tokens; this server takes at most {max_tokens}")
+    if a.min() < 0 or a.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{a.min()}, {a.max()}]")
+    return a.astype(np.int64)
 
 
 @dataclass(eq=False)
@@ -167,32 +184,19 @@ class Scheduler:
 
     def submit_many(self, prompts, params: list[SamplingParams], sinks: list[Any]) -> list[Sequence]:
         """Several prompts at once: all are queued, or none (QueueFullError)."""
-        arrays = [self._check_prompt(p) for p in prompts]
+        arrays = [check_prompt(p, self.vocab_size, self.max_prompt_tokens) for p in prompts]
         now = time.perf_counter()
         with self._lock:
             busy = len(self._prefilling) + len(self._running) + len(self._waiting)
             if busy + len(arrays) > self.capacity + self.max_queue:
                 self.stats.rejected += len(arrays)
-                raise QueueFullError(f"all {self.capacity} sequence slots are busy and the queue of "
-                                     f"{self.max_queue} is full")
+                raise QueueFullError(self.capacity, self.max_queue)
             seqs = [Sequence(next(self._ids), a, p, sink=s, t_submit=now, _rng=None if p.greedy else p.generator())
                     for a, p, s in zip(arrays, params, sinks)]
             self._waiting.extend(seqs)
             self.stats.submitted += len(seqs)
             self._wake.notify()
         return seqs
-
-    def _check_prompt(self, prompt) -> np.ndarray:
-        a = np.asarray(prompt)
-        if a.ndim != 1 or a.size < 1:
-            raise ValueError("the prompt must be a non-empty list of token ids")
-        if a.dtype.kind not in "iu":
-            raise ValueError("token ids must be integers")
-        if a.size > self.max_prompt_tokens:
-            raise ValueError(f"the prompt has {a.size} tokens; this server takes at most {self.max_prompt_tokens}")
-        if a.min() < 0 or a.max() >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{a.min()}, {a.max()}]")
-        return a.astype(np.int64)
 
     @property
     def alive(self) -> bool:
@@ -235,21 +239,25 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop:
-            try:
-                busy = self.step()
-            except Exception:  # a bug must not end the loop: log it, fail what was in flight
-                log.exception("scheduler iteration failed")
-                for s in [*self._prefilling, *self._running]:
-                    self._finish(s, "error", "internal error in the scheduler")
-                self._prefilling.clear()
-                self._running.clear()
-                self._flush_events()
-                busy = False
-            if not busy:
+            if not self.safe_step():
                 with self._lock:
                     self._wake.wait_for(lambda: self._stop or self._waiting or self._cancelled, timeout=1.0)
 
     # --- the scheduler thread --------------------------------------------------------------------
+    def safe_step(self) -> bool:
+        """:meth:`step` for a serving loop: a bug must not end the loop, so an iteration that raises
+        is logged and fails what was in flight. Returns False when there was nothing to do."""
+        try:
+            return self.step()
+        except Exception:
+            log.exception("scheduler iteration failed")
+            for s in [*self._prefilling, *self._running]:
+                self._finish(s, "error", "internal error in the scheduler")
+            self._prefilling.clear()
+            self._running.clear()
+            self._flush_events()
+            return False
+
     def step(self) -> bool:
         """One iteration (see the module doc). Returns False when there was nothing to do."""
         self._drop_cancelled()
