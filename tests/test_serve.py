@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 
@@ -26,7 +27,7 @@ from xlstm_export.export import export_onnx  # noqa: E402
 from xlstm_export.generate import generate  # noqa: E402
 from xlstm_export.models import preset, xLSTMLM  # noqa: E402
 from xlstm_export.ort import OrtModel  # noqa: E402
-from xlstm_export.serve import OrtSlots, SamplingParams, Scheduler, TorchSlots  # noqa: E402
+from xlstm_export.serve import EngineProcess, OrtSlots, SamplingParams, Scheduler, TorchSlots  # noqa: E402
 from xlstm_export.serve.app import create_app  # noqa: E402
 from xlstm_export.serve.text import CompletionText  # noqa: E402
 from xlstm_export.tokenizer import byte_tokenizer_files, load_tokenizer, write_tokenizer_files  # noqa: E402
@@ -43,6 +44,15 @@ def served(tmp_path_factory):
     path = export_onnx(model, d / "small.onnx", progress=False)
     write_tokenizer_files(byte_tokenizer_files(), d)
     return OrtModel(path, native_ops=True), load_tokenizer(path), model
+
+
+def scheduler_for(where: str, om: OrtModel, capacity: int, **options):
+    """What a test's server runs: a Scheduler over ``om`` (run in a thread of the server) or, for
+    "process", an EngineProcess over the same file (the default of `xlstm-export serve`)."""
+    if where == "thread":
+        return Scheduler(OrtSlots(om, capacity), max_batch=capacity, **options)
+    return EngineProcess(str(om.path), dict(max_batch=capacity, max_state_mb=1024),
+                         dict(max_batch=capacity, **options))
 
 
 def solo(om: OrtModel, prompt, max_tokens: int) -> list[int]:
@@ -273,13 +283,14 @@ def load_tokenizer_bytes():
 
 
 # --- over HTTP ---------------------------------------------------------------------------------------
-def test_32_concurrent_completions_equal_their_solo_generation(served):
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_32_concurrent_completions_equal_their_solo_generation(served, where):
     om, tok, _ = served
     rng = np.random.default_rng(4)
     lengths = [1, 300, *rng.integers(1, 301, 30)]
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in lengths]
     max_tokens = [1, 64, *(int(m) for m in rng.integers(1, 65, 30))]
-    sched = Scheduler(OrtSlots(om, 32), max_batch=32, prefill_chunk=64, prefill_tokens=256)
+    sched = scheduler_for(where, om, 32, prefill_chunk=64, prefill_tokens=256)
     with running_server(sched, tok) as url:
         async def all_at_once():
             c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=MAX_WAIT_S)
@@ -287,6 +298,8 @@ def test_32_concurrent_completions_equal_their_solo_generation(served):
                                           for p, m in zip(prompts, max_tokens)))
 
         results = asyncio.run(all_at_once())
+        # an engine process sends its counters at most every 50 ms, and when it falls idle
+        wait_for(lambda: metrics(url)["xlstm_generated_tokens_total"] == sum(max_tokens), "the counters")
         m = metrics(url)
         assert httpx.get(f"{url}/health").status_code == 200
     assert m["xlstm_decode_rows_total"] / m["xlstm_decode_steps_total"] > 4  # they did share steps
@@ -344,16 +357,17 @@ def test_streamed_tokens_gathered_by_the_stream_interval_make_the_same_text(serv
         assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served):
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served, where):
     om, tok, _ = served
-    sched = Scheduler(OrtSlots(om, 1), max_batch=1, max_queue=0)
+    sched = scheduler_for(where, om, 1, max_queue=0)
     with running_server(sched, tok) as url:
         c = client(url)
         stream = c.completions.create(model="small", prompt="long", max_tokens=60000, temperature=0, stream=True)
         it = iter(stream)
         next(it)
         next(it)
-        assert metrics(url)["xlstm_active_sequences"] == 1
+        wait_for(lambda: metrics(url)["xlstm_active_sequences"] == 1, "the stream to be counted")
         with pytest.raises(openai.APIStatusError) as full:  # every slot busy, no queue
             c.completions.create(model="small", prompt="x", max_tokens=2)
         assert full.value.status_code == 503
@@ -366,6 +380,41 @@ def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served):
         assert m["xlstm_generated_tokens_total"] < 60000
         r = c.completions.create(model="small", prompt="x", max_tokens=2, temperature=0)
         assert r.choices[0].finish_reason == "length"
+
+
+def test_engine_process_exit_fails_its_requests_and_the_server_says_503(served):
+    om, tok, _ = served
+    engine = scheduler_for("process", om, 2)
+    with running_server(engine, tok) as url:
+        c = client(url)
+        stream = iter(c.completions.create(model="small", prompt="long", max_tokens=60000, temperature=0,
+                                           stream=True))
+        next(stream)
+        engine._proc.kill()
+        with pytest.raises(openai.APIError, match="engine process exited"):  # the stream's last event
+            for _ in stream:
+                pass
+        assert httpx.get(f"{url}/health").status_code == 503
+        with pytest.raises(openai.APIStatusError) as gone:
+            c.completions.create(model="small", prompt="x", max_tokens=2)
+        assert gone.value.status_code == 503 and "not running" in gone.value.response.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/models").status_code == 200  # the HTTP layer itself stays up
+
+
+def test_engine_process_reports_what_it_serves_and_load_errors_as_themselves(served, tmp_path):
+    om, tok, _ = served
+    engine = scheduler_for("process", om, 3)
+    try:
+        assert (engine.info.capacity, engine.info.vocab_size) == (3, 256)
+        assert engine.info.state_bytes == OrtSlots(om, 1).state_bytes
+        assert engine.info.tokenizer.decode(tok.encode("same tokenizer")) == "same tokenizer"
+    finally:
+        engine.stop()
+    assert not engine.alive
+    with pytest.raises(ValueError, match="holds no sequence"):  # raised in the child, here as itself
+        EngineProcess(str(om.path), dict(max_batch=4, max_state_mb=1e-6), dict(max_batch=4))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        EngineProcess(str(tmp_path / "missing.onnx"), dict(max_batch=4, max_state_mb=64), dict(max_batch=4))
 
 
 BAD_REQUESTS = [
@@ -480,9 +529,26 @@ def test_serve_command_serves_until_terminated(served):
             time.sleep(0.2)
         r = client(url).completions.create(model="small", prompt="Hi", max_tokens=4, temperature=0)
         assert r.choices[0].model_extra["token_ids"] == solo(om, tok.encode("Hi"), 4)
+        children = _children(proc.pid)  # the engine process (and multiprocessing's resource tracker)
+        assert sum(b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read() for pid in children) == 1
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=MAX_WAIT_S)
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -15) and "Traceback" not in out, out
-    assert "serving small (onnxruntime (native CPU kernels); 4 sequence slots" in out
+    assert "serving small (onnxruntime (native CPU kernels) in an engine process; 4 sequence slots" in out
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), "the engine process to exit")
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out

@@ -10,6 +10,7 @@ Layers, each usable alone:
 - :mod:`.protocol` and :mod:`.text`: the OpenAI request checks and response shapes, incremental
   detokenization with stop strings;
 - :mod:`.app`: the Starlette app run by uvicorn;
+- :mod:`.engine`: the scheduler in a child process, so that it and the HTTP layer do not share a GIL;
 - :mod:`.backend`: what a target (.onnx, engine, model source) becomes.
 
     from xlstm_export.serve import run_server
@@ -21,28 +22,39 @@ from __future__ import annotations
 import socket
 
 from .backend import Backend, load_backend, slot_capacity
+from .engine import EngineProcess, ServedModel
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, Scheduler, Sequence
 from .slots import OrtSlots, TorchSlots
 
-__all__ = ["Backend", "OrtSlots", "QueueFullError", "SamplingParams", "Scheduler", "Sequence", "TorchSlots",
-           "build_app", "load_backend", "run_server", "slot_capacity"]
+__all__ = ["Backend", "EngineProcess", "OrtSlots", "QueueFullError", "SamplingParams", "Scheduler", "Sequence",
+           "ServedModel", "TorchSlots", "build_app", "load_backend", "run_server", "slot_capacity"]
 
 
 def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, max_queue: int = 256,
               prefill_chunk: int = 64, prefill_tokens: int = 256, name: str | None = None,
-              native_ops: bool = True, threads: int | None = None, stream_interval: float = 0.0):
-    """(Starlette app, Backend) for ``target``; the app starts its scheduler thread on startup.
-    ``stream_interval``: seconds between hand-offs of running streams' tokens (see :class:`Scheduler`)."""
+              native_ops: bool = True, threads: int | None = None, stream_interval: float = 0.0,
+              engine_process: bool = False):
+    """(Starlette app, ServedModel) for ``target``; the app starts its scheduler on startup.
+    ``stream_interval``: seconds between hand-offs of running streams' tokens (see :class:`Scheduler`);
+    ``engine_process``: run the scheduler and the model in a child process (:mod:`.engine`) rather
+    than in a thread of this one."""
     from .app import create_app
 
-    backend = load_backend(target, max_batch=max_batch, max_state_mb=max_state_mb, name=name,
-                           native_ops=native_ops, threads=threads)
-    scheduler = Scheduler(backend.pool, max_batch=max_batch, max_queue=max_queue,
-                          prefill_chunk=prefill_chunk, prefill_tokens=max(prefill_tokens, prefill_chunk),
-                          stream_interval=stream_interval)
-    app = create_app(scheduler, model_name=backend.name, tokenizer=backend.tokenizer, label=backend.label)
-    return app, backend
+    backend_options = dict(max_batch=max_batch, max_state_mb=max_state_mb, name=name, native_ops=native_ops,
+                           threads=threads)
+    scheduler_options = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                             prefill_tokens=max(prefill_tokens, prefill_chunk), stream_interval=stream_interval)
+    if engine_process:
+        scheduler = EngineProcess(target, backend_options, scheduler_options)
+        info = scheduler.info
+    else:
+        backend = load_backend(target, **backend_options)
+        scheduler = Scheduler(backend.pool, **scheduler_options)
+        info = ServedModel(backend.name, backend.label, scheduler.capacity, backend.vocab_size,
+                           backend.pool.state_bytes, backend.tokenizer)
+    app = create_app(scheduler, model_name=info.name, tokenizer=info.tokenizer, label=info.label)
+    return app, info
 
 
 def check_port(host: str, port: int) -> None:
@@ -61,10 +73,10 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, log_le
     from .app import serve
 
     check_port(host, port)
-    app, backend = build_app(target, **options)
-    tok = "no tokenizer: prompts as token ids" if backend.tokenizer is None else \
-        f"tokenizer with {backend.tokenizer.vocab_size} tokens"
-    print(f"serving {backend.name} ({backend.label}; {backend.capacity} sequence slots, "
-          f"{backend.pool.state_bytes / 2**20:.2f} MiB state each; {tok}) on http://{host}:{port}/v1",
-          flush=True)
+    app, info = build_app(target, **options)
+    tok = "no tokenizer: prompts as token ids" if info.tokenizer is None else \
+        f"tokenizer with {info.tokenizer.vocab_size} tokens"
+    where = "an engine process" if options.get("engine_process") else "a scheduler thread"
+    print(f"serving {info.name} ({info.label} in {where}; {info.capacity} sequence slots, "
+          f"{info.state_bytes / 2**20:.2f} MiB state each; {tok}) on http://{host}:{port}/v1", flush=True)
     serve(app, host, port, log_level)

@@ -170,6 +170,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         except QueueFullError as e:
             return error(503, error_body(f"{e}; retry later", "server_error", None, "server_busy"),
                          {"Retry-After": str(RETRY_AFTER_S)})
+        except RuntimeError as e:  # the engine process is gone
+            return error(503, error_body(str(e), "server_error"))
         except ValueError as e:
             return error(400, error_body(str(e), param="prompt"))
         comp = _Completion(scheduler, seqs, waiter, tokenizer, req.stop)

@@ -1,0 +1,309 @@
+"""The scheduler in a process of its own: the HTTP layer and the model do not share one GIL.
+
+In one process, the event loop that streams tokens and the scheduler thread that runs the model
+take turns holding Python's GIL: each decode step that leaves onnxruntime waits for the event
+loop's Python, and the event loop waits for the scheduler's. With a small model at 32 streams that
+waiting, not the cores, bounds the tokens per second (bench/RESULTS.md, "Serving"). Here the
+:class:`~.scheduler.Scheduler` runs alone in a spawned child process (as vLLM's engine core
+does), and :class:`EngineProcess` stands in for it in the server process: it has the methods and
+fields the HTTP layer uses (``submit_many``, ``cancel``, ``on_events``, ``stats``, ...) and keeps
+one mirror :class:`~.scheduler.Sequence` per request, updated from the child's messages.
+
+    engine = EngineProcess("model.onnx", dict(max_batch=32, max_state_mb=1024),
+                           dict(max_batch=32, max_queue=64))
+    app = create_app(engine, model_name=engine.info.name, tokenizer=engine.info.tokenizer)
+
+Messages, pickled over one duplex pipe:
+
+    server -> engine   ("submit", [(request id, prompt (S,) int64, SamplingParams)]), ("cancel", id, reason),
+                       ("stop",)
+    engine -> server   ("ready", ServedModel) or ("failed", error type, message), once at start;
+                       ("events", [(id, new token ids, finish reason or None, error or None)]) after
+                       each scheduler hand-off; ("stats", (Stats, active, prefilling, queued)) at
+                       most every STATS_INTERVAL_S while busy, and when it falls idle
+
+The child is spawned (a fresh interpreter that imports this module), so a script that starts an
+engine process must do it under ``if __name__ == "__main__":``, as with any multiprocessing code.
+
+The server admits a request only while fewer than ``capacity + max_queue`` of its requests are
+unfinished, which the engine then holds too (it learns of finishes first), so the engine never
+refuses one. If the engine process dies, every unfinished request ends with an error and
+``alive`` turns False (``/health`` says 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import multiprocessing
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from .scheduler import QueueFullError, Scheduler, Sequence, Stats, check_prompt
+
+__all__ = ["EngineProcess", "ServedModel"]
+
+log = logging.getLogger("xlstm_export.serve")
+
+STATS_INTERVAL_S = 0.05  # the engine sends /metrics' counters at most this often while busy
+START_TIMEOUT_S = 600.0  # loading a large model (and compiling the native kernels) can take minutes
+# errors of loading a target that reach the user as themselves (one line at the CLI)
+_LOAD_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError)}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server reports about its model (the start-up line, /v1/models, /metrics)."""
+
+    name: str
+    label: str  # what runs it
+    capacity: int  # sequences with a slot at once
+    vocab_size: int
+    state_bytes: int  # one sequence's state
+    tokenizer: Any  # xlstm_export.tokenizer.Tokenizer | None (picklable)
+
+
+class _Pool:
+    """The one pool field the HTTP layer reads."""
+
+    def __init__(self, state_bytes: int):
+        self.state_bytes = state_bytes
+
+
+class EngineProcess:
+    """A :class:`Scheduler` over ``load_backend(target, **backend_options)`` in a spawned child
+    process, behind the scheduler's interface (see the module doc). ``scheduler_options`` are
+    :class:`Scheduler`'s keyword arguments; raises what loading the target raised."""
+
+    def __init__(self, target: str, backend_options: dict, scheduler_options: dict,
+                 start_timeout: float = START_TIMEOUT_S):
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_engine_main, args=(child, target, backend_options, scheduler_options),
+                                 name="xlstm-serve-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            if not self._conn.poll(start_timeout):
+                raise RuntimeError(f"the engine process did not load {target} within {start_timeout:g} s")
+            msg = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited while loading {target} "
+                               f"(exit code {self._proc.join(5) or self._proc.exitcode})") from None
+        except BaseException:
+            self._kill()
+            raise
+        if msg[0] == "failed":
+            self._proc.join(10)
+            raise _LOAD_ERRORS.get(msg[1], RuntimeError)(msg[2])
+        self.info: ServedModel = msg[1]
+        self.capacity = self.info.capacity
+        self.vocab_size = self.info.vocab_size
+        self.max_queue = scheduler_options.get("max_queue", 256)
+        self.max_prompt_tokens = scheduler_options.get("max_prompt_tokens", 1 << 16)
+        self.pool = _Pool(self.info.state_bytes)
+        self.on_events: Callable[[list[Sequence]], None] | None = None
+        self._ids = itertools.count(1)
+        self._live: dict[int, Sequence] = {}  # request id -> its mirror, until it finishes
+        self._snapshot = (Stats(), 0, 0, 0)  # the engine's (stats, active, prefilling, queued)
+        self._rejected = 0  # requests refused here (queue full): the engine never sees them
+        self._eof = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- the scheduler's interface, as the HTTP layer uses it ----------------------------------------
+    @property
+    def stats(self) -> Stats:
+        st = self._snapshot[0]
+        return replace(st, rejected=st.rejected + self._rejected) if self._rejected else st
+
+    @property
+    def active(self) -> int:
+        return self._snapshot[1]
+
+    @property
+    def prefilling(self) -> int:
+        return self._snapshot[2]
+
+    @property
+    def queued(self) -> int:
+        return self._snapshot[3]
+
+    @property
+    def alive(self) -> bool:
+        return not self._eof and self._proc.is_alive()
+
+    def submit(self, prompt, params, sink: Any = None) -> Sequence:
+        return self.submit_many([prompt], [params], [sink])[0]
+
+    def submit_many(self, prompts, params: list, sinks: list) -> list[Sequence]:
+        """As :meth:`Scheduler.submit_many`: ValueError for a bad prompt, QueueFullError when full."""
+        arrays = [check_prompt(p, self.vocab_size, self.max_prompt_tokens) for p in prompts]
+        if not self.alive:
+            raise RuntimeError("the engine process is not running")
+        if len(self._live) + len(arrays) > self.capacity + self.max_queue:
+            self._rejected += len(arrays)
+            raise QueueFullError(self.capacity, self.max_queue)
+        now = time.perf_counter()
+        seqs = [Sequence(next(self._ids), a, p, sink=s, t_submit=now) for a, p, s in zip(arrays, params, sinks)]
+        for s in seqs:
+            self._live[s.id] = s
+        self._send(("submit", [(s.id, s.prompt, s.params) for s in seqs]))
+        return seqs
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stop ``seq``; its finish (``reason``) comes back from the engine like any other."""
+        if seq.finish_reason is None and not seq._cancel and seq.id in self._live:
+            seq._cancel = reason
+            self._send(("cancel", seq.id, reason))
+
+    def start(self) -> None:
+        """Read the engine's messages on the running event loop (call it from there)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._receive)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and not self._eof:
+            self._loop.remove_reader(self._conn.fileno())
+        self._send(("stop",))
+        self._proc.join(timeout)
+        self._kill()
+
+    # --- the server process ----------------------------------------------------------------------------
+    def _send(self, msg) -> None:
+        try:
+            self._conn.send(msg)
+        except OSError:  # the engine is gone: _receive sees the end of the pipe and fails what was live
+            pass
+
+    def _receive(self) -> None:
+        changed: dict[Sequence, None] = {}
+        try:
+            while self._conn.poll(0):
+                kind, payload = self._conn.recv()
+                if kind == "events":
+                    for rid, tokens, reason, error in payload:
+                        s = self._live.get(rid)
+                        if s is None:
+                            continue
+                        s.tokens += tokens
+                        if reason is not None:  # tokens first: readers take finish_reason first
+                            s.error = error
+                            s.finish_reason = reason
+                            del self._live[rid]
+                        changed[s] = None
+                elif kind == "stats":
+                    self._snapshot = payload
+        except (EOFError, OSError):
+            self._engine_gone(changed)
+        if changed and self.on_events is not None:
+            self.on_events(list(changed))
+
+    def _engine_gone(self, changed: dict) -> None:
+        self._eof = True
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+        log.error("the engine process exited (exit code %s): failing %d requests",
+                  self._proc.exitcode, len(self._live))
+        for s in self._live.values():
+            s.error = "the engine process exited"
+            s.finish_reason = "error"
+            changed[s] = None
+        self._live.clear()
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+
+# --- the engine process ------------------------------------------------------------------------------
+def _engine_main(conn, target: str, backend_options: dict, scheduler_options: dict) -> None:
+    import signal
+
+    from .backend import load_backend
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    try:
+        backend = load_backend(target, **backend_options)
+        scheduler = Scheduler(backend.pool, **scheduler_options)
+    except Exception as e:  # one line for the user, raised again in the server process
+        conn.send(("failed", type(e).__name__, str(e)))
+        return
+    conn.send(("ready", ServedModel(backend.name, backend.label, scheduler.capacity, backend.vocab_size,
+                                    backend.pool.state_bytes, backend.tokenizer)))
+    _Engine(conn, scheduler).run()
+
+
+class _Engine:
+    """The child's loop: take the server's messages, run one scheduler iteration, send what changed."""
+
+    def __init__(self, conn, scheduler: Scheduler):
+        self.conn, self.scheduler = conn, scheduler
+        self.by_id: dict[int, Sequence] = {}  # request id -> the scheduler's sequence
+        self.ids: dict[Sequence, int] = {}  # and back
+        self.sent: dict[Sequence, int] = {}  # tokens already sent
+        self.stats_sent = -math.inf
+        scheduler.on_events = self.hand_off
+
+    def run(self) -> None:
+        busy_since_stats = False
+        while self.receive(block=False):
+            busy = self.scheduler.safe_step()
+            busy_since_stats |= busy
+            now = time.perf_counter()
+            if busy_since_stats and (not busy or now - self.stats_sent >= STATS_INTERVAL_S):
+                s = self.scheduler
+                self.conn.send(("stats", (s.stats, s.active, s.prefilling, s.queued)))
+                self.stats_sent, busy_since_stats = now, False
+            if not busy and not self.receive(block=True):
+                return
+
+    def receive(self, block: bool) -> bool:
+        """Apply the server's waiting messages (wait for one when ``block``); False: stop."""
+        try:
+            if not self.conn.poll(None if block else 0):
+                return True
+            while True:
+                msg = self.conn.recv()
+                if msg[0] == "submit":
+                    self.submit(msg[1])
+                elif msg[0] == "cancel":
+                    s = self.by_id.get(msg[1])
+                    if s is not None:
+                        self.scheduler.cancel(s, msg[2])
+                elif msg[0] == "stop":
+                    return False
+                if not self.conn.poll(0):
+                    return True
+        except (EOFError, OSError):  # the server process is gone
+            return False
+
+    def submit(self, requests: list) -> None:
+        try:
+            seqs = self.scheduler.submit_many([r[1] for r in requests], [r[2] for r in requests],
+                                              [None] * len(requests))
+        except Exception as e:  # the server checked them as we would: a bug, but not ours to die of
+            log.exception("the engine refused requests the server had admitted")
+            self.conn.send(("events", [(r[0], [], "error", f"the engine refused the request: {e}") for r in requests]))
+            return
+        for (rid, _, _), s in zip(requests, seqs):
+            self.by_id[rid], self.ids[s] = s, rid
+
+    def hand_off(self, seqs: list[Sequence]) -> None:
+        out = []
+        for s in seqs:
+            rid = self.ids.get(s)
+            if rid is None:
+                continue
+            k = self.sent.get(s, 0)
+            out.append((rid, s.tokens[k:], s.finish_reason, s.error))
+            if s.finish_reason is None:
+                self.sent[s] = len(s.tokens)
+            else:
+                del self.by_id[rid], self.ids[s]
+                self.sent.pop(s, None)
+        if out:
+            self.conn.send(("events", out))
