@@ -8,8 +8,9 @@ send requests back to back (closed loop) until the level's requests are done:
 - aggregate generated tokens/s = tokens received / wall time of the level (prefill included);
 - time to first token (TTFT) per request: from sending it to the first streamed token; p50, p99;
 - the server's own view from /metrics: mean decode batch (rows / steps) and mean step latency;
-- server memory: resident set (VmRSS) of the server process after each level, and after a second
-  run of the largest level (twice the tokens): flat means generated tokens cost no memory.
+- server memory: resident set (VmRSS) of the server process and its children (the engine process)
+  after each level, and after a second run of the largest level (twice the tokens): flat means
+  generated tokens cost no memory.
 
     python bench/serve.py                                    # tiny-large and xlstm-large-160m
     python bench/serve.py --models xlstm-large-160m --requests 4 --waves 1 --no-repeat   # shorter
@@ -54,11 +55,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the server and its engine process), from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return tree
+
+
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the server: the process and its children (the engine process), MiB."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:")) / 1024
+        except (OSError, StopIteration):
+            pass
+    return total
 
 
 def export(name: str, workdir: Path) -> Path:
@@ -234,7 +257,8 @@ def bench_model(name: str, args) -> dict:
     max_c = max(args.concurrency)
     extra = ["--max-batch", str(max_c), "--max-queue", str(4 * max_c), "--max-state-mb", str(args.max_state_mb),
              *(["--threads", str(args.threads)] if args.threads else []),
-             *(["--stream-interval", f"{args.stream_interval:g}"] if args.stream_interval else [])]
+             *(["--stream-interval", f"{args.stream_interval:g}"] if args.stream_interval else []),
+             *(["--in-process"] if args.in_process else [])]
     with running_server(path, extra) as (server, cmd, url, sync):
         out = {"model": name, "command": " ".join(cmd[1:]), "levels": []}
         out["server_line"] = server.stdout.readline().strip()
@@ -316,6 +340,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="the server's onnxruntime threads (default: all)")
     p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
                    help="the server's --stream-interval (default: 0, one event per token)")
+    p.add_argument("--in-process", action="store_true",
+                   help="the server's --in-process: the model in a thread of the server (default: an engine process)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
     p.add_argument("--out", type=Path, help="write the markdown here (else stdout)")
     p.add_argument("--json", type=Path, help="write the raw figures here")

@@ -10,8 +10,9 @@ random ids, ``--max-tokens`` new tokens each, greedy), measured three ways:
    process, the same requests as over HTTP (C slots; queued requests join as slots free up;
    prefill included): wall time per generated token;
 3. the real server over HTTP (``xlstm-export serve``, bench/serve.py's client): wall time per
-   token, and the server's CPU time per token by thread (from /proc: the event loop is the main
-   thread; the other busy threads are the scheduler and onnxruntime's worker).
+   token, and the server's CPU time per token by thread, over the server process and its engine
+   process (from /proc: the event loop is the server's main thread; the other busy threads are the
+   scheduler, the engine process's main thread by default, and onnxruntime's worker).
 
     python bench/serve_parts.py                           # tiny-large, C = 1 and 32
     python bench/serve_parts.py --model xlstm-large-160m --requests 4
@@ -64,15 +65,25 @@ def scheduler_us_per_token(model, c: int, n: int, prompt_len: int, max_tokens: i
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of every thread of the server's processes (it and its engine process)."""
     out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    for p in bench_serve.process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{p}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return out
 
 
 def server_parts(path: Path, levels: list[int], args) -> list[dict]:
-    extra = ["--max-batch", str(max(levels)), "--stream-interval", f"{args.stream_interval:g}"]
+    extra = ["--max-batch", str(max(levels)), "--stream-interval", f"{args.stream_interval:g}",
+             *(["--in-process"] if args.in_process else [])]
     with bench_serve.running_server(path, extra) as (server, _, url, _client):
         vocab = args.vocab
         bench_serve.run(bench_serve.level(url, 8, 8, args.prompt_len, 8, vocab, 99))  # warm-up
@@ -102,6 +113,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=400, help="decode steps timed alone (default: 400)")
     p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
                    help="the server's --stream-interval (default: 0, one event per token)")
+    p.add_argument("--in-process", action="store_true", help="the server's --in-process (default: an engine process)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/xlstm-bench-serve"))
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +148,7 @@ def main() -> int:
                  f"{many['server_us']:.0f} + {many['client_us']:.0f} us | |")
     cores = os.cpu_count() or 1
     bound = one["wall_us"] * cores / (many["server_us"] + many["client_us"])
-    lines.append(f"\nAt C={c} the two processes need {many['server_us'] + many['client_us']:.0f} us of CPU per token: "
+    lines.append(f"\nAt C={c} the server and the client need {many['server_us'] + many['client_us']:.0f} us of CPU per token: "
                  f"{cores} cores allow at most {bound:.1f}x the C=1 tokens/s over HTTP on this machine.")
     print("\n".join(lines))
     return 0
