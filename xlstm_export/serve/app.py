@@ -7,8 +7,10 @@ run by uvicorn).
     GET  /health           200 while the scheduler runs
     GET  /metrics          Prometheus text: requests, tokens, active sequences, queue, latencies
 
-The scheduler runs in its own thread; after each iteration it hands the sequences that changed
-to the event loop in one call, which wakes their requests. A request whose client disconnects
+The scheduler runs in its own thread (a :class:`~.scheduler.Scheduler`) or in an engine process
+(an :class:`~.engine.EngineProcess`, whose messages arrive on the event loop); after each
+iteration it hands the sequences that changed to the event loop in one call, which wakes their
+requests. A request whose client disconnects
 cancels its sequences (the slot is free after the current iteration). Every error a client can
 cause is a 4xx with OpenAI's JSON error shape; 503 with Retry-After when the server is full.
 """
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -139,9 +142,11 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         count(status)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    def hand_off(seqs) -> None:  # scheduler thread
+    def hand_off(seqs) -> None:  # the scheduler thread, or the event loop (an engine process's messages)
         loop = loop_box.get("loop")
-        if loop is not None and not loop.is_closed():
+        if threading.get_ident() == loop_box.get("thread"):
+            _wake(seqs)
+        elif loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(_wake, seqs)
 
     def _wake(seqs) -> None:  # event loop
@@ -225,7 +230,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        loop_box["loop"] = asyncio.get_running_loop()
+        loop_box["loop"], loop_box["thread"] = asyncio.get_running_loop(), threading.get_ident()
         scheduler.on_events = hand_off
         scheduler.start()
         log.info("serving %s with %s: %d slots", model_name, label, scheduler.capacity)
