@@ -382,6 +382,92 @@ def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served, wher
         assert r.choices[0].finish_reason == "length"
 
 
+class _FakePool:
+    """A slot pool without a model (for the engine's own loop): the next token is (last + 1) %
+    vocab; the first ``fail_put`` puts raise."""
+
+    state_bytes = 4
+
+    def __init__(self, capacity: int, vocab: int = 8, fail_put: int = 0):
+        self.capacity, self.vocab_size, self.fail_put = capacity, vocab, fail_put
+
+    def _logits(self, last) -> np.ndarray:  # (n, V) one-hot
+        return np.eye(self.vocab_size, dtype=np.float32)[(np.asarray(last) + 1) % self.vocab_size]
+
+    def prefill(self, ids, states):
+        return self._logits(ids[:, -1]), [{} for _ in range(len(ids))]
+
+    def step(self, ids):
+        return self._logits(ids)
+
+    def put(self, row, state):
+        if self.fail_put:
+            self.fail_put -= 1
+            raise RuntimeError("put failed")
+
+    def move(self, src, dst):
+        pass
+
+
+@contextlib.contextmanager
+def engine_loop(scheduler):
+    """The engine process's loop over ``scheduler``, in a thread of this process; yields the
+    server's end of its pipe. Stops it (and drains what it still sends) at the end."""
+    import multiprocessing
+
+    from xlstm_export.serve.engine import _Engine
+
+    server, engine_end = multiprocessing.Pipe()
+    thread = threading.Thread(target=_Engine(engine_end, scheduler).run, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:  # the stop goes from a thread: a broken engine that reads nothing must not hang the test
+        threading.Thread(target=server.send, args=(("stop",),), daemon=True).start()
+        deadline = time.monotonic() + MAX_WAIT_S
+        while thread.is_alive() and time.monotonic() < deadline:
+            while server.poll(0.01):
+                server.recv()
+        assert not thread.is_alive(), "the engine loop did not stop"
+
+
+def finishes(server, n: int) -> dict[int, str]:
+    """Read the engine's messages until ``n`` requests have finished: {request id: finish reason}."""
+    out, deadline = {}, time.monotonic() + MAX_WAIT_S
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"only {out} of {n} requests finished"
+        if server.poll(0.05):
+            kind, payload = server.recv()
+            if kind == "events":
+                out.update((rid, reason) for rid, _, reason, _ in payload if reason is not None)
+    return out
+
+
+def test_engine_keeps_reading_while_its_own_sends_wait():
+    """The engine may sit in a blocking send while the server's event loop is busy; a large submit
+    from the server must still go through (it reads on a thread of its own), not deadlock."""
+    sched = Scheduler(_FakePool(32), max_batch=32, max_prompt_tokens=1 << 20)
+    endless = SamplingParams(max_tokens=1 << 30, temperature=0)
+    with engine_loop(sched) as server:
+        server.send(("submit", [(i, np.array([1, 2, 3]), endless) for i in range(32)]))
+        time.sleep(1.0)  # not read: the engine fills the pipe with events, then blocks sending
+        big = ("submit", [(100 + j, np.zeros(60000, np.int64), endless) for j in range(8)])  # ~4 MB
+        sender = threading.Thread(target=server.send, args=(big,), daemon=True)
+        sender.start()
+        sender.join(MAX_WAIT_S)
+        assert not sender.is_alive(), "the server's send and the engine's waited on each other"
+
+
+def test_engine_admits_queued_requests_after_a_failed_iteration():
+    """An iteration that raises fails what it had admitted, the sequence caught between the
+    prefill and the running batch too, and the engine goes on with the queue unprompted."""
+    sched = Scheduler(_FakePool(1, fail_put=1), max_batch=1)
+    three = SamplingParams(max_tokens=3, temperature=0)
+    with engine_loop(sched) as server:
+        server.send(("submit", [(1, np.array([1]), three), (2, np.array([2]), three)]))
+        assert finishes(server, 2) == {1: "error", 2: "length"}
+
+
 def test_engine_process_exit_fails_its_requests_and_the_server_says_503(served):
     om, tok, _ = served
     engine = scheduler_for("process", om, 2)
@@ -537,7 +623,15 @@ def test_serve_command_serves_until_terminated(served):
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -15) and "Traceback" not in out, out
     assert "serving small (onnxruntime (native CPU kernels) in an engine process; 4 sequence slots" in out
-    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), "the engine process to exit")
+    wait_for(lambda: not any(_running(pid) for pid in children), "the engine process to exit")
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan waits for a PID 1 that may never reap it)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _children(pid: int) -> list[int]:

@@ -34,11 +34,12 @@ __all__ = ["Backend", "EngineProcess", "OrtSlots", "QueueFullError", "SamplingPa
 def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, max_queue: int = 256,
               prefill_chunk: int = 64, prefill_tokens: int = 256, name: str | None = None,
               native_ops: bool = True, threads: int | None = None, stream_interval: float = 0.0,
-              engine_process: bool = False):
+              engine_process: bool = True):
     """(Starlette app, ServedModel) for ``target``; the app starts its scheduler on startup.
     ``stream_interval``: seconds between hand-offs of running streams' tokens (see :class:`Scheduler`);
-    ``engine_process``: run the scheduler and the model in a child process (:mod:`.engine`) rather
-    than in a thread of this one."""
+    ``engine_process``: run the scheduler and the model in a child process (:mod:`.engine`; the
+    default, as for `xlstm-export serve`: call it under ``if __name__ == "__main__":``), or in a
+    thread of this one (False)."""
     from .app import create_app
 
     backend_options = dict(max_batch=max_batch, max_state_mb=max_state_mb, name=name, native_ops=native_ops,
@@ -76,7 +77,7 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, log_le
     app, info = build_app(target, **options)
     tok = "no tokenizer: prompts as token ids" if info.tokenizer is None else \
         f"tokenizer with {info.tokenizer.vocab_size} tokens"
-    where = "an engine process" if options.get("engine_process") else "a scheduler thread"
+    where = "an engine process" if options.get("engine_process", True) else "a scheduler thread"
     print(f"serving {info.name} ({info.label} in {where}; {info.capacity} sequence slots, "
           f"{info.state_bytes / 2**20:.2f} MiB state each; {tok}) on http://{host}:{port}/v1", flush=True)
     serve(app, host, port, log_level)

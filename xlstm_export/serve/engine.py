@@ -17,13 +17,19 @@ Messages, pickled over one duplex pipe:
 
     server -> engine   ("submit", [(request id, prompt (S,) int64, SamplingParams)]), ("cancel", id, reason),
                        ("stop",)
-    engine -> server   ("ready", ServedModel) or ("failed", error type, message), once at start;
+    engine -> server   ("ready", ServedModel, (max_queue, max_prompt_tokens)) or
+                       ("failed", error type, message, traceback), once at start;
                        ("events", [(id, new token ids, finish reason or None, error or None)]) after
                        each scheduler hand-off; ("stats", (Stats, active, prefilling, queued)) at
                        most every STATS_INTERVAL_S while busy, and when it falls idle
 
 The child is spawned (a fresh interpreter that imports this module), so a script that starts an
 engine process must do it under ``if __name__ == "__main__":``, as with any multiprocessing code.
+
+Neither side can stop reading while it writes: the engine takes the server's messages on a
+thread of its own (its main loop may sit in a blocking send while the server's event loop is
+busy), and the server reads the engine on its event loop. So a large submit from the server and a
+full pipe from the engine cannot wait on each other.
 
 The server admits a request only while fewer than ``capacity + max_queue`` of its requests are
 unfinished, which the engine then holds too (it learns of finishes first), so the engine never
@@ -38,6 +44,8 @@ import itertools
 import logging
 import math
 import multiprocessing
+import queue
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -50,6 +58,8 @@ log = logging.getLogger("xlstm_export.serve")
 
 STATS_INTERVAL_S = 0.05  # the engine sends /metrics' counters at most this often while busy
 START_TIMEOUT_S = 600.0  # loading a large model (and compiling the native kernels) can take minutes
+STOP_TIMEOUT_S = 10.0  # then the engine process is killed
+MAX_MESSAGES_PER_READ = 64  # then the event loop gets a turn (the reader is called again)
 # errors of loading a target that reach the user as themselves (one line at the CLI)
 _LOAD_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError)}
 
@@ -91,19 +101,26 @@ class EngineProcess:
                 raise RuntimeError(f"the engine process did not load {target} within {start_timeout:g} s")
             msg = self._conn.recv()
         except EOFError:
+            self._proc.join(5)
+            self._conn.close()
             raise RuntimeError(f"the engine process exited while loading {target} "
-                               f"(exit code {self._proc.join(5) or self._proc.exitcode})") from None
+                               f"(exit code {self._proc.exitcode})") from None
         except BaseException:
             self._kill()
+            self._conn.close()
             raise
         if msg[0] == "failed":
-            self._proc.join(10)
-            raise _LOAD_ERRORS.get(msg[1], RuntimeError)(msg[2])
-        self.info: ServedModel = msg[1]
+            _, kind, message, trace = msg
+            self._proc.join(STOP_TIMEOUT_S)
+            self._conn.close()
+            if kind in _LOAD_ERRORS:  # a user's error: one line at the CLI
+                raise _LOAD_ERRORS[kind](message)
+            error = RuntimeError(f"loading {target} failed in the engine process: {kind}: {message}")
+            error.add_note(f"in the engine process:\n{trace}")  # a bug: its traceback too
+            raise error
+        _, self.info, (self.max_queue, self.max_prompt_tokens) = msg
         self.capacity = self.info.capacity
         self.vocab_size = self.info.vocab_size
-        self.max_queue = scheduler_options.get("max_queue", 256)
-        self.max_prompt_tokens = scheduler_options.get("max_prompt_tokens", 1 << 16)
         self.pool = _Pool(self.info.state_bytes)
         self.on_events: Callable[[list[Sequence]], None] | None = None
         self._ids = itertools.count(1)
@@ -164,12 +181,24 @@ class EngineProcess:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._receive)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Ask the engine to stop; read (and drop) what it still sends until it exits, so that a
+        send of its cannot hold it; kill it after ``timeout``."""
+        if self._conn.closed:
+            return
         if self._loop is not None and not self._eof:
             self._loop.remove_reader(self._conn.fileno())
         self._send(("stop",))
-        self._proc.join(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while self._proc.is_alive() and time.monotonic() < deadline:
+                if self._conn.poll(0.05):
+                    self._conn.recv()
+        except (EOFError, OSError):  # it has exited
+            pass
+        self._proc.join(max(0.0, deadline - time.monotonic()))
         self._kill()
+        self._conn.close()
 
     # --- the server process ----------------------------------------------------------------------------
     def _send(self, msg) -> None:
@@ -181,7 +210,9 @@ class EngineProcess:
     def _receive(self) -> None:
         changed: dict[Sequence, None] = {}
         try:
-            while self._conn.poll(0):
+            for _ in range(MAX_MESSAGES_PER_READ):
+                if not self._conn.poll(0):
+                    break
                 kind, payload = self._conn.recv()
                 if kind == "events":
                     for rid, tokens, reason, error in payload:
@@ -222,23 +253,29 @@ class EngineProcess:
 # --- the engine process ------------------------------------------------------------------------------
 def _engine_main(conn, target: str, backend_options: dict, scheduler_options: dict) -> None:
     import signal
+    import traceback
 
     from .backend import load_backend
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    # Ctrl-C, or a service manager's SIGTERM, reaches the whole process group: the server stops us
+    # once its requests are done
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         backend = load_backend(target, **backend_options)
         scheduler = Scheduler(backend.pool, **scheduler_options)
-    except Exception as e:  # one line for the user, raised again in the server process
-        conn.send(("failed", type(e).__name__, str(e)))
+    except Exception as e:  # raised again in the server process
+        conn.send(("failed", type(e).__name__, str(e), traceback.format_exc()))
         return
     conn.send(("ready", ServedModel(backend.name, backend.label, scheduler.capacity, backend.vocab_size,
-                                    backend.pool.state_bytes, backend.tokenizer)))
+                                    backend.pool.state_bytes, backend.tokenizer),
+               (scheduler.max_queue, scheduler.max_prompt_tokens)))
     _Engine(conn, scheduler).run()
 
 
 class _Engine:
-    """The child's loop: take the server's messages, run one scheduler iteration, send what changed."""
+    """The child's loop: take the server's messages, run one scheduler iteration, send what changed.
+    A reader thread moves the server's messages into ``inbox`` as they come (see the module doc)."""
 
     def __init__(self, conn, scheduler: Scheduler):
         self.conn, self.scheduler = conn, scheduler
@@ -246,7 +283,16 @@ class _Engine:
         self.ids: dict[Sequence, int] = {}  # and back
         self.sent: dict[Sequence, int] = {}  # tokens already sent
         self.stats_sent = -math.inf
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         scheduler.on_events = self.hand_off
+        threading.Thread(target=self.read, name="xlstm-serve-engine-reader", daemon=True).start()
+
+    def read(self) -> None:  # the reader thread
+        try:
+            while True:
+                self.inbox.put(self.conn.recv())
+        except (EOFError, OSError):  # the server process is gone
+            self.inbox.put(("stop",))
 
     def run(self) -> None:
         busy_since_stats = False
@@ -258,28 +304,29 @@ class _Engine:
                 s = self.scheduler
                 self.conn.send(("stats", (s.stats, s.active, s.prefilling, s.queued)))
                 self.stats_sent, busy_since_stats = now, False
-            if not busy and not self.receive(block=True):
+            # idle: wait for a message (a failed iteration is idle too, but leaves the queue to admit)
+            if not busy and not self.scheduler.queued and not self.receive(block=True):
                 return
 
     def receive(self, block: bool) -> bool:
         """Apply the server's waiting messages (wait for one when ``block``); False: stop."""
         try:
-            if not self.conn.poll(None if block else 0):
+            msg = self.inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if msg[0] == "submit":
+                self.submit(msg[1])
+            elif msg[0] == "cancel":
+                s = self.by_id.get(msg[1])
+                if s is not None:
+                    self.scheduler.cancel(s, msg[2])
+            elif msg[0] == "stop":
+                return False
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
                 return True
-            while True:
-                msg = self.conn.recv()
-                if msg[0] == "submit":
-                    self.submit(msg[1])
-                elif msg[0] == "cancel":
-                    s = self.by_id.get(msg[1])
-                    if s is not None:
-                        self.scheduler.cancel(s, msg[2])
-                elif msg[0] == "stop":
-                    return False
-                if not self.conn.poll(0):
-                    return True
-        except (EOFError, OSError):  # the server process is gone
-            return False
 
     def submit(self, requests: list) -> None:
         try:

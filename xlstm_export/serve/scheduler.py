@@ -157,6 +157,7 @@ class Scheduler:
         self._cancelled: list[Sequence] = []
         self._prefilling: list[Sequence] = []  # scheduler thread only
         self._running: list[Sequence] = []  # row i of the pool is _running[i]
+        self._admitted: dict[Sequence, None] = {}  # prefilling or running, until they finish
         self._last = np.zeros(self.capacity, np.int64)  # (capacity,) row i's last token: its next input
         self._events: dict[Sequence, None] = {}  # sequences with news since their last hand-off, in order
         self._urgent: list[Sequence] = []  # of those, the ones that go after this iteration: first tokens, ends
@@ -251,7 +252,7 @@ class Scheduler:
             return self.step()
         except Exception:
             log.exception("scheduler iteration failed")
-            for s in [*self._prefilling, *self._running]:
+            for s in list(self._admitted):  # also one caught between the lists when it failed
                 self._finish(s, "error", "internal error in the scheduler")
             self._prefilling.clear()
             self._running.clear()
@@ -293,6 +294,7 @@ class Scheduler:
             while self._waiting and len(self._prefilling) + len(self._running) < self.capacity:
                 s = self._waiting.popleft()
                 self._prefilling.append(s)
+                self._admitted[s] = None
                 self.stats.prompt_tokens += len(s.prompt)
 
     def _prefill_chunk(self) -> None:
@@ -388,6 +390,7 @@ class Scheduler:
             return
         s.error = error
         s.finish_reason = reason  # last: readers take finish_reason before tokens
+        self._admitted.pop(s, None)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._events[s] = None
         self._urgent.append(s)
