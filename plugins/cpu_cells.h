@@ -79,31 +79,6 @@ inline void mlstm_step_head(const float* q, const float* k, const float* v, floa
   *m = m_new;
 }
 
-// The LayerNorm's two sums over d < n: of x[d], and of (x[d] - mean)^2. 16 lanes at a time (a
-// sequential float sum cannot be vectorised), the lanes added at the end.
-inline float lane_sum(const float* x, int n) {
-  vec16 lanes = {};
-  int d = 0;
-  for (; d + 16 <= n; d += 16) lanes += load16(x + d);
-  float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += lanes[j];
-  for (; d < n; ++d) sum += x[d];
-  return sum;
-}
-
-inline float lane_sum_squared_deviation(const float* x, int n, float mean) {
-  vec16 lanes = {};
-  int d = 0;
-  for (; d + 16 <= n; d += 16) {
-    const vec16 v = load16(x + d) - mean;
-    lanes += v * v;
-  }
-  float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += lanes[j];
-  for (; d < n; ++d) sum += (x[d] - mean) * (x[d] - mean);
-  return sum;
-}
-
 // cap * tanh(x / cap), or x when cap <= 0 (the 7B gates' soft cap, in the exported graph's order).
 inline float soft_cap(float x, float cap) { return cap > 0.0f ? std::tanh(x / cap) * cap : x; }
 

@@ -65,20 +65,10 @@ inline void soft_cap_row(float* y, int n, float cap) {
 }
 
 // out[k] = x[k] / sqrt(mean(x^2) + eps) * g[k]  for k < K: one row of an RMS norm (the 7B blocks'
-// norm before their products; the exported graph's order of operations). The sum of squares runs in
-// 16 lanes (a sequential float sum cannot be vectorised), the lanes added at the end.
+// norm before their products; the exported graph's order of operations; the sum of squares in lanes).
 inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, float* out) {
-  vec16 lanes = {};
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const vec16 v = load16(x + k);
-    lanes += v * v;
-  }
-  float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += lanes[j];
-  for (; k < K; ++k) sum += x[k] * x[k];
-  const float rms = std::sqrt(sum / static_cast<float>(K) + eps);
-  for (k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
+  const float rms = std::sqrt(lane_sum_squared_deviation(x, K, 0.0f) / static_cast<float>(K) + eps);
+  for (int64_t k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
 }
 
 // out[r * kPanel + j] = sum_k x[r * ldx + k] * panel[k * kPanel + j]   for r < R, j < kPanel.

@@ -50,4 +50,29 @@ inline vec16 exp16(vec16 x) {
 // 1 / (1 + e^-x), 16 lanes (the sigmoid in the scalar kernels' order of operations).
 inline vec16 sigmoid16(vec16 x) { return 1.0f / (1.0f + exp16(-x)); }
 
+// The sums of the norms: of x[i], and of (x[i] - shift)^2, for i < n. 16 lanes at a time (a
+// sequential float sum cannot be vectorised), the lanes added at the end, then the tail.
+inline float lane_sum(const float* x, int64_t n) {
+  vec16 lanes = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) lanes += load16(x + i);
+  float sum = 0.0f;
+  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  for (; i < n; ++i) sum += x[i];
+  return sum;
+}
+
+inline float lane_sum_squared_deviation(const float* x, int64_t n, float shift) {
+  vec16 lanes = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec16 v = load16(x + i) - shift;
+    lanes += v * v;
+  }
+  float sum = 0.0f;
+  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  for (; i < n; ++i) sum += (x[i] - shift) * (x[i] - shift);
+  return sum;
+}
+
 }  // namespace xlstm_cpu

@@ -52,8 +52,7 @@ def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, m
     else:
         backend = load_backend(target, **backend_options)
         scheduler = Scheduler(backend.pool, **scheduler_options)
-        info = ServedModel(backend.name, backend.label, scheduler.capacity, backend.vocab_size,
-                           backend.pool.state_bytes, backend.tokenizer)
+        info = ServedModel.of(backend, scheduler)
     app = create_app(scheduler, model_name=info.name, tokenizer=info.tokenizer, label=info.label)
     return app, info
 

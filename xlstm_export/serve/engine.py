@@ -75,6 +75,11 @@ class ServedModel:
     state_bytes: int  # one sequence's state
     tokenizer: Any  # xlstm_export.tokenizer.Tokenizer | None (picklable)
 
+    @classmethod
+    def of(cls, backend, scheduler: Scheduler) -> ServedModel:
+        return cls(backend.name, backend.label, scheduler.capacity, backend.vocab_size, backend.pool.state_bytes,
+                   backend.tokenizer)
+
 
 class _Pool:
     """The one pool field the HTTP layer reads."""
@@ -151,9 +156,6 @@ class EngineProcess:
     @property
     def alive(self) -> bool:
         return not self._eof and self._proc.is_alive()
-
-    def submit(self, prompt, params, sink: Any = None) -> Sequence:
-        return self.submit_many([prompt], [params], [sink])[0]
 
     def submit_many(self, prompts, params: list, sinks: list) -> list[Sequence]:
         """As :meth:`Scheduler.submit_many`: ValueError for a bad prompt, QueueFullError when full."""
@@ -267,9 +269,7 @@ def _engine_main(conn, target: str, backend_options: dict, scheduler_options: di
     except Exception as e:  # raised again in the server process
         conn.send(("failed", type(e).__name__, str(e), traceback.format_exc()))
         return
-    conn.send(("ready", ServedModel(backend.name, backend.label, scheduler.capacity, backend.vocab_size,
-                                    backend.pool.state_bytes, backend.tokenizer),
-               (scheduler.max_queue, scheduler.max_prompt_tokens)))
+    conn.send(("ready", ServedModel.of(backend, scheduler), (scheduler.max_queue, scheduler.max_prompt_tokens)))
     _Engine(conn, scheduler).run()
 
 
@@ -279,8 +279,7 @@ class _Engine:
 
     def __init__(self, conn, scheduler: Scheduler):
         self.conn, self.scheduler = conn, scheduler
-        self.by_id: dict[int, Sequence] = {}  # request id -> the scheduler's sequence
-        self.ids: dict[Sequence, int] = {}  # and back
+        self.by_id: dict[int, Sequence] = {}  # request id -> the scheduler's sequence (its sink: the id)
         self.sent: dict[Sequence, int] = {}  # tokens already sent
         self.stats_sent = -math.inf
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -331,26 +330,23 @@ class _Engine:
     def submit(self, requests: list) -> None:
         try:
             seqs = self.scheduler.submit_many([r[1] for r in requests], [r[2] for r in requests],
-                                              [None] * len(requests))
+                                              [r[0] for r in requests])
         except Exception as e:  # the server checked them as we would: a bug, but not ours to die of
             log.exception("the engine refused requests the server had admitted")
             self.conn.send(("events", [(r[0], [], "error", f"the engine refused the request: {e}") for r in requests]))
             return
-        for (rid, _, _), s in zip(requests, seqs):
-            self.by_id[rid], self.ids[s] = s, rid
+        self.by_id.update((s.sink, s) for s in seqs)
 
     def hand_off(self, seqs: list[Sequence]) -> None:
         out = []
         for s in seqs:
-            rid = self.ids.get(s)
-            if rid is None:
-                continue
+            rid = s.sink
             k = self.sent.get(s, 0)
             out.append((rid, s.tokens[k:], s.finish_reason, s.error))
             if s.finish_reason is None:
                 self.sent[s] = len(s.tokens)
             else:
-                del self.by_id[rid], self.ids[s]
+                self.by_id.pop(rid, None)
                 self.sent.pop(s, None)
         if out:
             self.conn.send(("events", out))
