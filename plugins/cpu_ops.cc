@@ -22,7 +22,7 @@
 //       y [B, S, NH*DV]
 //
 // The signatures (inputs, outputs and attributes by name) are xlstm_export/native_ops.py's table,
-// written again in kOps below and checked equal by tests/test_ort_native.py.
+// written again in make_ops below and checked equal by tests/test_ort_native.py.
 // xlstm_export/ort_native.py puts these nodes inside the exported models' xlstm function bodies and
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
 // weight MatMuls of the main graph for PackedMatMul, packing their weights as it does, and each
@@ -77,9 +77,30 @@ long position(const char* const* names, const char* name) {
   return -1;
 }
 
+// When a kernel splits its work over onnxruntime's intra-op pool. A hand-off is cheap when the
+// pool's workers spin between runs (onnxruntime's default) and costs a wake-up of a sleeping thread
+// when they do not (session.intra_op.allow_spinning = 0, what the server sets, since the HTTP layer
+// needs the cores between decode steps). On the 2-core bench VM that wake-up varies with the host's
+// load, from a few microseconds to ~35 us per parallel region: tiny-large's B = 1 decode step then
+// took 0.131 ms on two sleeping threads against 0.057 ms on one (bench/RESULTS.md). RegisterCustomOps
+// reads the setting and gives the session's kernels the thresholds of its pool.
+struct SplitThresholds {
+  int64_t cell_work;     // (batch, head) tasks of a cell, and rows of a prologue: their multiply-adds
+  int64_t matmul_bytes;  // a product whose weight is this large (streamed from memory or L3) ...
+  int64_t matmul_work;   // ... or whose multiply-adds are this many (~40 us on one core at 1 << 21)
+};
+// Spinning workers: a split pays from a few microseconds of work on. (Weight products of the bench
+// models alone, 2 threads: at 1 MiB the 4M-parameter model's took 0.33 / 0.78 ms at B = 1 / 8, at
+// 256 KiB 0.26 / 0.56, at 64 KiB 0.27 / 0.59.)
+constexpr SplitThresholds kSpinningPool{1 << 16, 256 << 10, 1 << 21};
+// Sleeping workers: from ~150 us on, a few wake-ups' worth (measured on the bench models: 160M's
+// products all still split, tiny-large's none).
+constexpr SplitThresholds kSleepingPool{1 << 18, 1 << 20, 1 << 23};
+
 struct Ctx {
   const OrtApi* api;
   OrtKernelContext* context;
+  const SplitThresholds* split;  // the session's pool's
   const char* op;         // for error messages
   const Signature* sig;   // names of the inputs, outputs and attributes
   const int64_t* ints;    // the int attributes' values, in sig->int_attributes order
@@ -151,9 +172,6 @@ bool same(const std::vector<int64_t>& a, std::initializer_list<int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
-// Splitting (batch, head) tasks over threads pays off above roughly this many multiply-adds.
-constexpr int64_t kParallelWork = 1 << 16;
-
 // ---------------------------------------------------------------------------------------------
 // mLSTMStep
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +224,7 @@ OrtStatus* mlstm_step_compute(const Ctx& ctx) {
                                   {"m", &a.m, std::vector<int64_t>{B, NH}}}) {
     if (OrtStatus* s = ctx.output(name, dims, data)) return s;
   }
-  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * DQK * DV >= kParallelWork, mlstm_step_task, &a);
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * DQK * DV >= ctx.split->cell_work, mlstm_step_task, &a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,7 +274,7 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
     std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place by the loop
   }
   if (OrtStatus* s = ctx.output("y", {B, NH, S, DH}, &a.y)) return s;
-  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 4 * DH >= kParallelWork, slstm_scan_task, &a);
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 4 * DH >= ctx.split->cell_work, slstm_scan_task, &a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +382,7 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
     std::memcpy(a.m, a.m0, sizeof(float) * B * NH);
     return nullptr;
   }
-  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DQK * DV >= kParallelWork, mlstm_layer_task, &a);
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DQK * DV >= ctx.split->cell_work, mlstm_layer_task, &a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -402,14 +420,6 @@ void packed_matmul_batch(void* data, size_t batch) {
     }
   }
 }
-
-// A product is split over the pool when its weight is large enough that reading it on more cores
-// pays (>= 256 KiB, from memory or L3), or when its arithmetic is (>= 2M multiply-adds, ~40 us on one
-// core); below both, a hand-off of a few microseconds costs more than it saves. (Weight products
-// of the bench models alone, 2 threads: at 1 MiB the 4M-parameter model's took 0.33 / 0.78 ms at
-// B = 1 / 8, at 256 KiB 0.26 / 0.56, at 64 KiB 0.27 / 0.59.)
-constexpr int64_t kParallelMatMulBytes = 256 << 10;
-constexpr int64_t kParallelMatMulWork = 1 << 21;
 
 // What a packed product does to its input rows first, and whether it adds a third input after.
 enum class Prologue { kNone, kNorm, kGlu };
@@ -468,7 +478,7 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   if (prologue != Prologue::kNone) {  // rows split over the pool at prefill sizes
     rows.resize(static_cast<size_t>(a.m * a.k));
     pro.out = rows.data();
-    if (OrtStatus* s = ctx.for_each(static_cast<size_t>(a.m), a.m * a.k >= kParallelWork, prologue_row, &pro))
+    if (OrtStatus* s = ctx.for_each(static_cast<size_t>(a.m), a.m * a.k >= ctx.split->cell_work, prologue_row, &pro))
       return s;
     a.x = rows.data();
   }
@@ -484,8 +494,8 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   if (a.m == 0) return nullptr;
   // One contiguous range of panels per thread (the pool runs `batches` batches of one index each).
   const int64_t weight = a.k * a.panels * xlstm_cpu::kPanel;
-  const bool parallel = weight * static_cast<int64_t>(sizeof(float)) >= kParallelMatMulBytes ||
-                        a.m * weight >= kParallelMatMulWork;
+  const bool parallel = weight * static_cast<int64_t>(sizeof(float)) >= ctx.split->matmul_bytes ||
+                        a.m * weight >= ctx.split->matmul_work;
   // hardware_concurrency() reads /sys on every call: once per process
   static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t batches = parallel ? std::min(a.panels, threads) : 1;
@@ -505,6 +515,7 @@ OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(
 
 struct Kernel {
   const OrtApi* api;
+  const SplitThresholds* split;
   const char* name;
   const Signature* sig;
   OrtStatus* (*compute)(const Ctx&);
@@ -517,13 +528,14 @@ struct OpDef {
   const char* name;
   OrtStatus* (*compute)(const Ctx&);
   Signature sig;
+  const SplitThresholds* split;  // of the pool of the sessions this table is registered with
 };
 
 const OpDef* def(const OrtCustomOpLayout* op) { return reinterpret_cast<const OpDef*>(op); }
 
 OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
   const Signature& sig = def(op)->sig;
-  Kernel kernel{api, def(op)->name, &sig, def(op)->compute, {}, {}};
+  Kernel kernel{api, def(op)->split, def(op)->name, &sig, def(op)->compute, {}, {}};
   using GetInt = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
   using GetFloat = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
   for (size_t j = 0; sig.int_attributes[j]; ++j) {
@@ -542,10 +554,11 @@ OrtStatus* create_kernel(const OrtCustomOpLayout* op, const OrtApi* api, const O
 
 OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   const auto* k = static_cast<const Kernel*>(kernel);
-  return k->compute(Ctx{k->api, context, k->name, k->sig, k->ints, k->floats});
+  return k->compute(Ctx{k->api, context, k->split, k->name, k->sig, k->ints, k->floats});
 }
 
-OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signature& sig) {
+OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signature& sig,
+             const SplitThresholds* split) {
   OpDef d{};
   OrtCustomOpLayout& t = d.table;
   ort::fill_common(t, create_kernel, compute_kernel);
@@ -558,25 +571,38 @@ OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signatu
   d.name = name;
   d.compute = compute;
   d.sig = sig;
+  d.split = split;
   return d;
 }
 
-// onnxruntime keeps pointers to these for as long as any session uses them: static storage.
-const OpDef kOps[] = {
+// The ops, with the split thresholds of one kind of pool.
+std::vector<OpDef> make_ops(const SplitThresholds* split) {
+  return {
     make_op("mLSTMStep", mlstm_step_compute,
-            {{"q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"}, {"h", "c", "n", "m"}, {}, {}}),
-    make_op("sLSTMScan", slstm_scan_compute, {{"h0", "c0", "n0", "m0", "x", "r"}, {"h", "c", "n", "m", "y"}, {}, {}}),
-    make_op("PackedMatMul", packed_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}}),
-    make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}}),
-    make_op("PackedNormMatMul", packed_norm_matmul_compute, {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}}),
-    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}}),
+            {{"q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"}, {"h", "c", "n", "m"}, {}, {}}, split),
+    make_op("sLSTMScan", slstm_scan_compute,
+            {{"h0", "c0", "n0", "m0", "x", "r"}, {"h", "c", "n", "m", "y"}, {}, {}}, split),
+    make_op("PackedMatMul", packed_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}}, split),
+    make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}}, split),
+    make_op("PackedNormMatMul", packed_norm_matmul_compute,
+            {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}}, split),
+    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}}, split),
     make_op("mLSTMLayer", mlstm_layer_compute,
             {{"q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
              {"y", "c", "n", "m"},
              {"q_col", "k_col", "v_col", "g_col", "o_col"},
-             {"eps", "norm_eps", "soft_cap"}}),
-};
-constexpr size_t kOpCount = sizeof kOps / sizeof kOps[0];
+             {"eps", "norm_eps", "soft_cap"}},
+            split),
+  };
+}
+
+// onnxruntime keeps pointers to these for as long as any session uses them: static storage, one
+// table per kind of pool.
+const std::vector<OpDef>& ops_for(const SplitThresholds& split) {
+  static const std::vector<OpDef> spinning = make_ops(&kSpinningPool), sleeping = make_ops(&kSleepingPool);
+  return &split == &kSleepingPool ? sleeping : spinning;
+}
+
 
 void append_names(std::string& out, const char* const* names) {
   for (size_t j = 0; names[j]; ++j) out += (j ? "," : "") + std::string(names[j]);
@@ -585,7 +611,7 @@ void append_names(std::string& out, const char* const* names) {
 // "name(in,...)->(out,...) ints(...) floats(...)" per op, one a line (NativeOp.signature's format).
 std::string signatures() {
   std::string out;
-  for (const OpDef& op : kOps) {
+  for (const OpDef& op : ops_for(kSpinningPool)) {
     out += op.name;
     out += "(";
     append_names(out, op.sig.inputs);
@@ -610,7 +636,14 @@ extern "C" __attribute__((visibility("default"))) const char* XlstmCpuOpSignatur
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  const OrtCustomOpLayout* ops[kOpCount];
-  for (size_t j = 0; j < kOpCount; ++j) ops[j] = &kOps[j].table;
-  return ort::register_ops(options, base, "xlstm.cpu", ops, kOpCount);
+  // Unset, onnxruntime's workers spin (kOrtSessionOptionsConfigAllowIntraOpSpinning defaults to "1").
+  const OrtApi* api = base->GetApi(ort::kApiVersion);
+  int sleeping = 0;
+  if (api != nullptr)
+    if (OrtStatus* s = ort::session_config_is(api, options, "session.intra_op.allow_spinning", "0", &sleeping))
+      return s;
+  const std::vector<OpDef>& table = ops_for(sleeping ? kSleepingPool : kSpinningPool);
+  std::vector<const OrtCustomOpLayout*> ops;
+  for (const OpDef& op : table) ops.push_back(&op.table);
+  return ort::register_ops(options, base, "xlstm.cpu", ops.data(), ops.size());
 }

@@ -94,6 +94,8 @@ enum Slot : size_t {
   kKernelContextGetOutput = 91,        // OrtStatus* (OrtKernelContext*, size_t, const int64_t* dims, size_t n, OrtValue** out)
   kReleaseStatus = 93,                 // void (OrtStatus*)
   kReleaseTensorTypeAndShapeInfo = 99, // void (OrtTensorTypeAndShapeInfo*)
+  kHasSessionConfigEntry = 237,        // OrtStatus* (const OrtSessionOptions*, const char* key, int* out)
+  kGetSessionConfigEntry = 238,        // OrtStatus* (const OrtSessionOptions*, const char* key, char* value, size_t* size)
   kKernelContextParallelFor = 274,     // OrtStatus* (const OrtKernelContext*, void (*)(void*, size_t), size_t total, size_t num_batch, void* data)
 };
 

@@ -366,6 +366,36 @@ def test_packed_matmul_matches_float64(x_shape, n):
     assert _rel(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("spinning", ["0", "1"])
+def test_sleeping_or_spinning_workers_give_the_same_bits(spinning):
+    """The library reads the session's session.intra_op.allow_spinning when it is registered and
+    splits work over the pool only where a hand-off pays for that kind of pool: the splits differ,
+    the bits may not. Products below, between and above both kinds' thresholds; an mLSTMLayer above
+    the spinning pool's."""
+    rng = np.random.default_rng(11)
+
+    def run(model, feeds, threads, spin):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        if spin is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        ort_native.register(opts)
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    for m, k, n in [(3, 40, 50), (8, 128, 768), (1, 768, 400), (64, 384, 512)]:
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        model = ort_native.with_native_ops(_matmul_model(k, n, w, 2), check_xlstm=False)
+        (one,) = run(model, {"x": x}, 1, None)
+        (two,) = run(model, {"x": x}, 2, spinning)
+        assert np.array_equal(one, two), (m, k, n)
+        assert _rel(two, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5
+    x = _layer_inputs(4, 3, 4, 32, 48, seed=12)  # B*NH*S*DQK*DV = 2^16 * 4.5
+    model = _layer_model(1e-6, 1e-5, 15.0)
+    for got, want in zip(run(model, x, 2, spinning), run(model, x, 1, None)):
+        assert np.array_equal(got, want)
+
+
 def test_packed_matmul_long_sums_are_as_accurate_as_onnxruntimes_gemm():
     """K = 4096: the blocked summation keeps the rms error against float64 at onnxruntime's level
     (one running sum over K had ~3x its error, which 12 blocks of a 160M model amplified ~6x)."""

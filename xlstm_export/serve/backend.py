@@ -67,7 +67,8 @@ def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str 
 
 def session_options(threads: int | None):
     """onnxruntime options for serving: worker threads sleep between runs instead of spinning,
-    because the HTTP layer and the scheduler need the same cores between decode steps."""
+    because the HTTP layer and the scheduler need the same cores between decode steps. (The native
+    kernels read this setting and split only work that pays for waking a sleeping worker.)"""
     import onnxruntime as ort
 
     if threads is not None and threads < 1:
