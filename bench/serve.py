@@ -107,66 +107,94 @@ def metrics(client_sync, url: str) -> dict[str, float]:
     return out
 
 
-class _Connection:
-    """One keep-alive HTTP/1.1 connection of a client worker, on plain asyncio streams: the client
-    shares the machine with the server, so it does as little per streamed event as it can (no
-    HTTP library, no JSON parsing: tokens are counted from each event's "token_ids" array)."""
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of a client worker. The client shares the machine with
+    the server, so it does as little per streamed event as it can: no HTTP library, no JSON parsing
+    (tokens are counted from each event's "token_ids" array), and no task woken per event: the
+    response is parsed as its bytes arrive, in the protocol's callback, and only its end wakes the
+    worker."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self.reader = self.writer = None
+        self.transport = None
+        self.done: asyncio.Future | None = None  # the response being read
 
     async def post_stream(self, body: dict) -> tuple[float, float, int]:
         """(seconds to first token, seconds to the end, tokens) of one streamed completion."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        loop = asyncio.get_running_loop()
+        if self.transport is None:
+            await loop.create_connection(lambda: self, self.host, self.port)
         data = json.dumps(body).encode()
-        t0 = time.perf_counter()
-        self.writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(data), data))
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"HTTP error: {head[:200]!r} {await self.reader.read(500)!r}")
-        if b"chunked" not in head.lower():
-            raise RuntimeError(f"expected a chunked event stream, got {head!r}")
-        first, n, done, end = None, 0, False, False
-        raw = data = b""  # bytes read but not yet de-chunked; de-chunked bytes not yet split into events
-        while not end:  # chunked transfer encoding, read in bulk: whatever has arrived, parsed at once
-            more = await self.reader.read(1 << 16)
-            if not more:
-                raise RuntimeError("the server closed the connection mid-stream")
-            raw += more
-            while (j := raw.find(b"\r\n")) >= 0:
-                size = int(raw[:j], 16)
-                if len(raw) < j + size + 4:  # the chunk (or the last chunk's final CRLF) is not all here
-                    break
-                data += raw[j + 2 : j + 2 + size]
-                raw = raw[j + size + 4 :]
-                if size == 0:
-                    end = True
-                    break
-            *events, data = data.split(b"\n\n")
-            for ev in events:
-                if ev == b"data: [DONE]":
-                    done = True
-                    continue
-                if b'"error"' in ev:
-                    raise RuntimeError(ev.decode())
-                j = ev.find(b'"token_ids":[')
-                if j < 0:
-                    continue
-                ids = ev[j + 13 : ev.index(b"]", j)]
-                k = ids.count(b",") + 1 if ids else 0
-                if k and first is None:
-                    first = time.perf_counter() - t0
-                n += k
-        if not done:
-            raise RuntimeError("the stream ended without [DONE]")
-        return first, time.perf_counter() - t0, n
+        self.done = loop.create_future()
+        self.head, self.raw, self.data = None, b"", b""  # raw: not yet de-chunked; data: not yet split
+        self.first, self.n, self.end, self.got_done = None, 0, False, False
+        self.t0 = time.perf_counter()
+        self.transport.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(data), data))
+        return await self.done
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(RuntimeError(f"the server closed the connection mid-stream ({exc})"))
+
+    def data_received(self, more: bytes) -> None:
+        if self.done is None or self.done.done():
+            return
+        try:
+            self._parse(more)
+        except Exception as e:  # noqa: BLE001  (ends this response with the error)
+            self.done.set_exception(e)
+
+    def _parse(self, more: bytes) -> None:
+        raw = self.raw + more
+        if self.head is None:  # the status line and headers
+            cut = raw.find(b"\r\n\r\n")
+            if cut < 0:
+                self.raw = raw
+                return
+            self.head, raw = raw[:cut], raw[cut + 4 :]
+            if not self.head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"HTTP error: {self.head[:200]!r} {raw[:500]!r}")
+            if b"chunked" not in self.head.lower():
+                raise RuntimeError(f"expected a chunked event stream, got {self.head!r}")
+        data = self.data
+        while (j := raw.find(b"\r\n")) >= 0:  # chunked transfer encoding: whatever has arrived, at once
+            size = int(raw[:j], 16)
+            if len(raw) < j + size + 4:  # the chunk (or the last chunk's final CRLF) is not all here
+                break
+            data += raw[j + 2 : j + 2 + size]
+            raw = raw[j + size + 4 :]
+            if size == 0:
+                self.end = True
+                break
+        self.raw = raw
+        *events, self.data = data.split(b"\n\n")
+        for ev in events:
+            if ev == b"data: [DONE]":
+                self.got_done = True
+                continue
+            if b'"error"' in ev:
+                raise RuntimeError(ev.decode())
+            j = ev.find(b'"token_ids":[')
+            if j < 0:
+                continue
+            ids = ev[j + 13 : ev.index(b"]", j)]
+            k = ids.count(b",") + 1 if ids else 0
+            if k and self.first is None:
+                self.first = time.perf_counter() - self.t0
+            self.n += k
+        if self.end:
+            if not self.got_done:
+                raise RuntimeError("the stream ended without [DONE]")
+            self.done.set_result((self.first, time.perf_counter() - self.t0, self.n))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def level(url: str, concurrency: int, n_requests: int, prompt_len: int, max_tokens: int, vocab: int,
