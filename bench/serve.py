@@ -1,9 +1,10 @@
 """Benchmark: `xlstm-export serve` under concurrent streamed completions (continuous batching).
 
 For each model, the export runs in a real server process (``xlstm-export serve model.onnx``,
-onnxruntime with the native CPU kernels) on 127.0.0.1; this process is the client (plain
-asyncio streams, one keep-alive connection per worker; streamed completions, ``ignore_eos``). At each concurrency level C, C client workers each
-send requests back to back (closed loop) until the level's requests are done:
+onnxruntime with the native CPU kernels) on 127.0.0.1; this process is the client (an asyncio
+protocol, one keep-alive connection per worker; streamed completions, ``ignore_eos``). At each
+concurrency level C, C client workers each send requests back to back (closed loop) until the
+level's requests are done:
 
 - aggregate generated tokens/s = tokens received / wall time of the level (prefill included);
 - time to first token (TTFT) per request: from sending it to the first streamed token; p50, p99;
@@ -46,7 +47,7 @@ MODELS = {  # name -> preset (random weights)
 }
 TARGETS = {"tiny-large": 10.0, "xlstm-large-160m": 5.0}  # tokens/s at C=32 over C=1
 START_TIMEOUT_S = 600
-REQUEST_TIMEOUT_S = 900
+REQUEST_TIMEOUT_S = 900  # one streamed completion, from sending it to its last event
 
 
 def free_port() -> int:
@@ -131,7 +132,11 @@ class _Connection(asyncio.Protocol):
         self.t0 = time.perf_counter()
         self.transport.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(data), data))
-        return await self.done
+        try:
+            return await asyncio.wait_for(self.done, REQUEST_TIMEOUT_S)
+        except BaseException:  # the connection is mid-response: it cannot carry another request
+            self.close()
+            raise
 
     def connection_made(self, transport) -> None:
         self.transport = transport

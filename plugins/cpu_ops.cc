@@ -32,6 +32,7 @@
 // product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
 // for the hand-off.
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
@@ -596,13 +597,18 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
   };
 }
 
-// onnxruntime keeps pointers to these for as long as any session uses them: static storage, one
-// table per kind of pool.
-const std::vector<OpDef>& ops_for(const SplitThresholds& split) {
-  static const std::vector<OpDef> spinning = make_ops(&kSpinningPool), sleeping = make_ops(&kSleepingPool);
-  return &split == &kSleepingPool ? sleeping : spinning;
+// onnxruntime keeps pointers to these for as long as any session uses them: one table per kind of
+// pool, built on first use and never freed (a session a C++ host destroys after this library's
+// static destructors have run still calls its kernels' KernelDestroy through them).
+const std::vector<OpDef>& ops_for(bool sleeping) {
+  static const auto* spinning = new std::vector<OpDef>(make_ops(&kSpinningPool));
+  static const auto* sleeping_pool = new std::vector<OpDef>(make_ops(&kSleepingPool));
+  return sleeping ? *sleeping_pool : *spinning;
 }
 
+// The kind of pool the last RegisterCustomOps registered for: 0 none yet, 1 spinning, 2 sleeping
+// (read by the test that the library follows the session's setting).
+std::atomic<int> last_registered{0};
 
 void append_names(std::string& out, const char* const* names) {
   for (size_t j = 0; names[j]; ++j) out += (j ? "," : "") + std::string(names[j]);
@@ -611,7 +617,7 @@ void append_names(std::string& out, const char* const* names) {
 // "name(in,...)->(out,...) ints(...) floats(...)" per op, one a line (NativeOp.signature's format).
 std::string signatures() {
   std::string out;
-  for (const OpDef& op : ops_for(kSpinningPool)) {
+  for (const OpDef& op : ops_for(false)) {
     out += op.name;
     out += "(";
     append_names(out, op.sig.inputs);
@@ -634,16 +640,28 @@ extern "C" __attribute__((visibility("default"))) const char* XlstmCpuOpSignatur
   return text.c_str();
 }
 
+// "spinning" or "sleeping": the kind of intra-op pool the last registration's kernels split work
+// for ("" before any), for the test that the library reads the session's setting.
+extern "C" __attribute__((visibility("default"))) const char* XlstmCpuLastRegisteredPool() {
+  static const char* const names[] = {"", "spinning", "sleeping"};
+  return names[last_registered.load()];
+}
+
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* base) {
-  // Unset, onnxruntime's workers spin (kOrtSessionOptionsConfigAllowIntraOpSpinning defaults to "1").
+  // onnxruntime's workers spin only when session.intra_op.allow_spinning is "1", its default when
+  // unset (kOrtSessionOptionsConfigAllowIntraOpSpinning); they sleep for any other value. The
+  // setting must be made before the library is registered: it is read here, once.
   const OrtApi* api = base->GetApi(ort::kApiVersion);
-  int sleeping = 0;
+  bool has = false;
+  std::string value;
   if (api != nullptr)
-    if (OrtStatus* s = ort::session_config_is(api, options, "session.intra_op.allow_spinning", "0", &sleeping))
+    if (OrtStatus* s = ort::session_config_entry(api, options, "session.intra_op.allow_spinning", &has, &value))
       return s;
-  const std::vector<OpDef>& table = ops_for(sleeping ? kSleepingPool : kSpinningPool);
+  const bool sleeping = has && value != "1";
   std::vector<const OrtCustomOpLayout*> ops;
-  for (const OpDef& op : table) ops.push_back(&op.table);
-  return ort::register_ops(options, base, "xlstm.cpu", ops.data(), ops.size());
+  for (const OpDef& op : ops_for(sleeping)) ops.push_back(&op.table);
+  OrtStatus* status = ort::register_ops(options, base, "xlstm.cpu", ops.data(), ops.size());
+  if (status == nullptr) last_registered = sleeping ? 2 : 1;
+  return status;
 }

@@ -3,7 +3,7 @@
 #pragma once
 
 #include <cstdio>
-#include <cstring>
+#include <string>
 #include <vector>
 
 #include "ort_abi.h"
@@ -40,20 +40,21 @@ inline OrtStatus* tensor_data(const OrtApi* api, const OrtValue* value, void** d
   return fn<Data>(api, kGetTensorMutableData)(const_cast<OrtValue*>(value), data);
 }
 
-// *out = whether `options` holds the session config entry `key` with the value `value`.
-inline OrtStatus* session_config_is(const OrtApi* api, const OrtSessionOptions* options, const char* key,
-                                    const char* value, int* out) {
+// The session config entry `key` of `options`: *has = whether it is set, *value = its value if so.
+inline OrtStatus* session_config_entry(const OrtApi* api, const OrtSessionOptions* options, const char* key,
+                                       bool* has, std::string* value) {
   using Has = OrtStatus* (*)(const OrtSessionOptions*, const char*, int*);
   using Get = OrtStatus* (*)(const OrtSessionOptions*, const char*, char*, size_t*);
-  int has = 0;
-  *out = 0;
-  if (OrtStatus* s = fn<Has>(api, kHasSessionConfigEntry)(options, key, &has)) return s;
-  if (!has) return nullptr;
+  int set = 0;
+  if (OrtStatus* s = fn<Has>(api, kHasSessionConfigEntry)(options, key, &set)) return s;
+  *has = set != 0;
+  value->clear();
+  if (!set) return nullptr;
   size_t size = 0;  // with no buffer: the value's size, its terminating NUL included
   if (OrtStatus* s = fn<Get>(api, kGetSessionConfigEntry)(options, key, nullptr, &size)) return s;
   std::vector<char> text(size);
   if (OrtStatus* s = fn<Get>(api, kGetSessionConfigEntry)(options, key, text.data(), &size)) return s;
-  *out = std::strcmp(text.data(), value) == 0;
+  value->assign(text.data());
   return nullptr;
 }
 

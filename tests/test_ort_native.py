@@ -9,6 +9,7 @@ the system C++ compiler on first use; without one these tests skip and say so.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 from pathlib import Path
 
@@ -366,13 +367,16 @@ def test_packed_matmul_matches_float64(x_shape, n):
     assert _rel(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("spinning", ["0", "1"])
-def test_sleeping_or_spinning_workers_give_the_same_bits(spinning):
+@pytest.mark.parametrize("spinning,pool", [("0", "sleeping"), ("1", "spinning"), (None, "spinning"),
+                                           ("false", "sleeping")])  # onnxruntime spins only for "1"
+def test_sleeping_or_spinning_workers_give_the_same_bits(spinning, pool):
     """The library reads the session's session.intra_op.allow_spinning when it is registered and
     splits work over the pool only where a hand-off pays for that kind of pool: the splits differ,
     the bits may not. Products below, between and above both kinds' thresholds; an mLSTMLayer above
-    the spinning pool's."""
+    the spinning pool's threshold only."""
     rng = np.random.default_rng(11)
+    library = ctypes.CDLL(ort_native.library_path())  # the handle onnxruntime loads: the same state
+    library.XlstmCpuLastRegisteredPool.restype = ctypes.c_char_p
 
     def run(model, feeds, threads, spin):
         opts = ort.SessionOptions()
@@ -380,6 +384,7 @@ def test_sleeping_or_spinning_workers_give_the_same_bits(spinning):
         if spin is not None:
             opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         ort_native.register(opts)
+        assert library.XlstmCpuLastRegisteredPool().decode() == ("spinning" if spin is None else pool)
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
     for m, k, n in [(3, 40, 50), (8, 128, 768), (1, 768, 400), (64, 384, 512)]:
@@ -390,7 +395,7 @@ def test_sleeping_or_spinning_workers_give_the_same_bits(spinning):
         (two,) = run(model, {"x": x}, 2, spinning)
         assert np.array_equal(one, two), (m, k, n)
         assert _rel(two, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5
-    x = _layer_inputs(4, 3, 4, 32, 48, seed=12)  # B*NH*S*DQK*DV = 2^16 * 4.5
+    x = _layer_inputs(4, 3, 4, 32, 48, seed=12)  # B*NH*S*DQK*DV = 2^16 * 1.125
     model = _layer_model(1e-6, 1e-5, 15.0)
     for got, want in zip(run(model, x, 2, spinning), run(model, x, 1, None)):
         assert np.array_equal(got, want)

@@ -84,7 +84,10 @@ def library_path() -> str:
 
 
 def register(session_options) -> None:
-    """Register the native kernels with an ``onnxruntime.SessionOptions``."""
+    """Register the native kernels with an ``onnxruntime.SessionOptions``. Set the options'
+    ``session.intra_op.allow_spinning`` first: the library reads it here, and splits work over
+    the intra-op pool only where a hand-off pays for that kind of pool (a sleeping worker costs a
+    wake-up)."""
     session_options.register_custom_ops_library(library_path())
 
 
