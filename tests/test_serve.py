@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import threading
 import time
@@ -380,6 +381,80 @@ def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served, wher
         assert m["xlstm_generated_tokens_total"] < 60000
         r = c.completions.create(model="small", prompt="x", max_tokens=2, temperature=0)
         assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_a_storm_of_mixed_requests_leaves_the_server_idle_and_correct(served, where):
+    """120 requests from 24 connections at once against 3 slots and a queue of 3: greedy and sampled,
+    plain and streamed, streams abandoned after a few events, lists of prompts, bad bodies. Every
+    answer is 200 (greedy ones equal their solo generation), 400 for the bad ones or 503 when full;
+    afterwards nothing is left running or queued and the server still answers correctly."""
+    om, tok, _ = served
+    rng = np.random.default_rng(3)
+    solos: dict[tuple, list[int]] = {}
+
+    def expected(prompt, n):
+        key = (tuple(prompt), n)
+        if key not in solos:
+            solos[key] = solo(om, prompt, n)
+        return solos[key]
+
+    async def one(h, j):
+        kind = j % 6
+        prompt = rng.integers(0, 256, int(rng.integers(1, 60))).tolist()
+        body = {"model": "small", "prompt": prompt, "max_tokens": int(rng.integers(1, 24)), "temperature": 0}
+        if kind == 0:  # bad
+            body["max_tokens"] = ["x", 0, -3, None][j % 4] if j % 4 != 3 else 1.5
+            r = await h.post("/v1/completions", json=body)
+            return "bad", r.status_code
+        if kind == 1:  # a list of prompts, sampled
+            body.update(prompt=[prompt, prompt[:3]], temperature=0.8, seed=j)
+            r = await h.post("/v1/completions", json=body)
+            return "list", r.status_code
+        if kind in (2, 3):  # streamed: to the end (greedy: checked), or abandoned after two events
+            body["stream"] = True
+            ids, events = [], 0
+            async with h.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return "stream", r.status_code
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        events += 1
+                        ids += json.loads(line[6:])["choices"][0]["token_ids"]
+                        if kind == 3 and events == 2:
+                            return "abandoned", 200
+            assert ids == expected(prompt, body["max_tokens"])
+            return "stream", 200
+        r = await h.post("/v1/completions", json=body)  # plain greedy: checked
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["token_ids"] == expected(prompt, body["max_tokens"])
+        return "plain", r.status_code
+
+    async def storm(url):
+        async with httpx.AsyncClient(base_url=url, timeout=MAX_WAIT_S,
+                                     limits=httpx.Limits(max_connections=24)) as h:
+            sem = asyncio.Semaphore(24)
+
+            async def limited(j):
+                async with sem:
+                    return await one(h, j)
+
+            return await asyncio.gather(*(limited(j) for j in range(120)))
+
+    sched = scheduler_for(where, om, 3, max_queue=3)
+    with running_server(sched, tok) as url:
+        results = asyncio.run(storm(url))
+        assert {code for kind, code in results if kind == "bad"} == {400}
+        assert {code for kind, code in results if kind != "bad"} <= {200, 503}
+        assert sum(code == 200 for kind, code in results if kind != "bad") >= 20
+        wait_for(lambda: metrics(url)["xlstm_active_sequences"] == 0 and metrics(url)["xlstm_queued_sequences"] == 0,
+                 "the server to fall idle")
+        m = metrics(url)
+        assert m['xlstm_requests_finished_total{reason="error"}'] == 0
+        assert m['xlstm_http_requests_total{code="503"}'] == sum(code == 503 for _, code in results)
+        prompt = tok.encode("after the storm")
+        r = client(url).completions.create(model="small", prompt="after the storm", max_tokens=9, temperature=0)
+        assert r.choices[0].model_extra["token_ids"] == solo(om, prompt, 9)
 
 
 class _FakePool:
