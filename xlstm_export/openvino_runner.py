@@ -110,7 +110,6 @@ class OpenVinoModel(ExportedModel):
     def _read(self, core):
         """The OpenVINO model of the file: an --inline export as it is; a default export with its
         xlstm nodes replaced by their function bodies in memory (:func:`export.inline_xlstm`)."""
-
         if self.metadata.get("bodies") == "inline":
             return core.read_model(str(self.path))  # OpenVINO reads external data itself
         import onnx

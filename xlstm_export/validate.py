@@ -329,8 +329,6 @@ def _np64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-
-
 def _torch_dtype(dtype) -> torch.dtype:
     from .models.model import resolve_dtype
 
