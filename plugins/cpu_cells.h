@@ -2,9 +2,10 @@
 //
 // Used by the onnxruntime custom-op library (cpu_ops.cc), which replaces the decode step of the
 // `xlstm::mLSTM` function body, the time loop of the `xlstm::sLSTM` body and the whole 7B-style
-// mLSTM layer between its weight products with these (see xlstm_export/ort_native.py). The math is exactly the references' (kernels/mlstm/naive.py `_step`,
-// kernels/slstm/naive.py), in float32, with the same association order where it matters
-// (h = num / den, not num * (1 / den)).
+// mLSTM layer between its weight products with these (see xlstm_export/ort_native.py). The math is
+// exactly the references' (kernels/mlstm/naive.py `_step`, kernels/slstm/naive.py), in float32, with
+// the same association order where it matters (h = num / den, not num * (1 / den)); the mLSTM gates'
+// exponentials, logarithms and soft caps run in 16-lane vectors (cpu_vec.h, within ~2 ulps).
 //
 // Memory layout: every array is dense row-major; the caller hands in pointers to one head's slice.
 #pragma once
@@ -24,96 +25,155 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // ---- the mLSTM cell --------------------------------------------------------------------------
 
-// One row j of the matrix memory: c[d] = f' c_prev[d] + (i' k_j) v[d], and h[d] += q_j c[d].
-// (C_t = f' C_{t-1} + i' k v^T, one row at a time; h accumulates q^T C_t.)
-inline void mlstm_row(const float* __restrict c_prev, float* __restrict c, const float* __restrict v, float f_act,
-                      float kj, float qj, float* __restrict h, int dv) {
-  for (int d = 0; d < dv; ++d) {
-    const float cv = f_act * c_prev[d] + kj * v[d];
-    c[d] = cv;
-    h[d] += qj * cv;
-  }
-}
-
-// The same row updated in place (c_prev == c).
-inline void mlstm_row_inplace(float* __restrict c, const float* __restrict v, float f_act, float kj, float qj,
-                              float* __restrict h, int dv) {
-  for (int d = 0; d < dv; ++d) {
-    const float cv = f_act * c[d] + kj * v[d];
-    c[d] = cv;
-    h[d] += qj * cv;
-  }
-}
-
-// One mLSTM step of one head.
-//   q, k [dqk]  v [dv]  i_pre, f_pre: gate pre-activations  (q unscaled: scaled by 1/sqrt(dqk) here)
-//   c0 [dqk, dv]  n0 [dqk]  m0: the state before the step; c0 may be c and n0 may be n (in place)
-//   h [dv]  c [dqk, dv]  n [dqk]  m: outputs
-// One pass over the matrix memory: each row of C is decayed, written and read for h while in cache.
-inline void mlstm_step_head(const float* q, const float* k, const float* v, float i_pre, float f_pre,
-                            const float* c0, const float* n0, float m0, int dqk, int dv, float eps,
-                            float* h, float* c, float* n, float* m) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dqk));
-  const float lfm = log_sigmoid(f_pre) + m0;  // log f + m_{t-1}
-  const float m_new = std::max(lfm, i_pre);
-  const float f_act = std::exp(lfm - m_new);
-  const float i_act = std::exp(i_pre - m_new);
-  for (int d = 0; d < dv; ++d) h[d] = 0.0f;
-  float qn = 0.0f;
-  for (int j = 0; j < dqk; ++j) {
-    const float kj = i_act * k[j];  // i' k_j
-    const float qj = q[j] * scale;
-    const float nj = f_act * n0[j] + kj;
-    n[j] = nj;
-    qn += qj * nj;
-    const float* c0_row = c0 + static_cast<std::ptrdiff_t>(j) * dv;
-    float* c_row = c + static_cast<std::ptrdiff_t>(j) * dv;
-    if (c0_row == c_row) {
-      mlstm_row_inplace(c_row, v, f_act, kj, qj, h, dv);
+// Columns [d0, d0 + 16 V) of one mLSTM step (mlstm_update_head), V vectors of 16 (Partial: the last
+// one holds only `last` columns): each row's piece of C is decayed, written and read for h while in
+// registers, and h's sums stay in registers across the rows (a template, so that they do).
+template <int V, bool Partial>
+inline void mlstm_columns(const float* q, const float* k, const float* v, float f_act, float i_act, float scale,
+                          float den, const float* c0, int dqk, int dv, int d0, int last, float* h, float* c) {
+  auto load = [&](const float* p, int u) { return Partial && u == V - 1 ? load16_part(p, last) : load16(p); };
+  auto store = [&](float* p, vec16 x, int u) {
+    if (Partial && u == V - 1) {
+      store16_part(p, x, last);
     } else {
-      mlstm_row(c0_row, c_row, v, f_act, kj, qj, h, dv);
+      store16(p, x);
+    }
+  };
+  vec16 v_part[V], sum[V];
+  for (int u = 0; u < V; ++u) {
+    v_part[u] = load(v + d0 + 16 * u, u);
+    sum[u] = splat16(0.0f);
+  }
+  for (int j = 0; j < dqk; ++j) {
+    const float kj = i_act * k[j], qj = q[j] * scale;
+    const float* c0_row = c0 + static_cast<std::ptrdiff_t>(j) * dv + d0;
+    float* c_row = c + static_cast<std::ptrdiff_t>(j) * dv + d0;
+    for (int u = 0; u < V; ++u) {
+      const vec16 cv = f_act * load(c0_row + 16 * u, u) + kj * v_part[u];
+      store(c_row + 16 * u, cv, u);
+      sum[u] += qj * cv;
     }
   }
-  const float den = std::max(std::fabs(qn), std::exp(-m_new)) + eps;
-  for (int d = 0; d < dv; ++d) h[d] = h[d] / den;
-  *m = m_new;
+  for (int u = 0; u < V; ++u) store(h + d0 + 16 * u, sum[u] / den, u);
 }
 
-// cap * tanh(x / cap), or x when cap <= 0 (the 7B gates' soft cap, in the exported graph's order).
-inline float soft_cap(float x, float cap) { return cap > 0.0f ? std::tanh(x / cap) * cap : x; }
+// One mLSTM step of one head, given its gate activations:
+//   f_act = exp(log sigmoid(f~) + m_prev - m), i_act = exp(i~ - m), floor = exp(-m)  (m: the new stabilizer)
+//   q, k [dqk]  v [dv]  (q unscaled: scaled by 1/sqrt(dqk) here)
+//   c0 [dqk, dv]  n0 [dqk]: the state before the step; c0 may be c and n0 may be n (in place)
+//   h [dv]  c [dqk, dv]  n [dqk]: outputs
+// C_t = f' C_{t-1} + i' k v^T and h = q^T C_t / max(|q . n_t|, floor) in one pass over the matrix
+// memory, 64 columns at a time (mlstm_columns).
+inline void mlstm_update_head(const float* q, const float* k, const float* v, float f_act, float i_act, float floor,
+                              const float* c0, const float* n0, int dqk, int dv, float eps, float* h, float* c,
+                              float* n) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dqk));
+  float qn = 0.0f;
+  for (int j = 0; j < dqk; ++j) {
+    const float nj = f_act * n0[j] + i_act * k[j];  // n_t = f' n_{t-1} + i' k
+    n[j] = nj;
+    qn += q[j] * scale * nj;
+  }
+  const float den = std::max(std::fabs(qn), floor) + eps;
+  int d0 = 0;
+  for (; d0 + 64 <= dv; d0 += 64) mlstm_columns<4, false>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, 16, h, c);
+  const int rest = dv - d0, full = rest / 16, last = rest % 16;
+  switch (full + (last > 0 ? 4 : 0)) {  // what is left: 0-3 full vectors, then maybe a partial one
+    case 1: mlstm_columns<1, false>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, 16, h, c); break;
+    case 2: mlstm_columns<2, false>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, 16, h, c); break;
+    case 3: mlstm_columns<3, false>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, 16, h, c); break;
+    case 4: mlstm_columns<1, true>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, last, h, c); break;
+    case 5: mlstm_columns<2, true>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, last, h, c); break;
+    case 6: mlstm_columns<3, true>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, last, h, c); break;
+    case 7: mlstm_columns<4, true>(q, k, v, f_act, i_act, scale, den, c0, dqk, dv, d0, last, h, c); break;
+    default: break;  // nothing left
+  }
+}
 
-// The 7B-style mLSTM layer between its two weight products, for one (batch row, head) and S steps:
-// gate soft cap -> the cell -> per-head LayerNorm -> output-gate product. Per step t, each input is
-// read from row t of its array (its own row stride), starting at this head's columns:
+// The gate activations of mLSTM heads for E = rows * S * NH (row, step, head) triples at once, in
+// [rows, S, NH] order, in 16-lane vectors (in scalar code they were most of a decode step's time
+// per head); only the stabilizer's running max goes step by step.
+//   i, f: in: the pre-activations i~, f~; out: i_act = exp(i~ - m_t), f_act = exp(log sigmoid(f~) + m_{t-1} - m_t)
+//   floor: out: exp(-m_t);  m0 [rows, NH]: the stabilizer before step 0;  m [rows, NH]: out, after the
+//   last step (may be m0: each element is read before it is written)
+//   cap > 0: the 7B gates' soft cap cap * tanh(x / cap) on i~ and f~ first
+inline void mlstm_gates(float* i, float* f, float* floor, const float* m0, float* m, int64_t rows, int64_t S,
+                        int64_t NH, float cap) {
+  const int64_t E = rows * S * NH;
+  for (int64_t e = 0; e < E; e += 16) {  // i~ and log f (in f), capped first where the model caps them
+    const int64_t len = std::min<int64_t>(16, E - e);
+    vec16 ip = len == 16 ? load16(i + e) : load16_part(i + e, len);
+    vec16 fp = len == 16 ? load16(f + e) : load16_part(f + e, len);
+    if (cap > 0.0f) {
+      ip = soft_cap16(ip, cap);
+      fp = soft_cap16(fp, cap);
+    }
+    const vec16 log_f = log_sigmoid16(fp);
+    if (len == 16) {
+      store16(i + e, ip);
+      store16(f + e, log_f);
+    } else {
+      store16_part(i + e, ip, len);
+      store16_part(f + e, log_f, len);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // m_t = max(log f + m_{t-1}, i~): f becomes log f + m_{t-1}
+    for (int64_t h = 0; h < NH; ++h) {
+      float m_prev = m0[r * NH + h];
+      for (int64_t t = 0; t < S; ++t) {
+        const int64_t e = (r * S + t) * NH + h;
+        f[e] += m_prev;
+        m_prev = std::max(f[e], i[e]);
+        floor[e] = m_prev;
+      }
+      m[r * NH + h] = m_prev;
+    }
+  }
+  for (int64_t e = 0; e < E; e += 16) {
+    const int64_t len = std::min<int64_t>(16, E - e);
+    const vec16 lfm = len == 16 ? load16(f + e) : load16_part(f + e, len);
+    const vec16 ip = len == 16 ? load16(i + e) : load16_part(i + e, len);
+    const vec16 m_t = len == 16 ? load16(floor + e) : load16_part(floor + e, len);
+    const vec16 out[3] = {exp16(ip - m_t), exp16(lfm - m_t), exp16(-m_t)};
+    float* to[3] = {i + e, f + e, floor + e};
+    for (int j = 0; j < 3; ++j) {
+      if (len == 16) {
+        store16(to[j], out[j]);
+      } else {
+        store16_part(to[j], out[j], len);
+      }
+    }
+  }
+}
+
+// The 7B-style mLSTM layer between its two weight products, for one (batch row, head) and S steps,
+// after mlstm_gates: the cell -> per-head LayerNorm -> output-gate product. Per step t, each input
+// is read from row t of its array (its own row stride), starting at this head's columns:
 //   q, k: dqk values;  v, o: dv values (o: output-gate pre-activations)
-//   i_pre, f_pre: one gate pre-activation each, soft-capped here after adding i_bias / f_bias
+//   i_act, f_act, floor: this head's gate activations (mlstm_gates'), act_stride apart
 //   ln_scale, ln_bias [dv]: the LayerNorm's affine part; weight [dv]: the per-head slice of the
 //   norm weight multiplied after it
-//   c0, n0, m0: the state before; c, n, m: after (c0 may be c, n0 may be n)
+//   c0, n0: the state before; c, n: after (c0 may be c, n0 may be n)
 //   y: dv values per step, ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o)
 //   h: scratch [dv]
 struct MlstmLayerHead {
-  const float *q, *k, *v, *o, *i_pre, *f_pre;
-  std::ptrdiff_t q_stride, k_stride, v_stride, o_stride, g_stride, y_stride;
-  float i_bias, f_bias, cap, eps, norm_eps;
+  const float *q, *k, *v, *o, *i_act, *f_act, *floor;
+  std::ptrdiff_t q_stride, k_stride, v_stride, o_stride, act_stride, y_stride;
+  float eps, norm_eps;
   const float *ln_scale, *ln_bias, *weight;
   const float *c0, *n0;
-  float m0;
-  float *c, *n, *m, *y, *h;
+  float *c, *n, *y, *h;
 };
 
 inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
   const float* c_prev = a.c0;
   const float* n_prev = a.n0;
-  float m_prev = a.m0;
   for (int t = 0; t < s; ++t) {
-    const float ip = soft_cap(a.i_pre[t * a.g_stride] + a.i_bias, a.cap);
-    const float fp = soft_cap(a.f_pre[t * a.g_stride] + a.f_bias, a.cap);
-    mlstm_step_head(a.q + t * a.q_stride, a.k + t * a.k_stride, a.v + t * a.v_stride, ip, fp, c_prev, n_prev,
-                    m_prev, dqk, dv, a.eps, a.h, a.c, a.n, a.m);
+    mlstm_update_head(a.q + t * a.q_stride, a.k + t * a.k_stride, a.v + t * a.v_stride, a.f_act[t * a.act_stride],
+                      a.i_act[t * a.act_stride], a.floor[t * a.act_stride], c_prev, n_prev, dqk, dv, a.eps, a.h,
+                      a.c, a.n);
     c_prev = a.c;  // later steps update the state in place
     n_prev = a.n;
-    m_prev = *a.m;
     const float mean = lane_sum(a.h, dv) / static_cast<float>(dv);
     const float var = lane_sum_squared_deviation(a.h, dv, mean);
     const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dv) + a.norm_eps);

@@ -47,12 +47,7 @@ inline void swiglu_row(const float* z, int64_t F, float* out) {
   }
 }
 
-// y[j] = cap * tanh(y[j] / cap) for j < n, tanh(u) = 1 - 2 / (e^2u + 1) (the logits' soft cap).
-inline vec16 soft_cap16(vec16 y, float cap) {
-  const vec16 u = y / cap;
-  return (1.0f - 2.0f / (exp16(2.0f * u) + 1.0f)) * cap;
-}
-
+// y[j] = cap * tanh(y[j] / cap) for j < n (the logits' soft cap; cpu_vec.h's soft_cap16).
 inline void soft_cap_row(float* y, int n, float cap) {
   int j = 0;
   for (; j + 16 <= n; j += 16) store16(y + j, soft_cap16(load16(y + j), cap));

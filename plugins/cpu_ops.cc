@@ -178,8 +178,9 @@ bool same(const std::vector<int64_t>& a, std::initializer_list<int64_t> b) {
 // ---------------------------------------------------------------------------------------------
 
 struct MlstmStepArgs {
-  const float *q, *k, *v, *i, *f, *c0, *n0, *m0;
-  float *h, *c, *n, *m;
+  const float *q, *k, *v, *c0, *n0;
+  const float *i_act, *f_act, *floor;  // [B * NH] (xlstm_cpu::mlstm_gates)
+  float *h, *c, *n;
   int64_t dqk, dv;
   float eps;
 };
@@ -187,18 +188,17 @@ struct MlstmStepArgs {
 void mlstm_step_task(void* data, size_t bh) {
   const auto& a = *static_cast<const MlstmStepArgs*>(data);
   const int64_t mat = a.dqk * a.dv;
-  xlstm_cpu::mlstm_step_head(a.q + bh * a.dqk, a.k + bh * a.dqk, a.v + bh * a.dv, a.i[bh], a.f[bh],
-                             a.c0 + bh * mat, a.n0 + bh * a.dqk, a.m0[bh], static_cast<int>(a.dqk),
-                             static_cast<int>(a.dv), a.eps, a.h + bh * a.dv, a.c + bh * mat,
-                             a.n + bh * a.dqk, a.m + bh);
+  xlstm_cpu::mlstm_update_head(a.q + bh * a.dqk, a.k + bh * a.dqk, a.v + bh * a.dv, a.f_act[bh], a.i_act[bh],
+                               a.floor[bh], a.c0 + bh * mat, a.n0 + bh * a.dqk, static_cast<int>(a.dqk),
+                               static_cast<int>(a.dv), a.eps, a.h + bh * a.dv, a.c + bh * mat, a.n + bh * a.dqk);
 }
 
 OrtStatus* mlstm_step_compute(const Ctx& ctx) {
   MlstmStepArgs a{};
   std::vector<int64_t> q, k, v, i, f, c0, n0, m0, eps;
-  const float* eps_data = nullptr;
-  for (auto [name, data, dims] : {std::tuple{"q", &a.q, &q}, {"k", &a.k, &k}, {"v", &a.v, &v}, {"i", &a.i, &i},
-                                  {"f", &a.f, &f}, {"c0", &a.c0, &c0}, {"n0", &a.n0, &n0}, {"m0", &a.m0, &m0},
+  const float *eps_data = nullptr, *i_pre = nullptr, *f_pre = nullptr, *m0_data = nullptr;
+  for (auto [name, data, dims] : {std::tuple{"q", &a.q, &q}, {"k", &a.k, &k}, {"v", &a.v, &v}, {"i", &i_pre, &i},
+                                  {"f", &f_pre, &f}, {"c0", &a.c0, &c0}, {"n0", &a.n0, &n0}, {"m0", &m0_data, &m0},
                                   {"eps", &eps_data, &eps}}) {
     if (OrtStatus* s = ctx.input(name, data, dims)) return s;
   }
@@ -219,12 +219,22 @@ OrtStatus* mlstm_step_compute(const Ctx& ctx) {
   a.eps = eps_data[0];
   a.dqk = DQK;
   a.dv = DV;
+  float* m = nullptr;
   for (auto [name, data, dims] : {std::tuple{"h", &a.h, std::vector<int64_t>{B, NH, 1, DV}},
                                   {"c", &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
                                   {"n", &a.n, std::vector<int64_t>{B, NH, DQK}},
-                                  {"m", &a.m, std::vector<int64_t>{B, NH}}}) {
+                                  {"m", &m, std::vector<int64_t>{B, NH}}}) {
     if (OrtStatus* s = ctx.output(name, dims, data)) return s;
   }
+  // the gates of all B * NH heads first, in vectors; then each head's matrix memory
+  std::vector<float> gates(3 * B * NH);
+  float *i_act = gates.data(), *f_act = i_act + B * NH, *floor = f_act + B * NH;
+  std::memcpy(i_act, i_pre, sizeof(float) * B * NH);
+  std::memcpy(f_act, f_pre, sizeof(float) * B * NH);
+  xlstm_cpu::mlstm_gates(i_act, f_act, floor, m0_data, m, B, 1, NH, 0.0f);
+  a.i_act = i_act;
+  a.f_act = f_act;
+  a.floor = floor;
   return ctx.for_each(static_cast<size_t>(B * NH), B * NH * DQK * DV >= ctx.split->cell_work, mlstm_step_task, &a);
 }
 
@@ -286,6 +296,7 @@ struct MlstmLayerArgs {
   const float* in[5];  // q, k, v, g, o: rows of [B, S, width[j]], read from column col[j]
   int64_t width[5], col[5];
   const float *gate_bias, *c0, *n0, *m0, *ln_scale, *ln_bias, *weight;
+  const float *i_act, *f_act, *floor;  // [B, S, NH] (xlstm_cpu::mlstm_gates)
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
   float eps, norm_eps, cap;
@@ -295,28 +306,28 @@ void mlstm_layer_task(void* data, size_t bh) {
   const auto& a = *static_cast<const MlstmLayerArgs*>(data);
   const int64_t b = static_cast<int64_t>(bh) / a.nh, head = static_cast<int64_t>(bh) % a.nh;
   const int64_t mat = a.dqk * a.dv;
-  // input j at (b, t = 0), at this head's first column (heads are contiguous column ranges)
+  // input j at (b, t = 0), at this head's first column (heads are contiguous column ranges; g, the
+  // gate pre-activations, went through mlstm_gates)
   const int64_t head_cols[5] = {head * a.dqk, head * a.dqk, head * a.dv, head, head * a.dv};
   const float* at[5];
   for (int j = 0; j < 5; ++j) at[j] = a.in[j] + b * a.s * a.width[j] + a.col[j] + head_cols[j];
+  const int64_t act = b * a.s * a.nh + head;  // (b, t = 0, head) in the gates' [B, S, NH]
   float h_stack[512];  // scratch h [dv]: on the stack up to the 7B heads' 512
   std::vector<float> h_heap(a.dv > 512 ? static_cast<size_t>(a.dv) : 0);
   xlstm_cpu::MlstmLayerHead l{};
   l.q = at[0];
   l.k = at[1];
   l.v = at[2];
-  l.i_pre = at[3];  // g holds the NH i gates, then the NH f gates
-  l.f_pre = at[3] + a.nh;
   l.o = at[4];
+  l.i_act = a.i_act + act;
+  l.f_act = a.f_act + act;
+  l.floor = a.floor + act;
   l.q_stride = a.width[0];
   l.k_stride = a.width[1];
   l.v_stride = a.width[2];
-  l.g_stride = a.width[3];
   l.o_stride = a.width[4];
+  l.act_stride = a.nh;
   l.y_stride = a.nh * a.dv;
-  l.i_bias = a.gate_bias[head];
-  l.f_bias = a.gate_bias[a.nh + head];
-  l.cap = a.cap;
   l.eps = a.eps;
   l.norm_eps = a.norm_eps;
   l.ln_scale = a.ln_scale;
@@ -324,10 +335,8 @@ void mlstm_layer_task(void* data, size_t bh) {
   l.weight = a.weight + head * a.dv;
   l.c0 = a.c0 + bh * mat;
   l.n0 = a.n0 + bh * a.dqk;
-  l.m0 = a.m0[bh];
   l.c = a.c + bh * mat;
   l.n = a.n + bh * a.dqk;
-  l.m = a.m + bh;
   l.y = a.y + b * a.s * a.nh * a.dv + head * a.dv;
   l.h = a.dv > 512 ? h_heap.data() : h_stack;
   xlstm_cpu::mlstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dqk), static_cast<int>(a.dv));
@@ -383,6 +392,21 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
     std::memcpy(a.m, a.m0, sizeof(float) * B * NH);
     return nullptr;
   }
+  // the gates of every (row, step, head) first, in vectors: g holds each row's NH i gates, then its
+  // NH f gates, from column g_col; then each head's matrix memory, step by step
+  std::vector<float> gates(3 * B * S * NH);
+  float *i_act = gates.data(), *f_act = i_act + B * S * NH, *floor = f_act + B * S * NH;
+  for (int64_t row = 0; row < B * S; ++row) {
+    const float* g = a.in[3] + row * a.width[3] + a.col[3];
+    for (int64_t h = 0; h < NH; ++h) {
+      i_act[row * NH + h] = g[h] + a.gate_bias[h];
+      f_act[row * NH + h] = g[NH + h] + a.gate_bias[NH + h];
+    }
+  }
+  xlstm_cpu::mlstm_gates(i_act, f_act, floor, a.m0, a.m, B, S, NH, a.cap);
+  a.i_act = i_act;
+  a.f_act = f_act;
+  a.floor = floor;
   return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DQK * DV >= ctx.split->cell_work, mlstm_layer_task, &a);
 }
 
@@ -645,6 +669,33 @@ extern "C" __attribute__((visibility("default"))) const char* XlstmCpuOpSignatur
 extern "C" __attribute__((visibility("default"))) const char* XlstmCpuLastRegisteredPool() {
   static const char* const names[] = {"", "spinning", "sleeping"};
   return names[last_registered.load()];
+}
+
+// y[j] = f(x[j]) for j < n, f one of the kernels' vector functions by name (exp, expm1, tanh,
+// log1p_unit, log_sigmoid, sigmoid; hsum: the sum of x[16k .. 16k + 15] in y[k]), for the test of
+// their accuracy against float64. Returns 0, or -1 for an unknown name.
+extern "C" __attribute__((visibility("default"))) int XlstmCpuVectorMath(const char* name, const float* x, float* y,
+                                                                         int64_t n) {
+  using xlstm_cpu::vec16;
+  const std::string f = name;
+  vec16 (*fn)(vec16) = nullptr;
+  if (f == "exp") fn = xlstm_cpu::exp16;
+  if (f == "expm1") fn = xlstm_cpu::expm1_16;
+  if (f == "tanh") fn = xlstm_cpu::tanh16;
+  if (f == "log1p_unit") fn = xlstm_cpu::log1p_unit16;
+  if (f == "log_sigmoid") fn = xlstm_cpu::log_sigmoid16;
+  if (f == "sigmoid") fn = xlstm_cpu::sigmoid16;
+  if (fn == nullptr && f != "hsum") return -1;
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t len = std::min<int64_t>(16, n - j);
+    const vec16 v = xlstm_cpu::load16_part(x + j, len);
+    if (fn != nullptr) {
+      xlstm_cpu::store16_part(y + j, fn(v), len);
+    } else {
+      y[j / 16] = xlstm_cpu::hsum16(v);
+    }
+  }
+  return 0;
 }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,

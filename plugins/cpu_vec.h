@@ -23,6 +23,19 @@ using vec16i = int32_t __attribute__((vector_size(64)));
 inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof v); }
 inline vec16 splat16(float a) { return vec16{} + a; }
 
+// The first n < 16 lanes (a row's last, partial vector): loaded with zeros after them, stored alone.
+inline vec16 load16_part(const float* p, int64_t n) {
+  float buf[16] = {};
+  std::memcpy(buf, p, sizeof(float) * n);
+  return load16(buf);
+}
+
+inline void store16_part(float* p, vec16 v, int64_t n) {
+  float buf[16];
+  store16(buf, v);
+  std::memcpy(p, buf, sizeof(float) * n);
+}
+
 // exp(x), 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), e^r
 // by its degree-7 Taylor polynomial (relative error < 2e-7 on that interval), 2^n by building the
 // float's exponent. x is clamped to [-87, 88]: e^-87 ~ 1.6e-38 (the smallest normal float is 1.2e-38),
@@ -50,14 +63,78 @@ inline vec16 exp16(vec16 x) {
 // 1 / (1 + e^-x), 16 lanes (the sigmoid in the scalar kernels' order of operations).
 inline vec16 sigmoid16(vec16 x) { return 1.0f / (1.0f + exp16(-x)); }
 
+// e^x - 1, 16 lanes, accurate near 0 too: with x = n ln2 + r as in exp16, e^x - 1 = 2^n (e^r - 1) + (2^n - 1),
+// e^r - 1 = r (1 + r/2 + ... + r^6/7!) (relative error < 2e-8 on |r| <= ln2 / 2). Same clamp as exp16.
+inline vec16 expm1_16(vec16 x) {
+  x = x < -87.0f ? splat16(-87.0f) : x;
+  x = x > 88.0f ? splat16(88.0f) : x;
+  const vec16 shifter = splat16(12582912.0f);
+  const vec16 n = (x * 1.44269504f + shifter) - shifter;
+  const vec16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  vec16 p = splat16(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
+  vec16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale * (p * r) + (scale - 1.0f);
+}
+
+// tanh(x), 16 lanes: tanh(|x|) = -t / (t + 2) with t = e^(-2|x|) - 1 in (-1, 0] (no cancellation
+// near 0, where tanh(x) ~ x), then x's sign.
+inline vec16 tanh16(vec16 x) {
+  const vec16 a = x < 0.0f ? -x : x;
+  const vec16 t = expm1_16(-2.0f * a);
+  const vec16 th = -t / (t + 2.0f);
+  return x < 0.0f ? -th : th;
+}
+
+// cap * tanh(x / cap), 16 lanes (the 7B models' soft cap of gates and logits; cap > 0).
+inline vec16 soft_cap16(vec16 x, float cap) { return tanh16(x / cap) * cap; }
+
+// log(1 + u) for u in [0, 1], 16 lanes: 2 atanh(s) with s = u / (2 + u) in [0, 1/3], by its series
+// 2 (s + s^3/3 + ... + s^15/15) (relative error < 2e-9; accurate for tiny u, where it is ~u).
+inline vec16 log1p_unit16(vec16 u) {
+  const vec16 s = u / (u + 2.0f);
+  const vec16 s2 = s * s;
+  vec16 p = splat16(2.0f / 15);
+  p = p * s2 + 2.0f / 13;
+  p = p * s2 + 2.0f / 11;
+  p = p * s2 + 2.0f / 9;
+  p = p * s2 + 2.0f / 7;
+  p = p * s2 + 2.0f / 5;
+  p = p * s2 + 2.0f / 3;
+  p = p * s2 + 2.0f;
+  return s * p;
+}
+
+// log(sigmoid(x)) = min(x, 0) - log(1 + e^-|x|), 16 lanes, without overflow.
+inline vec16 log_sigmoid16(vec16 x) {
+  const vec16 a = x < 0.0f ? -x : x;
+  return (x < 0.0f ? x : splat16(0.0f)) - log1p_unit16(exp16(-a));
+}
+
+// The sum of the 16 lanes, pairwise: the halves added until one lane is left.
+inline float hsum16(vec16 v) {
+  using vec8 = float __attribute__((vector_size(32)));
+  using vec4 = float __attribute__((vector_size(16)));
+  const vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 // The sums of the norms: of x[i], and of (x[i] - shift)^2, for i < n. 16 lanes at a time (a
-// sequential float sum cannot be vectorised), the lanes added at the end, then the tail.
+// sequential float sum cannot be vectorised), the lanes added pairwise at the end, then the tail.
 inline float lane_sum(const float* x, int64_t n) {
   vec16 lanes = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) lanes += load16(x + i);
-  float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  float sum = hsum16(lanes);
   for (; i < n; ++i) sum += x[i];
   return sum;
 }
@@ -69,8 +146,7 @@ inline float lane_sum_squared_deviation(const float* x, int64_t n, float shift) 
     const vec16 v = load16(x + i) - shift;
     lanes += v * v;
   }
-  float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  float sum = hsum16(lanes);
   for (; i < n; ++i) sum += (x[i] - shift) * (x[i] - shift);
   return sum;
 }

@@ -165,6 +165,42 @@ def test_library_ops_have_the_python_tables_signatures():
     assert report().decode().splitlines() == native_ops.signatures()
 
 
+# The kernels' 16-lane math (plugins/cpu_vec.h) against float64, relative error: each is within ~2
+# float32 ulps (eps 1.19e-7) over its whole range, tiny arguments included (expm1, tanh, log1p near 0).
+TOL_VECTOR_MATH = 3e-7
+
+
+def _vector_math(name: str, x: np.ndarray) -> np.ndarray:
+    fn = ctypes.CDLL(ort_native.library_path()).XlstmCpuVectorMath
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty_like(x)
+    assert fn(name.encode(), x.ctypes.data, y.ctypes.data, x.size) == 0, name
+    return y
+
+
+def test_vector_math_matches_float64():
+    rng = np.random.default_rng(11)
+    tiny = np.logspace(-30, 0, 1001)
+    x = np.concatenate([rng.uniform(-87, 88, 9999), rng.uniform(-1, 1, 9999), tiny, -tiny, [0.0]]).astype(np.float32)
+    u = np.concatenate([rng.uniform(0, 1, 9999), np.logspace(-38, 0, 1001), [0.0]]).astype(np.float32)  # log1p's
+    t = x[np.abs(x) < 40]  # tanh's: 1 to the last bit beyond
+    ls = x[np.abs(x) <= 87]  # log_sigmoid's: beyond, e^-|x| is below float32's normals (exp16's clamp)
+    x64, u64, t64, ls64 = (a.astype(np.float64) for a in (x, u, t, ls))
+    cases = {"exp": (x, np.exp(x64)), "expm1": (x, np.expm1(x64)), "tanh": (t, np.tanh(t64)),
+             "log1p_unit": (u, np.log1p(u64)), "sigmoid": (x, 1 / (1 + np.exp(-x64))),
+             "log_sigmoid": (ls, np.minimum(ls64, 0) - np.log1p(np.exp(-np.abs(ls64))))}
+    for name, (arg, want) in cases.items():
+        got = _vector_math(name, arg)
+        err = np.abs(got - want) / np.maximum(np.abs(want), np.finfo(np.float32).tiny)
+        assert err.max() < TOL_VECTOR_MATH, (name, float(err.max()), arg[err.argmax()])
+    s = rng.standard_normal(16 * 37).astype(np.float32)  # 37 sums of 16 lanes
+    sums = _vector_math("hsum", s)[:37]  # the k-th sum at y[k]
+    want = s.astype(np.float64).reshape(37, 16).sum(1)
+    assert np.all(np.abs(sums - want) <= 16 * np.finfo(np.float32).eps * np.abs(s).reshape(37, 16).sum(1))
+
+
 def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():
     model = OF.cell_model("mLSTM")
     before = model.SerializeToString()
