@@ -59,6 +59,7 @@ from .kernels import custom_op as _ops  # defines torch.ops.xlstm.*, which the t
 from .contract import DOMAIN
 from .fsio import staged_files
 from .graph_rewrite import STANDARD_DOMAINS, Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
+from .interface import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
 from .models.model import resolve_dtype
 from .tokenizer import write_tokenizer_files
 
@@ -78,21 +79,11 @@ DEFAULT_OPSET = 18  # ai.onnx opset: torchlib's native opset, parsed by TensorRT
 BATCH_DIM = "batch"  # dim_param of the dynamic batch dim
 SEQUENCE_DIM = "sequence"  # dim_param of the dynamic sequence dim
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with room for the graph
-LOGITS_FROM = "logits_from"  # int64 (1,) initializer: logits for positions logits_from: (0 = all)
-METADATA_PREFIX = "xlstm_export."  # metadata_props keys: format, dtype, state_names, config
 FORMAT_VERSION = "1"
 
 
 class ExportError(RuntimeError):
     """The model could not be exported (tracing, translation or checking failed)."""
-
-
-def state_input_name(key: str) -> str:
-    return f"past.{key}"
-
-
-def state_output_name(key: str) -> str:
-    return f"present.{key}"
 
 
 # ---------------------------------------------------------------------------------------------

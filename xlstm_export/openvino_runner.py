@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .export import state_output_name
+from .interface import state_output_name
 from .graph_rewrite import STANDARD_DOMAINS, all_nodes
 from .ort import ExportedModel, NotAnXLSTMModelError, bf16_bits_to_float32
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .export import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
+from .interface import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
 
 __all__ = ["BoundState", "ExportedModel", "NotAnXLSTMModelError", "OrtDecoder", "OrtModel", "inspect_model",
            "upcast_bfloat16"]

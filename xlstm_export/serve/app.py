@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import threading
@@ -233,6 +234,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         loop_box["loop"], loop_box["thread"] = asyncio.get_running_loop(), threading.get_ident()
         scheduler.on_events = hand_off
         scheduler.start()
+        gc.collect()
+        gc.freeze()  # the model, the app and the imports live as long as the process: collections skip them
         log.info("serving %s with %s: %d slots", model_name, label, scheduler.capacity)
         try:
             yield

@@ -40,6 +40,7 @@ refuses one. If the engine process dies, every unfinished request ends with an e
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import math
@@ -270,6 +271,8 @@ def _engine_main(conn, target: str, backend_options: dict, scheduler_options: di
         conn.send(("failed", type(e).__name__, str(e), traceback.format_exc()))
         return
     conn.send(("ready", ServedModel.of(backend, scheduler), (scheduler.max_queue, scheduler.max_prompt_tokens)))
+    gc.collect()
+    gc.freeze()  # what loading left lives as long as the process: later collections skip it
     _Engine(conn, scheduler).run()
 
 

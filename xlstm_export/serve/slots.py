@@ -26,12 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import export as _export
-from ..export import state_input_name, state_output_name
-
-# an int64 (1,) input of newer exports choosing the rows the head computes (0: all; a decode step's
-# one row either way); older files do not have it
-_LOGITS_FROM = getattr(_export, "LOGITS_FROM", "logits_from")
+# LOGITS_FROM: an int64 (1,) input of newer exports choosing the rows the head computes (0: all; a
+# decode step's one row either way); older files do not have it
+from ..interface import LOGITS_FROM, state_input_name, state_output_name
 
 __all__ = ["OrtSlots", "TorchSlots", "state_bytes"]
 
@@ -76,7 +73,7 @@ class OrtSlots:
         self._bindings: dict[tuple[int, int], Any] = {}  # (rows, source set) -> IOBinding
         fed = {"input_ids", *(state_input_name(k) for k in self.names)}
         extra = [i.name for i in model.session.get_inputs() if i.name not in fed]
-        if extra not in ([], [_LOGITS_FROM]):
+        if extra not in ([], [LOGITS_FROM]):
             raise ValueError(f"{model.path}: unexpected session inputs {extra}")
         self._logits_from = np.zeros(1, np.int64) if extra else None  # (1,)
         # prefill wants the last position's logits only; runners that can, compute only that row
@@ -99,7 +96,7 @@ class OrtSlots:
             b = self.model.session.io_binding()
             b.bind_cpu_input("input_ids", self._ids[:n])
             if self._logits_from is not None:
-                b.bind_cpu_input(_LOGITS_FROM, self._logits_from)
+                b.bind_cpu_input(LOGITS_FROM, self._logits_from)
             for k in self.names:
                 b.bind_cpu_input(state_input_name(k), self._bufs[src][k][:n])
                 out = self._bufs[dst][k][:n]
