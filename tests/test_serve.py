@@ -487,23 +487,23 @@ class _FakePool:
 @contextlib.contextmanager
 def engine_loop(scheduler):
     """The engine process's loop over ``scheduler``, in a thread of this process; yields the
-    server's end of its pipe. Stops it (and drains what it still sends) at the end."""
-    import multiprocessing
+    server's end of its socket pair (blocking until started on a loop: ``send``, ``recv``).
+    Stops it (and drains what it still sends) at the end."""
+    import socket
 
-    from xlstm_export.serve.engine import _Engine
+    from xlstm_export.serve.engine import _Engine, _ServerEnd
 
-    server, engine_end = multiprocessing.Pipe()
-    thread = threading.Thread(target=_Engine(engine_end, scheduler).run, daemon=True)
+    server_socket, engine_socket = socket.socketpair()
+    server = _ServerEnd(server_socket.fileno())
+    thread = threading.Thread(target=_Engine(engine_socket.fileno(), scheduler).run, daemon=True)
     thread.start()
     try:
         yield server
-    finally:  # the stop goes from a thread: a broken engine that reads nothing must not hang the test
-        threading.Thread(target=server.send, args=(("stop",),), daemon=True).start()
-        deadline = time.monotonic() + MAX_WAIT_S
-        while thread.is_alive() and time.monotonic() < deadline:
-            while server.poll(0.01):
-                server.recv()
+    finally:  # never blocks: a broken engine that reads nothing must not hang the test
+        server.close(("stop",), lambda: not thread.is_alive(), MAX_WAIT_S)
         assert not thread.is_alive(), "the engine loop did not stop"
+        server_socket.close()
+        engine_socket.close()
 
 
 def finishes(server, n: int) -> dict[int, str]:
@@ -511,26 +511,36 @@ def finishes(server, n: int) -> dict[int, str]:
     out, deadline = {}, time.monotonic() + MAX_WAIT_S
     while len(out) < n:
         assert time.monotonic() < deadline, f"only {out} of {n} requests finished"
-        if server.poll(0.05):
-            kind, payload = server.recv()
+        for kind, payload in server.recv(0.05):
             if kind == "events":
                 out.update((rid, reason) for rid, _, reason, _ in payload if reason is not None)
     return out
 
 
-def test_engine_keeps_reading_while_its_own_sends_wait():
-    """The engine may sit in a blocking send while the server's event loop is busy; a large submit
-    from the server must still go through (it reads on a thread of its own), not deadlock."""
+def test_server_sends_never_block_while_the_engine_waits_to_send():
+    """The engine sits in a blocking send while the server's event loop is busy; a large submit
+    from the server meanwhile returns at once (the socket is full: it waits in the server's
+    buffer), and once the loop reads again both go through: no deadlock."""
     sched = Scheduler(_FakePool(32), max_batch=32, max_prompt_tokens=1 << 20)
     endless = SamplingParams(max_tokens=1 << 30, temperature=0)
     with engine_loop(sched) as server:
         server.send(("submit", [(i, np.array([1, 2, 3]), endless) for i in range(32)]))
-        time.sleep(1.0)  # not read: the engine fills the pipe with events, then blocks sending
-        big = ("submit", [(100 + j, np.zeros(60000, np.int64), endless) for j in range(8)])  # ~4 MB
-        sender = threading.Thread(target=server.send, args=(big,), daemon=True)
-        sender.start()
-        sender.join(MAX_WAIT_S)
-        assert not sender.is_alive(), "the server's send and the engine's waited on each other"
+
+        async def main():
+            ended = asyncio.get_running_loop().create_future()
+            server.start(asyncio.get_running_loop(), lambda msgs: None, lambda: ended.set_result(None))
+            time.sleep(1.0)  # the loop busy: the engine fills the socket with events, then blocks sending
+            big = ("submit", [(100 + j, np.zeros(60000, np.int64), endless) for j in range(8)])  # ~4 MB
+            t0 = time.monotonic()
+            server.send(big)
+            assert time.monotonic() - t0 < 0.5, "the server's send blocked"
+            assert server.unsent, "the socket took the whole submit at once: nothing here was tested"
+            deadline = time.monotonic() + MAX_WAIT_S
+            while sched.stats.submitted < 40:  # the engine took the large submit
+                assert not ended.done() and time.monotonic() < deadline, "the large submit did not arrive"
+                await asyncio.sleep(0.01)
+
+        asyncio.run(main())
 
 
 def test_engine_admits_queued_requests_after_a_failed_iteration():

@@ -13,7 +13,7 @@ one mirror :class:`~.scheduler.Sequence` per request, updated from the child's m
                            dict(max_batch=32, max_queue=64))
     app = create_app(engine, model_name=engine.info.name, tokenizer=engine.info.tokenizer)
 
-Messages, pickled over one duplex pipe:
+Messages, pickled into length-prefixed frames over one socket pair (:class:`_Frames`):
 
     server -> engine   ("submit", [(request id, prompt (S,) int64, SamplingParams)]), ("cancel", id, reason),
                        ("stop",)
@@ -26,10 +26,12 @@ Messages, pickled over one duplex pipe:
 The child is spawned (a fresh interpreter that imports this module), so a script that starts an
 engine process must do it under ``if __name__ == "__main__":``, as with any multiprocessing code.
 
-Neither side can stop reading while it writes: the engine takes the server's messages on a
-thread of its own (its main loop may sit in a blocking send while the server's event loop is
-busy), and the server reads the engine on its event loop. So a large submit from the server and a
-full pipe from the engine cannot wait on each other.
+The server never blocks on the socket: it reads on its event loop and writes without blocking,
+keeping what the socket does not take until it can (so a large submit and a full socket from the
+engine cannot wait on each other). The engine writes blocking and reads the server's messages
+between its iterations (blocking only when it has nothing to do): no thread of its own waits on
+the socket, so a submit sent while the engine runs a step wakes nobody (a wake-up across
+processes costs tens of microseconds on a small VM).
 
 The server admits a request only while fewer than ``capacity + max_queue`` of its requests are
 unfinished, which the engine then holds too (it learns of finishes first), so the engine never
@@ -45,8 +47,10 @@ import itertools
 import logging
 import math
 import multiprocessing
-import queue
-import threading
+import os
+import pickle
+import select
+import struct
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -60,9 +64,153 @@ log = logging.getLogger("xlstm_export.serve")
 STATS_INTERVAL_S = 0.05  # the engine sends /metrics' counters at most this often while busy
 START_TIMEOUT_S = 600.0  # loading a large model (and compiling the native kernels) can take minutes
 STOP_TIMEOUT_S = 10.0  # then the engine process is killed
-MAX_MESSAGES_PER_READ = 64  # then the event loop gets a turn (the reader is called again)
+READ_BYTES = 1 << 20  # read at most this much of the other side's frames at once
 # errors of loading a target that reach the user as themselves (one line at the CLI)
 _LOAD_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError)}
+
+
+class _Frames:
+    """Messages over a byte stream: each one pickled behind its length (8 bytes, big-endian).
+    ``frame(msg)`` -> bytes; ``feed(data)`` -> the messages that ``data`` completes (a frame may
+    arrive in pieces). Only the two ends of one socket pair, the server and its own engine
+    process, ever write to it."""
+
+    _length = struct.Struct("!Q")
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    @classmethod
+    def frame(cls, msg) -> bytes:
+        body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        return cls._length.pack(len(body)) + body
+
+    def feed(self, data: bytes) -> list:
+        buf = self._buffer
+        buf += data
+        out, pos, size = [], 0, self._length.size
+        while len(buf) - pos >= size:
+            (n,) = self._length.unpack_from(buf, pos)
+            if len(buf) - pos - size < n:
+                break
+            out.append(pickle.loads(memoryview(buf)[pos + size : pos + size + n]))
+            pos += size + n
+        del buf[:pos]
+        return out
+
+
+def _read_blocking(fd: int, frames: _Frames, timeout: float | None) -> list:
+    """Messages from ``fd`` once at least one is complete; [] after ``timeout`` seconds
+    (None: no limit). EOFError at the end of the stream."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([fd], [], [], left)[0]:
+            return []
+        data = os.read(fd, READ_BYTES)
+        if not data:
+            raise EOFError
+        msgs = frames.feed(data)
+        if msgs:
+            return msgs
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a blocking ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _ServerEnd:
+    """The server's end of the socket pair. Blocking at first (``recv(timeout)``, ``send``); after
+    ``start`` on an event loop, ``send`` never blocks (what the socket does not take waits for
+    room, written by the loop) and the loop hands what arrives to ``on_messages(list)``, or calls
+    ``on_eof()`` once the engine's end is closed; ``close`` ends it."""
+
+    def __init__(self, fd: int):
+        self.fd = fd  # a socket: os.read / os.write on it
+        self.frames = _Frames()
+        self.unsent = bytearray()  # frames the socket has not taken yet
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_messages: Callable[[list], None] | None = None
+        self.on_eof: Callable[[], None] | None = None
+
+    def recv(self, timeout: float | None) -> list:
+        """Blocking: the messages once one is complete, [] after ``timeout``; EOFError at the end."""
+        return _read_blocking(self.fd, self.frames, timeout)
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_messages: Callable[[list], None],
+              on_eof: Callable[[], None]) -> None:
+        self.loop, self.on_messages, self.on_eof = loop, on_messages, on_eof
+        os.set_blocking(self.fd, False)
+        loop.add_reader(self.fd, self._readable)
+
+    def close(self, last, done: Callable[[], bool], timeout: float) -> None:
+        """Leave the event loop: drop what was unsent, send ``last``, and read (dropping it) what
+        the engine still sends until ``done()``, its end closes, or ``timeout`` seconds pass,
+        never blocking on either direction (the engine may be blocked sending to us)."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+        self.loop = None
+        os.set_blocking(self.fd, False)
+        pending = memoryview(_Frames.frame(last))
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            if pending:
+                try:
+                    pending = pending[os.write(self.fd, pending):]
+                except BlockingIOError:
+                    pass
+            readable, _, _ = select.select([self.fd], [self.fd] if pending else [], [], 0.05)
+            if readable:
+                try:
+                    if not os.read(self.fd, READ_BYTES):
+                        return
+                except BlockingIOError:
+                    pass
+
+    def send(self, msg) -> None:
+        """Blocking before ``start`` (OSError when the engine's end is closed); on the loop it
+        returns at once (a closed end: the reader sees the end of the stream)."""
+        if self.loop is None:
+            _write_all(self.fd, _Frames.frame(msg))
+            return
+        waiting = bool(self.unsent)  # then _flush waits for room already
+        self.unsent += _Frames.frame(msg)
+        if not waiting:
+            self._flush()
+
+    def _flush(self) -> None:  # the event loop: write what the socket takes, wait for room for the rest
+        try:
+            n = os.write(self.fd, self.unsent)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # the engine's end is closed: the reader sees it
+            n = len(self.unsent)
+        del self.unsent[:n]
+        if self.unsent:
+            self.loop.add_writer(self.fd, self._flush)
+        else:
+            self.loop.remove_writer(self.fd)
+
+    def _readable(self) -> None:  # the event loop
+        try:
+            data = os.read(self.fd, READ_BYTES)
+        except BlockingIOError:  # nothing after all
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+            self.unsent.clear()
+            self.on_eof()
+            return
+        msgs = self.frames.feed(data)
+        if msgs:
+            self.on_messages(msgs)
 
 
 @dataclass(frozen=True)
@@ -97,15 +245,17 @@ class EngineProcess:
     def __init__(self, target: str, backend_options: dict, scheduler_options: dict,
                  start_timeout: float = START_TIMEOUT_S):
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-        self._conn, child = ctx.Pipe()
+        self._conn, child = ctx.Pipe()  # a socket pair the child gets one end of; both ends speak _Frames
         self._proc = ctx.Process(target=_engine_main, args=(child, target, backend_options, scheduler_options),
                                  name="xlstm-serve-engine", daemon=True)
         self._proc.start()
         child.close()
+        self._end = _ServerEnd(self._conn.fileno())
         try:
-            if not self._conn.poll(start_timeout):
+            msgs = self._end.recv(start_timeout)
+            if not msgs:
                 raise RuntimeError(f"the engine process did not load {target} within {start_timeout:g} s")
-            msg = self._conn.recv()
+            msg = msgs[0]
         except EOFError:
             self._proc.join(5)
             self._conn.close()
@@ -134,7 +284,6 @@ class EngineProcess:
         self._snapshot = (Stats(), 0, 0, 0)  # the engine's (stats, active, prefilling, queued)
         self._rejected = 0  # requests refused here (queue full): the engine never sees them
         self._eof = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- the scheduler's interface, as the HTTP layer uses it ----------------------------------------
     @property
@@ -180,24 +329,19 @@ class EngineProcess:
             self._send(("cancel", seq.id, reason))
 
     def start(self) -> None:
-        """Read the engine's messages on the running event loop (call it from there)."""
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._conn.fileno(), self._receive)
+        """Read the engine's messages on the running event loop (call it from there); from now on
+        sends do not block."""
+        self._end.start(asyncio.get_running_loop(), self._receive, self._engine_gone)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Ask the engine to stop; read (and drop) what it still sends until it exits, so that a
         send of its cannot hold it; kill it after ``timeout``."""
         if self._conn.closed:
             return
-        if self._loop is not None and not self._eof:
-            self._loop.remove_reader(self._conn.fileno())
-        self._send(("stop",))
         deadline = time.monotonic() + timeout
         try:
-            while self._proc.is_alive() and time.monotonic() < deadline:
-                if self._conn.poll(0.05):
-                    self._conn.recv()
-        except (EOFError, OSError):  # it has exited
+            self._end.close(("stop",), lambda: not self._proc.is_alive(), timeout)
+        except OSError:  # it has exited
             pass
         self._proc.join(max(0.0, deadline - time.monotonic()))
         self._kill()
@@ -205,47 +349,43 @@ class EngineProcess:
 
     # --- the server process ----------------------------------------------------------------------------
     def _send(self, msg) -> None:
+        if self._eof:
+            return
         try:
-            self._conn.send(msg)
-        except OSError:  # the engine is gone: _receive sees the end of the pipe and fails what was live
+            self._end.send(msg)
+        except OSError:  # the engine is gone (a blocking send): the reader sees the end of the stream
             pass
 
-    def _receive(self) -> None:
+    def _receive(self, msgs: list) -> None:  # the event loop
         changed: dict[Sequence, None] = {}
-        try:
-            for _ in range(MAX_MESSAGES_PER_READ):
-                if not self._conn.poll(0):
-                    break
-                kind, payload = self._conn.recv()
-                if kind == "events":
-                    for rid, tokens, reason, error in payload:
-                        s = self._live.get(rid)
-                        if s is None:
-                            continue
-                        s.tokens += tokens
-                        if reason is not None:  # tokens first: readers take finish_reason first
-                            s.error = error
-                            s.finish_reason = reason
-                            del self._live[rid]
-                        changed[s] = None
-                elif kind == "stats":
-                    self._snapshot = payload
-        except (EOFError, OSError):
-            self._engine_gone(changed)
+        for kind, payload in msgs:
+            if kind == "events":
+                for rid, tokens, reason, error in payload:
+                    s = self._live.get(rid)
+                    if s is None:
+                        continue
+                    s.tokens += tokens
+                    if reason is not None:  # tokens first: readers take finish_reason first
+                        s.error = error
+                        s.finish_reason = reason
+                        del self._live[rid]
+                    changed[s] = None
+            elif kind == "stats":
+                self._snapshot = payload
         if changed and self.on_events is not None:
             self.on_events(list(changed))
 
-    def _engine_gone(self, changed: dict) -> None:
+    def _engine_gone(self) -> None:  # the event loop
         self._eof = True
-        if self._loop is not None:
-            self._loop.remove_reader(self._conn.fileno())
         log.error("the engine process exited (exit code %s): failing %d requests",
                   self._proc.exitcode, len(self._live))
         for s in self._live.values():
             s.error = "the engine process exited"
             s.finish_reason = "error"
-            changed[s] = None
+        gone = list(self._live.values())
         self._live.clear()
+        if gone and self.on_events is not None:
+            self.on_events(gone)
 
     def _kill(self) -> None:
         if self._proc.is_alive():
@@ -264,59 +404,69 @@ def _engine_main(conn, target: str, backend_options: dict, scheduler_options: di
     # once its requests are done
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fd = conn.fileno()
     try:
         backend = load_backend(target, **backend_options)
         scheduler = Scheduler(backend.pool, **scheduler_options)
     except Exception as e:  # raised again in the server process
-        conn.send(("failed", type(e).__name__, str(e), traceback.format_exc()))
+        _write_all(fd, _Frames.frame(("failed", type(e).__name__, str(e), traceback.format_exc())))
         return
-    conn.send(("ready", ServedModel.of(backend, scheduler), (scheduler.max_queue, scheduler.max_prompt_tokens)))
+    _write_all(fd, _Frames.frame(("ready", ServedModel.of(backend, scheduler),
+                                  (scheduler.max_queue, scheduler.max_prompt_tokens))))
     gc.collect()
     gc.freeze()  # what loading left lives as long as the process: later collections skip it
-    _Engine(conn, scheduler).run()
+    _Engine(fd, scheduler).run()
 
 
 class _Engine:
-    """The child's loop: take the server's messages, run one scheduler iteration, send what changed.
-    A reader thread moves the server's messages into ``inbox`` as they come (see the module doc)."""
+    """The child's loop: take the server's messages, run one scheduler iteration, send what changed
+    (see the module doc)."""
 
-    def __init__(self, conn, scheduler: Scheduler):
-        self.conn, self.scheduler = conn, scheduler
+    def __init__(self, fd: int, scheduler: Scheduler):
+        self.fd, self.scheduler = fd, scheduler
+        self.frames = _Frames()
         self.by_id: dict[int, Sequence] = {}  # request id -> the scheduler's sequence (its sink: the id)
         self.sent: dict[Sequence, int] = {}  # tokens already sent
         self.stats_sent = -math.inf
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLIN)
         scheduler.on_events = self.hand_off
-        threading.Thread(target=self.read, name="xlstm-serve-engine-reader", daemon=True).start()
 
-    def read(self) -> None:  # the reader thread
-        try:
-            while True:
-                self.inbox.put(self.conn.recv())
-        except (EOFError, OSError):  # the server process is gone
-            self.inbox.put(("stop",))
+    def send(self, msg) -> None:
+        _write_all(self.fd, _Frames.frame(msg))
 
     def run(self) -> None:
         busy_since_stats = False
-        while self.receive(block=False):
-            busy = self.scheduler.safe_step()
-            busy_since_stats |= busy
-            now = time.perf_counter()
-            if busy_since_stats and (not busy or now - self.stats_sent >= STATS_INTERVAL_S):
-                s = self.scheduler
-                self.conn.send(("stats", (s.stats, s.active, s.prefilling, s.queued)))
-                self.stats_sent, busy_since_stats = now, False
-            # idle: wait for a message (a failed iteration is idle too, but leaves the queue to admit)
-            if not busy and not self.scheduler.queued and not self.receive(block=True):
-                return
+        try:
+            while self.receive(block=False):
+                busy = self.scheduler.safe_step()
+                busy_since_stats |= busy
+                now = time.perf_counter()
+                if busy_since_stats and (not busy or now - self.stats_sent >= STATS_INTERVAL_S):
+                    s = self.scheduler
+                    self.send(("stats", (s.stats, s.active, s.prefilling, s.queued)))
+                    self.stats_sent, busy_since_stats = now, False
+                # idle: wait for a message (a failed iteration is idle too, but leaves the queue to admit)
+                if not busy and not self.scheduler.queued and not self.receive(block=True):
+                    return
+        except OSError:  # the server process is gone (a send to it failed)
+            return
 
     def receive(self, block: bool) -> bool:
         """Apply the server's waiting messages (wait for one when ``block``); False: stop."""
         try:
-            msg = self.inbox.get(block=block)
-        except queue.Empty:
-            return True
-        while True:
+            if block:
+                msgs = _read_blocking(self.fd, self.frames, None)
+            elif self.poll.poll(0):
+                data = os.read(self.fd, READ_BYTES)
+                if not data:
+                    raise EOFError
+                msgs = self.frames.feed(data)
+            else:
+                return True
+        except (EOFError, OSError):  # the server process is gone
+            return False
+        for msg in msgs:
             if msg[0] == "submit":
                 self.submit(msg[1])
             elif msg[0] == "cancel":
@@ -325,10 +475,7 @@ class _Engine:
                     self.scheduler.cancel(s, msg[2])
             elif msg[0] == "stop":
                 return False
-            try:
-                msg = self.inbox.get_nowait()
-            except queue.Empty:
-                return True
+        return True
 
     def submit(self, requests: list) -> None:
         try:
@@ -336,7 +483,7 @@ class _Engine:
                                               [r[0] for r in requests])
         except Exception as e:  # the server checked them as we would: a bug, but not ours to die of
             log.exception("the engine refused requests the server had admitted")
-            self.conn.send(("events", [(r[0], [], "error", f"the engine refused the request: {e}") for r in requests]))
+            self.send(("events", [(r[0], [], "error", f"the engine refused the request: {e}") for r in requests]))
             return
         self.by_id.update((s.sink, s) for s in seqs)
 
@@ -352,4 +499,4 @@ class _Engine:
                 self.by_id.pop(rid, None)
                 self.sent.pop(s, None)
         if out:
-            self.conn.send(("events", out))
+            self.send(("events", out))
