@@ -104,6 +104,18 @@ class StreamDecoder:
         self._sent += len(text)
         return text
 
+    def push_many(self, ids) -> str:
+        """``push`` of each of ``ids``, the texts joined (one call per streamed event)."""
+        step, backend = self._stream.step, self._tok.backend
+        texts = []
+        for token_id in ids:
+            token_id = int(token_id)
+            self._ids.append(token_id)
+            texts.append(step(backend, token_id) or "")
+        text = "".join(texts)
+        self._sent += len(text)
+        return text
+
     def flush(self) -> str:
         rest = self._tok.decode(self._ids)[self._sent :]
         self._reset()

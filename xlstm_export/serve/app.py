@@ -48,12 +48,29 @@ class _Disconnected(Exception):
 
 
 class _Waiter:
-    """The sink of one request's sequences: an event the scheduler's hand-off sets."""
+    """The sink of one request's sequences: the scheduler's hand-off (and a disconnect) ``wake`` it,
+    on the event loop; ``wait`` returns at once when woken since the last wait. (One future per
+    wait: asyncio.Event's set / wait / clear cost more, on every streamed token.)"""
 
-    __slots__ = ("event",)
+    __slots__ = ("pending", "future")
 
     def __init__(self):
-        self.event = asyncio.Event()
+        self.pending = False
+        self.future: asyncio.Future | None = None
+
+    def wake(self) -> None:
+        self.pending = True
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
+
+    async def wait(self) -> None:
+        if not self.pending:
+            self.future = asyncio.get_running_loop().create_future()
+            try:
+                await self.future
+            finally:
+                self.future = None
+        self.pending = False
 
 
 async def _wait_disconnect(receive) -> None:
@@ -75,20 +92,20 @@ class _Completion:
         self.used = [0] * len(seqs)  # tokens that made its text (up to a stop string)
         self.token_ids: list[list[int]] = [[] for _ in seqs]
         self.finish: list[str | None] = [None] * len(seqs)
+        self.unfinished = len(seqs)
 
     @property
     def done(self) -> bool:
-        return all(f is not None for f in self.finish)
+        return not self.unfinished
 
     async def updates(self, disconnect: asyncio.Future):
         """Yields lists of (index, text delta, token ids, finish reason or None) until all finish;
         raises _Disconnected when the client goes away."""
-        disconnect.add_done_callback(lambda _: self.waiter.event.set())  # a disconnect wakes us too
-        while not self.done:
-            await self.waiter.event.wait()
+        disconnect.add_done_callback(lambda _: self.waiter.wake())  # a disconnect wakes us too
+        while self.unfinished:
+            await self.waiter.wait()
             if disconnect.done():
                 raise _Disconnected
-            self.waiter.event.clear()
             out = []
             for i, s in enumerate(self.seqs):
                 if self.finish[i] is not None:
@@ -110,7 +127,9 @@ class _Completion:
                     text += self.texts[i].finish()
                 if text or ids or reason:
                     out.append((i, text, ids, reason))
-                self.finish[i] = reason
+                if reason is not None:
+                    self.finish[i] = reason
+                    self.unfinished -= 1
             if out:
                 yield out
 
@@ -153,7 +172,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
     def _wake(seqs) -> None:  # event loop
         for s in seqs:
             if s.sink is not None:
-                s.sink.event.set()
+                s.sink.wake()
 
     async def completions(request: Request):
         raw = bytearray()

@@ -30,6 +30,11 @@ class CompletionText:
         stop string ended the text)."""
         if self._dec is None:
             return "", len(ids)
+        if not self._stop:  # nothing to hold back or cut: all the decoded text is final
+            text = self._dec.push_many(ids)
+            self._text += text
+            self._sent = len(self._text)
+            return text, len(ids)
         used = 0
         for t in ids:
             if self.stopped:
