@@ -153,6 +153,26 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(served):
     assert sched.active == 0 and sched.prefilling == 0
 
 
+def test_a_sampled_row_that_moves_among_greedy_rows_still_samples(served):
+    """When rows leave, the last row moves into a freed one: a seeded sampled sequence that moves
+    keeps sampling as it does alone, and the greedy rows around it stay greedy."""
+    om, _, _ = served
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, 256, 9)
+    params = SamplingParams(max_tokens=16, temperature=0.9, seed=77)
+    alone = Scheduler(OrtSlots(om, 1), max_batch=1)
+    solo_seq = alone.submit(prompt, params)
+    while solo_seq.finish_reason is None:
+        alone.step()
+    sched = Scheduler(OrtSlots(om, 4), max_batch=4)
+    short = [sched.submit(rng.integers(0, 256, 5), SamplingParams(max_tokens=3, temperature=0)) for _ in range(3)]
+    seq = sched.submit(prompt, params)  # joins last (a longer prompt): its row moves when the short ones end
+    while any(s.finish_reason is None for s in [seq, *short]):
+        sched.step()
+    assert seq.tokens == solo_seq.tokens and len(seq.tokens) == 16
+    assert [s.tokens for s in short] == [solo(om, s.prompt, 3) for s in short]
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(served):
     om, _, _ = served
     rng = np.random.default_rng(2)

@@ -159,6 +159,7 @@ class Scheduler:
         self._running: list[Sequence] = []  # row i of the pool is _running[i]
         self._admitted: dict[Sequence, None] = {}  # prefilling or running, until they finish
         self._last = np.zeros(self.capacity, np.int64)  # (capacity,) row i's last token: its next input
+        self._sampled = np.zeros(self.capacity, bool)  # (capacity,) row i samples (is not greedy)
         self._events: dict[Sequence, None] = {}  # sequences with news since their last hand-off, in order
         self._urgent: list[Sequence] = []  # of those, the ones that go after this iteration: first tokens, ends
         self._last_flush = -math.inf  # perf_counter of the last hand-off of all
@@ -329,6 +330,7 @@ class Scheduler:
             if s.finish_reason is None:  # joins the running batch
                 self.pool.put(len(self._running), s._state)
                 self._last[len(self._running)] = s.tokens[-1]
+                self._sampled[len(self._running)] = not s.params.greedy
                 self._running.append(s)
             s._state = None
 
@@ -344,7 +346,7 @@ class Scheduler:
                 self._finish(s, "error", f"decode step failed: {e}")
             self._running = []
             return
-        if all(s.params.greedy for s in self._running):
+        if not self._sampled[:n].any():
             toks = greedy(logits).tolist()
         else:
             toks = [sample_row(logits[i], s.params, s._rng) for i, s in enumerate(self._running)]
@@ -367,6 +369,7 @@ class Scheduler:
                 self.pool.move(last, i)
                 self._running[i] = self._running[last]
                 self._last[i] = self._last[last]
+                self._sampled[i] = self._sampled[last]
             self._running.pop()
 
     def _sample(self, s: Sequence, logits: np.ndarray) -> int:
