@@ -147,7 +147,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
     created = int(time.time())
@@ -162,6 +162,17 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         count(status)
         return JSONResponse(body, status_code=status, headers=headers)
 
+    async def respond(send, status: int, body: dict | None, headers: dict | None = None) -> None:
+        """A JSON response (or an empty one) through the server's own ``send``, as JSONResponse writes it."""
+        count(status)
+        data = b"" if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        fields = [(b"content-length", str(len(data)).encode())]
+        if body is not None:
+            fields.append((b"content-type", b"application/json"))
+        fields += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": fields})
+        await send({"type": "http.response.body", "body": data})
+
     def hand_off(seqs) -> None:  # the scheduler thread, or the event loop (an engine process's messages)
         loop = loop_box.get("loop")
         if threading.get_ident() == loop_box.get("thread"):
@@ -174,37 +185,43 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
             if s.sink is not None:
                 s.sink.wake()
 
-    async def completions(request: Request):
+    async def completions(scope, receive, send) -> None:
+        """POST /v1/completions, an ASGI app of its own (see _App)."""
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            raw += message.get("body", b"")
             if len(raw) > MAX_BODY_BYTES:
-                return error(413, error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"))
+                return await respond(send, 413, error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"))
+            if not message.get("more_body", False):
+                break
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
-            return error(400, error_body(f"the request body is not valid JSON: {e}"))
+            return await respond(send, 400, error_body(f"the request body is not valid JSON: {e}"))
         try:
             req = parse_completion_request(body, model_name=model_name, tokenizer=tokenizer,
                                            vocab_size=scheduler.vocab_size, eos_token_ids=eos)
         except RequestError as e:
-            return error(e.status, e.body())
+            return await respond(send, e.status, e.body())
         waiter = _Waiter()
         try:
             seqs = scheduler.submit_many(req.prompts, [req.params] * len(req.prompts), [waiter] * len(req.prompts))
         except QueueFullError as e:
-            return error(503, error_body(f"{e}; retry later", "server_error", None, "server_busy"),
-                         {"Retry-After": str(RETRY_AFTER_S)})
+            return await respond(send, 503, error_body(f"{e}; retry later", "server_error", None, "server_busy"),
+                                 {"Retry-After": str(RETRY_AFTER_S)})
         except RuntimeError as e:  # the engine process is gone
-            return error(503, error_body(str(e), "server_error"))
+            return await respond(send, 503, error_body(str(e), "server_error"))
         except ValueError as e:
-            return error(400, error_body(str(e), param="prompt"))
+            return await respond(send, 400, error_body(str(e), param="prompt"))
         comp = _Completion(scheduler, seqs, waiter, tokenizer, req.stop)
         cid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             count(200)
-            return _SSE(comp, cid, created_now(), model_name, req.include_usage)
-        disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
+            return await _SSE(comp, cid, created_now(), model_name, req.include_usage)(scope, receive, send)
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         texts = [""] * len(seqs)
         try:
             async for updates in comp.updates(disconnect):
@@ -212,19 +229,28 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                     texts[i] += text
         except _Disconnected:
             comp.cancel()
-            return Response(status_code=499)
+            return await respond(send, 499, None)
         except RuntimeError as e:
             comp.cancel()
-            return error(500, error_body(str(e), "server_error"))
+            return await respond(send, 500, error_body(str(e), "server_error"))
         finally:
             disconnect.cancel()
             if not comp.done:
                 comp.cancel()
         choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": comp.finish[i],
                     "token_ids": comp.token_ids[i]} for i in range(len(seqs))]
-        count(200)
-        return JSONResponse({"id": cid, "object": "text_completion", "created": created_now(),
-                             "model": model_name, "choices": choices, "usage": comp.usage()})
+        await respond(send, 200, {"id": cid, "object": "text_completion", "created": created_now(),
+                                  "model": model_name, "choices": choices, "usage": comp.usage()})
+
+    async def guarded_completions(scope, receive, send) -> None:
+        """``completions``: a bug there is logged and answered with 500 (unless the response had
+        started: then uvicorn closes the connection)."""
+        try:
+            await completions(scope, receive, send)
+        except Exception:
+            log.exception("request failed")
+            with contextlib.suppress(Exception):
+                await respond(send, 500, error_body("internal server error", "server_error"))
 
     async def models(request: Request):
         count(200)
@@ -261,12 +287,38 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         finally:
             scheduler.stop()
 
-    routes = [Route("/v1/completions", completions, methods=["POST"]),
+    routes = [Route("/v1/completions", _ASGIEndpoint(guarded_completions), methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    return _App(app, guarded_completions)
+
+
+class _ASGIEndpoint:
+    """An ASGI function as a Starlette route's endpoint (Starlette calls plain functions with a Request)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.fn(scope, receive, send)
+
+
+class _App:
+    """The Starlette app, with POST /v1/completions taken straight to its handler: Starlette's
+    middleware would wrap the send of every streamed event in three more coroutines. (The route
+    stays in Starlette too, which answers its other methods with 405.)"""
+
+    def __init__(self, app, completions):
+        self.app, self.completions = app, completions
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/completions":
+            await self.completions(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def created_now() -> int:
