@@ -95,8 +95,11 @@ struct SplitThresholds {
 // 256 KiB 0.26 / 0.56, at 64 KiB 0.27 / 0.59.)
 constexpr SplitThresholds kSpinningPool{1 << 16, 256 << 10, 1 << 21};
 // Sleeping workers: from ~150 us on, a few wake-ups' worth (measured on the bench models: 160M's
-// products all still split, tiny-large's none).
-constexpr SplitThresholds kSleepingPool{1 << 18, 1 << 20, 1 << 23};
+// products all still split, tiny-large's decode products none). A product of small weights splits
+// only from ~0.5 ms of work: a server's grouped prefill products (tiny-large, 3-8 prompts of 32) are
+// computed under load, when the other cores serve HTTP, and their splits cost more than they saved
+// (bench/serve.py at 32 streams: 33.2 -> 32.1 us of CPU per generated token, 9 runs each, alternated).
+constexpr SplitThresholds kSleepingPool{1 << 18, 1 << 20, 1 << 26};
 
 struct Ctx {
   const OrtApi* api;

@@ -423,7 +423,9 @@ def test_sleeping_or_spinning_workers_give_the_same_bits(spinning, pool):
         assert library.XlstmCpuLastRegisteredPool().decode() == ("spinning" if spin is None else pool)
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
-    for m, k, n in [(3, 40, 50), (8, 128, 768), (1, 768, 400), (64, 384, 512)]:
+    # (1, 768, 400): above both by its weight's bytes; (64, 384, 512): between, by multiply-adds;
+    # (400, 384, 512): above both by multiply-adds
+    for m, k, n in [(3, 40, 50), (8, 128, 768), (1, 768, 400), (64, 384, 512), (400, 384, 512)]:
         w = rng.standard_normal((k, n), dtype=np.float32)
         x = rng.standard_normal((m, k), dtype=np.float32)
         model = ort_native.with_native_ops(_matmul_model(k, n, w, 2), check_xlstm=False)
