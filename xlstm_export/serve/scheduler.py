@@ -346,7 +346,7 @@ class Scheduler:
                 self._finish(s, "error", f"decode step failed: {e}")
             self._running = []
             return
-        if not self._sampled[:n].any():
+        if not np.count_nonzero(self._sampled[:n]):
             toks = greedy(logits).tolist()
         else:
             toks = [sample_row(logits[i], s.params, s._rng) for i, s in enumerate(self._running)]
