@@ -1,10 +1,14 @@
 """Benchmark: the native kernels' packed matrix products against this core's FMA peak, one thread.
 
 How close the products that make up a decode step (and a prefill chunk) come to what one core can
-do at all: the packed product (plugins/cpu_gemm.h, ``packed_matmul_panel`` over every panel, as
+do at all: the packed product (plugins/cpu_gemm.h, ``packed_matmul_range`` over every panel, as
 xlstm.cpu::PackedMatMul runs it on one thread) on the weight shapes of the bench models, and the
 core's peak measured the same way, in the same build: a loop of 16 independent 16-float fused
 multiply-adds (plugins/cpu_vec.h's vectors, which need no further parallelism to reach it).
+
+The library's path (``packed_matmul_range``: two adjacent panels at a time, 6 rows x 64 columns of
+sums) is timed alternately with the one-panel kernel over every panel (8 x 32, what the library
+ran before), in the same build.
 
 The C++ is compiled here with the library's compiler and flags (-O3 -march=native), run once, and
 timed inside (median of repeats). GFLOP/s count 2 per multiply-add of the real columns; "padded"
@@ -55,6 +59,22 @@ using clock_type = std::chrono::steady_clock;
 
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 
+// acc[i] = acc[i] * a + b, n times over: 16 independent chains. A function of its own with no call
+// inside, so that the chains stay in registers (inlined into a loop around clock calls, which
+// clobber every vector register, GCC kept them on the stack: 67-76 instead of 220-230 GFLOP/s).
+__attribute__((noinline)) static void fma_chains(vec16* acc, vec16 a, vec16 b, long n) {
+  vec16 v[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) v[i] = acc[i];
+  for (long k = 0; k < n; ++k) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) v[i] = v[i] * a + b;
+    __asm__ volatile("" : "+v"(a), "+v"(b));  // a, b in registers; the loop is not folded
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) acc[i] = v[i];
+}
+
 // GFLOP/s of 16 independent chains of 16-float multiply-adds (enough to cover the FMA latency).
 static double fma_peak() {
   vec16 acc[16], a = splat16(0.9999f), b = splat16(1e-4f);
@@ -63,11 +83,7 @@ static double fma_peak() {
   std::vector<double> rates;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = clock_type::now();
-    for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) acc[i] = acc[i] * a + b;
-      __asm__ volatile("" : "+v"(a), "+v"(b));  // a, b in registers; the loop is not folded
-    }
+    fma_chains(acc, a, b, n);
     const double s = std::chrono::duration<double>(clock_type::now() - t0).count();
     rates.push_back(n * 16.0 * 32.0 / s / 1e9);
   }
@@ -85,21 +101,25 @@ int main(int argc, char** argv) {
     std::vector<float> x(size_t(M) * K), w(size_t(P) * K * kPanel), y(size_t(M) * N);
     for (size_t i = 0; i < x.size(); ++i) x[i] = float(i % 97) * 0.01f - 0.4f;
     for (size_t i = 0; i < w.size(); ++i) w[i] = float(i % 89) * 0.01f - 0.44f;
-    auto run = [&] {
+    // the library's path (two panels at a time), and the one-panel kernel over every panel beside it
+    auto pairs = [&] { packed_matmul_range(x.data(), M, K, w.data(), 0, P, N, y.data()); };
+    auto single = [&] {
       for (int p = 0; p < P; ++p)
-        packed_matmul_panel(x.data(), M, K, w.data() + size_t(p) * K * kPanel, y.data() + p * kPanel, N,
-                            std::min(kPanel, N - p * kPanel));
+        packed_matmul_panels<1>(x.data(), M, K, w.data() + size_t(p) * K * kPanel, y.data() + p * kPanel, N,
+                                std::min(kPanel, N - p * kPanel));
     };
     const double flops = 2.0 * M * K * N;
     const int reps = std::max(20, int(4e8 / flops));
-    for (int i = 0; i < reps / 4 + 1; ++i) run();
-    std::vector<double> us;
-    for (int rep = 0; rep < 7; ++rep) {
-      const auto t0 = clock_type::now();
-      for (int i = 0; i < reps; ++i) run();
-      us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count() / reps);
+    for (int i = 0; i < reps / 4 + 1; ++i) pairs(), single();
+    std::vector<double> us[2];
+    for (int rep = 0; rep < 7; ++rep) {  // the two alternated
+      for (int v = 0; v < 2; ++v) {
+        const auto t0 = clock_type::now();
+        for (int i = 0; i < reps; ++i) v == 0 ? pairs() : single();
+        us[v].push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count() / reps);
+      }
     }
-    std::printf("%d %d %d %.4f\n", M, K, N, median(us));
+    std::printf("%d %d %d %.4f %.4f\n", M, K, N, median(us[0]), median(us[1]));
   }
   return 0;
 }
@@ -107,7 +127,7 @@ int main(int argc, char** argv) {
 
 
 def measure(shapes) -> tuple[float, dict]:
-    """(peak GFLOP/s, {(M, K, N): microseconds})."""
+    """(peak GFLOP/s, {(M, K, N): (microseconds, microseconds one panel at a time)})."""
     cxx = cpu_build.find_compiler()
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "products.cc", Path(tmp) / "products"
@@ -120,8 +140,8 @@ def measure(shapes) -> tuple[float, dict]:
     times = {}
     for line in out[1:]:
         if line.strip():
-            m, k, n, us = line.split()
-            times[(int(m), int(k), int(n))] = float(us)
+            m, k, n, us, single = line.split()
+            times[(int(m), int(k), int(n))] = (float(us), float(single))
     return peak, times
 
 
@@ -134,15 +154,15 @@ def main() -> int:
     lines = [f"Date (UTC): {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}; machine: {cpu_name()}, "
              f"{os.cpu_count()} cores; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}  ",
              f"One core's FMA peak, measured: **{peak:.0f} GFLOP/s**", "",
-             "| model | product | M x K x N | time | GFLOP/s | padded | of peak (padded) |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | product | M x K x N | time | GFLOP/s | padded | of peak (padded) | one panel at a time |",
+             "|---|---|---|---|---|---|---|---|"]
     for model, what, ms, k, n in SHAPES:
         for m in ms:
-            us = times[(m, k, n)]
+            us, single = times[(m, k, n)]
             real = 2 * m * k * n / us / 1e3
             padded = 2 * m * k * (-(-n // 32) * 32) / us / 1e3
             lines.append(f"| {model} | {what} | {m} x {k} x {n} | {us:.2f} us | {real:.0f} | {padded:.0f} | "
-                         f"{100 * padded / peak:.0f}% |")
+                         f"{100 * padded / peak:.0f}% | {single:.2f} us ({single / us:.2f}x the time) |")
     return report("\n".join(lines), args.write, "Packed products against the core's FMA peak (one thread)",
                   "bench/cpu_products.py", None)
 

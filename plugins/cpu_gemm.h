@@ -9,7 +9,8 @@
 // (panel p holds columns 32p .. 32p+31, one 32-float row after another, the last panel zero-padded),
 // a thread that owns a range of panels reads one contiguous range of memory front to back, which
 // is what the hardware prefetchers stream best. The same layout feeds a register-blocked kernel
-// (8 rows x 32 columns of accumulators, each weight vector loaded once per 8 rows), so the prefill
+// (6 rows x 64 columns, two adjacent panels, of accumulators: each weight vector loaded once per 6
+// rows, each x value once per 4 vectors; a last odd panel 8 rows x 32 columns), so the prefill
 // products with many rows are compute-bound rather than load-bound.
 //
 // The vectors are cpu_vec.h's (16 floats).
@@ -24,8 +25,7 @@
 
 namespace xlstm_cpu {
 
-constexpr int kPanel = 32;     // columns per packed panel
-constexpr int kBlockRows = 8;  // rows of x per register block
+constexpr int kPanel = 32;  // columns per packed panel
 
 // ---- the products' prologues and epilogues -----------------------------------------------------
 
@@ -72,52 +72,60 @@ inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, f
 // larger total (K = 2048: ~3x the rms error of onnxruntime's GEMM against float64; blocked, on par).
 constexpr int64_t kBlockK = 128;
 
-template <int R>
+// out[r * P * kPanel + j] = sum_k x[r * ldx + k] * panel_{j / kPanel}[k * kPanel + j % kPanel]
+//   for r < R, j < P * kPanel: R rows against P adjacent panels (panel + i * K * kPanel), the
+//   R x 2P vectors of sums in registers.
+template <int R, int P>
 inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
-  vec16 total[R][2] = {};
+  constexpr int V = 2 * P;  // vectors of 16 columns
+  vec16 total[R][V] = {};
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
     const int64_t k1 = std::min(K, k0 + kBlockK);
-    vec16 acc[R][2] = {};
+    vec16 acc[R][V] = {};
     for (int64_t k = k0; k < k1; ++k) {
-      const vec16 w0 = load16(panel + k * kPanel);
-      const vec16 w1 = load16(panel + k * kPanel + 16);
+      vec16 w[V];
+      for (int i = 0; i < P; ++i) {
+        w[2 * i] = load16(panel + i * K * kPanel + k * kPanel);
+        w[2 * i + 1] = load16(panel + i * K * kPanel + k * kPanel + 16);
+      }
       for (int r = 0; r < R; ++r) {
         const float xr = x[r * ldx + k];
-        acc[r][0] += xr * w0;
-        acc[r][1] += xr * w1;
+        for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
       }
     }
-    for (int r = 0; r < R; ++r) {
-      total[r][0] += acc[r][0];
-      total[r][1] += acc[r][1];
-    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) total[r][v] += acc[r][v];
   }
-  for (int r = 0; r < R; ++r) std::memcpy(out + r * kPanel, total[r], sizeof total[r]);
+  for (int r = 0; r < R; ++r) std::memcpy(out + r * V * 16, total[r], sizeof total[r]);
 }
 
-// y[m, 0:cols] = x[m, :] . panel (+ r[m, 0:cols])  for every m < M: one panel's columns of the product.
-//   x [M, K] row-major;  panel [K, kPanel];  y: the panel's first output column, row stride ldy;
-//   cols <= kPanel: the panel's real columns (the rest is padding and is not written);
-//   r: nullptr, or what to add (a residual, row stride ldr; a bias, ldr = 0), at the panel's first column.
-inline void packed_matmul_panel(const float* x, int64_t M, int64_t K, const float* panel, float* y,
-                                int64_t ldy, int cols, const float* r = nullptr, int64_t ldr = 0) {
-  float out[kBlockRows * kPanel];
-  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, M - m0));
-    const float* xb = x + m0 * K;
-    switch (rows) {
-      case 8: panel_block<8>(xb, K, panel, K, out); break;
-      case 7: panel_block<7>(xb, K, panel, K, out); break;
-      case 6: panel_block<6>(xb, K, panel, K, out); break;
-      case 5: panel_block<5>(xb, K, panel, K, out); break;
-      case 4: panel_block<4>(xb, K, panel, K, out); break;
-      case 3: panel_block<3>(xb, K, panel, K, out); break;
-      case 2: panel_block<2>(xb, K, panel, K, out); break;
-      default: panel_block<1>(xb, K, panel, K, out); break;
-    }
+// panel_block for `rows` <= R rows (a row block's remainder: the template for exactly that many).
+template <int R, int P>
+inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  if (rows == R) {
+    panel_block<R, P>(x, ldx, panel, K, out);
+  } else if constexpr (R > 1) {
+    panel_rows<R - 1, P>(rows, x, ldx, panel, K, out);
+  }
+}
+
+// y[m, 0:cols] = x[m, :] . (P adjacent panels) (+ r[m, 0:cols])  for every m < M.
+//   x [M, K] row-major;  panel: the first panel [K, kPanel], the next K * kPanel floats on;
+//   y: the first panel's first output column, row stride ldy;  cols <= P * kPanel: the real
+//   columns (the rest is padding and is not written);  r: nullptr, or what to add (a residual,
+//   row stride ldr; a bias, ldr = 0), at the first panel's first column.
+template <int P>
+inline void packed_matmul_panels(const float* x, int64_t M, int64_t K, const float* panel, float* y, int64_t ldy,
+                                 int cols, const float* r = nullptr, int64_t ldr = 0) {
+  constexpr int kRows = P == 1 ? 8 : 6;  // rows per block: 2 * P * kRows sums in registers
+  constexpr int kWidth = P * kPanel;
+  float out[kRows * kWidth];
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+    panel_rows<kRows, P>(rows, x + m0 * K, K, panel, K, out);
     for (int row = 0; row < rows; ++row) {
       float* y_row = y + (m0 + row) * ldy;
-      const float* o_row = out + row * kPanel;
+      const float* o_row = out + row * kWidth;
       if (r == nullptr) {
         std::memcpy(y_row, o_row, sizeof(float) * cols);
       } else {
@@ -125,6 +133,25 @@ inline void packed_matmul_panel(const float* x, int64_t M, int64_t K, const floa
         for (int j = 0; j < cols; ++j) y_row[j] = o_row[j] + r_row[j];
       }
     }
+  }
+}
+
+// y = x W (+ r) for W's panels [first, last) of `panels` (W [panels, K, kPanel], n real columns):
+// two panels at a time, a last odd one alone. y, r: row stride n (r: ldr, 0 for a bias).
+inline void packed_matmul_range(const float* x, int64_t M, int64_t K, const float* w, int64_t first, int64_t last,
+                                int64_t n, float* y, const float* r = nullptr, int64_t ldr = 0) {
+  for (int64_t p = first; p < last;) {
+    const int64_t take = last - p >= 2 ? 2 : 1;
+    const int cols = static_cast<int>(std::min<int64_t>(take * kPanel, n - p * kPanel));
+    const float* panel = w + p * K * kPanel;
+    float* y_p = y + p * kPanel;
+    const float* r_p = r ? r + p * kPanel : nullptr;
+    if (take == 2) {
+      packed_matmul_panels<2>(x, M, K, panel, y_p, n, cols, r_p, ldr);
+    } else {
+      packed_matmul_panels<1>(x, M, K, panel, y_p, n, cols, r_p, ldr);
+    }
+    p += take;
   }
 }
 

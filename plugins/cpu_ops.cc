@@ -435,16 +435,18 @@ void packed_matmul_batch(void* data, size_t batch) {
   // Rows in blocks whose x fits in L2 (~512 KiB), each block against all of this thread's panels:
   // at prefill a panel otherwise re-reads all of x from L3 (2048 x 256 x 50304: 183 -> 190 GFLOP/s,
   // 2048 x 256 x 1024: 175 -> 194; one block at decode).
-  const int64_t block = std::max<int64_t>(xlstm_cpu::kBlockRows, (kRowBlockBytes / (4 * a.k)) / 8 * 8);
+  const int64_t block = std::max<int64_t>(24, (kRowBlockBytes / (4 * a.k)) / 24 * 24);  // whole row blocks
   for (int64_t m0 = 0; m0 < a.m; m0 += block) {
     const int64_t rows = std::min(block, a.m - m0);
-    for (int64_t p = first; p < last; ++p) {
-      const int cols = static_cast<int>(std::min<int64_t>(xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
-      float* y = a.y + m0 * a.n + p * xlstm_cpu::kPanel;
-      xlstm_cpu::packed_matmul_panel(a.x + m0 * a.k, rows, a.k, a.w + p * a.k * xlstm_cpu::kPanel, y, a.n, cols,
-                                     a.r ? a.r + m0 * a.ldr + p * xlstm_cpu::kPanel : nullptr, a.ldr);
-      if (a.cap > 0.0f)  // while the panel's outputs are in L1
-        for (int64_t row = 0; row < rows; ++row) xlstm_cpu::soft_cap_row(y + row * a.n, cols, a.cap);
+    for (int64_t p = first; p < last; p += 2) {  // two panels at a time, as packed_matmul_range does
+      const int64_t until = std::min(last, p + 2);
+      float* y = a.y + m0 * a.n;
+      xlstm_cpu::packed_matmul_range(a.x + m0 * a.k, rows, a.k, a.w, p, until, a.n, y,
+                                     a.r ? a.r + m0 * a.ldr : nullptr, a.ldr);
+      if (a.cap > 0.0f) {  // while the panels' outputs are in L1
+        const int cols = static_cast<int>(std::min<int64_t>((until - p) * xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
+        for (int64_t row = 0; row < rows; ++row) xlstm_cpu::soft_cap_row(y + row * a.n + p * xlstm_cpu::kPanel, cols, a.cap);
+      }
     }
   }
 }
