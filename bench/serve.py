@@ -382,8 +382,8 @@ def main() -> int:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
     p.add_argument("--requests", type=int, default=8, help="requests per level at least")
     p.add_argument("--waves", type=int, default=2, help="requests per worker above C=1 (default: 2)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="run the levels this many times; each level reports its median round (default: 3)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="run the levels this many times; each level reports its median round (default: 5)")
     p.add_argument("--no-repeat", dest="repeat", action="store_false",
                    help="skip the second run of the largest level (the memory check)")
     p.add_argument("--prompt-len", type=int, default=32)
