@@ -1,5 +1,6 @@
 """The HTTP layer: the OpenAI completions API over a :class:`~.scheduler.Scheduler` (Starlette,
-run by uvicorn).
+run by uvicorn; POST /v1/completions, the one route that streams, is an ASGI function that uvicorn
+calls directly, past Starlette's middleware).
 
     POST /v1/completions   prompt (text or token ids), max_tokens, temperature, top_p, seed, stop,
                            stream (server-sent events), stream_options.include_usage, ignore_eos
@@ -10,9 +11,9 @@ run by uvicorn).
 The scheduler runs in its own thread (a :class:`~.scheduler.Scheduler`) or in an engine process
 (an :class:`~.engine.EngineProcess`, whose messages arrive on the event loop); after each
 iteration it hands the sequences that changed to the event loop in one call, which wakes their
-requests. A request whose client disconnects
-cancels its sequences (the slot is free after the current iteration). Every error a client can
-cause is a 4xx with OpenAI's JSON error shape; 503 with Retry-After when the server is full.
+requests. A request whose client disconnects cancels its sequences (the slot is free after the
+current iteration). Every error a client can cause is a 4xx with OpenAI's JSON error shape; 503
+with Retry-After when the server is full.
 """
 
 from __future__ import annotations

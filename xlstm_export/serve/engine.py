@@ -103,9 +103,11 @@ def _read_blocking(fd: int, frames: _Frames, timeout: float | None) -> list:
     """Messages from ``fd`` once at least one is complete; [] after ``timeout`` seconds
     (None: no limit). EOFError at the end of the stream."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    poll = select.poll()  # not select.select: no limit on the descriptor's number
+    poll.register(fd, select.POLLIN)
     while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not select.select([fd], [], [], left)[0]:
+        left = None if deadline is None else 1e3 * max(0.0, deadline - time.monotonic())
+        if not poll.poll(left):
             return []
         data = os.read(fd, READ_BYTES)
         if not data:
@@ -154,8 +156,10 @@ class _ServerEnd:
             self.loop.remove_reader(self.fd)
             self.loop.remove_writer(self.fd)
         self.loop = None
+        self.unsent.clear()
         os.set_blocking(self.fd, False)
         pending = memoryview(_Frames.frame(last))
+        poll = select.poll()
         deadline = time.monotonic() + timeout
         while not done() and time.monotonic() < deadline:
             if pending:
@@ -163,8 +167,8 @@ class _ServerEnd:
                     pending = pending[os.write(self.fd, pending):]
                 except BlockingIOError:
                     pass
-            readable, _, _ = select.select([self.fd], [self.fd] if pending else [], [], 0.05)
-            if readable:
+            poll.register(self.fd, select.POLLIN | (select.POLLOUT if pending else 0))  # (re-registering modifies)
+            if any(events & (select.POLLIN | select.POLLHUP) for _, events in poll.poll(50)):
                 try:
                     if not os.read(self.fd, READ_BYTES):
                         return
