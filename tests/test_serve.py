@@ -325,6 +325,10 @@ def test_32_concurrent_completions_equal_their_solo_generation(served, where):
         assert httpx.get(f"{url}/health").status_code == 200
     assert m["xlstm_decode_rows_total"] / m["xlstm_decode_steps_total"] > 4  # they did share steps
     assert m["xlstm_generated_tokens_total"] == sum(max_tokens)
+    # each sequence's first token observed once, within the histogram's range
+    assert m["xlstm_time_to_first_token_seconds_count"] == m["xlstm_requests_submitted_total"] >= len(prompts)
+    assert m['xlstm_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["xlstm_time_to_first_token_seconds_count"]
+    assert 0 < m["xlstm_time_to_first_token_seconds_sum"] < 60 * len(prompts)
     for p, mt, r in zip(prompts, max_tokens, results):
         ref = solo(om, p, mt)
         choice = r.choices[0]

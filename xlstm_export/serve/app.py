@@ -424,7 +424,9 @@ def _prometheus(s: Scheduler, http_counts: dict[int, int]) -> str:
     metric("decode_rows_total", "counter", "Sequences summed over decode steps (mean batch = rows / steps).",
            [("", st.decode_rows)])
     for name, h, what in (("step_latency_seconds", st.step_latency, "Decode step latency (one batch)."),
-                          ("prefill_latency_seconds", st.prefill_latency, "Prefill chunk latency.")):
+                          ("prefill_latency_seconds", st.prefill_latency, "Prefill chunk latency."),
+                          ("time_to_first_token_seconds", st.first_token_latency,
+                           "From a sequence's submission to the scheduler to its first token.")):
         samples = [(f'{{le="{b:g}"}}', c) for b, c in zip(h.buckets, h.cumulative())]
         samples += [('{le="+Inf"}', h.n), ("_sum", f"{h.total:.6f}"), ("_count", h.n)]
         lines.append(f"# HELP xlstm_{name} {what}")

@@ -126,6 +126,7 @@ class Stats:
     decode_rows: int = 0  # sum of the batch sizes of the decode steps
     step_latency: _Histogram = field(default_factory=_Histogram)
     prefill_latency: _Histogram = field(default_factory=_Histogram)
+    first_token_latency: _Histogram = field(default_factory=_Histogram)  # submit -> first token sampled
 
 
 class Scheduler:
@@ -378,6 +379,7 @@ class Scheduler:
     def _append(self, s: Sequence, tok: int) -> None:
         if s.t_first is None:
             s.t_first = time.perf_counter()
+            self.stats.first_token_latency.observe(s.t_first - s.t_submit)
             self._urgent.append(s)
         s.tokens.append(int(tok))
         self.stats.generated_tokens += 1
