@@ -280,8 +280,6 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         loop_box["loop"], loop_box["thread"] = asyncio.get_running_loop(), threading.get_ident()
         scheduler.on_events = hand_off
         scheduler.start()
-        gc.collect()
-        gc.freeze()  # the model, the app and the imports live as long as the process: collections skip them
         log.info("serving %s with %s: %d slots", model_name, label, scheduler.capacity)
         try:
             yield
@@ -392,6 +390,10 @@ def serve(app, host: str, port: int, log_level: str = "info") -> None:
     # The scheduler thread needs the GIL back as soon as each decode step leaves onnxruntime; with
     # the default 5 ms switch interval it can wait that long behind the event loop's streaming work.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # this process serves until it exits: what was loaded so far (the app, the model or the engine
+    # process's handle, the imports) lives as long, and the collector's rounds skip it from now on
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
