@@ -36,52 +36,47 @@ inline void store16_part(float* p, vec16 v, int64_t n) {
   std::memcpy(p, buf, sizeof(float) * n);
 }
 
-// exp(x), 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), e^r
-// by its degree-7 Taylor polynomial (relative error < 2e-7 on that interval), 2^n by building the
-// float's exponent. x is clamped to [-87, 88]: e^-87 ~ 1.6e-38 (the smallest normal float is 1.2e-38),
-// e^88 ~ 1.7e38; callers only need the function's limits there.
-inline vec16 exp16(vec16 x) {
+// exp(x) and e^x - 1 share one range reduction: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two
+// parts, so n ln2 is exact), 2^n by building the float's exponent, and q = (e^r - 1) / r by its
+// Taylor polynomial 1 + r/2 + ... + r^6/7! (so that e^r = q r + 1 to a relative 2e-7, e^r - 1 = q r
+// to 2e-8). x is clamped to [-87, 88]: e^-87 ~ 1.6e-38 (the smallest normal float is 1.2e-38),
+// e^88 ~ 1.7e38; callers only need the functions' limits there.
+struct ExpParts {
+  vec16 scale, r, q;  // 2^n, r, (e^r - 1) / r
+};
+
+inline ExpParts exp_parts(vec16 x) {
   x = x < -87.0f ? splat16(-87.0f) : x;
   x = x > 88.0f ? splat16(88.0f) : x;
   const vec16 shifter = splat16(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vec16 n = (x * 1.44269504f + shifter) - shifter;
   const vec16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 = 0.693145752 + 1.42860677e-6
-  vec16 p = splat16(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  vec16 q = splat16(1.0f / 5040);
+  q = q * r + 1.0f / 720;
+  q = q * r + 1.0f / 120;
+  q = q * r + 1.0f / 24;
+  q = q * r + 1.0f / 6;
+  q = q * r + 0.5f;
+  q = q * r + 1.0f;
   const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;  // 2^n as a float's bits
   vec16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return {scale, r, q};
+}
+
+// e^x, 16 lanes: 2^n e^r.
+inline vec16 exp16(vec16 x) {
+  const ExpParts e = exp_parts(x);
+  return (e.q * e.r + 1.0f) * e.scale;
 }
 
 // 1 / (1 + e^-x), 16 lanes (the sigmoid in the scalar kernels' order of operations).
 inline vec16 sigmoid16(vec16 x) { return 1.0f / (1.0f + exp16(-x)); }
 
-// e^x - 1, 16 lanes, accurate near 0 too: with x = n ln2 + r as in exp16, e^x - 1 = 2^n (e^r - 1) + (2^n - 1),
-// e^r - 1 = r (1 + r/2 + ... + r^6/7!) (relative error < 2e-8 on |r| <= ln2 / 2). Same clamp as exp16.
+// e^x - 1, 16 lanes, accurate near 0 too: 2^n (e^r - 1) + (2^n - 1).
 inline vec16 expm1_16(vec16 x) {
-  x = x < -87.0f ? splat16(-87.0f) : x;
-  x = x > 88.0f ? splat16(88.0f) : x;
-  const vec16 shifter = splat16(12582912.0f);
-  const vec16 n = (x * 1.44269504f + shifter) - shifter;
-  const vec16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  vec16 p = splat16(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
-  vec16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return scale * (p * r) + (scale - 1.0f);
+  const ExpParts e = exp_parts(x);
+  return e.scale * (e.q * e.r) + (e.scale - 1.0f);
 }
 
 // tanh(x), 16 lanes: tanh(|x|) = -t / (t + 2) with t = e^(-2|x|) - 1 in (-1, 0] (no cancellation
