@@ -48,7 +48,7 @@ prompts: a case's rows share its prompts' rounding (the decode steps continue it
 an ill-conditioned model one prompt can put an honest export 10x above the baseline on every row
 of its case. With only two cases of one and two prompts, such a prompt moved an honest output's
 median to 4.94 (12-block fp16 model); with three cases (six prompts) or the defaults (eight), the
-worst honest output stayed at 1.04-1.18 over four prompt seeds, and a 1% weight at 6.2-9.8.
+worst honest output stayed at or below 1.18 over four prompt seeds, and a 1% weight gave 6.2-9.8.
 """
 
 from __future__ import annotations
