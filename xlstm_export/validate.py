@@ -45,8 +45,8 @@ they are.
 Cases: prefill from a fresh state for several (B, S), then decode steps that continue from each
 runner's own state (so errors accumulate as they do in use). The medians need several independent
 prompts: a case's rows share its prompts' rounding (the decode steps continue its prefill), and on
-an ill-conditioned model one prompt can put an honest export 10x above the baseline on every row
-of its case. With only two cases of one and two prompts, such a prompt moved an honest output's
+an ill-conditioned model one prompt can put an honest export up to 13x above the baseline on the
+rows of its case. With only two cases of one and two prompts, such a prompt moved an honest output's
 median to 4.94 (12-block fp16 model); with three cases (six prompts) or the defaults (eight), the
 worst honest output stayed at or below 1.18 over four prompt seeds, and a 1% weight gave 6.2-9.8.
 """
