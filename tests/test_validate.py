@@ -22,9 +22,7 @@ from xlstm_export.models import preset, xLSTMConfig, xLSTMLM
 from model_makers import perturbed_model
 
 # small cases: S = 1 decode, odd prefills, one over the 64-long chunk; two decode steps each. Six
-# prompts in three cases: the medians need independent prompts (see xlstm_export.validate), and with
-# two cases one unlucky prompt on the 12-block fp16 model moved an honest export's worst output to
-# 4.94 (limit 3.75) on one machine's rounding
+# prompts in three cases: the medians need independent prompts (xlstm_export.validate, "Cases")
 CASES = ((1, 5), (2, 67), (3, 9))
 DECODE = 2
 
