@@ -8,7 +8,10 @@ level's requests are done:
 
 - aggregate generated tokens/s = tokens received / wall time of the level (prefill included);
 - time to first token (TTFT) per request: from sending it to the first streamed token; p50, p99;
-- the server's own view from /metrics: mean decode batch (rows / steps) and mean step latency;
+- the server's own view from /metrics: mean decode batch (rows / steps), mean step latency, and
+  "model runs": the share of the level's wall time spent in the model itself (decode steps with
+  their sampling, prefill chunks); at C = 32 the tokens/s those same runs would give with nothing
+  else between them (what no serving layer around this model can beat at that batch occupancy);
 - ``--rounds`` times over (the levels one after another, then again): each level reports its
   median round, every round's tokens/s beside it (a 2-core VM's speed drifts by 10-20% within a
   minute; one short level can land on a slow stretch);
@@ -309,14 +312,20 @@ def bench_model(name: str, args) -> dict:
                 after = metrics(sync, url)
                 steps = after["xlstm_decode_steps_total"] - before["xlstm_decode_steps_total"]
                 res["mean_decode_batch"] = (after["xlstm_decode_rows_total"] - before["xlstm_decode_rows_total"]) / steps
-                res["mean_step_ms"] = 1e3 * (after["xlstm_step_latency_seconds_sum"]
-                                             - before["xlstm_step_latency_seconds_sum"]) / steps
+                decode_s = after["xlstm_step_latency_seconds_sum"] - before["xlstm_step_latency_seconds_sum"]
+                prefill_s = after["xlstm_prefill_latency_seconds_sum"] - before["xlstm_prefill_latency_seconds_sum"]
+                res["mean_step_ms"] = 1e3 * decode_s / steps
+                # the model's own runs (decode steps with their sampling, prefill chunks): the level's
+                # tokens/s had everything else (HTTP, scheduling, messages, waiting) cost nothing
+                res["model_share"] = (decode_s + prefill_s) / res["wall_s"]
+                res["model_bound_tokens_per_s"] = res["tokens"] / (decode_s + prefill_s)
                 res["rss_mib"] = rss_mib(server.pid)
                 res["generated_total"] = after["xlstm_generated_tokens_total"]
                 rounds[c].append(res)
                 print(f"{name} round {r + 1} C={c}: {res['tokens_per_s']:.0f} tok/s, TTFT p50 "
                       f"{res['ttft_p50_s'] * 1e3:.0f} ms p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch "
-                      f"{res['mean_decode_batch']:.1f}, step {res['mean_step_ms']:.2f} ms, RSS {res['rss_mib']:.0f} MiB",
+                      f"{res['mean_decode_batch']:.1f}, step {res['mean_step_ms']:.2f} ms, model runs "
+                      f"{100 * res['model_share']:.0f}% of the wall, RSS {res['rss_mib']:.0f} MiB",
                       file=sys.stderr, flush=True)
         for c in args.concurrency:  # each level's median round, with every round's tokens/s
             by_rate = sorted(rounds[c], key=lambda x: x["tokens_per_s"])
@@ -352,14 +361,15 @@ def markdown(results: list[dict], args, started: str, load: tuple) -> str:
         base = next((x for x in lv if x["concurrency"] == 1), None)
         lines += [f"#### {r['model']}", "", f"Server: `{r['command']}`  ", f"{r['server_line']}", "",
                   "| C | requests | tokens/s (median round) | rounds | vs C=1 | TTFT p50 | TTFT p99 | mean decode batch "
-                  "| mean step | server RSS |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| mean step | model runs | server RSS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in lv:
             ratio = f"{x['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
             each = " / ".join(f"{t:,.0f}" for t in x["rounds_tokens_per_s"])
             lines.append(f"| {x['concurrency']} | {x['requests']} | {x['tokens_per_s']:,.0f} | {each} | {ratio} | "
                          f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p99_s'] * 1e3:,.0f} ms | "
-                         f"{x['mean_decode_batch']:.1f} | {x['mean_step_ms']:.2f} ms | {x['rss_mib']:,.0f} MiB |")
+                         f"{x['mean_decode_batch']:.1f} | {x['mean_step_ms']:.2f} ms | {100 * x['model_share']:.0f}% | "
+                         f"{x['rss_mib']:,.0f} MiB |")
         target = TARGETS.get(r["model"])
         c32 = next((x for x in lv if x["concurrency"] == 32), None)
         if target and base and c32:
@@ -367,6 +377,10 @@ def markdown(results: list[dict], args, started: str, load: tuple) -> str:
             each = ", ".join(f"{a / b:.1f}x" for a, b in zip(c32["rounds_tokens_per_s"], base["rounds_tokens_per_s"]))
             lines += ["", f"Target C=32 >= {target:g}x C=1: {got:.1f}x (median rounds), {'met' if got >= target else 'missed'}"
                           f"; round by round: {each}."]
+            bound = c32["model_bound_tokens_per_s"]
+            lines += [f"At C=32 the model's own runs (decode steps, prefill chunks) took {100 * c32['model_share']:.0f}% "
+                      f"of the wall: had everything else (HTTP, scheduling, messages, waiting) cost nothing, the same runs "
+                      f"would give {bound:,.0f} tokens/s, {bound / base['tokens_per_s']:.1f}x C=1."]
         mem = (f"Memory: {r['rss_after_warmup_mib']:,.0f} MiB after warm-up; "
                f"{lv[-1]['rss_mib']:,.0f} MiB after {lv[-1]['generated_total']:,.0f} generated tokens")
         if "rss_after_repeat_mib" in r:

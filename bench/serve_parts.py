@@ -8,7 +8,8 @@ random ids, ``--max-tokens`` new tokens each, greedy), measured three ways:
    the default intra-op threads and with one;
 2. the scheduler without HTTP: a ``Scheduler`` over ``OrtSlots`` driven by ``step()`` in this
    process, the same requests as over HTTP (C slots; queued requests join as slots free up;
-   prefill included): wall time per generated token;
+   prefill included): wall time per generated token; and the same over a pool whose model costs
+   nothing (its own Python: admission, sampling, bookkeeping);
 3. the real server over HTTP (``xlstm-export serve``, bench/serve.py's client): wall time per
    token, and the server's CPU time per token by thread, over the server process and its engine
    process (from /proc: the event loop is the server's main thread; the other busy threads are the
@@ -50,14 +51,36 @@ def step_ms(model, rows: int, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def scheduler_us_per_token(model, c: int, n: int, prompt_len: int, max_tokens: int, seed: int = 0) -> float:
-    """Wall time per generated token of ``n`` requests through a Scheduler with ``c`` slots (the rest
-    queue and join as slots free up, as in the server), after a warm-up of ``c`` requests."""
-    sched = Scheduler(OrtSlots(model, c), max_batch=c, max_queue=n)
+class FreePool:
+    """A slot pool whose model costs nothing (the same random logits every time): a scheduler over it
+    costs only its own Python."""
+
+    def __init__(self, capacity: int, vocab_size: int):
+        self.capacity, self.vocab_size = capacity, vocab_size
+        self.logits = np.random.default_rng(0).standard_normal((capacity, vocab_size)).astype(np.float32)
+
+    def step(self, ids):
+        return self.logits[: len(ids)]
+
+    def prefill(self, ids, states):
+        return self.logits[: len(ids)], [None] * len(ids)
+
+    def put(self, row, state):
+        pass
+
+    def move(self, src, dst):
+        pass
+
+
+def scheduler_us_per_token(pool, c: int, n: int, prompt_len: int, max_tokens: int, seed: int = 0) -> float:
+    """Wall time per generated token of ``n`` requests through a Scheduler over ``pool`` with ``c``
+    slots (the rest queue and join as slots free up, as in the server), after a warm-up of ``c``
+    requests."""
+    sched = Scheduler(pool, max_batch=c, max_queue=n)
     rng = np.random.default_rng(seed)
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
     for count in (c, n):  # the warm-up, then the timed requests
-        seqs = [sched.submit(rng.integers(0, model.vocab_size, prompt_len), greedy) for _ in range(count)]
+        seqs = [sched.submit(rng.integers(0, pool.vocab_size, prompt_len), greedy) for _ in range(count)]
         t0 = time.perf_counter()
         while any(s.finish_reason is None for s in seqs):
             sched.step()
@@ -131,13 +154,15 @@ def main() -> int:
         one, many = step_ms(model, 1, args.steps), step_ms(model, c, args.steps)
         lines.append(f"| decode step alone, {label} | {one:.3f} ms | {many:.3f} ms | {c * one / many:.1f}x |")
         if threads is None:
-            s1 = scheduler_us_per_token(model, 1, bench_serve.requests_at(1, args.requests, args.waves),
-                                        args.prompt_len, args.max_tokens)
-            sc = scheduler_us_per_token(model, c, bench_serve.requests_at(c, args.requests, args.waves),
-                                        args.prompt_len, args.max_tokens)
-            sched_line = f"| scheduler without HTTP, per token | {s1:.1f} us | {sc:.1f} us | {s1 / sc:.1f}x |"
+            sched_lines = []
+            for pool, what in ((OrtSlots, "scheduler without HTTP"), (FreePool, "of which the scheduler's own Python "
+                                                                                  "(a model that costs nothing)")):
+                s1, sc = (scheduler_us_per_token(OrtSlots(model, k) if pool is OrtSlots else FreePool(k, args.vocab),
+                                                 k, bench_serve.requests_at(k, args.requests, args.waves),
+                                                 args.prompt_len, args.max_tokens) for k in (1, c))
+                sched_lines.append(f"| {what}, per token | {s1:.1f} us | {sc:.1f} us | {s1 / sc:.1f}x |")
         del model
-    lines.append(sched_line)
+    lines += sched_lines
     one, many = server_parts(path, [1, c], args)
     lines.append(f"| server over HTTP, wall per token | {one['wall_us']:.1f} us | {many['wall_us']:.1f} us | "
                  f"{one['wall_us'] / many['wall_us']:.1f}x |")
