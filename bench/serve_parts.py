@@ -22,6 +22,7 @@ random ids, ``--max-tokens`` new tokens each, greedy), measured three ways:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -155,10 +156,11 @@ def main() -> int:
         lines.append(f"| decode step alone, {label} | {one:.3f} ms | {many:.3f} ms | {c * one / many:.1f}x |")
         if threads is None:
             sched_lines = []
-            for pool, what in ((OrtSlots, "scheduler without HTTP"), (FreePool, "of which the scheduler's own Python "
-                                                                                  "(a model that costs nothing)")):
-                s1, sc = (scheduler_us_per_token(OrtSlots(model, k) if pool is OrtSlots else FreePool(k, args.vocab),
-                                                 k, bench_serve.requests_at(k, args.requests, args.waves),
+            pools = ((functools.partial(OrtSlots, model), "scheduler without HTTP"),
+                     (functools.partial(FreePool, vocab_size=args.vocab),
+                      "of which the scheduler's own Python (a model that costs nothing)"))
+            for make_pool, what in pools:
+                s1, sc = (scheduler_us_per_token(make_pool(k), k, bench_serve.requests_at(k, args.requests, args.waves),
                                                  args.prompt_len, args.max_tokens) for k in (1, c))
                 sched_lines.append(f"| {what}, per token | {s1:.1f} us | {sc:.1f} us | {s1 / sc:.1f}x |")
         del model
