@@ -675,8 +675,10 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
 
     for args, fragment in (([str(tmp_path / "missing.onnx")], "no such file"),
                            (["tiny", "--max-batch", "0"], "--max-batch must be >= 1"),
-                           (["tiny", "--max-state-mb", "0.001"], "holds no sequence")):
-        assert main(["serve", *args, "--port", "0"]) == 2
+                           (["tiny", "--max-state-mb", "0.001"], "holds no sequence"),
+                           (["tiny", "--max-state-mb", "nan"], "--max-state-mb must be > 0"),
+                           (["tiny", "--port", "70000"], "a port lies in 0..65535")):
+        assert main(["serve", "--port", "0", *args]) == 2  # a --port in args comes last and wins
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0] and fragment in err[0], err
     with pytest.raises(SystemExit) as e:  # argparse: its usage line, then the error

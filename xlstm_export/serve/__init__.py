@@ -59,6 +59,8 @@ def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, m
 
 def check_port(host: str, port: int) -> None:
     """Raise OSError with a clear message when ``host:port`` cannot be listened on."""
+    if not 0 <= port <= 65535:  # bind() would raise OverflowError
+        raise OSError(f"cannot listen on {host}:{port}: a port lies in 0..65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

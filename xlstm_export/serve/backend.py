@@ -34,7 +34,7 @@ def slot_capacity(max_batch: int, max_state_mb: float, slot_bytes: int) -> int:
     """Slots that fit: at most ``max_batch``, and their state memory within ``max_state_mb`` MiB."""
     if max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
-    if max_state_mb <= 0:
+    if not max_state_mb > 0:  # also nan
         raise ValueError(f"--max-state-mb must be > 0, got {max_state_mb}")
     fit = int(max_state_mb * 2**20 // slot_bytes)
     if fit < 1:
