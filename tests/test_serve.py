@@ -654,6 +654,11 @@ def test_bad_requests_get_400_and_the_server_stays_up(served):
             for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b"", b"[" * 100_000 + b"]" * 100_000):
                 r = h.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
                 assert r.status_code == 400 and "error" in r.json(), raw
+            for raw, got in ((b'{"prompt": "hi", "temperature": 1e999}', "inf"),
+                             (b'{"prompt": "hi", "top_p": NaN}', "nan")):
+                r = h.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["message"].endswith(f"a finite number, got {got}"), r.text
             r = h.post("/v1/completions", content=b" " * (33 << 20), headers={"content-type": "application/json"})
             assert r.status_code == 413 and "error" in r.json()
             r = h.post("/v1/completions", json={"model": "other", "prompt": "hi"})

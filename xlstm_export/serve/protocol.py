@@ -64,7 +64,8 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     if v is None:
         return default
     if not _is_number(v):
-        raise RequestError(f"'{name}' must be a number, got {_type_name(v)}", name)
+        got = v if isinstance(v, float) else _type_name(v)  # inf and nan (1e999, NaN in the JSON) by value
+        raise RequestError(f"'{name}' must be a finite number, got {got}", name)
     if v < lo or v > hi or (lo_open and v == lo):
         raise RequestError(f"'{name}' must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v}", name)
     return float(v)
