@@ -13,6 +13,9 @@
 //       y = softcap(RMSNorm(x) W), RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K],
 //       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0
 //   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (silu(z[..., :K]) * z[..., K:]) W + r, z [..., 2K]
+//   xlstm.cpu::BlockDiagMatMul(x, w) -> y    attribute n (int): each row of n values of x times a
+//       block-diagonal matrix of square blocks of BLK = 1, 2, 4, 8 or 16 (cpu_gemm.h block_diag_row)
+//       x [...] (n divides its size: M rows)  w [ceil(n / 16), BLK, 16] (packed)  y [M, n / BLK, BLK]
 //   xlstm.cpu::mLSTMLayer(q, k, v, g, o, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight) -> (y, c, n, m)
 //       attributes eps, norm_eps, soft_cap (float), q_col, k_col, v_col, g_col, o_col (int): a 7B-style
 //       mLSTM layer between its two products, any S, step by step (cpu_cells.h mlstm_layer_head)
@@ -540,6 +543,51 @@ OrtStatus* packed_norm_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx
 OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kGlu, true); }
 
 // ---------------------------------------------------------------------------------------------
+// BlockDiagMatMul
+// ---------------------------------------------------------------------------------------------
+
+struct BlockDiagArgs {
+  const float *x, *w;
+  float* y;
+  int64_t n;
+  void (*row)(const float*, const float*, int64_t, float*);  // block_diag_row<BLK>
+};
+
+void block_diag_task(void* data, size_t row) {
+  const auto& a = *static_cast<const BlockDiagArgs*>(data);
+  a.row(a.x + row * a.n, a.w, a.n, a.y + row * a.n);
+}
+
+OrtStatus* block_diag_matmul_compute(const Ctx& ctx) {
+  BlockDiagArgs a{};
+  std::vector<int64_t> x, w;
+  if (OrtStatus* s = ctx.input("x", &a.x, &x)) return s;
+  if (OrtStatus* s = ctx.input("w", &a.w, &w)) return s;
+  a.n = ctx.attr_int("n");
+  const int64_t blk = w.size() == 3 ? w[1] : 0;
+  switch (blk) {
+    case 1: a.row = xlstm_cpu::block_diag_row<1>; break;
+    case 2: a.row = xlstm_cpu::block_diag_row<2>; break;
+    case 4: a.row = xlstm_cpu::block_diag_row<4>; break;
+    case 8: a.row = xlstm_cpu::block_diag_row<8>; break;
+    case 16: a.row = xlstm_cpu::block_diag_row<16>; break;
+    default: break;
+  }
+  if (a.row == nullptr || w[2] != 16 || a.n <= 0 || a.n % blk != 0 || (a.n + 15) / 16 != w[0])
+    return ctx.error("w must be [ceil(n / 16), BLK, 16] with BLK 1, 2, 4, 8 or 16 dividing the attribute n = %ld, "
+                     "got rank %ld with BLK %ld", static_cast<long>(a.n), static_cast<long>(w.size()),
+                     static_cast<long>(blk));
+  int64_t size = 1;
+  for (int64_t d : x) size *= d;
+  if (size % a.n != 0)
+    return ctx.error("x must hold whole rows of n = %ld values, got %ld values", static_cast<long>(a.n),
+                     static_cast<long>(size));
+  const int64_t m = size / a.n;
+  if (OrtStatus* s = ctx.output("y", {m, a.n / blk, blk}, &a.y)) return s;
+  return ctx.for_each(static_cast<size_t>(m), m * a.n * blk >= ctx.split->cell_work, block_diag_task, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The OrtCustomOp tables
 // ---------------------------------------------------------------------------------------------
 
@@ -617,6 +665,7 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("PackedNormMatMul", packed_norm_matmul_compute,
             {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}}, split),
     make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}}, split),
+    make_op("BlockDiagMatMul", block_diag_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}}, split),
     make_op("mLSTMLayer", mlstm_layer_compute,
             {{"q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
              {"y", "c", "n", "m"},

@@ -644,6 +644,114 @@ def test_packed_norm_matmul_leaves_a_norm_read_elsewhere():
     assert ops[-1] == "PackedMatMul" and "Pow" in ops
 
 
+# --- block-diagonal products ----------------------------------------------------------------------
+
+
+def _block_diag_model(w: np.ndarray, x_dims, *, reshape=None, after_perm=(1, 0, 2), readers: int = 1
+                      ) -> onnx.ModelProto:
+    """The exported HeadwiseLinear (models/layers.py): Reshape(x, [-1, nb, blk]), Transpose[1, 0, 2],
+    MatMul by W [nb, bi, bo], Transpose, Reshape back to x's rows; ``readers`` products with weights
+    w, w + 1, ... read the one Reshape and Transpose (the paper block's q and k)."""
+    h = onnx.helper
+    nb, bi, bo = w.shape
+    inits = [onnx.numpy_helper.from_array(np.array(reshape or [-1, nb, bi], np.int64), "shape"),
+             onnx.numpy_helper.from_array(np.array([-1, nb * bo], np.int64), "back")]
+    nodes = [h.make_node("Reshape", ["x", "shape"], ["r"]), h.make_node("Transpose", ["r"], ["t"], perm=[1, 0, 2])]
+    outputs = []
+    for j in range(readers):
+        inits.append(onnx.numpy_helper.from_array((w + j).astype(w.dtype), f"w{j}"))
+        nodes += [h.make_node("MatMul", ["t", f"w{j}"], [f"m{j}"]),
+                  h.make_node("Transpose", [f"m{j}"], [f"u{j}"], perm=list(after_perm)),
+                  h.make_node("Reshape", [f"u{j}", "back"], [f"y{j}"])]
+        outputs.append(h.make_tensor_value_info(f"y{j}", onnx.TensorProto.FLOAT, None))
+    graph = h.make_graph(nodes, "blockdiag", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_dims)],
+                         outputs, initializer=inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def _block_diag_ref(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    nb, bi, bo = w.shape
+    rows = x.astype(np.float64).reshape(-1, nb, bi)
+    return np.einsum("rjb,jba->rja", rows, w.astype(np.float64)).reshape(-1, nb * bo)
+
+
+def test_pack_block_diagonal_layout():
+    w = np.random.default_rng(0).standard_normal((5, 4, 4), dtype=np.float32)
+    p = ort_native.pack_block_diagonal(w)
+    assert p.shape == (2, 4, 16) and p.flags.c_contiguous  # 4 blocks of 4 per 16-float vector, 5 -> 2
+    for j in range(5):
+        c, lane = divmod(j, 4)
+        assert np.array_equal(p[c, :, 4 * lane : 4 * lane + 4], w[j])
+    assert not p[1, :, 4:].any()  # past the last block: zero
+    for bad in (np.zeros((3, 4, 8), np.float32), np.zeros((3, 3, 3), np.float32), np.zeros((3, 32, 32), np.float32)):
+        with pytest.raises(ValueError, match=r"\[nb, BLK, BLK\]"):
+            ort_native.pack_block_diagonal(bad)
+
+
+# (blocks, block size, x dims): the paper models' q/k/v (blocks of 4: 64 of them in tiny, 384 in
+# xlstm-125m), every block size, a last vector part full (5 blocks of 4, 3 of 8, 9 of 1), decode and
+# prefill rows, and enough rows (1,500 x 256 x 4) for the split over threads
+@pytest.mark.parametrize("nb,blk,x_dims", [(64, 4, (1, 1)), (384, 4, (3, 1)), (5, 4, (3, 7)), (7, 2, (2, 5)),
+                                           (3, 8, (5, 1)), (2, 16, (4, 3)), (9, 1, (2, 2)), (64, 4, (3, 500))])
+def test_block_diag_matmul_matches_float64(nb, blk, x_dims):
+    rng = np.random.default_rng(nb * blk + sum(x_dims))
+    w = rng.standard_normal((nb, blk, blk), dtype=np.float32)
+    x = rng.standard_normal((*x_dims, nb * blk), dtype=np.float32)
+    native = ort_native.with_native_ops(_block_diag_model(w, [*x_dims, nb * blk]), check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["BlockDiagMatMul", "Reshape"]
+    assert [t.name for t in native.graph.initializer] == ["back", "w0.blockdiag16"]  # the shape constant went
+    (y,) = _session(native).run(None, {"x": x})
+    assert y.dtype == np.float32 and y.shape == (np.prod(x_dims), nb * blk)
+    # float32 sums of blk products against float64
+    assert _rel(y, _block_diag_ref(x, w)) < 1e-6
+
+
+def test_block_diag_rewrite_takes_products_that_share_their_input():
+    """The paper block's q and k products read one Reshape + Transpose of the conv output: both are
+    swapped, and the shared nodes go once nothing reads them."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 4, 4), dtype=np.float32)
+    x = rng.standard_normal((2, 3, 32), dtype=np.float32)
+    model = _block_diag_model(w, [2, 3, 32], readers=2)
+    native = ort_native.with_native_ops(model, check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["BlockDiagMatMul", "Reshape"] * 2
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for got, e, j in zip(_session(native).run(None, {"x": x}), want, range(2)):
+        assert _rel(got, e) < 1e-6 and _rel(got, _block_diag_ref(x, w + j)) < 1e-6
+
+
+def test_block_diag_rewrite_leaves_what_it_cannot_prove():
+    """Blocks that are not square or not of 1, 2, 4, 8 or 16 (the sLSTM's [NH, DH, 2 DH] gate
+    products), a float16 weight, a Reshape to other blocks than the weight's, another permutation
+    after the product: each stays a standard MatMul and gives the same numbers."""
+    rng = np.random.default_rng(4)
+    f32 = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    cases = [(_block_diag_model(f32(4, 8, 16), [3, 32]), (3, 32)),
+             (_block_diag_model(f32(4, 3, 3), [3, 12]), (3, 12)),
+             (_block_diag_model(f32(2, 32, 32), [3, 64]), (3, 64)),
+             (_block_diag_model(f32(4, 4, 4), [3, 16], reshape=[-1, 2, 8]), None),  # MatMul would fail: not run
+             (_block_diag_model(f32(4, 4, 4), [4, 16], after_perm=(0, 1, 2)), (4, 16))]
+    half = _block_diag_model(f32(4, 4, 4), [3, 16])
+    half.graph.initializer[2].CopyFrom(onnx.numpy_helper.from_array(
+        onnx.numpy_helper.to_array(half.graph.initializer[2]).astype(np.float16), "w0"))
+    for model, x_dims in cases + [(half, None)]:
+        native = ort_native.with_native_ops(model, check_xlstm=False)
+        assert "MatMul" in [nd.op_type for nd in native.graph.node], model.graph.initializer[2].dims
+        if x_dims is not None:
+            x = rng.standard_normal(x_dims, dtype=np.float32)
+            (want,) = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+            (got,) = _session(native).run(None, {"x": x})
+            assert np.array_equal(got, want)
+
+
+def test_block_diag_matmul_rejects_partial_rows_with_its_own_message():
+    w = np.random.default_rng(5).standard_normal((4, 4, 4), dtype=np.float32)
+    native = ort_native.with_native_ops(_block_diag_model(w, ["R", "C"]), check_xlstm=False)
+    with pytest.raises(Exception, match=r"xlstm\.cpu::BlockDiagMatMul: x must hold whole rows of n = 16 values, "
+                                        r"got 30 values"):
+        _session(native).run(None, {"x": np.ones((3, 10), np.float32)})
+
+
 # --- whole models ----------------------------------------------------------------------------------
 
 
@@ -672,6 +780,18 @@ def test_native_model_matches_standard_bodies_prefill_and_decode(kind, exported)
             assert _rel(sn[key], sb[key]) < TOL_MODEL, f"state {key}, step {step}"
         tok = rng.integers(0, 256, (B, 1))
         (lb, sb), (ln, sn) = body.run(tok, sb), native.run(tok, sn)
+
+
+def test_native_paper_model_runs_its_q_k_v_products_block_diagonal(exported):
+    """tiny's two mLSTM blocks: q, k, v each a BlockDiagMatMul (blocks of 4), no batched MatMul of
+    them left; the whole model's parity is the test above."""
+    _, path = exported["paper"]
+    native = ort_native.with_native_ops(onnx.load(path))
+    ops = [nd.op_type for nd in native.graph.node]
+    inits = {t.name: t for t in native.graph.initializer}
+    assert ops.count("BlockDiagMatMul") == 6
+    assert not [nd for nd in native.graph.node if nd.op_type == "MatMul" and nd.input[1] in inits
+                and len(inits[nd.input[1]].dims) == 3 and inits[nd.input[1]].dims[1] == 4]
 
 
 @pytest.mark.parametrize("kind", ["paper", "large"])

@@ -58,6 +58,9 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     NativeOp("PackedNormMatMul", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap")),
     # y = SwiGLU(z) W + r
     NativeOp("PackedGluMatMulAdd", ("z", "w", "r"), ("y",), ints=("n",)),
+    # each row of n values of x times a block-diagonal matrix of square blocks of 1, 2, 4, 8 or 16,
+    # packed (ort_native.pack_block_diagonal); y [rows, n / block, block]
+    NativeOp("BlockDiagMatMul", ("x", "w"), ("y",), ints=("n",)),
     # a 7B-style mLSTM layer between its two weight products; q..o may be column ranges of one tensor
     NativeOp("mLSTMLayer", ("q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias",
                             "weight"), ("y", "c", "n", "m"),

@@ -1,0 +1,113 @@
+"""A/B: the native CPU kernels with and without the block-diagonal pass (``BlockDiagMatMul``).
+
+The paper architecture's q / k / v projections are block-diagonal (blocks of 4). onnxruntime runs
+each as one tiny product per block; ``xlstm_export.ort_native`` swaps them for ``BlockDiagMatMul``
+(:func:`~xlstm_export.ort_native._block_diagonal_products`). This script loads one export twice
+with ``OrtModel(path, native_ops=True)``, "A" with that pass turned off, "B" as users get it, and
+times both side by side, interleaved (A, B, A, B, ... per round) so that a shared machine's drifts
+hit both alike: decode steps as the server runs them (``OrtSlots.step``: IOBinding on a slot
+pool) and a prefill chunk (``OrtModel.run``, last-position logits). Each cell is the median over
+rounds of the per-round medians; B / A below 1 is the pass's gain. It also checks that A and B
+give the same logits.
+
+    python bench/ab_block_diagonal.py                              # tiny, B = 1, 8, 32
+    python bench/ab_block_diagonal.py --models xlstm-125m --batch 1 8 --steps 5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from _report import cpu_name  # bench/_report.py (the script's folder is on sys.path)
+
+from xlstm_export import ort_native
+from xlstm_export.export import export_onnx
+from xlstm_export.models import load
+from xlstm_export.ort import OrtModel
+from xlstm_export.serve import OrtSlots
+from xlstm_export.serve.backend import session_options
+
+
+@contextmanager
+def block_diagonal_pass_off():
+    """ort_native's block-diagonal pass does nothing while the block runs (the "A" model)."""
+    keep = ort_native._block_diagonal_products
+    ort_native._block_diagonal_products = lambda graph: 0
+    try:
+        yield
+    finally:
+        ort_native._block_diagonal_products = keep
+
+
+def median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_model(name: str, args, workdir: Path) -> list[str]:
+    path = workdir / f"{name}.onnx"
+    torch.manual_seed(args.seed)
+    export_onnx(load(name), path, progress=False)
+    opts = lambda: session_options(args.threads)  # noqa: E731 (the server's: workers not spinning)
+    with block_diagonal_pass_off():
+        a = OrtModel(path, native_ops=True, session_options=opts())
+    b = OrtModel(path, native_ops=True, session_options=opts())
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, a.vocab_size, (1, args.prefill_len))
+    la, _ = a.run(prompt, None, logits="last")
+    lb, _ = b.run(prompt, None, logits="last")
+    diff = float(np.abs(la - lb).max() / np.abs(la).max())
+    rows = []
+    cases = [(f"decode B={B}", B) for B in args.batch] + [(f"prefill 1 x {args.prefill_len}", None)]
+    for label, B in cases:
+        per = {"A": [], "B": []}
+        if B is not None:
+            pools = {k: OrtSlots(m, B) for k, m in (("A", a), ("B", b))}
+            ids = rng.integers(0, a.vocab_size, B)
+            for pool in pools.values():
+                pool.step(ids)  # warm-up
+        for _ in range(args.rounds):
+            for k, m in (("A", a), ("B", b)):
+                if B is not None:
+                    per[k].append(median_time(lambda: pools[k].step(ids), args.steps))
+                else:
+                    per[k].append(median_time(lambda: m.run(prompt, None, logits="last"), max(1, args.steps // 8)))
+        ta, tb = statistics.median(per["A"]), statistics.median(per["B"])
+        rows.append(f"| {name} | {label} | {1e3 * ta:.3f} ms | {1e3 * tb:.3f} ms | {tb / ta:.2f} |")
+        print(rows[-1], flush=True)
+    rows.append(f"| {name} | logits, A against B | max abs difference / max abs: {diff:.1e} | | |")
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["tiny"], help="paper-architecture presets (default: tiny)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--prefill-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=100, help="decode steps per round and model")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(f"Date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}; machine: {cpu_name()}")
+    print("| model | run | A: without the pass | B: with it | B / A |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.models:
+            rows = bench_model(name, args, Path(d))
+            print(rows[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
