@@ -795,12 +795,16 @@ def test_native_paper_model_runs_its_q_k_v_products_block_diagonal(exported):
 
 
 @pytest.mark.parametrize("kind", ["paper", "large"])
-def test_native_decoder_updates_mlstm_layer_states_in_place(kind, exported):
-    """The decoder binds the states only mLSTMLayer reads to one buffer (input and output): the same
-    numbers as run(), step after step; every other state keeps two buffers taken by turns."""
-    _, path = exported[kind]
+def test_native_decoder_updates_mlstm_states_in_place(kind, exported):
+    """The decoder binds the mLSTM states to one buffer (input and output): those mLSTMLayer reads
+    (7B-style), and those of the paper blocks' mLSTM nodes, whose decode step is mLSTMStep inside an
+    If. The same numbers as run(), step after step; every other state (the paper blocks' conv
+    windows, the sLSTM's) keeps two buffers taken by turns."""
+    model, path = exported[kind]
     om = OrtModel(path, intra_op_threads=2, native_ops=True)
-    expected = {k for k in om.state_names if kind == "large"}  # 7B-style: c, n, m of every block
+    cfg = model.config
+    expected = {f"{b}.{s}" for b in range(cfg.num_blocks) if b not in cfg.slstm_at for s in "cnm"}
+    assert expected < set(om.state_names) if kind == "paper" else expected == set(om.state_names)
     assert om._inplace_states == expected
     dec = om.decoder()
     rng = np.random.default_rng(9)

@@ -173,6 +173,28 @@ def test_a_sampled_row_that_moves_among_greedy_rows_still_samples(served):
     assert [s.tokens for s in short] == [solo(om, s.prompt, 3) for s in short]
 
 
+def test_paper_model_slots_update_mlstm_states_in_place_and_match_solo(tmp_path):
+    """A paper-architecture model (mLSTM and sLSTM blocks): its mLSTM states have one buffer in the
+    pool, updated in place by each decode step (the native mLSTMStep inside the cell's If); six
+    sequences through four slots (queued, joining, leaving, moving rows) each generate what they
+    generate alone through OrtModel.run, which keeps every state in separate arrays."""
+    torch.manual_seed(3)
+    path = export_onnx(xLSTMLM(preset("tiny")).eval(), tmp_path / "paper.onnx", progress=False)
+    om = OrtModel(path, native_ops=True)
+    pool = OrtSlots(om, 4)
+    shared = {k for k in om.state_names if pool._bufs[0][k] is pool._bufs[1][k]}
+    assert shared == om._inplace_states and {k.rsplit(".", 1)[1] for k in shared} == {"c", "n", "m"}
+    assert len(shared) < len(om.state_names)  # the conv windows and the sLSTM's states: two buffers
+    sched = Scheduler(pool, max_batch=4)
+    rng = np.random.default_rng(4)
+    seqs = [sched.submit(rng.integers(0, 256, n), SamplingParams(max_tokens=m, temperature=0))
+            for n, m in ((5, 3), (17, 12), (2, 7), (9, 5), (30, 9), (1, 4))]
+    while any(s.finish_reason is None for s in seqs):
+        sched.step()
+    for s in seqs:
+        assert s.tokens == generate(om.run, np.array([s.prompt]), len(s.tokens)).tokens[0].tolist()
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(served):
     om, _, _ = served
     rng = np.random.default_rng(2)

@@ -47,7 +47,8 @@ _MLSTM_STATE = (("c0", "c"), ("n0", "n"), ("m0", "m"))
 
 OPS: dict[str, NativeOp] = {op.name: op for op in (
     # one mLSTM decode step (S == 1): the mLSTM body's fast path; eps a one-element tensor
-    NativeOp("mLSTMStep", ("q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"), ("h", "c", "n", "m")),
+    NativeOp("mLSTMStep", ("q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"), ("h", "c", "n", "m"),
+             in_place=_MLSTM_STATE),
     # the sLSTM body's whole time loop (its Scan)
     NativeOp("sLSTMScan", ("h0", "c0", "n0", "m0", "x", "r"), ("h", "c", "n", "m", "y")),
     # y = x W, W packed into column panels (ort_native.pack_weight); n: W's columns

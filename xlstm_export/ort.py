@@ -409,9 +409,11 @@ class OrtDecoder:
     Decode steps (S == 1) fed the state this decoder returned last run through onnxruntime
     IOBinding over two preallocated sets of state buffers, read from one and written to the other
     by turns, so a step allocates no state memory and copies no state (at B = 8 on the 160M model
-    the state is 27 MiB per step). States that the native ``mLSTMLayer`` kernel alone reads
-    (:func:`xlstm_export.ort_native.inplace_states`) have one buffer, updated in place. Anything else (a prefill, a fresh or foreign state, another
-    batch size) goes through :meth:`OrtModel.run` and its result is copied into the buffers once.
+    the state is 27 MiB per step). The mLSTM states that a native kernel alone reads and
+    overwrites at a decode step (``mLSTMLayer``, or the paper blocks' ``mLSTMStep``:
+    :func:`xlstm_export.ort_native.inplace_states`) have one buffer, updated in place. Anything else
+    (a prefill, a fresh or foreign state, another batch size) goes through :meth:`OrtModel.run` and
+    its result is copied into the buffers once.
     Logits are returned as a new float32 array: (B, 1, vocab) at every call with ``logits="last"``
     (the default of :meth:`OrtModel.decoder`: a prefill computes the last position's row only),
     (B, S, vocab) with ``logits="all"``.

@@ -37,7 +37,8 @@ the state:
 A 7B-style block is then five nodes at decode instead of ~40 (norm + product, layer, product +
 residual, norm + product, GLU + product + residual), so a step pays onnxruntime's per-node cost
 (a few microseconds each) ~60 times on the 160M model instead of ~400. The decoder
-(:class:`xlstm_export.ort.OrtDecoder`) also updates the states only ``mLSTMLayer`` reads in place
+(:class:`xlstm_export.ort.OrtDecoder`) and the server's slots also update in place, at decode
+steps, the mLSTM states that ``mLSTMLayer`` or the paper blocks' ``mLSTMStep`` alone read
 (:func:`inplace_states`).
 
 :func:`with_native_ops` rewrites a loaded ModelProto in memory (the file on disk stays portable),
@@ -515,27 +516,57 @@ def _fuse_mlstm_layers(graph: GraphProto) -> int:
     return fused
 
 
+def _native_step_in_place(model: ModelProto) -> bool:
+    """The model's ``xlstm::mLSTM`` function is the native one (:func:`_native_function`) and, at
+    S == 1, its state inputs c0, n0, m0 are read by nothing but mLSTMStep: its top-level nodes
+    read them only inside the If, whose step branch hands them to mLSTMStep alone."""
+    states = {c for c, _ in native_ops.OPS["mLSTMStep"].in_place}
+    for fn in model.functions:
+        if fn.domain != DOMAIN or fn.name != MLSTM.name:
+            continue
+        ifs = [n for n in fn.node if n.op_type == "If"]
+        if len(ifs) != 1 or any(states & set(n.input) for n in fn.node):
+            return False
+        step = next(a.g for a in ifs[0].attribute if a.name == "then_branch")
+        readers = [n for n in step.node if states & set(n.input)]
+        return len(readers) == 1 and readers[0].op_type == "mLSTMStep" and readers[0].domain == NATIVE_DOMAIN
+    return False
+
+
 def inplace_states(model: ModelProto) -> dict[str, str]:
-    """Graph inputs of a rewritten ``model`` that a run may overwrite with a graph output: input ->
-    output, for every input whose data only one native node reads, as an input the op updates in
-    place (:attr:`native_ops.NativeOp.in_place`: mLSTMLayer's c0, n0, m0; Shape nodes read no
-    data), and whose matching output that node writes as a graph output. The kernel reads each
-    element of the old state before it writes the new one in the same place, so a caller may bind
-    both to one buffer (:class:`xlstm_export.ort.OrtDecoder` does): a decode step then reads and
-    writes the state once instead of reading one buffer and filling another (at B=8 on the 160M
-    bench model, 28 MB per step: 1.8 against 2.4 ms for the twelve layers alone).
+    """Graph inputs of a rewritten ``model`` that a decode step (S == 1) may overwrite with a graph
+    output: input -> output, for every input whose data only one node reads, as an input the node
+    updates in place, and whose matching output that node writes as a graph output. Nodes that
+    update in place: the native ops with :attr:`native_ops.NativeOp.in_place` (mLSTMLayer's c0, n0,
+    m0, at any S), and the paper blocks' ``xlstm::mLSTM`` nodes whose native function runs a
+    decode step as mLSTMStep (the same three states; at S > 1 that function runs its chunkwise
+    branch, so a caller binds one buffer for decode steps only). Shape nodes read no data. The
+    kernels read each element of the old state before they write the new one in the same place, so
+    a caller may bind both to one buffer (:class:`xlstm_export.ort.OrtDecoder` and the server's
+    slots do, for decode steps): a step then reads and writes the state once instead of reading one
+    buffer and filling another (at B=8 on the 160M bench model, 28 MB per step: 1.8 against 2.4 ms
+    for the twelve layers alone).
     """
     g = GraphIndex(model.graph)
+    native_step = _native_step_in_place(model)
     pairs = {}
     for i in model.graph.input:
         data = [n for n in g.readers.get(i.name, []) if n.op_type != "Shape" or n.domain not in STANDARD_DOMAINS]
-        op = native_ops.OPS.get(data[0].op_type) if len(data) == 1 and data[0].domain == NATIVE_DOMAIN else None
-        if op is None:
+        if len(data) != 1:
             continue
-        node_in = dict(zip(op.inputs, data[0].input))
-        node_out = dict(zip(op.outputs, data[0].output))
-        for state_in, state_out in op.in_place:
-            if node_in[state_in] == i.name and node_out[state_out] in g.outputs:
+        node = data[0]
+        if node.domain == NATIVE_DOMAIN and node.op_type in native_ops.OPS:
+            op = native_ops.OPS[node.op_type]
+            names_in, names_out, in_place = op.inputs, op.outputs, op.in_place
+        elif node.domain == DOMAIN and node.op_type == MLSTM.name and native_step:
+            names_in, names_out = contract.input_names(MLSTM), contract.output_names(MLSTM)
+            in_place = native_ops.OPS["mLSTMStep"].in_place
+        else:
+            continue
+        node_in = dict(zip(names_in, node.input))
+        node_out = dict(zip(names_out, node.output))
+        for state_in, state_out in in_place:
+            if node_in.get(state_in) == i.name and node_out.get(state_out) in g.outputs:
                 pairs[i.name] = node_out[state_out]
     return pairs
 

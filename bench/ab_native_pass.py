@@ -1,17 +1,25 @@
-"""A/B: the native CPU kernels with and without the block-diagonal pass (``BlockDiagMatMul``).
+"""A/B: the native CPU kernels with and without one of their graph passes, side by side.
 
-The paper architecture's q / k / v projections are block-diagonal (blocks of 4). onnxruntime runs
-each as one tiny product per block; ``xlstm_export.ort_native`` swaps them for ``BlockDiagMatMul``
-(:func:`~xlstm_export.ort_native._block_diagonal_products`). This script loads one export twice
-with ``OrtModel(path, native_ops=True)``, "A" with that pass turned off, "B" as users get it, and
-times both side by side, interleaved (A, B, A, B, ... per round) so that a shared machine's drifts
-hit both alike: decode steps as the server runs them (``OrtSlots.step``: IOBinding on a slot
-pool) and a prefill chunk (``OrtModel.run``, last-position logits). Each cell is the median over
-rounds of the per-round medians; B / A below 1 is the pass's gain. It also checks that A and B
-give the same logits.
+Two passes of ``xlstm_export.ort_native`` that matter to the paper architecture:
 
-    python bench/ab_block_diagonal.py                              # tiny, B = 1, 8, 32
-    python bench/ab_block_diagonal.py --models xlstm-125m --batch 1 8 --steps 5 --rounds 3
+* ``block-diagonal``: the q / k / v projections (blocks of 4) as ``BlockDiagMatMul``
+  (:func:`~xlstm_export.ort_native._block_diagonal_products`) instead of onnxruntime's batch of
+  one tiny product per block;
+* ``in-place``: decode steps update the paper mLSTM blocks' states c, n, m in place, one buffer
+  bound as input and output (:func:`~xlstm_export.ort_native._native_step_in_place`, used by
+  :func:`~xlstm_export.ort_native.inplace_states`), instead of reading one buffer and filling
+  another.
+
+The script loads one export twice with ``OrtModel(path, native_ops=True)``, "A" with the pass
+turned off, "B" as users get it, and times both interleaved (A, B, A, B, ... per round) so that a
+shared machine's drifts hit both alike: decode steps as the server runs them (``OrtSlots.step``:
+IOBinding on a slot pool) and a prefill chunk (``OrtModel.run``, last-position logits). Each cell
+is the median over rounds of the per-round medians; B / A below 1 is the pass's gain. It also
+compares A's and B's logits: the prefill's, and one more decode step after each batch's timing
+(both pools have taken the same steps on the same ids).
+
+    python bench/ab_native_pass.py --pass block-diagonal            # tiny, B = 1, 8, 32
+    python bench/ab_native_pass.py --pass in-place --models xlstm-125m --batch 1 8 32 --steps 5 --rounds 5
 """
 
 from __future__ import annotations
@@ -35,15 +43,22 @@ from xlstm_export.serve import OrtSlots
 from xlstm_export.serve.backend import session_options
 
 
+PASSES = {  # --pass -> (the ort_native function, what it returns when the pass is off)
+    "block-diagonal": ("_block_diagonal_products", 0),  # products swapped: none
+    "in-place": ("_native_step_in_place", False),  # the paper mLSTM step may update in place: no
+}
+
+
 @contextmanager
-def block_diagonal_pass_off():
-    """ort_native's block-diagonal pass does nothing while the block runs (the "A" model)."""
-    keep = ort_native._block_diagonal_products
-    ort_native._block_diagonal_products = lambda graph: 0
+def pass_off(name: str):
+    """ort_native's pass ``name`` does nothing while the block runs (the "A" model is loaded)."""
+    attr, off = PASSES[name]
+    keep = getattr(ort_native, attr)
+    setattr(ort_native, attr, lambda *_: off)
     try:
         yield
     finally:
-        ort_native._block_diagonal_products = keep
+        setattr(ort_native, attr, keep)
 
 
 def median_time(fn, reps: int) -> float:
@@ -60,7 +75,7 @@ def bench_model(name: str, args, workdir: Path) -> list[str]:
     torch.manual_seed(args.seed)
     export_onnx(load(name), path, progress=False)
     opts = lambda: session_options(args.threads)  # noqa: E731 (the server's: workers not spinning)
-    with block_diagonal_pass_off():
+    with pass_off(args.pass_name):
         a = OrtModel(path, native_ops=True, session_options=opts())
     b = OrtModel(path, native_ops=True, session_options=opts())
     rng = np.random.default_rng(args.seed)
@@ -83,15 +98,20 @@ def bench_model(name: str, args, workdir: Path) -> list[str]:
                     per[k].append(median_time(lambda: pools[k].step(ids), args.steps))
                 else:
                     per[k].append(median_time(lambda: m.run(prompt, None, logits="last"), max(1, args.steps // 8)))
+        if B is not None:  # both pools took the same steps on the same ids: one more, compared
+            la, lb = pools["A"].step(ids).copy(), pools["B"].step(ids)
+            diff = max(diff, float(np.abs(la - lb).max() / np.abs(la).max()))
         ta, tb = statistics.median(per["A"]), statistics.median(per["B"])
         rows.append(f"| {name} | {label} | {1e3 * ta:.3f} ms | {1e3 * tb:.3f} ms | {tb / ta:.2f} |")
         print(rows[-1], flush=True)
-    rows.append(f"| {name} | logits, A against B | max abs difference / max abs: {diff:.1e} | | |")
+    rows.append(f"| {name} | logits, A against B (prefill, last decode step) | max abs difference / max abs: "
+                f"{diff:.1e} | | |")
     return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pass", dest="pass_name", required=True, choices=list(PASSES))
     p.add_argument("--models", nargs="+", default=["tiny"], help="paper-architecture presets (default: tiny)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prefill-len", type=int, default=64)
