@@ -70,7 +70,8 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def bench_model(name: str, args, workdir: Path) -> list[str]:
+def bench_model(name: str, args, workdir: Path) -> None:
+    """Print the table rows of one model."""
     path = workdir / f"{name}.onnx"
     torch.manual_seed(args.seed)
     export_onnx(load(name), path, progress=False)
@@ -83,7 +84,6 @@ def bench_model(name: str, args, workdir: Path) -> list[str]:
     la, _ = a.run(prompt, None, logits="last")
     lb, _ = b.run(prompt, None, logits="last")
     diff = float(np.abs(la - lb).max() / np.abs(la).max())
-    rows = []
     cases = [(f"decode B={B}", B) for B in args.batch] + [(f"prefill 1 x {args.prefill_len}", None)]
     for label, B in cases:
         per = {"A": [], "B": []}
@@ -102,11 +102,9 @@ def bench_model(name: str, args, workdir: Path) -> list[str]:
             la, lb = pools["A"].step(ids).copy(), pools["B"].step(ids)
             diff = max(diff, float(np.abs(la - lb).max() / np.abs(la).max()))
         ta, tb = statistics.median(per["A"]), statistics.median(per["B"])
-        rows.append(f"| {name} | {label} | {1e3 * ta:.3f} ms | {1e3 * tb:.3f} ms | {tb / ta:.2f} |")
-        print(rows[-1], flush=True)
-    rows.append(f"| {name} | logits, A against B (prefill, last decode step) | max abs difference / max abs: "
-                f"{diff:.1e} | | |")
-    return rows
+        print(f"| {name} | {label} | {1e3 * ta:.3f} ms | {1e3 * tb:.3f} ms | {tb / ta:.2f} |", flush=True)
+    print(f"| {name} | logits, A against B (prefill, last decode step) | max abs difference / max abs: "
+          f"{diff:.1e} | | |")
 
 
 def main() -> int:
@@ -124,8 +122,7 @@ def main() -> int:
     print("| model | run | A: without the pass | B: with it | B / A |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
-            rows = bench_model(name, args, Path(d))
-            print(rows[-1])
+            bench_model(name, args, Path(d))
     return 0
 
 
