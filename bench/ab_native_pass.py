@@ -1,10 +1,12 @@
 """A/B: the native CPU kernels with and without one of their graph passes, side by side.
 
-Two passes of ``xlstm_export.ort_native`` that matter to the paper architecture:
+Three passes of ``xlstm_export.ort_native`` that matter to the paper architecture:
 
 * ``block-diagonal``: the q / k / v projections (blocks of 4) as ``BlockDiagMatMul``
   (:func:`~xlstm_export.ort_native._block_diagonal_products`) instead of onnxruntime's batch of
   one tiny product per block;
+* ``causal-conv``: each paper block's causal convolution and its SiLU as one ``CausalConv``
+  (:func:`~xlstm_export.ort_native._causal_convs`) instead of ~16 standard nodes;
 * ``in-place``: decode steps update the paper mLSTM blocks' states c, n, m in place, one buffer
   bound as input and output (:func:`~xlstm_export.ort_native._native_step_in_place`, used by
   :func:`~xlstm_export.ort_native.inplace_states`), instead of reading one buffer and filling
@@ -46,6 +48,7 @@ from xlstm_export.serve.backend import session_options
 PASSES = {  # --pass -> (the ort_native function, what it returns when the pass is off)
     "block-diagonal": ("_block_diagonal_products", 0),  # products swapped: none
     "in-place": ("_native_step_in_place", False),  # the paper mLSTM step may update in place: no
+    "causal-conv": ("_causal_convs", 0),  # convolutions swapped: none
 }
 
 

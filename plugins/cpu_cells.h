@@ -1,8 +1,10 @@
-// Float32 CPU kernels of the two xLSTM cells, one (batch, head) at a time.
+// Float32 CPU kernels of the two xLSTM cells, one (batch, head) at a time, and of the paper blocks'
+// causal convolution, one sequence at a time.
 //
 // Used by the onnxruntime custom-op library (cpu_ops.cc), which replaces the decode step of the
-// `xlstm::mLSTM` function body, the time loop of the `xlstm::sLSTM` body and the whole 7B-style
-// mLSTM layer between its weight products with these (see xlstm_export/ort_native.py). The math is
+// `xlstm::mLSTM` function body, the time loop of the `xlstm::sLSTM` body, the whole 7B-style
+// mLSTM layer between its weight products and the paper blocks' convolutions with these (see
+// xlstm_export/ort_native.py). The math is
 // exactly the references' (kernels/mlstm/naive.py `_step`, kernels/slstm/naive.py), in float32, with
 // the same association order where it matters (h = num / den, not num * (1 / den)); the mLSTM gates'
 // exponentials, logarithms and soft caps run in 16-lane vectors (cpu_vec.h, within ~2 ulps).
@@ -228,6 +230,34 @@ inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float
     }
     for (int e = 0; e < dh; ++e) h[e] = yt[e];
   }
+}
+
+// ---- the paper blocks' causal convolution ------------------------------------------------------
+
+// One sequence of a depthwise causal convolution over time that carries its last K - 1 inputs
+// (models/layers.py CausalConv1d, as exported): with cat = [past; x] ([K - 1 + s, d] rows),
+//   y[t] = ((cat[t] w[0] + cat[t + 1] w[1]) + ... + cat[t + K - 1] w[K - 1]) + bias   (the graph's order)
+//   and then, when `silu`, y[t] * sigmoid(y[t]);  present = the last K - 1 rows of cat.
+//   x [s, d]  past, present [K - 1, d] (not the same memory)  w [K, d]  bias [d]  y [s, d]
+inline void causal_conv_sequence(const float* x, const float* past, const float* w, const float* bias, int K, int s,
+                                 int64_t d, bool silu, float* y, float* present) {
+  const auto row = [&](int r) { return r < K - 1 ? past + r * d : x + (r - (K - 1)) * d; };  // cat's row r
+  for (int t = 0; t < s; ++t) {
+    for (int64_t c = 0; c < d; c += 16) {
+      const int64_t len = std::min<int64_t>(16, d - c);
+      const auto load = [&](const float* p) { return len == 16 ? load16(p + c) : load16_part(p + c, len); };
+      vec16 acc = load(row(t)) * load(w);
+      for (int j = 1; j < K; ++j) acc = acc + load(row(t + j)) * load(w + j * d);
+      acc = acc + load(bias);
+      if (silu) acc = acc * (1.0f / (1.0f + exp16(-acc)));
+      if (len == 16) {
+        store16(y + t * d + c, acc);
+      } else {
+        store16_part(y + t * d + c, acc, len);
+      }
+    }
+  }
+  for (int r = 0; r < K - 1; ++r) std::copy(row(s + r), row(s + r) + d, present + r * d);
 }
 
 }  // namespace xlstm_cpu

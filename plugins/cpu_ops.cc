@@ -23,6 +23,10 @@
 //       from column <x>_col on (they may all be one tensor: the fused product of the block's input)
 //       gate_bias [2*NH]  c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV]
 //       y [B, S, NH*DV]
+//   xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)    attribute silu (int, 0 or 1): a paper
+//       block's depthwise causal convolution over time with its state, any S (cpu_cells.h
+//       causal_conv_sequence), then silu(y) = y sigmoid(y) where silu is 1
+//       x [B, S, D]  past [B, K-1, D]  w [K, D]  bias [D];  y like x, present like past
 //
 // The signatures (inputs, outputs and attributes by name) are xlstm_export/native_ops.py's table,
 // written again in make_ops below and checked equal by tests/test_ort_native.py.
@@ -30,7 +34,8 @@
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
 // weight MatMuls of the main graph for PackedMatMul, packing their weights as it does, and each
 // 7B-style mLSTM layer (~25 nodes of the main graph around its xlstm::mLSTM node) for one
-// mLSTMLayer. Everything is
+// mLSTMLayer, and each paper block's convolution (~16 nodes: Concat, Slices, Muls, Adds, the SiLU)
+// for one CausalConv. Everything is
 // float32: the bodies cast before calling. The cells split their work over (batch, head), the matrix
 // product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
 // for the hand-off.
@@ -588,6 +593,49 @@ OrtStatus* block_diag_matmul_compute(const Ctx& ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CausalConv
+// ---------------------------------------------------------------------------------------------
+
+struct CausalConvArgs {
+  const float *x, *past, *w, *bias;
+  float *y, *present;
+  int64_t s, d;
+  int k;
+  bool silu;
+};
+
+void causal_conv_task(void* data, size_t b) {
+  const auto& a = *static_cast<const CausalConvArgs*>(data);
+  const int64_t state = (a.k - 1) * a.d;
+  xlstm_cpu::causal_conv_sequence(a.x + b * a.s * a.d, a.past + b * state, a.w, a.bias, a.k, static_cast<int>(a.s),
+                                  a.d, a.silu, a.y + b * a.s * a.d, a.present + b * state);
+}
+
+OrtStatus* causal_conv_compute(const Ctx& ctx) {
+  CausalConvArgs a{};
+  std::vector<int64_t> x, past, w, bias;
+  if (OrtStatus* s = ctx.input("x", &a.x, &x)) return s;
+  if (OrtStatus* s = ctx.input("past", &a.past, &past)) return s;
+  if (OrtStatus* s = ctx.input("w", &a.w, &w)) return s;
+  if (OrtStatus* s = ctx.input("bias", &a.bias, &bias)) return s;
+  if (w.size() != 2 || w[0] < 1 || x.size() != 3 || x[2] != w[1])
+    return ctx.error("w must be [K, D] with x [B, S, D], got w of rank %ld and x of rank %ld",
+                     static_cast<long>(w.size()), static_cast<long>(x.size()));
+  const int64_t batch = x[0], k = w[0];
+  a.s = x[1];
+  a.d = w[1];
+  a.k = static_cast<int>(k);
+  a.silu = ctx.attr_int("silu") != 0;
+  if (!same(past, {batch, k - 1, a.d}) || !same(bias, {a.d}))
+    return ctx.error("past must be [B, K-1, D] = [%ld, %ld, D] and bias [D], with D = %ld from w",
+                     static_cast<long>(batch), static_cast<long>(k - 1), static_cast<long>(a.d));
+  if (OrtStatus* s = ctx.output("y", x, &a.y)) return s;
+  if (OrtStatus* s = ctx.output("present", past, &a.present)) return s;
+  return ctx.for_each(static_cast<size_t>(batch), batch * a.s * a.d * k >= ctx.split->cell_work, causal_conv_task,
+                      &a);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The OrtCustomOp tables
 // ---------------------------------------------------------------------------------------------
 
@@ -672,6 +720,7 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
              {"q_col", "k_col", "v_col", "g_col", "o_col"},
              {"eps", "norm_eps", "soft_cap"}},
             split),
+    make_op("CausalConv", causal_conv_compute, {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu"}, {}}, split),
   };
 }
 

@@ -752,6 +752,115 @@ def test_block_diag_matmul_rejects_partial_rows_with_its_own_message():
         _session(native).run(None, {"x": np.ones((3, 10), np.float32)})
 
 
+# --- the paper blocks' causal convolutions ----------------------------------------------------------
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _conv_model(w: np.ndarray, bias: np.ndarray, *, silu: bool = True, dtype=np.float32, present_start=None,
+                extra_output: str | None = None) -> onnx.ModelProto:
+    """models/layers.py CausalConv1d as exported (w [K, D]): cat = Concat[axis=1](past, x); the terms
+    cat[:, k : k + 1 - K] (the last to the end) times w[k], summed by a chain of Adds, plus the bias;
+    present = cat[:, 1 - K :]; then the block's SiLU (Sigmoid, Mul) when ``silu``. ``extra_output``
+    names a value inside the pattern that the graph also outputs (read elsewhere)."""
+    h = onnx.helper
+    K, D = w.shape
+    tdt = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    const = lambda name, v: onnx.numpy_helper.from_array(np.array([v], np.int64), name)  # noqa: E731
+    inits = [const("one", 1), const("to_end", INT64_MAX), const("present_start", present_start or 1 - K),
+             onnx.numpy_helper.from_array(bias.astype(dtype), "bias")]
+    nodes = [h.make_node("Concat", ["past", "x"], ["cat"], axis=1)]
+    for k in range(K):
+        inits += [const(f"start{k}", k), const(f"end{k}", k + 1 - K),
+                  onnx.numpy_helper.from_array(w[k].astype(dtype), f"w{k}")]
+        nodes += [h.make_node("Slice", ["cat", f"start{k}", f"end{k}" if k < K - 1 else "to_end", "one", "one"],
+                              [f"s{k}"]),
+                  h.make_node("Mul", [f"s{k}", f"w{k}"], [f"m{k}"])]
+        if k:
+            nodes.append(h.make_node("Add", [f"a{k - 1}" if k > 1 else "m0", f"m{k}"], [f"a{k}"]))
+    nodes += [h.make_node("Slice", ["cat", "present_start", "to_end", "one", "one"], ["present"]),
+              h.make_node("Add", [f"a{K - 1}", "bias"], ["conv"])]
+    y = "conv"
+    if silu:
+        nodes += [h.make_node("Sigmoid", ["conv"], ["sig"]), h.make_node("Mul", ["conv", "sig"], ["y"])]
+        y = "y"
+    outputs = [h.make_tensor_value_info(n, tdt, None) for n in (y, "present", *([extra_output] if extra_output else []))]
+    graph = h.make_graph(nodes, "conv", [h.make_tensor_value_info("x", tdt, ["B", "S", D]),
+                                         h.make_tensor_value_info("past", tdt, ["B", K - 1, D])],
+                         outputs, initializer=inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def _conv_ref(x, past, w, bias, silu: bool):
+    """float64: y[t] = sum_k cat[t + k] w[k] + bias (then silu), present = cat's last K - 1 rows."""
+    K = w.shape[0]
+    cat = np.concatenate([past, x], axis=1).astype(np.float64)
+    S = x.shape[1]
+    y = sum(cat[:, k : k + S] * w[k].astype(np.float64) for k in range(K)) + bias.astype(np.float64)
+    if silu:
+        y = y / (1 + np.exp(-y))
+    return y, cat[:, S:]
+
+
+# (B, S, K, D, silu): a decode step and prefill chunks, D a whole number of vectors or not (37: a
+# partial one), the paper's K = 4 and others, shorter prompts than K - 1, the SiLU or not, and
+# enough sequences (64 x 64 x 256 x 4) for the split over threads
+@pytest.mark.parametrize("B,S,K,D,silu", [(1, 1, 4, 256, True), (3, 1, 4, 37, True), (2, 7, 4, 48, True),
+                                          (3, 2, 4, 16, False), (2, 5, 2, 20, True), (1, 9, 6, 33, False),
+                                          (64, 64, 4, 256, True)])
+def test_causal_conv_matches_float64(B, S, K, D, silu):
+    rng = np.random.default_rng(B * S + K * D)
+    w, bias = rng.standard_normal((K, D), dtype=np.float32), rng.standard_normal(D, dtype=np.float32)
+    x = rng.standard_normal((B, S, D), dtype=np.float32)
+    past = rng.standard_normal((B, K - 1, D), dtype=np.float32)
+    native = ort_native.with_native_ops(_conv_model(w, bias, silu=silu), check_xlstm=False)
+    (node,) = native.graph.node
+    assert node.op_type == "CausalConv" and onnx.helper.get_attribute_value(node.attribute[0]) == int(silu)
+    y, present = _session(native).run(None, {"x": x, "past": past})
+    want_y, want_present = _conv_ref(x, past, w, bias, silu)
+    assert y.dtype == np.float32 and y.shape == (B, S, D) and present.shape == (B, K - 1, D)
+    assert np.array_equal(present, want_present)  # copied, not computed
+    assert _rel(y, want_y) < 1e-6  # float32 sums of K products, a vector exp within ~2 ulps
+
+
+def test_causal_conv_rewrite_leaves_what_it_cannot_prove():
+    """The pre-SiLU sum read elsewhere: the convolution is swapped, the SiLU stays. A term or a
+    partial sum read elsewhere, float16 weights, a state slice that is not the last K - 1 rows: the
+    standard nodes stay. Every case gives the standard graph's numbers."""
+    rng = np.random.default_rng(6)
+    K, D = 4, 24
+    w, bias = rng.standard_normal((K, D), dtype=np.float32), rng.standard_normal(D, dtype=np.float32)
+    x = rng.standard_normal((2, 3, D), dtype=np.float32)
+    past = rng.standard_normal((2, K - 1, D), dtype=np.float32)
+    cases = [(_conv_model(w, bias, extra_output="conv"), ["CausalConv", "Sigmoid", "Mul"]),
+             (_conv_model(w, bias, extra_output="m2"), None),
+             (_conv_model(w, bias, extra_output="a1"), None),
+             (_conv_model(w, bias, present_start=-2), None),
+             (_conv_model(w, bias, dtype=np.float16), None)]
+    for model, ops in cases:
+        native = ort_native.with_native_ops(model, check_xlstm=False)
+        got_ops = [nd.op_type for nd in native.graph.node]
+        if ops is None:
+            assert "CausalConv" not in got_ops and len(got_ops) == len(model.graph.node)
+        else:
+            assert got_ops == ops
+        dt = np.float16 if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+        feeds = {"x": x.astype(dt), "past": past.astype(dt)}
+        want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+        for got, e in zip(_session(native).run(None, feeds), want):
+            assert got.shape == e.shape and _rel(got, e) < 1e-6
+
+
+def test_causal_conv_rejects_a_mismatched_state_with_its_own_message():
+    rng = np.random.default_rng(8)
+    w, bias = rng.standard_normal((4, 8), dtype=np.float32), rng.standard_normal(8, dtype=np.float32)
+    model = _conv_model(w, bias)
+    native = ort_native.with_native_ops(model, check_xlstm=False)
+    native.graph.input[1].type.tensor_type.ClearField("shape")  # then feed a past of 2 positions, not 3
+    with pytest.raises(Exception, match=r"xlstm\.cpu::CausalConv: past must be \[B, K-1, D\] = \[1, 3, D\]"):
+        _session(native).run(None, {"x": np.ones((1, 2, 8), np.float32), "past": np.ones((1, 2, 8), np.float32)})
+
+
 # --- whole models ----------------------------------------------------------------------------------
 
 
@@ -792,6 +901,17 @@ def test_native_paper_model_runs_its_q_k_v_products_block_diagonal(exported):
     assert ops.count("BlockDiagMatMul") == 6
     assert not [nd for nd in native.graph.node if nd.op_type == "MatMul" and nd.input[1] in inits
                 and len(inits[nd.input[1]].dims) == 3 and inits[nd.input[1]].dims[1] == 4]
+
+
+def test_native_paper_model_runs_its_convolutions_as_causal_conv(exported):
+    """tiny's three convolutions (two mLSTM blocks, one sLSTM block), each with its SiLU, are one
+    CausalConv each; no Concat of a conv state is left. The whole model's parity is the test above."""
+    _, path = exported["paper"]
+    native = ort_native.with_native_ops(onnx.load(path))
+    convs = [nd for nd in native.graph.node if nd.op_type == "CausalConv"]
+    assert sorted(nd.input[1] for nd in convs) == ["past.0.conv", "past.1.conv", "past.2.conv"]
+    assert all(onnx.helper.get_attribute_value(nd.attribute[0]) == 1 for nd in convs)
+    assert not [nd for nd in native.graph.node if nd.op_type == "Concat" and nd.input[0].endswith(".conv")]
 
 
 @pytest.mark.parametrize("kind", ["paper", "large"])

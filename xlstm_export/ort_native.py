@@ -32,7 +32,11 @@ the state:
   the per-head LayerNorm, the norm weight and the output gate (~25 nodes, each a few microseconds
   of onnxruntime overhead at decode, see :func:`_match_mlstm_layer`). It runs the cell step by step
   for any S: at these head sizes the recurrence costs ~1% of a prefill's products, so the
-  chunkwise form buys nothing on a CPU. A layer the matcher cannot prove is left as it was.
+  chunkwise form buys nothing on a CPU. A layer the matcher cannot prove is left as it was;
+* ``xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)`` replaces, in float32 paper-architecture
+  models, each block's causal convolution over time with its state and the SiLU after it (a
+  ``Concat``, K + 1 ``Slice``, K ``Mul``, K ``Add``, the SiLU's two nodes: 16 nodes at K = 4, see
+  :func:`_match_causal_conv`) for any S.
 
 A 7B-style block is then five nodes at decode instead of ~40 (norm + product, layer, product +
 residual, norm + product, GLU + product + residual), so a step pays onnxruntime's per-node cost
@@ -375,6 +379,122 @@ def _block_diagonal_products(graph: GraphProto) -> int:
     return done
 
 
+# --- the paper blocks' causal convolutions --------------------------------------------------------
+
+_SLICE_TO_END = 1 << 62  # a Slice end at least this large: to the end of the axis
+
+
+@dataclass
+class _CausalConv:
+    nodes: list[NodeProto]  # Concat, Slices, Muls, Adds, the bias Add [, Sigmoid, Mul]: what goes
+    x: str
+    past: str
+    weights: list[np.ndarray]  # K of [D], w[0] multiplies the oldest position
+    bias: np.ndarray  # [D]
+    silu: bool
+    y: str
+    present: str
+
+
+def _slice_bounds(g: GraphIndex, node: NodeProto) -> tuple[int, int] | None:
+    """(start, end) of a standard Slice over axis 1 with step 1 and constant bounds, or None."""
+    if node.op_type != "Slice" or node.domain not in STANDARD_DOMAINS or not g.holds(node) or len(node.input) < 4:
+        return None
+    start, end, axes = (g.const(n, np.int64) for n in node.input[1:4])
+    step = g.const(node.input[4], np.int64) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
+    if any(v is None or v.size != 1 for v in (start, end, axes, step)) or int(axes[0]) != 1 or int(step[0]) != 1:
+        return None
+    return int(start[0]), int(end[0])
+
+
+def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
+    """Pattern (models/layers.py CausalConv1d, as exported, K >= 2): ``cat = Concat[axis=1](past, x)``
+    read by K + 1 Slices over axis 1: the terms ``cat[:, k : k + 1 - K]`` (the last to the end),
+    each times a float32 initializer [D] (``Mul``), summed in order by a chain of ``Add``, plus a
+    bias initializer [D] (``Add``); and ``present = cat[:, 1 - K :]``. A SiLU right after
+    (``Mul(y, Sigmoid(y))``, y read by those two alone) goes into the kernel too. Every value in
+    between is read only there."""
+    if (node.op_type != "Concat" or node.domain not in STANDARD_DOMAINS or len(node.input) != 2
+            or attrs(node).get("axis") != 1):
+        return None
+    past, x = node.input
+    cat = node.output[0]
+    slices = g.readers.get(cat, [])
+    k = len(slices) - 1
+    if cat in g.outputs or k < 2:
+        return None
+    terms: dict[int, NodeProto] = {}
+    present = None
+    for s in slices:
+        bounds = _slice_bounds(g, s)
+        if bounds is None:
+            return None
+        start, end = bounds
+        if bounds == (1 - k, end) and end >= _SLICE_TO_END and present is None:
+            present = s
+        elif 0 <= start < k and start not in terms and (end == start + 1 - k if start < k - 1 else end >= _SLICE_TO_END):
+            terms[start] = s
+        else:
+            return None
+    # past [B, K-1, D] (known: it is a state input), present read by no node (a state output)
+    shape = g.shapes.get(past)
+    if present is None or len(terms) != k or g.readers.get(present.output[0]) or not shape or len(shape) != 3:
+        return None
+    nodes, weights, y = [node, *slices], [], None
+    for j in range(k):
+        mul = g.only_reader(terms[j].output[0], "Mul")
+        w = mul and g.const(g.other_input(mul, terms[j].output[0]))
+        if w is None or w.shape != (shape[2],) or shape[1] != k - 1:
+            return None
+        weights.append(w)
+        nodes.append(mul)
+        if j == 0:
+            y = mul.output[0]
+            continue
+        add = g.only_reader(y, "Add")
+        if add is None or g.other_input(add, y) != mul.output[0] or not g.private(mul.output[0]):
+            return None
+        nodes.append(add)
+        y = add.output[0]
+    add = g.only_reader(y, "Add")
+    bias = add and g.const(g.other_input(add, y))
+    if bias is None or bias.shape != weights[0].shape:
+        return None
+    nodes.append(add)
+    y = add.output[0]
+    readers = g.readers.get(y, [])
+    sigmoid = next((r for r in readers if r.op_type == "Sigmoid" and r.domain in STANDARD_DOMAINS), None)
+    gate = sigmoid and g.only_reader(sigmoid.output[0], "Mul")
+    silu = (y not in g.outputs and len(readers) == 2 and gate is not None and gate in readers
+            and g.other_input(gate, sigmoid.output[0]) == y)
+    if silu:
+        nodes += [sigmoid, gate]
+        y = gate.output[0]
+    return _CausalConv(nodes, x, past, weights, bias, silu, y, present.output[0])
+
+
+def _causal_convs(graph: GraphProto) -> int:
+    """Swap each float32 causal convolution of ``graph`` (:func:`_match_causal_conv`: the paper
+    blocks', ~16 nodes each) for one ``CausalConv``. Returns how many."""
+
+    def rewrite(edit: Edit, p: _CausalConv) -> bool:
+        name = p.nodes[0].name or p.present
+        w, b = f"{name}.conv_weight", f"{name}.conv_bias"
+        new = native_ops.node("CausalConv", {"x": p.x, "past": p.past, "w": w, "bias": b},
+                              {"y": p.y, "present": p.present}, silu=int(p.silu), name=name)
+        if not edit.replace(p.nodes, [new]):
+            return False
+        edit.add_initializer(numpy_helper.from_array(np.stack(p.weights).astype(np.float32), w))
+        edit.add_initializer(numpy_helper.from_array(p.bias.astype(np.float32), b))
+        return True
+
+    rule = Rule("causal convolution -> CausalConv", _match_causal_conv, rewrite)
+    done = apply_rules(graph, [rule])[rule.name]
+    if done:
+        drop_dead_nodes(graph)  # the terms' weights and the biases, now read by nothing
+    return done
+
+
 # --- the 7B-style mLSTM layer --------------------------------------------------------------------
 
 
@@ -579,7 +699,8 @@ def _add_opset(imports, domain: str, version: int) -> None:
 def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: bool = True,
                     fuse_layers: bool = True, check_xlstm: bool = True) -> ModelProto:
     """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels;
-    when ``fuse_layers``, its 7B-style mLSTM layers swapped for ``mLSTMLayer``; when
+    when ``fuse_layers``, its 7B-style mLSTM layers swapped for ``mLSTMLayer`` and its paper blocks'
+    float32 convolutions for ``CausalConv``; when
     ``pack_matmuls``, its float32 block-diagonal products swapped for ``BlockDiagMatMul`` and its
     float32 weight MatMuls for ``PackedMatMul``. A model with no
     xlstm body to rewrite is refused unless ``check_xlstm`` is False."""
@@ -592,6 +713,7 @@ def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: b
         raise NativeOpsError("the model has no xlstm::mLSTM / xlstm::sLSTM function body to run natively")
     if fuse_layers:
         _fuse_mlstm_layers(out.graph)
+        _causal_convs(out.graph)
     if pack_matmuls:
         _block_diagonal_products(out.graph)
         _pack_matmuls(out.graph)
