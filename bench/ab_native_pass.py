@@ -1,16 +1,19 @@
 """A/B: the native CPU kernels with and without one of their graph passes, side by side.
 
-Three passes of ``xlstm_export.ort_native`` that matter to the paper architecture:
+Four passes of ``xlstm_export.ort_native`` that matter to the paper architecture:
 
 * ``block-diagonal``: the q / k / v projections (blocks of 4) as ``BlockDiagMatMul``
   (:func:`~xlstm_export.ort_native._block_diagonal_products`) instead of onnxruntime's batch of
   one tiny product per block;
 * ``causal-conv``: each paper block's causal convolution and its SiLU as one ``CausalConv``
   (:func:`~xlstm_export.ort_native._causal_convs`) instead of ~16 standard nodes;
+* ``paper-layer``: each paper mLSTM block's layer between its products (head reshapes, gate biases,
+  the cell, the norm, skip and gate: ~25 nodes and the cell's function) as one ``mLSTMPaperLayer``
+  (:func:`~xlstm_export.ort_native._match_paper_mlstm_layer`), which runs prefill step by step;
 * ``in-place``: decode steps update the paper mLSTM blocks' states c, n, m in place, one buffer
   bound as input and output (:func:`~xlstm_export.ort_native._native_step_in_place`, used by
   :func:`~xlstm_export.ort_native.inplace_states`), instead of reading one buffer and filling
-  another.
+  another (where the paper layer is not fused: ``mLSTMPaperLayer`` updates in place itself).
 
 The script loads one export twice with ``OrtModel(path, native_ops=True)``, "A" with the pass
 turned off, "B" as users get it, and times both interleaved (A, B, A, B, ... per round) so that a
@@ -49,6 +52,7 @@ PASSES = {  # --pass -> (the ort_native function, what it returns when the pass 
     "block-diagonal": ("_block_diagonal_products", 0),  # products swapped: none
     "in-place": ("_native_step_in_place", False),  # the paper mLSTM step may update in place: no
     "causal-conv": ("_causal_convs", 0),  # convolutions swapped: none
+    "paper-layer": ("_match_paper_mlstm_layer", None),  # no paper mLSTM layer matches
 }
 
 

@@ -149,7 +149,8 @@ inline void mlstm_gates(float* i, float* f, float* floor, const float* m0, float
 }
 
 // The 7B-style mLSTM layer between its two weight products, for one (batch row, head) and S steps,
-// after mlstm_gates: the cell -> per-head LayerNorm -> output-gate product. Per step t, each input
+// after mlstm_gates: the cell -> per-head LayerNorm -> output-gate product (or the paper block's
+// skip and gate, below). Per step t, each input
 // is read from row t of its array (its own row stride), starting at this head's columns:
 //   q, k: dqk values;  v, o: dv values (o: output-gate pre-activations)
 //   i_act, f_act, floor: this head's gate activations (mlstm_gates'), act_stride apart
@@ -158,11 +159,17 @@ inline void mlstm_gates(float* i, float* f, float* floor, const float* m0, float
 //   c0, n0: the state before; c, n: after (c0 may be c, n0 may be n)
 //   y: dv values per step, ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o)
 //   h: scratch [dv]
+// The paper block's mLSTM layer (skip != nullptr) ends otherwise: o holds its z (the up-projection's
+// second half), xc the convolution's output (dv values per step, xc_stride apart), skip [dv] the
+// per-head slice of its learnable skip, and
+//   y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * (z * sigmoid(z))
 struct MlstmLayerHead {
   const float *q, *k, *v, *o, *i_act, *f_act, *floor;
   std::ptrdiff_t q_stride, k_stride, v_stride, o_stride, act_stride, y_stride;
   float eps, norm_eps;
   const float *ln_scale, *ln_bias, *weight;
+  const float *skip, *xc;  // the paper block's, or nullptr
+  std::ptrdiff_t xc_stride;
   const float *c0, *n0;
   float *c, *n, *y, *h;
 };
@@ -180,15 +187,25 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
     const float var = lane_sum_squared_deviation(a.h, dv, mean);
     const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dv) + a.norm_eps);
     const float* o = a.o + t * a.o_stride;
+    const float* xc = a.skip ? a.xc + t * a.xc_stride : nullptr;
     float* y = a.y + t * a.y_stride;
     int d = 0;
     for (; d + 16 <= dv; d += 16) {  // the output gate's sigmoid in 16 lanes
       const vec16 normed = (load16(a.h + d) - mean) * inv_std * load16(a.ln_scale + d) + load16(a.ln_bias + d);
-      store16(y + d, normed * load16(a.weight + d) * sigmoid16(load16(o + d)));
+      const vec16 gate = load16(o + d);
+      if (a.skip) {
+        store16(y + d, (normed * load16(a.weight + d) + load16(a.skip + d) * load16(xc + d)) * (gate * sigmoid16(gate)));
+      } else {
+        store16(y + d, normed * load16(a.weight + d) * sigmoid16(gate));
+      }
     }
     for (; d < dv; ++d) {
       const float normed = (a.h[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d];
-      y[d] = normed * a.weight[d] * sigmoid(o[d]);
+      if (a.skip) {
+        y[d] = (normed * a.weight[d] + a.skip[d] * xc[d]) * (o[d] * sigmoid(o[d]));
+      } else {
+        y[d] = normed * a.weight[d] * sigmoid(o[d]);
+      }
     }
   }
 }

@@ -23,6 +23,10 @@
 //       from column <x>_col on (they may all be one tensor: the fused product of the block's input)
 //       gate_bias [2*NH]  c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV]
 //       y [B, S, NH*DV]
+//   xlstm.cpu::mLSTMPaperLayer(q, k, v, g, z, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight, skip, xc)
+//       -> (y, c, n, m)    a paper mLSTM block's layer between its q / k / v and gate products and its
+//       down-projection: as mLSTMLayer with z (z_col) in place of o, but
+//       y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)   skip [NH*DV]  xc [B, S, NH*DV]
 //   xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)    attribute silu (int, 0 or 1): a paper
 //       block's depthwise causal convolution over time with its state, any S (cpu_cells.h
 //       causal_conv_sequence), then silu(y) = y sigmoid(y) where silu is 1
@@ -34,7 +38,7 @@
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
 // weight MatMuls of the main graph for PackedMatMul, packing their weights as it does, and each
 // 7B-style mLSTM layer (~25 nodes of the main graph around its xlstm::mLSTM node) for one
-// mLSTMLayer, and each paper block's convolution (~16 nodes: Concat, Slices, Muls, Adds, the SiLU)
+// mLSTMLayer (each paper one for one mLSTMPaperLayer), and each paper block's convolution (~16 nodes: Concat, Slices, Muls, Adds, the SiLU)
 // for one CausalConv. Everything is
 // float32: the bodies cast before calling. The cells split their work over (batch, head), the matrix
 // product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
@@ -60,7 +64,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kMaxAttributes = 6;  // of each type
-constexpr int kMaxTensors = 12;    // inputs or outputs of one op
+constexpr int kMaxTensors = 16;    // inputs or outputs of one op
 
 // One op's signature: the same table as xlstm_export/native_ops.py (tests/test_ort_native.py
 // compares the two through XlstmCpuOpSignatures below). Kernels read inputs, outputs and
@@ -304,9 +308,10 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
 // ---------------------------------------------------------------------------------------------
 
 struct MlstmLayerArgs {
-  const float* in[5];  // q, k, v, g, o: rows of [B, S, width[j]], read from column col[j]
+  const float* in[5];  // q, k, v, g, o (the paper layer: z): rows of [B, S, width[j]], read from column col[j]
   int64_t width[5], col[5];
   const float *gate_bias, *c0, *n0, *m0, *ln_scale, *ln_bias, *weight;
+  const float *skip, *xc;  // the paper layer's [NH*DV] and [B, S, NH*DV], or nullptr
   const float *i_act, *f_act, *floor;  // [B, S, NH] (xlstm_cpu::mlstm_gates)
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
@@ -344,6 +349,11 @@ void mlstm_layer_task(void* data, size_t bh) {
   l.ln_scale = a.ln_scale;
   l.ln_bias = a.ln_bias;
   l.weight = a.weight + head * a.dv;
+  if (a.skip != nullptr) {
+    l.skip = a.skip + head * a.dv;
+    l.xc = a.xc + b * a.s * a.nh * a.dv + head * a.dv;
+    l.xc_stride = a.nh * a.dv;
+  }
   l.c0 = a.c0 + bh * mat;
   l.n0 = a.n0 + bh * a.dqk;
   l.c = a.c + bh * mat;
@@ -353,11 +363,12 @@ void mlstm_layer_task(void* data, size_t bh) {
   xlstm_cpu::mlstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dqk), static_cast<int>(a.dv));
 }
 
-OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
+// mLSTMLayer, or mLSTMPaperLayer where `paper`.
+OrtStatus* mlstm_layer(const Ctx& ctx, bool paper) {
   MlstmLayerArgs a{};
-  std::vector<int64_t> dims[5], gb, c0, n0, m0, ls, lb, w;
-  const char* in_names[5] = {"q", "k", "v", "g", "o"};  // MlstmLayerArgs::in order
-  const char* col_names[5] = {"q_col", "k_col", "v_col", "g_col", "o_col"};
+  std::vector<int64_t> dims[5], gb, c0, n0, m0, ls, lb, w, skip, xc;
+  const char* in_names[5] = {"q", "k", "v", "g", paper ? "z" : "o"};  // MlstmLayerArgs::in order
+  const char* col_names[5] = {"q_col", "k_col", "v_col", "g_col", paper ? "z_col" : "o_col"};
   for (int j = 0; j < 5; ++j) {
     if (OrtStatus* s = ctx.input(in_names[j], &a.in[j], &dims[j])) return s;
   }
@@ -384,6 +395,13 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
                      "[B, S, *] with NH*DQK columns from q_col / k_col, v, o NH*DV columns, g 2*NH, "
                      "gate_bias [2*NH], n0 [B, NH, DQK], m0 [B, NH], ln_scale, ln_bias [DV], weight [NH*DV]",
                      static_cast<long>(B), static_cast<long>(NH), static_cast<long>(dims[0][0]));
+  if (paper) {
+    if (OrtStatus* s = ctx.input("skip", &a.skip, &skip)) return s;
+    if (OrtStatus* s = ctx.input("xc", &a.xc, &xc)) return s;
+    if (!same(skip, {NH * DV}) || !same(xc, {B, S, NH * DV}))
+      return ctx.error("skip must be [NH*DV] = [%ld] and xc [B, S, NH*DV] = [%ld, %ld, NH*DV]",
+                       static_cast<long>(NH * DV), static_cast<long>(B), static_cast<long>(S));
+  }
   a.nh = NH;
   a.s = S;
   a.dqk = DQK;
@@ -420,6 +438,9 @@ OrtStatus* mlstm_layer_compute(const Ctx& ctx) {
   a.floor = floor;
   return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DQK * DV >= ctx.split->cell_work, mlstm_layer_task, &a);
 }
+
+OrtStatus* mlstm_layer_compute(const Ctx& ctx) { return mlstm_layer(ctx, false); }
+OrtStatus* mlstm_paper_layer_compute(const Ctx& ctx) { return mlstm_layer(ctx, true); }
 
 // ---------------------------------------------------------------------------------------------
 // PackedMatMul
@@ -718,6 +739,12 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
             {{"q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
              {"y", "c", "n", "m"},
              {"q_col", "k_col", "v_col", "g_col", "o_col"},
+             {"eps", "norm_eps", "soft_cap"}},
+            split),
+    make_op("mLSTMPaperLayer", mlstm_paper_layer_compute,
+            {{"q", "k", "v", "g", "z", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight", "skip", "xc"},
+             {"y", "c", "n", "m"},
+             {"q_col", "k_col", "v_col", "g_col", "z_col"},
              {"eps", "norm_eps", "soft_cap"}},
             split),
     make_op("CausalConv", causal_conv_compute, {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu"}, {}}, split),

@@ -220,15 +220,19 @@ def test_rewrite_copies_and_refuses_models_without_xlstm_bodies():
 LAYER_INPUTS = ["q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"]
 
 
-def _layer_model(eps: float, norm_eps: float, cap: float, cols=(0, 0, 0, 0, 0), fused: bool = False
-                 ) -> onnx.ModelProto:
-    """One xlstm.cpu::mLSTMLayer node over graph inputs of any shape; ``fused``: q, k, v, g and o
-    are column ranges (from ``cols``) of one input "z"."""
+PAPER_LAYER_INPUTS = ["z" if x == "o" else x for x in LAYER_INPUTS] + ["skip", "xc"]
+
+
+def _layer_model(eps: float, norm_eps: float, cap: float, cols=(0, 0, 0, 0, 0), fused: bool = False,
+                 paper: bool = False) -> onnx.ModelProto:
+    """One xlstm.cpu::mLSTMLayer node (``paper``: mLSTMPaperLayer) over graph inputs of any shape;
+    ``fused``: q, k, v, g and o are column ranges (from ``cols``) of one input "z"."""
     vi = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)  # noqa: E731
-    inputs = ["z"] * 5 + LAYER_INPUTS[5:] if fused else LAYER_INPUTS
-    node = onnx.helper.make_node("mLSTMLayer", inputs, ["y", "c", "n", "m"], domain=ort_native.NATIVE_DOMAIN,
-                                 eps=eps, norm_eps=norm_eps, soft_cap=cap,
-                                 **dict(zip(("q_col", "k_col", "v_col", "g_col", "o_col"), cols)))
+    inputs = PAPER_LAYER_INPUTS if paper else ["z"] * 5 + LAYER_INPUTS[5:] if fused else LAYER_INPUTS
+    last = "z_col" if paper else "o_col"
+    node = onnx.helper.make_node("mLSTMPaperLayer" if paper else "mLSTMLayer", inputs, ["y", "c", "n", "m"],
+                                 domain=ort_native.NATIVE_DOMAIN, eps=eps, norm_eps=norm_eps, soft_cap=cap,
+                                 **dict(zip(("q_col", "k_col", "v_col", "g_col", last), cols)))
     graph = onnx.helper.make_graph([node], "layer", [vi(x) for x in dict.fromkeys(inputs)],
                                    [vi(x) for x in "ycnm"])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
@@ -237,7 +241,9 @@ def _layer_model(eps: float, norm_eps: float, cap: float, cols=(0, 0, 0, 0, 0), 
 
 def _layer_reference(x: dict, eps: float, norm_eps: float, cap: float):
     """The layer in float64 from the cell reference: heads, soft-capped gates, cell, per-head
-    LayerNorm, norm weight, output gate (models/blocks.py LargeBlock between its products)."""
+    LayerNorm, norm weight, output gate (models/blocks.py LargeBlock between its products); with
+    x["z"] (the paper block's mLSTMBlock): the norm weight, the learnable skip of the convolution's
+    output xc, the SiLU gate of z."""
     t = {k: torch.from_numpy(v).double() for k, v in x.items()}
     B, NH, _, DV = t["c0"].shape
     S = t["q"].shape[1]
@@ -250,8 +256,10 @@ def _layer_reference(x: dict, eps: float, norm_eps: float, cap: float):
                                          (t["c0"], t["n0"], t["m0"]), eps=eps)
     h = h.transpose(1, 2)  # (B, S, NH, DV)
     h = torch.nn.functional.layer_norm(h, (DV,), t["ln_scale"], t["ln_bias"], norm_eps)
-    y = h.reshape(B, S, NH * DV) * t["weight"] * torch.sigmoid(t["o"])
-    return y, c, n, m
+    h = h.reshape(B, S, NH * DV) * t["weight"]
+    if "z" in t:
+        return (h + t["skip"] * t["xc"]) * torch.nn.functional.silu(t["z"]), c, n, m
+    return h * torch.sigmoid(t["o"]), c, n, m
 
 
 def _layer_inputs(B, S, NH, DQK, DV, seed) -> dict:
@@ -277,6 +285,34 @@ def test_mlstm_layer_matches_float64_reference(B, S, NH, DQK, DV, cap):
     assert _rel(y, y_ref) < TOL_CELL["h"]
     for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
         assert _rel(got, want) < TOL_CELL["state"]
+
+
+@pytest.mark.parametrize("B,S,NH,DQK,DV", [(1, 1, 4, 64, 64), (3, 1, 2, 7, 13), (2, 9, 4, 16, 24),
+                                         (2, 5, 4, 48, 72)])  # B*NH*S*DQK*DV >= 2^16: threads
+def test_mlstm_paper_layer_matches_float64_reference(B, S, NH, DQK, DV):
+    """The paper block's layer (tiny's heads: 4 x 64 x 64): the same cell and norm, then its own
+    skip and SiLU gate; S > 1 step by step."""
+    x = _layer_inputs(B, S, NH, DQK, DV, seed=B * 100 + S * 10 + DQK)
+    rng = np.random.default_rng(DV)
+    x["z"] = x.pop("o")
+    x["skip"] = (1 + 0.3 * rng.standard_normal(NH * DV)).astype(np.float32)
+    x["xc"] = rng.standard_normal((B, S, NH * DV)).astype(np.float32)
+    eps, norm_eps = 1e-6, 1e-5
+    y, c, n, m = _session(_layer_model(eps, norm_eps, 0.0, paper=True)).run(None, x)
+    y_ref, c_ref, n_ref, m_ref = _layer_reference(x, eps, norm_eps, 0.0)
+    assert y.shape == (B, S, NH * DV) and c.shape == (B, NH, DQK, DV)
+    assert _rel(y, y_ref) < TOL_CELL["h"]
+    for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_mlstm_paper_layer_rejects_a_mismatched_skip_input_with_its_own_message():
+    x = _layer_inputs(2, 3, 2, 8, 8, seed=1)
+    x["z"] = x.pop("o")
+    x["skip"], x["xc"] = np.ones(16, np.float32), np.ones((2, 4, 16), np.float32)  # xc: 4 steps, not 3
+    with pytest.raises(Exception, match=r"xlstm\.cpu::mLSTMPaperLayer: skip must be \[NH\*DV\] = \[16\] and xc "
+                                        r"\[B, S, NH\*DV\] = \[2, 3, NH\*DV\]"):
+        _session(_layer_model(1e-6, 1e-5, 0.0, paper=True)).run(None, x)
 
 
 def test_mlstm_layer_reads_column_ranges_of_one_fused_input():
@@ -350,6 +386,68 @@ def test_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tmp_path):
     native = ort_native.with_native_ops(exported)
     counts = _op_counts(native)
     assert counts.get("mLSTMLayer") == 1 and counts.get("mLSTM") == 1
+    ids = np.random.default_rng(5).integers(0, 256, (2, 5))
+    feeds = {"input_ids": ids, **{i.name: np.zeros([2, *[d.dim_value for d in i.type.tensor_type.shape.dim[1:]]],
+                                                   np.float32) for i in exported.graph.input[1:]}}
+    want = dict(zip([o.name for o in exported.graph.output],
+                    ort.InferenceSession(exported.SerializeToString()).run(None, feeds)))
+    got = dict(zip([o.name for o in native.graph.output], _session(native).run(None, feeds)))
+    for name, value in want.items():
+        assert _rel(got[name], value) < TOL_MODEL, name
+
+
+def _paper_model(tmp_path, name: str, **changes) -> Path:
+    cfg = preset("tiny")
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return export_onnx(perturbed_model(cfg, seed=4), tmp_path / f"{name}.onnx", progress=False)
+
+
+def test_layer_rewrite_fuses_every_paper_mlstm_layer(tmp_path):
+    """Each paper mLSTM block's layer (head reshapes, gate biases, the cell, the norm, skip and gate)
+    becomes one mLSTMPaperLayer; the sLSTM block keeps its cell; the model computes the same, at
+    decode and at prefill lengths where the body runs chunkwise."""
+    path = _paper_model(tmp_path, "paper", num_blocks=4, slstm_at=[1])
+    exported = onnx.load(path)
+    native = ort_native.with_native_ops(exported)
+    counts = _op_counts(native)
+    assert counts.get("mLSTMPaperLayer") == 3 and "mLSTM" not in counts and counts.get("sLSTM") == 1
+    assert len(native.graph.node) < len(exported.graph.node) - 3 * (15 + 15)  # the conv's 15 and ~20 of the layer
+    assert {i.name for i in native.graph.input} == {i.name for i in exported.graph.input}
+    assert [o.name for o in native.graph.output] == [o.name for o in exported.graph.output]
+    body, fast = OrtModel(path, intra_op_threads=2), OrtModel(path, intra_op_threads=2, native_ops=True)
+    rng = np.random.default_rng(12)
+    for B, S in ((1, 1), (3, 7), (1, 64), (2, 129)):
+        # from a state the model reached: random n and m make the cell ill-conditioned (B = 3, S = 7:
+        # the chunkwise body 3.8e-3 and the step-by-step layer 6.8e-3 off float64 PyTorch, 1.5e-4 apart)
+        _, state = body.run(rng.integers(0, 256, (B, 5)))
+        ids = rng.integers(0, 256, (B, S))
+        (lb, sb), (ln, sn) = body.run(ids, state), fast.run(ids, state)
+        assert _rel(ln, lb) < TOL_MODEL, (B, S)
+        for key in sb:
+            assert _rel(sn[key], sb[key]) < TOL_MODEL, (B, S, key)
+
+
+@pytest.mark.parametrize("tap", ["skip", "norm"])
+def test_paper_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tap, tmp_path):
+    """A value inside the paper pattern that something else reads (a graph output: the skip term,
+    the per-head norm's output) keeps that layer as it was; the other is still fused."""
+    path = _paper_model(tmp_path, "tapped")
+    exported = onnx.load(path)
+    ln = next(n for n in exported.graph.node if n.op_type == "LayerNormalization" and
+              (p := next((m for m in exported.graph.node if n.input[0] in m.output), None)) and p.op_type == "Transpose"
+              and any(p.input[0] in c.output for c in exported.graph.node if c.op_type == "mLSTM"))
+    if tap == "norm":
+        tapped = ln.output[0]
+    else:  # Mul(skip, xc): the Mul read by the Add after the norm's Reshape and weight
+        readers = lambda x: [m for m in exported.graph.node if x in m.input]  # noqa: E731
+        mul_w = readers(readers(ln.output[0])[0].output[0])[0]
+        add = readers(mul_w.output[0])[0]
+        tapped = next(x for x in add.input if x != mul_w.output[0])
+    exported.graph.output.append(onnx.helper.make_tensor_value_info(tapped, onnx.TensorProto.FLOAT, None))
+    native = ort_native.with_native_ops(exported)
+    counts = _op_counts(native)
+    assert counts.get("mLSTMPaperLayer") == 1 and counts.get("mLSTM") == 1
     ids = np.random.default_rng(5).integers(0, 256, (2, 5))
     feeds = {"input_ids": ids, **{i.name: np.zeros([2, *[d.dim_value for d in i.type.tensor_type.shape.dim[1:]]],
                                                    np.float32) for i in exported.graph.input[1:]}}

@@ -67,6 +67,12 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
                             "weight"), ("y", "c", "n", "m"),
              ints=("q_col", "k_col", "v_col", "g_col", "o_col"), floats=("eps", "norm_eps", "soft_cap"),
              in_place=_MLSTM_STATE),
+    # a paper mLSTM block's layer: as mLSTMLayer with z in place of o, and
+    # y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)
+    NativeOp("mLSTMPaperLayer", ("q", "k", "v", "g", "z", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias",
+                                 "weight", "skip", "xc"), ("y", "c", "n", "m"),
+             ints=("q_col", "k_col", "v_col", "g_col", "z_col"), floats=("eps", "norm_eps", "soft_cap"),
+             in_place=_MLSTM_STATE),
     # a paper block's causal convolution with its state (cat = [past; x] over time), any S, then
     # silu(y) where silu = 1; w [K, D], bias [D]
     NativeOp("CausalConv", ("x", "past", "w", "bias"), ("y", "present"), ints=("silu",)),

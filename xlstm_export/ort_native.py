@@ -33,6 +33,12 @@ the state:
   of onnxruntime overhead at decode, see :func:`_match_mlstm_layer`). It runs the cell step by step
   for any S: at these head sizes the recurrence costs ~1% of a prefill's products, so the
   chunkwise form buys nothing on a CPU. A layer the matcher cannot prove is left as it was;
+* ``xlstm.cpu::mLSTMPaperLayer`` does the same for float32 paper-architecture mLSTM blocks: the
+  head reshapes, the i and f gate biases, the ``xlstm::mLSTM`` node, the per-head LayerNorm, its
+  weight, the learnable skip of the convolution's output and the SiLU gate of z (~25 nodes and the
+  cell's function, see :func:`_match_paper_mlstm_layer`). Step by step at prefill too: on xlstm-125m
+  (heads of 384 x 384) a 64-token prefill took 0.91x the chunkwise body's time
+  (bench/ab_native_pass.py);
 * ``xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)`` replaces, in float32 paper-architecture
   models, each block's causal convolution over time with its state and the SiLU after it (a
   ``Concat``, K + 1 ``Slice``, K ``Mul``, K ``Add``, the SiLU's two nodes: 16 nodes at K = 4, see
@@ -40,9 +46,11 @@ the state:
 
 A 7B-style block is then five nodes at decode instead of ~40 (norm + product, layer, product +
 residual, norm + product, GLU + product + residual), so a step pays onnxruntime's per-node cost
-(a few microseconds each) ~60 times on the 160M model instead of ~400. The decoder
+(a few microseconds each) ~60 times on the 160M model instead of ~400; the paper model tiny's
+decode graph went from 154 nodes to 68. The decoder
 (:class:`xlstm_export.ort.OrtDecoder`) and the server's slots also update in place, at decode
-steps, the mLSTM states that ``mLSTMLayer`` or the paper blocks' ``mLSTMStep`` alone read
+steps, the mLSTM states that ``mLSTMLayer``, ``mLSTMPaperLayer`` or the paper blocks'
+``mLSTMStep`` alone read
 (:func:`inplace_states`).
 
 :func:`with_native_ops` rewrites a loaded ModelProto in memory (the file on disk stays portable),
@@ -612,25 +620,124 @@ def _match_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
             "removed": removed}
 
 
+def _paper_gates_input(g: GraphIndex, i: str, f: str, removed: list) -> tuple[str, np.ndarray] | None:
+    """(g_raw, gate_bias [2*NH]) if i|f = Transpose[0,2,1](Add(i_raw|f_raw, bias_i|bias_f)) with
+    i_raw, f_raw = Split[last axis, NH and NH](g_raw): the paper block's i and f gate products, fused
+    into one by the export, each with its bias (float32 constants [NH])."""
+    found = []
+    for x in (i, f):
+        t = g.private_made_by(x, "Transpose", perm=[0, 2, 1])
+        add = t and g.private_made_by(t.input[0], "Add")
+        bias_name = add and next((y for y in add.input if g.const(y) is not None), None)
+        if not bias_name or g.const(bias_name).ndim != 1:
+            return None
+        found.append((t, add, g.other_input(add, bias_name), g.const(bias_name)))
+    (ti, ai, i_raw, bi), (tf, af, f_raw, bf) = found
+    split = g.made_by(i_raw, "Split")
+    sizes = split and len(split.input) == 2 and g.const(split.input[1], np.int64)
+    if (split is None or sizes is None or sizes is False or attrs(split).get("axis") not in (-1, 2)
+            or list(split.output) != [i_raw, f_raw] or sizes.tolist() != [len(bi), len(bf)] or len(bi) != len(bf)
+            or not (g.private(i_raw) and g.private(f_raw))):
+        return None
+    removed.extend([ti, tf, ai, af, split])
+    return split.input[0], np.concatenate([bi, bf]).astype(np.float32)
+
+
+def _paper_layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
+    """The paper mLSTM block's tail after the cell's ``h``: y = Mul(Add(Mul(Reshape(
+    LayerNormalization[axis -1](Transpose[0,2,1,3](h), scale, bias?)), weight), Mul(skip, xc)),
+    Mul(z, Sigmoid(z))); what it reads."""
+    h_t = g.only_reader(h, "Transpose")
+    if h_t is None or attrs(h_t).get("perm") != [0, 2, 1, 3]:
+        return None
+    ln = g.only_reader(h_t.output[0], "LayerNormalization")
+    ln_attrs = attrs(ln) if ln is not None else {}
+    if ln is None or ln_attrs.get("axis", -1) != -1 or any(o and g.readers.get(o) for o in ln.output[1:]):
+        return None
+    ln_scale = g.const(ln.input[1])
+    has_bias = len(ln.input) > 2 and bool(ln.input[2])
+    if ln_scale is None or ln_scale.ndim != 1 or (has_bias and g.const(ln.input[2]) is None):
+        return None
+    reshape = g.only_reader(ln.output[0], "Reshape")
+    mul_w = reshape and g.only_reader(reshape.output[0], "Mul")
+    weight = mul_w and g.const(g.other_input(mul_w, reshape.output[0]))
+    add = weight is not None and g.only_reader(mul_w.output[0], "Add")
+    mul_skip = add and g.private_made_by(g.other_input(add, mul_w.output[0]), "Mul")
+    skip_name = mul_skip and next((x for x in mul_skip.input if g.const(x) is not None), None)
+    mul_z = skip_name and g.only_reader(add.output[0], "Mul")
+    silu = mul_z and g.private_made_by(g.other_input(mul_z, add.output[0]), "Mul")
+    sig = silu and next((n for n in (g.private_made_by(x, "Sigmoid") for x in silu.input) if n), None)
+    if (not sig or g.other_input(silu, sig.output[0]) != sig.input[0] or weight.ndim != 1
+            or g.const(skip_name).shape != weight.shape):
+        return None
+    removed.extend([h_t, ln, reshape, mul_w, add, mul_skip, mul_z, silu, sig])
+    return {"z": sig.input[0], "xc": g.other_input(mul_skip, skip_name), "skip": skip_name, "y": mul_z.output[0],
+            "ln_scale": ln.input[1], "ln_bias": ln.input[2] if has_bias else None,
+            "weight": g.other_input(mul_w, reshape.output[0]), "norm_eps": float(ln_attrs.get("epsilon", 1e-5)),
+            "dv": int(ln_scale.shape[0])}
+
+
+def _match_paper_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
+    """The paper mLSTM block's layer around the ``xlstm::mLSTM`` node ``cell``, as exported from
+    models/blocks.py ``mLSTMBlock`` in float32, or None where the graph differs anywhere:
+
+        q|k|v = Transpose[0,2,1,3](Reshape(x_raw))       x_raw [B, S, NH*D]: the q, k, v products
+        i|f   = Transpose[0,2,1](Add(i_raw|f_raw, bias))  i_raw, f_raw = Split[-1, NH + NH](g_raw)
+        h, c, n, m = xlstm::mLSTM(q, k, v, i, f, c0, n0, m0)
+        y = Mul(Add(Mul(Reshape(LayerNormalization[axis -1](Transpose[0,2,1,3](h), s, b?)), w),
+                    Mul(skip, xc)), Mul(z, Sigmoid(z)))
+
+    (xc: the convolution's output, z: the up-projection's second half.) Every value in between
+    must have no reader outside the pattern. The same dictionary as :func:`_match_mlstm_layer`."""
+    if cell.domain != DOMAIN or cell.op_type != MLSTM.name:
+        return None
+    removed = [cell]
+    cell_in = dict(zip(contract.input_names(MLSTM), cell.input))
+    cell_out = dict(zip(contract.output_names(MLSTM), cell.output))
+    q_raw, k_raw, v_raw = (_heads_input(g, cell_in[x], removed) for x in ("q", "k", "v"))
+    gates = None not in (q_raw, k_raw, v_raw) and _paper_gates_input(g, cell_in["i"], cell_in["f"], removed)
+    tail = gates and _paper_layer_output(g, cell_out["h"], removed)
+    if not tail:
+        return None
+    g_raw, gate_bias = gates
+    inputs, cols = _fused_columns(g, [q_raw, k_raw, v_raw, g_raw, tail["z"]])
+    return {"op": "mLSTMPaperLayer", "inputs": dict(zip(("q", "k", "v", "g", "z"), inputs)),
+            "gate_bias": f"{cell.name or cell_out['c']}.gate_bias", "gate_bias_value": gate_bias,
+            "extra": {"skip": tail["skip"], "xc": tail["xc"]},
+            "state": {x: cell_in[x] for x in ("c0", "n0", "m0")}, "ln_scale": tail["ln_scale"],
+            "ln_bias": tail["ln_bias"], "weight": tail["weight"], "dv": tail["dv"],
+            "outputs": {"y": tail["y"], **{x: cell_out[x] for x in ("c", "n", "m")}},
+            "attributes": {"eps": float(attrs(cell).get("eps", MLSTM.attr("eps").default)),
+                           "norm_eps": tail["norm_eps"], "soft_cap": 0.0,
+                           **{f"{x}_col": c for x, c in zip(("q", "k", "v", "g", "z"), cols)}},
+            "removed": removed}
+
+
 def _mlstm_layer(edit: Edit, match: dict) -> None:
-    """Replacement: one mLSTMLayer node where the layer's last node stood."""
+    """Replacement: one mLSTMLayer (or mLSTMPaperLayer) node where the layer's last node stood."""
     ln_bias = match["ln_bias"]
     if ln_bias is None:  # the kernel always adds one
         ln_bias = f"{match['ln_scale']}.zero_bias"
         if ln_bias not in edit.index.inits:
             edit.add_initializer(numpy_helper.from_array(np.zeros(match["dv"], np.float32), ln_bias))
+    if "gate_bias_value" in match:  # the paper block's i and f biases, joined
+        edit.add_initializer(numpy_helper.from_array(match["gate_bias_value"], match["gate_bias"]))
     layer = native_ops.node(
-        "mLSTMLayer", {**match["inputs"], "gate_bias": match["gate_bias"], **match["state"],
-                       "ln_scale": match["ln_scale"], "ln_bias": ln_bias, "weight": match["weight"]},
+        match.get("op", "mLSTMLayer"),
+        {**match["inputs"], "gate_bias": match["gate_bias"], **match["state"], "ln_scale": match["ln_scale"],
+         "ln_bias": ln_bias, "weight": match["weight"], **match.get("extra", {})},
         match["outputs"], name=f"{match['removed'][0].name}_layer", **match["attributes"])
     edit.replace(match["removed"], [layer])
 
 
 def _fuse_mlstm_layers(graph: GraphProto) -> int:
-    """Swap each 7B-style mLSTM layer of ``graph`` between its two weight products (~25 nodes, see
-    :func:`_match_mlstm_layer`) for one ``mLSTMLayer`` node. Returns how many were swapped."""
-    rule = Rule("7B-style mLSTM layer -> mLSTMLayer", _match_mlstm_layer, _mlstm_layer)
-    fused = apply_rules(graph, [rule])[rule.name]
+    """Swap each mLSTM layer of ``graph`` between its weight products for one node: 7B-style ones
+    (~25 nodes, see :func:`_match_mlstm_layer`) for ``mLSTMLayer``, paper ones (~25 nodes and the
+    cell's function, see :func:`_match_paper_mlstm_layer`) for ``mLSTMPaperLayer``. Returns how
+    many were swapped."""
+    rules = [Rule("7B-style mLSTM layer -> mLSTMLayer", _match_mlstm_layer, _mlstm_layer),
+             Rule("paper mLSTM layer -> mLSTMPaperLayer", _match_paper_mlstm_layer, _mlstm_layer)]
+    fused = sum(apply_rules(graph, rules).values())
     if fused:
         drop_dead_nodes(graph)
     return fused
@@ -657,8 +764,8 @@ def inplace_states(model: ModelProto) -> dict[str, str]:
     """Graph inputs of a rewritten ``model`` that a decode step (S == 1) may overwrite with a graph
     output: input -> output, for every input whose data only one node reads, as an input the node
     updates in place, and whose matching output that node writes as a graph output. Nodes that
-    update in place: the native ops with :attr:`native_ops.NativeOp.in_place` (mLSTMLayer's c0, n0,
-    m0, at any S), and the paper blocks' ``xlstm::mLSTM`` nodes whose native function runs a
+    update in place: the native ops with :attr:`native_ops.NativeOp.in_place` (mLSTMLayer's and
+    mLSTMPaperLayer's c0, n0, m0, at any S), and the paper blocks' ``xlstm::mLSTM`` nodes whose native function runs a
     decode step as mLSTMStep (the same three states; at S > 1 that function runs its chunkwise
     branch, so a caller binds one buffer for decode steps only). Shape nodes read no data. The
     kernels read each element of the old state before they write the new one in the same place, so
@@ -699,8 +806,8 @@ def _add_opset(imports, domain: str, version: int) -> None:
 def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: bool = True,
                     fuse_layers: bool = True, check_xlstm: bool = True) -> ModelProto:
     """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels;
-    when ``fuse_layers``, its 7B-style mLSTM layers swapped for ``mLSTMLayer`` and its paper blocks'
-    float32 convolutions for ``CausalConv``; when
+    when ``fuse_layers``, its 7B-style mLSTM layers swapped for ``mLSTMLayer``, its paper ones for
+    ``mLSTMPaperLayer`` and its paper blocks' float32 convolutions for ``CausalConv``; when
     ``pack_matmuls``, its float32 block-diagonal products swapped for ``BlockDiagMatMul`` and its
     float32 weight MatMuls for ``PackedMatMul``. A model with no
     xlstm body to rewrite is refused unless ``check_xlstm`` is False."""
