@@ -15,7 +15,7 @@ Four passes of ``xlstm_export.ort_native`` that matter to the paper architecture
   :func:`~xlstm_export.ort_native.inplace_states`), instead of reading one buffer and filling
   another (where the paper layer is not fused: ``mLSTMPaperLayer`` updates in place itself).
 
-The script loads one export twice with ``OrtModel(path, native_ops=True)``, "A" with the pass
+The script loads one export twice with ``OrtModel(path, native_ops=True)``, "A" with the pass(es)
 turned off, "B" as users get it, and times both interleaved (A, B, A, B, ... per round) so that a
 shared machine's drifts hit both alike: decode steps as the server runs them (``OrtSlots.step``:
 IOBinding on a slot pool) and a prefill chunk (``OrtModel.run``, last-position logits). Each cell
@@ -25,6 +25,7 @@ compares A's and B's logits: the prefill's, and one more decode step after each 
 
     python bench/ab_native_pass.py --pass block-diagonal            # tiny, B = 1, 8, 32
     python bench/ab_native_pass.py --pass in-place --models xlstm-125m --batch 1 8 32 --steps 5 --rounds 5
+    python bench/ab_native_pass.py --pass causal-conv paper-layer   # A without either
 """
 
 from __future__ import annotations
@@ -57,15 +58,17 @@ PASSES = {  # --pass -> (the ort_native function, what it returns when the pass 
 
 
 @contextmanager
-def pass_off(name: str):
-    """ort_native's pass ``name`` does nothing while the block runs (the "A" model is loaded)."""
-    attr, off = PASSES[name]
-    keep = getattr(ort_native, attr)
-    setattr(ort_native, attr, lambda *_: off)
+def passes_off(names: list[str]):
+    """ort_native's passes ``names`` do nothing while the block runs (the "A" model is loaded)."""
+    kept = {PASSES[name][0]: getattr(ort_native, PASSES[name][0]) for name in names}
+    for name in names:
+        attr, off = PASSES[name]
+        setattr(ort_native, attr, lambda *_, off=off: off)
     try:
         yield
     finally:
-        setattr(ort_native, attr, keep)
+        for attr, fn in kept.items():
+            setattr(ort_native, attr, fn)
 
 
 def median_time(fn, reps: int) -> float:
@@ -83,7 +86,7 @@ def bench_model(name: str, args, workdir: Path) -> None:
     torch.manual_seed(args.seed)
     export_onnx(load(name), path, progress=False)
     opts = lambda: session_options(args.threads)  # noqa: E731 (the server's: workers not spinning)
-    with pass_off(args.pass_name):
+    with passes_off(args.pass_names):
         a = OrtModel(path, native_ops=True, session_options=opts())
     b = OrtModel(path, native_ops=True, session_options=opts())
     rng = np.random.default_rng(args.seed)
@@ -116,7 +119,8 @@ def bench_model(name: str, args, workdir: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pass", dest="pass_name", required=True, choices=list(PASSES))
+    p.add_argument("--pass", dest="pass_names", nargs="+", required=True, choices=list(PASSES),
+                   help="the pass(es) A runs without")
     p.add_argument("--models", nargs="+", default=["tiny"], help="paper-architecture presets (default: tiny)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prefill-len", type=int, default=64)
