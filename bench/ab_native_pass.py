@@ -1,6 +1,6 @@
 """A/B: the native CPU kernels with and without one of their graph passes, side by side.
 
-Four passes of ``xlstm_export.ort_native`` that matter to the paper architecture:
+Passes of ``xlstm_export.ort_native``, most of them for the paper architecture:
 
 * ``block-diagonal``: the q / k / v projections (blocks of 4) as ``BlockDiagMatMul``
   (:func:`~xlstm_export.ort_native._block_diagonal_products`) instead of onnxruntime's batch of
@@ -10,6 +10,9 @@ Four passes of ``xlstm_export.ort_native`` that matter to the paper architecture
 * ``paper-layer``: each paper mLSTM block's layer between its products (head reshapes, gate biases,
   the cell, the norm, skip and gate: ~25 nodes and the cell's function) as one ``mLSTMPaperLayer``
   (:func:`~xlstm_export.ort_native._match_paper_mlstm_layer`), which runs prefill step by step;
+* ``bf16-weights`` (any architecture; an export with ``--dtype bf16``): the packed weights whose
+  values are all bfloat16 values held as bfloat16 (``PackedMatMulBf16`` and its kin,
+  :func:`~xlstm_export.ort_native.bfloat16_bits`): the same products to the bit from half the bytes;
 * ``in-place``: decode steps update the paper mLSTM blocks' states c, n, m in place, one buffer
   bound as input and output (:func:`~xlstm_export.ort_native._native_step_in_place`, used by
   :func:`~xlstm_export.ort_native.inplace_states`), instead of reading one buffer and filling
@@ -26,6 +29,7 @@ compares A's and B's logits: the prefill's, and one more decode step after each 
     python bench/ab_native_pass.py --pass block-diagonal            # tiny, B = 1, 8, 32
     python bench/ab_native_pass.py --pass in-place --models xlstm-125m --batch 1 8 32 --steps 5 --rounds 5
     python bench/ab_native_pass.py --pass causal-conv paper-layer   # A without either
+    python bench/ab_native_pass.py --pass bf16-weights --dtype bf16 --models xlstm-large-160m --steps 5 --rounds 5
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ PASSES = {  # --pass -> (the ort_native function, what it returns when the pass 
     "in-place": ("_native_step_in_place", False),  # the paper mLSTM step may update in place: no
     "causal-conv": ("_causal_convs", 0),  # convolutions swapped: none
     "paper-layer": ("_match_paper_mlstm_layer", None),  # no paper mLSTM layer matches
+    "bf16-weights": ("bfloat16_bits", None),  # every packed weight float32
 }
 
 
@@ -84,7 +89,7 @@ def bench_model(name: str, args, workdir: Path) -> None:
     """Print the table rows of one model."""
     path = workdir / f"{name}.onnx"
     torch.manual_seed(args.seed)
-    export_onnx(load(name), path, progress=False)
+    export_onnx(load(name), path, dtype=args.dtype, progress=False)
     opts = lambda: session_options(args.threads)  # noqa: E731 (the server's: workers not spinning)
     with passes_off(args.pass_names):
         a = OrtModel(path, native_ops=True, session_options=opts())
@@ -121,7 +126,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pass", dest="pass_names", nargs="+", required=True, choices=list(PASSES),
                    help="the pass(es) A runs without")
-    p.add_argument("--models", nargs="+", default=["tiny"], help="paper-architecture presets (default: tiny)")
+    p.add_argument("--models", nargs="+", default=["tiny"], help="presets (default: tiny)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the export's dtype")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prefill-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)

@@ -13,6 +13,10 @@
 // rows, each x value once per 4 vectors; a last odd panel 8 rows x 32 columns), so the prefill
 // products with many rows are compute-bound rather than load-bound.
 //
+// The weight may also be held as bfloat16 (its 16 high bits per value, the same layout): each
+// weight vector is widened to float32 as it is loaded, which is exact, so the products are the
+// same to the bit as over the float32 weight, from half the bytes (a decode step streams them all).
+//
 // The vectors are cpu_vec.h's (16 floats).
 #pragma once
 
@@ -27,6 +31,19 @@
 namespace xlstm_cpu {
 
 constexpr int kPanel = 32;  // columns per packed panel
+
+// 16 weights as float32: loaded, or widened from bfloat16 bits (a bfloat16 is a float32's high half).
+inline vec16 load_weights16(const float* p) { return load16(p); }
+inline vec16 load_weights16(const uint16_t* p) {
+  using bits16 = uint16_t __attribute__((vector_size(32)));
+  using bits32 = uint32_t __attribute__((vector_size(64)));
+  bits16 h;
+  std::memcpy(&h, p, sizeof h);
+  const bits32 w = __builtin_convertvector(h, bits32) << 16;
+  vec16 f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
 
 // ---- the products' prologues and epilogues -----------------------------------------------------
 
@@ -76,8 +93,8 @@ constexpr int64_t kBlockK = 128;
 // out[r * P * kPanel + j] = sum_k x[r * ldx + k] * panel_{j / kPanel}[k * kPanel + j % kPanel]
 //   for r < R, j < P * kPanel: R rows against P adjacent panels (panel + i * K * kPanel), the
 //   R x 2P vectors of sums in registers.
-template <int R, int P>
-inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+template <int R, int P, class W>
+inline void panel_block(const float* x, int64_t ldx, const W* panel, int64_t K, float* out) {
   constexpr int V = 2 * P;  // vectors of 16 columns
   vec16 total[R][V] = {};
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
@@ -86,8 +103,8 @@ inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t
     for (int64_t k = k0; k < k1; ++k) {
       vec16 w[V];
       for (int i = 0; i < P; ++i) {
-        w[2 * i] = load16(panel + i * K * kPanel + k * kPanel);
-        w[2 * i + 1] = load16(panel + i * K * kPanel + k * kPanel + 16);
+        w[2 * i] = load_weights16(panel + i * K * kPanel + k * kPanel);
+        w[2 * i + 1] = load_weights16(panel + i * K * kPanel + k * kPanel + 16);
       }
       for (int r = 0; r < R; ++r) {
         const float xr = x[r * ldx + k];
@@ -101,8 +118,8 @@ inline void panel_block(const float* x, int64_t ldx, const float* panel, int64_t
 }
 
 // panel_block for `rows` <= R rows (a row block's remainder: the template for exactly that many).
-template <int R, int P>
-inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+template <int R, int P, class W>
+inline void panel_rows(int rows, const float* x, int64_t ldx, const W* panel, int64_t K, float* out) {
   if (rows == R) {
     panel_block<R, P>(x, ldx, panel, K, out);
   } else if constexpr (R > 1) {
@@ -115,8 +132,8 @@ inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel
 //   y: the first panel's first output column, row stride ldy;  cols <= P * kPanel: the real
 //   columns (the rest is padding and is not written);  r: nullptr, or what to add (a residual,
 //   row stride ldr; a bias, ldr = 0), at the first panel's first column.
-template <int P>
-inline void packed_matmul_panels(const float* x, int64_t M, int64_t K, const float* panel, float* y, int64_t ldy,
+template <int P, class W = float>
+inline void packed_matmul_panels(const float* x, int64_t M, int64_t K, const W* panel, float* y, int64_t ldy,
                                  int cols, const float* r = nullptr, int64_t ldr = 0) {
   constexpr int kRows = P == 1 ? 8 : 6;  // rows per block: 2 * P * kRows sums in registers
   constexpr int kWidth = P * kPanel;
@@ -137,14 +154,16 @@ inline void packed_matmul_panels(const float* x, int64_t M, int64_t K, const flo
   }
 }
 
-// y = x W (+ r) for W's panels [first, last) of `panels` (W [panels, K, kPanel], n real columns):
-// two panels at a time, a last odd one alone. y, r: row stride n (r: ldr, 0 for a bias).
-inline void packed_matmul_range(const float* x, int64_t M, int64_t K, const float* w, int64_t first, int64_t last,
+// y = x W (+ r) for W's panels [first, last) of `panels` (W [panels, K, kPanel], n real columns;
+// float, or uint16_t: bfloat16 bits): two panels at a time, a last odd one alone. y, r: row stride
+// n (r: ldr, 0 for a bias).
+template <class W>
+inline void packed_matmul_range(const float* x, int64_t M, int64_t K, const W* w, int64_t first, int64_t last,
                                 int64_t n, float* y, const float* r = nullptr, int64_t ldr = 0) {
   for (int64_t p = first; p < last;) {
     const int64_t take = last - p >= 2 ? 2 : 1;
     const int cols = static_cast<int>(std::min<int64_t>(take * kPanel, n - p * kPanel));
-    const float* panel = w + p * K * kPanel;
+    const W* panel = w + p * K * kPanel;
     float* y_p = y + p * kPanel;
     const float* r_p = r ? r + p * kPanel : nullptr;
     if (take == 2) {

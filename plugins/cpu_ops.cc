@@ -13,6 +13,9 @@
 //       y = softcap(RMSNorm(x) W), RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K],
 //       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0
 //   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (silu(z[..., :K]) * z[..., K:]) W + r, z [..., 2K]
+//   xlstm.cpu::PackedMatMulBf16, PackedMatMulAddBf16, PackedNormMatMulBf16, PackedGluMatMulAddBf16: the
+//       same four with w a bfloat16 tensor in the same layout (a weight whose float32 values are all
+//       bfloat16 values: the products are the same to the bit, from half the bytes)
 //   xlstm.cpu::BlockDiagMatMul(x, w) -> y    attribute n (int): each row of n values of x times a
 //       block-diagonal matrix of square blocks of BLK = 1, 2, 4, 8 or 16 (cpu_gemm.h block_diag_row)
 //       x [...] (n divides its size: M rows)  w [ceil(n / 16), BLK, 16] (packed)  y [M, n / BLK, BLK]
@@ -40,7 +43,8 @@
 // 7B-style mLSTM layer (~25 nodes of the main graph around its xlstm::mLSTM node) for one
 // mLSTMLayer (each paper one for one mLSTMPaperLayer), and each paper block's convolution (~16 nodes: Concat, Slices, Muls, Adds, the SiLU)
 // for one CausalConv. Everything is
-// float32: the bodies cast before calling. The cells split their work over (batch, head), the matrix
+// float32 (the bodies cast before calling) but the weights of the ...Bf16 products, whose float32
+// values were all bfloat16 values. The cells split their work over (batch, head), the matrix
 // product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
 // for the hand-off.
 #include <algorithm>
@@ -68,13 +72,14 @@ constexpr int kMaxTensors = 16;    // inputs or outputs of one op
 
 // One op's signature: the same table as xlstm_export/native_ops.py (tests/test_ort_native.py
 // compares the two through XlstmCpuOpSignatures below). Kernels read inputs, outputs and
-// attributes by these names (Ctx), never by position. Every tensor is float32. Name lists are
-// nullptr-terminated.
+// attributes by these names (Ctx), never by position. Every tensor is float32 but the bf16_inputs.
+// Name lists are nullptr-terminated.
 struct Signature {
   const char* inputs[kMaxTensors + 1];
   const char* outputs[kMaxTensors + 1];
   const char* int_attributes[kMaxAttributes + 1];    // required
   const char* float_attributes[kMaxAttributes + 1];  // required
+  const char* bf16_inputs[kMaxTensors + 1];           // inputs of type bfloat16 (the others: float)
 };
 
 size_t count(const char* const* names) {
@@ -141,8 +146,9 @@ struct Ctx {
     return ort::error(api, msg);
   }
 
-  // Input `name`: its data and dims.
-  OrtStatus* input(const char* name, const float** data, std::vector<int64_t>* dims) const {
+  // Input `name`: its data (T: float, or uint16_t for a bfloat16 input's bits) and dims.
+  template <class T>
+  OrtStatus* input(const char* name, const T** data, std::vector<int64_t>* dims) const {
     using GetInput = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
     const long index = position(sig->inputs, name);
     if (index < 0) return error(("no input named " + std::string(name) + " (a bug in the kernel)").c_str());
@@ -152,7 +158,7 @@ struct Ctx {
     if (OrtStatus* s = ort::tensor_dims(api, value, dims)) return s;
     void* p = nullptr;
     if (OrtStatus* s = ort::tensor_data(api, value, &p)) return s;
-    *data = static_cast<const float*>(p);
+    *data = static_cast<const T*>(p);
     return nullptr;
   }
 
@@ -447,7 +453,9 @@ OrtStatus* mlstm_paper_layer_compute(const Ctx& ctx) { return mlstm_layer(ctx, t
 // ---------------------------------------------------------------------------------------------
 
 struct PackedMatMulArgs {
-  const float *x, *w;
+  const float* x;
+  const float* w;          // the float32 weight, or
+  const uint16_t* w_bf16;  // the bfloat16 one (the ...Bf16 ops)
   float* y;
   const float* r;  // added to the product (the ...Add ops), or nullptr
   float cap;       // > 0: the soft cap cap * tanh(y / cap) on the result (PackedNormMatMul's soft_cap)
@@ -470,8 +478,12 @@ void packed_matmul_batch(void* data, size_t batch) {
     for (int64_t p = first; p < last; p += 2) {  // two panels at a time, as packed_matmul_range does
       const int64_t until = std::min(last, p + 2);
       float* y = a.y + m0 * a.n;
-      xlstm_cpu::packed_matmul_range(a.x + m0 * a.k, rows, a.k, a.w, p, until, a.n, y,
-                                     a.r ? a.r + m0 * a.ldr : nullptr, a.ldr);
+      const float* r = a.r ? a.r + m0 * a.ldr : nullptr;
+      if (a.w_bf16 != nullptr) {
+        xlstm_cpu::packed_matmul_range(a.x + m0 * a.k, rows, a.k, a.w_bf16, p, until, a.n, y, r, a.ldr);
+      } else {
+        xlstm_cpu::packed_matmul_range(a.x + m0 * a.k, rows, a.k, a.w, p, until, a.n, y, r, a.ldr);
+      }
       if (a.cap > 0.0f) {  // while the panels' outputs are in L1
         const int cols = static_cast<int>(std::min<int64_t>((until - p) * xlstm_cpu::kPanel, a.n - p * xlstm_cpu::kPanel));
         for (int64_t row = 0; row < rows; ++row) xlstm_cpu::soft_cap_row(y + row * a.n + p * xlstm_cpu::kPanel, cols, a.cap);
@@ -505,11 +517,12 @@ void prologue_row(void* data, size_t row) {
 //   PackedNormMatMul      (x, w, g)  y = softcap(RMSNorm(x) W): x / sqrt(mean(x^2) + eps) * g row by
 //                                    row, g [K]; float attributes eps and soft_cap (<= 0: none)
 //   PackedGluMatMulAdd    (z, w, r)  y = (silu(z[..., :K]) * z[..., K:]) W + r: the SwiGLU, z [..., 2K]
-OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
+//   ...Bf16                               the same with w bfloat16
+OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 = false) {
   PackedMatMulArgs a{};
   std::vector<int64_t> x, w;
   if (OrtStatus* s = ctx.input(prologue == Prologue::kGlu ? "z" : "x", &a.x, &x)) return s;
-  if (OrtStatus* s = ctx.input("w", &a.w, &w)) return s;
+  if (OrtStatus* s = bf16 ? ctx.input("w", &a.w_bf16, &w) : ctx.input("w", &a.w, &w)) return s;
   a.n = ctx.attr_int("n");
   if (w.size() != 3 || w[2] != xlstm_cpu::kPanel || a.n <= 0 || (a.n + xlstm_cpu::kPanel - 1) / xlstm_cpu::kPanel != w[0])
     return ctx.error("w must be [ceil(n / 32), K, 32] for the attribute n = %ld, got rank %ld with %ld panels",
@@ -553,7 +566,7 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add) {
   if (a.m == 0) return nullptr;
   // One contiguous range of panels per thread (the pool runs `batches` batches of one index each).
   const int64_t weight = a.k * a.panels * xlstm_cpu::kPanel;
-  const bool parallel = weight * static_cast<int64_t>(sizeof(float)) >= ctx.split->matmul_bytes ||
+  const bool parallel = weight * (bf16 ? 2 : 4) >= ctx.split->matmul_bytes ||
                         a.m * weight >= ctx.split->matmul_work;
   // hardware_concurrency() reads /sys on every call: once per process
   static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
@@ -567,6 +580,10 @@ OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Pro
 OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, true); }
 OrtStatus* packed_norm_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNorm, false); }
 OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kGlu, true); }
+OrtStatus* packed_matmul_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, false, true); }
+OrtStatus* packed_matmul_add_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, true, true); }
+OrtStatus* packed_norm_matmul_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNorm, false, true); }
+OrtStatus* packed_glu_matmul_add_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kGlu, true, true); }
 
 // ---------------------------------------------------------------------------------------------
 // BlockDiagMatMul
@@ -710,7 +727,10 @@ OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signatu
   OrtCustomOpLayout& t = d.table;
   ort::fill_common(t, create_kernel, compute_kernel);
   t.GetName = [](const OrtCustomOpLayout* op) { return def(op)->name; };
-  t.GetInputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
+  t.GetInputType = [](const OrtCustomOpLayout* op, size_t index) -> int {
+    const Signature& sig = def(op)->sig;
+    return index < count(sig.inputs) && position(sig.bf16_inputs, sig.inputs[index]) >= 0 ? kOrtBFloat16 : kOrtFloat;
+  };
   t.GetOutputType = [](const OrtCustomOpLayout*, size_t) -> int { return kOrtFloat; };
   t.GetInputTypeCount = [](const OrtCustomOpLayout* op) { return count(def(op)->sig.inputs); };
   t.GetOutputTypeCount = [](const OrtCustomOpLayout* op) { return count(def(op)->sig.outputs); };
@@ -726,28 +746,35 @@ OpDef make_op(const char* name, OrtStatus* (*compute)(const Ctx&), const Signatu
 std::vector<OpDef> make_ops(const SplitThresholds* split) {
   return {
     make_op("mLSTMStep", mlstm_step_compute,
-            {{"q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"}, {"h", "c", "n", "m"}, {}, {}}, split),
+            {{"q", "k", "v", "i", "f", "c0", "n0", "m0", "eps"}, {"h", "c", "n", "m"}, {}, {}, {}}, split),
     make_op("sLSTMScan", slstm_scan_compute,
-            {{"h0", "c0", "n0", "m0", "x", "r"}, {"h", "c", "n", "m", "y"}, {}, {}}, split),
-    make_op("PackedMatMul", packed_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}}, split),
-    make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}}, split),
+            {{"h0", "c0", "n0", "m0", "x", "r"}, {"h", "c", "n", "m", "y"}, {}, {}, {}}, split),
+    make_op("PackedMatMul", packed_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {}}, split),
+    make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("PackedNormMatMul", packed_norm_matmul_compute,
-            {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}}, split),
-    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}}, split),
-    make_op("BlockDiagMatMul", block_diag_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}}, split),
+            {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {}}, split),
+    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}, {}}, split),
+    make_op("PackedMatMulBf16", packed_matmul_bf16_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {"w"}}, split),
+    make_op("PackedMatMulAddBf16", packed_matmul_add_bf16_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
+            split),
+    make_op("PackedNormMatMulBf16", packed_norm_matmul_bf16_compute,
+            {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {"w"}}, split),
+    make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
+            split),
+    make_op("BlockDiagMatMul", block_diag_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("mLSTMLayer", mlstm_layer_compute,
             {{"q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
              {"y", "c", "n", "m"},
              {"q_col", "k_col", "v_col", "g_col", "o_col"},
-             {"eps", "norm_eps", "soft_cap"}},
+             {"eps", "norm_eps", "soft_cap"}, {}},
             split),
     make_op("mLSTMPaperLayer", mlstm_paper_layer_compute,
             {{"q", "k", "v", "g", "z", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight", "skip", "xc"},
              {"y", "c", "n", "m"},
              {"q_col", "k_col", "v_col", "g_col", "z_col"},
-             {"eps", "norm_eps", "soft_cap"}},
+             {"eps", "norm_eps", "soft_cap"}, {}},
             split),
-    make_op("CausalConv", causal_conv_compute, {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu"}, {}}, split),
+    make_op("CausalConv", causal_conv_compute, {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu"}, {}, {}}, split),
   };
 }
 
@@ -768,7 +795,8 @@ void append_names(std::string& out, const char* const* names) {
   for (size_t j = 0; names[j]; ++j) out += (j ? "," : "") + std::string(names[j]);
 }
 
-// "name(in,...)->(out,...) ints(...) floats(...)" per op, one a line (NativeOp.signature's format).
+// "name(in,...)->(out,...) ints(...) floats(...)[ bf16(...)]" per op, one a line (NativeOp.signature's
+// format).
 std::string signatures() {
   std::string out;
   for (const OpDef& op : ops_for(false)) {
@@ -781,7 +809,13 @@ std::string signatures() {
     append_names(out, op.sig.int_attributes);
     out += ") floats(";
     append_names(out, op.sig.float_attributes);
-    out += ")\n";
+    out += ")";
+    if (op.sig.bf16_inputs[0] != nullptr) {
+      out += " bf16(";
+      append_names(out, op.sig.bf16_inputs);
+      out += ")";
+    }
+    out += "\n";
   }
   return out;
 }

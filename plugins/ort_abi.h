@@ -30,7 +30,7 @@ struct OrtApiBase {
 };
 
 // ONNXTensorElementDataType (values 0..23 equal ONNX's TensorProto.DataType)
-enum OrtElemType : int { kOrtUndefined = 0, kOrtFloat = 1 };
+enum OrtElemType : int { kOrtUndefined = 0, kOrtFloat = 1, kOrtBFloat16 = 16 };
 
 // OrtErrorCode
 enum OrtErrCode : int { kOrtFail = 1, kOrtInvalidArgument = 2 };

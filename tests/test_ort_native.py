@@ -32,7 +32,7 @@ from xlstm_export import onnx_functions as OF
 from xlstm_export.cli import main as cli
 from xlstm_export.export import export_onnx
 from xlstm_export.generate import generate
-from xlstm_export.ort import OrtModel
+from xlstm_export.ort import OrtModel, upcast_bfloat16
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
@@ -734,6 +734,72 @@ def test_packed_glu_matmul_add_folds_the_exported_swiglu(B, S, K, N):
     assert _rel(out, ref) < 1e-5  # exp to ~2e-7 relative (degree-7 polynomial), then the product
 
 
+# --- bfloat16 weights -------------------------------------------------------------------------------
+
+
+def _bf16_values(a: np.ndarray) -> np.ndarray:
+    """``a`` truncated to bfloat16 values (float32 with the low 16 bits zero): a bf16 checkpoint's."""
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+def test_bfloat16_bits_of_bfloat16_values_only():
+    w = _bf16_values(np.random.default_rng(0).standard_normal((7, 33), dtype=np.float32))
+    bits = ort_native.bfloat16_bits(w)
+    assert bits.dtype == np.uint16 and bits.shape == w.shape
+    assert np.array_equal((bits.astype(np.uint32) << 16).view(np.float32), w)  # exact: the same values
+    for bit in range(16):  # one value off the bfloat16 grid by any one of the low 16 bits
+        off = w.copy()
+        off.view(np.uint32)[3, 5] |= np.uint32(1 << bit)
+        assert ort_native.bfloat16_bits(off) is None, bit
+
+
+def _bf16_products(w, g):
+    """(model, feeds, the Bf16 op) for each packed product kind over the weight ``w`` [K, N]."""
+    rng = np.random.default_rng(w.shape[0])
+    k, n = w.shape
+    x = rng.standard_normal((2, 9, k), dtype=np.float32)
+    r = rng.standard_normal((2, 9, n), dtype=np.float32)
+    z = 4 * rng.standard_normal((2, 9, 2 * k), dtype=np.float32)
+    return [(_matmul_model(k, n, w, 3), {"x": x}, "PackedMatMulBf16"),
+            (_matmul_add_model(w, ["B", "S", n]), {"x": x, "r": r}, "PackedMatMulAddBf16"),
+            (_rms_norm_matmul_model(w, g, 1e-6, cap=30.0), {"x": x}, "PackedNormMatMulBf16"),
+            (_swiglu_model(w), {"z": z, "r": r}, "PackedGluMatMulAddBf16")]
+
+
+@pytest.mark.parametrize("K,N", [(45, 33), (128, 300), (384, 64)])
+def test_bf16_packed_products_equal_float32_ones_to_the_bit(K, N, monkeypatch):
+    """A weight whose values are all bfloat16 values (a bf16 checkpoint, widened) is packed as
+    bfloat16 and read by the ...Bf16 ops: widening is exact and the sums run in the same order, so
+    every kind of packed product gives the float32 packing's results to the bit."""
+    monkeypatch.setattr(ort_native, "BF16_MIN_BYTES", 0)  # small weights too
+    rng = np.random.default_rng(K + N)
+    w = _bf16_values(rng.standard_normal((K, N), dtype=np.float32))
+    g = (1 + 0.3 * rng.standard_normal(K)).astype(np.float32)
+    for model, feeds, op in _bf16_products(w, g):
+        bf16 = ort_native.with_native_ops(model, check_xlstm=False)
+        assert [nd.op_type for nd in bf16.graph.node] == [op]
+        (packed,) = [t for t in bf16.graph.initializer if t.name.endswith(".packed32bf16")]
+        assert packed.data_type == onnx.TensorProto.BFLOAT16
+        with monkeypatch.context() as m:
+            m.setattr(ort_native, "bfloat16_bits", lambda _: None)
+            f32 = ort_native.with_native_ops(model, check_xlstm=False)
+        assert [nd.op_type for nd in f32.graph.node] == [op.removesuffix("Bf16")]
+        (got,), (want,) = _session(bf16).run(None, feeds), _session(f32).run(None, feeds)
+        assert np.array_equal(got, want), op
+
+
+def test_only_large_weights_on_the_bfloat16_grid_are_held_as_bfloat16():
+    """A weight of 1 MiB (512 x 512) of bfloat16 values is held as bfloat16; a smaller one of the
+    same values (512 x 480: it would stay in cache, only the widening would cost) and float32
+    values off the grid stay float32."""
+    rng = np.random.default_rng(1)
+    big = _bf16_values(rng.standard_normal((512, 512), dtype=np.float32))
+    for w, op in ((big, "PackedMatMulBf16"), (np.ascontiguousarray(big[:, :480]), "PackedMatMul"),
+                  (rng.standard_normal((512, 512), dtype=np.float32), "PackedMatMul")):
+        native = ort_native.with_native_ops(_matmul_model(512, w.shape[1], w, 2), check_xlstm=False)
+        assert [nd.op_type for nd in native.graph.node] == [op], w.shape
+
+
 def test_packed_norm_matmul_leaves_a_norm_read_elsewhere():
     rng = np.random.default_rng(1)
     model = _rms_norm_matmul_model(rng.standard_normal((16, 40), dtype=np.float32), np.ones(16, np.float32), 1e-6,
@@ -1076,3 +1142,25 @@ def test_native_ops_serve_low_precision_exports(dtype, tmp_path):
     assert _rel(ln, lb) < limit
     for key in sb:
         assert _rel(sn[key], sb[key]) < limit
+
+
+def test_bf16_export_packs_its_weights_as_bfloat16_with_the_same_results(tmp_path, monkeypatch):
+    """A bf16 export on the CPU provider: every packed weight is held as bfloat16 (half the bytes a
+    decode step streams), and prefill and decode give what the float32 packing gives, to the bit."""
+    monkeypatch.setattr(ort_native, "BF16_MIN_BYTES", 0)  # tiny-large's weights are small
+    torch.manual_seed(4)
+    path = export_onnx(xLSTMLM(preset("tiny-large")).eval(), tmp_path / "bf16.onnx", dtype="bf16", progress=False)
+    fast = OrtModel(path, native_ops=True)
+    with monkeypatch.context() as m:
+        m.setattr(ort_native, "bfloat16_bits", lambda _: None)
+        wide = OrtModel(path, native_ops=True)
+    rewritten = ort_native.with_native_ops(upcast_bfloat16(onnx.load(path)))  # what OrtModel runs
+    products = [nd.op_type for nd in rewritten.graph.node if nd.op_type.startswith("Packed")]
+    assert products and all(op.endswith("Bf16") for op in products)
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 256, (2, 9))
+    (la, sa), (lb, sb) = fast.run(ids), wide.run(ids)
+    for _ in range(3):
+        assert np.array_equal(la, lb) and all(np.array_equal(sa[k], sb[k]) for k in sa)
+        tok = rng.integers(0, 256, (2, 1))
+        (la, sa), (lb, sb) = fast.run(tok, sa), wide.run(tok, sb)

@@ -5,7 +5,7 @@ required attributes. :mod:`xlstm_export.ort_native` builds every native node thr
 (inputs and outputs given by name, never by position); the library carries the same table (each
 ``make_op`` in cpu_ops.cc names its inputs, outputs and attributes, and ``XlstmCpuOpSignatures()``
 reports them) and tests/test_ort_native.py checks the two are equal. Every tensor is float32 (the
-function bodies cast before calling). What each op computes: cpu_ops.cc's header.
+function bodies cast before calling) but the bfloat16 weights of the ...Bf16 products. What each op computes: cpu_ops.cc's header.
 
     from xlstm_export import native_ops
     native_ops.node("PackedMatMul", {"x": "h", "w": "W.packed32"}, {"y": "logits"}, n=50304)
@@ -36,11 +36,13 @@ class NativeOp:
     # (input, output) pairs the kernel reads element by element before writing the same element:
     # a caller may bind both to one buffer (xlstm_export.ort.OrtDecoder does)
     in_place: tuple[tuple[str, str], ...] = ()
+    bf16: tuple[str, ...] = ()  # inputs of type bfloat16 (every other tensor is float32)
 
     def signature(self) -> str:
-        """``name(in, ...) -> (out, ...) ints(...) floats(...)``, as the library reports it."""
+        """``name(in, ...) -> (out, ...) ints(...) floats(...)[ bf16(...)]``, as the library reports it."""
         return (f"{self.name}({','.join(self.inputs)})->({','.join(self.outputs)}) "
-                f"ints({','.join(self.ints)}) floats({','.join(self.floats)})")
+                f"ints({','.join(self.ints)}) floats({','.join(self.floats)})"
+                + (f" bf16({','.join(self.bf16)})" if self.bf16 else ""))
 
 
 _MLSTM_STATE = (("c0", "c"), ("n0", "n"), ("m0", "m"))
@@ -59,6 +61,12 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     NativeOp("PackedNormMatMul", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap")),
     # y = SwiGLU(z) W + r
     NativeOp("PackedGluMatMulAdd", ("z", "w", "r"), ("y",), ints=("n",)),
+    # the same four with w bfloat16, the same layout: for a weight whose values are all bfloat16
+    # values (a bf16 checkpoint), the same results to the bit from half the bytes
+    NativeOp("PackedMatMulBf16", ("x", "w"), ("y",), ints=("n",), bf16=("w",)),
+    NativeOp("PackedMatMulAddBf16", ("x", "w", "r"), ("y",), ints=("n",), bf16=("w",)),
+    NativeOp("PackedNormMatMulBf16", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap"), bf16=("w",)),
+    NativeOp("PackedGluMatMulAddBf16", ("z", "w", "r"), ("y",), ints=("n",), bf16=("w",)),
     # each row of n values of x times a block-diagonal matrix of square blocks of 1, 2, 4, 8 or 16,
     # packed (ort_native.pack_block_diagonal); y [rows, n / block, block]
     NativeOp("BlockDiagMatMul", ("x", "w"), ("y",), ints=("n",)),

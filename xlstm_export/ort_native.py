@@ -82,8 +82,8 @@ from .graph_rewrite import (
     opset_version,
 )
 
-__all__ = ["NATIVE_DOMAIN", "PANEL", "NativeOpsError", "inplace_states", "library_path", "pack_block_diagonal",
-           "pack_weight", "register", "with_native_ops"]
+__all__ = ["NATIVE_DOMAIN", "PANEL", "NativeOpsError", "bfloat16_bits", "inplace_states", "library_path",
+           "pack_block_diagonal", "pack_weight", "register", "with_native_ops"]
 
 NATIVE_DOMAIN = native_ops.DOMAIN  # custom-op domain of the library (the ops: xlstm_export.native_ops)
 NATIVE_VERSION = native_ops.VERSION
@@ -156,6 +156,24 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     padded = np.zeros((k, panels * PANEL), dtype=np.float32)
     padded[:, :n] = w
     return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+
+
+# A packed weight of at least this many float32 bytes whose values are all bfloat16 values is held as
+# bfloat16. A weight this large does not stay in a core's L2 between decode steps, so each step
+# streams it and half the bytes pay: a bf16 export of xlstm-large-160m decodes at B = 1 / 8 / 32 in
+# 0.62 / 0.75 / 0.99x the time (prefill 1.05x). Weights that stay in cache only pay the widening:
+# tiny-large's (<= 384 KiB) took 0.98 / 1.07 / 1.10x (bench/ab_native_pass.py --pass bf16-weights).
+BF16_MIN_BYTES = 1 << 20
+
+
+def bfloat16_bits(w: np.ndarray) -> np.ndarray | None:
+    """The bfloat16 bits (uint16, the float32 values' high halves) of a float32 array whose values
+    are all bfloat16 values (a bfloat16 checkpoint, widened), else None: then a ...Bf16 product
+    over them gives the same results to the bit as over ``w``, from half the bytes."""
+    bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    if (bits & 0xFFFF).any():
+        return None
+    return (bits >> 16).astype(np.uint16)
 
 
 def _match_addend(g: GraphIndex, y: str, n: int) -> tuple[NodeProto, str] | None:
@@ -262,29 +280,36 @@ def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
 
 def _packed_product(edit: Edit, p: _Product) -> bool | None:
     """Replacement: the product as one packed node (the folded nodes removed with it), its weight
-    packed in place (:func:`pack_weight`). True where a norm or a GLU was folded (their nodes are
-    then dead), None where a node is already part of another replacement (nothing done)."""
-    w = f"{p.weight.name}.packed{PANEL}"
+    packed in place (:func:`pack_weight`), as bfloat16 with the ...Bf16 op where all its values
+    are bfloat16 values (:func:`bfloat16_bits`) and it is large (:data:`BF16_MIN_BYTES`). True where a norm or a GLU was folded (their nodes
+    are then dead), None where a node is already part of another replacement (nothing done)."""
+    packed = pack_weight(numpy_helper.to_array(p.weight))
+    bf16 = bfloat16_bits(packed) if packed.nbytes >= BF16_MIN_BYTES else None
+    suffix = "Bf16" if bf16 is not None else ""
+    w = f"{p.weight.name}.packed{PANEL}{suffix.lower()}"
     x, y, replaced = p.matmul.input[0], p.matmul.output[0], [p.matmul]
     if p.norm is not None:
         x0, g_name, eps = p.norm
         if p.cap is not None:  # the product writes the soft cap's output
             replaced.append(p.cap[0])
             y = p.cap[0].output[0]
-        new = native_ops.node("PackedNormMatMul", {"x": x0, "w": w, "g": g_name}, {"y": y}, n=p.n, eps=eps,
-                              soft_cap=p.cap[1] if p.cap else 0.0)
+        new = native_ops.node("PackedNormMatMul" + suffix, {"x": x0, "w": w, "g": g_name}, {"y": y}, n=p.n,
+                              eps=eps, soft_cap=p.cap[1] if p.cap else 0.0)
     elif p.add is not None:
         replaced.append(p.add[0])
         glu = p.glu is not None
-        new = native_ops.node("PackedGluMatMulAdd" if glu else "PackedMatMulAdd",
+        new = native_ops.node(("PackedGluMatMulAdd" if glu else "PackedMatMulAdd") + suffix,
                               {"z" if glu else "x": p.glu if glu else x, "w": w, "r": p.add[1]},
                               {"y": p.add[0].output[0]}, n=p.n)
     else:
-        new = native_ops.node("PackedMatMul", {"x": x, "w": w}, {"y": y}, n=p.n)
+        new = native_ops.node("PackedMatMul" + suffix, {"x": x, "w": w}, {"y": y}, n=p.n)
     new.name = p.matmul.name
     if not edit.replace(replaced, [new], at=p.matmul):
         return None
-    p.weight.CopyFrom(numpy_helper.from_array(pack_weight(numpy_helper.to_array(p.weight)), w))
+    if bf16 is None:
+        p.weight.CopyFrom(numpy_helper.from_array(packed, w))
+    else:
+        p.weight.CopyFrom(helper.make_tensor(w, onnx.TensorProto.BFLOAT16, packed.shape, bf16.tobytes(), raw=True))
     return p.norm is not None or p.glu is not None
 
 
