@@ -23,6 +23,7 @@ level's requests are done:
     python bench/serve.py --models xlstm-large-160m --requests 4 --waves 1 --rounds 1 --no-repeat   # shorter
     python bench/serve.py --models tiny-large --concurrency 1 8 --requests 16   # smoke test
     python bench/serve.py --out /tmp/serve.md --json /tmp/serve.json
+    python bench/serve.py --models xlstm-large-160m --dtype bf16 --requests 4 --rounds 1   # a bf16 export
 
 Random prompts of ``--prompt-len`` token ids, ``--max-tokens`` new tokens each (greedy). The
 models have random weights (presets); what is measured is the serving path, not the text.
@@ -92,17 +93,18 @@ def rss_mib(pid: int) -> float:
     return total
 
 
-def export(name: str, workdir: Path) -> Path:
+def export(name: str, workdir: Path, dtype: str = "fp32") -> Path:
     import torch
 
     from xlstm_export.export import export_onnx
     from xlstm_export.models import load
 
-    path = workdir / name / f"{name}.onnx"  # a folder each: a tokenizer.json beside it is the model's
+    stem = name if dtype == "fp32" else f"{name}-{dtype}"
+    path = workdir / stem / f"{stem}.onnx"  # a folder each: a tokenizer.json beside it is the model's
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        export_onnx(load(MODELS[name]), path, progress=False)
+        export_onnx(load(MODELS[name]), path, dtype=dtype, progress=False)
     return path
 
 
@@ -290,7 +292,7 @@ def requests_at(c: int, requests: int, waves: int) -> int:
 
 
 def bench_model(name: str, args) -> dict:
-    path = export(name, args.workdir)
+    path = export(name, args.workdir, args.dtype)
     from xlstm_export.ort import inspect_model
 
     vocab = inspect_model(path)["vocab_size"]
@@ -404,6 +406,8 @@ def main() -> int:
                    help="run the levels this many times; each level reports its median round (default: 5)")
     p.add_argument("--no-repeat", dest="repeat", action="store_false",
                    help="skip the second run of the largest level (the memory check)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="the exports' dtype (default: fp32; the presets' weights are float32 before it)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-state-mb", type=float, default=4096)
