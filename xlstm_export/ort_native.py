@@ -463,7 +463,7 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
         if bounds is None:
             return None
         start, end = bounds
-        if bounds == (1 - k, end) and end >= _SLICE_TO_END and present is None:
+        if start == 1 - k and end >= _SLICE_TO_END and present is None:
             present = s
         elif 0 <= start < k and start not in terms and (end == start + 1 - k if start < k - 1 else end >= _SLICE_TO_END):
             terms[start] = s
@@ -471,13 +471,14 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
             return None
     # past [B, K-1, D] (known: it is a state input), present read by no node (a state output)
     shape = g.shapes.get(past)
-    if present is None or len(terms) != k or g.readers.get(present.output[0]) or not shape or len(shape) != 3:
+    if (present is None or len(terms) != k or g.readers.get(present.output[0]) or not shape or len(shape) != 3
+            or shape[1] != k - 1):
         return None
     nodes, weights, y = [node, *slices], [], None
     for j in range(k):
         mul = g.only_reader(terms[j].output[0], "Mul")
         w = mul and g.const(g.other_input(mul, terms[j].output[0]))
-        if w is None or w.shape != (shape[2],) or shape[1] != k - 1:
+        if w is None or w.shape != (shape[2],):
             return None
         weights.append(w)
         nodes.append(mul)
@@ -790,8 +791,8 @@ def inplace_states(model: ModelProto) -> dict[str, str]:
     output: input -> output, for every input whose data only one node reads, as an input the node
     updates in place, and whose matching output that node writes as a graph output. Nodes that
     update in place: the native ops with :attr:`native_ops.NativeOp.in_place` (mLSTMLayer's and
-    mLSTMPaperLayer's c0, n0, m0, at any S), and the paper blocks' ``xlstm::mLSTM`` nodes whose native function runs a
-    decode step as mLSTMStep (the same three states; at S > 1 that function runs its chunkwise
+    mLSTMPaperLayer's c0, n0, m0, at any S), and the paper blocks' ``xlstm::mLSTM`` nodes whose
+    native function runs a decode step as mLSTMStep (the same three states; at S > 1 that function runs its chunkwise
     branch, so a caller binds one buffer for decode steps only). Shape nodes read no data. The
     kernels read each element of the old state before they write the new one in the same place, so
     a caller may bind both to one buffer (:class:`xlstm_export.ort.OrtDecoder` and the server's
