@@ -194,7 +194,8 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
       const vec16 normed = (load16(a.h + d) - mean) * inv_std * load16(a.ln_scale + d) + load16(a.ln_bias + d);
       const vec16 gate = load16(o + d);
       if (a.skip) {
-        store16(y + d, (normed * load16(a.weight + d) + load16(a.skip + d) * load16(xc + d)) * (gate * sigmoid16(gate)));
+        const vec16 skipped = normed * load16(a.weight + d) + load16(a.skip + d) * load16(xc + d);
+        store16(y + d, skipped * (gate * sigmoid16(gate)));
       } else {
         store16(y + d, normed * load16(a.weight + d) * sigmoid16(gate));
       }

@@ -948,7 +948,8 @@ def _conv_model(w: np.ndarray, bias: np.ndarray, *, silu: bool = True, dtype=np.
     if silu:
         nodes += [h.make_node("Sigmoid", ["conv"], ["sig"]), h.make_node("Mul", ["conv", "sig"], ["y"])]
         y = "y"
-    outputs = [h.make_tensor_value_info(n, tdt, None) for n in (y, "present", *([extra_output] if extra_output else []))]
+    outputs = [h.make_tensor_value_info(n, tdt, None)
+               for n in (y, "present", *([extra_output] if extra_output else []))]
     graph = h.make_graph(nodes, "conv", [h.make_tensor_value_info("x", tdt, ["B", "S", D]),
                                          h.make_tensor_value_info("past", tdt, ["B", K - 1, D])],
                          outputs, initializer=inits)

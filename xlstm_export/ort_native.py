@@ -281,8 +281,9 @@ def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
 def _packed_product(edit: Edit, p: _Product) -> bool | None:
     """Replacement: the product as one packed node (the folded nodes removed with it), its weight
     packed in place (:func:`pack_weight`), as bfloat16 with the ...Bf16 op where all its values
-    are bfloat16 values (:func:`bfloat16_bits`) and it is large (:data:`BF16_MIN_BYTES`). True where a norm or a GLU was folded (their nodes
-    are then dead), None where a node is already part of another replacement (nothing done)."""
+    are bfloat16 values (:func:`bfloat16_bits`) and it is large (:data:`BF16_MIN_BYTES`). True where
+    a norm or a GLU was folded (their nodes are then dead), None where a node is already part of
+    another replacement (nothing done)."""
     packed = pack_weight(numpy_helper.to_array(p.weight))
     bf16 = bfloat16_bits(packed) if packed.nbytes >= BF16_MIN_BYTES else None
     suffix = "Bf16" if bf16 is not None else ""
@@ -465,7 +466,8 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
         start, end = bounds
         if start == 1 - k and end >= _SLICE_TO_END and present is None:
             present = s
-        elif 0 <= start < k and start not in terms and (end == start + 1 - k if start < k - 1 else end >= _SLICE_TO_END):
+        elif 0 <= start < k and start not in terms and (end >= _SLICE_TO_END if start == k - 1
+                                                         else end == start + 1 - k):
             terms[start] = s
         else:
             return None
