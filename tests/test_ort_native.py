@@ -428,6 +428,17 @@ def test_layer_rewrite_fuses_every_paper_mlstm_layer(tmp_path):
             assert _rel(sn[key], sb[key]) < TOL_MODEL, (B, S, key)
 
 
+def test_paper_layer_rewrite_leaves_layers_whose_heads_outgrow_the_limit(tmp_path, monkeypatch):
+    """A head's matrix memory above PAPER_LAYER_MAX_HEAD_BYTES (tiny's: 64 x 64 floats, 16 KiB)
+    keeps the chunkwise body (mLSTMStep at decode); the convolutions are still swapped."""
+    path = _paper_model(tmp_path, "big_heads")
+    monkeypatch.setattr(ort_native, "PAPER_LAYER_MAX_HEAD_BYTES", 16 * 1024 - 4)
+    counts = _op_counts(ort_native.with_native_ops(onnx.load(path)))
+    assert "mLSTMPaperLayer" not in counts and counts.get("mLSTM") == 2 and counts.get("CausalConv") == 3
+    monkeypatch.setattr(ort_native, "PAPER_LAYER_MAX_HEAD_BYTES", 16 * 1024)
+    assert _op_counts(ort_native.with_native_ops(onnx.load(path))).get("mLSTMPaperLayer") == 2
+
+
 @pytest.mark.parametrize("tap", ["skip", "norm"])
 def test_paper_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tap, tmp_path):
     """A value inside the paper pattern that something else reads (a graph output: the skip term,

@@ -37,8 +37,8 @@ the state:
   head reshapes, the i and f gate biases, the ``xlstm::mLSTM`` node, the per-head LayerNorm, its
   weight, the learnable skip of the convolution's output and the SiLU gate of z (~25 nodes and the
   cell's function, see :func:`_match_paper_mlstm_layer`). Step by step at prefill too: on xlstm-125m
-  (heads of 384 x 384) a 64-token prefill took 0.91x the chunkwise body's time
-  (bench/ab_native_pass.py);
+  (heads of 384 x 384) a 64-token prefill took 0.91x the chunkwise body's time; heads too large
+  for a core's L2 (xlstm-1.3b's 1024 x 1024: 1.26x) keep the body (bench/ab_native_pass.py);
 * ``xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)`` replaces, in float32 paper-architecture
   models, each block's causal convolution over time with its state and the SiLU after it (a
   ``Concat``, K + 1 ``Slice``, K ``Mul``, K ``Add``, the SiLU's two nodes: 16 nodes at K = 4, see
@@ -705,6 +705,14 @@ def _paper_layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
             "dv": int(ln_scale.shape[0])}
 
 
+# The paper layer runs its cell step by step at prefill too, reading and writing each head's matrix
+# memory once per token; the chunkwise body touches it once per chunk. That pays while a head's
+# memory stays in a core's L2: xlstm-125m's heads (384 x 384 floats, 576 KiB) prefill 64 tokens in
+# 0.91x the body's time, but xlstm-1.3b's (1024 x 1024, 4 MiB; two of its blocks) in 1.26x
+# (bench/ab_native_pass.py --pass paper-layer). Layers with larger heads keep the body.
+PAPER_LAYER_MAX_HEAD_BYTES = 1 << 20
+
+
 def _match_paper_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     """The paper mLSTM block's layer around the ``xlstm::mLSTM`` node ``cell``, as exported from
     models/blocks.py ``mLSTMBlock`` in float32, or None where the graph differs anywhere:
@@ -716,12 +724,18 @@ def _match_paper_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
                     Mul(skip, xc)), Mul(z, Sigmoid(z)))
 
     (xc: the convolution's output, z: the up-projection's second half.) Every value in between
-    must have no reader outside the pattern. The same dictionary as :func:`_match_mlstm_layer`."""
+    must have no reader outside the pattern, and a head's matrix memory (c0 [B, NH, DQK, DV], its
+    dims known) must fit in :data:`PAPER_LAYER_MAX_HEAD_BYTES`. The same dictionary as
+    :func:`_match_mlstm_layer`."""
     if cell.domain != DOMAIN or cell.op_type != MLSTM.name:
         return None
     removed = [cell]
     cell_in = dict(zip(contract.input_names(MLSTM), cell.input))
     cell_out = dict(zip(contract.output_names(MLSTM), cell.output))
+    c0 = g.shapes.get(cell_in["c0"])
+    head_bytes = 4 * c0[2] * c0[3] if c0 and len(c0) == 4 and all(isinstance(d, int) for d in c0[2:]) else None
+    if head_bytes is None or head_bytes > PAPER_LAYER_MAX_HEAD_BYTES:
+        return None
     q_raw, k_raw, v_raw = (_heads_input(g, cell_in[x], removed) for x in ("q", "k", "v"))
     gates = None not in (q_raw, k_raw, v_raw) and _paper_gates_input(g, cell_in["i"], cell_in["f"], removed)
     tail = gates and _paper_layer_output(g, cell_out["h"], removed)
