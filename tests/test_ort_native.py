@@ -340,9 +340,22 @@ def test_mlstm_layer_rejects_inconsistent_shapes_with_its_own_message():
 
 def _large_model(tmp_path, name: str, **changes) -> Path:
     cfg = preset("tiny-large")
-    for k, v in changes.items():
+    for k, v in changes.items():  # past the config's checks: gate_soft_cap=None, no cap at all
         setattr(cfg, k, v)
     return export_onnx(perturbed_model(cfg, seed=4), tmp_path / f"{name}.onnx", progress=False)
+
+
+def _assert_outputs_match(exported: onnx.ModelProto, native: onnx.ModelProto) -> None:
+    """Every graph output of ``native`` (a rewrite of ``exported``) as the standard graph gives it, on
+    two prompts of five tokens from a zero state."""
+    ids = np.random.default_rng(5).integers(0, 256, (2, 5))
+    feeds = {"input_ids": ids, **{i.name: np.zeros([2, *[d.dim_value for d in i.type.tensor_type.shape.dim[1:]]],
+                                                   np.float32) for i in exported.graph.input[1:]}}
+    want = dict(zip([o.name for o in exported.graph.output],
+                    ort.InferenceSession(exported.SerializeToString()).run(None, feeds)))
+    got = dict(zip([o.name for o in native.graph.output], _session(native).run(None, feeds)))
+    for name, value in want.items():
+        assert _rel(got[name], value) < TOL_MODEL, name
 
 
 def _op_counts(model: onnx.ModelProto) -> dict:
@@ -386,21 +399,12 @@ def test_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tmp_path):
     native = ort_native.with_native_ops(exported)
     counts = _op_counts(native)
     assert counts.get("mLSTMLayer") == 1 and counts.get("mLSTM") == 1
-    ids = np.random.default_rng(5).integers(0, 256, (2, 5))
-    feeds = {"input_ids": ids, **{i.name: np.zeros([2, *[d.dim_value for d in i.type.tensor_type.shape.dim[1:]]],
-                                                   np.float32) for i in exported.graph.input[1:]}}
-    want = dict(zip([o.name for o in exported.graph.output],
-                    ort.InferenceSession(exported.SerializeToString()).run(None, feeds)))
-    got = dict(zip([o.name for o in native.graph.output], _session(native).run(None, feeds)))
-    for name, value in want.items():
-        assert _rel(got[name], value) < TOL_MODEL, name
+    _assert_outputs_match(exported, native)
 
 
 def _paper_model(tmp_path, name: str, **changes) -> Path:
-    cfg = preset("tiny")
-    for k, v in changes.items():
-        setattr(cfg, k, v)
-    return export_onnx(perturbed_model(cfg, seed=4), tmp_path / f"{name}.onnx", progress=False)
+    return export_onnx(perturbed_model(preset("tiny", **changes), seed=4), tmp_path / f"{name}.onnx",
+                       progress=False)
 
 
 def test_layer_rewrite_fuses_every_paper_mlstm_layer(tmp_path):
@@ -459,14 +463,7 @@ def test_paper_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tap,
     native = ort_native.with_native_ops(exported)
     counts = _op_counts(native)
     assert counts.get("mLSTMPaperLayer") == 1 and counts.get("mLSTM") == 1
-    ids = np.random.default_rng(5).integers(0, 256, (2, 5))
-    feeds = {"input_ids": ids, **{i.name: np.zeros([2, *[d.dim_value for d in i.type.tensor_type.shape.dim[1:]]],
-                                                   np.float32) for i in exported.graph.input[1:]}}
-    want = dict(zip([o.name for o in exported.graph.output],
-                    ort.InferenceSession(exported.SerializeToString()).run(None, feeds)))
-    got = dict(zip([o.name for o in native.graph.output], _session(native).run(None, feeds)))
-    for name, value in want.items():
-        assert _rel(got[name], value) < TOL_MODEL, name
+    _assert_outputs_match(exported, native)
 
 
 # --- PackedMatMul -----------------------------------------------------------------------------------

@@ -576,9 +576,12 @@ def _gates_input(g: GraphIndex, i: str, f: str, removed: list) -> tuple[str, str
     return g.other_input(add, bias_name), bias_name, cap
 
 
-def _layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
-    """The layer's tail after the cell's ``h``: y = Mul(Mul(Reshape(LayerNormalization[axis -1](
-    Transpose[0,2,1,3](h), scale, bias?)), weight), Sigmoid(o_raw)); what it reads."""
+def _normed_heads(g: GraphIndex, h: str) -> tuple[list[NodeProto], dict] | None:
+    """What both architectures' layers do first after the cell's ``h``:
+    Mul(Reshape(LayerNormalization[axis -1](Transpose[0,2,1,3](h), scale, bias?)), weight), each
+    value read only by the next node, scale, bias and weight float32 constants [DV] / [NH*DV].
+    (its nodes, the last one's output "y" with "ln_scale", "ln_bias" (None: none), "weight",
+    "norm_eps", "dv")."""
     h_t = g.only_reader(h, "Transpose")
     if h_t is None or attrs(h_t).get("perm") != [0, 2, 1, 3]:
         return None
@@ -593,14 +596,27 @@ def _layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
     reshape = g.only_reader(ln.output[0], "Reshape")
     mul_w = reshape and g.only_reader(reshape.output[0], "Mul")
     weight = mul_w and g.const(g.other_input(mul_w, reshape.output[0]))
-    mul_o = weight is not None and g.only_reader(mul_w.output[0], "Mul")
-    sig = mul_o and g.made_by(g.other_input(mul_o, mul_w.output[0]), "Sigmoid")
-    if not sig or not g.private(sig.output[0]) or weight.ndim != 1:
+    if weight is None or weight is False or weight.ndim != 1:
         return None
-    removed.extend([h_t, ln, reshape, mul_w, mul_o, sig])
-    return {"o_raw": sig.input[0], "y": mul_o.output[0], "ln_scale": ln.input[1],
-            "ln_bias": ln.input[2] if has_bias else None, "weight": g.other_input(mul_w, reshape.output[0]),
-            "norm_eps": float(ln_attrs.get("epsilon", 1e-5)), "dv": int(ln_scale.shape[0])}
+    return [h_t, ln, reshape, mul_w], {
+        "y": mul_w.output[0], "ln_scale": ln.input[1], "ln_bias": ln.input[2] if has_bias else None,
+        "weight": g.other_input(mul_w, reshape.output[0]), "norm_eps": float(ln_attrs.get("epsilon", 1e-5)),
+        "dv": int(ln_scale.shape[0])}
+
+
+def _layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
+    """The layer's tail after the cell's ``h``: y = Mul(:func:`_normed_heads`, Sigmoid(o_raw)); what
+    it reads."""
+    found = _normed_heads(g, h)
+    if found is None:
+        return None
+    nodes, out = found
+    mul_o = g.only_reader(out["y"], "Mul")
+    sig = mul_o and g.made_by(g.other_input(mul_o, out["y"]), "Sigmoid")
+    if not sig or not g.private(sig.output[0]):
+        return None
+    removed.extend([*nodes, mul_o, sig])
+    return {**out, "o_raw": sig.input[0], "y": mul_o.output[0]}
 
 
 def _fused_columns(g: GraphIndex, inputs: list[str]) -> tuple[list[str], list[int]]:
@@ -657,9 +673,10 @@ def _paper_gates_input(g: GraphIndex, i: str, f: str, removed: list) -> tuple[st
         t = g.private_made_by(x, "Transpose", perm=[0, 2, 1])
         add = t and g.private_made_by(t.input[0], "Add")
         bias_name = add and next((y for y in add.input if g.const(y) is not None), None)
-        if not bias_name or g.const(bias_name).ndim != 1:
+        bias = g.const(bias_name) if bias_name else None
+        if bias is None or bias.ndim != 1:
             return None
-        found.append((t, add, g.other_input(add, bias_name), g.const(bias_name)))
+        found.append((t, add, g.other_input(add, bias_name), bias))
     (ti, ai, i_raw, bi), (tf, af, f_raw, bf) = found
     split = g.made_by(i_raw, "Split")
     sizes = split and len(split.input) == 2 and g.const(split.input[1], np.int64)
@@ -672,37 +689,24 @@ def _paper_gates_input(g: GraphIndex, i: str, f: str, removed: list) -> tuple[st
 
 
 def _paper_layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
-    """The paper mLSTM block's tail after the cell's ``h``: y = Mul(Add(Mul(Reshape(
-    LayerNormalization[axis -1](Transpose[0,2,1,3](h), scale, bias?)), weight), Mul(skip, xc)),
-    Mul(z, Sigmoid(z))); what it reads."""
-    h_t = g.only_reader(h, "Transpose")
-    if h_t is None or attrs(h_t).get("perm") != [0, 2, 1, 3]:
+    """The paper mLSTM block's tail after the cell's ``h``: y = Mul(Add(:func:`_normed_heads`,
+    Mul(skip, xc)), Mul(z, Sigmoid(z))); what it reads."""
+    found = _normed_heads(g, h)
+    if found is None:
         return None
-    ln = g.only_reader(h_t.output[0], "LayerNormalization")
-    ln_attrs = attrs(ln) if ln is not None else {}
-    if ln is None or ln_attrs.get("axis", -1) != -1 or any(o and g.readers.get(o) for o in ln.output[1:]):
-        return None
-    ln_scale = g.const(ln.input[1])
-    has_bias = len(ln.input) > 2 and bool(ln.input[2])
-    if ln_scale is None or ln_scale.ndim != 1 or (has_bias and g.const(ln.input[2]) is None):
-        return None
-    reshape = g.only_reader(ln.output[0], "Reshape")
-    mul_w = reshape and g.only_reader(reshape.output[0], "Mul")
-    weight = mul_w and g.const(g.other_input(mul_w, reshape.output[0]))
-    add = weight is not None and g.only_reader(mul_w.output[0], "Add")
-    mul_skip = add and g.private_made_by(g.other_input(add, mul_w.output[0]), "Mul")
+    nodes, out = found
+    add = g.only_reader(out["y"], "Add")
+    mul_skip = add and g.private_made_by(g.other_input(add, out["y"]), "Mul")
     skip_name = mul_skip and next((x for x in mul_skip.input if g.const(x) is not None), None)
     mul_z = skip_name and g.only_reader(add.output[0], "Mul")
     silu = mul_z and g.private_made_by(g.other_input(mul_z, add.output[0]), "Mul")
     sig = silu and next((n for n in (g.private_made_by(x, "Sigmoid") for x in silu.input) if n), None)
-    if (not sig or g.other_input(silu, sig.output[0]) != sig.input[0] or weight.ndim != 1
-            or g.const(skip_name).shape != weight.shape):
+    if (not sig or g.other_input(silu, sig.output[0]) != sig.input[0]
+            or g.const(skip_name).shape != g.const(out["weight"]).shape):
         return None
-    removed.extend([h_t, ln, reshape, mul_w, add, mul_skip, mul_z, silu, sig])
-    return {"z": sig.input[0], "xc": g.other_input(mul_skip, skip_name), "skip": skip_name, "y": mul_z.output[0],
-            "ln_scale": ln.input[1], "ln_bias": ln.input[2] if has_bias else None,
-            "weight": g.other_input(mul_w, reshape.output[0]), "norm_eps": float(ln_attrs.get("epsilon", 1e-5)),
-            "dv": int(ln_scale.shape[0])}
+    removed.extend([*nodes, add, mul_skip, mul_z, silu, sig])
+    return {**out, "z": sig.input[0], "xc": g.other_input(mul_skip, skip_name), "skip": skip_name,
+            "y": mul_z.output[0]}
 
 
 # The paper layer runs its cell step by step at prefill too, reading and writing each head's matrix
