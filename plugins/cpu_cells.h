@@ -7,7 +7,8 @@
 // xlstm_export/ort_native.py). The math is
 // exactly the references' (kernels/mlstm/naive.py `_step`, kernels/slstm/naive.py), in float32, with
 // the same association order where it matters (h = num / den, not num * (1 / den)); the mLSTM gates'
-// exponentials, logarithms and soft caps run in 16-lane vectors (cpu_vec.h, within ~2 ulps).
+// and the sLSTM cell's exponentials, logarithms and tanh and the soft caps run in 16-lane vectors
+// (cpu_vec.h, within ~2 ulps).
 //
 // Memory layout: every array is dense row-major; the caller hands in pointers to one head's slice.
 #pragma once
@@ -19,9 +20,6 @@
 #include "cpu_vec.h"
 
 namespace xlstm_cpu {
-
-// log(sigmoid(x)) without overflow: min(x, 0) - log1p(exp(-|x|)).
-inline float log_sigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::exp(-std::fabs(x))); }
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -211,6 +209,46 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
   }
 }
 
+// Columns [g0, g0 + 16 V) of the sLSTM's recurrent product h_{t-1} @ r (r [dh, g4]), V vectors of 16
+// (Partial: the last one holds only `last` columns), the sums in registers across r's rows and added
+// in the rows' order (a template, so that they stay in registers).
+template <int V, bool Partial>
+inline void slstm_recurrent_columns(const float* h, const float* r, int dh, int g4, int g0, int last, float* pre) {
+  vec16 sum[V];
+  for (int u = 0; u < V; ++u) sum[u] = splat16(0.0f);
+  for (int j = 0; j < dh; ++j) {
+    const vec16 hj = splat16(h[j]);
+    const float* row = r + static_cast<std::ptrdiff_t>(j) * g4 + g0;
+    for (int u = 0; u < V; ++u) {
+      sum[u] += hj * (Partial && u == V - 1 ? load16_part(row + 16 * u, last) : load16(row + 16 * u));
+    }
+  }
+  for (int u = 0; u < V; ++u) {
+    if (Partial && u == V - 1) {
+      store16_part(pre + g0 + 16 * u, sum[u], last);
+    } else {
+      store16(pre + g0 + 16 * u, sum[u]);
+    }
+  }
+}
+
+// pre [g4] = h [dh] @ r [dh, g4], 64 columns at a time (slstm_recurrent_columns).
+inline void slstm_recurrent(const float* h, const float* r, int dh, int g4, float* pre) {
+  int g0 = 0;
+  for (; g0 + 64 <= g4; g0 += 64) slstm_recurrent_columns<4, false>(h, r, dh, g4, g0, 16, pre);
+  const int rest = g4 - g0, full = rest / 16, last = rest % 16;
+  switch (full + (last > 0 ? 4 : 0)) {  // what is left: 0-3 full vectors, then maybe a partial one
+    case 1: slstm_recurrent_columns<1, false>(h, r, dh, g4, g0, 16, pre); break;
+    case 2: slstm_recurrent_columns<2, false>(h, r, dh, g4, g0, 16, pre); break;
+    case 3: slstm_recurrent_columns<3, false>(h, r, dh, g4, g0, 16, pre); break;
+    case 4: slstm_recurrent_columns<1, true>(h, r, dh, g4, g0, last, pre); break;
+    case 5: slstm_recurrent_columns<2, true>(h, r, dh, g4, g0, last, pre); break;
+    case 6: slstm_recurrent_columns<3, true>(h, r, dh, g4, g0, last, pre); break;
+    case 7: slstm_recurrent_columns<4, true>(h, r, dh, g4, g0, last, pre); break;
+    default: break;  // nothing left
+  }
+}
+
 // The sLSTM time loop of one head (gate order i, f, z, o).
 //   x [s, 4*dh]: W x per step with the bias already added;  r [dh, 4*dh]: this head's recurrent weights
 //   h, c, n, m [dh]: the state, updated in place (initialise them with the initial state)
@@ -220,31 +258,37 @@ inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float
   const int g4 = 4 * dh;
   for (int t = 0; t < s; ++t) {
     const float* xt = x + static_cast<std::ptrdiff_t>(t) * g4;
-    for (int g = 0; g < g4; ++g) pre[g] = 0.0f;
-    for (int j = 0; j < dh; ++j) {  // h_{t-1} @ r
-      const float hj = h[j];
-      const float* r_row = r + static_cast<std::ptrdiff_t>(j) * g4;
-      for (int g = 0; g < g4; ++g) pre[g] += hj * r_row[g];
-    }
+    slstm_recurrent(h, r, dh, g4, pre);  // h_{t-1} @ r
     float* yt = y + t * y_stride;
-    for (int e = 0; e < dh; ++e) {
+    for (int e = 0; e < dh; e += 16) {  // 16 lanes at a time (scalar exp, log and tanh were most of a step)
+      const int len = std::min(16, dh - e);
+      const auto load = [&](const float* p) { return len == 16 ? load16(p + e) : load16_part(p + e, len); };
       // x_t + h_{t-1} @ r, summed in the Scan body's order (x first)
-      const float ip = xt[e] + pre[e];
-      const float fp = xt[dh + e] + pre[dh + e];
-      const float zp = xt[2 * dh + e] + pre[2 * dh + e];
-      const float op = xt[3 * dh + e] + pre[3 * dh + e];
-      const float lfm = log_sigmoid(fp) + m[e];
+      const vec16 ip = load(xt) + load(pre);
+      const vec16 fp = load(xt + dh) + load(pre + dh);
+      const vec16 zp = load(xt + 2 * dh) + load(pre + 2 * dh);
+      const vec16 op = load(xt + 3 * dh) + load(pre + 3 * dh);
+      const vec16 n_old = load(n);
+      const vec16 lfm = log_sigmoid16(fp) + load(m);
       // n == 0 (a fresh sequence): m starts at i~ as in the official cell, so n_1 = 1 for any i~
-      const float m_new = n[e] == 0.0f ? ip : std::max(ip, lfm);
-      const float i_act = std::exp(ip - m_new);
-      const float f_act = std::exp(std::min(lfm - m_new, 0.0f));
-      const float c_new = f_act * c[e] + i_act * std::tanh(zp);
-      const float n_new = f_act * n[e] + i_act;
-      const float h_new = sigmoid(op) * c_new / n_new;
-      c[e] = c_new;
-      n[e] = n_new;
-      m[e] = m_new;
-      yt[e] = h_new;
+      const vec16 m_new = n_old == 0.0f ? ip : (ip > lfm ? ip : lfm);
+      const vec16 i_act = exp16(ip - m_new);
+      const vec16 d = lfm - m_new;
+      const vec16 f_act = exp16(d < 0.0f ? d : splat16(0.0f));
+      const vec16 c_new = f_act * load(c) + i_act * tanh16(zp);
+      const vec16 n_new = f_act * n_old + i_act;
+      const vec16 h_new = sigmoid16(op) * c_new / n_new;
+      const auto store = [&](float* p, vec16 v) {
+        if (len == 16) {
+          store16(p + e, v);
+        } else {
+          store16_part(p + e, v, len);
+        }
+      };
+      store(c, c_new);
+      store(n, n_new);
+      store(m, m_new);
+      store(yt, h_new);
     }
     for (int e = 0; e < dh; ++e) h[e] = yt[e];
   }
