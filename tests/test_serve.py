@@ -599,6 +599,29 @@ def test_engine_admits_queued_requests_after_a_failed_iteration():
         assert finishes(server, 2) == {1: "error", 2: "length"}
 
 
+def test_engine_reports_a_cancelled_stream_gone_in_its_stats(monkeypatch):
+    """The iteration that drops a cancelled sequence runs nothing; the engine still sends its
+    counters (active back to 0, the cancel counted) before it waits for work, however recently it
+    sent them (here: after every iteration), or /metrics would show the stream running forever."""
+    from xlstm_export.serve import engine
+
+    monkeypatch.setattr(engine, "STATS_INTERVAL_S", 0.0)
+    sched = Scheduler(_FakePool(2), max_batch=2)
+    endless = SamplingParams(max_tokens=1 << 30, temperature=0)
+    with engine_loop(sched) as server:
+        server.send(("submit", [(1, np.array([1, 2]), endless)]))
+        deadline = time.monotonic() + MAX_WAIT_S
+        while not any(kind == "stats" and payload[1] == 1 for kind, payload in server.recv(0.05)):
+            assert time.monotonic() < deadline, "the stream never ran"
+        server.send(("cancel", 1, "cancelled"))
+        stats, deadline = None, time.monotonic() + 5.0
+        while stats is None or stats[1] != 0:
+            assert time.monotonic() < deadline, f"the engine's last counters still say {stats}"
+            for kind, payload in server.recv(0.05):
+                stats = payload if kind == "stats" else stats
+        assert stats[0].finished["cancelled"] == 1
+
+
 def test_engine_process_exit_fails_its_requests_and_the_server_says_503(served):
     om, tok, _ = served
     engine = scheduler_for("process", om, 2)

@@ -432,6 +432,9 @@ class _Engine:
         self.by_id: dict[int, Sequence] = {}  # request id -> the scheduler's sequence (its sink: the id)
         self.sent: dict[Sequence, int] = {}  # tokens already sent
         self.stats_sent = -math.inf
+        # the counters moved since the last ("stats", ...): an iteration ran, or sequences finished
+        # (an iteration that only drops a cancelled sequence runs nothing, yet active falls)
+        self.changed = False
         self.poll = select.poll()
         self.poll.register(fd, select.POLLIN)
         scheduler.on_events = self.hand_off
@@ -440,16 +443,15 @@ class _Engine:
         _write_all(self.fd, _Frames.frame(msg))
 
     def run(self) -> None:
-        busy_since_stats = False
         try:
             while self.receive(block=False):
                 busy = self.scheduler.safe_step()
-                busy_since_stats |= busy
+                self.changed |= busy
                 now = time.perf_counter()
-                if busy_since_stats and (not busy or now - self.stats_sent >= STATS_INTERVAL_S):
+                if self.changed and (not busy or now - self.stats_sent >= STATS_INTERVAL_S):
                     s = self.scheduler
                     self.send(("stats", (s.stats, s.active, s.prefilling, s.queued)))
-                    self.stats_sent, busy_since_stats = now, False
+                    self.stats_sent, self.changed = now, False
                 # idle: wait for a message (a failed iteration is idle too, but leaves the queue to admit)
                 if not busy and not self.scheduler.queued and not self.receive(block=True):
                     return
@@ -503,4 +505,5 @@ class _Engine:
                 self.by_id.pop(rid, None)
                 self.sent.pop(s, None)
         if out:
+            self.changed = True
             self.send(("events", out))
