@@ -12,7 +12,8 @@
 //   xlstm.cpu::PackedNormMatMul(x, w, g) -> y   float attributes eps, soft_cap too:
 //       y = softcap(RMSNorm(x) W), RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K],
 //       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0
-//   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (silu(z[..., :K]) * z[..., K:]) W + r, z [..., 2K]
+//   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (act(z[..., :K]) * z[..., K:]) W + r, z [..., 2K],
+//                                                 act silu (gelu = 0) or the exact GELU (gelu = 1)
 //   xlstm.cpu::PackedMatMulBf16, PackedMatMulAddBf16, PackedNormMatMulBf16, PackedGluMatMulAddBf16: the
 //       same four with w a bfloat16 tensor in the same layout (a weight whose float32 values are all
 //       bfloat16 values: the products are the same to the bit, from half the bytes)
@@ -499,6 +500,7 @@ struct PrologueArgs {
   Prologue kind;
   const float *x, *g;  // x [m, K] (kNorm) or [m, 2K] (kGlu); g [K]: the norm's scale
   float eps;
+  bool gelu;  // kGlu: the GELU in place of silu
   int64_t k;
   float* out;  // [m, K]
 };
@@ -508,7 +510,7 @@ void prologue_row(void* data, size_t row) {
   if (a.kind == Prologue::kNorm)
     xlstm_cpu::rms_norm_row(a.x + row * a.k, a.g, a.k, a.eps, a.out + row * a.k);
   else
-    xlstm_cpu::swiglu_row(a.x + row * 2 * a.k, a.k, a.out + row * a.k);
+    xlstm_cpu::glu_row(a.x + row * 2 * a.k, a.k, a.gelu, a.out + row * a.k);
 }
 
 // The packed products, by op:
@@ -516,7 +518,8 @@ void prologue_row(void* data, size_t row) {
 //   PackedMatMulAdd       (x, w, r)  y = x W + r, r the same shape as y (a residual) or [n] (a bias)
 //   PackedNormMatMul      (x, w, g)  y = softcap(RMSNorm(x) W): x / sqrt(mean(x^2) + eps) * g row by
 //                                    row, g [K]; float attributes eps and soft_cap (<= 0: none)
-//   PackedGluMatMulAdd    (z, w, r)  y = (silu(z[..., :K]) * z[..., K:]) W + r: the SwiGLU, z [..., 2K]
+//   PackedGluMatMulAdd    (z, w, r)  y = (act(z[..., :K]) * z[..., K:]) W + r: the SwiGLU (int attribute
+//                                    gelu = 0) or the GeGLU (gelu = 1), z [..., 2K]
 //   ...Bf16                               the same with w bfloat16
 OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 = false) {
   PackedMatMulArgs a{};
@@ -538,7 +541,8 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
   std::vector<int64_t> y(x);
   y.back() = a.n;
   std::vector<float> rows;  // the prologue's rows of x, [m, K]
-  PrologueArgs pro{prologue, a.x, nullptr, 0.0f, a.k, nullptr};
+  PrologueArgs pro{prologue, a.x, nullptr, 0.0f, false, a.k, nullptr};
+  if (prologue == Prologue::kGlu) pro.gelu = ctx.attr_int("gelu") != 0;
   if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
     pro.eps = ctx.attr_float("eps");
@@ -753,13 +757,13 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("PackedNormMatMul", packed_norm_matmul_compute,
             {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {}}, split),
-    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}, {}}, split),
+    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {}}, split),
     make_op("PackedMatMulBf16", packed_matmul_bf16_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {"w"}}, split),
     make_op("PackedMatMulAddBf16", packed_matmul_add_bf16_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
             split),
     make_op("PackedNormMatMulBf16", packed_norm_matmul_bf16_compute,
             {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {"w"}}, split),
-    make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute, {{"z", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
+    make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {"w"}},
             split),
     make_op("BlockDiagMatMul", block_diag_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("mLSTMLayer", mlstm_layer_compute,

@@ -712,34 +712,72 @@ def test_packed_norm_matmul_folds_the_exported_rms_norm_and_soft_cap(B, S, K, N,
     assert _rel(y, ref) < 1e-5
 
 
-def _swiglu_model(w: np.ndarray) -> onnx.ModelProto:
-    """out = (silu(a) * b) W + r with [a | b] = Split(z) (the exported 7B FFN after its up-product)."""
+def _glu_model(w: np.ndarray, gelu: bool = False, sqrt2: float = float(np.sqrt(2.0)), axis: int = -1
+               ) -> onnx.ModelProto:
+    """out = (act(a) * b) W + r with [a | b] = Split(z): act silu (the exported 7B FFN after its
+    up-product) or, where ``gelu``, the exact GELU as the paper blocks' GeGLU exports it, a over
+    ``sqrt2``; z [B, S, 2K] split on ``axis``."""
     h, f32 = onnx.helper, onnx.TensorProto.FLOAT
     k, n = w.shape
-    nodes = [h.make_node("Split", ["z", "halves"], ["a", "b"], axis=-1), h.make_node("Sigmoid", ["a"], ["sa"]),
-             h.make_node("Mul", ["a", "sa"], ["silu"]), h.make_node("Mul", ["silu", "b"], ["gated"]),
+    if gelu:
+        act = [h.make_node("Div", ["a", "sqrt2"], ["scaled"]), h.make_node("Erf", ["scaled"], ["erf"]),
+               h.make_node("Add", ["erf", "one"], ["erf1"]), h.make_node("Mul", ["half", "erf1"], ["cdf"]),
+               h.make_node("Mul", ["a", "cdf"], ["act"])]
+    else:
+        act = [h.make_node("Sigmoid", ["a"], ["sa"]), h.make_node("Mul", ["a", "sa"], ["act"])]
+    nodes = [h.make_node("Split", ["z", "halves"], ["a", "b"], axis=axis), *act,
+             h.make_node("Mul", ["act", "b"], ["gated"]),
              h.make_node("MatMul", ["gated", "w"], ["y"]), h.make_node("Add", ["r", "y"], ["out"])]
+    scalars = {"sqrt2": sqrt2, "one": 1.0, "half": 0.5}
     graph = h.make_graph(nodes, "glu", [h.make_tensor_value_info("z", f32, ["B", "S", 2 * k]),
                                         h.make_tensor_value_info("r", f32, ["B", "S", n])],
                          [h.make_tensor_value_info("out", f32, None)],
                          initializer=[onnx.numpy_helper.from_array(np.array([k, k], np.int64), "halves"),
-                                      onnx.numpy_helper.from_array(w, "w")],
+                                      onnx.numpy_helper.from_array(w, "w")]
+                         + [onnx.numpy_helper.from_array(np.array(v, np.float32), name) for name, v in scalars.items()],
                          value_info=[h.make_tensor_value_info("y", f32, ["B", "S", n])])
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
 
 
+@pytest.mark.parametrize("gelu,axis", [(False, -1), (True, -1), (True, 2)])  # the paper's exports say 2
 @pytest.mark.parametrize("B,S,K,N", [(1, 1, 37, 33), (3, 7, 128, 97), (2, 9, 61, 300)])
-def test_packed_glu_matmul_add_folds_the_exported_swiglu(B, S, K, N):
+def test_packed_glu_matmul_add_folds_the_exported_swiglu_and_geglu(B, S, K, N, gelu, axis):
     rng = np.random.default_rng(K * N)
     w = rng.standard_normal((K, N), dtype=np.float32)
-    z = 4 * rng.standard_normal((B, S, 2 * K), dtype=np.float32)  # sigmoid from ~0 to ~1
+    z = 4 * rng.standard_normal((B, S, 2 * K), dtype=np.float32)  # sigmoid (and erf) from ~0 to ~1
     r = rng.standard_normal((B, S, N), dtype=np.float32)
-    native = ort_native.with_native_ops(_swiglu_model(w), check_xlstm=False)
+    native = ort_native.with_native_ops(_glu_model(w, gelu, axis=axis), check_xlstm=False)
     assert [nd.op_type for nd in native.graph.node] == ["PackedGluMatMulAdd"]
     (out,) = _session(native).run(None, {"z": z, "r": r})
     a, b = z[..., :K].astype(np.float64), z[..., K:].astype(np.float64)
-    ref = (a / (1 + np.exp(-a)) * b) @ w.astype(np.float64) + r
-    assert _rel(out, ref) < 1e-5  # exp to ~2e-7 relative (degree-7 polynomial), then the product
+    act = a * 0.5 * (1 + torch.erf(torch.from_numpy(a / np.sqrt(2))).numpy()) if gelu else a / (1 + np.exp(-a))
+    ref = (act * b) @ w.astype(np.float64) + r
+    assert _rel(out, ref) < 1e-5  # exp to ~2e-7 relative (erf to ~3 ulps), then the product
+
+
+def test_geglu_erf_against_float64():
+    """The GeGLU's erf (cpu_vec.h erf16) against float64 over [-6, 6], through a GeGLU whose b is 1
+    and whose product is the identity: y = gelu(a) as the kernel computes it."""
+    k = 160
+    w = np.eye(k, dtype=np.float32)
+    a = np.linspace(-6, 6, 48 * k, dtype=np.float32).reshape(48, 1, k)
+    z = np.concatenate([a, np.ones_like(a)], axis=-1)
+    native = ort_native.with_native_ops(_glu_model(w, gelu=True), check_xlstm=False)
+    (y,) = _session(native).run(None, {"z": z, "r": np.zeros_like(a)})
+    a64 = a.astype(np.float64)
+    ref = a64 * 0.5 * (1 + torch.erf(torch.from_numpy(a64 / np.sqrt(2))).numpy())
+    # erf's few ulps (of 1 near |erf| ~ 1, where 1 + erf cancels) and gelu's own float32 steps,
+    # times a: 1.2e-7 |a| at most here (onnxruntime's Erf in the unfused graph: 1.0e-7 |a|)
+    assert np.max(np.abs(y - ref) / np.maximum(np.abs(a64), 1e-3)) < 2e-7
+
+
+def test_glu_fold_leaves_another_gelu_or_split():
+    """A GELU over some other constant than sqrt 2 is not the exact GELU, and halves split on an
+    axis other than the last are not the GLU's: the product stays unfolded."""
+    w = np.random.default_rng(0).standard_normal((16, 8), dtype=np.float32)
+    for model in (_glu_model(w, gelu=True, sqrt2=1.5), _glu_model(w, gelu=True, axis=1), _glu_model(w, axis=1)):
+        native = ort_native.with_native_ops(model, check_xlstm=False)
+        assert [nd.op_type for nd in native.graph.node].count("PackedGluMatMulAdd") == 0
 
 
 # --- bfloat16 weights -------------------------------------------------------------------------------
@@ -771,7 +809,8 @@ def _bf16_products(w, g):
     return [(_matmul_model(k, n, w, 3), {"x": x}, "PackedMatMulBf16"),
             (_matmul_add_model(w, ["B", "S", n]), {"x": x, "r": r}, "PackedMatMulAddBf16"),
             (_rms_norm_matmul_model(w, g, 1e-6, cap=30.0), {"x": x}, "PackedNormMatMulBf16"),
-            (_swiglu_model(w), {"z": z, "r": r}, "PackedGluMatMulAddBf16")]
+            (_glu_model(w), {"z": z, "r": r}, "PackedGluMatMulAddBf16"),
+            (_glu_model(w, gelu=True), {"z": z, "r": r}, "PackedGluMatMulAddBf16")]
 
 
 @pytest.mark.parametrize("K,N", [(45, 33), (128, 300), (384, 64)])

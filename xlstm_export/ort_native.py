@@ -20,8 +20,8 @@ the state:
   exported graph does right before or after such a product is folded into it where the matcher
   can prove the pattern (every value in between read only there): a residual or bias ``Add``
   (``PackedMatMulAdd``), the RMSNorm before it and the logits' soft cap after it
-  (``PackedNormMatMul``), the SwiGLU before the FFN's down-projection with the residual after it
-  (``PackedGluMatMulAdd``);
+  (``PackedNormMatMul``), the SwiGLU (7B-style) or GeGLU (paper) before the FFN's down-projection
+  with the residual after it (``PackedGluMatMulAdd``);
 * ``xlstm.cpu::BlockDiagMatMul(x, w) -> y`` (attribute ``n``) replaces, in float32 paper-architecture
   models, each block-diagonal product of the q / k / v projections (``Reshape``, ``Transpose``, a
   batched ``MatMul`` by [nb, BLK, BLK], ``Transpose``: onnxruntime runs one tiny product per block,
@@ -210,17 +210,43 @@ def _match_rms_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, float] | N
     return div.input[0], g_name, float(eps)
 
 
-def _match_swiglu(g: GraphIndex, x: str, k: int) -> str | None:
-    """z if ``x`` is Mul(Mul(a, Sigmoid(a)), b) with a, b the two halves [k] of Split(z) on the last
-    axis, every value in between read only there (the exported SwiGLU)."""
-    silu, b = g.operand(g.private_made_by(x, "Mul"), "Mul")
-    sig, a = g.operand(silu, "Sigmoid")
-    split = sig is not None and sig.input[0] == a and g.made_by(a, "Split", axis=-1)
+def _gelu_input(g: GraphIndex, y: str) -> str | None:
+    """a if ``y`` is Mul(a, Mul(0.5, Add(Erf(Div(a, sqrt 2)), 1))), the exact GELU as exported (the
+    constants float32 scalars of those values, each input in either place), every value in
+    between read only there."""
+    half, a = g.operand(g.private_made_by(y, "Mul"), "Mul")
+    add, c_half = g.operand(half, "Add")
+    erf, c_one = g.operand(add, "Erf")
+    div = erf and g.private_made_by(erf.input[0], "Div")
+    if not div or div.input[0] != a:
+        return None
+    consts = [g.const(c) for c in (c_half, c_one, div.input[1])]
+    want = [np.float32(0.5), np.float32(1.0), np.float32(np.sqrt(2.0))]
+    return a if all(c is not None and c.size == 1 and c.item() == w for c, w in zip(consts, want)) else None
+
+
+def _match_glu(g: GraphIndex, x: str, k: int) -> tuple[str, bool] | None:
+    """(z, gelu) if ``x`` is Mul(act(a), b) with a, b the two halves [k] of Split(z) on the last
+    axis and act silu, Mul(a, Sigmoid(a)) (the exported SwiGLU), or the exact GELU
+    (:func:`_gelu_input`; the GeGLU), every value in between read only there."""
+    gate, b = g.operand(g.private_made_by(x, "Mul"), "Mul")
+    if gate is None:
+        return None
+    sig, a = g.operand(gate, "Sigmoid")
+    gelu = sig is None
+    if gelu:
+        a = _gelu_input(g, gate.output[0])
+    elif sig.input[0] != a:
+        return None
+    split = a is not None and g.made_by(a, "Split")
     if not split or list(split.output) != [a, b] or g.uses(a) != 2 or g.uses(b) != 1:
+        return None
+    rank = len(g.shapes.get(split.input[0]) or ()) or None  # axis -1, or the last one by number
+    if attrs(split).get("axis", 0) not in (-1, rank and rank - 1):
         return None
     sizes = g.const(split.input[1], np.int64) if len(split.input) > 1 else None
     halves = attrs(split).get("num_outputs") == 2 if sizes is None else list(np.ravel(sizes)) == [k, k]
-    return split.input[0] if halves else None
+    return (split.input[0], gelu) if halves else None
 
 
 def _soft_cap_of(g: GraphIndex, y: str) -> tuple[str, float, list[NodeProto]] | None:
@@ -255,7 +281,7 @@ class _Product:
     n: int
     add: tuple[NodeProto, str] | None  # the Add after it, its other input
     norm: tuple[str, str, float] | None  # the RMSNorm before it: x0, scale, eps
-    glu: str | None  # the SwiGLU's input before it
+    glu: tuple[str, bool] | None  # the gated unit before it: its input, whether its act is the GELU
     cap: tuple[NodeProto, float] | None  # the soft cap after the normed product: last node, cap
 
 
@@ -273,7 +299,7 @@ def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
     (k, n), y = t.dims, node.output[0]
     add = _match_addend(g, y, n)
     norm = _match_rms_norm(g, x, k) if add is None else None
-    glu = _match_swiglu(g, x, k) if add is not None else None
+    glu = _match_glu(g, x, k) if add is not None else None
     cap = _match_soft_cap_after(g, y) if norm is not None else None
     return _Product(node, t, int(n), add, norm, glu, cap)
 
@@ -298,10 +324,13 @@ def _packed_product(edit: Edit, p: _Product) -> bool | None:
                               eps=eps, soft_cap=p.cap[1] if p.cap else 0.0)
     elif p.add is not None:
         replaced.append(p.add[0])
-        glu = p.glu is not None
-        new = native_ops.node(("PackedGluMatMulAdd" if glu else "PackedMatMulAdd") + suffix,
-                              {"z" if glu else "x": p.glu if glu else x, "w": w, "r": p.add[1]},
-                              {"y": p.add[0].output[0]}, n=p.n)
+        if p.glu is not None:
+            z, gelu = p.glu
+            new = native_ops.node("PackedGluMatMulAdd" + suffix, {"z": z, "w": w, "r": p.add[1]},
+                                  {"y": p.add[0].output[0]}, n=p.n, gelu=int(gelu))
+        else:
+            new = native_ops.node("PackedMatMulAdd" + suffix, {"x": x, "w": w, "r": p.add[1]},
+                                  {"y": p.add[0].output[0]}, n=p.n)
     else:
         new = native_ops.node("PackedMatMul" + suffix, {"x": x, "w": w}, {"y": y}, n=p.n)
     new.name = p.matmul.name
@@ -321,7 +350,7 @@ def _pack_matmuls(graph: GraphProto) -> int:
     between read only there):
 
     * an ``Add`` of a residual of the product's own known shape, or of a bias [N]: ``PackedMatMulAdd``
-      (the SwiGLU before it as well: ``PackedGluMatMulAdd``);
+      (the SwiGLU or the GeGLU before it as well: ``PackedGluMatMulAdd``);
     * the RMSNorm before the product (and the logits' soft cap after it): ``PackedNormMatMul``.
 
     Returns how many MatMuls were swapped."""
