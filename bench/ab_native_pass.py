@@ -10,6 +10,12 @@ Passes of ``xlstm_export.ort_native``, most of them for the paper architecture:
 * ``paper-layer``: each paper mLSTM block's layer between its products (head reshapes, gate biases,
   the cell, the norm, skip and gate: ~25 nodes and the cell's function) as one ``mLSTMPaperLayer``
   (:func:`~xlstm_export.ort_native._match_paper_mlstm_layer`), which runs prefill step by step;
+* ``slstm-layer``: each paper sLSTM block's layer between its convolution and its residual (the
+  head-wise gate products, the cell, the norm: ~15 nodes and the cell's function) as one
+  ``sLSTMPaperLayer`` (:func:`~xlstm_export.ort_native._match_paper_slstm_layer`);
+* ``geglu``: the paper sLSTM blocks' GeGLU (the exact GELU's 5 nodes, the gate's Mul and the Split)
+  folded into the FFN's down-projection as ``PackedGluMatMulAdd`` (gelu = 1;
+  :func:`~xlstm_export.ort_native._gelu_input`);
 * ``bf16-weights`` (any architecture; an export with ``--dtype bf16``): the packed weights whose
   values are all bfloat16 values held as bfloat16 (``PackedMatMulBf16`` and its kin,
   :func:`~xlstm_export.ort_native.bfloat16_bits`): the same products to the bit from half the bytes;
@@ -58,6 +64,8 @@ PASSES = {  # --pass -> (the ort_native function, what it returns when the pass 
     "in-place": ("_native_step_in_place", False),  # the paper mLSTM step may update in place: no
     "causal-conv": ("_causal_convs", 0),  # convolutions swapped: none
     "paper-layer": ("_match_paper_mlstm_layer", None),  # no paper mLSTM layer matches
+    "slstm-layer": ("_match_paper_slstm_layer", None),  # no paper sLSTM layer matches
+    "geglu": ("_gelu_input", None),  # no GELU matches: the GeGLU stays standard nodes
     "bf16-weights": ("bfloat16_bits", None),  # every packed weight float32
 }
 

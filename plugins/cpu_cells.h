@@ -209,42 +209,44 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
   }
 }
 
-// Columns [g0, g0 + 16 V) of the sLSTM's recurrent product h_{t-1} @ r (r [dh, g4]), V vectors of 16
-// (Partial: the last one holds only `last` columns), the sums in registers across r's rows and added
-// in the rows' order (a template, so that they stay in registers).
+// Columns [j0, j0 + 16 V) of out = x @ w (x [k], w [k, n] row-major), V vectors of 16 (Partial:
+// the last one holds only `last` columns), the sums in registers across w's rows and added in the
+// rows' order (a template, so that they stay in registers).
 template <int V, bool Partial>
-inline void slstm_recurrent_columns(const float* h, const float* r, int dh, int g4, int g0, int last, float* pre) {
+inline void row_matrix_columns(const float* x, const float* w, int k, int n, int j0, int last, float* out) {
   vec16 sum[V];
   for (int u = 0; u < V; ++u) sum[u] = splat16(0.0f);
-  for (int j = 0; j < dh; ++j) {
-    const vec16 hj = splat16(h[j]);
-    const float* row = r + static_cast<std::ptrdiff_t>(j) * g4 + g0;
+  for (int i = 0; i < k; ++i) {
+    const vec16 xi = splat16(x[i]);
+    const float* row = w + static_cast<std::ptrdiff_t>(i) * n + j0;
     for (int u = 0; u < V; ++u) {
-      sum[u] += hj * (Partial && u == V - 1 ? load16_part(row + 16 * u, last) : load16(row + 16 * u));
+      sum[u] += xi * (Partial && u == V - 1 ? load16_part(row + 16 * u, last) : load16(row + 16 * u));
     }
   }
   for (int u = 0; u < V; ++u) {
     if (Partial && u == V - 1) {
-      store16_part(pre + g0 + 16 * u, sum[u], last);
+      store16_part(out + j0 + 16 * u, sum[u], last);
     } else {
-      store16(pre + g0 + 16 * u, sum[u]);
+      store16(out + j0 + 16 * u, sum[u]);
     }
   }
 }
 
-// pre [g4] = h [dh] @ r [dh, g4], 64 columns at a time (slstm_recurrent_columns).
-inline void slstm_recurrent(const float* h, const float* r, int dh, int g4, float* pre) {
-  int g0 = 0;
-  for (; g0 + 64 <= g4; g0 += 64) slstm_recurrent_columns<4, false>(h, r, dh, g4, g0, 16, pre);
-  const int rest = g4 - g0, full = rest / 16, last = rest % 16;
+// out [n] = x [k] @ w [k, n], 64 columns at a time (row_matrix_columns): the sLSTM's recurrent
+// product h_{t-1} @ r and the paper block's head-wise gate products, which are too small for the
+// packed products' panels.
+inline void row_times_matrix(const float* x, const float* w, int k, int n, float* out) {
+  int j0 = 0;
+  for (; j0 + 64 <= n; j0 += 64) row_matrix_columns<4, false>(x, w, k, n, j0, 16, out);
+  const int rest = n - j0, full = rest / 16, last = rest % 16;
   switch (full + (last > 0 ? 4 : 0)) {  // what is left: 0-3 full vectors, then maybe a partial one
-    case 1: slstm_recurrent_columns<1, false>(h, r, dh, g4, g0, 16, pre); break;
-    case 2: slstm_recurrent_columns<2, false>(h, r, dh, g4, g0, 16, pre); break;
-    case 3: slstm_recurrent_columns<3, false>(h, r, dh, g4, g0, 16, pre); break;
-    case 4: slstm_recurrent_columns<1, true>(h, r, dh, g4, g0, last, pre); break;
-    case 5: slstm_recurrent_columns<2, true>(h, r, dh, g4, g0, last, pre); break;
-    case 6: slstm_recurrent_columns<3, true>(h, r, dh, g4, g0, last, pre); break;
-    case 7: slstm_recurrent_columns<4, true>(h, r, dh, g4, g0, last, pre); break;
+    case 1: row_matrix_columns<1, false>(x, w, k, n, j0, 16, out); break;
+    case 2: row_matrix_columns<2, false>(x, w, k, n, j0, 16, out); break;
+    case 3: row_matrix_columns<3, false>(x, w, k, n, j0, 16, out); break;
+    case 4: row_matrix_columns<1, true>(x, w, k, n, j0, last, out); break;
+    case 5: row_matrix_columns<2, true>(x, w, k, n, j0, last, out); break;
+    case 6: row_matrix_columns<3, true>(x, w, k, n, j0, last, out); break;
+    case 7: row_matrix_columns<4, true>(x, w, k, n, j0, last, out); break;
     default: break;  // nothing left
   }
 }
@@ -258,7 +260,7 @@ inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float
   const int g4 = 4 * dh;
   for (int t = 0; t < s; ++t) {
     const float* xt = x + static_cast<std::ptrdiff_t>(t) * g4;
-    slstm_recurrent(h, r, dh, g4, pre);  // h_{t-1} @ r
+    row_times_matrix(h, r, dh, g4, pre);  // h_{t-1} @ r
     float* yt = y + t * y_stride;
     for (int e = 0; e < dh; e += 16) {  // 16 lanes at a time (scalar exp, log and tanh were most of a step)
       const int len = std::min(16, dh - e);
@@ -291,6 +293,39 @@ inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float
       store(yt, h_new);
     }
     for (int e = 0; e < dh; ++e) h[e] = yt[e];
+  }
+}
+
+// The paper sLSTM block's layer between its convolution and its residual, for one (batch row,
+// head) and S steps (models/blocks.py sLSTMBlock): per step t
+//   gates = [xc_t @ w_if | x_t @ w_zo] + bias        (i, f from the convolution's branch; z, o from x)
+//   h_t = the cell's step (slstm_scan_head) from gates and the state
+//   y_t = ((h_t - mean) / sqrt(var + norm_eps) * ln_scale + ln_bias) * weight   (the head's LayerNorm)
+//   xc, x: this head's dh inputs of step t at xc + t * x_stride, x + t * x_stride
+//   w_if, w_zo [dh, 2 dh]  bias [4 dh]  r [dh, 4 dh]: this head's;  ln_scale, ln_bias [dh]
+//   weight [dh]: this head's slice;  h, c, n, m [dh]: the state, updated in place
+//   y: dh values per step, y_stride apart;  scratch [9 dh]
+struct SlstmLayerHead {
+  const float *xc, *x, *w_if, *w_zo, *bias, *r, *ln_scale, *ln_bias, *weight;
+  std::ptrdiff_t x_stride, y_stride;
+  float norm_eps;
+  float *h, *c, *n, *m, *y, *scratch;
+};
+
+inline void slstm_layer_head(const SlstmLayerHead& a, int s, int dh) {
+  float* gates = a.scratch;  // [4 dh]
+  float* pre = gates + 4 * dh;  // [4 dh]: slstm_scan_head's
+  float* h_t = pre + 4 * dh;  // [dh]
+  for (int t = 0; t < s; ++t) {
+    row_times_matrix(a.xc + t * a.x_stride, a.w_if, dh, 2 * dh, gates);
+    row_times_matrix(a.x + t * a.x_stride, a.w_zo, dh, 2 * dh, gates + 2 * dh);
+    for (int g = 0; g < 4 * dh; ++g) gates[g] += a.bias[g];  // W x + b, as the cell's body adds it
+    slstm_scan_head(gates, a.r, 1, dh, a.h, a.c, a.n, a.m, h_t, dh, pre);
+    const float mean = lane_sum(h_t, dh) / static_cast<float>(dh);
+    const float var = lane_sum_squared_deviation(h_t, dh, mean);
+    const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dh) + a.norm_eps);
+    float* y = a.y + t * a.y_stride;
+    for (int d = 0; d < dh; ++d) y[d] = ((h_t[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d]) * a.weight[d];
   }
 }
 

@@ -31,6 +31,12 @@
 //       -> (y, c, n, m)    a paper mLSTM block's layer between its q / k / v and gate products and its
 //       down-projection: as mLSTMLayer with z (z_col) in place of o, but
 //       y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)   skip [NH*DV]  xc [B, S, NH*DV]
+//   xlstm.cpu::sLSTMPaperLayer(xc, x, w_if, w_zo, r, b, h0, c0, n0, m0, ln_scale, ln_bias, weight)
+//       -> (y, h, c, n, m)    attribute norm_eps (float): a paper sLSTM block's layer between its
+//       convolution and its residual, any S, step by step (cpu_cells.h slstm_layer_head): per head,
+//       the gates [xc W_if | x W_zo] + b, the cell, the head's LayerNorm and its weight
+//       xc, x [B, S, NH*DH]  w_if, w_zo [NH, DH, 2*DH]  r [NH, DH, 4*DH]  b [NH, 4*DH]
+//       h0, c0, n0, m0 [B, NH, DH]  ln_scale, ln_bias [DH]  weight [NH*DH];  y like x, h, c, n, m like h0
 //   xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)    attribute silu (int, 0 or 1): a paper
 //       block's depthwise causal convolution over time with its state, any S (cpu_cells.h
 //       causal_conv_sequence), then silu(y) = y sigmoid(y) where silu is 1
@@ -308,6 +314,84 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
   }
   if (OrtStatus* s = ctx.output("y", {B, NH, S, DH}, &a.y)) return s;
   return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 4 * DH >= ctx.split->cell_work, slstm_scan_task, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sLSTMPaperLayer
+// ---------------------------------------------------------------------------------------------
+
+struct SlstmLayerArgs {
+  const float *xc, *x, *w_if, *w_zo, *r, *b, *ln_scale, *ln_bias, *weight;
+  float *y, *h, *c, *n, *m;
+  int64_t nh, s, dh;
+  float norm_eps;
+};
+
+void slstm_layer_task(void* data, size_t bh) {
+  const auto& a = *static_cast<const SlstmLayerArgs*>(data);
+  const int64_t b = static_cast<int64_t>(bh) / a.nh, head = static_cast<int64_t>(bh) % a.nh;
+  const int64_t e = a.nh * a.dh;  // the block's width
+  float stack[9 * 256];  // scratch: on the stack up to DH = 256
+  std::vector<float> heap(a.dh > 256 ? static_cast<size_t>(9 * a.dh) : 0);
+  xlstm_cpu::SlstmLayerHead l{};
+  l.xc = a.xc + b * a.s * e + head * a.dh;
+  l.x = a.x + b * a.s * e + head * a.dh;
+  l.x_stride = e;
+  l.w_if = a.w_if + head * a.dh * 2 * a.dh;
+  l.w_zo = a.w_zo + head * a.dh * 2 * a.dh;
+  l.bias = a.b + head * 4 * a.dh;
+  l.r = a.r + head * a.dh * 4 * a.dh;
+  l.ln_scale = a.ln_scale;
+  l.ln_bias = a.ln_bias;
+  l.weight = a.weight + head * a.dh;
+  l.norm_eps = a.norm_eps;
+  l.h = a.h + bh * a.dh;
+  l.c = a.c + bh * a.dh;
+  l.n = a.n + bh * a.dh;
+  l.m = a.m + bh * a.dh;
+  l.y = a.y + b * a.s * e + head * a.dh;
+  l.y_stride = e;
+  l.scratch = a.dh > 256 ? heap.data() : stack;
+  xlstm_cpu::slstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dh));
+}
+
+OrtStatus* slstm_paper_layer_compute(const Ctx& ctx) {
+  SlstmLayerArgs a{};
+  const float *h0_data, *c0_data, *n0_data, *m0_data;
+  std::vector<int64_t> xc, x, w_if, w_zo, r, b, h0, c0, n0, m0, ls, lb, w;
+  for (auto [name, data, dims] : {std::tuple{"xc", &a.xc, &xc}, {"x", &a.x, &x}, {"w_if", &a.w_if, &w_if},
+                                  {"w_zo", &a.w_zo, &w_zo}, {"r", &a.r, &r}, {"b", &a.b, &b},
+                                  {"h0", &h0_data, &h0}, {"c0", &c0_data, &c0}, {"n0", &n0_data, &n0},
+                                  {"m0", &m0_data, &m0}, {"ln_scale", &a.ln_scale, &ls},
+                                  {"ln_bias", &a.ln_bias, &lb}, {"weight", &a.weight, &w}}) {
+    if (OrtStatus* s = ctx.input(name, data, dims)) return s;
+  }
+  if (r.size() != 3 || x.size() != 3)
+    return ctx.error("r must be [NH, DH, 4*DH] and x [B, S, NH*DH], got ranks %ld and %ld",
+                     static_cast<long>(r.size()), static_cast<long>(x.size()));
+  const int64_t NH = r[0], DH = r[1], B = x[0], S = x[1];
+  if (!same(r, {NH, DH, 4 * DH}) || !same(x, {B, S, NH * DH}) || !same(xc, {B, S, NH * DH}) ||
+      !same(w_if, {NH, DH, 2 * DH}) || !same(w_zo, {NH, DH, 2 * DH}) || !same(b, {NH, 4 * DH}) ||
+      !same(h0, {B, NH, DH}) || !same(c0, {B, NH, DH}) || !same(n0, {B, NH, DH}) || !same(m0, {B, NH, DH}) ||
+      !same(ls, {DH}) || !same(lb, {DH}) || !same(w, {NH * DH}))
+    return ctx.error("inputs disagree with r [NH=%ld, DH=%ld, 4*DH] and x [B=%ld, S, NH*DH]: expected xc "
+                     "like x, w_if, w_zo [NH, DH, 2*DH], b [NH, 4*DH], h0, c0, n0, m0 [B, NH, DH], ln_scale, "
+                     "ln_bias [DH], weight [NH*DH]", static_cast<long>(NH), static_cast<long>(DH),
+                     static_cast<long>(B));
+  a.nh = NH;
+  a.s = S;
+  a.dh = DH;
+  a.norm_eps = ctx.attr_float("norm_eps");
+  if (OrtStatus* s = ctx.output("y", {B, S, NH * DH}, &a.y)) return s;
+  const float* init[4] = {h0_data, c0_data, n0_data, m0_data};
+  float** outs[4] = {&a.h, &a.c, &a.n, &a.m};
+  const char* out_names[4] = {"h", "c", "n", "m"};
+  for (int t = 0; t < 4; ++t) {
+    if (OrtStatus* s = ctx.output(out_names[t], {B, NH, DH}, outs[t])) return s;
+    std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place step by step
+  }
+  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 8 * DH >= ctx.split->cell_work,
+                      slstm_layer_task, &a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -777,6 +861,10 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
              {"y", "c", "n", "m"},
              {"q_col", "k_col", "v_col", "g_col", "z_col"},
              {"eps", "norm_eps", "soft_cap"}, {}},
+            split),
+    make_op("sLSTMPaperLayer", slstm_paper_layer_compute,
+            {{"xc", "x", "w_if", "w_zo", "r", "b", "h0", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
+             {"y", "h", "c", "n", "m"}, {}, {"norm_eps"}, {}},
             split),
     make_op("CausalConv", causal_conv_compute, {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu"}, {}, {}}, split),
   };

@@ -409,14 +409,17 @@ def _paper_model(tmp_path, name: str, **changes) -> Path:
 
 def test_layer_rewrite_fuses_every_paper_mlstm_layer(tmp_path):
     """Each paper mLSTM block's layer (head reshapes, gate biases, the cell, the norm, skip and gate)
-    becomes one mLSTMPaperLayer; the sLSTM block keeps its cell; the model computes the same, at
-    decode and at prefill lengths where the body runs chunkwise."""
+    becomes one mLSTMPaperLayer, the sLSTM block's (head-wise gate products, the cell, the norm)
+    one sLSTMPaperLayer; the model computes the same, at decode and at prefill lengths where the
+    mLSTM body runs chunkwise."""
     path = _paper_model(tmp_path, "paper", num_blocks=4, slstm_at=[1])
     exported = onnx.load(path)
     native = ort_native.with_native_ops(exported)
     counts = _op_counts(native)
-    assert counts.get("mLSTMPaperLayer") == 3 and "mLSTM" not in counts and counts.get("sLSTM") == 1
-    assert len(native.graph.node) < len(exported.graph.node) - 3 * (15 + 15)  # the conv's 15 and ~20 of the layer
+    assert counts.get("mLSTMPaperLayer") == 3 and "mLSTM" not in counts
+    assert counts.get("sLSTMPaperLayer") == 1 and "sLSTM" not in counts
+    # each block's conv (15 nodes) and layer (~20 mLSTM, ~14 sLSTM)
+    assert len(native.graph.node) < len(exported.graph.node) - 3 * (15 + 15) - (15 + 12)
     assert {i.name for i in native.graph.input} == {i.name for i in exported.graph.input}
     assert [o.name for o in native.graph.output] == [o.name for o in exported.graph.output]
     body, fast = OrtModel(path, intra_op_threads=2), OrtModel(path, intra_op_threads=2, native_ops=True)
@@ -463,6 +466,95 @@ def test_paper_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tap,
     native = ort_native.with_native_ops(exported)
     counts = _op_counts(native)
     assert counts.get("mLSTMPaperLayer") == 1 and counts.get("mLSTM") == 1
+    _assert_outputs_match(exported, native)
+
+
+# --- the paper sLSTM layer -------------------------------------------------------------------------
+
+
+def _slstm_layer_model() -> onnx.ModelProto:
+    """One sLSTMPaperLayer node, every input a graph input."""
+    h, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    op = native_ops.OPS["sLSTMPaperLayer"]
+    node = native_ops.node("sLSTMPaperLayer", {k: k for k in op.inputs}, {k: k for k in op.outputs}, norm_eps=1e-5)
+    graph = h.make_graph([node], "slstm_layer", [h.make_tensor_value_info(k, f32, None) for k in op.inputs],
+                         [h.make_tensor_value_info(k, f32, None) for k in op.outputs])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18),
+                                              h.make_opsetid(ort_native.NATIVE_DOMAIN, ort_native.NATIVE_VERSION)])
+
+
+def _slstm_layer_inputs(B, S, NH, DH, seed) -> dict[str, np.ndarray]:
+    """Fresh random float64 inputs of one sLSTMPaperLayer (its op's names)."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s)  # noqa: E731
+    E = NH * DH
+    return {"xc": r(B, S, E), "x": r(B, S, E), "w_if": r(NH, DH, 2 * DH) / DH**0.5,
+            "w_zo": r(NH, DH, 2 * DH) / DH**0.5, "r": r(NH, DH, 4 * DH) / DH**0.5, "b": r(NH, 4 * DH),
+            "h0": r(B, NH, DH), "c0": r(B, NH, DH), "n0": np.abs(r(B, NH, DH)) + 0.5, "m0": r(B, NH, DH),
+            "ln_scale": 1 + 0.3 * r(DH), "ln_bias": 0.3 * r(DH), "weight": 1 + 0.3 * r(E)}
+
+
+def _slstm_layer_ref(a: dict, eps: float = 1e-5):
+    """models/blocks.py sLSTMBlock between its convolution and its residual, in float64:
+    (y [B, S, NH*DH], (h, c, n, m))."""
+    B, S, E = a["x"].shape
+    NH, DH = a["r"].shape[:2]
+    heads = lambda t, w: np.einsum("bshd,hdg->bhsg", t.reshape(B, S, NH, DH), w)  # noqa: E731
+    gates = np.concatenate([heads(a["xc"], a["w_if"]), heads(a["x"], a["w_zo"])], axis=-1)  # (B, NH, S, 4*DH)
+    t = lambda k: torch.from_numpy(a[k])  # noqa: E731
+    y, state = naive_recurrent_slstm(torch.from_numpy(gates), t("r"), t("b"), tuple(t(k) for k in ("h0", "c0", "n0", "m0")))
+    y = y.numpy().transpose(0, 2, 1, 3)  # (B, S, NH, DH)
+    mean = y.mean(-1, keepdims=True)
+    normed = (y - mean) / np.sqrt(((y - mean) ** 2).mean(-1, keepdims=True) + eps) * a["ln_scale"] + a["ln_bias"]
+    return normed.reshape(B, S, E) * a["weight"], tuple(x.numpy() for x in state)
+
+
+@pytest.mark.parametrize("B,S,NH,DH", [(1, 1, 1, 4), (3, 7, 2, 5), (2, 9, 3, 21),
+                                       (2, 33, 4, 32)])  # the last one large enough to split over threads
+def test_slstm_paper_layer_matches_float64(B, S, NH, DH):
+    a = _slstm_layer_inputs(B, S, NH, DH, seed=B * S + NH * DH)
+    y, *state = _session(_slstm_layer_model()).run(None, {k: v.astype(np.float32) for k, v in a.items()})
+    y_ref, state_ref = _slstm_layer_ref(a)
+    assert y.shape == (B, S, NH * DH)
+    assert _rel(y, y_ref) < TOL_CELL["h"]  # 1.5e-7 to 2.5e-7 here
+    for got, want in zip(state, state_ref):
+        assert _rel(got, want) < TOL_CELL["state"]
+
+
+def test_slstm_paper_layer_rejects_inconsistent_shapes_with_its_own_message():
+    a = {k: v.astype(np.float32) for k, v in _slstm_layer_inputs(2, 3, 2, 8, seed=0).items()}
+    a["w_zo"] = a["w_zo"][:, :, :12]  # [NH, DH, 12] against 2 * DH = 16
+    with pytest.raises(Exception, match=r"xlstm\.cpu::sLSTMPaperLayer: inputs disagree with r \[NH=2, DH=8"):
+        _session(_slstm_layer_model()).run(None, a)
+
+
+@pytest.mark.parametrize("tap", ["gates", "norm"])
+def test_slstm_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tap, tmp_path):
+    """A value inside the sLSTM pattern that something else reads (a graph output: the cell's gate
+    input, the per-head norm's output) keeps the layer as it was (the cell and its nodes)."""
+    path = _paper_model(tmp_path, "tapped_slstm")
+    exported = onnx.load(path)
+    cell = next(n for n in exported.graph.node if n.op_type == "sLSTM")
+    if tap == "gates":
+        tapped = cell.input[0]
+    else:
+        transpose = next(n for n in exported.graph.node if cell.output[0] in n.input)
+        tapped = next(n for n in exported.graph.node if transpose.output[0] in n.input).output[0]
+    exported.graph.output.append(onnx.helper.make_tensor_value_info(tapped, onnx.TensorProto.FLOAT, None))
+    native = ort_native.with_native_ops(exported)
+    counts = _op_counts(native)
+    assert "sLSTMPaperLayer" not in counts and counts.get("sLSTM") == 1
+    _assert_outputs_match(exported, native)
+
+
+def test_slstm_layer_rewrite_without_a_convolution(tmp_path):
+    """An sLSTM block without its convolution (slstm_conv1d_kernel_size = 0: i and f read the normed
+    input too) is fused the same way and computes the same."""
+    path = _paper_model(tmp_path, "no_slstm_conv", slstm_conv1d_kernel_size=0)
+    exported = onnx.load(path)
+    native = ort_native.with_native_ops(exported)
+    (layer,) = [n for n in native.graph.node if n.op_type == "sLSTMPaperLayer"]
+    assert layer.input[0] == layer.input[1]  # xc is x
     _assert_outputs_match(exported, native)
 
 

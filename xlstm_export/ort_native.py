@@ -39,6 +39,10 @@ the state:
   cell's function, see :func:`_match_paper_mlstm_layer`). Step by step at prefill too: on xlstm-125m
   (heads of 384 x 384) a 64-token prefill took 0.91x the chunkwise body's time; heads too large
   for a core's L2 (xlstm-1.3b's 1024 x 1024: 1.26x) keep the body (bench/ab_native_pass.py);
+* ``xlstm.cpu::sLSTMPaperLayer`` replaces, in float32 paper-architecture sLSTM blocks, everything
+  between the convolution and the residual: the head-wise gate products (two batched ``MatMul`` by
+  [NH, DH, 2*DH] with their reshapes), the ``xlstm::sLSTM`` node, the per-head LayerNorm and its
+  weight (~15 nodes and the cell's function, see :func:`_match_paper_slstm_layer`), step by step;
 * ``xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)`` replaces, in float32 paper-architecture
   models, each block's causal convolution over time with its state and the SiLU after it (a
   ``Concat``, K + 1 ``Slice``, K ``Mul``, K ``Add``, the SiLU's two nodes: 16 nodes at K = 4, see
@@ -47,7 +51,7 @@ the state:
 A 7B-style block is then five nodes at decode instead of ~40 (norm + product, layer, product +
 residual, norm + product, GLU + product + residual), so a step pays onnxruntime's per-node cost
 (a few microseconds each) ~60 times on the 160M model instead of ~400; the paper model tiny's
-decode graph went from 154 nodes to 68. The decoder
+decode graph went from 154 nodes to 46. The decoder
 (:class:`xlstm_export.ort.OrtDecoder`) and the server's slots also update in place, at decode
 steps, the mLSTM states that ``mLSTMLayer``, ``mLSTMPaperLayer`` or the paper blocks'
 ``mLSTMStep`` alone read
@@ -818,6 +822,101 @@ def _fuse_mlstm_layers(graph: GraphProto) -> int:
     return fused
 
 
+# --- the paper sLSTM layer --------------------------------------------------------------------------
+
+
+def _headwise_product(g: GraphIndex, y: str, nh: int) -> tuple[list[NodeProto], str, str] | None:
+    """([MatMul, Transpose, Reshape], x, w) if ``y`` is MatMul(Transpose[1,0,2](Reshape(x, [-1, NH,
+    DH])), w), w a float32 constant [NH, DH, 2*DH]: a paper sLSTM block's head-wise product of two
+    gates (models/blocks.py ``_gate_preacts``). ``y`` and the Reshape's output are private; the
+    Transpose's output may feed the block's other gate product too (the caller checks)."""
+    mm = g.private_made_by(y, "MatMul")
+    t = mm and g.made_by(mm.input[0], "Transpose", perm=[1, 0, 2])
+    r = t and g.private_made_by(t.input[0], "Reshape")
+    w, shape = (g.const(mm.input[1]), g.const(r.input[1], np.int64)) if r else (None, None)
+    if w is None or shape is None or w.ndim != 3 or w.shape[0] != nh or w.shape[2] != 2 * w.shape[1]:
+        return None
+    if shape.tolist() != [-1, nh, w.shape[1]]:
+        return None
+    return [mm, t, r], r.input[0], mm.input[1]
+
+
+def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
+    """The paper sLSTM block's layer around the ``xlstm::sLSTM`` node ``cell``, as exported from
+    models/blocks.py ``sLSTMBlock`` in float32, or None where the graph differs anywhere:
+
+        a = MatMul(Transpose[1,0,2](Reshape(xc, [-1, NH, DH])), w_if)   (NH, B*S, 2*DH): i, f gates
+        b = MatMul(Transpose[1,0,2](Reshape(x, [-1, NH, DH])), w_zo)    (NH, B*S, 2*DH): z, o gates
+        y, h, c, n, m = xlstm::sLSTM(Transpose[1,0,2,3](Reshape(Concat[-1](a, b))), r, bias, h0, c0, n0, m0)
+        out = Mul(Reshape(LayerNormalization[axis -1](Transpose[0,2,1,3](y), s, b?)), weight)
+
+    (xc: the convolution's output, or x without one; x: the block's normed input; w_if, w_zo, r,
+    bias float32 constants.) Every value in between must have no reader outside the pattern.
+    Returns the layer's inputs by name, its outputs, the LayerNorm's eps and the nodes it replaces."""
+    if cell.domain != DOMAIN or cell.op_type != SLSTM.name:
+        return None
+    cell_in = dict(zip(contract.input_names(SLSTM), cell.input))
+    cell_out = dict(zip(contract.output_names(SLSTM), cell.output))
+    r, bias = g.const(cell_in["r"]), g.const(cell_in["b"])
+    if r is None or bias is None or r.ndim != 3 or bias.shape != (r.shape[0], r.shape[2]):
+        return None
+    nh = r.shape[0]
+    removed = [cell]
+    t = g.private_made_by(cell_in["x"], "Transpose", perm=[1, 0, 2, 3])
+    reshape = t and g.private_made_by(t.input[0], "Reshape")
+    cat = reshape and g.private_made_by(reshape.input[0], "Concat")
+    if not cat or len(cat.input) != 2 or attrs(cat).get("axis") not in (-1, 2):  # (NH, B*S, 2*DH) twice
+        return None
+    removed.extend([t, reshape, cat])
+    gates_if = _headwise_product(g, cat.input[0], nh)
+    gates_zo = gates_if and _headwise_product(g, cat.input[1], nh)
+    if not gates_zo:
+        return None
+    (mm_if, t_if, r_if), (mm_zo, t_zo, r_zo) = gates_if[0], gates_zo[0]
+    if t_if is t_zo:  # no convolution: both products read one head split of x
+        if g.readers.get(t_if.output[0]) != [mm_if, mm_zo] or t_if.output[0] in g.outputs:
+            return None
+        removed.extend([mm_if, mm_zo, t_if, r_if])
+    elif g.private(t_if.output[0]) and g.private(t_zo.output[0]):
+        removed.extend([mm_if, t_if, r_if, mm_zo, t_zo, r_zo])
+    else:
+        return None
+    found = _normed_heads(g, cell_out["y"])
+    if not found:
+        return None
+    nodes, tail = found
+    if g.const(tail["ln_scale"]).shape != (r.shape[1],) or g.const(tail["weight"]).shape != (nh * r.shape[1],):
+        return None
+    removed.extend(nodes)
+    return {"inputs": {"xc": gates_if[1], "x": gates_zo[1], "w_if": gates_if[2], "w_zo": gates_zo[2],
+                       "r": cell_in["r"], "b": cell_in["b"], **{k: cell_in[k] for k in ("h0", "c0", "n0", "m0")},
+                       "ln_scale": tail["ln_scale"], "ln_bias": tail["ln_bias"], "weight": tail["weight"]},
+            "outputs": {"y": tail["y"], **{k: cell_out[k] for k in ("h", "c", "n", "m")}},
+            "norm_eps": tail["norm_eps"], "dh": tail["dv"], "removed": removed}
+
+
+def _slstm_layer(edit: Edit, match: dict) -> None:
+    """Replacement: one sLSTMPaperLayer node where the layer's last node stood."""
+    inputs = dict(match["inputs"])
+    if inputs["ln_bias"] is None:  # the kernel always adds one
+        inputs["ln_bias"] = f"{inputs['ln_scale']}.zero_bias"
+        if inputs["ln_bias"] not in edit.index.inits:
+            edit.add_initializer(numpy_helper.from_array(np.zeros(match["dh"], np.float32), inputs["ln_bias"]))
+    layer = native_ops.node("sLSTMPaperLayer", inputs, match["outputs"], name=f"{match['removed'][0].name}_layer",
+                            norm_eps=match["norm_eps"])
+    edit.replace(match["removed"], [layer])
+
+
+def _fuse_slstm_layers(graph: GraphProto) -> int:
+    """Swap each paper sLSTM layer of ``graph`` (~15 nodes and the cell's function, see
+    :func:`_match_paper_slstm_layer`) for one ``sLSTMPaperLayer``. Returns how many."""
+    rule = Rule("paper sLSTM layer -> sLSTMPaperLayer", _match_paper_slstm_layer, _slstm_layer)
+    fused = apply_rules(graph, [rule])[rule.name]
+    if fused:
+        drop_dead_nodes(graph)
+    return fused
+
+
 def _native_step_in_place(model: ModelProto) -> bool:
     """The model's ``xlstm::mLSTM`` function is the native one (:func:`_native_function`) and, at
     S == 1, its state inputs c0, n0, m0 are read by nothing but mLSTMStep: its top-level nodes
@@ -895,6 +994,7 @@ def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: b
         raise NativeOpsError("the model has no xlstm::mLSTM / xlstm::sLSTM function body to run natively")
     if fuse_layers:
         _fuse_mlstm_layers(out.graph)
+        _fuse_slstm_layers(out.graph)
         _causal_convs(out.graph)
     if pack_matmuls:
         _block_diagonal_products(out.graph)
