@@ -547,6 +547,32 @@ def test_slstm_layer_rewrite_leaves_a_layer_whose_values_are_read_elsewhere(tap,
     _assert_outputs_match(exported, native)
 
 
+def test_slstm_layer_rewrite_takes_gate_weights_the_export_left_unfolded(tmp_path):
+    """Larger exports (xlstm-125m's) keep each pair of gate weights as Transpose[0,2,1](Concat[1](W_a,
+    W_b)) of the two [NH, DH, DH] weights; tiny's are folded into one [NH, DH, 2*DH] initializer.
+    tiny with its two pairs unfolded so is fused the same and computes the same."""
+    exported = onnx.load(_paper_model(tmp_path, "unfolded"))
+    h = onnx.helper
+    inits = {t.name: t for t in exported.graph.initializer}
+    unfolded = 0
+    for node in list(exported.graph.node):
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 3 or w.dims[2] != 2 * w.dims[1]:  # not the q / k / v blocks
+            continue
+        value, name = onnx.numpy_helper.to_array(w), node.input[1]
+        dh = value.shape[1]
+        parts = [np.ascontiguousarray(value[:, :, j * dh:(j + 1) * dh].transpose(0, 2, 1)) for j in (0, 1)]
+        exported.graph.initializer.remove(w)
+        exported.graph.initializer.extend(onnx.numpy_helper.from_array(x, f"{name}.{j}") for j, x in enumerate(parts))
+        exported.graph.node.insert(0, h.make_node("Transpose", [f"{name}.cat"], [name], perm=[0, 2, 1]))
+        exported.graph.node.insert(0, h.make_node("Concat", [f"{name}.0", f"{name}.1"], [f"{name}.cat"], axis=1))
+        unfolded += 1
+    assert unfolded == 2
+    native = ort_native.with_native_ops(exported)
+    assert _op_counts(native).get("sLSTMPaperLayer") == 1
+    _assert_outputs_match(exported, native)
+
+
 def test_slstm_layer_rewrite_without_a_convolution(tmp_path):
     """An sLSTM block without its convolution (slstm_conv1d_kernel_size = 0: i and f read the normed
     input too) is fused the same way and computes the same."""

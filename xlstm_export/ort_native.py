@@ -825,20 +825,35 @@ def _fuse_mlstm_layers(graph: GraphProto) -> int:
 # --- the paper sLSTM layer --------------------------------------------------------------------------
 
 
-def _headwise_product(g: GraphIndex, y: str, nh: int) -> tuple[list[NodeProto], str, str] | None:
-    """([MatMul, Transpose, Reshape], x, w) if ``y`` is MatMul(Transpose[1,0,2](Reshape(x, [-1, NH,
-    DH])), w), w a float32 constant [NH, DH, 2*DH]: a paper sLSTM block's head-wise product of two
-    gates (models/blocks.py ``_gate_preacts``). ``y`` and the Reshape's output are private; the
-    Transpose's output may feed the block's other gate product too (the caller checks)."""
+def _gate_pair_weight(g: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of ``name`` if it is a float32 constant [NH, DH, 2*DH], or
+    Transpose[0,2,1](Concat[axis 1](W_a, W_b)) of two constants [NH, DH, DH] (two gates' head-wise
+    weights side by side, as the export leaves them unfolded for larger models), else None."""
+    w = g.const(name)
+    if w is None:
+        t = g.made_by(name, "Transpose", perm=[0, 2, 1])
+        cat = t and g.made_by(t.input[0], "Concat", axis=1)
+        parts = [g.const(x) for x in cat.input] if cat and len(cat.input) == 2 else [None]
+        if any(x is None or x.ndim != 3 or x.shape != parts[0].shape for x in parts):
+            return None
+        w = np.concatenate(parts, axis=1).transpose(0, 2, 1)
+    return w if w.ndim == 3 and w.shape[2] == 2 * w.shape[1] else None
+
+
+def _headwise_product(g: GraphIndex, y: str, nh: int) -> tuple[list[NodeProto], str, np.ndarray] | None:
+    """([MatMul, Transpose, Reshape], x, w [NH, DH, 2*DH]) if ``y`` is
+    MatMul(Transpose[1,0,2](Reshape(x, [-1, NH, DH])), w), w constant (:func:`_gate_pair_weight`): a
+    paper sLSTM block's head-wise product of two gates (models/blocks.py ``_gate_preacts``). ``y``
+    and the Reshape's output are private; the Transpose's output may feed the block's other gate
+    product too (the caller checks)."""
     mm = g.private_made_by(y, "MatMul")
     t = mm and g.made_by(mm.input[0], "Transpose", perm=[1, 0, 2])
     r = t and g.private_made_by(t.input[0], "Reshape")
-    w, shape = (g.const(mm.input[1]), g.const(r.input[1], np.int64)) if r else (None, None)
-    if w is None or shape is None or w.ndim != 3 or w.shape[0] != nh or w.shape[2] != 2 * w.shape[1]:
+    w = _gate_pair_weight(g, mm.input[1]) if r else None
+    shape = g.const(r.input[1], np.int64) if r else None
+    if w is None or shape is None or w.shape[0] != nh or shape.tolist() != [-1, nh, w.shape[1]]:
         return None
-    if shape.tolist() != [-1, nh, w.shape[1]]:
-        return None
-    return [mm, t, r], r.input[0], mm.input[1]
+    return [mm, t, r], r.input[0], w.astype(np.float32)
 
 
 def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
@@ -850,9 +865,10 @@ def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
         y, h, c, n, m = xlstm::sLSTM(Transpose[1,0,2,3](Reshape(Concat[-1](a, b))), r, bias, h0, c0, n0, m0)
         out = Mul(Reshape(LayerNormalization[axis -1](Transpose[0,2,1,3](y), s, b?)), weight)
 
-    (xc: the convolution's output, or x without one; x: the block's normed input; w_if, w_zo, r,
-    bias float32 constants.) Every value in between must have no reader outside the pattern.
-    Returns the layer's inputs by name, its outputs, the LayerNorm's eps and the nodes it replaces."""
+    (xc: the convolution's output, or x without one; x: the block's normed input; r, bias float32
+    constants; w_if, w_zo constants or two gates' weights joined, see :func:`_gate_pair_weight`.)
+    Every value in between must have no reader outside the pattern. Returns the layer's inputs by
+    name, its outputs, the gate weights' values, the LayerNorm's eps and the nodes it replaces."""
     if cell.domain != DOMAIN or cell.op_type != SLSTM.name:
         return None
     cell_in = dict(zip(contract.input_names(SLSTM), cell.input))
@@ -888,11 +904,11 @@ def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     if g.const(tail["ln_scale"]).shape != (r.shape[1],) or g.const(tail["weight"]).shape != (nh * r.shape[1],):
         return None
     removed.extend(nodes)
-    return {"inputs": {"xc": gates_if[1], "x": gates_zo[1], "w_if": gates_if[2], "w_zo": gates_zo[2],
-                       "r": cell_in["r"], "b": cell_in["b"], **{k: cell_in[k] for k in ("h0", "c0", "n0", "m0")},
+    return {"inputs": {"xc": gates_if[1], "x": gates_zo[1], "r": cell_in["r"], "b": cell_in["b"], **{k: cell_in[k] for k in ("h0", "c0", "n0", "m0")},
                        "ln_scale": tail["ln_scale"], "ln_bias": tail["ln_bias"], "weight": tail["weight"]},
             "outputs": {"y": tail["y"], **{k: cell_out[k] for k in ("h", "c", "n", "m")}},
-            "norm_eps": tail["norm_eps"], "dh": tail["dv"], "removed": removed}
+            "weights": {"w_if": gates_if[2], "w_zo": gates_zo[2]}, "norm_eps": tail["norm_eps"], "dh": tail["dv"],
+            "removed": removed}
 
 
 def _slstm_layer(edit: Edit, match: dict) -> None:
@@ -902,7 +918,11 @@ def _slstm_layer(edit: Edit, match: dict) -> None:
         inputs["ln_bias"] = f"{inputs['ln_scale']}.zero_bias"
         if inputs["ln_bias"] not in edit.index.inits:
             edit.add_initializer(numpy_helper.from_array(np.zeros(match["dh"], np.float32), inputs["ln_bias"]))
-    layer = native_ops.node("sLSTMPaperLayer", inputs, match["outputs"], name=f"{match['removed'][0].name}_layer",
+    name = match["removed"][0].name or match["outputs"]["h"]
+    for w in ("w_if", "w_zo"):  # the gate weights, [NH, DH, 2*DH] (folded here where the export did not)
+        inputs[w] = f"{name}.{w}"
+        edit.add_initializer(numpy_helper.from_array(match["weights"][w], inputs[w]))
+    layer = native_ops.node("sLSTMPaperLayer", inputs, match["outputs"], name=f"{name}_layer",
                             norm_eps=match["norm_eps"])
     edit.replace(match["removed"], [layer])
 
