@@ -209,122 +209,172 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
   }
 }
 
-// Columns [j0, j0 + 16 V) of out = x @ w (x [k], w [k, n] row-major), V vectors of 16 (Partial:
-// the last one holds only `last` columns), the sums in registers across w's rows and added in the
-// rows' order (a template, so that they stay in registers).
-template <int V, bool Partial>
-inline void row_matrix_columns(const float* x, const float* w, int k, int n, int j0, int last, float* out) {
-  vec16 sum[V];
-  for (int u = 0; u < V; ++u) sum[u] = splat16(0.0f);
+// Columns [j0, j0 + 16 V) of R rows of out = x @ w (x [R, k] rows ldx apart, w [k, n] row-major,
+// out rows ldo apart), V vectors of 16 (Partial: the last one holds only `last` columns). The R x V
+// sums stay in registers across w's rows (a template, so that they do) and are added in the rows'
+// order; each vector of w loaded is used by all R rows.
+template <int R, int V, bool Partial>
+inline void rows_matrix_columns(const float* x, std::ptrdiff_t ldx, const float* w, int k, int n, int j0, int last,
+                                float* out, std::ptrdiff_t ldo) {
+  vec16 sum[R][V];
+  for (int q = 0; q < R; ++q)
+    for (int u = 0; u < V; ++u) sum[q][u] = splat16(0.0f);
   for (int i = 0; i < k; ++i) {
-    const vec16 xi = splat16(x[i]);
     const float* row = w + static_cast<std::ptrdiff_t>(i) * n + j0;
-    for (int u = 0; u < V; ++u) {
-      sum[u] += xi * (Partial && u == V - 1 ? load16_part(row + 16 * u, last) : load16(row + 16 * u));
+    vec16 wv[V];
+    for (int u = 0; u < V; ++u) wv[u] = Partial && u == V - 1 ? load16_part(row + 16 * u, last) : load16(row + 16 * u);
+    for (int q = 0; q < R; ++q) {
+      const vec16 xi = splat16(x[q * ldx + i]);
+      for (int u = 0; u < V; ++u) sum[q][u] += xi * wv[u];
     }
   }
-  for (int u = 0; u < V; ++u) {
-    if (Partial && u == V - 1) {
-      store16_part(out + j0 + 16 * u, sum[u], last);
-    } else {
-      store16(out + j0 + 16 * u, sum[u]);
+  for (int q = 0; q < R; ++q) {
+    for (int u = 0; u < V; ++u) {
+      if (Partial && u == V - 1) {
+        store16_part(out + q * ldo + j0 + 16 * u, sum[q][u], last);
+      } else {
+        store16(out + q * ldo + j0 + 16 * u, sum[q][u]);
+      }
     }
   }
 }
 
-// out [n] = x [k] @ w [k, n], 64 columns at a time (row_matrix_columns): the sLSTM's recurrent
-// product h_{t-1} @ r and the paper block's head-wise gate products, which are too small for the
-// packed products' panels.
-inline void row_times_matrix(const float* x, const float* w, int k, int n, float* out) {
+// R rows of out = x @ w, 64 columns at a time (rows_matrix_columns).
+template <int R>
+inline void rows_matrix(const float* x, std::ptrdiff_t ldx, const float* w, int k, int n, float* out,
+                        std::ptrdiff_t ldo) {
   int j0 = 0;
-  for (; j0 + 64 <= n; j0 += 64) row_matrix_columns<4, false>(x, w, k, n, j0, 16, out);
+  for (; j0 + 64 <= n; j0 += 64) rows_matrix_columns<R, 4, false>(x, ldx, w, k, n, j0, 16, out, ldo);
   const int rest = n - j0, full = rest / 16, last = rest % 16;
   switch (full + (last > 0 ? 4 : 0)) {  // what is left: 0-3 full vectors, then maybe a partial one
-    case 1: row_matrix_columns<1, false>(x, w, k, n, j0, 16, out); break;
-    case 2: row_matrix_columns<2, false>(x, w, k, n, j0, 16, out); break;
-    case 3: row_matrix_columns<3, false>(x, w, k, n, j0, 16, out); break;
-    case 4: row_matrix_columns<1, true>(x, w, k, n, j0, last, out); break;
-    case 5: row_matrix_columns<2, true>(x, w, k, n, j0, last, out); break;
-    case 6: row_matrix_columns<3, true>(x, w, k, n, j0, last, out); break;
-    case 7: row_matrix_columns<4, true>(x, w, k, n, j0, last, out); break;
+    case 1: rows_matrix_columns<R, 1, false>(x, ldx, w, k, n, j0, 16, out, ldo); break;
+    case 2: rows_matrix_columns<R, 2, false>(x, ldx, w, k, n, j0, 16, out, ldo); break;
+    case 3: rows_matrix_columns<R, 3, false>(x, ldx, w, k, n, j0, 16, out, ldo); break;
+    case 4: rows_matrix_columns<R, 1, true>(x, ldx, w, k, n, j0, last, out, ldo); break;
+    case 5: rows_matrix_columns<R, 2, true>(x, ldx, w, k, n, j0, last, out, ldo); break;
+    case 6: rows_matrix_columns<R, 3, true>(x, ldx, w, k, n, j0, last, out, ldo); break;
+    case 7: rows_matrix_columns<R, 4, true>(x, ldx, w, k, n, j0, last, out, ldo); break;
     default: break;  // nothing left
   }
 }
 
-// The sLSTM time loop of one head (gate order i, f, z, o).
-//   x [s, 4*dh]: W x per step with the bias already added;  r [dh, 4*dh]: this head's recurrent weights
-//   h, c, n, m [dh]: the state, updated in place (initialise them with the initial state)
-//   y [s, dh] with row stride y_stride: h of every step;  pre [4*dh]: scratch
-inline void slstm_scan_head(const float* x, const float* r, int s, int dh, float* h, float* c, float* n,
-                            float* m, float* y, std::ptrdiff_t y_stride, float* pre) {
-  const int g4 = 4 * dh;
-  for (int t = 0; t < s; ++t) {
-    const float* xt = x + static_cast<std::ptrdiff_t>(t) * g4;
-    row_times_matrix(h, r, dh, g4, pre);  // h_{t-1} @ r
-    float* yt = y + t * y_stride;
-    for (int e = 0; e < dh; e += 16) {  // 16 lanes at a time (scalar exp, log and tanh were most of a step)
-      const int len = std::min(16, dh - e);
-      const auto load = [&](const float* p) { return len == 16 ? load16(p + e) : load16_part(p + e, len); };
-      // x_t + h_{t-1} @ r, summed in the Scan body's order (x first)
-      const vec16 ip = load(xt) + load(pre);
-      const vec16 fp = load(xt + dh) + load(pre + dh);
-      const vec16 zp = load(xt + 2 * dh) + load(pre + 2 * dh);
-      const vec16 op = load(xt + 3 * dh) + load(pre + 3 * dh);
-      const vec16 n_old = load(n);
-      const vec16 lfm = log_sigmoid16(fp) + load(m);
-      // n == 0 (a fresh sequence): m starts at i~ as in the official cell, so n_1 = 1 for any i~
-      const vec16 m_new = n_old == 0.0f ? ip : (ip > lfm ? ip : lfm);
-      const vec16 i_act = exp16(ip - m_new);
-      const vec16 d = lfm - m_new;
-      const vec16 f_act = exp16(d < 0.0f ? d : splat16(0.0f));
-      const vec16 c_new = f_act * load(c) + i_act * tanh16(zp);
-      const vec16 n_new = f_act * n_old + i_act;
-      const vec16 h_new = sigmoid16(op) * c_new / n_new;
-      const auto store = [&](float* p, vec16 v) {
-        if (len == 16) {
-          store16(p + e, v);
-        } else {
-          store16_part(p + e, v, len);
-        }
-      };
-      store(c, c_new);
-      store(n, n_new);
-      store(m, m_new);
-      store(yt, h_new);
-    }
-    for (int e = 0; e < dh; ++e) h[e] = yt[e];
+// out [rows, n] = x [rows, k] @ w [k, n] (x's rows ldx apart, out's ldo apart), 4 rows at a time: the
+// sLSTM's recurrent product h_{t-1} @ r and the paper block's head-wise gate products, too small for
+// the packed products' panels. Each row's sums run in w's row order whatever the rows around it.
+inline void rows_times_matrix(const float* x, std::ptrdiff_t ldx, int rows, const float* w, int k, int n, float* out,
+                              std::ptrdiff_t ldo) {
+  int q = 0;
+  for (; q + 4 <= rows; q += 4) rows_matrix<4>(x + q * ldx, ldx, w, k, n, out + q * ldo, ldo);
+  switch (rows - q) {
+    case 1: rows_matrix<1>(x + q * ldx, ldx, w, k, n, out + q * ldo, ldo); break;
+    case 2: rows_matrix<2>(x + q * ldx, ldx, w, k, n, out + q * ldo, ldo); break;
+    case 3: rows_matrix<3>(x + q * ldx, ldx, w, k, n, out + q * ldo, ldo); break;
+    default: break;
   }
 }
 
-// The paper sLSTM block's layer between its convolution and its residual, for one (batch row,
-// head) and S steps (models/blocks.py sLSTMBlock): per step t
+// One sLSTM cell update of one sequence and head (gate order i, f, z, o), 16 lanes at a time (scalar
+// exp, log and tanh were most of a step):
+//   xt [4*dh]: W x_t with the bias added;  pre [4*dh]: h_{t-1} @ r
+//   c, n, m [dh]: the state, updated in place;  y [dh]: h_t
+inline void slstm_cell_update(const float* xt, const float* pre, int dh, float* c, float* n, float* m, float* y) {
+  for (int e = 0; e < dh; e += 16) {
+    const int len = std::min(16, dh - e);
+    const auto load = [&](const float* p) { return len == 16 ? load16(p + e) : load16_part(p + e, len); };
+    // x_t + h_{t-1} @ r, summed in the Scan body's order (x first)
+    const vec16 ip = load(xt) + load(pre);
+    const vec16 fp = load(xt + dh) + load(pre + dh);
+    const vec16 zp = load(xt + 2 * dh) + load(pre + 2 * dh);
+    const vec16 op = load(xt + 3 * dh) + load(pre + 3 * dh);
+    const vec16 n_old = load(n);
+    const vec16 lfm = log_sigmoid16(fp) + load(m);
+    // n == 0 (a fresh sequence): m starts at i~ as in the official cell, so n_1 = 1 for any i~
+    const vec16 m_new = n_old == 0.0f ? ip : (ip > lfm ? ip : lfm);
+    const vec16 i_act = exp16(ip - m_new);
+    const vec16 d = lfm - m_new;
+    const vec16 f_act = exp16(d < 0.0f ? d : splat16(0.0f));
+    const vec16 c_new = f_act * load(c) + i_act * tanh16(zp);
+    const vec16 n_new = f_act * n_old + i_act;
+    const vec16 h_new = sigmoid16(op) * c_new / n_new;
+    const auto store = [&](float* p, vec16 v) {
+      if (len == 16) {
+        store16(p + e, v);
+      } else {
+        store16_part(p + e, v, len);
+      }
+    };
+    store(c, c_new);
+    store(n, n_new);
+    store(m, m_new);
+    store(y, h_new);
+  }
+}
+
+// The sLSTM time loop of `rows` sequences of one head, whose recurrent products share each load of
+// the head's weights (rows_times_matrix).
+//   x: row q's W x_t (bias added, 4*dh values) at x + q * x_row + t * x_step;  r [dh, 4*dh]: the head's
+//   state: row q's h, c, n, m (dh values each) at + q * state_row, updated in place (initialise
+//   them with the initial state);  y: row q's h_t at y + q * y_row + t * y_step
+//   pre [rows, 4*dh]: scratch
+struct SlstmRows {
+  const float *x, *r;
+  std::ptrdiff_t x_row, x_step;
+  float *h, *c, *n, *m;
+  std::ptrdiff_t state_row;
+  float* y;
+  std::ptrdiff_t y_row, y_step;
+  float* pre;
+};
+
+inline void slstm_scan_rows(const SlstmRows& a, int rows, int s, int dh) {
+  const int g4 = 4 * dh;
+  for (int t = 0; t < s; ++t) {
+    rows_times_matrix(a.h, a.state_row, rows, a.r, dh, g4, a.pre, g4);  // h_{t-1} @ r, every row
+    for (int q = 0; q < rows; ++q) {
+      const std::ptrdiff_t st = q * a.state_row;
+      float* yt = a.y + q * a.y_row + t * a.y_step;
+      slstm_cell_update(a.x + q * a.x_row + t * a.x_step, a.pre + q * g4, dh, a.c + st, a.n + st, a.m + st, yt);
+      std::copy(yt, yt + dh, a.h + st);
+    }
+  }
+}
+
+// The paper sLSTM block's layer between its convolution and its residual, for `rows` sequences of
+// one head and S steps (models/blocks.py sLSTMBlock): per step t
 //   gates = [xc_t @ w_if | x_t @ w_zo] + bias        (i, f from the convolution's branch; z, o from x)
-//   h_t = the cell's step (slstm_scan_head) from gates and the state
+//   h_t = the cell's step (slstm_scan_rows) from gates and the state
 //   y_t = ((h_t - mean) / sqrt(var + norm_eps) * ln_scale + ln_bias) * weight   (the head's LayerNorm)
-//   xc, x: this head's dh inputs of step t at xc + t * x_stride, x + t * x_stride
-//   w_if, w_zo [dh, 2 dh]  bias [4 dh]  r [dh, 4 dh]: this head's;  ln_scale, ln_bias [dh]
-//   weight [dh]: this head's slice;  h, c, n, m [dh]: the state, updated in place
-//   y: dh values per step, y_stride apart;  scratch [9 dh]
+//   xc, x: this head's dh inputs of row q, step t at + (q * s + t) * x_stride (rows and steps of
+//   [B, S, E] inputs);  w_if, w_zo [dh, 2 dh]  bias [4 dh]  r [dh, 4 dh]: this head's;
+//   ln_scale, ln_bias [dh];  weight [dh]: this head's slice;  h, c, n, m: row q's dh values at
+//   + q * state_row, updated in place;  y: dh values at + (q * s + t) * y_stride
+//   scratch [rows * s * 4 dh + rows * 4 dh + rows * s * dh]
 struct SlstmLayerHead {
   const float *xc, *x, *w_if, *w_zo, *bias, *r, *ln_scale, *ln_bias, *weight;
-  std::ptrdiff_t x_stride, y_stride;
+  std::ptrdiff_t x_stride, y_stride, state_row;
   float norm_eps;
   float *h, *c, *n, *m, *y, *scratch;
 };
 
-inline void slstm_layer_head(const SlstmLayerHead& a, int s, int dh) {
-  float* gates = a.scratch;  // [4 dh]
-  float* pre = gates + 4 * dh;  // [4 dh]: slstm_scan_head's
-  float* h_t = pre + 4 * dh;  // [dh]
-  for (int t = 0; t < s; ++t) {
-    row_times_matrix(a.xc + t * a.x_stride, a.w_if, dh, 2 * dh, gates);
-    row_times_matrix(a.x + t * a.x_stride, a.w_zo, dh, 2 * dh, gates + 2 * dh);
-    for (int g = 0; g < 4 * dh; ++g) gates[g] += a.bias[g];  // W x + b, as the cell's body adds it
-    slstm_scan_head(gates, a.r, 1, dh, a.h, a.c, a.n, a.m, h_t, dh, pre);
+inline void slstm_layer_head(const SlstmLayerHead& a, int rows, int s, int dh) {
+  const int g4 = 4 * dh, steps = rows * s;
+  float* gates = a.scratch;  // [rows * s, 4 dh]
+  float* pre = gates + static_cast<std::ptrdiff_t>(steps) * g4;  // [rows, 4 dh]: slstm_scan_rows'
+  float* h_all = pre + static_cast<std::ptrdiff_t>(rows) * g4;  // [rows * s, dh]: the cell's h
+  // every row's and step's gates at once: the head's weights are read once per 4 rows
+  rows_times_matrix(a.xc, a.x_stride, steps, a.w_if, dh, 2 * dh, gates, g4);
+  rows_times_matrix(a.x, a.x_stride, steps, a.w_zo, dh, 2 * dh, gates + 2 * dh, g4);
+  for (int j = 0; j < steps; ++j)
+    for (int g = 0; g < g4; ++g) gates[j * g4 + g] += a.bias[g];  // W x + b, as the cell's body adds it
+  slstm_scan_rows({gates, a.r, static_cast<std::ptrdiff_t>(s) * g4, g4, a.h, a.c, a.n, a.m, a.state_row, h_all,
+                   static_cast<std::ptrdiff_t>(s) * dh, dh, pre},
+                  rows, s, dh);
+  for (int j = 0; j < steps; ++j) {
+    const float* h_t = h_all + static_cast<std::ptrdiff_t>(j) * dh;
     const float mean = lane_sum(h_t, dh) / static_cast<float>(dh);
     const float var = lane_sum_squared_deviation(h_t, dh, mean);
     const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dh) + a.norm_eps);
-    float* y = a.y + t * a.y_stride;
+    float* y = a.y + j * a.y_stride;
     for (int d = 0; d < dh; ++d) y[d] = ((h_t[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d]) * a.weight[d];
   }
 }

@@ -273,16 +273,48 @@ OrtStatus* mlstm_step_compute(const Ctx& ctx) {
 struct SlstmScanArgs {
   const float *x, *r;
   float *h, *c, *n, *m, *y;
-  int64_t nh, s, dh;
+  int64_t batch, nh, s, dh;
 };
 
-void slstm_scan_task(void* data, size_t bh) {
+// The sLSTM kernels' tasks: (head, a block of up to kSlstmRows batch rows), head-major, so that the
+// rows of a block share each load of the head's weights and one thread's blocks share a head
+// (xlstm-125m's recurrent weights are 576 KiB a head, 1.1 MiB with the paper layer's gate weights).
+constexpr int64_t kSlstmRows = 8;
+
+struct SlstmTask {
+  int64_t head, b0, rows;
+};
+
+SlstmTask slstm_task(size_t j, int64_t batch) {
+  const int64_t blocks = (batch + kSlstmRows - 1) / kSlstmRows;
+  const int64_t head = static_cast<int64_t>(j) / blocks, b0 = static_cast<int64_t>(j) % blocks * kSlstmRows;
+  return {head, b0, std::min(kSlstmRows, batch - b0)};
+}
+
+size_t slstm_tasks(int64_t batch, int64_t nh) {
+  return static_cast<size_t>(nh * ((batch + kSlstmRows - 1) / kSlstmRows));
+}
+
+void slstm_scan_task(void* data, size_t j) {
   const auto& a = *static_cast<const SlstmScanArgs*>(data);
-  const int64_t head = static_cast<int64_t>(bh) % a.nh;
-  std::vector<float> pre(static_cast<size_t>(4 * a.dh));
-  xlstm_cpu::slstm_scan_head(a.x + bh * a.s * 4 * a.dh, a.r + head * a.dh * 4 * a.dh, static_cast<int>(a.s),
-                             static_cast<int>(a.dh), a.h + bh * a.dh, a.c + bh * a.dh, a.n + bh * a.dh,
-                             a.m + bh * a.dh, a.y + bh * a.s * a.dh, a.dh, pre.data());
+  const SlstmTask task = slstm_task(j, a.batch);
+  const int64_t first = task.b0 * a.nh + task.head;  // (b0, head) in [B, NH]
+  std::vector<float> pre(static_cast<size_t>(task.rows * 4 * a.dh));
+  xlstm_cpu::SlstmRows rows{};
+  rows.x = a.x + first * a.s * 4 * a.dh;
+  rows.r = a.r + task.head * a.dh * 4 * a.dh;
+  rows.x_row = a.nh * a.s * 4 * a.dh;
+  rows.x_step = 4 * a.dh;
+  rows.h = a.h + first * a.dh;
+  rows.c = a.c + first * a.dh;
+  rows.n = a.n + first * a.dh;
+  rows.m = a.m + first * a.dh;
+  rows.state_row = a.nh * a.dh;
+  rows.y = a.y + first * a.s * a.dh;
+  rows.y_row = a.nh * a.s * a.dh;
+  rows.y_step = a.dh;
+  rows.pre = pre.data();
+  xlstm_cpu::slstm_scan_rows(rows, static_cast<int>(task.rows), static_cast<int>(a.s), static_cast<int>(a.dh));
 }
 
 OrtStatus* slstm_scan_compute(const Ctx& ctx) {
@@ -301,6 +333,7 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
     return ctx.error("inputs disagree with x [%ld, %ld, S, 4*%ld]: expected r [NH, DH, 4*DH] and "
                      "h0, c0, n0, m0 [B, NH, DH]", static_cast<long>(B), static_cast<long>(NH),
                      static_cast<long>(DH));
+  a.batch = B;
   a.nh = NH;
   a.s = S;
   a.dh = DH;
@@ -313,7 +346,7 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
     std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place by the loop
   }
   if (OrtStatus* s = ctx.output("y", {B, NH, S, DH}, &a.y)) return s;
-  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 4 * DH >= ctx.split->cell_work, slstm_scan_task, &a);
+  return ctx.for_each(slstm_tasks(B, NH), B * NH * S * DH * 4 * DH >= ctx.split->cell_work, slstm_scan_task, &a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,36 +356,37 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
 struct SlstmLayerArgs {
   const float *xc, *x, *w_if, *w_zo, *r, *b, *ln_scale, *ln_bias, *weight;
   float *y, *h, *c, *n, *m;
-  int64_t nh, s, dh;
+  int64_t batch, nh, s, dh;
   float norm_eps;
 };
 
-void slstm_layer_task(void* data, size_t bh) {
+void slstm_layer_task(void* data, size_t j) {
   const auto& a = *static_cast<const SlstmLayerArgs*>(data);
-  const int64_t b = static_cast<int64_t>(bh) / a.nh, head = static_cast<int64_t>(bh) % a.nh;
+  const SlstmTask task = slstm_task(j, a.batch);
   const int64_t e = a.nh * a.dh;  // the block's width
-  float stack[9 * 256];  // scratch: on the stack up to DH = 256
-  std::vector<float> heap(a.dh > 256 ? static_cast<size_t>(9 * a.dh) : 0);
+  std::vector<float> scratch(static_cast<size_t>(task.rows * (a.s * 5 + 4) * a.dh));
   xlstm_cpu::SlstmLayerHead l{};
-  l.xc = a.xc + b * a.s * e + head * a.dh;
-  l.x = a.x + b * a.s * e + head * a.dh;
+  l.xc = a.xc + task.b0 * a.s * e + task.head * a.dh;
+  l.x = a.x + task.b0 * a.s * e + task.head * a.dh;
   l.x_stride = e;
-  l.w_if = a.w_if + head * a.dh * 2 * a.dh;
-  l.w_zo = a.w_zo + head * a.dh * 2 * a.dh;
-  l.bias = a.b + head * 4 * a.dh;
-  l.r = a.r + head * a.dh * 4 * a.dh;
+  l.w_if = a.w_if + task.head * a.dh * 2 * a.dh;
+  l.w_zo = a.w_zo + task.head * a.dh * 2 * a.dh;
+  l.bias = a.b + task.head * 4 * a.dh;
+  l.r = a.r + task.head * a.dh * 4 * a.dh;
   l.ln_scale = a.ln_scale;
   l.ln_bias = a.ln_bias;
-  l.weight = a.weight + head * a.dh;
+  l.weight = a.weight + task.head * a.dh;
   l.norm_eps = a.norm_eps;
-  l.h = a.h + bh * a.dh;
-  l.c = a.c + bh * a.dh;
-  l.n = a.n + bh * a.dh;
-  l.m = a.m + bh * a.dh;
-  l.y = a.y + b * a.s * e + head * a.dh;
+  const int64_t first = task.b0 * a.nh + task.head;  // (b0, head) in [B, NH]
+  l.h = a.h + first * a.dh;
+  l.c = a.c + first * a.dh;
+  l.n = a.n + first * a.dh;
+  l.m = a.m + first * a.dh;
+  l.state_row = e;
+  l.y = a.y + task.b0 * a.s * e + task.head * a.dh;
   l.y_stride = e;
-  l.scratch = a.dh > 256 ? heap.data() : stack;
-  xlstm_cpu::slstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dh));
+  l.scratch = scratch.data();
+  xlstm_cpu::slstm_layer_head(l, static_cast<int>(task.rows), static_cast<int>(a.s), static_cast<int>(a.dh));
 }
 
 OrtStatus* slstm_paper_layer_compute(const Ctx& ctx) {
@@ -378,6 +412,7 @@ OrtStatus* slstm_paper_layer_compute(const Ctx& ctx) {
                      "like x, w_if, w_zo [NH, DH, 2*DH], b [NH, 4*DH], h0, c0, n0, m0 [B, NH, DH], ln_scale, "
                      "ln_bias [DH], weight [NH*DH]", static_cast<long>(NH), static_cast<long>(DH),
                      static_cast<long>(B));
+  a.batch = B;
   a.nh = NH;
   a.s = S;
   a.dh = DH;
@@ -390,8 +425,7 @@ OrtStatus* slstm_paper_layer_compute(const Ctx& ctx) {
     if (OrtStatus* s = ctx.output(out_names[t], {B, NH, DH}, outs[t])) return s;
     std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place step by step
   }
-  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DH * 8 * DH >= ctx.split->cell_work,
-                      slstm_layer_task, &a);
+  return ctx.for_each(slstm_tasks(B, NH), B * NH * S * DH * 8 * DH >= ctx.split->cell_work, slstm_layer_task, &a);
 }
 
 // ---------------------------------------------------------------------------------------------

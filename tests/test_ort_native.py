@@ -118,8 +118,10 @@ def test_mlstm_native_step_from_a_fresh_state():
         assert _rel(got, want) < TOL_CELL["state"]
 
 
-@pytest.mark.parametrize("B,NH,S,DH", [(1, 1, 1, 4), (3, 2, 1, 5), (3, 2, 17, 5), (2, 3, 9, 21),
-                                       (2, 4, 33, 32)])  # the last one large enough to split over threads
+# B = 6 and 11: rows in blocks of 4 within a task of up to 8 (cpu_cells.h rows_times_matrix, the
+# tasks of cpu_ops.cc); the last case large enough to split over threads
+@pytest.mark.parametrize("B,NH,S,DH", [(1, 1, 1, 4), (3, 2, 1, 5), (3, 2, 17, 5), (2, 3, 9, 21), (6, 2, 3, 16),
+                                       (11, 2, 1, 7), (2, 4, 33, 32)])
 def test_slstm_native_scan_matches_reference(B, NH, S, DH):
     g = torch.Generator().manual_seed(S * 10 + DH)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
@@ -509,8 +511,8 @@ def _slstm_layer_ref(a: dict, eps: float = 1e-5):
     return normed.reshape(B, S, E) * a["weight"], tuple(x.numpy() for x in state)
 
 
-@pytest.mark.parametrize("B,S,NH,DH", [(1, 1, 1, 4), (3, 7, 2, 5), (2, 9, 3, 21),
-                                       (2, 33, 4, 32)])  # the last one large enough to split over threads
+@pytest.mark.parametrize("B,S,NH,DH", [(1, 1, 1, 4), (3, 7, 2, 5), (2, 9, 3, 21), (6, 1, 2, 16), (11, 3, 2, 7),
+                                       (2, 33, 4, 32)])  # as for the scan: row blocks, the threaded split
 def test_slstm_paper_layer_matches_float64(B, S, NH, DH):
     a = _slstm_layer_inputs(B, S, NH, DH, seed=B * S + NH * DH)
     y, *state = _session(_slstm_layer_model()).run(None, {k: v.astype(np.float32) for k, v in a.items()})
