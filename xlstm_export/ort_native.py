@@ -904,27 +904,33 @@ def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     if g.const(tail["ln_scale"]).shape != (r.shape[1],) or g.const(tail["weight"]).shape != (nh * r.shape[1],):
         return None
     removed.extend(nodes)
-    return {"inputs": {"xc": gates_if[1], "x": gates_zo[1], "r": cell_in["r"], "b": cell_in["b"], **{k: cell_in[k] for k in ("h0", "c0", "n0", "m0")},
+    return {"inputs": {"xc": gates_if[1], "x": gates_zo[1], "r": cell_in["r"], "b": cell_in["b"],
+                       **{k: cell_in[k] for k in ("h0", "c0", "n0", "m0")},
                        "ln_scale": tail["ln_scale"], "ln_bias": tail["ln_bias"], "weight": tail["weight"]},
             "outputs": {"y": tail["y"], **{k: cell_out[k] for k in ("h", "c", "n", "m")}},
             "weights": {"w_if": gates_if[2], "w_zo": gates_zo[2]}, "norm_eps": tail["norm_eps"], "dh": tail["dv"],
             "removed": removed}
 
 
-def _slstm_layer(edit: Edit, match: dict) -> None:
-    """Replacement: one sLSTMPaperLayer node where the layer's last node stood."""
+def _slstm_layer(edit: Edit, match: dict) -> bool:
+    """Replacement: one sLSTMPaperLayer node where the layer's last node stood, with the gate
+    weights as its own initializers [NH, DH, 2*DH] (folded here where the export did not) and a zero
+    LayerNorm bias where the norm has none (the kernel always adds one)."""
     inputs = dict(match["inputs"])
-    if inputs["ln_bias"] is None:  # the kernel always adds one
+    name = match["removed"][0].name or match["outputs"]["h"]
+    added = {w: match["weights"][w] for w in ("w_if", "w_zo")}
+    if inputs["ln_bias"] is None:
         inputs["ln_bias"] = f"{inputs['ln_scale']}.zero_bias"
         if inputs["ln_bias"] not in edit.index.inits:
-            edit.add_initializer(numpy_helper.from_array(np.zeros(match["dh"], np.float32), inputs["ln_bias"]))
-    name = match["removed"][0].name or match["outputs"]["h"]
-    for w in ("w_if", "w_zo"):  # the gate weights, [NH, DH, 2*DH] (folded here where the export did not)
-        inputs[w] = f"{name}.{w}"
-        edit.add_initializer(numpy_helper.from_array(match["weights"][w], inputs[w]))
+            added["ln_bias"] = np.zeros(match["dh"], np.float32)
+    inputs.update({"w_if": f"{name}.w_if", "w_zo": f"{name}.w_zo"})
     layer = native_ops.node("sLSTMPaperLayer", inputs, match["outputs"], name=f"{name}_layer",
                             norm_eps=match["norm_eps"])
-    edit.replace(match["removed"], [layer])
+    if not edit.replace(match["removed"], [layer]):
+        return False
+    for key, value in added.items():
+        edit.add_initializer(numpy_helper.from_array(value, inputs[key]))
+    return True
 
 
 def _fuse_slstm_layers(graph: GraphProto) -> int:
