@@ -48,12 +48,13 @@
 // registers this library (onnxruntime calls RegisterCustomOps on load); it also swaps the float32
 // weight MatMuls of the main graph for PackedMatMul, packing their weights as it does, and each
 // 7B-style mLSTM layer (~25 nodes of the main graph around its xlstm::mLSTM node) for one
-// mLSTMLayer (each paper one for one mLSTMPaperLayer), and each paper block's convolution (~16
-// nodes: Concat, Slices, Muls, Adds, the SiLU) for one CausalConv. Everything is
+// mLSTMLayer (each paper one for one mLSTMPaperLayer), each paper sLSTM layer (~15 nodes around
+// its xlstm::sLSTM node) for one sLSTMPaperLayer, and each paper block's convolution (~16 nodes:
+// Concat, Slices, Muls, Adds, the SiLU) for one CausalConv. Everything is
 // float32 (the bodies cast before calling) but the weights of the ...Bf16 products, whose float32
-// values were all bfloat16 values. The cells split their work over (batch, head), the matrix
-// product over column panels, on onnxruntime's intra-op thread pool when there is enough of it to pay
-// for the hand-off.
+// values were all bfloat16 values. The mLSTM cells split their work over (batch, head), the sLSTM
+// ones over (head, a block of up to 8 batch rows), the matrix product over column panels, on
+// onnxruntime's intra-op thread pool when there is enough of it to pay for the hand-off.
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
