@@ -16,6 +16,8 @@ Passes of ``xlstm_export.ort_native``, most of them for the paper architecture:
 * ``geglu``: the paper sLSTM blocks' GeGLU (the exact GELU's 5 nodes, the gate's Mul and the Split)
   folded into the FFN's down-projection as ``PackedGluMatMulAdd`` (gelu = 1;
   :func:`~xlstm_export.ort_native._gelu_input`);
+* ``layer-norm``: the paper blocks' LayerNorm before a product folded into it as ``PackedLnMatMul``
+  (:func:`~xlstm_export.ort_native._match_layer_norm`);
 * ``bf16-weights`` (any architecture; an export with ``--dtype bf16``): the packed weights whose
   values are all bfloat16 values held as bfloat16 (``PackedMatMulBf16`` and its kin,
   :func:`~xlstm_export.ort_native.bfloat16_bits`): the same products to the bit from half the bytes;
@@ -66,6 +68,7 @@ PASSES = {  # --pass -> (the ort_native function, what it returns when the pass 
     "paper-layer": ("_match_paper_mlstm_layer", None),  # no paper mLSTM layer matches
     "slstm-layer": ("_match_paper_slstm_layer", None),  # no paper sLSTM layer matches
     "geglu": ("_gelu_input", None),  # no GELU matches: the GeGLU stays standard nodes
+    "layer-norm": ("_match_layer_norm", None),  # no LayerNorm is folded into its product
     "bf16-weights": ("bfloat16_bits", None),  # every packed weight float32
 }
 

@@ -89,6 +89,14 @@ inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, f
   for (int64_t k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
 }
 
+// out[k] = (x[k] - mean) / sqrt(var + eps) * g[k] + beta[k]  for k < K, mean and var over the row:
+// one row of a LayerNorm (the paper blocks' norm before their products; the sums in lanes).
+inline void layer_norm_row(const float* x, const float* g, const float* beta, int64_t K, float eps, float* out) {
+  const float mean = lane_sum(x, K) / static_cast<float>(K);
+  const float inv_std = 1.0f / std::sqrt(lane_sum_squared_deviation(x, K, mean) / static_cast<float>(K) + eps);
+  for (int64_t k = 0; k < K; ++k) out[k] = (x[k] - mean) * inv_std * g[k] + beta[k];
+}
+
 // out[r * kPanel + j] = sum_k x[r * ldx + k] * panel[k * kPanel + j]   for r < R, j < kPanel.
 // Summed in k order in blocks of kBlockK products (fused multiply-adds where the CPU has them), the
 // blocks' sums added up in turn: a running sum over all K products would round against an ever

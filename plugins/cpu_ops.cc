@@ -12,10 +12,12 @@
 //   xlstm.cpu::PackedNormMatMul(x, w, g) -> y   float attributes eps, soft_cap too:
 //       y = softcap(RMSNorm(x) W), RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K],
 //       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0
+//   xlstm.cpu::PackedLnMatMul(x, w, g, beta) -> y  float attribute eps: y = LayerNorm(x) W,
+//       LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + beta over K, g, beta [K]
 //   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (act(z[..., :K]) * z[..., K:]) W + r, z [..., 2K],
 //                                                 act silu (gelu = 0) or the exact GELU (gelu = 1)
-//   xlstm.cpu::PackedMatMulBf16, PackedMatMulAddBf16, PackedNormMatMulBf16, PackedGluMatMulAddBf16: the
-//       same four with w a bfloat16 tensor in the same layout (a weight whose float32 values are all
+//   xlstm.cpu::PackedMatMulBf16, PackedMatMulAddBf16, PackedNormMatMulBf16, PackedLnMatMulBf16,
+//       PackedGluMatMulAddBf16: the same five with w a bfloat16 tensor in the same layout (a weight whose float32 values are all
 //       bfloat16 values: the products are the same to the bit, from half the bytes)
 //   xlstm.cpu::BlockDiagMatMul(x, w) -> y    attribute n (int): each row of n values of x times a
 //       block-diagonal matrix of square blocks of BLK = 1, 2, 4, 8 or 16 (cpu_gemm.h block_diag_row)
@@ -613,11 +615,11 @@ void packed_matmul_batch(void* data, size_t batch) {
 }
 
 // What a packed product does to its input rows first, and whether it adds a third input after.
-enum class Prologue { kNone, kNorm, kGlu };
+enum class Prologue { kNone, kNorm, kLayerNorm, kGlu };
 
 struct PrologueArgs {
   Prologue kind;
-  const float *x, *g;  // x [m, K] (kNorm) or [m, 2K] (kGlu); g [K]: the norm's scale
+  const float *x, *g, *beta;  // x [m, K] (the norms) or [m, 2K] (kGlu); g, beta [K]: the norm's scale, bias
   float eps;
   bool gelu;  // kGlu: the GELU in place of silu
   int64_t k;
@@ -628,6 +630,8 @@ void prologue_row(void* data, size_t row) {
   const auto& a = *static_cast<const PrologueArgs*>(data);
   if (a.kind == Prologue::kNorm)
     xlstm_cpu::rms_norm_row(a.x + row * a.k, a.g, a.k, a.eps, a.out + row * a.k);
+  else if (a.kind == Prologue::kLayerNorm)
+    xlstm_cpu::layer_norm_row(a.x + row * a.k, a.g, a.beta, a.k, a.eps, a.out + row * a.k);
   else
     xlstm_cpu::glu_row(a.x + row * 2 * a.k, a.k, a.gelu, a.out + row * a.k);
 }
@@ -637,6 +641,8 @@ void prologue_row(void* data, size_t row) {
 //   PackedMatMulAdd       (x, w, r)  y = x W + r, r the same shape as y (a residual) or [n] (a bias)
 //   PackedNormMatMul      (x, w, g)  y = softcap(RMSNorm(x) W): x / sqrt(mean(x^2) + eps) * g row by
 //                                    row, g [K]; float attributes eps and soft_cap (<= 0: none)
+//   PackedLnMatMul        (x, w, g, beta)  y = LayerNorm(x) W: (x - mean) / sqrt(var + eps) * g + beta
+//                                    row by row, g, beta [K]; float attribute eps
 //   PackedGluMatMulAdd    (z, w, r)  y = (act(z[..., :K]) * z[..., K:]) W + r: the SwiGLU (int attribute
 //                                    gelu = 0) or the GeGLU (gelu = 1), z [..., 2K]
 //   ...Bf16                               the same with w bfloat16
@@ -660,7 +666,7 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
   std::vector<int64_t> y(x);
   y.back() = a.n;
   std::vector<float> rows;  // the prologue's rows of x, [m, K]
-  PrologueArgs pro{prologue, a.x, nullptr, 0.0f, false, a.k, nullptr};
+  PrologueArgs pro{prologue, a.x, nullptr, nullptr, 0.0f, false, a.k, nullptr};
   if (prologue == Prologue::kGlu) pro.gelu = ctx.attr_int("gelu") != 0;
   if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
@@ -669,6 +675,15 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
     if (!same(g, {a.k})) return ctx.error("g must be [K = %ld], got rank %ld", static_cast<long>(a.k),
                                           static_cast<long>(g.size()));
     a.cap = ctx.attr_float("soft_cap");
+  }
+  if (prologue == Prologue::kLayerNorm) {
+    std::vector<int64_t> g, beta;
+    pro.eps = ctx.attr_float("eps");
+    if (OrtStatus* s = ctx.input("g", &pro.g, &g)) return s;
+    if (OrtStatus* s = ctx.input("beta", &pro.beta, &beta)) return s;
+    if (!same(g, {a.k}) || !same(beta, {a.k}))
+      return ctx.error("g and beta must be [K = %ld], got ranks %ld and %ld", static_cast<long>(a.k),
+                       static_cast<long>(g.size()), static_cast<long>(beta.size()));
   }
   if (prologue != Prologue::kNone) {  // rows split over the pool at prefill sizes
     rows.resize(static_cast<size_t>(a.m * a.k));
@@ -702,10 +717,12 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
 OrtStatus* packed_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, false); }
 OrtStatus* packed_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, true); }
 OrtStatus* packed_norm_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNorm, false); }
+OrtStatus* packed_ln_matmul_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kLayerNorm, false); }
 OrtStatus* packed_glu_matmul_add_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kGlu, true); }
 OrtStatus* packed_matmul_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, false, true); }
 OrtStatus* packed_matmul_add_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNone, true, true); }
 OrtStatus* packed_norm_matmul_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kNorm, false, true); }
+OrtStatus* packed_ln_matmul_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kLayerNorm, false, true); }
 OrtStatus* packed_glu_matmul_add_bf16_compute(const Ctx& ctx) { return packed_matmul(ctx, Prologue::kGlu, true, true); }
 
 // ---------------------------------------------------------------------------------------------
@@ -876,12 +893,15 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("PackedNormMatMul", packed_norm_matmul_compute,
             {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {}}, split),
+    make_op("PackedLnMatMul", packed_ln_matmul_compute, {{"x", "w", "g", "beta"}, {"y"}, {"n"}, {"eps"}, {}}, split),
     make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {}}, split),
     make_op("PackedMatMulBf16", packed_matmul_bf16_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {"w"}}, split),
     make_op("PackedMatMulAddBf16", packed_matmul_add_bf16_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
             split),
     make_op("PackedNormMatMulBf16", packed_norm_matmul_bf16_compute,
             {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {"w"}}, split),
+    make_op("PackedLnMatMulBf16", packed_ln_matmul_bf16_compute,
+            {{"x", "w", "g", "beta"}, {"y"}, {"n"}, {"eps"}, {"w"}}, split),
     make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {"w"}},
             split),
     make_op("BlockDiagMatMul", block_diag_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {}}, split),

@@ -832,6 +832,51 @@ def test_packed_norm_matmul_folds_the_exported_rms_norm_and_soft_cap(B, S, K, N,
     assert _rel(y, ref) < 1e-5
 
 
+def _layer_norm_matmul_model(w: np.ndarray, g: np.ndarray, beta: np.ndarray | None, eps: float,
+                             normed_is_output: bool = False) -> onnx.ModelProto:
+    """y = LayerNormalization[axis -1](x, g, beta?) W (the paper blocks' norm before a product)."""
+    h, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    k, n = w.shape
+    inits = [onnx.numpy_helper.from_array(g, "g"), onnx.numpy_helper.from_array(w, "w")]
+    if beta is not None:
+        inits.append(onnx.numpy_helper.from_array(beta, "beta"))
+    nodes = [h.make_node("LayerNormalization", ["x", "g", "beta" if beta is not None else ""], ["normed"],
+                         axis=-1, epsilon=eps),
+             h.make_node("MatMul", ["normed", "w"], ["y"])]
+    outputs = [h.make_tensor_value_info("y", f32, None)]
+    if normed_is_output:
+        outputs.append(h.make_tensor_value_info("normed", f32, None))
+    graph = h.make_graph(nodes, "ln_mm", [h.make_tensor_value_info("x", f32, ["B", "S", k])], outputs,
+                         initializer=inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 37, 33), (3, 7, 128, 97), (2, 9, 61, 300)])
+def test_packed_ln_matmul_folds_the_layer_norm(B, S, K, N, with_bias):
+    rng = np.random.default_rng(K + N)
+    w = rng.standard_normal((K, N), dtype=np.float32)
+    g = (1 + 0.3 * rng.standard_normal(K)).astype(np.float32)
+    beta = (0.3 * rng.standard_normal(K)).astype(np.float32) if with_bias else None
+    x = 2 + 3 * rng.standard_normal((B, S, K), dtype=np.float32)  # an offset: the mean matters
+    native = ort_native.with_native_ops(_layer_norm_matmul_model(w, g, beta, 1e-5), check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["PackedLnMatMul"]
+    (y,) = _session(native).run(None, {"x": x})
+    x64 = x.astype(np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    normed = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+    ref = (normed + (beta if with_bias else 0)) @ w.astype(np.float64)
+    assert _rel(y, ref) < 1e-5  # as the plain product, plus the K-term mean and variance
+
+
+def test_packed_ln_matmul_leaves_a_norm_read_elsewhere():
+    rng = np.random.default_rng(3)
+    w, g = rng.standard_normal((16, 8), dtype=np.float32), np.ones(16, np.float32)
+    native = ort_native.with_native_ops(_layer_norm_matmul_model(w, g, None, 1e-5, normed_is_output=True),
+                                        check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["LayerNormalization", "PackedMatMul"]
+
+
 def _glu_model(w: np.ndarray, gelu: bool = False, sqrt2: float = float(np.sqrt(2.0)), axis: int = -1
                ) -> onnx.ModelProto:
     """out = (act(a) * b) W + r with [a | b] = Split(z): act silu (the exported 7B FFN after its
@@ -929,6 +974,7 @@ def _bf16_products(w, g):
     return [(_matmul_model(k, n, w, 3), {"x": x}, "PackedMatMulBf16"),
             (_matmul_add_model(w, ["B", "S", n]), {"x": x, "r": r}, "PackedMatMulAddBf16"),
             (_rms_norm_matmul_model(w, g, 1e-6, cap=30.0), {"x": x}, "PackedNormMatMulBf16"),
+            (_layer_norm_matmul_model(w, g, 0.5 * g, 1e-5), {"x": x}, "PackedLnMatMulBf16"),
             (_glu_model(w), {"z": z, "r": r}, "PackedGluMatMulAddBf16"),
             (_glu_model(w, gelu=True), {"z": z, "r": r}, "PackedGluMatMulAddBf16")]
 

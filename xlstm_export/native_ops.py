@@ -59,13 +59,16 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     NativeOp("PackedMatMulAdd", ("x", "w", "r"), ("y",), ints=("n",)),
     # y = softcap(RMSNorm(x; g, eps) W)
     NativeOp("PackedNormMatMul", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap")),
+    # y = LayerNorm(x; g, beta, eps) W
+    NativeOp("PackedLnMatMul", ("x", "w", "g", "beta"), ("y",), ints=("n",), floats=("eps",)),
     # y = GLU(z) W + r: the SwiGLU (gelu = 0) or, with the exact GELU, the GeGLU (gelu = 1)
     NativeOp("PackedGluMatMulAdd", ("z", "w", "r"), ("y",), ints=("n", "gelu")),
-    # the same four with w bfloat16, the same layout: for a weight whose values are all bfloat16
+    # the same five with w bfloat16, the same layout: for a weight whose values are all bfloat16
     # values (a bf16 checkpoint), the same results to the bit from half the bytes
     NativeOp("PackedMatMulBf16", ("x", "w"), ("y",), ints=("n",), bf16=("w",)),
     NativeOp("PackedMatMulAddBf16", ("x", "w", "r"), ("y",), ints=("n",), bf16=("w",)),
     NativeOp("PackedNormMatMulBf16", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap"), bf16=("w",)),
+    NativeOp("PackedLnMatMulBf16", ("x", "w", "g", "beta"), ("y",), ints=("n",), floats=("eps",), bf16=("w",)),
     NativeOp("PackedGluMatMulAddBf16", ("z", "w", "r"), ("y",), ints=("n", "gelu"), bf16=("w",)),
     # each row of n values of x times a block-diagonal matrix of square blocks of 1, 2, 4, 8 or 16,
     # packed (ort_native.pack_block_diagonal); y [rows, n / block, block]

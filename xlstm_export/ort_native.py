@@ -20,8 +20,9 @@ the state:
   exported graph does right before or after such a product is folded into it where the matcher
   can prove the pattern (every value in between read only there): a residual or bias ``Add``
   (``PackedMatMulAdd``), the RMSNorm before it and the logits' soft cap after it
-  (``PackedNormMatMul``), the SwiGLU (7B-style) or GeGLU (paper) before the FFN's down-projection
-  with the residual after it (``PackedGluMatMulAdd``);
+  (``PackedNormMatMul``), the paper blocks' LayerNorm before it (``PackedLnMatMul``), the SwiGLU
+  (7B-style) or GeGLU (paper) before the FFN's down-projection with the residual after it
+  (``PackedGluMatMulAdd``);
 * ``xlstm.cpu::BlockDiagMatMul(x, w) -> y`` (attribute ``n``) replaces, in float32 paper-architecture
   models, each block-diagonal product of the q / k / v projections (``Reshape``, ``Transpose``, a
   batched ``MatMul`` by [nb, BLK, BLK], ``Transpose``: onnxruntime runs one tiny product per block,
@@ -51,7 +52,7 @@ the state:
 A 7B-style block is then five nodes at decode instead of ~40 (norm + product, layer, product +
 residual, norm + product, GLU + product + residual), so a step pays onnxruntime's per-node cost
 (a few microseconds each) ~60 times on the 160M model instead of ~400; the paper model tiny's
-decode graph went from 154 nodes to 46. The decoder
+decode graph went from 154 nodes to 42. The decoder
 (:class:`xlstm_export.ort.OrtDecoder`) and the server's slots also update in place, at decode
 steps, the mLSTM states that ``mLSTMLayer``, ``mLSTMPaperLayer`` or the paper blocks'
 ``mLSTMStep`` alone read
@@ -214,6 +215,24 @@ def _match_rms_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, float] | N
     return div.input[0], g_name, float(eps)
 
 
+def _match_layer_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, str | None, float] | None:
+    """(x0, scale, bias or None, eps) if ``x`` is LayerNormalization[axis -1](x0, scale, bias?) in
+    float32 (stash_type 1), scale and bias float32 constants [k], read only there and its mean and
+    inverse-deviation outputs unread (the paper blocks' norm before a product)."""
+    ln = g.private_made_by(x, "LayerNormalization")
+    a = attrs(ln) if ln is not None else {}
+    if ln is None or a.get("axis", -1) not in (-1, None) or a.get("stash_type", 1) != 1:
+        return None
+    if any(o and g.uses(o) for o in ln.output[1:]):
+        return None
+    scale = g.const(ln.input[1])
+    bias = ln.input[2] if len(ln.input) > 2 and ln.input[2] else None
+    if scale is None or scale.shape != (k,) or (bias is not None and (b := g.const(bias)) is None or
+                                                 bias is not None and b.shape != (k,)):
+        return None
+    return ln.input[0], ln.input[1], bias, float(a.get("epsilon", 1e-5))
+
+
 def _gelu_input(g: GraphIndex, y: str) -> str | None:
     """a if ``y`` is Mul(a, Mul(0.5, Add(Erf(Div(a, sqrt 2)), 1))), the exact GELU as exported (the
     constants float32 scalars of those values, each input in either place), every value in
@@ -285,6 +304,7 @@ class _Product:
     n: int
     add: tuple[NodeProto, str] | None  # the Add after it, its other input
     norm: tuple[str, str, float] | None  # the RMSNorm before it: x0, scale, eps
+    layer_norm: tuple[str, str, str | None, float] | None  # the LayerNorm before it: x0, scale, bias, eps
     glu: tuple[str, bool] | None  # the gated unit before it: its input, whether its act is the GELU
     cap: tuple[NodeProto, float] | None  # the soft cap after the normed product: last node, cap
 
@@ -303,9 +323,10 @@ def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
     (k, n), y = t.dims, node.output[0]
     add = _match_addend(g, y, n)
     norm = _match_rms_norm(g, x, k) if add is None else None
+    layer_norm = _match_layer_norm(g, x, k) if add is None and norm is None else None
     glu = _match_glu(g, x, k) if add is not None else None
     cap = _match_soft_cap_after(g, y) if norm is not None else None
-    return _Product(node, t, int(n), add, norm, glu, cap)
+    return _Product(node, t, int(n), add, norm, layer_norm, glu, cap)
 
 
 def _packed_product(edit: Edit, p: _Product) -> bool | None:
@@ -326,6 +347,12 @@ def _packed_product(edit: Edit, p: _Product) -> bool | None:
             y = p.cap[0].output[0]
         new = native_ops.node("PackedNormMatMul" + suffix, {"x": x0, "w": w, "g": g_name}, {"y": y}, n=p.n,
                               eps=eps, soft_cap=p.cap[1] if p.cap else 0.0)
+    elif p.layer_norm is not None:
+        x0, g_name, beta, eps = p.layer_norm
+        zero_beta = beta is None  # the kernel always adds one: zeros, named after this product's weight
+        beta = f"{p.weight.name}.ln_zero_bias" if zero_beta else beta
+        new = native_ops.node("PackedLnMatMul" + suffix, {"x": x0, "w": w, "g": g_name, "beta": beta}, {"y": y},
+                              n=p.n, eps=eps)
     elif p.add is not None:
         replaced.append(p.add[0])
         if p.glu is not None:
@@ -340,11 +367,13 @@ def _packed_product(edit: Edit, p: _Product) -> bool | None:
     new.name = p.matmul.name
     if not edit.replace(replaced, [new], at=p.matmul):
         return None
+    if p.layer_norm is not None and zero_beta:
+        edit.add_initializer(numpy_helper.from_array(np.zeros(packed.shape[1], np.float32), beta))
     if bf16 is None:
         p.weight.CopyFrom(numpy_helper.from_array(packed, w))
     else:
         p.weight.CopyFrom(helper.make_tensor(w, onnx.TensorProto.BFLOAT16, packed.shape, bf16.tobytes(), raw=True))
-    return p.norm is not None or p.glu is not None
+    return p.norm is not None or p.layer_norm is not None or p.glu is not None
 
 
 def _pack_matmuls(graph: GraphProto) -> int:
@@ -355,7 +384,8 @@ def _pack_matmuls(graph: GraphProto) -> int:
 
     * an ``Add`` of a residual of the product's own known shape, or of a bias [N]: ``PackedMatMulAdd``
       (the SwiGLU or the GeGLU before it as well: ``PackedGluMatMulAdd``);
-    * the RMSNorm before the product (and the logits' soft cap after it): ``PackedNormMatMul``.
+    * the RMSNorm before the product (and the logits' soft cap after it): ``PackedNormMatMul``;
+    * the LayerNorm before the product (the paper blocks'): ``PackedLnMatMul``.
 
     Returns how many MatMuls were swapped."""
     folded = []  # per swap: whether it left the nodes of a norm or a GLU unread
