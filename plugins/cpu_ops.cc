@@ -65,6 +65,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu_cells.h"
@@ -320,6 +321,19 @@ void slstm_scan_task(void* data, size_t j) {
   xlstm_cpu::slstm_scan_rows(rows, static_cast<int>(task.rows), static_cast<int>(a.s), static_cast<int>(a.dh));
 }
 
+// The sLSTM kernels' state outputs h, c, n, m (shape [B, NH, DH], in that order: each output's
+// pointer with its initial state), filled with those; the kernels update them in place step by step.
+OrtStatus* slstm_state_outputs(const Ctx& ctx, const std::vector<int64_t>& shape,
+                               std::initializer_list<std::pair<float**, const float*>> states) {
+  const char* names[4] = {"h", "c", "n", "m"};
+  int j = 0;
+  for (auto [out, init] : states) {
+    if (OrtStatus* s = ctx.output(names[j++], shape, out)) return s;
+    std::memcpy(*out, init, sizeof(float) * shape[0] * shape[1] * shape[2]);
+  }
+  return nullptr;
+}
+
 OrtStatus* slstm_scan_compute(const Ctx& ctx) {
   const float *h0_data, *c0_data, *n0_data, *m0_data;
   SlstmScanArgs a{};
@@ -340,14 +354,9 @@ OrtStatus* slstm_scan_compute(const Ctx& ctx) {
   a.nh = NH;
   a.s = S;
   a.dh = DH;
-  const std::vector<int64_t> state{B, NH, DH};
-  const float* init[4] = {h0_data, c0_data, n0_data, m0_data};
-  float** outs[4] = {&a.h, &a.c, &a.n, &a.m};
-  const char* out_names[4] = {"h", "c", "n", "m"};
-  for (int t = 0; t < 4; ++t) {
-    if (OrtStatus* s = ctx.output(out_names[t], state, outs[t])) return s;
-    std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place by the loop
-  }
+  if (OrtStatus* s = slstm_state_outputs(ctx, {B, NH, DH},
+                                         {{&a.h, h0_data}, {&a.c, c0_data}, {&a.n, n0_data}, {&a.m, m0_data}}))
+    return s;
   if (OrtStatus* s = ctx.output("y", {B, NH, S, DH}, &a.y)) return s;
   return ctx.for_each(slstm_tasks(B, NH), B * NH * S * DH * 4 * DH >= ctx.split->cell_work, slstm_scan_task, &a);
 }
@@ -421,13 +430,9 @@ OrtStatus* slstm_paper_layer_compute(const Ctx& ctx) {
   a.dh = DH;
   a.norm_eps = ctx.attr_float("norm_eps");
   if (OrtStatus* s = ctx.output("y", {B, S, NH * DH}, &a.y)) return s;
-  const float* init[4] = {h0_data, c0_data, n0_data, m0_data};
-  float** outs[4] = {&a.h, &a.c, &a.n, &a.m};
-  const char* out_names[4] = {"h", "c", "n", "m"};
-  for (int t = 0; t < 4; ++t) {
-    if (OrtStatus* s = ctx.output(out_names[t], {B, NH, DH}, outs[t])) return s;
-    std::memcpy(*outs[t], init[t], sizeof(float) * B * NH * DH);  // updated in place step by step
-  }
+  if (OrtStatus* s = slstm_state_outputs(ctx, {B, NH, DH},
+                                         {{&a.h, h0_data}, {&a.c, c0_data}, {&a.n, n0_data}, {&a.m, m0_data}}))
+    return s;
   return ctx.for_each(slstm_tasks(B, NH), B * NH * S * DH * 8 * DH >= ctx.split->cell_work, slstm_layer_task, &a);
 }
 

@@ -221,14 +221,14 @@ def _match_layer_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, str | No
     inverse-deviation outputs unread (the paper blocks' norm before a product)."""
     ln = g.private_made_by(x, "LayerNormalization")
     a = attrs(ln) if ln is not None else {}
-    if ln is None or a.get("axis", -1) not in (-1, None) or a.get("stash_type", 1) != 1:
+    if ln is None or a.get("axis", -1) != -1 or a.get("stash_type", 1) != 1:
         return None
     if any(o and g.uses(o) for o in ln.output[1:]):
         return None
     scale = g.const(ln.input[1])
     bias = ln.input[2] if len(ln.input) > 2 and ln.input[2] else None
-    if scale is None or scale.shape != (k,) or (bias is not None and (b := g.const(bias)) is None or
-                                                 bias is not None and b.shape != (k,)):
+    bias_value = g.const(bias) if bias is not None else np.zeros(k, np.float32)  # absent: zeros
+    if scale is None or scale.shape != (k,) or bias_value is None or bias_value.shape != (k,):
         return None
     return ln.input[0], ln.input[1], bias, float(a.get("epsilon", 1e-5))
 
@@ -264,8 +264,9 @@ def _match_glu(g: GraphIndex, x: str, k: int) -> tuple[str, bool] | None:
     split = a is not None and g.made_by(a, "Split")
     if not split or list(split.output) != [a, b] or g.uses(a) != 2 or g.uses(b) != 1:
         return None
-    rank = len(g.shapes.get(split.input[0]) or ()) or None  # axis -1, or the last one by number
-    if attrs(split).get("axis", 0) not in (-1, rank and rank - 1):
+    shape = g.shapes.get(split.input[0])
+    last = len(shape) - 1 if shape else -1  # axis -1, or the last one by number where the rank is known
+    if attrs(split).get("axis", 0) not in (-1, last):
         return None
     sizes = g.const(split.input[1], np.int64) if len(split.input) > 1 else None
     halves = attrs(split).get("num_outputs") == 2 if sizes is None else list(np.ravel(sizes)) == [k, k]
