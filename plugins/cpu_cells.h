@@ -155,7 +155,8 @@ inline void mlstm_gates(float* i, float* f, float* floor, const float* m0, float
 //   ln_scale, ln_bias [dv]: the LayerNorm's affine part; weight [dv]: the per-head slice of the
 //   norm weight multiplied after it
 //   c0, n0: the state before; c, n: after (c0 may be c, n0 may be n)
-//   y: dv values per step, ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o)
+//   y: dv values per step, ((LN(h) * ln_scale + ln_bias) * weight) * sigmoid(o), the product before the
+//      gate rounded to bfloat16 where bf16 (a bf16 export's Cast there)
 //   h: scratch [dv]
 // The paper block's mLSTM layer (skip != nullptr) ends otherwise: o holds its z (the up-projection's
 // second half), xc the convolution's output (dv values per step, xc_stride apart), skip [dv] the
@@ -170,6 +171,7 @@ struct MlstmLayerHead {
   std::ptrdiff_t xc_stride;
   const float *c0, *n0;
   float *c, *n, *y, *h;
+  bool bf16;  // the 7B-style layer of a bf16 export: round LN(h) * weight to bfloat16 before the gate
 };
 
 inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
@@ -195,7 +197,8 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
         const vec16 skipped = normed * load16(a.weight + d) + load16(a.skip + d) * load16(xc + d);
         store16(y + d, skipped * (gate * sigmoid16(gate)));
       } else {
-        store16(y + d, normed * load16(a.weight + d) * sigmoid16(gate));
+        const vec16 weighted = normed * load16(a.weight + d);
+        store16(y + d, (a.bf16 ? round_bf16_16(weighted) : weighted) * sigmoid16(gate));
       }
     }
     for (; d < dv; ++d) {
@@ -203,7 +206,8 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
       if (a.skip) {
         y[d] = (normed * a.weight[d] + a.skip[d] * xc[d]) * (o[d] * sigmoid(o[d]));
       } else {
-        y[d] = normed * a.weight[d] * sigmoid(o[d]);
+        const float weighted = normed * a.weight[d];
+        y[d] = (a.bf16 ? round_bf16(weighted) : weighted) * sigmoid(o[d]);
       }
     }
   }

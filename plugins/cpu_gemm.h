@@ -83,10 +83,13 @@ inline void soft_cap_row(float* y, int n, float cap) {
 }
 
 // out[k] = x[k] / sqrt(mean(x^2) + eps) * g[k]  for k < K: one row of an RMS norm (the 7B blocks'
-// norm before their products; the exported graph's order of operations; the sum of squares in lanes).
-inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, float* out) {
+// norm before their products; the exported graph's order of operations; the sum of squares in lanes),
+// each value rounded to bfloat16 where `bf16` (a bf16 export's norm, whose output the graph rounds).
+inline void rms_norm_row(const float* x, const float* g, int64_t K, float eps, bool bf16, float* out) {
   const float rms = std::sqrt(lane_sum_squared_deviation(x, K, 0.0f) / static_cast<float>(K) + eps);
   for (int64_t k = 0; k < K; ++k) out[k] = x[k] / rms * g[k];
+  if (bf16)
+    for (int64_t k = 0; k < K; ++k) out[k] = round_bf16(out[k]);
 }
 
 // out[k] = (x[k] - mean) / sqrt(var + eps) * g[k] + beta[k]  for k < K, mean and var over the row:

@@ -11,7 +11,8 @@
 //   xlstm.cpu::PackedMatMulAdd(x, w, r) -> y    the same plus r: y = x W + r, r like y or [n]
 //   xlstm.cpu::PackedNormMatMul(x, w, g) -> y   float attributes eps, soft_cap too:
 //       y = softcap(RMSNorm(x) W), RMSNorm(x) = x / sqrt(mean(x^2 over K) + eps) * g, g [K],
-//       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0
+//       softcap(y) = soft_cap * tanh(y / soft_cap), or y where soft_cap <= 0; int attribute
+//       round_bf16 = 1: RMSNorm(x) rounded to bfloat16 before the product (a bf16 export's Cast)
 //   xlstm.cpu::PackedLnMatMul(x, w, g, beta) -> y  float attribute eps: y = LayerNorm(x) W,
 //       LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + beta over K, g, beta [K]
 //   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (act(z[..., :K]) * z[..., K:]) W + r, z [..., 2K],
@@ -23,8 +24,9 @@
 //       block-diagonal matrix of square blocks of BLK = 1, 2, 4, 8 or 16 (cpu_gemm.h block_diag_row)
 //       x [...] (n divides its size: M rows)  w [ceil(n / 16), BLK, 16] (packed)  y [M, n / BLK, BLK]
 //   xlstm.cpu::mLSTMLayer(q, k, v, g, o, gate_bias, c0, n0, m0, ln_scale, ln_bias, weight) -> (y, c, n, m)
-//       attributes eps, norm_eps, soft_cap (float), q_col, k_col, v_col, g_col, o_col (int): a 7B-style
-//       mLSTM layer between its two products, any S, step by step (cpu_cells.h mlstm_layer_head)
+//       attributes eps, norm_eps, soft_cap (float), q_col, k_col, v_col, g_col, o_col, round_bf16 (int): a
+//       7B-style mLSTM layer between its two products, any S, step by step (cpu_cells.h mlstm_layer_head);
+//       round_bf16 = 1: the normed and weighted h rounded to bfloat16 before the output gate (a bf16 export's Cast)
 //       q, k, v, g, o [B, S, *]: NH*DQK (q, k), NH*DV (v, o) or 2*NH (g: i gates, then f gates) columns
 //       from column <x>_col on (they may all be one tensor: the fused product of the block's input)
 //       gate_bias [2*NH]  c0, n0, m0 as for mLSTMStep  ln_scale, ln_bias [DV]  weight [NH*DV]
@@ -449,6 +451,7 @@ struct MlstmLayerArgs {
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
   float eps, norm_eps, cap;
+  bool bf16;  // mLSTMLayer's round_bf16
 };
 
 void mlstm_layer_task(void* data, size_t bh) {
@@ -493,6 +496,7 @@ void mlstm_layer_task(void* data, size_t bh) {
   l.n = a.n + bh * a.dqk;
   l.y = a.y + b * a.s * a.nh * a.dv + head * a.dv;
   l.h = a.dv > 512 ? h_heap.data() : h_stack;
+  l.bf16 = a.bf16;
   xlstm_cpu::mlstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dqk), static_cast<int>(a.dv));
 }
 
@@ -542,6 +546,7 @@ OrtStatus* mlstm_layer(const Ctx& ctx, bool paper) {
   a.eps = ctx.attr_float("eps");
   a.norm_eps = ctx.attr_float("norm_eps");
   a.cap = ctx.attr_float("soft_cap");
+  a.bf16 = !paper && ctx.attr_int("round_bf16") != 0;
   for (auto [name, data, shape] : {std::tuple{"y", &a.y, std::vector<int64_t>{B, S, NH * DV}},
                                    {"c", &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
                                    {"n", &a.n, std::vector<int64_t>{B, NH, DQK}},
@@ -626,6 +631,7 @@ struct PrologueArgs {
   Prologue kind;
   const float *x, *g, *beta;  // x [m, K] (the norms) or [m, 2K] (kGlu); g, beta [K]: the norm's scale, bias
   float eps;
+  bool bf16;  // kNorm: the normed rows rounded to bfloat16 (PackedNormMatMul's round_bf16)
   bool gelu;  // kGlu: the GELU in place of silu
   int64_t k;
   float* out;  // [m, K]
@@ -634,7 +640,7 @@ struct PrologueArgs {
 void prologue_row(void* data, size_t row) {
   const auto& a = *static_cast<const PrologueArgs*>(data);
   if (a.kind == Prologue::kNorm)
-    xlstm_cpu::rms_norm_row(a.x + row * a.k, a.g, a.k, a.eps, a.out + row * a.k);
+    xlstm_cpu::rms_norm_row(a.x + row * a.k, a.g, a.k, a.eps, a.bf16, a.out + row * a.k);
   else if (a.kind == Prologue::kLayerNorm)
     xlstm_cpu::layer_norm_row(a.x + row * a.k, a.g, a.beta, a.k, a.eps, a.out + row * a.k);
   else
@@ -671,7 +677,7 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
   std::vector<int64_t> y(x);
   y.back() = a.n;
   std::vector<float> rows;  // the prologue's rows of x, [m, K]
-  PrologueArgs pro{prologue, a.x, nullptr, nullptr, 0.0f, false, a.k, nullptr};
+  PrologueArgs pro{prologue, a.x, nullptr, nullptr, 0.0f, false, false, a.k, nullptr};
   if (prologue == Prologue::kGlu) pro.gelu = ctx.attr_int("gelu") != 0;
   if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
@@ -680,6 +686,7 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
     if (!same(g, {a.k})) return ctx.error("g must be [K = %ld], got rank %ld", static_cast<long>(a.k),
                                           static_cast<long>(g.size()));
     a.cap = ctx.attr_float("soft_cap");
+    pro.bf16 = ctx.attr_int("round_bf16") != 0;
   }
   if (prologue == Prologue::kLayerNorm) {
     std::vector<int64_t> g, beta;
@@ -897,14 +904,14 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("PackedMatMul", packed_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("PackedMatMulAdd", packed_matmul_add_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("PackedNormMatMul", packed_norm_matmul_compute,
-            {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {}}, split),
+            {{"x", "w", "g"}, {"y"}, {"n", "round_bf16"}, {"eps", "soft_cap"}, {}}, split),
     make_op("PackedLnMatMul", packed_ln_matmul_compute, {{"x", "w", "g", "beta"}, {"y"}, {"n"}, {"eps"}, {}}, split),
     make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {}}, split),
     make_op("PackedMatMulBf16", packed_matmul_bf16_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {"w"}}, split),
     make_op("PackedMatMulAddBf16", packed_matmul_add_bf16_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
             split),
     make_op("PackedNormMatMulBf16", packed_norm_matmul_bf16_compute,
-            {{"x", "w", "g"}, {"y"}, {"n"}, {"eps", "soft_cap"}, {"w"}}, split),
+            {{"x", "w", "g"}, {"y"}, {"n", "round_bf16"}, {"eps", "soft_cap"}, {"w"}}, split),
     make_op("PackedLnMatMulBf16", packed_ln_matmul_bf16_compute,
             {{"x", "w", "g", "beta"}, {"y"}, {"n"}, {"eps"}, {"w"}}, split),
     make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {"w"}},
@@ -913,7 +920,7 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("mLSTMLayer", mlstm_layer_compute,
             {{"q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
              {"y", "c", "n", "m"},
-             {"q_col", "k_col", "v_col", "g_col", "o_col"},
+             {"q_col", "k_col", "v_col", "g_col", "o_col", "round_bf16"},
              {"eps", "norm_eps", "soft_cap"}, {}},
             split),
     make_op("mLSTMPaperLayer", mlstm_paper_layer_compute,

@@ -36,6 +36,28 @@ inline void store16_part(float* p, vec16 v, int64_t n) {
   std::memcpy(p, buf, sizeof(float) * n);
 }
 
+// x rounded to the nearest bfloat16 value (ties to even), as a float32: what a bf16 export's Cast to
+// bfloat16 and onnxruntime's Cast back give. A NaN stays a NaN (its payload's high half, quieted).
+inline float round_bf16(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  b = x != x ? (b | 0x00400000u) & 0xFFFF0000u : (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &b, sizeof b);
+  return x;
+}
+
+inline vec16 round_bf16_16(vec16 x) {
+  using bits32 = uint32_t __attribute__((vector_size(64)));
+  bits32 b;
+  std::memcpy(&b, &x, sizeof b);
+  const bits32 nan = (b | 0x00400000u) & 0xFFFF0000u;
+  const bits32 near = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  b = x != x ? nan : near;
+  vec16 r;
+  std::memcpy(&r, &b, sizeof r);
+  return r;
+}
+
 // exp(x) and e^x - 1 share one range reduction: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two
 // parts, so n ln2 is exact), 2^n by building the float's exponent, and q = (e^r - 1) / r by its
 // Taylor polynomial 1 + r/2 + ... + r^6/7! (so that e^r = q r + 1 to a relative 2e-7, e^r - 1 = q r

@@ -32,6 +32,7 @@ from xlstm_export import onnx_functions as OF
 from xlstm_export.cli import main as cli
 from xlstm_export.export import export_onnx
 from xlstm_export.generate import generate
+from xlstm_export.graph_rewrite import attrs
 from xlstm_export.ort import OrtModel, upcast_bfloat16
 
 pytestmark = pytest.mark.skipif(
@@ -226,22 +227,35 @@ PAPER_LAYER_INPUTS = ["z" if x == "o" else x for x in LAYER_INPUTS] + ["skip", "
 
 
 def _layer_model(eps: float, norm_eps: float, cap: float, cols=(0, 0, 0, 0, 0), fused: bool = False,
-                 paper: bool = False) -> onnx.ModelProto:
+                 paper: bool = False, round_bf16: bool = False) -> onnx.ModelProto:
     """One xlstm.cpu::mLSTMLayer node (``paper``: mLSTMPaperLayer) over graph inputs of any shape;
     ``fused``: q, k, v, g and o are column ranges (from ``cols``) of one input "z"."""
     vi = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)  # noqa: E731
     inputs = PAPER_LAYER_INPUTS if paper else ["z"] * 5 + LAYER_INPUTS[5:] if fused else LAYER_INPUTS
     last = "z_col" if paper else "o_col"
+    extra = {} if paper else {"round_bf16": int(round_bf16)}
     node = onnx.helper.make_node("mLSTMPaperLayer" if paper else "mLSTMLayer", inputs, ["y", "c", "n", "m"],
                                  domain=ort_native.NATIVE_DOMAIN, eps=eps, norm_eps=norm_eps, soft_cap=cap,
-                                 **dict(zip(("q_col", "k_col", "v_col", "g_col", last), cols)))
+                                 **dict(zip(("q_col", "k_col", "v_col", "g_col", last), cols)), **extra)
     graph = onnx.helper.make_graph([node], "layer", [vi(x) for x in dict.fromkeys(inputs)],
                                    [vi(x) for x in "ycnm"])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
                                                         onnx.helper.make_opsetid(ort_native.NATIVE_DOMAIN, 1)])
 
 
-def _layer_reference(x: dict, eps: float, norm_eps: float, cap: float):
+def _bf16_rounded(t: torch.Tensor) -> torch.Tensor:
+    """float64 values rounded to the nearest bfloat16 (ties to even; torch's conversion), as float64."""
+    return t.float().bfloat16().double()
+
+
+def _nearly_all_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-5) -> float:
+    """The fraction of elements of ``got`` off ``want`` by more than ``rtol`` of the largest |want|:
+    where a bf16 rounding point sits, a value within float32 rounding of a tie between two bfloat16
+    neighbours may round either way (2^-8 of it), so a few are; without the rounding, nearly all."""
+    return float(np.mean(np.abs(got - want) > rtol * np.abs(want).max()))
+
+
+def _layer_reference(x: dict, eps: float, norm_eps: float, cap: float, round_bf16: bool = False):
     """The layer in float64 from the cell reference: heads, soft-capped gates, cell, per-head
     LayerNorm, norm weight, output gate (models/blocks.py LargeBlock between its products); with
     x["z"] (the paper block's mLSTMBlock): the norm weight, the learnable skip of the convolution's
@@ -259,6 +273,8 @@ def _layer_reference(x: dict, eps: float, norm_eps: float, cap: float):
     h = h.transpose(1, 2)  # (B, S, NH, DV)
     h = torch.nn.functional.layer_norm(h, (DV,), t["ln_scale"], t["ln_bias"], norm_eps)
     h = h.reshape(B, S, NH * DV) * t["weight"]
+    if round_bf16:
+        h = _bf16_rounded(h)
     if "z" in t:
         return (h + t["skip"] * t["xc"]) * torch.nn.functional.silu(t["z"]), c, n, m
     return h * torch.sigmoid(t["o"]), c, n, m
@@ -287,6 +303,24 @@ def test_mlstm_layer_matches_float64_reference(B, S, NH, DQK, DV, cap):
     assert _rel(y, y_ref) < TOL_CELL["h"]
     for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
         assert _rel(got, want) < TOL_CELL["state"]
+
+
+@pytest.mark.parametrize("B,S,NH,DQK,DV", [(3, 1, 2, 7, 13), (2, 7, 4, 16, 24), (1, 5, 2, 32, 64)])
+def test_mlstm_layer_rounds_to_bfloat16_before_the_gate(B, S, NH, DQK, DV):
+    """round_bf16 = 1 (a bf16 export's layer): LN(h) * weight is rounded to bfloat16 before the output
+    gate, in the 16-lane loop and in its scalar tail (DV = 13, 24). Against float64 rounded there:
+    equal but for values within float32 rounding of a tie; the state is not rounded."""
+    x = _layer_inputs(B, S, NH, DQK, DV, seed=B * 100 + S * 10 + DV)
+    eps, norm_eps = 1e-6, 1e-5
+    y, c, n, m = _session(_layer_model(eps, norm_eps, 15.0, round_bf16=True)).run(None, x)
+    y_ref, c_ref, n_ref, m_ref = _layer_reference(x, eps, norm_eps, 15.0, round_bf16=True)
+    y_ref = y_ref.numpy()
+    assert _nearly_all_close(y, y_ref) < 0.01
+    assert np.all(np.abs(y - y_ref) <= 2.0**-7 * np.abs(y_ref) + 1e-6 * np.abs(y_ref).max())  # one bf16 step
+    for got, want in ((c, c_ref), (n, n_ref), (m, m_ref)):
+        assert _rel(got, want) < TOL_CELL["state"]
+    unrounded = _layer_reference(x, eps, norm_eps, 15.0)[0].numpy()
+    assert _nearly_all_close(unrounded, y_ref) > 0.5  # the rounding is what the check sees
 
 
 @pytest.mark.parametrize("B,S,NH,DQK,DV", [(1, 1, 4, 64, 64), (3, 1, 2, 7, 13), (2, 9, 4, 16, 24),
@@ -788,9 +822,11 @@ def test_packed_matmul_add_rejects_a_mismatched_addend_with_its_own_message():
 
 
 def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_output: bool = False,
-                           cap: float | None = None) -> onnx.ModelProto:
+                           cap: float | None = None, round_bf16: bool = False) -> onnx.ModelProto:
     """y = RMSNorm(x) W in the exported form: Mul(Div(x, Sqrt(Add(ReduceMean(Pow(x, 2)), eps))), g),
-    then, with ``cap``, the logits' soft cap Mul(Tanh(Div(y, cap)), cap)."""
+    with ``round_bf16`` rounded on its way as a bf16 export's graph on the CPU provider does it
+    (Cast to bfloat16 and back: ort.upcast_bfloat16), then, with ``cap``, the logits' soft cap
+    Mul(Tanh(Div(y, cap)), cap)."""
     h, f32 = onnx.helper, onnx.TensorProto.FLOAT
     k, n = w.shape
     c = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v), name)  # noqa: E731
@@ -798,6 +834,10 @@ def _rms_norm_matmul_model(w: np.ndarray, g: np.ndarray, eps: float, normed_is_o
              h.make_node("Add", ["ms", "eps"], ["ms_eps"]), h.make_node("Sqrt", ["ms_eps"], ["rms"]),
              h.make_node("Div", ["x", "rms"], ["xn"]), h.make_node("Mul", ["xn", "g"], ["normed"]),
              h.make_node("MatMul", ["normed", "w"], ["y"])]
+    if round_bf16:
+        nodes[-1].input[0] = "normed_bf16"
+        nodes[-1:-1] = [h.make_node("Cast", ["normed"], ["normed_bf16__bf16"], to=onnx.TensorProto.BFLOAT16),
+                        h.make_node("Cast", ["normed_bf16__bf16"], ["normed_bf16"], to=f32)]
     consts = []
     if cap is not None:
         nodes[-1].output[0] = "p"
@@ -830,6 +870,45 @@ def test_packed_norm_matmul_folds_the_exported_rms_norm_and_soft_cap(B, S, K, N,
     # as the plain product, plus the K-term mean of squares; tanh as 1 - 2 / (e^2u + 1): absolute
     # error ~1e-7 cap near 0, relative to the largest |y| below that
     assert _rel(y, ref) < 1e-5
+
+
+def test_packed_norm_matmul_rounds_to_bfloat16_as_onnxruntimes_cast():
+    """round_bf16 = 1 rounds as onnxruntime's Cast to bfloat16 does, to the bit: rows of ones with
+    eps 0 make RMSNorm(x) = g exactly, and W = I hands the rounded g out, so g holds the values to
+    round: ties both ways, subnormals, the largest finite ones, both signs."""
+    rng = np.random.default_rng(3)
+    tie = np.float32(1 + 2.0**-8)  # halfway between two bfloat16 values: to the even one
+    special = np.array([tie, -tie, 1 + 3 * 2.0**-8, 1 + 2.0**-8 + 2.0**-23, 1e-40, -3e-39, 3.3e38, -0.0, 0.0,
+                        np.float32(1.00390625), 65504.0, 2.0**-126], np.float32)
+    g = np.concatenate([special, (rng.standard_normal(101) * 10.0 ** rng.integers(-30, 30, 101)).astype(np.float32)])
+    k = len(g)
+    model = _rms_norm_matmul_model(np.eye(k, dtype=np.float32), g, 0.0, round_bf16=True)
+    native = ort_native.with_native_ops(model, check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["PackedNormMatMul"]
+    assert onnx.helper.get_attribute_value(next(a for a in native.graph.node[0].attribute if a.name == "round_bf16")) == 1
+    x = np.ones((1, 3, k), np.float32)
+    (got,), (want,) = _session(native).run(None, {"x": x}), _session(model).run(None, {"x": x})
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(got[0, 0], _bf16_rounded(torch.from_numpy(g).double()).float().numpy())
+
+
+@pytest.mark.parametrize("B,S,K,N", [(1, 1, 45, 33), (3, 7, 128, 97)])
+def test_packed_norm_matmul_folds_a_bf16_exports_rounded_norm(B, S, K, N):
+    """A bf16 export's RMSNorm rounds its output to bfloat16 before the product: the fold keeps the
+    rounding (round_bf16 = 1). Against float64 rounded there, as the layer's test."""
+    rng = np.random.default_rng(K * N)
+    w, g = rng.standard_normal((K, N), dtype=np.float32), 1 + 0.3 * rng.standard_normal(K, dtype=np.float32)
+    x = 3 * rng.standard_normal((B, S, K), dtype=np.float32)
+    native = ort_native.with_native_ops(_rms_norm_matmul_model(w, g, 1e-6, round_bf16=True), check_xlstm=False)
+    assert [nd.op_type for nd in native.graph.node] == ["PackedNormMatMul"]
+    (y,) = _session(native).run(None, {"x": x})
+    x64 = torch.from_numpy(x).double()
+    normed = _bf16_rounded(x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-6) * torch.from_numpy(g).double())
+    ref = (normed @ torch.from_numpy(w).double()).numpy()
+    assert _nearly_all_close(y, ref) < 0.02  # a value near a tie moves ~K outputs a little
+    unrounded = (x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-6) * torch.from_numpy(g).double()
+                 @ torch.from_numpy(w).double()).numpy()
+    assert _nearly_all_close(unrounded, ref) > 0.5
 
 
 def _layer_norm_matmul_model(w: np.ndarray, g: np.ndarray, beta: np.ndarray | None, eps: float,
@@ -974,6 +1053,7 @@ def _bf16_products(w, g):
     return [(_matmul_model(k, n, w, 3), {"x": x}, "PackedMatMulBf16"),
             (_matmul_add_model(w, ["B", "S", n]), {"x": x, "r": r}, "PackedMatMulAddBf16"),
             (_rms_norm_matmul_model(w, g, 1e-6, cap=30.0), {"x": x}, "PackedNormMatMulBf16"),
+            (_rms_norm_matmul_model(w, g, 1e-6, round_bf16=True), {"x": x}, "PackedNormMatMulBf16"),
             (_layer_norm_matmul_model(w, g, 0.5 * g, 1e-5), {"x": x}, "PackedLnMatMulBf16"),
             (_glu_model(w), {"z": z, "r": r}, "PackedGluMatMulAddBf16"),
             (_glu_model(w, gelu=True), {"z": z, "r": r}, "PackedGluMatMulAddBf16")]
@@ -1378,3 +1458,40 @@ def test_bf16_export_packs_its_weights_as_bfloat16_with_the_same_results(tmp_pat
         assert np.array_equal(la, lb) and all(np.array_equal(sa[k], sb[k]) for k in sa)
         tok = rng.integers(0, 256, (2, 1))
         (la, sa), (lb, sb) = fast.run(tok, sa), wide.run(tok, sb)
+
+
+def test_bf16_export_is_fused_as_a_float32_one(tmp_path, monkeypatch):
+    """A bf16 export on the CPU provider (ort.upcast_bfloat16: its Casts to float32 of widened values
+    gone, its value types float32) gets the float32 export's folds: the same native nodes, the norms
+    before the products and the mLSTM layers keeping their rounding to bfloat16 (round_bf16 = 1;
+    the rounding itself is checked op by op above). Prefill and decode against the same graph with
+    the rounding points left as standard nodes, within a tenth of bfloat16's limit: a value within
+    float32 rounding of a tie between two bfloat16 values may round the other way (2^-8 of it), and
+    all that follows in its row moves with it (seen: up to 7e-4 of the largest logit)."""
+    torch.manual_seed(4)
+    model = xLSTMLM(preset("tiny-large")).eval()
+    paths = {dtype: export_onnx(model, tmp_path / f"{dtype}.onnx", dtype=dtype, progress=False)
+             for dtype in ("fp32", "bf16")}
+    upcast = upcast_bfloat16(onnx.load(paths["bf16"]))
+    assert not any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in upcast.graph.value_info)
+    fused = {"bf16": ort_native.with_native_ops(upcast),
+             "fp32": ort_native.with_native_ops(onnx.load(paths["fp32"]))}
+    assert _op_counts(fused["bf16"]) == _op_counts(fused["fp32"])
+    for dtype, rounded in (("bf16", 1), ("fp32", 0)):
+        for nd in fused[dtype].graph.node:
+            if nd.op_type in ("PackedNormMatMul", "mLSTMLayer"):
+                assert attrs(nd)["round_bf16"] == rounded, (dtype, nd.name)
+    fast = OrtModel(paths["bf16"], native_ops=True)
+    with monkeypatch.context() as m:
+        m.setattr(ort_native, "_bf16_round_trip", lambda *_: None)
+        plain = OrtModel(paths["bf16"], native_ops=True)
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, 256, (3, 9))
+    (la, sa), (lb, sb) = fast.run(ids), plain.run(ids)
+    limit = C.MAX_RELATIVE_ERROR["bfloat16"] / 10
+    for step in range(4):
+        assert _rel(la, lb) < limit, step
+        for k in sa:
+            assert _rel(sa[k], sb[k]) < limit, (step, k)
+        tok = rng.integers(0, 256, (3, 1))
+        (la, sa), (lb, sb) = fast.run(tok, sa), plain.run(tok, sb)

@@ -57,8 +57,8 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     NativeOp("PackedMatMul", ("x", "w"), ("y",), ints=("n",)),
     # y = x W + r, r like y (a residual) or [n] (a bias)
     NativeOp("PackedMatMulAdd", ("x", "w", "r"), ("y",), ints=("n",)),
-    # y = softcap(RMSNorm(x; g, eps) W)
-    NativeOp("PackedNormMatMul", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap")),
+    # y = softcap(RMSNorm(x; g, eps) W); round_bf16 = 1: RMSNorm(x) rounded to bfloat16 first (a bf16 export)
+    NativeOp("PackedNormMatMul", ("x", "w", "g"), ("y",), ints=("n", "round_bf16"), floats=("eps", "soft_cap")),
     # y = LayerNorm(x; g, beta, eps) W
     NativeOp("PackedLnMatMul", ("x", "w", "g", "beta"), ("y",), ints=("n",), floats=("eps",)),
     # y = GLU(z) W + r: the SwiGLU (gelu = 0) or, with the exact GELU, the GeGLU (gelu = 1)
@@ -67,16 +67,18 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     # values (a bf16 checkpoint), the same results to the bit from half the bytes
     NativeOp("PackedMatMulBf16", ("x", "w"), ("y",), ints=("n",), bf16=("w",)),
     NativeOp("PackedMatMulAddBf16", ("x", "w", "r"), ("y",), ints=("n",), bf16=("w",)),
-    NativeOp("PackedNormMatMulBf16", ("x", "w", "g"), ("y",), ints=("n",), floats=("eps", "soft_cap"), bf16=("w",)),
+    NativeOp("PackedNormMatMulBf16", ("x", "w", "g"), ("y",), ints=("n", "round_bf16"), floats=("eps", "soft_cap"),
+             bf16=("w",)),
     NativeOp("PackedLnMatMulBf16", ("x", "w", "g", "beta"), ("y",), ints=("n",), floats=("eps",), bf16=("w",)),
     NativeOp("PackedGluMatMulAddBf16", ("z", "w", "r"), ("y",), ints=("n", "gelu"), bf16=("w",)),
     # each row of n values of x times a block-diagonal matrix of square blocks of 1, 2, 4, 8 or 16,
     # packed (ort_native.pack_block_diagonal); y [rows, n / block, block]
     NativeOp("BlockDiagMatMul", ("x", "w"), ("y",), ints=("n",)),
-    # a 7B-style mLSTM layer between its two weight products; q..o may be column ranges of one tensor
+    # a 7B-style mLSTM layer between its two weight products; q..o may be column ranges of one tensor;
+    # round_bf16 = 1: the normed, weighted h rounded to bfloat16 before the output gate (a bf16 export)
     NativeOp("mLSTMLayer", ("q", "k", "v", "g", "o", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias",
                             "weight"), ("y", "c", "n", "m"),
-             ints=("q_col", "k_col", "v_col", "g_col", "o_col"), floats=("eps", "norm_eps", "soft_cap"),
+             ints=("q_col", "k_col", "v_col", "g_col", "o_col", "round_bf16"), floats=("eps", "norm_eps", "soft_cap"),
              in_place=_MLSTM_STATE),
     # a paper mLSTM block's layer: as mLSTMLayer with z in place of o, and
     # y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)

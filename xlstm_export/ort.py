@@ -157,8 +157,12 @@ def upcast_bfloat16(model):
     onnxruntime's CPU provider has no bfloat16 kernels (not even Add), so a bfloat16 export is run
     on CPU like this: initializers and constants are widened exactly, graph inputs / outputs become
     float32, and every explicit ``Cast(to=bfloat16)`` is kept and followed by a Cast back to float32
-    (so the graph's own rounding points stay). The per-op rounding of bfloat16 arithmetic is what
-    is not reproduced; the comparison tolerance for bfloat16 covers it. Modifies ``model`` in place.
+    (so the graph's own rounding points stay). A ``Cast(to=float32)`` of a value that was bfloat16
+    is float32 to float32 then, and goes (its readers read its input), and the graph's value types
+    say float32 where they said bfloat16, so that the native CPU kernels' folds see the same graph
+    around those rounding points as in a float32 export (ort_native). The per-op rounding of
+    bfloat16 arithmetic is what is not reproduced; the comparison tolerance for bfloat16 covers it.
+    Modifies ``model`` in place.
     """
     from .graph_rewrite import graphs
 
@@ -179,21 +183,26 @@ def _upcast_graph(g) -> None:
     import onnx
     from onnx import TensorProto
 
-    from .graph_rewrite import Edit, GraphIndex
+    from .graph_rewrite import Edit, GraphIndex, all_nodes, attrs
 
     BF, F = TensorProto.BFLOAT16, TensorProto.FLOAT
+    was_bf16 = {t.name for t in g.initializer if t.data_type == BF}
     for j, init in enumerate(g.initializer):
         if init.data_type == BF:
             g.initializer[j].CopyFrom(_widened(init))
-    for v in (*g.input, *g.output):
+    for v in (*g.input, *g.output, *g.value_info):
         if v.type.tensor_type.elem_type == BF:
+            was_bf16.add(v.name)
             v.type.tensor_type.elem_type = F
-    keep = [v for v in g.value_info if v.type.tensor_type.elem_type != BF]
-    del g.value_info[:]
-    g.value_info.extend(keep)
     index = GraphIndex(g)
     edit = Edit(index)
+    widened = {}  # the output of each Cast to float32 of a value that was bfloat16 -> that value
     for node in index.nodes:
+        if (node.op_type == "Cast" and attrs(node).get("to") == F and node.input[0] in was_bf16
+                and node.output[0] not in index.outputs):
+            widened[node.output[0]] = node.input[0]
+            edit.replace([node], [])
+            continue
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == BF:
                 a.t.CopyFrom(_widened(a.t))
@@ -206,6 +215,14 @@ def _upcast_graph(g) -> None:
                 edit.replace([node], [node, onnx.helper.make_node("Cast", [node.output[0]], [out], to=F,
                                                                    name=f"{node.name}_widen")])
     edit.apply()
+    if widened:
+        for node in all_nodes(g):  # nested graphs read the outer values by name too
+            for j, x in enumerate(node.input):
+                if x in widened:
+                    node.input[j] = widened[x]
+        keep = [v for v in g.value_info if v.name not in widened]
+        del g.value_info[:]
+        g.value_info.extend(keep)
 
 
 class ExportedModel:

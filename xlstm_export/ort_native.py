@@ -196,6 +196,14 @@ def _match_addend(g: GraphIndex, y: str, n: int) -> tuple[NodeProto, str] | None
     return (add, r) if same_shape else None
 
 
+def _bf16_round_trip(g: GraphIndex, x: str) -> str | None:
+    """x0 if ``x`` is Cast[to float32](Cast[to bfloat16](x0)), the value in between and ``x`` read
+    only there: a bf16 export's rounding point as :func:`xlstm_export.ort.upcast_bfloat16` leaves it."""
+    widen = g.private_made_by(x, "Cast", to=onnx.TensorProto.FLOAT)
+    cast = widen and g.private_made_by(widen.input[0], "Cast", to=onnx.TensorProto.BFLOAT16)
+    return cast.input[0] if cast else None
+
+
 def _match_rms_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, float] | None:
     """(x0, g, eps) if ``x`` is Mul(Div(x0, Sqrt(Add(ReduceMean[-1](Pow(x0, 2)), eps))), g) with g a
     float32 constant [k], every value in between read only there (the exported RMSNorm)."""
@@ -305,6 +313,7 @@ class _Product:
     n: int
     add: tuple[NodeProto, str] | None  # the Add after it, its other input
     norm: tuple[str, str, float] | None  # the RMSNorm before it: x0, scale, eps
+    norm_bf16: bool  # the RMSNorm's output rounded to bfloat16 on its way (a bf16 export)
     layer_norm: tuple[str, str, str | None, float] | None  # the LayerNorm before it: x0, scale, bias, eps
     glu: tuple[str, bool] | None  # the gated unit before it: its input, whether its act is the GELU
     cap: tuple[NodeProto, float] | None  # the soft cap after the normed product: last node, cap
@@ -312,8 +321,9 @@ class _Product:
 
 def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
     """Pattern: a standard float32 MatMul by an initializer [K, N] read by nothing else, with the
-    residual / bias Add after it (and then the SwiGLU before it), or the RMSNorm before it (and
-    then the soft cap after it), where they are proven (:func:`_match_addend` ...)."""
+    residual / bias Add after it (and then the SwiGLU before it), or the RMSNorm before it (a bf16
+    export's rounding point between them or not; and then the soft cap after it), where they are
+    proven (:func:`_match_addend` ...)."""
     if node.op_type != "MatMul" or node.domain not in STANDARD_DOMAINS or len(node.input) != 2:
         return None
     x, name = node.input
@@ -323,11 +333,12 @@ def _match_product(g: GraphIndex, node: NodeProto) -> _Product | None:
         return None
     (k, n), y = t.dims, node.output[0]
     add = _match_addend(g, y, n)
-    norm = _match_rms_norm(g, x, k) if add is None else None
+    rounded = _bf16_round_trip(g, x) if add is None else None
+    norm = _match_rms_norm(g, rounded or x, k) if add is None else None
     layer_norm = _match_layer_norm(g, x, k) if add is None and norm is None else None
     glu = _match_glu(g, x, k) if add is not None else None
     cap = _match_soft_cap_after(g, y) if norm is not None else None
-    return _Product(node, t, int(n), add, norm, layer_norm, glu, cap)
+    return _Product(node, t, int(n), add, norm, norm is not None and rounded is not None, layer_norm, glu, cap)
 
 
 def _packed_product(edit: Edit, p: _Product) -> bool | None:
@@ -347,7 +358,7 @@ def _packed_product(edit: Edit, p: _Product) -> bool | None:
             replaced.append(p.cap[0])
             y = p.cap[0].output[0]
         new = native_ops.node("PackedNormMatMul" + suffix, {"x": x0, "w": w, "g": g_name}, {"y": y}, n=p.n,
-                              eps=eps, soft_cap=p.cap[1] if p.cap else 0.0)
+                              eps=eps, soft_cap=p.cap[1] if p.cap else 0.0, round_bf16=int(p.norm_bf16))
     elif p.layer_norm is not None:
         x0, g_name, beta, eps = p.layer_norm
         zero_beta = beta is None  # the kernel always adds one: zeros, named after this product's weight
@@ -385,7 +396,8 @@ def _pack_matmuls(graph: GraphProto) -> int:
 
     * an ``Add`` of a residual of the product's own known shape, or of a bias [N]: ``PackedMatMulAdd``
       (the SwiGLU or the GeGLU before it as well: ``PackedGluMatMulAdd``);
-    * the RMSNorm before the product (and the logits' soft cap after it): ``PackedNormMatMul``;
+    * the RMSNorm before the product (and the logits' soft cap after it): ``PackedNormMatMul``, with
+      round_bf16 = 1 where a bf16 export rounds the norm's output on its way (:func:`_bf16_round_trip`);
     * the LayerNorm before the product (the paper blocks'): ``PackedLnMatMul``.
 
     Returns how many MatMuls were swapped."""
@@ -669,18 +681,25 @@ def _normed_heads(g: GraphIndex, h: str) -> tuple[list[NodeProto], dict] | None:
 
 
 def _layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
-    """The layer's tail after the cell's ``h``: y = Mul(:func:`_normed_heads`, Sigmoid(o_raw)); what
-    it reads."""
+    """The layer's tail after the cell's ``h``: y = Mul(:func:`_normed_heads`, Sigmoid(o_raw)), the
+    normed heads rounded to bfloat16 on the way in a bf16 export (:func:`_bf16_round_trip`:
+    "round_bf16" 1); what it reads."""
     found = _normed_heads(g, h)
     if found is None:
         return None
     nodes, out = found
-    mul_o = g.only_reader(out["y"], "Mul")
-    sig = mul_o and g.made_by(g.other_input(mul_o, out["y"]), "Sigmoid")
+    cast = g.only_reader(out["y"], "Cast")
+    widen = cast and g.only_reader(cast.output[0], "Cast")
+    rounded = widen is not None and _bf16_round_trip(g, widen.output[0]) == out["y"]
+    if rounded:
+        nodes += [cast, widen]
+    normed = widen.output[0] if rounded else out["y"]
+    mul_o = g.only_reader(normed, "Mul")
+    sig = mul_o and g.made_by(g.other_input(mul_o, normed), "Sigmoid")
     if not sig or not g.private(sig.output[0]):
         return None
     removed.extend([*nodes, mul_o, sig])
-    return {**out, "o_raw": sig.input[0], "y": mul_o.output[0]}
+    return {**out, "o_raw": sig.input[0], "y": mul_o.output[0], "round_bf16": int(rounded)}
 
 
 def _fused_columns(g: GraphIndex, inputs: list[str]) -> tuple[list[str], list[int]]:
@@ -704,8 +723,9 @@ def _match_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
         h, c, n, m = xlstm::mLSTM(q, k, v, i, f, c0, n0, m0)
         y = Mul(Mul(Reshape(LayerNormalization[axis -1](Transpose[0,2,1,3](h), s, b?)), w), Sigmoid(o_raw))
 
-    Every value in between must have no reader outside the pattern. Returns the layer's named
-    inputs and attributes and the nodes it replaces."""
+    (in a bf16 export the inner Mul's output passes a rounding point, :func:`_bf16_round_trip`,
+    before the gate: round_bf16 = 1). Every value in between must have no reader outside the
+    pattern. Returns the layer's named inputs and attributes and the nodes it replaces."""
     if cell.domain != DOMAIN or cell.op_type != MLSTM.name:
         return None
     removed = [cell]
@@ -723,7 +743,7 @@ def _match_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
             "ln_bias": tail["ln_bias"], "weight": tail["weight"], "dv": tail["dv"],
             "outputs": {"y": tail["y"], **{x: cell_out[x] for x in ("c", "n", "m")}},
             "attributes": {"eps": float(attrs(cell).get("eps", MLSTM.attr("eps").default)),
-                           "norm_eps": tail["norm_eps"], "soft_cap": cap,
+                           "norm_eps": tail["norm_eps"], "soft_cap": cap, "round_bf16": tail["round_bf16"],
                            **{f"{x}_col": c for x, c in zip(("q", "k", "v", "g", "o"), cols)}},
             "removed": removed}
 
