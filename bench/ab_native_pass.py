@@ -21,11 +21,11 @@ Passes of ``xlstm_export.ort_native``, most of them for the paper architecture:
 * ``bf16-weights`` (any architecture; an export with ``--dtype bf16``): the packed weights whose
   values are all bfloat16 values held as bfloat16 (``PackedMatMulBf16`` and its kin,
   :func:`~xlstm_export.ort_native.bfloat16_bits`): the same products to the bit from half the bytes;
-* ``bf16-rounding`` (7B-style, an export with ``--dtype bf16``): the norms and mLSTM layers whose
-  output the graph rounds to bfloat16 (a Cast there and back) folded as in a float32 export, the
-  rounding inside the kernel (``round_bf16``, :func:`~xlstm_export.ort_native._bf16_round_trip`),
-  instead of left as standard nodes around the products (tiny-large: 125 nodes a decode step
-  against 17);
+* ``bf16-rounding`` (an export with ``--dtype bf16``): the norms, mLSTM layers and paper
+  convolutions whose output (or state) the graph rounds to bfloat16 (a Cast there and back) folded
+  as in a float32 export, the rounding inside the kernel (``round_bf16``,
+  :func:`~xlstm_export.ort_native._bf16_round_trip`), instead of left as standard nodes around the
+  products (a decode step: tiny-large 125 nodes against 17, tiny 150 against 44);
 * ``in-place``: decode steps update the paper mLSTM blocks' states c, n, m in place, one buffer
   bound as input and output (:func:`~xlstm_export.ort_native._native_step_in_place`, used by
   :func:`~xlstm_export.ort_native.inplace_states`), instead of reading one buffer and filling

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <vector>
 
 #include "cpu_vec.h"
 
@@ -162,6 +163,7 @@ inline void mlstm_gates(float* i, float* f, float* floor, const float* m0, float
 // second half), xc the convolution's output (dv values per step, xc_stride apart), skip [dv] the
 // per-head slice of its learnable skip, and
 //   y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * (z * sigmoid(z))
+// (the first product rounded to bfloat16 where bf16, as there too).
 struct MlstmLayerHead {
   const float *q, *k, *v, *o, *i_act, *f_act, *floor;
   std::ptrdiff_t q_stride, k_stride, v_stride, o_stride, act_stride, y_stride;
@@ -171,7 +173,7 @@ struct MlstmLayerHead {
   std::ptrdiff_t xc_stride;
   const float *c0, *n0;
   float *c, *n, *y, *h;
-  bool bf16;  // the 7B-style layer of a bf16 export: round LN(h) * weight to bfloat16 before the gate
+  bool bf16;  // a bf16 export's layer: round LN(h) * weight to bfloat16 (before the gate, or the skip)
 };
 
 inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
@@ -193,21 +195,21 @@ inline void mlstm_layer_head(const MlstmLayerHead& a, int s, int dqk, int dv) {
     for (; d + 16 <= dv; d += 16) {  // the output gate's sigmoid in 16 lanes
       const vec16 normed = (load16(a.h + d) - mean) * inv_std * load16(a.ln_scale + d) + load16(a.ln_bias + d);
       const vec16 gate = load16(o + d);
+      vec16 weighted = normed * load16(a.weight + d);
+      if (a.bf16) weighted = round_bf16_16(weighted);
       if (a.skip) {
-        const vec16 skipped = normed * load16(a.weight + d) + load16(a.skip + d) * load16(xc + d);
-        store16(y + d, skipped * (gate * sigmoid16(gate)));
+        store16(y + d, (weighted + load16(a.skip + d) * load16(xc + d)) * (gate * sigmoid16(gate)));
       } else {
-        const vec16 weighted = normed * load16(a.weight + d);
-        store16(y + d, (a.bf16 ? round_bf16_16(weighted) : weighted) * sigmoid16(gate));
+        store16(y + d, weighted * sigmoid16(gate));
       }
     }
     for (; d < dv; ++d) {
       const float normed = (a.h[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d];
+      const float weighted = a.bf16 ? round_bf16(normed * a.weight[d]) : normed * a.weight[d];
       if (a.skip) {
-        y[d] = (normed * a.weight[d] + a.skip[d] * xc[d]) * (o[d] * sigmoid(o[d]));
+        y[d] = (weighted + a.skip[d] * xc[d]) * (o[d] * sigmoid(o[d]));
       } else {
-        const float weighted = normed * a.weight[d];
-        y[d] = (a.bf16 ? round_bf16(weighted) : weighted) * sigmoid(o[d]);
+        y[d] = weighted * sigmoid(o[d]);
       }
     }
   }
@@ -390,8 +392,15 @@ inline void slstm_layer_head(const SlstmLayerHead& a, int rows, int s, int dh) {
 //   y[t] = ((cat[t] w[0] + cat[t + 1] w[1]) + ... + cat[t + K - 1] w[K - 1]) + bias   (the graph's order)
 //   and then, when `silu`, y[t] * sigmoid(y[t]);  present = the last K - 1 rows of cat.
 //   x [s, d]  past, present [K - 1, d] (not the same memory)  w [K, d]  bias [d]  y [s, d]
+//   bf16: past's values rounded to bfloat16 as they are read (a bf16 export's conv state; the
+//   rounded values go on into present)
 inline void causal_conv_sequence(const float* x, const float* past, const float* w, const float* bias, int K, int s,
-                                 int64_t d, bool silu, float* y, float* present) {
+                                 int64_t d, bool silu, bool bf16, float* y, float* present) {
+  std::vector<float> rounded(bf16 ? static_cast<size_t>((K - 1) * d) : 0);
+  if (bf16) {
+    for (size_t j = 0; j < rounded.size(); ++j) rounded[j] = round_bf16(past[j]);
+    past = rounded.data();
+  }
   const auto row = [&](int r) { return r < K - 1 ? past + r * d : x + (r - (K - 1)) * d; };  // cat's row r
   for (int t = 0; t < s; ++t) {
     for (int64_t c = 0; c < d; c += 16) {

@@ -49,23 +49,23 @@ inline vec16 load_weights16(const uint16_t* p) {
 
 // One row of the gated unit between an FFN's two products: out[f] = act(z[f]) * z[F + f] for f < F,
 // act the SwiGLU's silu(a) = a * sigmoid(a) = a / (1 + e^-a) (the 7B blocks') or, where `gelu`,
-// the exact GELU a * (0.5 * (erf(a / sqrt 2) + 1)) in the exported graph's order (the paper
-// blocks' GeGLU). Whole vectors are read in place; only a last partial vector goes through a
+// the exact GELU a * (0.5 * (erf(a / div) + 1)) in the exported graph's order (the paper blocks'
+// GeGLU; div is sqrt 2 as the graph holds it: its float32 value, or its bfloat16 one, 1.4140625). Whole vectors are read in place; only a last partial vector goes through a
 // zero-padded buffer.
-inline vec16 glu16(vec16 a, vec16 b, bool gelu) {
-  if (gelu) return a * (0.5f * (erf16(a / 1.41421354f) + 1.0f)) * b;
+inline vec16 glu16(vec16 a, vec16 b, bool gelu, float div) {
+  if (gelu) return a * (0.5f * (erf16(a / div) + 1.0f)) * b;
   return a / (1.0f + exp16(-a)) * b;
 }
 
-inline void glu_row(const float* z, int64_t F, bool gelu, float* out) {
+inline void glu_row(const float* z, int64_t F, bool gelu, float div, float* out) {
   int64_t f = 0;
-  for (; f + 16 <= F; f += 16) store16(out + f, glu16(load16(z + f), load16(z + F + f), gelu));
+  for (; f + 16 <= F; f += 16) store16(out + f, glu16(load16(z + f), load16(z + F + f), gelu, div));
   if (f < F) {
     const int64_t len = F - f;
     float a_buf[16] = {}, b_buf[16] = {}, o_buf[16];
     std::memcpy(a_buf, z + f, sizeof(float) * len);
     std::memcpy(b_buf, z + F + f, sizeof(float) * len);
-    store16(o_buf, glu16(load16(a_buf), load16(b_buf), gelu));
+    store16(o_buf, glu16(load16(a_buf), load16(b_buf), gelu, div));
     std::memcpy(out + f, o_buf, sizeof(float) * len);
   }
 }

@@ -16,7 +16,8 @@
 //   xlstm.cpu::PackedLnMatMul(x, w, g, beta) -> y  float attribute eps: y = LayerNorm(x) W,
 //       LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + beta over K, g, beta [K]
 //   xlstm.cpu::PackedGluMatMulAdd(z, w, r) -> y   y = (act(z[..., :K]) * z[..., K:]) W + r, z [..., 2K],
-//                                                 act silu (gelu = 0) or the exact GELU (gelu = 1)
+//       act silu (gelu = 0) or the exact GELU (gelu = 1) a * 0.5 * (erf(a / gelu_div) + 1), gelu_div
+//       (float) the graph's sqrt 2: float32's, or bfloat16's 1.4140625 in a bf16 export
 //   xlstm.cpu::PackedMatMulBf16, PackedMatMulAddBf16, PackedNormMatMulBf16, PackedLnMatMulBf16,
 //       PackedGluMatMulAddBf16: the same five with w a bfloat16 tensor in the same layout (a weight whose float32 values are all
 //       bfloat16 values: the products are the same to the bit, from half the bytes)
@@ -35,6 +36,7 @@
 //       -> (y, c, n, m)    a paper mLSTM block's layer between its q / k / v and gate products and its
 //       down-projection: as mLSTMLayer with z (z_col) in place of o, but
 //       y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)   skip [NH*DV]  xc [B, S, NH*DV]
+//       (round_bf16 = 1: the first product rounded to bfloat16)
 //   xlstm.cpu::sLSTMPaperLayer(xc, x, w_if, w_zo, r, b, h0, c0, n0, m0, ln_scale, ln_bias, weight)
 //       -> (y, h, c, n, m)    attribute norm_eps (float): a paper sLSTM block's layer between its
 //       convolution and its residual, any S, step by step (cpu_cells.h slstm_layer_head): per head,
@@ -43,7 +45,8 @@
 //       h0, c0, n0, m0 [B, NH, DH]  ln_scale, ln_bias [DH]  weight [NH*DH];  y like x, h, c, n, m like h0
 //   xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)    attribute silu (int, 0 or 1): a paper
 //       block's depthwise causal convolution over time with its state, any S (cpu_cells.h
-//       causal_conv_sequence), then silu(y) = y sigmoid(y) where silu is 1
+//       causal_conv_sequence), then silu(y) = y sigmoid(y) where silu is 1; round_bf16 (int) = 1:
+//       past's values rounded to bfloat16 as read (a bf16 export's state)
 //       x [B, S, D]  past [B, K-1, D]  w [K, D]  bias [D];  y like x, present like past
 //
 // The signatures (inputs, outputs and attributes by name) are xlstm_export/native_ops.py's table,
@@ -451,7 +454,7 @@ struct MlstmLayerArgs {
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
   float eps, norm_eps, cap;
-  bool bf16;  // mLSTMLayer's round_bf16
+  bool bf16;  // round_bf16
 };
 
 void mlstm_layer_task(void* data, size_t bh) {
@@ -546,7 +549,7 @@ OrtStatus* mlstm_layer(const Ctx& ctx, bool paper) {
   a.eps = ctx.attr_float("eps");
   a.norm_eps = ctx.attr_float("norm_eps");
   a.cap = ctx.attr_float("soft_cap");
-  a.bf16 = !paper && ctx.attr_int("round_bf16") != 0;
+  a.bf16 = ctx.attr_int("round_bf16") != 0;
   for (auto [name, data, shape] : {std::tuple{"y", &a.y, std::vector<int64_t>{B, S, NH * DV}},
                                    {"c", &a.c, std::vector<int64_t>{B, NH, DQK, DV}},
                                    {"n", &a.n, std::vector<int64_t>{B, NH, DQK}},
@@ -633,6 +636,7 @@ struct PrologueArgs {
   float eps;
   bool bf16;  // kNorm: the normed rows rounded to bfloat16 (PackedNormMatMul's round_bf16)
   bool gelu;  // kGlu: the GELU in place of silu
+  float gelu_div;  // kGlu: the GELU's sqrt 2 as the graph holds it
   int64_t k;
   float* out;  // [m, K]
 };
@@ -644,7 +648,7 @@ void prologue_row(void* data, size_t row) {
   else if (a.kind == Prologue::kLayerNorm)
     xlstm_cpu::layer_norm_row(a.x + row * a.k, a.g, a.beta, a.k, a.eps, a.out + row * a.k);
   else
-    xlstm_cpu::glu_row(a.x + row * 2 * a.k, a.k, a.gelu, a.out + row * a.k);
+    xlstm_cpu::glu_row(a.x + row * 2 * a.k, a.k, a.gelu, a.gelu_div, a.out + row * a.k);
 }
 
 // The packed products, by op:
@@ -677,8 +681,11 @@ OrtStatus* packed_matmul(const Ctx& ctx, Prologue prologue, bool add, bool bf16 
   std::vector<int64_t> y(x);
   y.back() = a.n;
   std::vector<float> rows;  // the prologue's rows of x, [m, K]
-  PrologueArgs pro{prologue, a.x, nullptr, nullptr, 0.0f, false, false, a.k, nullptr};
-  if (prologue == Prologue::kGlu) pro.gelu = ctx.attr_int("gelu") != 0;
+  PrologueArgs pro{prologue, a.x, nullptr, nullptr, 0.0f, false, false, 0.0f, a.k, nullptr};
+  if (prologue == Prologue::kGlu) {
+    pro.gelu = ctx.attr_int("gelu") != 0;
+    pro.gelu_div = ctx.attr_float("gelu_div");
+  }
   if (prologue == Prologue::kNorm) {
     std::vector<int64_t> g;
     pro.eps = ctx.attr_float("eps");
@@ -791,14 +798,14 @@ struct CausalConvArgs {
   float *y, *present;
   int64_t s, d;
   int k;
-  bool silu;
+  bool silu, bf16;
 };
 
 void causal_conv_task(void* data, size_t b) {
   const auto& a = *static_cast<const CausalConvArgs*>(data);
   const int64_t state = (a.k - 1) * a.d;
   xlstm_cpu::causal_conv_sequence(a.x + b * a.s * a.d, a.past + b * state, a.w, a.bias, a.k, static_cast<int>(a.s),
-                                  a.d, a.silu, a.y + b * a.s * a.d, a.present + b * state);
+                                  a.d, a.silu, a.bf16, a.y + b * a.s * a.d, a.present + b * state);
 }
 
 OrtStatus* causal_conv_compute(const Ctx& ctx) {
@@ -816,6 +823,7 @@ OrtStatus* causal_conv_compute(const Ctx& ctx) {
   a.d = w[1];
   a.k = static_cast<int>(k);
   a.silu = ctx.attr_int("silu") != 0;
+  a.bf16 = ctx.attr_int("round_bf16") != 0;
   if (!same(past, {batch, k - 1, a.d}) || !same(bias, {a.d}))
     return ctx.error("past must be [B, K-1, D] = [%ld, %ld, D] and bias [D], with D = %ld from w",
                      static_cast<long>(batch), static_cast<long>(k - 1), static_cast<long>(a.d));
@@ -906,7 +914,8 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("PackedNormMatMul", packed_norm_matmul_compute,
             {{"x", "w", "g"}, {"y"}, {"n", "round_bf16"}, {"eps", "soft_cap"}, {}}, split),
     make_op("PackedLnMatMul", packed_ln_matmul_compute, {{"x", "w", "g", "beta"}, {"y"}, {"n"}, {"eps"}, {}}, split),
-    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {}}, split),
+    make_op("PackedGluMatMulAdd", packed_glu_matmul_add_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {"gelu_div"}, {}},
+            split),
     make_op("PackedMatMulBf16", packed_matmul_bf16_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {"w"}}, split),
     make_op("PackedMatMulAddBf16", packed_matmul_add_bf16_compute, {{"x", "w", "r"}, {"y"}, {"n"}, {}, {"w"}},
             split),
@@ -914,7 +923,8 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
             {{"x", "w", "g"}, {"y"}, {"n", "round_bf16"}, {"eps", "soft_cap"}, {"w"}}, split),
     make_op("PackedLnMatMulBf16", packed_ln_matmul_bf16_compute,
             {{"x", "w", "g", "beta"}, {"y"}, {"n"}, {"eps"}, {"w"}}, split),
-    make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute, {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {}, {"w"}},
+    make_op("PackedGluMatMulAddBf16", packed_glu_matmul_add_bf16_compute,
+            {{"z", "w", "r"}, {"y"}, {"n", "gelu"}, {"gelu_div"}, {"w"}},
             split),
     make_op("BlockDiagMatMul", block_diag_matmul_compute, {{"x", "w"}, {"y"}, {"n"}, {}, {}}, split),
     make_op("mLSTMLayer", mlstm_layer_compute,
@@ -926,14 +936,15 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
     make_op("mLSTMPaperLayer", mlstm_paper_layer_compute,
             {{"q", "k", "v", "g", "z", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight", "skip", "xc"},
              {"y", "c", "n", "m"},
-             {"q_col", "k_col", "v_col", "g_col", "z_col"},
+             {"q_col", "k_col", "v_col", "g_col", "z_col", "round_bf16"},
              {"eps", "norm_eps", "soft_cap"}, {}},
             split),
     make_op("sLSTMPaperLayer", slstm_paper_layer_compute,
             {{"xc", "x", "w_if", "w_zo", "r", "b", "h0", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
              {"y", "h", "c", "n", "m"}, {}, {"norm_eps"}, {}},
             split),
-    make_op("CausalConv", causal_conv_compute, {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu"}, {}, {}}, split),
+    make_op("CausalConv", causal_conv_compute,
+            {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu", "round_bf16"}, {}, {}}, split),
   };
 }
 

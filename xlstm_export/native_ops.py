@@ -61,8 +61,9 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     NativeOp("PackedNormMatMul", ("x", "w", "g"), ("y",), ints=("n", "round_bf16"), floats=("eps", "soft_cap")),
     # y = LayerNorm(x; g, beta, eps) W
     NativeOp("PackedLnMatMul", ("x", "w", "g", "beta"), ("y",), ints=("n",), floats=("eps",)),
-    # y = GLU(z) W + r: the SwiGLU (gelu = 0) or, with the exact GELU, the GeGLU (gelu = 1)
-    NativeOp("PackedGluMatMulAdd", ("z", "w", "r"), ("y",), ints=("n", "gelu")),
+    # y = GLU(z) W + r: the SwiGLU (gelu = 0) or, with the exact GELU, the GeGLU (gelu = 1; gelu_div:
+    # the sqrt 2 it divides by, as the graph holds it)
+    NativeOp("PackedGluMatMulAdd", ("z", "w", "r"), ("y",), ints=("n", "gelu"), floats=("gelu_div",)),
     # the same five with w bfloat16, the same layout: for a weight whose values are all bfloat16
     # values (a bf16 checkpoint), the same results to the bit from half the bytes
     NativeOp("PackedMatMulBf16", ("x", "w"), ("y",), ints=("n",), bf16=("w",)),
@@ -70,7 +71,7 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
     NativeOp("PackedNormMatMulBf16", ("x", "w", "g"), ("y",), ints=("n", "round_bf16"), floats=("eps", "soft_cap"),
              bf16=("w",)),
     NativeOp("PackedLnMatMulBf16", ("x", "w", "g", "beta"), ("y",), ints=("n",), floats=("eps",), bf16=("w",)),
-    NativeOp("PackedGluMatMulAddBf16", ("z", "w", "r"), ("y",), ints=("n", "gelu"), bf16=("w",)),
+    NativeOp("PackedGluMatMulAddBf16", ("z", "w", "r"), ("y",), ints=("n", "gelu"), floats=("gelu_div",), bf16=("w",)),
     # each row of n values of x times a block-diagonal matrix of square blocks of 1, 2, 4, 8 or 16,
     # packed (ort_native.pack_block_diagonal); y [rows, n / block, block]
     NativeOp("BlockDiagMatMul", ("x", "w"), ("y",), ints=("n",)),
@@ -81,18 +82,18 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
              ints=("q_col", "k_col", "v_col", "g_col", "o_col", "round_bf16"), floats=("eps", "norm_eps", "soft_cap"),
              in_place=_MLSTM_STATE),
     # a paper mLSTM block's layer: as mLSTMLayer with z in place of o, and
-    # y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)
+    # y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z) (the first product rounded where round_bf16)
     NativeOp("mLSTMPaperLayer", ("q", "k", "v", "g", "z", "gate_bias", "c0", "n0", "m0", "ln_scale", "ln_bias",
                                  "weight", "skip", "xc"), ("y", "c", "n", "m"),
-             ints=("q_col", "k_col", "v_col", "g_col", "z_col"), floats=("eps", "norm_eps", "soft_cap"),
+             ints=("q_col", "k_col", "v_col", "g_col", "z_col", "round_bf16"), floats=("eps", "norm_eps", "soft_cap"),
              in_place=_MLSTM_STATE),
     # a paper sLSTM block's layer between its convolution and its residual: per head, gates
     # [xc W_if | x W_zo] + b, the cell, LayerNorm (ln_scale, ln_bias, norm_eps) and weight
     NativeOp("sLSTMPaperLayer", ("xc", "x", "w_if", "w_zo", "r", "b", "h0", "c0", "n0", "m0", "ln_scale", "ln_bias",
                                  "weight"), ("y", "h", "c", "n", "m"), floats=("norm_eps",)),
     # a paper block's causal convolution with its state (cat = [past; x] over time), any S, then
-    # silu(y) where silu = 1; w [K, D], bias [D]
-    NativeOp("CausalConv", ("x", "past", "w", "bias"), ("y", "present"), ints=("silu",)),
+    # silu(y) where silu = 1; w [K, D], bias [D]; round_bf16 = 1: past rounded to bfloat16 as read
+    NativeOp("CausalConv", ("x", "past", "w", "bias"), ("y", "present"), ints=("silu", "round_bf16")),
 )}
 
 

@@ -158,7 +158,8 @@ def upcast_bfloat16(model):
     on CPU like this: initializers and constants are widened exactly, graph inputs / outputs become
     float32, and every explicit ``Cast(to=bfloat16)`` is kept and followed by a Cast back to float32
     (so the graph's own rounding points stay). A ``Cast(to=float32)`` of a value that was bfloat16
-    is float32 to float32 then, and goes (its readers read its input), and the graph's value types
+    is float32 to float32 then, and goes (its readers read its input; where it wrote a graph
+    output, the node that made its input writes that output), and the graph's value types
     say float32 where they said bfloat16, so that the native CPU kernels' folds see the same graph
     around those rounding points as in a float32 export (ort_native). The per-op rounding of
     bfloat16 arithmetic is what is not reproduced; the comparison tolerance for bfloat16 covers it.
@@ -197,10 +198,16 @@ def _upcast_graph(g) -> None:
     index = GraphIndex(g)
     edit = Edit(index)
     widened = {}  # the output of each Cast to float32 of a value that was bfloat16 -> that value
+    renamed = {}  # ... where the output is a graph output (a state): that value -> the output
     for node in index.nodes:
-        if (node.op_type == "Cast" and attrs(node).get("to") == F and node.input[0] in was_bf16
-                and node.output[0] not in index.outputs):
-            widened[node.output[0]] = node.input[0]
+        if node.op_type == "Cast" and attrs(node).get("to") == F and node.input[0] in was_bf16:
+            x, y = node.input[0], node.output[0]
+            if y not in index.outputs:
+                widened[y] = x
+            elif x in index.producer and x not in index.outputs and x not in renamed:
+                renamed[x] = y  # the value's node writes the graph output itself
+            else:
+                continue
             edit.replace([node], [])
             continue
         for a in node.attribute:
@@ -215,12 +222,13 @@ def _upcast_graph(g) -> None:
                 edit.replace([node], [node, onnx.helper.make_node("Cast", [node.output[0]], [out], to=F,
                                                                    name=f"{node.name}_widen")])
     edit.apply()
-    if widened:
+    if widened or renamed:
         for node in all_nodes(g):  # nested graphs read the outer values by name too
             for j, x in enumerate(node.input):
-                if x in widened:
-                    node.input[j] = widened[x]
-        keep = [v for v in g.value_info if v.name not in widened]
+                node.input[j] = renamed.get(widened.get(x, x), widened.get(x, x))
+            for j, y in enumerate(node.output):
+                node.output[j] = renamed.get(y, y)
+        keep = [v for v in g.value_info if v.name not in widened and v.name not in renamed]
         del g.value_info[:]
         g.value_info.extend(keep)
 

@@ -204,6 +204,16 @@ def _bf16_round_trip(g: GraphIndex, x: str) -> str | None:
     return cast.input[0] if cast else None
 
 
+def _through_bf16_round_trip(g: GraphIndex, y: str) -> tuple[list[NodeProto], str]:
+    """([the two Casts], their output) if ``y`` is read only by a rounding point
+    (:func:`_bf16_round_trip`), else ([], y)."""
+    cast = g.only_reader(y, "Cast")
+    widen = cast and g.only_reader(cast.output[0], "Cast")
+    if widen and _bf16_round_trip(g, widen.output[0]) == y:
+        return [cast, widen], widen.output[0]
+    return [], y
+
+
 def _match_rms_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, float] | None:
     """(x0, g, eps) if ``x`` is Mul(Div(x0, Sqrt(Add(ReduceMean[-1](Pow(x0, 2)), eps))), g) with g a
     float32 constant [k], every value in between read only there (the exported RMSNorm)."""
@@ -241,10 +251,14 @@ def _match_layer_norm(g: GraphIndex, x: str, k: int) -> tuple[str, str, str | No
     return ln.input[0], ln.input[1], bias, float(a.get("epsilon", 1e-5))
 
 
-def _gelu_input(g: GraphIndex, y: str) -> str | None:
-    """a if ``y`` is Mul(a, Mul(0.5, Add(Erf(Div(a, sqrt 2)), 1))), the exact GELU as exported (the
-    constants float32 scalars of those values, each input in either place), every value in
-    between read only there."""
+SQRT2 = float(np.float32(np.sqrt(2.0)))  # the exported GELU's divisor in float32 ...
+SQRT2_BF16 = 1.4140625  # ... and in a bf16 export (sqrt 2 rounded to bfloat16)
+
+
+def _gelu_input(g: GraphIndex, y: str) -> tuple[str, float] | None:
+    """(a, d) if ``y`` is Mul(a, Mul(0.5, Add(Erf(Div(a, d)), 1))), the exact GELU as exported with
+    d its sqrt 2 (:data:`SQRT2`, or :data:`SQRT2_BF16` in a bf16 export; the constants float32
+    scalars, each input in either place), every value in between read only there."""
     half, a = g.operand(g.private_made_by(y, "Mul"), "Mul")
     add, c_half = g.operand(half, "Add")
     erf, c_one = g.operand(add, "Erf")
@@ -252,21 +266,23 @@ def _gelu_input(g: GraphIndex, y: str) -> str | None:
     if not div or div.input[0] != a:
         return None
     consts = [g.const(c) for c in (c_half, c_one, div.input[1])]
-    want = [np.float32(0.5), np.float32(1.0), np.float32(np.sqrt(2.0))]
-    return a if all(c is not None and c.size == 1 and c.item() == w for c, w in zip(consts, want)) else None
+    if any(c is None or c.size != 1 for c in consts):
+        return None
+    half_value, one, d = (c.item() for c in consts)
+    return (a, d) if half_value == 0.5 and one == 1.0 and d in (SQRT2, SQRT2_BF16) else None
 
 
-def _match_glu(g: GraphIndex, x: str, k: int) -> tuple[str, bool] | None:
-    """(z, gelu) if ``x`` is Mul(act(a), b) with a, b the two halves [k] of Split(z) on the last
-    axis and act silu, Mul(a, Sigmoid(a)) (the exported SwiGLU), or the exact GELU
-    (:func:`_gelu_input`; the GeGLU), every value in between read only there."""
+def _match_glu(g: GraphIndex, x: str, k: int) -> tuple[str, bool, float] | None:
+    """(z, gelu, the GELU's divisor) if ``x`` is Mul(act(a), b) with a, b the two halves [k] of
+    Split(z) on the last axis and act silu, Mul(a, Sigmoid(a)) (the exported SwiGLU), or the exact
+    GELU (:func:`_gelu_input`; the GeGLU), every value in between read only there."""
     gate, b = g.operand(g.private_made_by(x, "Mul"), "Mul")
     if gate is None:
         return None
     sig, a = g.operand(gate, "Sigmoid")
-    gelu = sig is None
+    gelu, div = sig is None, SQRT2
     if gelu:
-        a = _gelu_input(g, gate.output[0])
+        a, div = _gelu_input(g, gate.output[0]) or (None, None)
     elif sig.input[0] != a:
         return None
     split = a is not None and g.made_by(a, "Split")
@@ -278,7 +294,7 @@ def _match_glu(g: GraphIndex, x: str, k: int) -> tuple[str, bool] | None:
         return None
     sizes = g.const(split.input[1], np.int64) if len(split.input) > 1 else None
     halves = attrs(split).get("num_outputs") == 2 if sizes is None else list(np.ravel(sizes)) == [k, k]
-    return (split.input[0], gelu) if halves else None
+    return (split.input[0], gelu, div) if halves else None
 
 
 def _soft_cap_of(g: GraphIndex, y: str) -> tuple[str, float, list[NodeProto]] | None:
@@ -315,7 +331,7 @@ class _Product:
     norm: tuple[str, str, float] | None  # the RMSNorm before it: x0, scale, eps
     norm_bf16: bool  # the RMSNorm's output rounded to bfloat16 on its way (a bf16 export)
     layer_norm: tuple[str, str, str | None, float] | None  # the LayerNorm before it: x0, scale, bias, eps
-    glu: tuple[str, bool] | None  # the gated unit before it: its input, whether its act is the GELU
+    glu: tuple[str, bool, float] | None  # the gated unit before it: its input, whether its act is the GELU, its divisor
     cap: tuple[NodeProto, float] | None  # the soft cap after the normed product: last node, cap
 
 
@@ -368,9 +384,9 @@ def _packed_product(edit: Edit, p: _Product) -> bool | None:
     elif p.add is not None:
         replaced.append(p.add[0])
         if p.glu is not None:
-            z, gelu = p.glu
+            z, gelu, div = p.glu
             new = native_ops.node("PackedGluMatMulAdd" + suffix, {"z": z, "w": w, "r": p.add[1]},
-                                  {"y": p.add[0].output[0]}, n=p.n, gelu=int(gelu))
+                                  {"y": p.add[0].output[0]}, n=p.n, gelu=int(gelu), gelu_div=div)
         else:
             new = native_ops.node("PackedMatMulAdd" + suffix, {"x": x, "w": w, "r": p.add[1]},
                                   {"y": p.add[0].output[0]}, n=p.n)
@@ -504,6 +520,7 @@ class _CausalConv:
     silu: bool
     y: str
     present: str
+    round_bf16: bool  # past read through a bf16 export's rounding point
 
 
 def _slice_bounds(g: GraphIndex, node: NodeProto) -> tuple[int, int] | None:
@@ -523,11 +540,15 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
     each times a float32 initializer [D] (``Mul``), summed in order by a chain of ``Add``, plus a
     bias initializer [D] (``Add``); and ``present = cat[:, 1 - K :]``. A SiLU right after
     (``Mul(y, Sigmoid(y))``, y read by those two alone) goes into the kernel too. Every value in
-    between is read only there."""
+    between is read only there. In a bf16 export past comes through a rounding point
+    (:func:`_bf16_round_trip`), which goes in too."""
     if (node.op_type != "Concat" or node.domain not in STANDARD_DOMAINS or len(node.input) != 2
             or attrs(node).get("axis") != 1):
         return None
     past, x = node.input
+    rounded = _bf16_round_trip(g, past)
+    if rounded is not None:
+        past = rounded
     cat = node.output[0]
     slices = g.readers.get(cat, [])
     k = len(slices) - 1
@@ -582,7 +603,9 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
     if silu:
         nodes += [sigmoid, gate]
         y = gate.output[0]
-    return _CausalConv(nodes, x, past, weights, bias, silu, y, present.output[0])
+    if rounded is not None:
+        nodes += [g.producer[node.input[0]], g.producer[g.producer[node.input[0]].input[0]]]
+    return _CausalConv(nodes, x, past, weights, bias, silu, y, present.output[0], rounded is not None)
 
 
 def _causal_convs(graph: GraphProto) -> int:
@@ -593,7 +616,8 @@ def _causal_convs(graph: GraphProto) -> int:
         name = p.nodes[0].name or p.present
         w, b = f"{name}.conv_weight", f"{name}.conv_bias"
         new = native_ops.node("CausalConv", {"x": p.x, "past": p.past, "w": w, "bias": b},
-                              {"y": p.y, "present": p.present}, silu=int(p.silu), name=name)
+                              {"y": p.y, "present": p.present}, silu=int(p.silu), round_bf16=int(p.round_bf16),
+                              name=name)
         if not edit.replace(p.nodes, [new]):
             return False
         edit.add_initializer(numpy_helper.from_array(np.stack(p.weights).astype(np.float32), w))
@@ -688,18 +712,13 @@ def _layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
     if found is None:
         return None
     nodes, out = found
-    cast = g.only_reader(out["y"], "Cast")
-    widen = cast and g.only_reader(cast.output[0], "Cast")
-    rounded = widen is not None and _bf16_round_trip(g, widen.output[0]) == out["y"]
-    if rounded:
-        nodes += [cast, widen]
-    normed = widen.output[0] if rounded else out["y"]
+    casts, normed = _through_bf16_round_trip(g, out["y"])
     mul_o = g.only_reader(normed, "Mul")
     sig = mul_o and g.made_by(g.other_input(mul_o, normed), "Sigmoid")
     if not sig or not g.private(sig.output[0]):
         return None
-    removed.extend([*nodes, mul_o, sig])
-    return {**out, "o_raw": sig.input[0], "y": mul_o.output[0], "round_bf16": int(rounded)}
+    removed.extend([*nodes, *casts, mul_o, sig])
+    return {**out, "o_raw": sig.input[0], "y": mul_o.output[0], "round_bf16": int(bool(casts))}
 
 
 def _fused_columns(g: GraphIndex, inputs: list[str]) -> tuple[list[str], list[int]]:
@@ -774,13 +793,15 @@ def _paper_gates_input(g: GraphIndex, i: str, f: str, removed: list) -> tuple[st
 
 def _paper_layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
     """The paper mLSTM block's tail after the cell's ``h``: y = Mul(Add(:func:`_normed_heads`,
-    Mul(skip, xc)), Mul(z, Sigmoid(z))); what it reads."""
+    Mul(skip, xc)), Mul(z, Sigmoid(z))), the normed heads rounded to bfloat16 on the way in a bf16
+    export (:func:`_bf16_round_trip`: "round_bf16" 1); what it reads."""
     found = _normed_heads(g, h)
     if found is None:
         return None
     nodes, out = found
-    add = g.only_reader(out["y"], "Add")
-    mul_skip = add and g.private_made_by(g.other_input(add, out["y"]), "Mul")
+    casts, normed = _through_bf16_round_trip(g, out["y"])
+    add = g.only_reader(normed, "Add")
+    mul_skip = add and g.private_made_by(g.other_input(add, normed), "Mul")
     skip_name = mul_skip and next((x for x in mul_skip.input if g.const(x) is not None), None)
     mul_z = skip_name and g.only_reader(add.output[0], "Mul")
     silu = mul_z and g.private_made_by(g.other_input(mul_z, add.output[0]), "Mul")
@@ -788,9 +809,9 @@ def _paper_layer_output(g: GraphIndex, h: str, removed: list) -> dict | None:
     if (not sig or g.other_input(silu, sig.output[0]) != sig.input[0]
             or g.const(skip_name).shape != g.const(out["weight"]).shape):
         return None
-    removed.extend([*nodes, add, mul_skip, mul_z, silu, sig])
+    removed.extend([*nodes, *casts, add, mul_skip, mul_z, silu, sig])
     return {**out, "z": sig.input[0], "xc": g.other_input(mul_skip, skip_name), "skip": skip_name,
-            "y": mul_z.output[0]}
+            "y": mul_z.output[0], "round_bf16": int(bool(casts))}
 
 
 # The paper layer runs its cell step by step at prefill too, reading and writing each head's matrix
@@ -838,7 +859,7 @@ def _match_paper_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
             "ln_bias": tail["ln_bias"], "weight": tail["weight"], "dv": tail["dv"],
             "outputs": {"y": tail["y"], **{x: cell_out[x] for x in ("c", "n", "m")}},
             "attributes": {"eps": float(attrs(cell).get("eps", MLSTM.attr("eps").default)),
-                           "norm_eps": tail["norm_eps"], "soft_cap": 0.0,
+                           "norm_eps": tail["norm_eps"], "soft_cap": 0.0, "round_bf16": tail["round_bf16"],
                            **{f"{x}_col": c for x, c in zip(("q", "k", "v", "g", "z"), cols)}},
             "removed": removed}
 
