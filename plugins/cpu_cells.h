@@ -349,7 +349,8 @@ inline void slstm_scan_rows(const SlstmRows& a, int rows, int s, int dh) {
 // one head and S steps (models/blocks.py sLSTMBlock): per step t
 //   gates = [xc_t @ w_if | x_t @ w_zo] + bias        (i, f from the convolution's branch; z, o from x)
 //   h_t = the cell's step (slstm_scan_rows) from gates and the state
-//   y_t = ((h_t - mean) / sqrt(var + norm_eps) * ln_scale + ln_bias) * weight   (the head's LayerNorm)
+//   y_t = ((h_t - mean) / sqrt(var + norm_eps) * ln_scale + ln_bias) * weight   (the head's LayerNorm;
+//         rounded to bfloat16 where bf16: a bf16 export's Cast before the residual)
 //   xc, x: this head's dh inputs of row q, step t at + (q * s + t) * x_stride (rows and steps of
 //   [B, S, E] inputs);  w_if, w_zo [dh, 2 dh]  bias [4 dh]  r [dh, 4 dh]: this head's;
 //   ln_scale, ln_bias [dh];  weight [dh]: this head's slice;  h, c, n, m: row q's dh values at
@@ -360,6 +361,7 @@ struct SlstmLayerHead {
   std::ptrdiff_t x_stride, y_stride, state_row;
   float norm_eps;
   float *h, *c, *n, *m, *y, *scratch;
+  bool bf16;
 };
 
 inline void slstm_layer_head(const SlstmLayerHead& a, int rows, int s, int dh) {
@@ -382,6 +384,8 @@ inline void slstm_layer_head(const SlstmLayerHead& a, int rows, int s, int dh) {
     const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(dh) + a.norm_eps);
     float* y = a.y + j * a.y_stride;
     for (int d = 0; d < dh; ++d) y[d] = ((h_t[d] - mean) * inv_std * a.ln_scale[d] + a.ln_bias[d]) * a.weight[d];
+    if (a.bf16)
+      for (int d = 0; d < dh; ++d) y[d] = round_bf16(y[d]);
   }
 }
 

@@ -38,9 +38,10 @@
 //       y = ((LN(h) * ln_scale + ln_bias) * weight + skip * xc) * silu(z)   skip [NH*DV]  xc [B, S, NH*DV]
 //       (round_bf16 = 1: the first product rounded to bfloat16)
 //   xlstm.cpu::sLSTMPaperLayer(xc, x, w_if, w_zo, r, b, h0, c0, n0, m0, ln_scale, ln_bias, weight)
-//       -> (y, h, c, n, m)    attribute norm_eps (float): a paper sLSTM block's layer between its
-//       convolution and its residual, any S, step by step (cpu_cells.h slstm_layer_head): per head,
-//       the gates [xc W_if | x W_zo] + b, the cell, the head's LayerNorm and its weight
+//       -> (y, h, c, n, m)    attributes norm_eps (float), round_bf16 (int): a paper sLSTM block's
+//       layer between its convolution and its residual, any S, step by step (cpu_cells.h
+//       slstm_layer_head): per head, the gates [xc W_if | x W_zo] + b, the cell, the head's LayerNorm
+//       and its weight (y rounded to bfloat16 where round_bf16 = 1)
 //       xc, x [B, S, NH*DH]  w_if, w_zo [NH, DH, 2*DH]  r [NH, DH, 4*DH]  b [NH, 4*DH]
 //       h0, c0, n0, m0 [B, NH, DH]  ln_scale, ln_bias [DH]  weight [NH*DH];  y like x, h, c, n, m like h0
 //   xlstm.cpu::CausalConv(x, past, w, bias) -> (y, present)    attribute silu (int, 0 or 1): a paper
@@ -375,6 +376,7 @@ struct SlstmLayerArgs {
   float *y, *h, *c, *n, *m;
   int64_t batch, nh, s, dh;
   float norm_eps;
+  bool bf16;  // round_bf16
 };
 
 void slstm_layer_task(void* data, size_t j) {
@@ -394,6 +396,7 @@ void slstm_layer_task(void* data, size_t j) {
   l.ln_bias = a.ln_bias;
   l.weight = a.weight + task.head * a.dh;
   l.norm_eps = a.norm_eps;
+  l.bf16 = a.bf16;
   const int64_t first = task.b0 * a.nh + task.head;  // (b0, head) in [B, NH]
   l.h = a.h + first * a.dh;
   l.c = a.c + first * a.dh;
@@ -434,6 +437,7 @@ OrtStatus* slstm_paper_layer_compute(const Ctx& ctx) {
   a.s = S;
   a.dh = DH;
   a.norm_eps = ctx.attr_float("norm_eps");
+  a.bf16 = ctx.attr_int("round_bf16") != 0;
   if (OrtStatus* s = ctx.output("y", {B, S, NH * DH}, &a.y)) return s;
   if (OrtStatus* s = slstm_state_outputs(ctx, {B, NH, DH},
                                          {{&a.h, h0_data}, {&a.c, c0_data}, {&a.n, n0_data}, {&a.m, m0_data}}))
@@ -941,7 +945,7 @@ std::vector<OpDef> make_ops(const SplitThresholds* split) {
             split),
     make_op("sLSTMPaperLayer", slstm_paper_layer_compute,
             {{"xc", "x", "w_if", "w_zo", "r", "b", "h0", "c0", "n0", "m0", "ln_scale", "ln_bias", "weight"},
-             {"y", "h", "c", "n", "m"}, {}, {"norm_eps"}, {}},
+             {"y", "h", "c", "n", "m"}, {"round_bf16"}, {"norm_eps"}, {}},
             split),
     make_op("CausalConv", causal_conv_compute,
             {{"x", "past", "w", "bias"}, {"y", "present"}, {"silu", "round_bf16"}, {}, {}}, split),

@@ -88,9 +88,10 @@ OPS: dict[str, NativeOp] = {op.name: op for op in (
              ints=("q_col", "k_col", "v_col", "g_col", "z_col", "round_bf16"), floats=("eps", "norm_eps", "soft_cap"),
              in_place=_MLSTM_STATE),
     # a paper sLSTM block's layer between its convolution and its residual: per head, gates
-    # [xc W_if | x W_zo] + b, the cell, LayerNorm (ln_scale, ln_bias, norm_eps) and weight
+    # [xc W_if | x W_zo] + b, the cell, LayerNorm (ln_scale, ln_bias, norm_eps) and weight (y rounded
+    # to bfloat16 where round_bf16 = 1)
     NativeOp("sLSTMPaperLayer", ("xc", "x", "w_if", "w_zo", "r", "b", "h0", "c0", "n0", "m0", "ln_scale", "ln_bias",
-                                 "weight"), ("y", "h", "c", "n", "m"), floats=("norm_eps",)),
+                                 "weight"), ("y", "h", "c", "n", "m"), ints=("round_bf16",), floats=("norm_eps",)),
     # a paper block's causal convolution with its state (cat = [past; x] over time), any S, then
     # silu(y) where silu = 1; w [K, D], bias [D]; round_bf16 = 1: past rounded to bfloat16 as read
     NativeOp("CausalConv", ("x", "past", "w", "bias"), ("y", "present"), ints=("silu", "round_bf16")),

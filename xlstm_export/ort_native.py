@@ -975,13 +975,14 @@ def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     nodes, tail = found
     if g.const(tail["ln_scale"]).shape != (r.shape[1],) or g.const(tail["weight"]).shape != (nh * r.shape[1],):
         return None
-    removed.extend(nodes)
+    casts, y = _through_bf16_round_trip(g, tail["y"])
+    removed.extend([*nodes, *casts])
     return {"inputs": {"xc": gates_if[1], "x": gates_zo[1], "r": cell_in["r"], "b": cell_in["b"],
                        **{k: cell_in[k] for k in ("h0", "c0", "n0", "m0")},
                        "ln_scale": tail["ln_scale"], "ln_bias": tail["ln_bias"], "weight": tail["weight"]},
-            "outputs": {"y": tail["y"], **{k: cell_out[k] for k in ("h", "c", "n", "m")}},
+            "outputs": {"y": y, **{k: cell_out[k] for k in ("h", "c", "n", "m")}},
             "weights": {"w_if": gates_if[2], "w_zo": gates_zo[2]}, "norm_eps": tail["norm_eps"], "dh": tail["dv"],
-            "removed": removed}
+            "round_bf16": int(bool(casts)), "removed": removed}
 
 
 def _slstm_layer(edit: Edit, match: dict) -> bool:
@@ -997,7 +998,7 @@ def _slstm_layer(edit: Edit, match: dict) -> bool:
             added["ln_bias"] = np.zeros(match["dh"], np.float32)
     inputs.update({"w_if": f"{name}.w_if", "w_zo": f"{name}.w_zo"})
     layer = native_ops.node("sLSTMPaperLayer", inputs, match["outputs"], name=f"{name}_layer",
-                            norm_eps=match["norm_eps"])
+                            norm_eps=match["norm_eps"], round_bf16=match["round_bf16"])
     if not edit.replace(match["removed"], [layer]):
         return False
     for key, value in added.items():
