@@ -546,9 +546,10 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
             or attrs(node).get("axis") != 1):
         return None
     past, x = node.input
-    rounded = _bf16_round_trip(g, past)
+    rounded, casts = _bf16_round_trip(g, past), []  # a bf16 export's state: read through a rounding point
     if rounded is not None:
-        past = rounded
+        widen = g.producer[past]
+        casts, past = [widen, g.producer[widen.input[0]]], rounded
     cat = node.output[0]
     slices = g.readers.get(cat, [])
     k = len(slices) - 1
@@ -603,13 +604,11 @@ def _match_causal_conv(g: GraphIndex, node: NodeProto) -> _CausalConv | None:
     if silu:
         nodes += [sigmoid, gate]
         y = gate.output[0]
-    if rounded is not None:
-        nodes += [g.producer[node.input[0]], g.producer[g.producer[node.input[0]].input[0]]]
-    return _CausalConv(nodes, x, past, weights, bias, silu, y, present.output[0], rounded is not None)
+    return _CausalConv(nodes + casts, x, past, weights, bias, silu, y, present.output[0], bool(casts))
 
 
 def _causal_convs(graph: GraphProto) -> int:
-    """Swap each float32 causal convolution of ``graph`` (:func:`_match_causal_conv`: the paper
+    """Swap each causal convolution of ``graph`` (:func:`_match_causal_conv`: the paper
     blocks', ~16 nodes each) for one ``CausalConv``. Returns how many."""
 
     def rewrite(edit: Edit, p: _CausalConv) -> bool:
@@ -734,7 +733,7 @@ def _fused_columns(g: GraphIndex, inputs: list[str]) -> tuple[list[str], list[in
 
 def _match_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     """The 7B-style mLSTM layer around the ``xlstm::mLSTM`` node ``cell``, as exported from
-    models/blocks.py ``LargeBlock`` in float32, or None where the graph differs anywhere:
+    models/blocks.py ``LargeBlock`` in float32 or bfloat16, or None where the graph differs anywhere:
 
         q|k|v = Transpose[0,2,1,3](Reshape(x_raw))               x_raw [B, S, NH*D]
         i, f  = Split[axis 1, 2 halves](Transpose[0,2,1](cap(Add(g_raw, gate_bias))))
@@ -824,7 +823,8 @@ PAPER_LAYER_MAX_HEAD_BYTES = 1 << 20
 
 def _match_paper_mlstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     """The paper mLSTM block's layer around the ``xlstm::mLSTM`` node ``cell``, as exported from
-    models/blocks.py ``mLSTMBlock`` in float32, or None where the graph differs anywhere:
+    models/blocks.py ``mLSTMBlock`` in float32 or bfloat16 (the first Mul's output through a rounding
+    point, :func:`_bf16_round_trip`: round_bf16 = 1), or None where the graph differs anywhere:
 
         q|k|v = Transpose[0,2,1,3](Reshape(x_raw))       x_raw [B, S, NH*D]: the q, k, v products
         i|f   = Transpose[0,2,1](Add(i_raw|f_raw, bias))  i_raw, f_raw = Split[-1, NH + NH](g_raw)
@@ -930,7 +930,8 @@ def _headwise_product(g: GraphIndex, y: str, nh: int) -> tuple[list[NodeProto], 
 
 def _match_paper_slstm_layer(g: GraphIndex, cell: NodeProto) -> dict | None:
     """The paper sLSTM block's layer around the ``xlstm::sLSTM`` node ``cell``, as exported from
-    models/blocks.py ``sLSTMBlock`` in float32, or None where the graph differs anywhere:
+    models/blocks.py ``sLSTMBlock`` in float32 or bfloat16 (out through a rounding point,
+    :func:`_bf16_round_trip`: round_bf16 = 1), or None where the graph differs anywhere:
 
         a = MatMul(Transpose[1,0,2](Reshape(xc, [-1, NH, DH])), w_if)   (NH, B*S, 2*DH): i, f gates
         b = MatMul(Transpose[1,0,2](Reshape(x, [-1, NH, DH])), w_zo)    (NH, B*S, 2*DH): z, o gates
@@ -1080,10 +1081,12 @@ def with_native_ops(model: ModelProto, *, inplace: bool = False, pack_matmuls: b
                     fuse_layers: bool = True, check_xlstm: bool = True) -> ModelProto:
     """``model`` (a copy unless ``inplace``) with xlstm function bodies that call the native kernels;
     when ``fuse_layers``, its 7B-style mLSTM layers swapped for ``mLSTMLayer``, its paper ones for
-    ``mLSTMPaperLayer`` and its paper blocks' float32 convolutions for ``CausalConv``; when
+    ``mLSTMPaperLayer`` and its paper blocks' convolutions for ``CausalConv``; when
     ``pack_matmuls``, its float32 block-diagonal products swapped for ``BlockDiagMatMul`` and its
-    float32 weight MatMuls for ``PackedMatMul``. A model with no
-    xlstm body to rewrite is refused unless ``check_xlstm`` is False."""
+    float32 weight MatMuls for ``PackedMatMul``. A bf16 export, run as float32 on the CPU provider
+    (:func:`xlstm_export.ort.upcast_bfloat16` first), gets the same, each kernel rounding to
+    bfloat16 where its graph does (``round_bf16``). A model with no xlstm body to rewrite is refused
+    unless ``check_xlstm`` is False."""
     out = model
     if not inplace:
         out = ModelProto()
