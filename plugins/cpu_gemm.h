@@ -13,9 +13,10 @@
 // rows, each x value once per 4 vectors; a last odd panel 8 rows x 32 columns), so the prefill
 // products with many rows are compute-bound rather than load-bound.
 //
-// The weight may also be held as bfloat16 (its 16 high bits per value, the same layout): each
-// weight vector is widened to float32 as it is loaded, which is exact, so the products are the
-// same to the bit as over the float32 weight, from half the bytes (a decode step streams them all).
+// The weight may also be held as bfloat16 (its 16 high bits per value, the same panels, each
+// 32-column row interleaved: load_weight_row): each row is widened to float32 as it is loaded,
+// which is exact, so the products are the same to the bit as over the float32 weight, from half
+// the bytes (a decode step streams them all).
 //
 // The vectors are cpu_vec.h's (16 floats).
 #pragma once
@@ -32,17 +33,22 @@ namespace xlstm_cpu {
 
 constexpr int kPanel = 32;  // columns per packed panel
 
-// 16 weights as float32: loaded, or widened from bfloat16 bits (a bfloat16 is a float32's high half).
-inline vec16 load_weights16(const float* p) { return load16(p); }
-inline vec16 load_weights16(const uint16_t* p) {
-  using bits16 = uint16_t __attribute__((vector_size(32)));
+// One row of a panel, its 32 weights as float32 (columns 0-15 in lo, 16-31 in hi): loaded, or
+// widened from bfloat16 bits (a bfloat16 is a float32's high half). A bfloat16 row is stored
+// interleaved, columns j and 16 + j in the low and high half of 32-bit word j
+// (ort_native.interleave_bf16_rows), so one load and two bit operations widen all 32.
+inline void load_weight_row(const float* p, vec16& lo, vec16& hi) {
+  lo = load16(p);
+  hi = load16(p + 16);
+}
+
+inline void load_weight_row(const uint16_t* p, vec16& lo, vec16& hi) {
   using bits32 = uint32_t __attribute__((vector_size(64)));
-  bits16 h;
-  std::memcpy(&h, p, sizeof h);
-  const bits32 w = __builtin_convertvector(h, bits32) << 16;
-  vec16 f;
-  std::memcpy(&f, &w, sizeof f);
-  return f;
+  bits32 w;
+  std::memcpy(&w, p, sizeof w);
+  const bits32 low = w << 16, high = w & 0xFFFF0000u;
+  std::memcpy(&lo, &low, sizeof lo);
+  std::memcpy(&hi, &high, sizeof hi);
 }
 
 // ---- the products' prologues and epilogues -----------------------------------------------------
@@ -119,8 +125,7 @@ inline void panel_block(const float* x, int64_t ldx, const W* panel, int64_t K, 
     for (int64_t k = k0; k < k1; ++k) {
       vec16 w[V];
       for (int i = 0; i < P; ++i) {
-        w[2 * i] = load_weights16(panel + i * K * kPanel + k * kPanel);
-        w[2 * i + 1] = load_weights16(panel + i * K * kPanel + k * kPanel + 16);
+        load_weight_row(panel + i * K * kPanel + k * kPanel, w[2 * i], w[2 * i + 1]);
       }
       for (int r = 0; r < R; ++r) {
         const float xr = x[r * ldx + k];

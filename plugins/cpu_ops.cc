@@ -19,8 +19,9 @@
 //       act silu (gelu = 0) or the exact GELU (gelu = 1) a * 0.5 * (erf(a / gelu_div) + 1), gelu_div
 //       (float) the graph's sqrt 2: float32's, or bfloat16's 1.4140625 in a bf16 export
 //   xlstm.cpu::PackedMatMulBf16, PackedMatMulAddBf16, PackedNormMatMulBf16, PackedLnMatMulBf16,
-//       PackedGluMatMulAddBf16: the same five with w a bfloat16 tensor in the same layout (a weight whose float32 values are all
-//       bfloat16 values: the products are the same to the bit, from half the bytes)
+//       PackedGluMatMulAddBf16: the same five with w a bfloat16 tensor in the same layout, each 32-column
+//       row interleaved (columns j and 16 + j side by side: ort_native.interleave_bf16_rows); for a weight
+//       whose float32 values are all bfloat16 values: the products are the same to the bit, from half the bytes
 //   xlstm.cpu::BlockDiagMatMul(x, w) -> y    attribute n (int): each row of n values of x times a
 //       block-diagonal matrix of square blocks of BLK = 1, 2, 4, 8 or 16 (cpu_gemm.h block_diag_row)
 //       x [...] (n divides its size: M rows)  w [ceil(n / 16), BLK, 16] (packed)  y [M, n / BLK, BLK]

@@ -656,6 +656,17 @@ def _matmul_model(k: int, n: int, w: np.ndarray, x_rank: int) -> onnx.ModelProto
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
 
 
+def test_interleave_bf16_rows_layout():
+    """The ...Bf16 ops' rows: 16-bit value 2j is column j, 2j + 1 column 16 + j (the low and high half
+    of 32-bit word j, which the kernel widens with one shift and one mask)."""
+    bits = np.arange(3 * 5 * 32, dtype=np.uint16).reshape(3, 5, 32)
+    rows = ort_native.interleave_bf16_rows(bits)
+    assert rows.shape == bits.shape and rows.flags.c_contiguous
+    assert np.array_equal(rows[..., 0::2], bits[..., :16]) and np.array_equal(rows[..., 1::2], bits[..., 16:])
+    words = rows.view(np.uint32)  # little-endian: 2j the low half
+    assert np.array_equal(words & 0xFFFF, bits[..., :16]) and np.array_equal(words >> 16, bits[..., 16:])
+
+
 def test_pack_weight_layout():
     w = np.random.default_rng(0).standard_normal((5, 70), dtype=np.float32)
     p = ort_native.pack_weight(w)

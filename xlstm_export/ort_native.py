@@ -166,8 +166,9 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
 # A packed weight of at least this many float32 bytes whose values are all bfloat16 values is held as
 # bfloat16. A weight this large does not stay in a core's L2 between decode steps, so each step
 # streams it and half the bytes pay: a bf16 export of xlstm-large-160m decodes at B = 1 / 8 / 32 in
-# 0.62 / 0.75 / 0.99x the time (prefill 1.05x). Weights that stay in cache only pay the widening:
-# tiny-large's (<= 384 KiB) took 0.98 / 1.07 / 1.10x (bench/ab_native_pass.py --pass bf16-weights).
+# 0.62 / 0.75 / 0.99x the time (prefill 1.05x; with interleaved rows, 0.53-0.58 / 0.67-0.84 /
+# 0.88-1.04x, prefill 0.86-0.92x). Weights that stay in cache only pay the widening: tiny-large's
+# (<= 384 KiB) took 0.98 / 1.07 / 1.10x (bench/ab_native_pass.py --pass bf16-weights).
 BF16_MIN_BYTES = 1 << 20
 
 
@@ -179,6 +180,15 @@ def bfloat16_bits(w: np.ndarray) -> np.ndarray | None:
     if (bits & 0xFFFF).any():
         return None
     return (bits >> 16).astype(np.uint16)
+
+
+def interleave_bf16_rows(bits: np.ndarray) -> np.ndarray:
+    """Packed bfloat16 bits [P, K, 32] as the ...Bf16 ops read them: each 32-column row interleaved,
+    columns j and 16 + j side by side (16-bit values 2j and 2j + 1: the low and high half of 32-bit
+    word j), so that the kernel widens a row's 32 weights with one load and two bit operations
+    (plugins/cpu_gemm.h load_weight_row)."""
+    p, k, width = bits.shape
+    return np.ascontiguousarray(bits.reshape(p, k, 2, width // 2).transpose(0, 1, 3, 2).reshape(p, k, width))
 
 
 def _match_addend(g: GraphIndex, y: str, n: int) -> tuple[NodeProto, str] | None:
@@ -400,7 +410,8 @@ def _packed_product(edit: Edit, p: _Product) -> bool | None:
     if bf16 is None:
         p.weight.CopyFrom(numpy_helper.from_array(packed, w))
     else:
-        p.weight.CopyFrom(helper.make_tensor(w, onnx.TensorProto.BFLOAT16, packed.shape, bf16.tobytes(), raw=True))
+        p.weight.CopyFrom(helper.make_tensor(w, onnx.TensorProto.BFLOAT16, packed.shape,
+                                             interleave_bf16_rows(bf16).tobytes(), raw=True))
     return p.norm is not None or p.layer_norm is not None or p.glu is not None
 
 
