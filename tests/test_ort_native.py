@@ -1538,7 +1538,7 @@ def test_bf16_export_is_fused_as_a_float32_one(name, tmp_path, monkeypatch):
     the same graph with the rounding points left as standard nodes, within a tenth of bfloat16's
     limit: a value within float32 rounding of a tie between two bfloat16 values may round the other
     way (2^-8 of it), and all that follows in its row moves with it (seen: up to 7e-4 of the
-    largest logit)."""
+    largest logit). Its decoder, the mLSTM states bound in place, gives run()'s numbers to the bit."""
     torch.manual_seed(4)
     model = xLSTMLM(preset(name)).eval()
     paths = {dtype: export_onnx(model, tmp_path / f"{dtype}.onnx", dtype=dtype, progress=False)
@@ -1562,9 +1562,14 @@ def test_bf16_export_is_fused_as_a_float32_one(name, tmp_path, monkeypatch):
     ids = rng.integers(0, 256, (3, 9))
     (la, sa), (lb, sb) = fast.run(ids), plain.run(ids)
     limit = C.MAX_RELATIVE_ERROR["bfloat16"] / 10
+    dec = fast.decoder()  # its mLSTM states bound in place, as the fused layers allow
+    assert fast._inplace_states and fast._inplace_states <= set(fast.state_names)
+    ld, sd = dec(ids)
     for step in range(4):
         assert _rel(la, lb) < limit, step
         for k in sa:
             assert _rel(sa[k], sb[k]) < limit, (step, k)
+        assert all(np.array_equal(sd[k], sa[k]) for k in sa), step
         tok = rng.integers(0, 256, (3, 1))
-        (la, sa), (lb, sb) = fast.run(tok, sa), plain.run(tok, sb)
+        (la, sa), (lb, sb), (ld, sd) = fast.run(tok, sa), plain.run(tok, sb), dec(tok, sd)
+        assert np.array_equal(ld, la), step  # a decode step's logits: the decoder's last position
