@@ -225,7 +225,8 @@ def _upcast_graph(g) -> None:
     if widened or renamed:
         for node in all_nodes(g):  # nested graphs read the outer values by name too
             for j, x in enumerate(node.input):
-                node.input[j] = renamed.get(widened.get(x, x), widened.get(x, x))
+                x = widened.get(x, x)
+                node.input[j] = renamed.get(x, x)
             for j, y in enumerate(node.output):
                 node.output[j] = renamed.get(y, y)
         keep = [v for v in g.value_info if v.name not in widened and v.name not in renamed]
