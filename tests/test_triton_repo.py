@@ -4,6 +4,7 @@ exactly the exported model's past.* / present.* interface (paper and 7B-style ex
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import onnx
 import pytest
@@ -21,11 +22,29 @@ TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP
          onnx.TensorProto.INT64: "TYPE_INT64"}
 
 
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """preset name -> its export, each made once per module."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            torch.manual_seed(0)
+            model = xLSTMLM(preset(name)).eval()
+            done[name] = export_onnx(model, tmp_path_factory.mktemp(name) / "model.onnx", progress=False)
+        return done[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["tiny", "tiny-large"])
-def exported(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = xLSTMLM(preset(request.param)).eval()
-    return export_onnx(model, tmp_path_factory.mktemp(request.param) / "model.onnx", progress=False)
+def exported(request, exports):
+    return exports(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(exports):
+    return exports("tiny")
 
 
 def parse(path) -> model_config_pb2.ModelConfig:
@@ -104,3 +123,98 @@ def test_bad_targets_are_one_clear_error(exported, tmp_path, capsys):
         assert len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "w").exists() and not (tmp_path / "y").exists()
     assert main(["triton-repo", str(exported), "-o", str(tmp_path / "repo"), "--overwrite"]) == 0
+
+
+# --- what Triton would refuse is refused here, before anything is written ------------------------
+def edited(src, dst, edit):
+    """A copy of the export with its declared graph outputs edited (only the interface is read)."""
+    m = onnx.load(str(src))
+    edit({v.name: v.type.tensor_type for v in m.graph.output})
+    onnx.save(m, str(dst))
+    return dst
+
+
+def fake_engine(onnx_path, dst, logits_dtype="float32", present_dims=None):
+    """A .engine with a build record as `xlstm-export build` writes it (read, never run here)."""
+    from xlstm_export.engine import RECORD_FORMAT
+
+    ins, outs = graph_io(onnx_path)
+    dt = {"TYPE_FP32": "float32", "TYPE_INT64": "int64"}
+    dst.write_bytes(b"plan")
+    record = {"format": RECORD_FORMAT, "runtime": "tensorrt", "engine": {"file": dst.name, "bytes": 4},
+              "profiles": [{"batch": [1, 1, 8], "sequence": [1, 128, 2048]}],
+              "inputs": [{"name": n, "dtype": dt[t], "dims": d} for n, (t, d) in ins.items()],
+              "outputs": [{"name": n, "dtype": logits_dtype if n == "logits" else dt[t],
+                           "dims": present_dims if present_dims and n.startswith("present.") else d}
+                          for n, (t, d) in outs.items()]}
+    (dst.parent / (dst.name + ".json")).write_text(json.dumps(record))
+    return dst
+
+
+def test_bf16_onnx_is_refused_and_a_bf16_engine_is_not(tiny_onnx, tmp_path, capsys):
+    """Triton's onnxruntime backend has no BF16 tensors (server#8464): refused, naming the fix; its
+    tensorrt backend takes them (tensorrt_backend#90)."""
+    from xlstm_export.cli import main
+
+    bf16 = edited(tiny_onnx, tmp_path / "bf16.onnx",
+                  lambda outs: setattr(outs["logits"], "elem_type", onnx.TensorProto.BFLOAT16))
+    assert main(["triton-repo", str(bf16), "-o", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no TYPE_BF16" in err[0] and "--dtype fp16 or --dtype fp32" in err[0], err
+    assert not (tmp_path / "repo").exists()
+    engine = fake_engine(tiny_onnx, tmp_path / "bf16.engine", logits_dtype="bfloat16")
+    cfg = parse(write_triton_repo(engine, tmp_path / "repo") / "config.pbtxt")
+    assert cfg.backend == "tensorrt" and cfg.max_batch_size == 8
+    assert model_config_pb2.DataType.Name(cfg.output[0].data_type) == "TYPE_BF16"
+
+
+@pytest.mark.parametrize("name", ['a"b', "a\nb", "a\\b", "a/b", ".hidden", "..", "", "a b", "é"])
+def test_unsafe_model_names_are_refused(tiny_onnx, tmp_path, name):
+    with pytest.raises(ValueError, match="letters, digits"):
+        write_triton_repo(tiny_onnx, tmp_path / "repo", name=name)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_safe_model_names_parse_and_match_the_folder(tiny_onnx, tmp_path):
+    for name in ("xlstm", "xlstm-7b_v1.2", "_m", "0"):
+        folder = write_triton_repo(tiny_onnx, tmp_path / "repo", name=name)
+        assert folder.name == name and parse(folder / "config.pbtxt").name == name
+
+
+def test_unknown_device_is_refused(tiny_onnx, tmp_path):
+    with pytest.raises(ValueError, match="--device must be 'cpu' or 'gpu', got 'tpu'"):
+        write_triton_repo(tiny_onnx, tmp_path / "repo", device="tpu")
+    with pytest.raises(ValueError, match="--device"):
+        config_pbtxt(model_interface(tiny_onnx), name="m", max_batch=1, device="tpu")
+
+
+def test_present_must_match_past(tiny_onnx, tmp_path):
+    def wider(outs):
+        outs["present.0.n"].shape.dim[1].dim_value += 1
+
+    def float16(outs):
+        outs["present.0.n"].elem_type = onnx.TensorProto.FLOAT16
+
+    for edit in (wider, float16):
+        bad = edited(tiny_onnx, tmp_path / f"{edit.__name__}.onnx", edit)
+        with pytest.raises(ValueError, match=r"state output present\.0\.n .* does not match its input past\.0\.n"):
+            model_interface(bad)
+    engine = fake_engine(tiny_onnx, tmp_path / "m.engine", present_dims=[-1, 3])
+    with pytest.raises(ValueError, match="does not match its input"):
+        write_triton_repo(engine, tmp_path / "repo")
+
+
+def test_a_failed_write_leaves_nothing_new(tiny_onnx, tmp_path, monkeypatch):
+    import shutil
+
+    def full_disk(*_):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="too large"):
+        write_triton_repo(tiny_onnx, tmp_path / "new" / "repo")
+    assert list(tmp_path.iterdir()) == []  # neither repo nor the folder made for it
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="too large"):
+        write_triton_repo(tiny_onnx, tmp_path / "kept" / "repo")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []

@@ -17,12 +17,18 @@ Triton pairs each output state with an input state by rank in two name-sorted ma
 differently as inputs and as outputs (``x`` / ``x_len`` with outputs ``x_next`` / ``x_len_next``)
 are swapped. Our names are one prefix plus the same key (``past.0.c`` / ``present.0.c``), and a
 common prefix keeps the order, so ``state_order_safe`` holds for every export; it is checked before
-anything is written.
+anything is written, as is each ``present.<k>``'s dtype and dims against its ``past.<k>``.
+
+Tensor types per backend: Triton's onnxruntime backend maps no BF16 tensor
+(``ModelConfigDataTypeToOnnxDataType``; triton-inference-server/server#8464) and refuses such a
+model at load, so a bfloat16 .onnx export is refused here (export with ``--dtype fp16`` or
+``fp32``); the tensorrt backend takes BF16 (triton-inference-server/tensorrt_backend#90).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,12 @@ QUEUE_DELAY_MICROSECONDS = 100  # how long the oldest strategy waits to fill a b
 
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32"}
+# the Triton types each backend maps to its framework's tensors (onnxruntime_backend has no BF16: server#8464)
+_BACKEND_TYPES = {"onnxruntime": {"TYPE_FP32", "TYPE_FP16", "TYPE_INT64", "TYPE_INT32"},
+                  "tensorrt": {"TYPE_FP32", "TYPE_FP16", "TYPE_BF16", "TYPE_INT64", "TYPE_INT32"}}
+_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}  # --device -> instance_group kind
+# a model name is a folder name and a quoted string in config.pbtxt: nothing that needs escaping
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _PAST, _PRESENT = "past.", "present."
 
 
@@ -82,6 +94,12 @@ def _onnx_interface(p: Path) -> ModelInterface:
         raise ValueError(f"{p}: the logits have no static vocabulary dim")
     states = [(_PAST + k, _PRESENT + k, tuple(info["state_shapes"][k]), name[types[_PAST + k]])
               for k in info["state_names"]]
+    outs = {v.name: v.type.tensor_type for v in model.graph.output}
+    for inp, out, dims, dt in states:
+        t = outs[out]
+        out_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim][1:]
+        out_dtype = name.get(t.elem_type) or onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        _check_state_pair(p, inp, out, dims, dt, out_dims, out_dtype)
     locations = sorted({e.value for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
                         for e in t.external_data if e.key == "location"})
     files = [p, *(p.parent / loc for loc in locations)]
@@ -118,6 +136,9 @@ def _engine_interface(p: Path) -> ModelInterface:
         dims = tuple(int(d) for d in ins[_PAST + k]["dims"][1:])
         if any(d < 0 for d in dims) or _PRESENT + k not in outs:
             raise ValueError(f"{p}: state {k!r} has dynamic dims after the batch or no present.{k} output")
+        out = outs[_PRESENT + k]
+        _check_state_pair(p, _PAST + k, _PRESENT + k, dims, ins[_PAST + k]["dtype"],
+                          [int(d) for d in out["dims"][1:]], out["dtype"])
         states.append((_PAST + k, _PRESENT + k, dims, ins[_PAST + k]["dtype"]))
     vocab = int(outs["logits"]["dims"][-1])
     if vocab < 0:
@@ -126,18 +147,51 @@ def _engine_interface(p: Path) -> ModelInterface:
     return ModelInterface("plan", p, ins["input_ids"]["dtype"], outs["logits"]["dtype"], vocab, states, max_batch, [p])
 
 
+def _check_state_pair(p: Path, inp: str, out: str, dims: tuple[int, ...], dtype: str,
+                      out_dims: list[int], out_dtype: str) -> None:
+    """Triton feeds ``out`` back as ``inp``: the same dtype and dims after the batch (-1: a dim the
+    file leaves open, which Triton fixes from the input's)."""
+    if out_dtype != dtype or len(out_dims) != len(dims) or any(o >= 0 and o != d for o, d in zip(out_dims, dims)):
+        raise ValueError(f"{p}: state output {out} ({out_dtype}, dims after the batch {list(out_dims)}) does not "
+                         f"match its input {inp} ({dtype}, {list(dims)}): Triton feeds each output back as its "
+                         "input, so they must agree")
+
+
+def _check_name(name: str) -> None:
+    """A model name Triton takes as a folder and in config.pbtxt: letters, digits, ``_``, ``.``,
+    ``-``, not starting with ``.``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r}: a model name here is letters, digits, '_', '.' and '-', not starting "
+                         "with '.' (e.g. xlstm)")
+
+
+def _check_device(device: str) -> None:
+    if device not in _KINDS:
+        raise ValueError(f"--device must be 'cpu' or 'gpu', got {device!r}")
+
+
 def _dims(d) -> str:
     return "[ " + ", ".join(str(int(x)) for x in d) + " ]"
 
 
 def config_pbtxt(iface: ModelInterface, *, name: str, max_batch: int, device: str) -> str:
-    """The model's config.pbtxt (Triton's ModelConfig in protobuf text format)."""
-    for dt in (iface.ids_dtype, iface.logits_dtype, *(s[3] for s in iface.states)):
+    """The model's config.pbtxt (Triton's ModelConfig in protobuf text format). ``device``: "cpu" |
+    "gpu". Raises ValueError for a name, device or tensor type the backend does not take."""
+    _check_name(name)
+    _check_device(device)
+    backend = "onnxruntime" if iface.kind == "onnx" else "tensorrt"
+    tensors = [("input_ids", iface.ids_dtype), ("logits", iface.logits_dtype), *((s[0], s[3]) for s in iface.states)]
+    for tensor, dt in tensors:
         if dt not in _TRITON_TYPES:
             raise ValueError(f"{iface.path}: tensor type {dt} has no Triton type here")
-    backend = "onnxruntime" if iface.kind == "onnx" else "tensorrt"
+        if _TRITON_TYPES[dt] not in _BACKEND_TYPES[backend]:
+            fix = ("export with --dtype fp16 or --dtype fp32 (triton-inference-server/server#8464; Triton's "
+                   "tensorrt backend takes BF16: an engine built from this export serves)") if dt == "bfloat16" \
+                else f"it takes {', '.join(sorted(_BACKEND_TYPES[backend]))}"
+            raise ValueError(f"{iface.path}: {tensor} is {dt}, and Triton's {backend} backend has no "
+                             f"{_TRITON_TYPES[dt]} tensors, so it would refuse the model at load: {fix}")
     filename = "model.onnx" if iface.kind == "onnx" else "model.plan"
-    kind = "KIND_CPU" if device == "cpu" else "KIND_GPU"
+    kind = _KINDS[device]
     lines = [
         f'name: "{name}"',
         f'backend: "{backend}"',
@@ -186,10 +240,17 @@ def config_pbtxt(iface: ModelInterface, *, name: str, max_batch: int, device: st
 def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, *, name: str = "xlstm",
                       max_batch: int | None = None, device: str | None = None, overwrite: bool = False) -> Path:
     """Write ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/<model file>``; returns ``repo/<name>``.
-    The folder is assembled under a temporary name and renamed into place."""
+    The folder is assembled under a temporary name and renamed into place; on failure nothing new
+    is left behind (folders made for ``repo`` are removed again).
+
+    name: the Triton model name (letters, digits, ``_ . -``; not starting with ``.``). max_batch:
+    Triton's max_batch_size (default 32; an engine's profile maximum). device: "cpu" | "gpu" for
+    an .onnx model (default "cpu"; an engine is "gpu"). Raises ValueError for what Triton would
+    refuse (see the module docstring), FileNotFoundError for a missing external data file."""
+    _check_name(name)
+    if device is not None:
+        _check_device(device)
     iface = model_interface(model)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"--name {name!r} must be a plain folder name")
     pairs = [(i, o) for i, o, _, _ in iface.states]
     if not state_order_safe(pairs):
         raise ValueError(f"{model}: Triton would pair these states wrongly (server#8586: pairs are matched by "
@@ -213,14 +274,34 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, *, name
     final = repo / name
     if final.exists() and not overwrite:
         raise ValueError(f"{final} exists: pass --overwrite to replace it")
-    repo.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(final) as tmp:
-        version = tmp / "1"
-        version.mkdir()
-        main_file = "model.onnx" if iface.kind == "onnx" else "model.plan"
-        shutil.copyfile(iface.files[0], version / main_file)
-        for f in iface.files[1:]:  # external data keeps its relative location
-            (version / f.relative_to(iface.path.parent)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, version / f.relative_to(iface.path.parent))
-        (tmp / "config.pbtxt").write_text(text)
+    made = _missing_folders(repo)  # made here, removed again if the write fails
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(final) as tmp:
+            version = tmp / "1"
+            version.mkdir()
+            main_file = "model.onnx" if iface.kind == "onnx" else "model.plan"
+            shutil.copyfile(iface.files[0], version / main_file)
+            for f in iface.files[1:]:  # external data keeps its relative location
+                (version / f.relative_to(iface.path.parent)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, version / f.relative_to(iface.path.parent))
+            (tmp / "config.pbtxt").write_text(text)
+    except BaseException:
+        for d in made:  # innermost first; only while empty (never what someone else put there)
+            try:
+                d.rmdir()
+            except FileNotFoundError:  # mkdir failed before making it
+                continue
+            except OSError:
+                break
+        raise
     return final
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
