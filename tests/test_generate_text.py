@@ -217,6 +217,23 @@ def test_bad_generate_options_are_one_clear_error(tmp_path, capsys):
     assert rc == 0 and out.startswith("tokens:")  # token ids still work
 
 
+def test_a_model_without_tokenizer_takes_ids_only(tmp_path, capsys):
+    """No tokenizer.json: generate_text says what to do instead of failing on None.encode, and the CLI
+    does not guess the byte tokenizer for a vocab-256 directory (README: --prompt-ids only)."""
+    def runner(ids, state):  # never reached
+        raise AssertionError("generate_text ran the model without a tokenizer")
+
+    with pytest.raises(TypeError, match=r"got None: load_tokenizer\(path\) returns None .*generate_batch"):
+        generate_text(runner, None, ["hi"], 4)
+    d = tmp_path / "bytes-without-tokenizer"
+    torch.manual_seed(0)
+    xLSTMLM(preset("tiny")).save_pretrained(d)  # vocab 256, no tokenizer.json
+    assert load_tokenizer(d) is None
+    assert "--prompt 'hi' needs a tokenizer" in one_error(capsys, "generate", d, "--prompt", "hi")
+    rc, out, _ = cli(capsys, "generate", d, "--prompt-ids", "104,105", "--max-new-tokens", "2", "--quiet")
+    assert rc == 0 and out.startswith("tokens:")
+
+
 def test_version_and_byte_presets(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

@@ -154,6 +154,8 @@ def test_bad_tokenizer_files_are_one_clear_error(tmp_path):
 def test_tokenizer_for_model(tmp_path):
     assert tokenizer_for(None, 256).vocab_size == 256  # byte-level preset
     assert tokenizer_for(None, 50304) is None  # a random-weight preset with a 50k vocabulary
+    (tmp_path / "no-tokenizer").mkdir()  # a model's own files decide, whatever its vocabulary
+    assert tokenizer_for(tmp_path / "no-tokenizer", 256) is None
     d = bpe_dir(tmp_path)
     assert tokenizer_for(d, 320).vocab_size == 320
     with pytest.raises(TokenizerError, match="320 tokens, the model's vocabulary only 256"):

@@ -187,13 +187,16 @@ def _special_token(config: dict, name: str) -> str | None:
 
 
 def tokenizer_for(path, vocab_size: int | None) -> Tokenizer | None:
-    """The tokenizer to run a model with: its files (``path``: a model directory or an .onnx /
-    engine file; None for a preset), else the byte tokenizer for a vocabulary of 256 (this
-    project's byte-level models), else None. A tokenizer with more tokens than the model's
-    vocabulary raises :class:`TokenizerError` (it belongs to another model)."""
-    tok = load_tokenizer(path) if path is not None and Path(path).exists() else None
-    if tok is None and vocab_size == BYTE_VOCAB:
-        tok = byte_tokenizer()
+    """The tokenizer to run a model with: for a model file or directory (``path``: a directory or
+    an .onnx / engine file) its own files, as :func:`load_tokenizer` (None without a
+    ``tokenizer.json``, whatever the vocabulary: a byte tokenizer is not guessed for it); for a
+    preset (``path`` None) the byte tokenizer when the vocabulary is 256 (what the byte-level presets
+    carry), else None. A tokenizer with more tokens than the model's vocabulary raises
+    :class:`TokenizerError` (it belongs to another model)."""
+    if path is not None:
+        tok = load_tokenizer(path) if Path(path).exists() else None
+    else:
+        tok = byte_tokenizer() if vocab_size == BYTE_VOCAB else None
     if tok is not None and vocab_size is not None and tok.vocab_size > vocab_size:
         raise TokenizerError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens, the model's vocabulary "
                              f"only {vocab_size}: it belongs to another model")
