@@ -34,6 +34,25 @@ def round_up(x: float, multiple: int) -> int:
 
 @dataclass
 class xLSTMConfig:
+    """The shape and options of an xLSTM language model (the comment on each field gives its
+    default's meaning; ``__post_init__`` checks them and fills the architecture's defaults).
+
+    - Both architectures: ``architecture`` ("paper" | "large"), ``vocab_size``, ``embedding_dim``
+      (E), ``num_blocks``, ``num_heads`` (mLSTM heads).
+    - "paper" only: ``slstm_at`` (the sLSTM block indices), ``slstm_num_heads``,
+      ``mlstm_proj_factor``, ``qkv_proj_blocksize``, ``conv1d_kernel_size``,
+      ``slstm_conv1d_kernel_size``, ``tie_weights``, ``add_post_blocks_norm``.
+    - "large" only: ``qk_dim_factor``, ``v_dim_factor``, ``gate_soft_cap``,
+      ``output_logit_soft_cap``, ``add_out_norm``.
+    - Shared details: ``bias``, ``ffn_proj_factor`` / ``ffn_round_up_to`` (FFN width),
+      ``norm_eps``, ``cell_eps``.
+    - Execution only (the weights compute the same function whatever they are): ``backend`` (the
+      cell kernels) and ``chunk_size`` (the chunkwise mLSTM's chunk length).
+
+    ``preset(name)`` gives the named configurations; ``to_dict`` / ``from_dict`` round-trip
+    config.json.
+    """
+
     architecture: Architecture = "paper"  # "paper" (mixed mLSTM/sLSTM stack) or "large" (xLSTM-7B)
     vocab_size: int = 256  # byte-level by default
     embedding_dim: int = 128  # E, the residual stream width

@@ -31,6 +31,17 @@ State = dict[str, torch.Tensor]
 
 
 class xLSTMLM(nn.Module):
+    """The xLSTM language model of ``config`` (either architecture): embedding, the residual blocks,
+    the output norm and the LM head (see the module docstring).
+
+        model = xLSTMLM(preset("tiny"))             # random weights; xLSTMLM.from_pretrained(dir) loads
+        logits, state = model(input_ids)             # (B, S) int64 -> (B, S, vocab), state dict
+        logits, state = model(next_ids, state)       # continue the sequences from ``state``
+
+    ``forward`` carries the recurrent state (``state_spec`` names and shapes it, ``init_state`` is a
+    fresh one); ``generate`` decodes greedily or by sampling; ``save_pretrained`` writes our format.
+    """
+
     def __init__(self, config: xLSTMConfig):
         super().__init__()
         if not isinstance(config, xLSTMConfig):

@@ -263,3 +263,24 @@ def test_public_api_from_the_package():
     probe = "import sys, xlstm_export; print('torch' in sys.modules, xlstm_export.__version__)"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split()[0] == "False", proc.stderr
+
+
+def test_public_docstrings_are_their_own_and_name_their_parameters():
+    """help() on the public API shows what each thing is and what its arguments mean."""
+    import dataclasses
+    import inspect
+
+    from xlstm_export.models import xLSTMConfig
+    from xlstm_export.ort import OrtModel
+    from xlstm_export.tensorrt import tensorrt_available
+    from xlstm_export.tokenizer import Tokenizer
+
+    assert xLSTMLM.__doc__ and xLSTMLM.__doc__ != torch.nn.Module.__doc__
+    config_doc = inspect.getdoc(xLSTMConfig)
+    assert not config_doc.startswith("xLSTMConfig(")  # not the dataclass's generated signature
+    assert [f.name for f in dataclasses.fields(xLSTMConfig) if f"``{f.name}``" not in config_doc] == []
+    for f in (tensorrt_available, Tokenizer.encode, Tokenizer.decode, Tokenizer.stream):
+        assert inspect.getdoc(f), f.__qualname__
+    for f, doc in ((generate_batch, generate_batch.__doc__), (OrtModel.__init__, OrtModel.__doc__)):
+        params = [p for p in inspect.signature(f).parameters if p not in ("self", "runner", "prompts", "path")]
+        assert [p for p in params if p not in doc] == [], f.__qualname__

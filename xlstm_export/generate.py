@@ -138,7 +138,12 @@ def generate_batch(
     the token it just generated. A row's tokens are those of generating it alone (with greedy
     decoding; sampling draws from one generator for the batch). ``on_token(row, token)`` sees each
     new token and returns True to end that row (a stop string); a row also ends at an EOS id or
-    after ``max_new_tokens``. Finished rows ride along until the last row ends."""
+    after ``max_new_tokens``. Finished rows ride along until the last row ends.
+
+    temperature: 0 is greedy (the default); above 0, sampling from softmax(logits / temperature).
+    top_k: sample from the k most likely tokens only (None: the whole vocabulary). seed: the seed of
+    the batch's sampling generator (None: torch's global one, not reproducible). eos_token_ids: the
+    ids that end a row (the tokenizer's ``eos_token_ids``; none by default)."""
     check_sampling(temperature, top_k)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -295,7 +295,14 @@ class ExportedModel:
 
 
 class OrtModel(ExportedModel):
-    """An exported xLSTM LM in an onnxruntime InferenceSession (see the module docstring)."""
+    """An exported xLSTM LM in an onnxruntime InferenceSession (see the module docstring).
+
+    providers: onnxruntime execution providers in order of preference (default
+    ``["CPUExecutionProvider"]``). intra_op_threads: the session's intra-op thread count (None:
+    onnxruntime's default, one per physical core). session_options: an
+    ``onnxruntime.SessionOptions`` to start from (``intra_op_threads`` and ``native_ops`` set their
+    parts on it). native_ops, decode_step: see the module docstring.
+    """
 
     def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
                  intra_op_threads: int | None = None, session_options=None, native_ops: bool = False,

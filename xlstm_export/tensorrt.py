@@ -2,7 +2,7 @@
 :mod:`xlstm_export.engine`, re-exported here).
 
     from xlstm_export.tensorrt import build_engine, TrtModel, validate_engine
-    build_engine("model.onnx", "model.engine", batch=(1, 1, 8), seq=(1, 128, 4096))
+    build_engine("model.onnx", "model.engine", batch=(1, 1, 8), seq=(1, 128, 2048))
     report = validate_engine("model.onnx", "model.engine")      # engine vs onnxruntime
     model = TrtModel("model.engine")
     logits, state = model.run(input_ids)                         # prefill, fresh state
@@ -43,6 +43,7 @@ log = logging.getLogger("xlstm_export.tensorrt")
 
 
 def tensorrt_available() -> bool:
+    """True when the ``tensorrt`` package imports (says nothing of a GPU, nor of TensorRT-RTX)."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:

@@ -61,14 +61,17 @@ class Tokenizer:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
+        """The token ids of ``text``, with the tokenizer's own special tokens (e.g. a BOS)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         return list(self.backend.encode(text, add_special_tokens=True).ids)
 
     def decode(self, ids) -> str:
+        """The text of the token ids ``ids``, special tokens (EOS, BOS, padding) left out."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def stream(self) -> StreamDecoder:
+        """A new :class:`StreamDecoder`: one sequence's text, token by token, whole characters only."""
         return StreamDecoder(self)
 
     def __repr__(self) -> str:
