@@ -9,13 +9,14 @@ fields) and ``model.safetensors``, plus the tokenizer files of the model's sourc
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..fsio import atomic_dir
-from ..tokenizer import read_tokenizer_files, write_tokenizer_files
+from ..tokenizer import TOKENIZER_FILES, read_tokenizer_files, write_tokenizer_files
 from .config import xLSTMConfig
 from .errors import CheckpointError
 from .hf import config_from_transformers_dict, state_dict_from_transformers
@@ -23,15 +24,46 @@ from .hf import config_from_transformers_dict, state_dict_from_transformers
 MODEL_TYPE = "xlstm_export"
 WEIGHTS_NAME = "model.safetensors"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
+_MODEL_DIR_NAMES = {"config.json", SHARD_INDEX_NAME, *TOKENIZER_FILES}
 
 
 def save_pretrained(model, directory) -> Path:
-    """Write config.json + model.safetensors into ``directory`` (created; replaced atomically)."""
+    """Write config.json + model.safetensors into ``directory`` (created; replaced atomically).
+
+    An existing ``directory`` is replaced whole, so it must be empty or hold only what a model
+    directory holds (:func:`check_replaceable`): anything else raises OSError, nothing deleted."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OSError(f"cannot write {directory}: a part of its path is a file, not a directory") from None
     with atomic_dir(directory) as tmp:
-        write_pretrained(model, tmp)
+        try:
+            write_pretrained(model, tmp)
+        except OSError as e:  # a full disk: name the directory, not the temporary beside it
+            raise OSError(f"cannot write {directory}: {e.strerror or e}") from None
     return directory
+
+
+def check_replaceable(directory: Path) -> None:
+    """Refuse (OSError) to replace ``directory`` when that would delete anything but a model
+    directory's own files (config.json, the safetensors weights, their shard index, the tokenizer
+    files): ``convert -o DIR`` into a folder of other work. Also refuse the working directory or
+    one that holds it (the rename cannot move it)."""
+    if not os.path.lexists(directory):
+        return
+    if not directory.is_dir():
+        raise OSError(f"cannot write {directory}: it exists and is not a directory")
+    if Path.cwd().resolve().is_relative_to(directory.resolve()):
+        raise OSError(f"cannot write {directory}: it is (or holds) the working directory; "
+                      "give a new or empty directory")
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                    if not (p.is_file() and (p.name in _MODEL_DIR_NAMES or p.suffix == ".safetensors")))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OSError(f"cannot write {directory}: it holds what a model directory does not ({shown}), which "
+                      "replacing it would delete; give a new or empty directory, or a model directory")
 
 
 def write_pretrained(model, folder: Path) -> None:
@@ -43,7 +75,10 @@ def write_pretrained(model, folder: Path) -> None:
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.architecture == "paper" and model.config.tie_weights:
         sd.pop("lm_head.weight", None)
-    save_file(sd, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    try:
+        save_file(sd, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    except Exception as e:  # safetensors raises its own error type (a full disk, for one)
+        raise OSError(f"cannot write the weights: {e}") from None
     write_tokenizer_files(getattr(model, "tokenizer_files", None), folder)  # read at load, carried along
 
 
@@ -55,9 +90,12 @@ def read_config_json(directory) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def safetensors_files(directory) -> list[Path]:
@@ -65,21 +103,36 @@ def safetensors_files(directory) -> list[Path]:
     directory = Path(directory)
     index = directory / SHARD_INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-        files = sorted(set(weight_map.values()))
-    elif (directory / WEIGHTS_NAME).is_file():
+        files = _shard_names(index)
+        for name in files:
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{index}: shard {name} named in the index is missing")
+    elif os.path.lexists(directory / WEIGHTS_NAME):
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{directory / WEIGHTS_NAME}: not a file")
         files = [WEIGHTS_NAME]
     else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        files = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
     if not files:
         raise CheckpointError(f"{directory}: no safetensors weights ({WEIGHTS_NAME} or {SHARD_INDEX_NAME})")
-    for name in files:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory}: shard {name} named in the index is missing")
     return [directory / name for name in files]
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names: plain file names in its own
+    folder (a path elsewhere, absolute or through "..", is refused: an index names no other files)."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid shard index (no \"weight_map\" object of tensor -> file)")
+    names = set(weight_map.values())
+    for name in sorted(names, key=str):
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name in the index's own folder")
+    return sorted(names)
 
 
 def read_safetensors_dir(directory) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ and one clear error per kind of bad checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,72 @@ def test_not_a_directory_and_no_weights(tmp_path):
     (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no safetensors weights"):
         xLSTMLM.from_pretrained(d)
+
+
+MALFORMED = [  # (case, files written over a saved directory (None: a folder), the error's words)
+    ("config-not-object", {"config.json": "[1]"}, "config.json: expected a JSON object, got list"),
+    ("config-not-utf8", {"config.json": b"\xff\xfe"}, "config.json: not valid JSON"),
+    ("index-not-map", {"model.safetensors.index.json": '{"weight_map": [1, 2]}'}, "not a valid shard index"),
+    ("index-absolute", {"model.safetensors.index.json": '{"weight_map": {"a": "/etc/hostname"}}'},
+     "not a file name in the index's own folder"),
+    ("index-parent", {"model.safetensors.index.json": '{"weight_map": {"a": "../model.safetensors"}}'},
+     "not a file name in the index's own folder"),
+    ("index-int", {"model.safetensors.index.json": '{"weight_map": {"a": 5}}'}, "shard 5 is not a file name"),
+    ("weights-dir", {"model.safetensors": None}, "model.safetensors: not a file"),
+]
+
+
+@pytest.mark.parametrize("name, files, message", MALFORMED, ids=[case[0] for case in MALFORMED])
+def test_malformed_directory_is_one_clear_error(tmp_path, name, files, message):
+    """What a hand-edited or damaged directory holds gets a CheckpointError naming the file (the
+    index may name files in its own folder only: an index never makes the loader read elsewhere)."""
+    d = _saved(tmp_path)
+    for fname, content in files.items():
+        (d / fname).unlink(missing_ok=True)
+        if content is None:
+            (d / fname).mkdir()
+        else:
+            (d / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        xLSTMLM.from_pretrained(d)
+
+
+def test_save_refuses_a_folder_of_other_work(tmp_path, monkeypatch):
+    """Saving replaces the directory whole: over a folder holding more than a model's files it is
+    refused and nothing is deleted; over a model directory it replaces it; never the working
+    directory; a failed write (a full disk) names the directory and leaves the old one."""
+    model = _model("large")
+    work = tmp_path / "work"
+    (work / "my_run").mkdir(parents=True)
+    (work / "README.txt").write_text("notes")
+    with pytest.raises(OSError, match=r"README\.txt, my_run/\), which replacing it would delete"):
+        model.save_pretrained(work)
+    assert sorted(p.name for p in work.iterdir()) == ["README.txt", "my_run"]
+
+    d = _saved(tmp_path)
+    (d / "trainer_state.pt").write_bytes(b"x")  # a training checkpoint: its state would be lost
+    with pytest.raises(OSError, match="trainer_state.pt"):
+        model.save_pretrained(d)
+    (d / "trainer_state.pt").unlink()
+    model.save_pretrained(d)  # a model directory is replaced
+    torch.testing.assert_close(xLSTMLM.from_pretrained(d).embedding.weight, model.embedding.weight)
+
+    monkeypatch.chdir(d)
+    with pytest.raises(OSError, match="working directory"):
+        model.save_pretrained(".")
+    monkeypatch.chdir(tmp_path)
+
+    import xlstm_export.models.io as io
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    before = (d / "model.safetensors").read_bytes()
+    monkeypatch.setattr(io, "save_file", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(d))}: .*No space left"):
+        _model("large", seed=1).save_pretrained(d)
+    assert (d / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["work", d.name])  # no temporary left
 
 
 # --- transformers directories, read without transformers ---------------------------------------

@@ -88,7 +88,9 @@ def export_checkpoint(
     from . import contract
 
     config, locations = lazy_state_dict(directory)
-    dt = contract.canonical_dtype(dtype if dtype is not None else default_export_dtype(checkpoint_dtype(locations)))
+    if dtype is None:
+        dtype = default_export_dtype(checkpoint_dtype(locations, str(directory)))
+    dt = contract.canonical_dtype(dtype)
     model = meta_model(config, resolve_dtype(dt))
     model.tokenizer_files = _tokenizer_files(directory)
     weights = StreamedWeights(locations, resolve_dtype(dt), real_limit=real_limit)

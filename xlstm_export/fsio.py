@@ -52,12 +52,22 @@ def apply_usual_modes(path: Path) -> None:
 
 
 @contextmanager
+def _creating(target: Path) -> Iterator[None]:
+    """Name ``target`` (not the temporary's random name) when the temporary cannot be made."""
+    try:
+        yield
+    except OSError as e:
+        raise type(e)(f"cannot write {target}: {e.strerror or e}") from None  # the same kind of error
+
+
+@contextmanager
 def atomic_file(target, *, mode: int | None = None) -> Iterator[Path]:
     """Yield an empty temporary file beside ``target``; on success it gets ``mode`` (default: the
     usual file mode) and is renamed onto ``target``. The target's folder must exist; creating the
     temporary on entry makes an unwritable folder fail before any work."""
     target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    with _creating(target):
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -75,7 +85,8 @@ def atomic_dir(target) -> Iterator[Path]:
     renamed in, the old one deleted (and put back if the rename fails). The target's folder must
     exist."""
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with _creating(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = tmp.with_name(tmp.name + ".old")  # unique because tmp is
     try:
         yield tmp
@@ -101,7 +112,8 @@ def staged_files(folder, *, last: str | None = None) -> Iterator[Path]:
     reader who sees it sees its companions. Each rename is atomic; the group is not. The temporary
     folder is always removed."""
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".tmp", dir=folder))
+    with _creating(folder):
+        tmp = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".tmp", dir=folder))
     try:
         yield tmp
         names = sorted(p.name for p in tmp.iterdir())

@@ -377,7 +377,8 @@ def load_trainer_state(out: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have many types; name the file and the reason
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [""])[0]
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise TrainError(f"{path}: not a readable trainer state ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != TRAINER_STATE_FORMAT:
         raise TrainError(f"{path}: not a trainer state written by xlstm-export train")
