@@ -415,6 +415,31 @@ def test_export_rejects_bad_destinations(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.onnx"] + (["ro"] if os.geteuid() else []))
 
 
+def test_one_folder_one_tokenizer(tmp_path):
+    """Runtimes read a model's tokenizer from the files beside its .onnx. An export whose tokenizer
+    files differ from those of another .onnx in the folder is refused (before any work); where it
+    replaces the folder's only model, the tokenizer files it does not write go."""
+    from xlstm_export.tokenizer import byte_tokenizer_files, load_tokenizer
+
+    with_tok = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2)
+    with_tok.tokenizer_files = byte_tokenizer_files()
+    without = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2, vocab_size=300)
+    without.tokenizer_files = {}
+    export_onnx(with_tok, tmp_path / "a.onnx", progress=False)
+    export_onnx(with_tok, tmp_path / "b.onnx", dtype="fp16", progress=False)  # the same files: fine
+    with pytest.raises(ValueError, match=r"holds a\.onnx, b\.onnx with the tokenizer files tokenizer\.json, "
+                                         r"and this model has no tokenizer; export it into a folder of its own"):
+        export_onnx(without, tmp_path / "c.onnx", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "tokenizer.json"]
+
+    (tmp_path / "b.onnx").unlink()
+    export_onnx(without, tmp_path / "a.onnx", progress=False)  # replaces the folder's only model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+    assert load_tokenizer(tmp_path / "a.onnx") is None
+    with pytest.raises(ValueError, match="holds a.onnx with no tokenizer files, and this model carries tokenizer"):
+        export_onnx(with_tok, tmp_path / "d.onnx", progress=False)
+
+
 def test_failed_export_leaves_no_partial_output(tmp_path, monkeypatch):
     """A failure after the graph and weights were written (the checker) leaves nothing behind."""
     import xlstm_export.export as E

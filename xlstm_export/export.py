@@ -61,7 +61,7 @@ from .fsio import staged_files
 from .graph_rewrite import STANDARD_DOMAINS, Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
 from .interface import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
 from .models.model import resolve_dtype
-from .tokenizer import write_tokenizer_files
+from .tokenizer import TOKENIZER_FILES, write_tokenizer_files
 
 __all__ = [
     "BATCH_DIM",
@@ -562,12 +562,15 @@ def export_onnx(
         raise ValueError(f"output path must end in .onnx, got {str(out)!r}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise OSError(f"cannot write {out}: directory {parent} does not exist")
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise OSError(f"cannot write {out}: {parent} {why}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OSError(f"cannot write {out}: directory {parent} is not writable")
     if out.is_dir():
         raise OSError(f"cannot write {out}: it is a directory")
 
+    tokenizer_files = getattr(model, "tokenizer_files", None) or {}
+    stale = _stale_tokenizer_files(out, tokenizer_files)
     spec = model.state_spec(1)
     keys = list(spec)
     vocab = int(model.config.vocab_size)
@@ -581,11 +584,33 @@ def export_onnx(
             _export_into(tmpdir / out.name, model, bar, dt=dt, keys=keys, spec=spec, vocab=vocab,
                          config_json=config_json, opset=opset, external_data=external_data, inline=inline,
                          weights=weights)
-            write_tokenizer_files(getattr(model, "tokenizer_files", None), tmpdir)  # self-contained export
+            write_tokenizer_files(tokenizer_files, tmpdir)  # self-contained export
+        for name in stale:  # the previous export's, which this model would be read with
+            (parent / name).unlink(missing_ok=True)
         bar.update()
     finally:
         bar.close()
     return out
+
+
+def _stale_tokenizer_files(out: Path, files: dict[str, bytes]) -> list[str]:
+    """The tokenizer files beside ``out`` that this export does not write (runtimes read a model's
+    tokenizer from the files beside it): removed once the export is in place. Where the folder
+    holds another .onnx that reads those files and the new ones differ, the export is refused
+    (ValueError) instead: one folder, one tokenizer."""
+    parent = out.parent if str(out.parent) else Path(".")
+    present = {n: parent / n for n in TOKENIZER_FILES if (parent / n).is_file()}
+    same = set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items())
+    if same:
+        return []
+    others = sorted(p.name for p in parent.glob("*.onnx") if p.name != out.name)
+    if others:
+        held = f"the tokenizer files {', '.join(sorted(present))}" if present else "no tokenizer files"
+        why = "has no tokenizer" if not files else "carries other tokenizer files" if present else \
+            "carries tokenizer files"
+        raise ValueError(f"cannot write {out}: {parent} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
+                         f"with {held}, and this model {why}; export it into a folder of its own")
+    return [n for n in present if n not in files]
 
 
 def _export_into(tmp_model: Path, model, bar, *, dt: str, keys: list[str], spec: dict, vocab: int,
