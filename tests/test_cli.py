@@ -130,6 +130,59 @@ def test_generate_rejects_bad_prompts(exported):
     assert_one_line_error(run_cli("generate", str(exported), "--prompt-ids", "1,999"), "[0, 256)")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1,,2"], "--prompt-ids must be integers separated by commas or spaces, got '1,,2'"),
+    (["--prompt", "ab", "--stop", ""], "--stop is empty"),
+    (["--prompt", "ab", "--temperature", "1", "--seed", str(2**64)], "--seed must lie in [0, 2**63)"),
+    (["--prompt", "ab", "--seed", "-1"], "--seed must lie in [0, 2**63)"),
+    (["--prompt", "ab", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_generate_option_errors(exported, capsys, args, message):
+    """Each bad option: exit 2 and one line naming it, before any model is loaded."""
+    assert main(["generate", str(exported), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xlstm-export generate: error: ") and message in err and "\n" not in err
+
+
+def test_generate_ids_output_and_notes(exported, capsys):
+    """--prompt-ids: stdout holds the tokens alone (the timing line goes to stderr), the ids may be
+    spaced; sampling options without a temperature are named as not applying."""
+    assert main(["generate", str(exported), "--prompt-ids", "5, 17 99", "--max-new-tokens", "4",
+                 "--top-k", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("tokens: ") and len(out.splitlines()[0].split()) == 5
+    assert "onnxruntime: prefill 3 tokens" in err and "onnxruntime" not in out
+    assert "note: --top-k applies to sampling (--temperature > 0); generating greedily" in err
+
+
+def test_generate_into_a_closed_pipe_exits_quietly(exported):
+    """`generate ... | head -c 1`: the reader leaves early; no error message, exit 141 (SIGPIPE's)."""
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_export.cli", "generate", str(exported), "--prompt",
+                             "ab", "--max-new-tokens", "2000", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(1)) == 1
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141, err
+    assert err == ""
+
+
+def test_convert_refuses_a_folder_of_other_work(tmp_path, capsys):
+    work = tmp_path / "models"
+    (work / "my_run").mkdir(parents=True)
+    assert main(["convert", "tiny", "-o", str(work)]) == 2
+    assert "holds what a model directory does not (my_run/)" in capsys.readouterr().err
+    assert [p.name for p in work.iterdir()] == ["my_run"]
+
+
+def test_build_refuses_an_output_that_is_no_engine(exported, capsys):
+    """`build m.onnx -o m.onnx` would overwrite its own input: the output must be .engine / .plan."""
+    before = exported.read_bytes()
+    assert main(["build", str(exported), "-o", str(exported), "--runtime", "tensorrt-rtx"]) == 2
+    assert "engine path must end in .engine or .plan" in capsys.readouterr().err
+    assert exported.read_bytes() == before
+
+
 def test_build_without_tensorrt_says_what_to_install(exported):
     from xlstm_export.tensorrt import tensorrt_available
 
@@ -147,6 +200,9 @@ def test_run_into_a_file_is_refused(tmp_path, capsys):
     assert main(["run", "tiny", "-o", str(f), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == f"xlstm-export run: error: {f}: exists and is not a directory"
     assert f.read_text() == "x"
+    assert main(["run", "tiny", "-o", str(tmp_path / "out"), "--max-new-tokens", "0", "--quiet"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("ok, code", [(True, 0), (False, 1)], ids=["pass", "fail"])

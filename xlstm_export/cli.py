@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,9 +29,10 @@ def _load_model(source: str, **overrides):
 
 # --- convert / info ------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
+    from .models.io import check_replaceable
+
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
+    check_replaceable(out)  # before the model loads: a folder of other work is refused, not replaced
     model = _load_model(args.source, dtype=args.dtype)  # None: the checkpoint's dtype
     model.save_pretrained(out)
     dtype = str(model.dtype).replace("torch.", "")
@@ -63,7 +66,7 @@ def config_info(source: str) -> dict:
         config, stored = preset(source), "float32 (random weights)"
     elif Path(source).is_dir():
         config, locations = lazy_state_dict(source)  # config.json and the safetensors headers only
-        stored = str(checkpoint_dtype(locations)).replace("torch.", "")
+        stored = str(checkpoint_dtype(locations, source)).replace("torch.", "")
     elif Path(source).exists():
         raise CheckpointError(f"{source}: expected a model directory (config.json + safetensors), got a file")
     else:
@@ -102,7 +105,7 @@ def cmd_export(args) -> int:
         from .models.model import checkpoint_dtype
 
         config, locations = lazy_state_dict(args.source)  # config.json and the headers only
-        dtype = args.dtype or default_export_dtype(checkpoint_dtype(locations))
+        dtype = args.dtype or default_export_dtype(checkpoint_dtype(locations, args.source))
         path = export_checkpoint(args.source, args.output, dtype=dtype, progress=not args.quiet,
                                  inline=args.inline)
         n_states = len(meta_model(config).state_spec(1))
@@ -187,6 +190,9 @@ def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime")
         _require_file(target, None)
         m = TrtModel(target)
         return m, m.vocab_size, _engine_label(m.build_info, m.runtime)
+    if Path(target).is_file():
+        raise UserError(f"{target}: expected a preset, a model directory, an .onnx file or a TensorRT "
+                        ".engine/.plan, got a file of another kind")
     model = _load_model(target)
     return torch_runner(model), model.config.vocab_size, "PyTorch"
 
@@ -218,12 +224,21 @@ def _check_generate_args(args) -> None:
         raise UserError(f"--top-k must be >= 1 (leave it out to sample from the whole vocabulary), got {args.top_k}")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must lie in [0, 2**63), got {args.seed}")
     if args.prompt_ids is not None and not args.prompt_ids.replace(",", " ").strip():
         raise UserError("--prompt-ids is empty: give at least one token id, e.g. --prompt-ids 1,2,3")
     if args.prompt is not None and not args.prompt:
         raise UserError("--prompt is empty: give some text")
+    if any(not s for s in args.stop or ()):
+        raise UserError("--stop is empty: give the text that ends a completion")
     if args.prompts is not None:
         _require_file(args.prompts, None)
+    if args.temperature == 0 and (args.top_k is not None or args.seed is not None):
+        given = [o for o, v in (("--top-k", args.top_k), ("--seed", args.seed)) if v is not None]
+        verb = "apply" if len(given) > 1 else "applies"
+        print(f"note: {' and '.join(given)} {verb} to sampling (--temperature > 0); generating greedily",
+              file=sys.stderr)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -249,8 +264,8 @@ def _generate_ids(args, runner, vocab, label, tok) -> int:
     """--prompt-ids: token ids in, token ids out (and their text when the model has a tokenizer)."""
     from .generate import generate_batch
 
-    try:
-        ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+    try:  # "1,2,3", "1, 2, 3" or "1 2 3"; an empty field ("1,,2") is a mistake, not nothing
+        ids = [int(t) for t in re.split(r"\s*,\s*|\s+", args.prompt_ids.strip())]
     except ValueError:
         raise UserError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}")
     _check_ids(ids, vocab, "the prompt")
@@ -267,15 +282,16 @@ def _generate_ids(args, runner, vocab, label, tok) -> int:
         return stream.stopped
 
     res = generate_batch(runner, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         seed=args.seed, eos_token_ids=tok.eos_token_ids if tok else (), on_token=on_token)
+                         seed=args.seed or 0, eos_token_ids=tok.eos_token_ids if tok else (), on_token=on_token)
     bar.close()
     new = res.tokens[0]
     print("tokens:", " ".join(map(str, new)))
     if stream is not None:
         stream.flush()
         print("text:  ", repr(stream.text))
-    print(f"{label}: prefill {len(ids)} tokens in {res.prefill_s * 1e3:.1f} ms, "
-          f"decode {res.ms_per_step:.2f} ms/token")
+    if not args.quiet:
+        print(f"{label}: prefill {len(ids)} tokens in {res.prefill_s * 1e3:.1f} ms, "
+              f"decode {res.ms_per_step:.2f} ms/token", file=sys.stderr)
     return 0
 
 
@@ -301,7 +317,7 @@ def _generate_text(args, runner, vocab, label, tok) -> int:
         sys.stdout.flush()
 
     results, res = generate_text(runner, tok, prompts, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, seed=args.seed, stop=args.stop or (),
+                                 top_k=args.top_k, seed=args.seed or 0, stop=args.stop or (),
                                  on_text=on_text if single else None)
     if single:
         sys.stdout.write("\n")
@@ -426,6 +442,8 @@ def cmd_run(args) -> int:
     at the end; exit 1 when a comparison failed."""
     from .pipeline import run_pipeline
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     result = run_pipeline(args.source, args.output, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     width = max(len(k) for k, _ in result.stages)
     print("\nsummary")
@@ -537,10 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
     g.add_argument("--native-ops", action="store_true", help=NATIVE_HELP)
     g.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime", help=RUNTIME_HELP)
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar, no timing line")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("build", help="build a TensorRT engine (plugins, needs a GPU) or a TensorRT-RTX engine "
@@ -622,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xlstm-export: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `generate ... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, as a tool killed by the signal reports
     except Exception as e:  # one clear line for the user; --debug for the traceback
         if args.debug or not _is_user_error(e):
             raise

@@ -62,6 +62,7 @@ BATCH_NAMES = ("batch", "B")  # dim_params of the dynamic batch dim (export / ce
 SEQUENCE_NAMES = ("sequence", "S")  # dim_params of the dynamic sequence dim
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 RECORD_FORMAT = 1  # version of the <engine>.json layout
+ENGINE_SUFFIXES = (".engine", ".plan")  # what build_engine writes (TensorRT names both)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ def _stage(stack: contextlib.ExitStack, engine_path: Path) -> Path:
     build); the engine and its record written there move in at the end, the record last."""
     parent = engine_path.parent
     if not parent.is_dir():
-        raise OSError(f"cannot write {engine_path}: directory {parent} does not exist")
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise OSError(f"cannot write {engine_path}: {parent} {why}")
     if engine_path.is_dir():
         raise OSError(f"cannot write {engine_path}: it is a directory")
     try:
@@ -381,6 +383,10 @@ def build_engine(
     """Build an engine and its record ``<engine>.json`` from an exported ONNX model; returns
     ``engine_path``. See the module docstring for what is checked and recorded."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if engine_path.suffix not in ENGINE_SUFFIXES:
+        raise ValueError(f"engine path must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(engine_path)!r}")
+    if engine_path.resolve() == onnx_path.resolve():
+        raise ValueError(f"{engine_path}: the engine would overwrite the ONNX file it is built from")
     iface = inspect_onnx(onnx_path)
     batch, seq = _check_range("batch", batch), _check_range("seq", seq)
     if seq[0] != 1:
