@@ -221,3 +221,14 @@ def test_run_prints_the_pipeline_summary(tmp_path, capsys, monkeypatch, ok, code
     assert main(["run", "tiny", "-o", str(tmp_path), "--max-new-tokens", "5", "--quiet"]) == code
     assert capsys.readouterr().out.splitlines() == ["", "summary", "  convert         c-line",
                                                     "  native kernels  n-line"]
+
+
+def test_build_seq_default_is_build_engines():
+    """`build` without --seq builds the profile build_engine() builds by default (one constant)."""
+    import inspect
+
+    from xlstm_export.cli import build_parser
+    from xlstm_export.engine import DEFAULT_SEQ, build_engine
+
+    args = build_parser().parse_args(["build", "m.onnx", "-o", "m.engine"])
+    assert tuple(args.seq) == DEFAULT_SEQ == inspect.signature(build_engine).parameters["seq"].default

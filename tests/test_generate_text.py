@@ -270,6 +270,8 @@ def test_public_docstrings_are_their_own_and_name_their_parameters():
     import dataclasses
     import inspect
 
+    from xlstm_export.engine import build_engine
+    from xlstm_export.export import export_onnx
     from xlstm_export.models import xLSTMConfig
     from xlstm_export.ort import OrtModel
     from xlstm_export.tensorrt import tensorrt_available
@@ -283,4 +285,7 @@ def test_public_docstrings_are_their_own_and_name_their_parameters():
         assert inspect.getdoc(f), f.__qualname__
     for f, doc in ((generate_batch, generate_batch.__doc__), (OrtModel.__init__, OrtModel.__doc__)):
         params = [p for p in inspect.signature(f).parameters if p not in ("self", "runner", "prompts", "path")]
+        assert [p for p in params if p not in doc] == [], f.__qualname__
+    for f, params in ((export_onnx, ["progress"]), (build_engine, ["workspace_gib", "verbose"])):
+        doc = f.__doc__
         assert [p for p in params if p not in doc] == [], f.__qualname__

@@ -487,6 +487,8 @@ _nonnegative_float = _float_at_least(0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine import DEFAULT_SEQ  # one default for `build --seq` and build_engine()
+
     p = argparse.ArgumentParser(
         prog="xlstm-export",
         description="Deploy xLSTM models: convert, export to ONNX with xlstm:: custom ops, validate, "
@@ -575,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--fp16", action="store_true", help="the model must have been exported with --dtype fp16")
     prec.add_argument("--bf16", action="store_true", help="the model must have been exported with --dtype bf16")
     b.add_argument("--batch", type=int, nargs=3, default=[1, 1, 8], metavar=("MIN", "OPT", "MAX"))
-    b.add_argument("--seq", type=int, nargs=3, default=[1, 128, 4096], metavar=("MIN", "OPT", "MAX"))
+    b.add_argument("--seq", type=int, nargs=3, default=list(DEFAULT_SEQ), metavar=("MIN", "OPT", "MAX"),
+                   help=f"the profile's sequence lengths (default: {' '.join(map(str, DEFAULT_SEQ))})")
     b.set_defaults(func=cmd_build)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible completions server with continuous batching")

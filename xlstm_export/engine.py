@@ -62,6 +62,7 @@ BATCH_NAMES = ("batch", "B")  # dim_params of the dynamic batch dim (export / ce
 SEQUENCE_NAMES = ("sequence", "S")  # dim_params of the dynamic sequence dim
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 RECORD_FORMAT = 1  # version of the <engine>.json layout
+DEFAULT_SEQ = (1, 128, 2048)  # (min, opt, max) sequence length of a profile: build_engine's and `build --seq`'s
 ENGINE_SUFFIXES = (".engine", ".plan")  # what build_engine writes (TensorRT names both)
 
 
@@ -376,12 +377,16 @@ def build_engine(
     plugins: bool | None = None,  # our AOT plugins (TensorRT only); None: where the runtime takes them
     precision: str | None = None,  # "fp32" | "fp16" | "bf16": must match the export (strongly typed)
     batch: Sequence[int] = (1, 1, 8),  # (min, opt, max) batch size of the profile
-    seq: Sequence[int] = (1, 128, 2048),  # (min, opt, max) sequence length; min 1 (decode steps)
+    seq: Sequence[int] = DEFAULT_SEQ,  # (min, opt, max) sequence length; min 1 (decode steps)
     workspace_gib: float | None = None,  # builder workspace limit; None: the runtime's default
     verbose: bool = False,  # every builder message to this module's logger (debug)
 ) -> Path:
     """Build an engine and its record ``<engine>.json`` from an exported ONNX model; returns
-    ``engine_path``. See the module docstring for what is checked and recorded."""
+    ``engine_path``. See the module docstring for what is checked and recorded.
+
+    workspace_gib: the builder's workspace memory limit in GiB (None: the runtime's default).
+    verbose: every TensorRT message to the ``xlstm_export.tensorrt`` logger (warnings as warnings,
+    the rest as debug); errors are logged either way."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if engine_path.suffix not in ENGINE_SUFFIXES:
         raise ValueError(f"engine path must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(engine_path)!r}")
@@ -391,7 +396,7 @@ def build_engine(
     batch, seq = _check_range("batch", batch), _check_range("seq", seq)
     if seq[0] != 1:
         raise ValueError(f"the sequence range {seq} excludes 1: decode steps run at S = 1, so the profile's "
-                         "minimum sequence length must be 1 (e.g. --seq 1 128 2048)")
+                         f"minimum sequence length must be 1 (e.g. --seq {' '.join(map(str, DEFAULT_SEQ))})")
     if precision is not None:
         want = PRECISIONS.get(precision, precision)
         if contract.canonical_dtype(want) != iface.dtype:

@@ -539,6 +539,7 @@ def export_onnx(
     """Export ``model`` (an xLSTMLM) to ``path``; returns the path of the written .onnx file.
 
     dtype: "fp32" | "fp16" | "bf16" (weights and logits; states stay float32).
+    progress: a tqdm bar over the export's stages on stderr (False: none).
     opset: ai.onnx opset (>= 18). external_data: None = automatic (weights over ~2 GB go to
     ``<name>.data``), True / False to force. inline: write standard ops only (the function bodies
     inlined, no ``xlstm`` nodes, no local functions; :func:`inline_xlstm`) for runtimes that take
