@@ -225,6 +225,8 @@ def test_a_model_without_tokenizer_takes_ids_only(tmp_path, capsys):
 
     with pytest.raises(TypeError, match=r"got None: load_tokenizer\(path\) returns None .*generate_batch"):
         generate_text(runner, None, ["hi"], 4)
+    with pytest.raises(TypeError, match=r"a list of strings, got one string: give \['hi'\]"):
+        generate_text(runner, byte_tokenizer(), "hi", 4)  # not two prompts "h" and "i"
     d = tmp_path / "bytes-without-tokenizer"
     torch.manual_seed(0)
     xLSTMLM(preset("tiny")).save_pretrained(d)  # vocab 256, no tokenizer.json

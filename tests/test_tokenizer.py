@@ -149,6 +149,12 @@ def test_bad_tokenizer_files_are_one_clear_error(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
     with pytest.raises(TokenizerError, match="non-negative int"):
         load_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[2]")  # not an object: not silently no EOS
+    with pytest.raises(TokenizerError, match="generation_config.json: expected a JSON object, got list"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")  # carried along by convert / export: refused there
+    with pytest.raises(TokenizerError, match="not a valid tokenizers file"):
+        read_tokenizer_files(tmp_path)
 
 
 def test_tokenizer_for_model(tmp_path):
@@ -160,6 +166,9 @@ def test_tokenizer_for_model(tmp_path):
     assert tokenizer_for(d, 320).vocab_size == 320
     with pytest.raises(TokenizerError, match="320 tokens, the model's vocabulary only 256"):
         tokenizer_for(d, 256)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 400}))
+    with pytest.raises(TokenizerError, match=r"eos_token_id \[400\] lies outside the model's vocabulary of 320"):
+        tokenizer_for(d, 320)
 
 
 def test_files_carried_along_keep_the_eos(tmp_path):

@@ -251,13 +251,16 @@ def generate_text(
 
     ``tokenizer`` is a ``tokenizer.Tokenizer`` (``load_tokenizer(path)``); a model without one
     (``load_tokenizer`` gives None) takes token ids through :func:`generate_batch` instead, as the CLI's
-    ``--prompt-ids`` does. Raises TypeError for a missing tokenizer, ValueError for a prompt that
+    ``--prompt-ids`` does. Raises TypeError for a missing tokenizer or a
+    string for ``prompts``, ValueError for a prompt that
     encodes to no tokens."""
     if tokenizer is None or not all(callable(getattr(tokenizer, a, None)) for a in ("encode", "stream")):
         got = "None" if tokenizer is None else f"a {type(tokenizer).__name__}"
         raise TypeError(f"generate_text needs a tokenizer (xlstm_export.tokenizer.Tokenizer), got {got}: "
                         "load_tokenizer(path) returns None for a model without tokenizer.json; give such a model "
                         "prompt token ids with generate_batch(runner, [[1, 2, 3]], max_new_tokens)")
+    if isinstance(prompts, str):  # would be one prompt per character
+        raise TypeError(f"prompts is a list of strings, got one string: give [{prompts[:20]!r}]")
     ids = [tokenizer.encode(p) for p in prompts]
     for p, i in zip(prompts, ids):
         if not i:

@@ -203,6 +203,9 @@ def tokenizer_for(path, vocab_size: int | None) -> Tokenizer | None:
     if tok is not None and vocab_size is not None and tok.vocab_size > vocab_size:
         raise TokenizerError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens, the model's vocabulary "
                              f"only {vocab_size}: it belongs to another model")
+    if tok is not None and vocab_size is not None and any(i >= vocab_size for i in tok.eos_token_ids):
+        raise TokenizerError(f"{tok.source}: eos_token_id {list(tok.eos_token_ids)} lies outside the model's "
+                             f"vocabulary of {vocab_size}")
     return tok
 
 
@@ -213,7 +216,9 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _as_ids(value, where: str) -> tuple[int, ...] | None:
@@ -246,11 +251,13 @@ def _eos_ids(directory: Path, backend) -> tuple[int, ...]:
 # --- carrying the files along ----------------------------------------------------------------------
 def read_tokenizer_files(directory) -> dict[str, bytes]:
     """The tokenizer files of a model directory, to be written again by ``write_tokenizer_files``
-    (empty without a ``tokenizer.json``). When there is no generation_config.json, one is made of
-    config.json's token ids, because our own config.json does not keep them."""
+    (empty without a ``tokenizer.json``; :class:`TokenizerError` for one that is unusable). When
+    there is no generation_config.json, one is made of config.json's token ids, because our own
+    config.json does not keep them."""
     directory = Path(directory)
     if not (directory / TOKENIZER_FILE).is_file():
         return {}
+    load_tokenizer(directory)  # a file carried along must be usable: TokenizerError here, not at generate
     files = {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
     if "generation_config.json" not in files:
         config = _read_json(directory / "config.json")
