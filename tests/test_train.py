@@ -91,6 +91,12 @@ def test_trainer_state_loads_with_weights_only(trained):
     assert [s for s, _ in state["evals"]] == [0, 5, 10]
 
 
+def test_a_warmup_longer_than_the_run_is_named(data_file, tmp_path, capsys):
+    """The default --warmup (100) in a short run keeps the learning rate far below --lr: said so."""
+    run(data_file, tmp_path / "short", steps=2, warmup=5, eval_every=2, batch_size=4, eval_batches=1)
+    assert "note: --warmup 5 >= --steps 2: the learning rate only reaches 0.002 of --lr 0.005" in capsys.readouterr().out
+
+
 # --- resume -----------------------------------------------------------------------------------------
 def test_resume_equals_straight_run(data_file, tmp_path, capsys):
     """`train -o DIR --resume` with every option left out (the data file too) continues with the

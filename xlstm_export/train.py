@@ -565,6 +565,10 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state,
     tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
     schedule = dict(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=cfg.steps)
     report = _Reporter(cfg, d, start, stop, tokens_per_step)
+    if cfg.warmup >= cfg.steps:  # a short run with the default warmup: a learning rate far below --lr
+        peak = lr_at(cfg.steps - 1, **schedule)
+        report.line(f"note: --warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate only reaches "
+                    f"{peak:.3g} of --lr {cfg.lr:g}; pass a smaller --warmup")
 
     if state is not None:
         _note_changes(state, cfg, d, report)
