@@ -427,6 +427,11 @@ def test_cancelled_stream_frees_its_slot_and_a_full_server_says_503(served, wher
         assert m["xlstm_generated_tokens_total"] < 60000
         r = c.completions.create(model="small", prompt="x", max_tokens=2, temperature=0)
         assert r.choices[0].finish_reason == "length"
+        # idle, yet two prompts exceed the one slot and the empty queue: never admissible, so no "retry later"
+        with pytest.raises(openai.BadRequestError) as never:
+            c.completions.create(model="small", prompt=["x", "y"], max_tokens=2)
+        err = never.value.response.json()["error"]
+        assert err["param"] == "prompt" and err["message"] == "at most 1 prompt per request on this server, got 2"
 
 
 @pytest.mark.parametrize("where", ["thread", "process"])
@@ -657,6 +662,9 @@ def test_engine_process_reports_what_it_serves_and_load_errors_as_themselves(ser
         EngineProcess(str(tmp_path / "missing.onnx"), dict(max_batch=4, max_state_mb=64), dict(max_batch=4))
 
 
+# fields OpenAI's completions API does not define: refused (with OpenAI's wording), not ignored
+UNKNOWN_FIELDS = {"top_k": 5, "repetition_penalty": 1.1, "min_tokens": 2, "stop_token_ids": [1],
+                  "max_completion_tokens": 4, "max_token": 4, "Temperature": 0}
 BAD_REQUESTS = [
     ({"model": "small", "max_tokens": 3}, "prompt"),
     ({"model": "small", "prompt": None}, "prompt"),
@@ -682,6 +690,7 @@ BAD_REQUESTS = [
     ({"model": "small", "prompt": "hi", "n": 2}, "n"),
     ({"model": "small", "prompt": "hi", "logprobs": 2}, "logprobs"),
     ({"model": 7, "prompt": "hi"}, "model"),
+    *(({"model": "small", "prompt": "hi", field: value}, field) for field, value in UNKNOWN_FIELDS.items()),
 ]
 
 
@@ -696,6 +705,8 @@ def test_bad_requests_get_400_and_the_server_stays_up(served):
                 err = r.json()["error"]
                 assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
                 assert err["param"] == param and err["message"], (body, err)
+                if param in UNKNOWN_FIELDS:
+                    assert err["message"] == f"Unrecognized request argument supplied: {param}"
             for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b"", b"[" * 100_000 + b"]" * 100_000):
                 r = h.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
                 assert r.status_code == 400 and "error" in r.json(), raw
@@ -714,6 +725,14 @@ def test_bad_requests_get_400_and_the_server_stays_up(served):
         c = client(url)
         with pytest.raises(openai.BadRequestError):  # the official client sees the same
             c.completions.create(model="small", prompt=[1, 999], max_tokens=2)
+        # every field the client can send, at its neutral value (explicit nulls too), and vLLM's ignore_eos
+        neutral = dict(best_of=1, echo=False, frequency_penalty=0, logit_bias={}, logprobs=None, n=1,
+                       presence_penalty=0, seed=1, stop=None, suffix=None, top_p=1, user="u",
+                       extra_body={"ignore_eos": False})
+        r = c.completions.create(model="small", prompt="hi", max_tokens=2, temperature=0, **neutral)
+        chunks = list(c.completions.create(model="small", prompt="hi", max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, **neutral))
+        assert chunks[-1].usage.completion_tokens == 2 == r.usage.completion_tokens
         r = c.completions.create(model="small", prompt="still up", max_tokens=3, temperature=0)
         assert r.choices[0].model_extra["token_ids"] == solo(om, tok.encode("still up"), 3)
         m = metrics(url)

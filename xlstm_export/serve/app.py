@@ -153,6 +153,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
 
     created = int(time.time())
     eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
+    # a request with more prompts than the slots and the queue hold could never be admitted: a 400, not a 503
+    max_prompts = scheduler.capacity + scheduler.max_queue
     http_counts: dict[int, int] = {}
     loop_box: dict[str, Any] = {}
 
@@ -204,7 +206,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
             return await respond(send, 400, error_body(f"the request body is not valid JSON: {e}"))
         try:
             req = parse_completion_request(body, model_name=model_name, tokenizer=tokenizer,
-                                           vocab_size=scheduler.vocab_size, eos_token_ids=eos)
+                                           vocab_size=scheduler.vocab_size, eos_token_ids=eos,
+                                           max_prompts=max_prompts)
         except RequestError as e:
             return await respond(send, e.status, e.body())
         waiter = _Waiter()

@@ -4,7 +4,9 @@ A request body is checked field by field; the first problem raises :class:`Reque
 OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) and its HTTP status.
 Fields the server does not implement (``echo``, ``logprobs``, ``best_of`` > 1, ``n`` > 1,
 penalties, ``logit_bias``, ``suffix``) are refused when set to anything but their neutral value,
-rather than silently ignored. ``ignore_eos`` (vLLM's extension) generates through EOS.
+rather than silently ignored; so is a field OpenAI's completions API does not define (``top_k``,
+a typo such as ``max_token``), with OpenAI's "Unrecognized request argument supplied". ``ignore_eos``
+(vLLM's extension) generates through EOS.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from .sampling import SamplingParams
 
 __all__ = ["CompletionRequest", "RequestError", "error_body", "parse_completion_request"]
 
-MAX_PROMPTS = 64  # prompts in one request (a list of prompts)
+MAX_PROMPTS = 64  # prompts in one request (a list of prompts), whatever the server's slots and queue
 MAX_STOP = 4  # stop strings (OpenAI's limit)
 MAX_NEW_TOKENS = 1 << 16
+# the fields of OpenAI's completions request (openai-python's CompletionCreateParams), and vLLM's
+# ignore_eos; any other field is refused, not ignored (a typo would otherwise change nothing, silently)
+FIELDS = frozenset(("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
+                    "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias",
+                    "user", "seed", "suffix", "ignore_eos"))
 
 
 class RequestError(Exception):
@@ -78,10 +85,16 @@ def _neutral(body: dict, name: str, ok) -> None:
 
 
 def parse_completion_request(body: Any, *, model_name: str, tokenizer, vocab_size: int,
-                             eos_token_ids: tuple[int, ...] = ()) -> CompletionRequest:
-    """Check a /v1/completions body and turn its prompts into token ids."""
+                             eos_token_ids: tuple[int, ...] = (), max_prompts: int = MAX_PROMPTS) -> CompletionRequest:
+    """Check a /v1/completions body and turn its prompts into token ids. ``max_prompts``: the most
+    prompts one request may hold on this server (no more than MAX_PROMPTS; a server whose slots and
+    queue hold fewer passes that, since a larger request could never be admitted)."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {_type_name(body)}")
+    unknown = [k for k in body if k not in FIELDS]
+    if unknown:
+        raise RequestError(f"Unrecognized request argument{'s' if len(unknown) > 1 else ''} supplied: "
+                           f"{', '.join(unknown)}", unknown[0])
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
@@ -92,7 +105,7 @@ def parse_completion_request(body: Any, *, model_name: str, tokenizer, vocab_siz
 
     if "prompt" not in body or body["prompt"] is None:
         raise RequestError("'prompt' is required", "prompt")
-    prompts = _prompts(body["prompt"], tokenizer, vocab_size)
+    prompts = _prompts(body["prompt"], tokenizer, vocab_size, min(max_prompts, MAX_PROMPTS))
 
     max_tokens = body.get("max_tokens", 16)
     if max_tokens is None:
@@ -157,7 +170,7 @@ def parse_completion_request(body: Any, *, model_name: str, tokenizer, vocab_siz
     return CompletionRequest(prompts, params, tuple(stop), stream, include_usage)
 
 
-def _prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
+def _prompts(prompt: Any, tokenizer, vocab_size: int, max_prompts: int) -> list[list[int]]:
     """prompt: a string, an array of token ids, an array of strings, or an array of id arrays."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_int(prompt[0])):
         items = [prompt]
@@ -168,8 +181,9 @@ def _prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
     else:
         raise RequestError(f"'prompt' must be a string, an array of token ids or an array of those, "
                            f"got {_type_name(prompt)}", "prompt")
-    if len(items) > MAX_PROMPTS:
-        raise RequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", "prompt")
+    if len(items) > max_prompts:
+        raise RequestError(f"at most {max_prompts} prompt{'s' if max_prompts > 1 else ''} per request on this server, "
+                           f"got {len(items)}", "prompt")
     out = []
     for p in items:
         if isinstance(p, str):
