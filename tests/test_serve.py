@@ -719,12 +719,20 @@ def test_bad_requests_get_400_and_the_server_stays_up(served):
             assert r.status_code == 413 and "error" in r.json()
             r = h.post("/v1/completions", json={"model": "other", "prompt": "hi"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-            assert h.get("/v1/nowhere").status_code == 404
-            assert h.get("/v1/completions").status_code == 405
+            for method, path in (("GET", "/v1/nowhere"), ("POST", "/v1/completions/"), ("POST", "/v1/chat/completions")):
+                r = h.request(method, path, json={"model": "small", "prompt": "hi"})  # a slash: no 307 redirect
+                assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r
+            assert "POST /v1/completions" in r.json()["error"]["message"]  # why there is no chat endpoint
+            r = h.get("/v1/completions")
+            assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
             assert h.get("/health").status_code == 200
         c = client(url)
         with pytest.raises(openai.BadRequestError):  # the official client sees the same
             c.completions.create(model="small", prompt=[1, 999], max_tokens=2)
+        assert c.models.retrieve("small").model_dump() == c.models.list().data[0].model_dump()
+        with pytest.raises(openai.NotFoundError) as missing:
+            c.models.retrieve("other")
+        assert missing.value.code == "model_not_found"
         # every field the client can send, at its neutral value (explicit nulls too), and vLLM's ignore_eos
         neutral = dict(best_of=1, echo=False, frequency_penalty=0, logit_bias={}, logprobs=None, n=1,
                        presence_penalty=0, seed=1, stop=None, suffix=None, top_p=1, user="u",

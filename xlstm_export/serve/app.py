@@ -4,16 +4,18 @@ calls directly, past Starlette's middleware).
 
     POST /v1/completions   prompt (text or token ids), max_tokens, temperature, top_p, seed, stop,
                            stream (server-sent events), stream_options.include_usage, ignore_eos
-    GET  /v1/models        the one model served
+    GET  /v1/models        the one model served; GET /v1/models/{id}: that model
     GET  /health           200 while the scheduler runs
     GET  /metrics          Prometheus text: requests, tokens, active sequences, queue, latencies
+    /v1/chat/completions   404 saying why (no chat template: only /v1/completions is served)
 
 The scheduler runs in its own thread (a :class:`~.scheduler.Scheduler`) or in an engine process
 (an :class:`~.engine.EngineProcess`, whose messages arrive on the event loop); after each
 iteration it hands the sequences that changed to the event loop in one call, which wakes their
 requests. A request whose client disconnects cancels its sequences (the slot is free after the
-current iteration). Every error a client can cause is a 4xx with OpenAI's JSON error shape; 503
-with Retry-After when the server is full.
+current iteration). Every error a client can cause is a 4xx with OpenAI's JSON error shape (404s
+too; a path with a trailing slash is a 404, not a redirect); 503 with Retry-After when the server is
+full.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import uuid
 from typing import Any
 
-from .protocol import RequestError, error_body, parse_completion_request
+from .protocol import RequestError, error_body, model_not_found, parse_completion_request
 from .scheduler import QueueFullError, Scheduler
 from .text import CompletionText
 
@@ -256,10 +258,22 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
             with contextlib.suppress(Exception):
                 await respond(send, 500, error_body("internal server error", "server_error"))
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "xlstm-export"}
+
     async def models(request: Request):
         count(200)
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "xlstm-export"}]})
+        return JSONResponse({"object": "list", "data": [model_card]})
+
+    async def model(request: Request):
+        if request.path_params["model_id"] != model_name:
+            e = model_not_found(request.path_params["model_id"], model_name)
+            return error(e.status, e.body())
+        count(200)
+        return JSONResponse(model_card)
+
+    async def chat(request: Request):
+        return error(404, error_body(f"{request.url.path} is not served: the model has no chat template; this "
+                                     "server serves completions of a prompt (POST /v1/completions)", code="not_found"))
 
     async def health(request: Request):
         alive = scheduler.alive
@@ -271,8 +285,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         return PlainTextResponse(_prometheus(scheduler, http_counts),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, error_body(str(exc.detail), "invalid_request_error"))
+    async def http_error(request: Request, exc: HTTPException):  # 404 and 405 (with its Allow header)
+        return error(exc.status_code, error_body(str(exc.detail), "invalid_request_error"), exc.headers)
 
     async def server_error(request: Request, exc: Exception):
         log.exception("request failed")
@@ -291,10 +305,14 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
 
     routes = [Route("/v1/completions", _ASGIEndpoint(guarded_completions), methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", model, methods=["GET"]),  # an id may hold a "/"
+              Route("/v1/chat/completions", chat, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
+    # no 307 from "/v1/completions/" to a Location built from the client's Host header: a 404
+    app.router.redirect_slashes = False
     return _App(app, guarded_completions)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .sampling import SamplingParams
 
-__all__ = ["CompletionRequest", "RequestError", "error_body", "parse_completion_request"]
+__all__ = ["CompletionRequest", "RequestError", "error_body", "model_not_found", "parse_completion_request"]
 
 MAX_PROMPTS = 64  # prompts in one request (a list of prompts), whatever the server's slots and queue
 MAX_STOP = 4  # stop strings (OpenAI's limit)
@@ -51,6 +51,12 @@ class CompletionRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool  # stream_options.include_usage
+
+
+def model_not_found(model: str, model_name: str) -> RequestError:
+    """The 404 for a model id this server does not serve (a request's ``model``, GET /v1/models/{id})."""
+    return RequestError(f"The model `{model}` does not exist; this server serves `{model_name}`",
+                        "model", status=404, code="model_not_found")
 
 
 def _is_int(v) -> bool:
@@ -100,8 +106,7 @@ def parse_completion_request(body: Any, *, model_name: str, tokenizer, vocab_siz
         if not isinstance(model, str):
             raise RequestError(f"'model' must be a string, got {_type_name(model)}", "model")
         if model != model_name:
-            raise RequestError(f"The model `{model}` does not exist; this server serves `{model_name}`",
-                               "model", status=404, code="model_not_found")
+            raise model_not_found(model, model_name)
 
     if "prompt" not in body or body["prompt"] is None:
         raise RequestError("'prompt' is required", "prompt")
