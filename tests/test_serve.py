@@ -763,6 +763,49 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
     assert e.value.code == 2 and "--stream-interval: must be >= 0, got -1" in capsys.readouterr().err
 
 
+def test_a_second_server_on_the_port_fails_at_once_while_the_first_loads(monkeypatch, capsys):
+    """The port is taken before the model loads: a second `serve` on it, started while the first is
+    still loading, ends with the one-line error and exit code 2 rather than loading its own model."""
+    import socket
+
+    import xlstm_export.serve as serve_pkg
+    from xlstm_export.cli import main
+
+    loading, release = threading.Event(), threading.Event()
+
+    def load_backend(target, **options):  # the first server's model takes its time to load
+        if loading.is_set():
+            raise RuntimeError("the second server went on to load its model")
+        loading.set()
+        release.wait(MAX_WAIT_S)
+        raise RuntimeError("the first server stops here")
+
+    monkeypatch.setattr(serve_pkg, "load_backend", load_backend)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outcome = []
+
+    def first_server():
+        try:
+            serve_pkg.run_server("tiny", port=port, engine_process=False)
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    first = threading.Thread(target=first_server)
+    first.start()
+    try:
+        assert loading.wait(MAX_WAIT_S)
+        assert main(["serve", "tiny", "--port", str(port), "--in-process"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"xlstm-export serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    finally:
+        release.set()
+        first.join(MAX_WAIT_S)
+    assert outcome == ["the first server stops here"]
+    serve_pkg.listen_socket("127.0.0.1", port).close()  # the first server, failed, let the port go
+
+
 def test_admission_is_bounded_by_state_memory(served):
     from xlstm_export.serve import slot_capacity
 
@@ -776,31 +819,24 @@ def test_admission_is_bounded_by_state_memory(served):
 
 
 def test_serve_command_serves_until_terminated(served):
-    """`xlstm-export serve model.onnx` as a user runs it: a process that answers, then exits on SIGTERM."""
-    import socket
+    """`xlstm-export serve model.onnx --port 0` as a user runs it: it says which port it took and
+    answers there, then exits on SIGTERM."""
+    import re
     import subprocess
     import sys
 
     om, tok, _ = served
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "xlstm_export.cli", "serve", str(om.path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_export.cli", "serve", str(om.path), "--port", "0",
                              "--max-batch", "4", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    lines, out, children = [], "", []
     try:
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(f"{url}/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        deadline = time.monotonic() + 120  # a fresh process: imports and the native kernels' load
-        while not up():
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        while not lines or not lines[-1].startswith("serving "):  # once the model is loaded
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "the server exited: " + "".join(lines)
+        port = int(re.search(r" on http://127\.0\.0\.1:(\d+)/v1$", lines[-1]).group(1))
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"  # it may not accept yet: a connection waits in the backlog
         r = client(url).completions.create(model="small", prompt="Hi", max_tokens=4, temperature=0)
         assert r.choices[0].model_extra["token_ids"] == solo(om, tok.encode("Hi"), 4)
         children = _children(proc.pid)  # the engine process (and multiprocessing's resource tracker)
@@ -808,6 +844,7 @@ def test_serve_command_serves_until_terminated(served):
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=MAX_WAIT_S)
+    out = "".join(lines) + out
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -15) and "Traceback" not in out, out
     assert "serving small (onnxruntime (native CPU kernels) in an engine process; 4 sequence slots" in out

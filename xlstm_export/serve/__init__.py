@@ -28,7 +28,9 @@ from .scheduler import QueueFullError, Scheduler, Sequence
 from .slots import OrtSlots, TorchSlots
 
 __all__ = ["Backend", "EngineProcess", "OrtSlots", "QueueFullError", "SamplingParams", "Scheduler", "Sequence",
-           "ServedModel", "TorchSlots", "build_app", "load_backend", "run_server", "slot_capacity"]
+           "ServedModel", "TorchSlots", "build_app", "listen_socket", "load_backend", "run_server", "slot_capacity"]
+
+LISTEN_BACKLOG = 2048  # connections the socket holds before they are accepted (uvicorn's default)
 
 
 def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, max_queue: int = 256,
@@ -57,28 +59,40 @@ def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, m
     return app, info
 
 
-def check_port(host: str, port: int) -> None:
-    """Raise OSError with a clear message when ``host:port`` cannot be listened on."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port`` (port 0: a free one), or OSError with a clear message.
+    It listens at once: of two servers started on one port, the second fails here, before it loads
+    its model (two sockets that are only bound with SO_REUSEADDR may share a port on Linux)."""
     if not 0 <= port <= 65535:  # bind() would raise OverflowError
         raise OSError(f"cannot listen on {host}:{port}: a port lies in 0..65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                **options) -> None:
+    """Serve ``target`` on ``host:port`` until SIGINT or SIGTERM (see :func:`build_app` for ``options``).
+    The port is taken before the model loads: a busy one raises OSError at once. Connections that
+    arrive while the model loads wait in the socket's backlog."""
     from .app import serve
 
-    check_port(host, port)
-    app, info = build_app(target, **options)
-    tok = "no tokenizer: prompts as token ids" if info.tokenizer is None else \
-        f"tokenizer with {info.tokenizer.vocab_size} tokens"
-    where = "an engine process" if options.get("engine_process", True) else "a scheduler thread"
-    print(f"serving {info.name} ({info.label} in {where}; {info.capacity} sequence slots, "
-          f"{info.state_bytes / 2**20:.2f} MiB state each; {tok}) on http://{host}:{port}/v1", flush=True)
-    serve(app, host, port, log_level)
+    sock = listen_socket(host, port)
+    try:
+        app, info = build_app(target, **options)
+        tok = "no tokenizer: prompts as token ids" if info.tokenizer is None else \
+            f"tokenizer with {info.tokenizer.vocab_size} tokens"
+        where = "an engine process" if options.get("engine_process", True) else "a scheduler thread"
+        print(f"serving {info.name} ({info.label} in {where}; {info.capacity} sequence slots, "
+              f"{info.state_bytes / 2**20:.2f} MiB state each; {tok}) on http://{host}:{sock.getsockname()[1]}/v1",
+              flush=True)
+        serve(app, sock, log_level)
+    finally:
+        sock.close()

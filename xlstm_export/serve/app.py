@@ -25,6 +25,7 @@ import contextlib
 import gc
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -402,8 +403,8 @@ class _SSE:
                 self.comp.cancel()
 
 
-def serve(app, host: str, port: int, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted."""
+def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn on the listening socket ``sock`` until interrupted."""
     import sys
 
     import uvicorn
@@ -415,7 +416,7 @@ def serve(app, host: str, port: int, log_level: str = "info") -> None:
     # process's handle, the imports) lives as long, and the collector's rounds skip it from now on
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False)).run(sockets=[sock])
 
 
 def _prometheus(s: Scheduler, http_counts: dict[int, int]) -> str:
