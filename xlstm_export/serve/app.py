@@ -15,7 +15,9 @@ iteration it hands the sequences that changed to the event loop in one call, whi
 requests. A request whose client disconnects cancels its sequences (the slot is free after the
 current iteration). Every error a client can cause is a 4xx with OpenAI's JSON error shape (404s
 too; a path with a trailing slash is a 404, not a redirect); 503 with Retry-After when the server is
-full.
+full. When the server shuts down (SIGTERM, Ctrl-C) it does not wait for generations to run out: every
+request in flight ends at once (a stream with an error event, a plain request with 503), and uvicorn
+waits at most GRACEFUL_SHUTDOWN_S for the connections to close.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import gc
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -40,6 +43,8 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger("xlstm_export.serve")
 
 RETRY_AFTER_S = 1
+GRACEFUL_SHUTDOWN_S = 5.0  # at shutdown, connections still open after this long are cut
+SHUTTING_DOWN = "the server is shutting down"
 MAX_BODY_BYTES = 32 << 20  # a request body larger than this gets 413
 SWITCH_INTERVAL_S = 0.0002  # GIL hand-over interval while serving (Python's default: 0.005)
 
@@ -49,6 +54,10 @@ _json_str = json.encoder.encode_basestring_ascii  # str -> its JSON string liter
 
 class _Disconnected(Exception):
     pass
+
+
+class _Aborted(RuntimeError):
+    """The server ended the request (it is shutting down)."""
 
 
 class _Waiter:
@@ -97,6 +106,7 @@ class _Completion:
         self.token_ids: list[list[int]] = [[] for _ in seqs]
         self.finish: list[str | None] = [None] * len(seqs)
         self.unfinished = len(seqs)
+        self.aborted: str | None = None  # why the server ended the request (see abort)
 
     @property
     def done(self) -> bool:
@@ -110,6 +120,8 @@ class _Completion:
             await self.waiter.wait()
             if disconnect.done():
                 raise _Disconnected
+            if self.aborted is not None:
+                raise _Aborted(self.aborted)
             out = []
             for i, s in enumerate(self.seqs):
                 if self.finish[i] is not None:
@@ -141,6 +153,12 @@ class _Completion:
         for s in self.seqs:
             self.scheduler.cancel(s)
 
+    def abort(self, why: str) -> None:
+        """End the request now (``updates`` raises _Aborted) and cancel its sequences (event loop)."""
+        self.aborted = why
+        self.cancel()
+        self.waiter.wake()
+
     def usage(self) -> dict:
         prompt = sum(len(s.prompt) for s in self.seqs)
         completion = sum(len(t) for t in self.token_ids)
@@ -160,6 +178,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
     max_prompts = scheduler.capacity + scheduler.max_queue
     http_counts: dict[int, int] = {}
     loop_box: dict[str, Any] = {}
+    live: set[_Completion] = set()  # the requests in flight (event loop)
+    closing = False  # set by shut_down
 
     def count(status: int) -> None:
         http_counts[status] = http_counts.get(status, 0) + 1
@@ -213,6 +233,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                                            max_prompts=max_prompts)
         except RequestError as e:
             return await respond(send, e.status, e.body())
+        if closing:
+            return await respond(send, 503, error_body(SHUTTING_DOWN, "server_error"))
         waiter = _Waiter()
         try:
             seqs = scheduler.submit_many(req.prompts, [req.params] * len(req.prompts), [waiter] * len(req.prompts))
@@ -225,25 +247,31 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
             return await respond(send, 400, error_body(str(e), param="prompt"))
         comp = _Completion(scheduler, seqs, waiter, tokenizer, req.stop)
         cid = f"cmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            count(200)
-            return await _SSE(comp, cid, created_now(), model_name, req.include_usage)(scope, receive, send)
-        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-        texts = [""] * len(seqs)
+        live.add(comp)
         try:
-            async for updates in comp.updates(disconnect):
-                for i, text, _, _ in updates:
-                    texts[i] += text
-        except _Disconnected:
-            comp.cancel()
-            return await respond(send, 499, None)
-        except RuntimeError as e:
-            comp.cancel()
-            return await respond(send, 500, error_body(str(e), "server_error"))
-        finally:
-            disconnect.cancel()
-            if not comp.done:
+            if req.stream:
+                count(200)
+                return await _SSE(comp, cid, created_now(), model_name, req.include_usage)(scope, receive, send)
+            disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+            texts = [""] * len(seqs)
+            try:
+                async for updates in comp.updates(disconnect):
+                    for i, text, _, _ in updates:
+                        texts[i] += text
+            except _Disconnected:
                 comp.cancel()
+                return await respond(send, 499, None)
+            except _Aborted as e:
+                return await respond(send, 503, error_body(str(e), "server_error"))
+            except RuntimeError as e:
+                comp.cancel()
+                return await respond(send, 500, error_body(str(e), "server_error"))
+            finally:
+                disconnect.cancel()
+                if not comp.done:
+                    comp.cancel()
+        finally:
+            live.discard(comp)
         choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": comp.finish[i],
                     "token_ids": comp.token_ids[i]} for i in range(len(seqs))]
         await respond(send, 200, {"id": cid, "object": "text_completion", "created": created_now(),
@@ -258,6 +286,14 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
             log.exception("request failed")
             with contextlib.suppress(Exception):
                 await respond(send, 500, error_body("internal server error", "server_error"))
+
+    def shut_down() -> None:
+        """The server is stopping (event loop): refuse new requests and end those in flight now,
+        rather than when their generations would run out (a stream of 65536 tokens takes minutes)."""
+        nonlocal closing
+        closing = True
+        for comp in list(live):
+            comp.abort(SHUTTING_DOWN)
 
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "xlstm-export"}
 
@@ -302,6 +338,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         try:
             yield
         finally:
+            shut_down()
             scheduler.stop()
 
     routes = [Route("/v1/completions", _ASGIEndpoint(guarded_completions), methods=["POST"]),
@@ -314,7 +351,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     # no 307 from "/v1/completions/" to a Location built from the client's Host header: a 404
     app.router.redirect_slashes = False
-    return _App(app, guarded_completions)
+    return _App(app, guarded_completions, shut_down)
 
 
 class _ASGIEndpoint:
@@ -330,10 +367,11 @@ class _ASGIEndpoint:
 class _App:
     """The Starlette app, with POST /v1/completions taken straight to its handler: Starlette's
     middleware would wrap the send of every streamed event in three more coroutines. (The route
-    stays in Starlette too, which answers its other methods with 405.)"""
+    stays in Starlette too, which answers its other methods with 405.) ``shut_down()``, on the
+    event loop when the server begins to stop, ends the requests in flight (:func:`serve` calls it)."""
 
-    def __init__(self, app, completions):
-        self.app, self.completions = app, completions
+    def __init__(self, app, completions, shut_down):
+        self.app, self.completions, self.shut_down = app, completions, shut_down
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/completions":
@@ -404,10 +442,17 @@ class _SSE:
 
 
 def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn on the listening socket ``sock`` until interrupted."""
+    """Run ``app`` with uvicorn on the listening socket ``sock`` until interrupted (SIGINT, SIGTERM).
+    Shutting down ends the requests in flight at once (``app.shut_down``) and waits at most
+    GRACEFUL_SHUTDOWN_S for their connections; then SIGTERM ends the process with exit code 0."""
     import sys
 
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.shut_down()  # before uvicorn waits for the connections: the streams end now
+            await super().shutdown(sockets)
 
     # The scheduler thread needs the GIL back as soon as each decode step leaves onnxruntime; with
     # the default 5 ms switch interval it can wait that long behind the event loop's streaming work.
@@ -416,7 +461,21 @@ def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
     # process's handle, the imports) lives as long, and the collector's rounds skip it from now on
     gc.collect()
     gc.freeze()
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False)).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # uvicorn re-raises the signal it shut down on once it has; a SIGTERM (a service manager's stop)
+    # then finds this handler rather than the default one, which would end the process with -15
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if main else None
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(signum, frame) -> None:
+    """SIGTERM after uvicorn's shutdown: nothing left to do (the process exits 0)."""
 
 
 def _prometheus(s: Scheduler, http_counts: dict[int, int]) -> str:
