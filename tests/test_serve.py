@@ -754,7 +754,11 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
                            (["tiny", "--max-batch", "0"], "--max-batch must be >= 1"),
                            (["tiny", "--max-state-mb", "0.001"], "holds no sequence"),
                            (["tiny", "--max-state-mb", "nan"], "--max-state-mb must be > 0"),
-                           (["tiny", "--port", "70000"], "a port lies in 0..65535")):
+                           (["tiny", "--port", "70000"], "a port lies in 0..65535"),
+                           # for every target, before loading it (which would fail on the state budget)
+                           (["tiny", "--threads", "0", "--max-state-mb", "0.001"], "--threads must be >= 1, got 0"),
+                           (["tiny", "--threads", "-1", "--max-state-mb", "0.001", "--in-process"],
+                            "--threads must be >= 1, got -1")):
         assert main(["serve", "--port", "0", *args]) == 2  # a --port in args comes last and wins
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0] and fragment in err[0], err

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import socket
 
-from .backend import Backend, load_backend, slot_capacity
+from .backend import Backend, check_threads, load_backend, slot_capacity
 from .engine import EngineProcess, ServedModel
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, Scheduler, Sequence
@@ -44,6 +44,7 @@ def build_app(target: str, *, max_batch: int = 32, max_state_mb: float = 2048, m
     thread of this one (False)."""
     from .app import create_app
 
+    check_threads(threads)  # here too, before an engine process is spawned to load the target
     backend_options = dict(max_batch=max_batch, max_state_mb=max_state_mb, name=name, native_ops=native_ops,
                            threads=threads)
     scheduler_options = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,

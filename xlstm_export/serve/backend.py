@@ -15,7 +15,7 @@ from typing import Any
 
 from .slots import OrtSlots, TorchSlots
 
-__all__ = ["Backend", "load_backend", "session_options", "slot_capacity"]
+__all__ = ["Backend", "check_threads", "load_backend", "session_options", "slot_capacity"]
 
 log = logging.getLogger("xlstm_export.serve")
 
@@ -43,11 +43,18 @@ def slot_capacity(max_batch: int, max_state_mb: float, slot_bytes: int) -> int:
     return min(max_batch, fit)
 
 
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (all cores) or >= 1, for every target (only an .onnx file uses it)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
 def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str | None = None,
                  native_ops: bool = True, threads: int | None = None) -> Backend:
     """``threads``: onnxruntime intra-op threads for an .onnx target (None: all cores)."""
     from ..tokenizer import load_tokenizer
 
+    check_threads(threads)
     p = Path(target)
     if target.endswith(".onnx"):
         pool, label = _onnx_pool(p, max_batch, max_state_mb, native_ops, threads)
@@ -71,8 +78,7 @@ def session_options(threads: int | None):
     kernels read this setting and split only work that pays for waking a sleeping worker.)"""
     import onnxruntime as ort
 
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
