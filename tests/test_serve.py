@@ -632,13 +632,18 @@ def test_engine_process_exit_fails_its_requests_and_the_server_says_503(served):
     engine = scheduler_for("process", om, 2)
     with running_server(engine, tok) as url:
         c = client(url)
-        stream = iter(c.completions.create(model="small", prompt="long", max_tokens=60000, temperature=0,
-                                           stream=True))
+        stream = iter(c.completions.create(model="small", prompt=["long"] * 3, max_tokens=60000, temperature=0,
+                                           stream=True))  # two in the slots, one queued
         next(stream)
+        wait_for(lambda: (metrics(url)["xlstm_active_sequences"], metrics(url)["xlstm_queued_sequences"]) == (2, 1),
+                 "the streams to be counted")
         engine._proc.kill()
         with pytest.raises(openai.APIError, match="engine process exited"):  # the stream's last event
             for _ in stream:
                 pass
+        m = metrics(url)  # not the dead engine's last counters: nothing runs or waits now
+        assert (m["xlstm_active_sequences"], m["xlstm_prefilling_sequences"], m["xlstm_queued_sequences"]) == (0, 0, 0)
+        assert m['xlstm_requests_finished_total{reason="error"}'] == 3
         assert httpx.get(f"{url}/health").status_code == 503
         with pytest.raises(openai.APIStatusError) as gone:
             c.completions.create(model="small", prompt="x", max_tokens=2)

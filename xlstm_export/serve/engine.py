@@ -35,8 +35,9 @@ processes costs tens of microseconds on a small VM).
 
 The server admits a request only while fewer than ``capacity + max_queue`` of its requests are
 unfinished, which the engine then holds too (it learns of finishes first), so the engine never
-refuses one. If the engine process dies, every unfinished request ends with an error and
-``alive`` turns False (``/health`` says 503).
+refuses one. If the engine process dies, every unfinished request ends with an error (counted
+among the sequences finished by "error"), ``alive`` turns False (``/health`` says 503), and the
+gauges say nothing is active, prefilling or queued (its last counters said what was, then).
 """
 
 from __future__ import annotations
@@ -287,25 +288,31 @@ class EngineProcess:
         self._live: dict[int, Sequence] = {}  # request id -> its mirror, until it finishes
         self._snapshot = (Stats(), 0, 0, 0)  # the engine's (stats, active, prefilling, queued)
         self._rejected = 0  # requests refused here (queue full): the engine never sees them
+        self._failed = 0  # requests failed here when the engine process died
         self._eof = False
 
     # --- the scheduler's interface, as the HTTP layer uses it ----------------------------------------
     @property
     def stats(self) -> Stats:
         st = self._snapshot[0]
-        return replace(st, rejected=st.rejected + self._rejected) if self._rejected else st
+        if not (self._rejected or self._failed):
+            return st
+        finished = dict(st.finished)
+        finished["error"] = finished.get("error", 0) + self._failed
+        return replace(st, rejected=st.rejected + self._rejected, finished=finished)
 
+    # the gauges: the engine's last word while it runs; once it is gone nothing runs or waits
     @property
     def active(self) -> int:
-        return self._snapshot[1]
+        return self._snapshot[1] if self.alive else 0
 
     @property
     def prefilling(self) -> int:
-        return self._snapshot[2]
+        return self._snapshot[2] if self.alive else 0
 
     @property
     def queued(self) -> int:
-        return self._snapshot[3]
+        return self._snapshot[3] if self.alive else 0
 
     @property
     def alive(self) -> bool:
@@ -387,6 +394,7 @@ class EngineProcess:
             s.error = "the engine process exited"
             s.finish_reason = "error"
         gone = list(self._live.values())
+        self._failed += len(gone)
         self._live.clear()
         if gone and self.on_events is not None:
             self.on_events(gone)
