@@ -571,7 +571,7 @@ def export_onnx(
         raise OSError(f"cannot write {out}: it is a directory")
 
     tokenizer_files = getattr(model, "tokenizer_files", None) or {}
-    stale = _stale_tokenizer_files(out, tokenizer_files)
+    stale = _stale_tokenizer_files(out, parent, tokenizer_files)
     spec = model.state_spec(1)
     keys = list(spec)
     vocab = int(model.config.vocab_size)
@@ -594,12 +594,11 @@ def export_onnx(
     return out
 
 
-def _stale_tokenizer_files(out: Path, files: dict[str, bytes]) -> list[str]:
-    """The tokenizer files beside ``out`` that this export does not write (runtimes read a model's
-    tokenizer from the files beside it): removed once the export is in place. Where the folder
-    holds another .onnx that reads those files and the new ones differ, the export is refused
-    (ValueError) instead: one folder, one tokenizer."""
-    parent = out.parent if str(out.parent) else Path(".")
+def _stale_tokenizer_files(out: Path, parent: Path, files: dict[str, bytes]) -> list[str]:
+    """The tokenizer files beside ``out`` (in ``parent``) that this export does not write (runtimes
+    read a model's tokenizer from the files beside it): removed once the export is in place. Where
+    the folder holds another .onnx that reads those files and the new ones differ, the export is
+    refused (ValueError) instead: one folder, one tokenizer."""
     present = {n: parent / n for n in TOKENIZER_FILES if (parent / n).is_file()}
     same = set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items())
     if same:

@@ -251,9 +251,8 @@ def generate_text(
 
     ``tokenizer`` is a ``tokenizer.Tokenizer`` (``load_tokenizer(path)``); a model without one
     (``load_tokenizer`` gives None) takes token ids through :func:`generate_batch` instead, as the CLI's
-    ``--prompt-ids`` does. Raises TypeError for a missing tokenizer or a
-    string for ``prompts``, ValueError for a prompt that
-    encodes to no tokens."""
+    ``--prompt-ids`` does. Raises TypeError for a missing tokenizer or a string for ``prompts``,
+    ValueError for a prompt that encodes to no tokens."""
     if tokenizer is None or not all(callable(getattr(tokenizer, a, None)) for a in ("encode", "stream")):
         got = "None" if tokenizer is None else f"a {type(tokenizer).__name__}"
         raise TypeError(f"generate_text needs a tokenizer (xlstm_export.tokenizer.Tokenizer), got {got}: "
