@@ -305,3 +305,20 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"xlstm-export train: error: data file {tmp_path / 'missing.txt'} does not exist"
     ]
+
+
+
+def test_non_finite_rates_and_out_of_range_seed_are_refused(data_file, tmp_path, capsys):
+    """An infinite --lr or --weight-decay made every weight inf/nan at the first step (and a run of
+    one step saved that checkpoint); a seed past 64 bits was torch's 'Overflow when unpacking long
+    long' (a traceback under `python -m xlstm_export.train`)."""
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--lr", "inf"), "--lr must be > 0 and finite, got inf")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--weight-decay", "inf"), "--weight-decay must be >= 0 and finite")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--seed", str(2**64)), "--seed must lie in [0, 2**64 - 1]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_only_backend_is_refused_before_training(data_file, tmp_path, capsys):
+    """--backend custom_op (the ONNX exporter's opaque nodes) has no backward: it failed at the first
+    step with torch's 'no autograd formula was registered' after the step-0 eval."""
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--backend", "custom_op"), "--backend custom_op has no backward")

@@ -48,6 +48,7 @@ TRAINER_STATE_NAME = "trainer_state.pt"
 TRAINER_STATE_FORMAT = "xlstm_export.trainer_state"
 TRAINER_STATE_VERSION = 1
 BYTE_VOCAB = 256
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
 ADAM_BETAS = (0.9, 0.95)  # the usual language-model betas (nanoGPT, NX-AI xlstm experiments)
 # the options a checkpoint saves and a resumed run continues with unless given explicitly
 RESUMED_OPTIONS = ("data", "steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
@@ -105,12 +106,15 @@ class TrainConfig:
         for name in ("warmup", "save_every", "seed"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.seed > MAX_SEED:  # torch.manual_seed takes 64 bits
+            raise TrainError(f"--seed must lie in [0, 2**64 - 1], got {self.seed}")
+        # an infinite learning rate or decay turns every weight into inf/nan at the first step
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainError(f"--lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise TrainError(f"--min-lr must lie in [0, --lr={self.lr}], got {self.min_lr}")
-        if not self.weight_decay >= 0:
-            raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise TrainError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         if not self.grad_clip >= 0:
             raise TrainError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not 0 <= self.val_fraction < 1:
@@ -305,6 +309,9 @@ def resolve_device(name: str | None, d: Dist) -> torch.device:
     return device
 
 
+NO_BACKWARD_BACKENDS = ("custom_op",)  # the opaque torch.ops.xlstm.* nodes: forward only
+
+
 def check_backend(backend: str | None, device: torch.device) -> None:
     from . import kernels
 
@@ -312,6 +319,8 @@ def check_backend(backend: str | None, device: torch.device) -> None:
         return
     if backend not in kernels.MLSTM_BACKENDS:
         raise TrainError(f"--backend {backend!r} is not a cell backend; known: {sorted(kernels.MLSTM_BACKENDS)}")
+    if backend in NO_BACKWARD_BACKENDS:
+        raise TrainError(f"--backend {backend} has no backward (it is for ONNX export); use auto, torch or triton")
     if backend == "triton":
         if not kernels.triton_available():
             raise TrainError("--backend triton needs the triton package: pip install 'xlstm-export[triton]'")
