@@ -322,3 +322,29 @@ def test_export_only_backend_is_refused_before_training(data_file, tmp_path, cap
     """--backend custom_op (the ONNX exporter's opaque nodes) has no backward: it failed at the first
     step with torch's 'no autograd formula was registered' after the step-0 eval."""
     _fails(capsys, _argv(data_file, tmp_path / "o", "--backend", "custom_op"), "--backend custom_op has no backward")
+
+
+def test_output_that_is_the_current_directory_is_refused(data_file, tmp_path, capsys, monkeypatch):
+    """`-o .` in an empty folder trained every step, then failed to swap '.' for the checkpoint
+    ('Device or resource busy'): the whole run lost. Now refused before training."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    _fails(capsys, _argv(data_file, "."), "is the current directory or holds it")
+    _fails(capsys, _argv(data_file, ".."), "is the current directory or holds it")
+    assert not any(here.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_symlinked_output_writes_into_the_link_target(data_file, tmp_path):
+    """-o LINK (a symlink to a folder) replaced the link by a new folder, left the target empty and
+    the old link behind as .LINK.*.tmp.old. The checkpoint now goes where the link points."""
+    target = tmp_path / "disk" / "run"
+    target.mkdir(parents=True)
+    link = tmp_path / "run"
+    link.symlink_to(target, target_is_directory=True)
+    result = run(data_file, link, steps=1, batch_size=2, eval_batches=1, eval_every=1)
+    assert result.output == target
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / T.TRAINER_STATE_NAME).is_file() and (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "run"]  # no staging or .old left
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run"]

@@ -336,6 +336,27 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / TRAINER_STATE_NAME).is_file() or (path / "config.json").is_file()
 
 
+def output_path(output: str) -> Path:
+    """The folder ``-o`` names, as the checkpoint swap needs it: a symlink's target (each save
+    replaces the folder whole, which would replace the link and leave its target behind), and never
+    the current directory or one holding it (a folder cannot be swapped by the name '.', and a
+    process inside a swapped folder is left in a deleted one)."""
+    out = Path(output)
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
+    real = Path(os.path.realpath(out))
+    try:
+        cwd = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # the current directory is gone: nothing to protect
+        cwd = None
+    if cwd is not None and (real == cwd or real in cwd.parents):
+        raise TrainError(
+            f"output {output} is the current directory or holds it; every checkpoint replaces that folder "
+            "whole, so run from outside it (e.g. cd .. and pass -o with the folder's name)"
+        )
+    return out
+
+
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Fail before training when the output directory cannot take a checkpoint."""
     if out.exists() and not out.is_dir():
@@ -479,7 +500,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from .models import CheckpointError, from_pretrained, preset, xLSTMLM
 
     d = dist_from_env()
-    out = Path(cfg.output)
+    out = output_path(cfg.output)
     state = None
     if cfg.resume:  # the checkpoint's options first: they say which data and window length to read
         check_output_dir(out, resume=True, overwrite=False)
