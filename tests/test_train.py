@@ -348,3 +348,55 @@ def test_symlinked_output_writes_into_the_link_target(data_file, tmp_path):
     assert (target / T.TRAINER_STATE_NAME).is_file() and (target / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "run"]  # no staging or .old left
     assert sorted(p.name for p in target.parent.iterdir()) == ["run"]
+
+
+SIGTERM_DURING_SAVE = r"""
+import os, signal, sys
+import xlstm_export.models.io as mio
+from xlstm_export import train as T
+
+write = mio.write_pretrained
+calls = []
+
+def write_then_terminate(model, stage):
+    write(model, stage)
+    calls.append(stage)
+    if len(calls) == 2:  # inside the second checkpoint's staging: killed as torchrun / a scheduler would
+        os.kill(os.getpid(), signal.SIGTERM)
+
+mio.write_pretrained = write_then_terminate
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_checkpoint_keeps_the_previous_one(data_file, tmp_path, capsys):
+    """SIGTERM (torchrun stopping its workers, a scheduler's preemption) killed the process at once:
+    a checkpoint being written left its staging folder beside DIR (and between the two renames of the
+    swap, no DIR at all). Now it ends like Ctrl-C: staging removed, the previous checkpoint in place,
+    one line, exit 143, and the run resumes from it."""
+    out = tmp_path / "ckpt"
+    argv = [*_argv(data_file, out), "--steps", "3", "--save-every", "1", "--batch-size", "2",
+            "--eval-batches", "1", "--warmup", "1"]
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_DURING_SAVE, *argv], capture_output=True, text=True,
+                          timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines() == [
+        "xlstm-export train: terminated (SIGTERM); the last checkpoint is unchanged"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "staging left behind"
+    assert torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)["step"] == 1
+    with torch.random.fork_rng():
+        assert T.main(["-o", str(out), "--resume", "--quiet"]) == 0
+    assert torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)["step"] == 3
+
+
+def test_out_of_memory_is_one_line(data_file, tmp_path, capsys, monkeypatch):
+    """An absurd --batch-size ran out of memory with the CPU allocator's RuntimeError: a traceback
+    under `python -m xlstm_export.train` / torchrun."""
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 65536000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(T, "sample_windows", no_memory)
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--batch-size", "1000000"),
+           "out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate")

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -747,21 +747,66 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{"data": None, **values}, given=given)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """`xlstm-export train`: 0 on success, 2 with one line on stderr for bad input."""
-    rank = dist_from_env().rank
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stopping its workers, a batch scheduler's preemption, ``kill``) raised as an
+    exception, so a checkpoint being written is cleaned up and the previous one stays in place."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated (in the main thread; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        train(config_from_args(args))
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError or the CPU allocator's RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`xlstm-export train`: 0 on success, 2 with one line on stderr for bad input (or too little
+    memory for the options), 130 on Ctrl-C and 143 on SIGTERM, the last checkpoint unchanged."""
+    rank = dist_from_env().rank
+    debug = getattr(args, "debug", False)
+    try:
+        with _sigterm_raises():
+            train(config_from_args(args))
     except TrainError as e:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         if rank == 0:
             print(f"xlstm-export train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if rank == 0:
-            print("xlstm-export train: interrupted; the last checkpoint is unchanged", file=sys.stderr)
-        return 130
+            print(f"xlstm-export train: {what}; the last checkpoint is unchanged", file=sys.stderr, flush=True)
+        return code
+    except Exception as e:
+        if debug or not _out_of_memory(e):
+            raise
+        if rank == 0:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"xlstm-export train: error: out of memory ({first}); lower --batch-size, --seq-len or "
+                  "--eval-batches. The last checkpoint is unchanged", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
