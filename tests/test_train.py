@@ -400,3 +400,21 @@ def test_out_of_memory_is_one_line(data_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(T, "sample_windows", no_memory)
     _fails(capsys, _argv(data_file, tmp_path / "o", "--batch-size", "1000000"),
            "out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate")
+
+
+def test_trainer_state_without_its_fields_is_one_line(trained, tmp_path, capsys):
+    """A trainer_state.pt of the right format and version but missing a field (edited, or copied
+    from elsewhere) was a KeyError traceback on --resume."""
+    import shutil
+
+    _, out = trained
+    for key, message in (("step", "no valid 'step'"), ("rng", "no valid 'rng'"), ("args", "no valid 'args'")):
+        bad = tmp_path / key
+        shutil.copytree(out, bad)
+        state = torch.load(bad / T.TRAINER_STATE_NAME, weights_only=True)
+        if key == "rng":
+            state["rng"] = {"cuda": []}
+        else:
+            del state[key]
+        torch.save(state, bad / T.TRAINER_STATE_NAME)
+        _fails(capsys, ["-o", str(bad), "--resume", "--quiet"], message)

@@ -414,6 +414,16 @@ def load_trainer_state(out: Path) -> dict:
         raise TrainError(f"{path}: not a trainer state written by xlstm-export train")
     if state.get("version") != TRAINER_STATE_VERSION:
         raise TrainError(f"{path}: trainer state version {state.get('version')}, expected {TRAINER_STATE_VERSION}")
+    fields = {"step": int, "tokens_seen": int, "optimizer": dict, "rng": dict, "evals": list, "args": dict}
+    for key, typ in fields.items():
+        if not isinstance(state.get(key), typ):
+            raise TrainError(f"{path}: trainer state has no valid {key!r} ({typ.__name__} expected); "
+                             "it was not written by xlstm-export train, or was edited")
+    rng = state["rng"].get("torch")
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1):
+        raise TrainError(f"{path}: trainer state has no valid 'rng' ('torch': a uint8 tensor expected)")
+    if state["step"] < 0:
+        raise TrainError(f"{path}: trainer state step {state['step']} is negative")
     return state
 
 
