@@ -307,7 +307,6 @@ def test_command_line_error_has_no_traceback(tmp_path):
     ]
 
 
-
 def test_non_finite_rates_and_out_of_range_seed_are_refused(data_file, tmp_path, capsys):
     """An infinite --lr or --weight-decay made every weight inf/nan at the first step (and a run of
     one step saved that checkpoint); a seed past 64 bits was torch's 'Overflow when unpacking long
@@ -418,3 +417,21 @@ def test_trainer_state_without_its_fields_is_one_line(trained, tmp_path, capsys)
             del state[key]
         torch.save(state, bad / T.TRAINER_STATE_NAME)
         _fails(capsys, ["-o", str(bad), "--resume", "--quiet"], message)
+
+
+def test_resume_names_a_data_file_whose_bytes_changed(tmp_path, capsys):
+    """The same --data path with other bytes (text appended, the file regenerated) resumed silently
+    with other windows and another validation split: not the run that was interrupted."""
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "ckpt"
+    run(data, out, steps=2, stop_at=1, batch_size=2, eval_batches=1, eval_every=2)
+    assert T.load_trainer_state(out)["data"] == T.data_fingerprint(T.read_bytes(data))
+    data.write_text(TEXT + "and a new paragraph. " * 10)
+    capsys.readouterr()
+    with torch.random.fork_rng():
+        assert T.main(["-o", str(out), "--resume", "--quiet", "--stop-at", "1"]) == 0  # nothing to do: no note
+        assert "note:" not in capsys.readouterr().out
+        assert T.main(["-o", str(out), "--resume", "--quiet"]) == 0
+    out_text = capsys.readouterr().out
+    assert f"note: data file {data.resolve()} changed since the checkpoint (1800 bytes then, 2010 now)" in out_text, out_text

@@ -21,7 +21,8 @@ the last step), so the schedule's state is the step itself plus its four paramet
 
 Resuming (``--resume``) continues with the saved run's options (``RESUMED_OPTIONS``: data file,
 steps, sequence length, batch, schedule, eval and save cadence, seed): an option left out keeps the
-checkpoint's value, one given explicitly wins and is reported as changed.
+checkpoint's value, one given explicitly wins and is reported as changed. The checkpoint also records
+the data file's size and SHA-256, so a resumed run says when the file at the same path changed.
 """
 
 from __future__ import annotations
@@ -228,6 +229,14 @@ def window_generator(seed: int, *streams: int) -> torch.Generator:
     """A CPU generator for one stream of windows: (0, rank, step) for training, (1,) for eval."""
     s = np.random.SeedSequence(seed, spawn_key=streams).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(s) >> 1)
+
+
+def data_fingerprint(tokens: torch.Tensor) -> dict:
+    """Size and SHA-256 of the training text (N,) uint8: a checkpoint records them, so a resumed run
+    can say when the file at the same path now holds other bytes (other windows, other splits)."""
+    import hashlib
+
+    return {"bytes": int(tokens.numel()), "sha256": hashlib.sha256(tokens.contiguous().numpy()).hexdigest()}
 
 
 # --- optimizer and schedule ------------------------------------------------------------------------
@@ -520,6 +529,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_backend(cfg.backend, device)
     # Every rank runs the same checks on the same files, so all fail alike before any collective.
     tokens = read_bytes(cfg.data)  # (N,) uint8
+    data_id = data_fingerprint(tokens)
     train_tokens, val_tokens = split_train_val(tokens, cfg.seq_len, cfg.val_fraction, source=cfg.data)
     check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
 
@@ -583,14 +593,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _loop(cfg, d, device, out, model, optimizer, autocast, state,
+        return _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
                      train_tokens, val_tokens, start, stop, evals, tokens_seen)
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _loop(cfg, d, device, out, model, optimizer, autocast, state,
+def _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
           train_tokens, val_tokens, start, stop, evals, tokens_seen) -> TrainResult:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -611,7 +621,7 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state,
                     f"{peak:.3g} of --lr {cfg.lr:g}; pass a smaller --warmup")
 
     if state is not None:
-        _note_changes(state, cfg, d, report)
+        _note_changes(state, cfg, d, report, data_id)
     else:
         n_params = model.num_params()
         report.line(
@@ -640,6 +650,7 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state,
                 },
                 "evals": [[s, v] for s, v in evals],
                 "args": cfg.hyperparameters(),
+                "data": data_id,
             }
             save_checkpoint(model, out, trainer_state)
         if d.enabled:
@@ -688,9 +699,9 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state,
     return TrainResult(model=model, step=step, evals=evals, tokens_per_s=tok_s, output=out)
 
 
-def _note_changes(state: dict, cfg: TrainConfig, d: Dist, report: _Reporter) -> None:
+def _note_changes(state: dict, cfg: TrainConfig, d: Dist, report: _Reporter, data_id: dict | None = None) -> None:
     """Say what a resumed run continues with: the checkpoint's options, and every explicit option
-    (or the process count) that differs from the checkpoint."""
+    (or the process count) that differs from the checkpoint, the data file's contents included."""
     saved = dict(state.get("args", {}), world_size=state.get("world_size"))
     now = dict(cfg.hyperparameters(), world_size=d.world_size)
     report.line(f"resuming {cfg.output} at step {state['step']} with the checkpoint's options except "
@@ -700,6 +711,10 @@ def _note_changes(state: dict, cfg: TrainConfig, d: Dist, report: _Reporter) -> 
             report.line(f"note: {k} is {v} now, {saved[k]} in the checkpoint; continuing with {v}")
     if cfg.preset is not None:
         report.line(f"note: --preset {cfg.preset} is ignored; the model comes from {cfg.output}")
+    then = state.get("data")  # absent in checkpoints written before it was recorded
+    if data_id is not None and isinstance(then, dict) and then != data_id and saved.get("data") == now["data"]:
+        report.line(f"note: data file {cfg.data} changed since the checkpoint ({then.get('bytes')} bytes then, "
+                    f"{data_id['bytes']} now); the windows differ from those of an uninterrupted run")
 
 
 # --- command line ----------------------------------------------------------------------------------
