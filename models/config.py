@@ -148,6 +148,21 @@ class xLSTMConfig:
             splits.append(("sLSTM", self.embedding_dim, self.slstm_num_heads))
         return splits
 
+    def function_fields(self) -> dict[str, Any]:
+        """What fixes the function the weights compute, to tell whether two configs describe the same
+        model: the fields of this architecture and the widths the factors give (not the factors:
+        2.667 and 2.6667 give one FFN width), without ``backend`` / ``chunk_size`` (execution only)
+        or ``tie_weights`` (tied or not, equal weights compute the same)."""
+        names = ["architecture", "vocab_size", "embedding_dim", "num_blocks", "num_heads", "bias", "norm_eps",
+                 "cell_eps"]
+        if self.architecture == "paper":
+            names += ["slstm_at", "slstm_num_heads", "qkv_proj_blocksize", "conv1d_kernel_size",
+                      "slstm_conv1d_kernel_size", "add_post_blocks_norm"]
+        else:
+            names += ["gate_soft_cap", "output_logit_soft_cap", "add_out_norm"]
+        return {**{n: getattr(self, n) for n in names}, "qk_dim": self.qk_dim, "v_dim": self.v_dim,
+                "ffn_dim": self.ffn_dim}
+
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -186,3 +186,86 @@ def test_cli_exit_codes_and_limits(exported, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["validate", str(path), "--source", str(src), *bad])
         assert e.value.code == 2
+
+
+# --- the source must be the exported model ----------------------------------------------------------
+
+
+def _without_config(path, out) -> str:
+    """The file without the config it records (as a file of an older version): only its interface tells."""
+    m = onnx.load(str(path))
+    kept = [p for p in m.metadata_props if p.key != "xlstm_export.config"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(kept)
+    onnx.save(m, str(out))
+    return str(out)
+
+
+def test_source_of_another_model_refused_before_anything_runs(exported, tmp_path, monkeypatch):
+    """A source of another config is one ValueError naming the differences, before a session is made
+    (it was compared state by state, then ended on 'state keys differ' or on a token id outside the
+    file's vocabulary); a config that computes the same function (another FFN factor giving the same
+    width, another backend) is the same model."""
+    from xlstm_export import ort
+
+    model, path = exported("large", "fp16")
+    bare = _without_config(path, tmp_path / "bare.onnx")
+
+    def no_session(*a, **k):
+        raise AssertionError("a session was made")
+
+    monkeypatch.setattr(ort.OrtModel, "__init__", no_session)
+    with pytest.raises(ValueError, match=r"not exported from this source model: architecture 'large' in the "
+                                         r"file, 'paper' in the source"):
+        V.validate_onnx(path, make_model("paper"))
+    for p in (path, bare):
+        with pytest.raises(ValueError, match=r"not exported from this source model: vocab_size 256 in the file, "
+                                             r"512 in the source"):
+            V.validate_onnx(p, xLSTMLM(preset("tiny-large", vocab_size=512)))
+    with pytest.raises(ValueError, match=r"state tensors .* in the file, .* in the source"):
+        V.validate_onnx(bare, xLSTMLM(preset("tiny-large", num_blocks=1)))
+    with pytest.raises(TypeError, match="expected the xLSTMLM the file was exported from .* got str"):
+        V.validate_onnx(path, "tiny-large")
+    same = xLSTMLM(preset("tiny-large", ffn_proj_factor=2.667, backend="torch"))
+    assert same.config.ffn_dim == model.config.ffn_dim
+    V.check_exported_from(path, same)  # no error
+
+
+def test_cli_source_of_another_model(exported, capsys):
+    _, path = exported("large", "fp16")
+    assert main(["validate", str(path), "--source", "tiny", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xlstm-export validate: error: ") and "not exported from this source model" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_limits_and_cases_checked():
+    """An infinite limit passes any export and no case compares nothing: both refused (an empty
+    case list gave a report that failed with no rows and whose table raised)."""
+    model = make_model("large")
+    ref, base = V.torch_reference(model), V.torch_runner(model, "fp32")
+    kw = dict(vocab_size=256, dtype="fp32")
+    for limits in ({"factor": float("inf")}, {"atol": float("inf")}, {"median": float("inf")}):
+        with pytest.raises(ValueError, match="all finite"):
+            V.compare_runners(base, ref, baseline=base, cases=CASES, **limits, **kw)
+    with pytest.raises(ValueError, match=r"cases must be one or more \(B, S\) pairs"):
+        V.compare_runners(base, ref, baseline=base, cases=(), **kw)
+    with pytest.raises(ValueError, match="decode_steps must be an int >= 0"):
+        V.compare_runners(base, ref, baseline=base, cases=CASES, decode_steps=-1, **kw)
+
+
+@pytest.mark.parametrize("bad", [["--factor", "inf"], ["--atol", "inf"], ["--median", "Infinity"]])
+def test_cli_infinite_limits_refused(bad, tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"unused: the option is refused first")
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(path), "--source", "tiny", *bad])
+    assert e.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+
+
+def test_cli_engine_must_be_an_engine(exported, capsys):
+    """--engine model.onnx: one line saying an engine is expected (it asked to install TensorRT)."""
+    _, path = exported("large", "fp16")
+    assert main(["validate", str(path), "--engine", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a TensorRT engine (.engine or .plan" in err and "pip install" not in err

@@ -54,6 +54,9 @@ worst honest output stayed at or below 1.18 over four prompt seeds, and a 1% wei
 from __future__ import annotations
 
 import copy
+import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -261,11 +264,17 @@ def compare_runners(
         factor = DEFAULT_FACTOR[dtype] if factor is None else float(factor)
         atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
         median = DEFAULT_MEDIAN[dtype] if median is None else float(median)
-        if not (factor >= 1.0 and atol >= 0.0 and median >= 1.0):  # also rejects nan
-            raise ValueError(f"factor and median must be >= 1 and atol >= 0, got factor={factor}, "
+        # finite: an infinite limit passes any export, which is no comparison
+        if not (math.isfinite(factor + atol + median) and factor >= 1.0 and atol >= 0.0 and median >= 1.0):
+            raise ValueError(f"factor and median must be >= 1 and atol >= 0, all finite, got factor={factor}, "
                              f"atol={atol}, median={median}")
     elif factor is not None or atol is not None or median is not None:
         raise ValueError("factor / atol / median apply to a comparison with a baseline runner")
+    cases = tuple(tuple(c) for c in cases)
+    if not cases or any(len(c) != 2 for c in cases):
+        raise ValueError(f"cases must be one or more (B, S) pairs, got {cases!r}")
+    if not isinstance(decode_steps, int) or decode_steps < 0:
+        raise ValueError(f"decode_steps must be an int >= 0, got {decode_steps!r}")
     rng = np.random.default_rng(seed)
     report = Report(dtype, factor, atol, median)
     runners = [actual, reference] if baseline is None else [actual, reference, baseline]
@@ -383,21 +392,61 @@ def validate_onnx(onnx_path, model, *, native_ops: bool = False, runtime: str = 
     graph's dtype (module docstring). ``native_ops``: onnxruntime with the native CPU kernels
     (:mod:`xlstm_export.ort_native`); without them onnxruntime runs the file's bodies exactly as
     written (no decode fast path: what TensorRT and OpenVINO run too). ``kwargs``:
-    :func:`compare_runners`' cases, decode_steps, seed, progress."""
+    :func:`compare_runners`' cases, decode_steps, seed, progress.
+
+    Raises TypeError when ``model`` is not an xLSTMLM, ValueError when the file was not exported
+    from it as far as the file tells (:func:`check_exported_from`), before anything runs."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "openvino" and native_ops:
+        raise ValueError("native_ops are onnxruntime kernels; they do not apply to runtime='openvino'")
+    check_exported_from(onnx_path, model)
     if runtime == "onnxruntime":
         from .ort import OrtModel
 
         exported = OrtModel(onnx_path, native_ops=native_ops, decode_step=False)
-    elif runtime == "openvino":
-        if native_ops:
-            raise ValueError("native_ops are onnxruntime kernels; they do not apply to runtime='openvino'")
+    else:
         from .openvino_runner import OpenVinoModel
 
         exported = OpenVinoModel(onnx_path)
-    else:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     return compare_with_torch(exported.run, model, contract.canonical_dtype(exported.dtype), factor=factor,
                               atol=atol, median=median, **kwargs)
+
+
+def check_exported_from(onnx_path: str | os.PathLike, model) -> None:
+    """Refuse a PyTorch ``model`` that the exported file was not made from, before any comparison
+    runs: the config the file records (metadata ``xlstm_export.config``), compared by
+    :meth:`xLSTMConfig.function_fields`, else the file's vocabulary and state shapes. A model of
+    the same config with other weights is not caught here: its comparison fails.
+
+    Raises TypeError when ``model`` is not an xLSTMLM, ValueError naming the differences."""
+    from .models import xLSTMConfig
+    from .ort import inspect_model
+
+    if not all(hasattr(model, a) for a in ("config", "state_spec")):
+        raise TypeError(f"expected the xLSTMLM the file was exported from (xlstm_export.load(source) gives "
+                        f"one), got {type(model).__name__}")
+    iface = inspect_model(onnx_path)
+    try:
+        theirs = xLSTMConfig.from_dict(json.loads(iface["metadata"]["config"])).function_fields()
+    except (KeyError, TypeError, ValueError):  # no config recorded, or one of another version
+        theirs = None
+    if theirs is not None:
+        ours = model.config.function_fields()
+        keys = [*theirs, *(k for k in ours if k not in theirs)]  # architectures differ: fields differ
+        show = lambda c, k: repr(c[k]) if k in c else "none"  # noqa: E731
+        what = [f"{k} {show(theirs, k)} in the file, {show(ours, k)} in the source" for k in keys
+                if (k in theirs, theirs.get(k)) != (k in ours, ours.get(k))]
+    else:  # what the file's interface shows
+        what = []
+        if iface["vocab_size"] is not None and iface["vocab_size"] != model.config.vocab_size:
+            what.append(f"vocab_size {iface['vocab_size']} in the file, {model.config.vocab_size} in the source")
+        spec = {k: tuple(s[1:]) for k, s in model.state_spec(1).items()}
+        if spec != iface["state_shapes"]:
+            what.append(f"state tensors {iface['state_shapes']} in the file, {spec} in the source")
+    if what:
+        shown = "; ".join(what[:4]) + (f"; and {len(what) - 4} more" if len(what) > 4 else "")
+        raise ValueError(f"{onnx_path} was not exported from this source model: {shown}")
 
 
 def compare_with_torch(runner: Runner, model, dtype, **kwargs) -> Report:
