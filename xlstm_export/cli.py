@@ -137,13 +137,15 @@ def cmd_validate(args) -> int:
         from .ort import OrtModel
         from .tensorrt import TrtModel
 
-        _require_file(args.engine, None)
+        _require_engine(args.engine)
         _check_engine_source(args.engine, args.model)
         ort_model = OrtModel(args.model)
         if args.source:  # TensorRT against PyTorch in float64, limits from PyTorch in the dtype
-            from .validate import compare_with_torch
+            from .validate import check_exported_from, compare_with_torch
 
-            report = compare_with_torch(TrtModel(args.engine), _load_model(args.source), ort_model.dtype,
+            model = _load_model(args.source)
+            check_exported_from(args.model, model)
+            report = compare_with_torch(TrtModel(args.engine), model, ort_model.dtype,
                                         vocab_size=ort_model.vocab_size, progress=step, **limits)
         else:
             if any(v is not None for v in limits.values()):
@@ -187,7 +189,7 @@ def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime")
     if target.endswith((".plan", ".engine")):
         from .tensorrt import TrtModel
 
-        _require_file(target, None)
+        _require_engine(target)
         m = TrtModel(target)
         return m, m.vocab_size, _engine_label(m.build_info, m.runtime)
     if Path(target).is_file():
@@ -436,6 +438,16 @@ def _require_file(path: str, suffix: str | None) -> None:
         raise UserError(f"{path}: expected a {suffix} file")
 
 
+def _require_engine(path: str) -> None:
+    """A TensorRT engine file: one of the names `build` writes (.engine / .plan)."""
+    from .engine import ENGINE_SUFFIXES
+
+    _require_file(path, None)
+    if Path(path).suffix not in ENGINE_SUFFIXES:
+        raise UserError(f"{path}: expected a TensorRT engine ({' or '.join(ENGINE_SUFFIXES)}, written by "
+                        "`xlstm-export build`)")
+
+
 # --- run: the main job ----------------------------------------------------------------------------
 def cmd_run(args) -> int:
     """The whole pipeline on one model (:func:`xlstm_export.pipeline.run_pipeline`), with one summary
@@ -475,8 +487,8 @@ def _float_at_least(low: float, why: str = ""):
             x = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not x >= low:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"must be >= {low:g}{why}, got {text}")
+        if not (x >= low and x != float("inf")):  # also rejects nan; inf would be no limit at all
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}{why}, got {text}")
         return x
 
     return parse
