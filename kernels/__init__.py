@@ -133,12 +133,29 @@ register_backend("custom_op", mlstm=_mlstm_custom_op, slstm=_slstm_custom_op)
 
 def mlstm_cell(q, k, v, i, f, state=None, *, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6):
     """mLSTM cell over a sequence with the chosen backend (see the module docstring)."""
-    return _lookup(MLSTM_BACKENDS, backend)(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+    fn = _lookup(MLSTM_BACKENDS, backend)
+    _check_tensors("mlstm_cell", dict(q=q, k=k, v=v, i=i, f=f), state, ("c", "n", "m"))
+    return fn(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
 
 
 def slstm_cell(x, r, b, state=None, *, backend: str = "auto"):
     """sLSTM cell over a sequence with the chosen backend (see the module docstring)."""
-    return _lookup(SLSTM_BACKENDS, backend)(x, r, b, state)
+    fn = _lookup(SLSTM_BACKENDS, backend)
+    _check_tensors("slstm_cell", dict(x=x, r=r, b=b), state, ("h", "c", "n", "m"))
+    return fn(x, r, b, state)
+
+
+def _check_tensors(fn: str, inputs: dict, state, state_names: tuple[str, ...]) -> None:
+    """TypeError naming the argument when an input (or a state entry) is not a torch.Tensor: the
+    backends read .device / .is_cuda before the op's own checks, so a numpy array or a list ended in
+    an AttributeError from inside a backend (or the contract's 'k is on cpu but q is on cpu')."""
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if isinstance(state, (tuple, list)):  # its length and shapes: the op's own check
+        for name, t in zip(state_names, state):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{fn}: state {name} must be a tensor, got {type(t).__name__}")
 
 
 def _lookup(registry: dict[str, Callable], backend: str) -> Callable:

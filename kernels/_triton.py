@@ -43,8 +43,9 @@ def interpreting() -> bool:
 
 
 def triton_runs_on(device) -> bool:
-    """Whether the Triton kernels can run on tensors of ``device`` (CUDA, or CPU when interpreted)."""
-    return triton_available() and (device.type == "cuda" or interpreting())
+    """Whether the Triton kernels can run on tensors of ``device`` (CUDA, or CPU when interpreted;
+    never meta or another device, which the interpreter cannot read)."""
+    return triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
 
 
 def require_triton(fn: str, device) -> None:

@@ -228,6 +228,33 @@ def test_chunk_through_the_backend_registry():
     assert torch.equal(h, h_ref)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto", "custom_op"])
+def test_cell_names_an_argument_that_is_not_a_tensor(backend):
+    """A numpy array or list reached the backends, which read .device / .is_cuda first: an
+    AttributeError ('str' object has no attribute 'type') or the contract's 'k is on cpu but q is
+    on cpu'. Every backend now answers with one TypeError naming the argument."""
+    from xlstm_export.kernels import mlstm_cell
+
+    q, k, v, i, f = make_inputs(1, 2, 3, 16, 16, torch.float32)
+    c, n, m = make_state(1, 2, 16, 16)
+    with pytest.raises(TypeError, match=r"^mlstm_cell: q must be a tensor, got ndarray$"):
+        mlstm_cell(q.numpy(), k, v, i, f, backend=backend)
+    with pytest.raises(TypeError, match=r"^mlstm_cell: f must be a tensor, got list$"):
+        mlstm_cell(q, k, v, i, f.tolist(), backend=backend)
+    with pytest.raises(TypeError, match=r"^mlstm_cell: state n must be a tensor, got NoneType$"):
+        mlstm_cell(q, k, v, i, f, (c, None, m), backend=backend)
+
+
+def test_triton_refuses_meta_tensors():
+    """Under the interpreter every non-CUDA device passed require_triton, so meta tensors ended in
+    'Cannot copy out of meta tensor; no data!' from inside the launch."""
+    from xlstm_export.kernels import mlstm_cell
+
+    inputs = [t.to("meta") for t in make_inputs(1, 2, 3, 16, 16, torch.float32)]
+    with pytest.raises(RuntimeError, match=r"got tensors on meta; Triton runs on CUDA, or on CPU only under"):
+        mlstm_cell(*inputs, backend="triton")
+
+
 @pytest.mark.parametrize(
     "dtype, B, NH, DHQK, DHV",
     [

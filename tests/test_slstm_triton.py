@@ -229,6 +229,28 @@ def test_backend_registry_routes_to_kernel():
     assert rel_err(y, y64) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto", "custom_op"])
+def test_cell_names_an_argument_that_is_not_a_tensor(backend):
+    """A numpy array reached the backends, which read .device / .is_cuda first (an AttributeError);
+    now one TypeError naming the argument, from every backend."""
+    from xlstm_export.kernels import slstm_cell
+
+    x, r, b = make_inputs(1, 2, 3, 16, torch.float32)
+    with pytest.raises(TypeError, match=r"^slstm_cell: x must be a tensor, got ndarray$"):
+        slstm_cell(x.numpy(), r, b, backend=backend)
+    state = tuple(torch.zeros(1, 2, 16) for _ in range(4))
+    with pytest.raises(TypeError, match=r"^slstm_cell: state m must be a tensor, got float$"):
+        slstm_cell(x, r, b, (*state[:3], 0.0), backend=backend)
+
+
+def test_triton_refuses_meta_tensors():
+    from xlstm_export.kernels import slstm_cell
+
+    x, r, b = (t.to("meta") for t in make_inputs(1, 2, 3, 16, torch.float32))
+    with pytest.raises(RuntimeError, match=r"got tensors on meta; Triton runs on CUDA"):
+        slstm_cell(x, r, b, backend="triton")
+
+
 def test_matches_flashrnn_vanilla():
     """Parity with FlashRNN's vanilla sLSTM (an official implementation; our layout mapped to its
     Wx (B, S, 4, NH, DH), R (4, NH, DH_out, DH_in), b (4, NH, DH)). FlashRNN starts a fresh
