@@ -179,6 +179,33 @@ def test_build_refuses_a_profile_without_decode(tmp_path, capsys):
     assert_refused(capsys, args, "excludes 1", tmp_path)
 
 
+@pytest.mark.parametrize("option", ["--batch", "--seq"])
+def test_build_refuses_a_profile_past_int32(tmp_path, capsys, option):
+    """TensorRT's profile shapes are int32: a larger maximum wrapped around (--batch 1 1 99999999999
+    built, its record saying 99999999999) or failed inside the builder (--seq 1 1 3000000000)."""
+    args = [_cell_onnx(tmp_path), "-o", tmp_path / "m.engine", option, "1", "1", str(2**31)]
+    assert_refused(capsys, args, "TensorRT's profile dims are int32, at most 2147483647", tmp_path)
+
+
+def test_build_refuses_a_bad_workspace(tmp_path):
+    for bad in (-1, 0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="workspace_gib must be a number of GiB > 0"):
+            build_engine(_cell_onnx(tmp_path), tmp_path / "m.engine", runtime="tensorrt-rtx", workspace_gib=bad)
+
+
+def test_build_names_a_missing_or_short_data_file(exported, tmp_path, capsys):
+    """An export whose weights lie in <name>.data: that file missing or cut short is named before the
+    build (TensorRT's parser said only that it failed to import the first initializer)."""
+    model = onnx.load(str(exported("tiny-large", "fp32")))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    assert_refused(capsys, [path, "-o", tmp_path / "m.engine"], "m.onnx.data holds 1000 bytes, but tensor", tmp_path)
+    data.unlink()
+    assert_refused(capsys, [path, "-o", tmp_path / "m.engine"], "m.onnx.data, which is missing", tmp_path)
+
+
 def test_build_with_missing_tensorrt_says_what_to_install(tmp_path, capsys):
     if runtime_available("tensorrt"):
         pytest.skip("TensorRT is installed here")

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -179,6 +180,7 @@ def inspect_onnx(onnx_path: str | os.PathLike) -> OnnxInterface:
             out[vi.name] = (_onnx_dtype_name(vi.type.tensor_type.elem_type), dims)
         return out
 
+    _check_external_data(p, model)
     inputs, outputs = io(model.graph.input), io(model.graph.output)
     if "dtype" in meta:
         dtype = contract.canonical_dtype(meta["dtype"])
@@ -194,6 +196,30 @@ def inspect_onnx(onnx_path: str | os.PathLike) -> OnnxInterface:
     return OnnxInterface(inputs, outputs, dtype, nodes, config, meta)
 
 
+def _check_external_data(path: Path, model) -> None:
+    """Every initializer stored outside ``path`` (``<name>.data``) lies whole in its file beside it:
+    else one FileNotFoundError / ValueError naming the file (TensorRT's parser only says that it
+    failed to import the first such initializer)."""
+    import onnx
+
+    sizes: dict[str, int | None] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in t.external_data}
+        location = entry.get("location", "")
+        data = path.parent / location
+        if location not in sizes:
+            sizes[location] = data.stat().st_size if location and data.is_file() else None
+        if sizes[location] is None:
+            raise FileNotFoundError(f"{path}: its weights are stored in {data}, which is missing: keep the "
+                                    f"{Path(location).name or '.data'} file beside the .onnx file (or export again)")
+        end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+        if end > sizes[location]:
+            raise ValueError(f"{path}: {data} holds {sizes[location]} bytes, but tensor {t.name} ends at byte {end}: "
+                             "the data file is truncated or belongs to another export")
+
+
 def _dim_kind(input_name: str, dim: int | str) -> str:
     if dim in BATCH_NAMES:
         return "batch"
@@ -203,9 +229,15 @@ def _dim_kind(input_name: str, dim: int | str) -> str:
                      f"{SEQUENCE_NAMES}; export with static dims except batch and sequence")
 
 
+MAX_PROFILE_DIM = 2**31 - 1  # TensorRT's profile shapes are int32: a larger value wraps around (no error)
+
+
 def _check_range(name: str, r: Sequence[int]) -> tuple[int, int, int]:
-    if len(r) != 3 or not all(isinstance(x, int) for x in r) or not 1 <= r[0] <= r[1] <= r[2]:
+    if (len(r) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            or not 1 <= r[0] <= r[1] <= r[2]):
         raise ValueError(f"{name} range must be (min, opt, max) ints with 1 <= min <= opt <= max, got {r!r}")
+    if r[2] > MAX_PROFILE_DIM:
+        raise ValueError(f"{name} range {tuple(r)}: TensorRT's profile dims are int32, at most {MAX_PROFILE_DIM}")
     return tuple(r)  # type: ignore[return-value]
 
 
@@ -394,6 +426,8 @@ def build_engine(
         raise ValueError(f"{engine_path}: the engine would overwrite the ONNX file it is built from")
     iface = inspect_onnx(onnx_path)
     batch, seq = _check_range("batch", batch), _check_range("seq", seq)
+    if workspace_gib is not None and not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < math.inf):
+        raise ValueError(f"workspace_gib must be a number of GiB > 0 (None: the runtime's default), got {workspace_gib!r}")
     if seq[0] != 1:
         raise ValueError(f"the sequence range {seq} excludes 1: decode steps run at S = 1, so the profile's "
                          f"minimum sequence length must be 1 (e.g. --seq {' '.join(map(str, DEFAULT_SEQ))})")
