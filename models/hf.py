@@ -142,9 +142,30 @@ def state_dict_from_transformers(tensors: Tensors, config: xLSTMConfig) -> Tenso
     return out
 
 
+def _integer(f: dict[str, Any], name: str, source: str) -> int:
+    """``f[name]`` as an int: an int, or a float without a fraction (4.0); else CheckpointError (int()
+    took 4.5 heads as 4)."""
+    v = f[name]
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        alias = {"embedding_dim": " (hidden_size)", "num_blocks": " (num_hidden_layers)"}.get(name, "")
+        raise CheckpointError(f"{source}: {name}{alias} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _flag(f: dict[str, Any], name: str, source: str) -> bool:
+    """``f[name]`` as a bool: true / false only (the string "false" is truthy)."""
+    v = f[name]
+    if not isinstance(v, bool):
+        raise CheckpointError(f"{source}: {name} must be true or false, got {v!r}")
+    return v
+
+
 def large_config(f: dict[str, Any], *, source: str) -> xLSTMConfig:
-    """Our 'large' config from the xLSTMLargeConfig / transformers xLSTMConfig fields in ``f``."""
-    if f["use_bias"]:
+    """Our 'large' config from the xLSTMLargeConfig / transformers xLSTMConfig fields in ``f``.
+    Integer fields must hold integers and flags booleans (CheckpointError naming the field)."""
+    ints = {n: _integer(f, n, source) for n in ("vocab_size", "embedding_dim", "num_blocks", "num_heads",
+                                                 "ffn_round_up_to_multiple_of")}
+    if _flag(f, "use_bias", source):
         raise CheckpointError(f"{source}: use_bias=True (biases on the RMS/multi-head norms) is not supported")
     if "siging" in str(f["chunkwise_kernel"]):
         raise CheckpointError(
@@ -153,16 +174,16 @@ def large_config(f: dict[str, Any], *, source: str) -> xLSTMConfig:
         )
     if f["weight_mode"] not in ("single", "fused"):
         raise CheckpointError(f"{source}: weight_mode {f['weight_mode']!r} (expected 'single' or 'fused')")
-    E = int(f["embedding_dim"])
-    x, m = E * float(f["ffn_proj_factor"]), int(f["ffn_round_up_to_multiple_of"])
+    E = ints["embedding_dim"]
+    x, m = E * float(f["ffn_proj_factor"]), ints["ffn_round_up_to_multiple_of"]
     ffn_dim = int(((x + m - 1) // m) * m)  # the official rounding (differs from ceil for x just above a multiple)
     factor, multiple = ffn_factor(ffn_dim, E, float(f["ffn_proj_factor"]), m)
     fields = dict(
-        architecture="large", vocab_size=int(f["vocab_size"]), embedding_dim=E,
-        num_blocks=int(f["num_blocks"]), num_heads=int(f["num_heads"]),
+        architecture="large", vocab_size=ints["vocab_size"], embedding_dim=E,
+        num_blocks=ints["num_blocks"], num_heads=ints["num_heads"],
         qk_dim_factor=float(f["qk_dim_factor"]), v_dim_factor=float(f["v_dim_factor"]),
         gate_soft_cap=_cap(f["gate_soft_cap"]), output_logit_soft_cap=_cap(f["output_logit_soft_cap"]),
-        add_out_norm=bool(f["add_out_norm"]), bias=False, ffn_proj_factor=factor, ffn_round_up_to=multiple,
+        add_out_norm=_flag(f, "add_out_norm", source), bias=False, ffn_proj_factor=factor, ffn_round_up_to=multiple,
         norm_eps=float(f["norm_eps"]), cell_eps=float(f["eps"]),
     )
     config = make_config(fields, source)

@@ -579,6 +579,24 @@ def test_transformers_dict_without_transformers_fields():
         config_from_transformers_dict({"hidden_size": 64, "num_heads": 2}, not_a_field=1)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_heads", 4.5, "num_heads must be an integer, got 4.5"),  # was int(4.5) = 4 heads
+    ("vocab_size", 256.9, "vocab_size must be an integer, got 256.9"),
+    ("hidden_size", "128", r"embedding_dim \(hidden_size\) must be an integer, got '128'"),
+    ("num_hidden_layers", True, r"num_blocks \(num_hidden_layers\) must be an integer, got True"),
+    ("use_bias", "false", "use_bias must be true or false, got 'false'"),  # was read as true
+], ids=["heads-4.5", "vocab-256.9", "hidden-str", "layers-bool", "bias-str"])
+def test_transformers_dict_malformed_values(field, value, message):
+    """A config.json value of the wrong type is one CheckpointError naming the field, not truncated
+    (4.5 heads read as 4) or taken for its truthiness."""
+    from xlstm_export.models.convert import config_from_transformers_dict
+
+    raw = {"model_type": "xlstm", "hidden_size": 128, "num_hidden_layers": 2, "num_heads": 4, "vocab_size": 256}
+    assert config_from_transformers_dict({**raw, "num_heads": 4.0}).num_heads == 4  # an integral float is fine
+    with pytest.raises(CheckpointError, match=message):
+        config_from_transformers_dict({**raw, field: value})
+
+
 def test_exported_transformers_directory_matches_transformers(tmp_path):
     """transformers directory -> `xlstm-export export` -> onnxruntime == transformers' own logits,
     prefill and decode steps carrying the ONNX state."""
