@@ -488,3 +488,24 @@ def test_ort_model_run_validates_inputs(exported):
     with pytest.raises(ValueError, match="missing"):
         om.run(np.zeros((2, 3), np.int64), {})
 
+
+
+def test_ort_model_refuses_float_ids_and_bad_options(exported):
+    """Float token ids were truncated (2.7 ran as token 2), a list for the state was an
+    AttributeError, providers="CPUExecutionProvider" was read letter by letter (a warning per letter,
+    then onnxruntime's fallback) and intra_op_threads=-1 taken silently."""
+    _, path, om = exported("large")
+    for ids in (np.array([[1.0, 2.7]]), torch.tensor([[1.0, 2.7]]), [[1.0, 2.7]]):
+        with pytest.raises(TypeError, match="input_ids must be integer token ids, got float"):
+            om.run(ids, None)
+    with pytest.raises(TypeError, match="input_ids must be integer token ids"):
+        om.decoder()(np.array([[1.5]]), None)
+    for ids in ([[1, 2]], torch.tensor([[1, 2]]), np.array([[1, 2]], np.int32)):  # integers of any kind
+        assert om.run(ids, None)[0].shape == (1, 2, 256)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        om.run(np.zeros((1, 2), np.int64), [0])
+    with pytest.raises(TypeError, match="providers must be a list of provider names"):
+        OrtModel(path, providers="CPUExecutionProvider")
+    for bad in (-1, 0, "2", True):
+        with pytest.raises(ValueError, match="intra_op_threads must be an int >= 1"):
+            OrtModel(path, intra_op_threads=bad)

@@ -118,6 +118,17 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
             "metadata": meta, "xlstm_ops": xlstm_ops, "logits_from": logits_from}
 
 
+def _check_integer(ids) -> None:
+    """TypeError unless ``ids`` (numpy, torch or nested lists) holds integers."""
+    dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
+    if hasattr(dtype, "is_floating_point"):  # torch
+        ok = not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool")
+    else:
+        ok = np.dtype(dtype).kind in "iu" or np.asarray(ids).size == 0  # [[]]: its shape is refused
+    if not ok:
+        raise TypeError(f"input_ids must be integer token ids, got {str(dtype).replace('torch.', '')}")
+
+
 def _to_numpy(x, dtype) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu()
@@ -265,7 +276,10 @@ class ExportedModel:
         return {k: np.zeros((batch, *s), dtype=np.float32) for k, s in self.state_shapes.items()}
 
     def _token_ids(self, input_ids) -> np.ndarray:
-        """input_ids as int64 (B, S), checked against the vocabulary."""
+        """input_ids as int64 (B, S), checked against the vocabulary: integers only (float ids were
+        truncated: 2.7 ran as token 2)."""
+        if not (type(input_ids) is np.ndarray and input_ids.dtype == np.int64):
+            _check_integer(input_ids)
         ids = _as_array(input_ids, np.int64)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"input_ids must have shape (B, S) with B, S >= 1, got {ids.shape}")
@@ -281,6 +295,9 @@ class ExportedModel:
         B = ids.shape[0]
         if state is None:
             state = self.init_state(B)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict of state name -> array (None: fresh sequences), got "
+                            f"{type(state).__name__}")
         if state.keys() != self._state_key_set:
             missing = sorted(self._state_key_set - set(state))
             extra = sorted(set(state) - self._state_key_set)
@@ -309,11 +326,18 @@ class OrtModel(ExportedModel):
                  decode_step: bool = True):
         import onnxruntime as ort
 
+        if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):
+            raise TypeError(f"providers must be a list of provider names, e.g. ['CPUExecutionProvider'], "
+                            f"got {providers!r}")  # a str was taken letter by letter
+        if intra_op_threads is not None and (isinstance(intra_op_threads, bool)
+                                             or not isinstance(intra_op_threads, int) or intra_op_threads < 1):
+            raise ValueError(f"intra_op_threads must be an int >= 1 (None: onnxruntime's default), "
+                             f"got {intra_op_threads!r}")
         info = self._read_interface(path)
         opts = session_options or ort.SessionOptions()
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
-        providers = providers or ["CPUExecutionProvider"]
+        providers = list(providers or ["CPUExecutionProvider"])
         # bfloat16 on the CPU provider: float32 arithmetic over the bf16 weights (see upcast_bfloat16)
         self.upcast = self.dtype == "bfloat16" and providers[0] == "CPUExecutionProvider"
         self.native_ops = native_ops
