@@ -435,3 +435,28 @@ def test_resume_names_a_data_file_whose_bytes_changed(tmp_path, capsys):
         assert T.main(["-o", str(out), "--resume", "--quiet"]) == 0
     out_text = capsys.readouterr().out
     assert f"note: data file {data.resolve()} changed since the checkpoint (1800 bytes then, 2010 now)" in out_text, out_text
+
+
+def test_resume_names_a_checkpoint_stranded_by_a_killed_swap(trained, tmp_path, capsys):
+    """A save killed outright between the two renames of the swap leaves no DIR, the previous
+    checkpoint as .DIR.*.tmp.old and the new one as .DIR.*.tmp beside it: --resume only said 'holds no
+    checkpoint'. It now names the folder holding the newest whole checkpoint."""
+    import shutil
+
+    _, out = trained
+    ckpt = tmp_path / "ckpt"
+    older = tmp_path / ".ckpt.ab12cd.tmp.old"
+    newer = tmp_path / ".ckpt.ab12cd.tmp"
+    shutil.copytree(out, older)
+    shutil.copytree(out, newer)
+    state = torch.load(newer / T.TRAINER_STATE_NAME, weights_only=True)
+    state["step"] = 11
+    torch.save(state, newer / T.TRAINER_STATE_NAME)
+    partial = tmp_path / ".ckpt.zz99zz.tmp"  # killed while writing: no trainer state yet
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    _fails(capsys, ["-o", str(ckpt), "--resume", "--quiet"],
+           f"holds no checkpoint (config.json + {T.TRAINER_STATE_NAME}); a save killed while swapping it in "
+           f"left the checkpoint of step 11 in {newer}: move that folder to {ckpt} and resume")
+    _fails(capsys, ["-o", str(tmp_path / "other"), "--resume", "--quiet"], "holds no checkpoint (config.json")
+

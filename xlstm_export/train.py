@@ -366,13 +366,34 @@ def output_path(output: str) -> Path:
     return out
 
 
+def stranded_checkpoint(out: Path) -> tuple[Path, int] | None:
+    """A complete checkpoint of ``out`` left beside it by a save killed outright (SIGKILL, power loss)
+    between the two renames of the swap (fsio.atomic_dir): the previous one moved aside as
+    ``.NAME.*.tmp.old``, the new one staged as ``.NAME.*.tmp``. The newest of them, with its step."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.*.tmp*"):
+        if not p.name.endswith((".tmp", ".tmp.old")) or not (p / "config.json").is_file():
+            continue
+        try:  # the trainer state is written last: readable means the folder is whole
+            found.append((int(torch.load(p / TRAINER_STATE_NAME, map_location="cpu", weights_only=True)["step"]), p))
+        except Exception:
+            continue
+    if not found:
+        return None
+    step, path = max(found, key=lambda sp: sp[0])
+    return path, step
+
+
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Fail before training when the output directory cannot take a checkpoint."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"output {out} exists and is not a directory")
     if resume:
         if not (out / TRAINER_STATE_NAME).is_file() or not (out / "config.json").is_file():
-            raise TrainError(f"--resume: {out} holds no checkpoint (config.json + {TRAINER_STATE_NAME})")
+            left = stranded_checkpoint(out)
+            hint = (f"; a save killed while swapping it in left the checkpoint of step {left[1]} in {left[0]}: "
+                    f"move that folder to {out} and resume") if left else ""
+            raise TrainError(f"--resume: {out} holds no checkpoint (config.json + {TRAINER_STATE_NAME}){hint}")
     elif out.is_dir() and any(out.iterdir()):
         if not is_checkpoint_dir(out):
             raise TrainError(f"output {out} exists, is not empty and is not a checkpoint; choose another -o")
