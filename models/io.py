@@ -32,6 +32,9 @@ def save_pretrained(model, directory) -> Path:
 
     An existing ``directory`` is replaced whole, so it must be empty or hold only what a model
     directory holds (:func:`check_replaceable`): anything else raises OSError, nothing deleted."""
+    if not all(hasattr(model, a) for a in ("config", "state_dict")):
+        raise TypeError(f"save_pretrained takes an xLSTMLM (xlstm_export.load(source) gives one), got "
+                        f"{type(model).__name__}")
     directory = Path(directory)
     check_replaceable(directory)
     try:

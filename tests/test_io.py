@@ -290,3 +290,12 @@ def test_preset_round_trip(tmp_path):
     ids = _ids(256, 5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+def test_save_pretrained_takes_a_model(tmp_path):
+    """save_pretrained("tiny", DIR) was an AttributeError ('str' object has no attribute 'config')."""
+    from xlstm_export.models import save_pretrained
+
+    with pytest.raises(TypeError, match="save_pretrained takes an xLSTMLM .* got str"):
+        save_pretrained("tiny", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
