@@ -460,3 +460,21 @@ def test_resume_names_a_checkpoint_stranded_by_a_killed_swap(trained, tmp_path, 
            f"left the checkpoint of step 11 in {newer}: move that folder to {ckpt} and resume")
     _fails(capsys, ["-o", str(tmp_path / "other"), "--resume", "--quiet"], "holds no checkpoint (config.json")
 
+
+def test_resume_refuses_moments_of_other_shapes(trained, tmp_path, capsys):
+    """Weights of another shape with a trainer state holding as many parameters: load_state_dict
+    took it and AdamW failed at the first step ('The size of tensor a (128) must match ...')."""
+    import shutil
+
+    from xlstm_export.models.io import write_pretrained
+
+    _, out = trained
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    torch.manual_seed(0)
+    write_pretrained(xLSTMLM(preset("tiny", embedding_dim=64)), mixed)
+    shutil.copy(out / T.TRAINER_STATE_NAME, mixed / T.TRAINER_STATE_NAME)
+    _fails(capsys, ["-o", str(mixed), "--resume", "--quiet", "--steps", "12"],
+           "optimizer state does not fit the model (exp_avg of ")
+    assert T.load_trainer_state(mixed)["step"] == 10  # nothing written
+

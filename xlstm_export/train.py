@@ -457,6 +457,21 @@ def load_trainer_state(out: Path) -> dict:
     return state
 
 
+def _check_optimizer_shapes(optimizer, model, path: Path) -> None:
+    """load_state_dict checks the number of parameters only: moments of other shapes (weights and
+    trainer state from different runs) failed at the first step inside AdamW."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, t in optimizer.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                    raise TrainError(
+                        f"{path}: optimizer state does not fit the model ({key} of {names.get(id(p), '?')} is "
+                        f"{tuple(t.shape)}, the parameter {tuple(p.shape)}); the weights and the trainer state "
+                        "come from different runs"
+                    )
+
+
 # --- the loop --------------------------------------------------------------------------------------
 class _Reporter:
     """Rank 0's output: a tqdm bar on a terminal, otherwise a log line every `log_every` steps.
@@ -590,6 +605,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise TrainError(f"{out / TRAINER_STATE_NAME}: optimizer state does not fit the model ({e})") from None
+        _check_optimizer_shapes(optimizer, model, out / TRAINER_STATE_NAME)
         for group, wd in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
             group["weight_decay"] = wd  # the command line wins over the saved value
         evals = [(int(s), float(v)) for s, v in state["evals"]]
