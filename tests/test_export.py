@@ -415,6 +415,16 @@ def test_export_rejects_bad_destinations(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.onnx"] + (["ro"] if os.geteuid() else []))
 
 
+def test_export_refuses_a_meta_model(tmp_path):
+    """A model built on the meta device (no weights) is one ValueError naming export_checkpoint (it
+    failed inside torch.onnx's passes: "PassError: An error occurred when running ...")."""
+    from xlstm_export.export_stream import meta_model
+
+    with pytest.raises(ValueError, match="meta device .*export_checkpoint"):
+        export_onnx(meta_model(preset("tiny-large", num_blocks=1)), tmp_path / "m.onnx", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_one_folder_one_tokenizer(tmp_path):
     """Runtimes read a model's tokenizer from the files beside its .onnx. An export whose tokenizer
     files differ from those of another .onnx in the folder is refused (before any work); where it

@@ -558,6 +558,9 @@ def export_onnx(
         if not hasattr(model, attr):
             raise ValueError(f"export_onnx needs an xLSTMLM (xlstm_export.models); "
                              f"{type(model).__name__} has no {attr!r}")
+    if weights is None and any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model is on the meta device (shapes, no weights): export a checkpoint directory "
+                         "with export_stream.export_checkpoint, or load the model first")
     out = Path(path)
     if out.suffix != ".onnx":
         raise ValueError(f"output path must end in .onnx, got {str(out)!r}")
