@@ -519,3 +519,17 @@ def test_ort_model_refuses_float_ids_and_bad_options(exported):
     for bad in (-1, 0, "2", True):
         with pytest.raises(ValueError, match="intra_op_threads must be an int >= 1"):
             OrtModel(path, intra_op_threads=bad)
+
+
+def test_native_ops_on_an_inline_export_say_why(exported, tmp_path):
+    """native_ops on an --inline export (no xlstm nodes to replace): one ValueError saying so, before
+    the kernels are built (it was 'onnxruntime cannot load it: the model has no xlstm::mLSTM /
+    xlstm::sLSTM function body to run natively')."""
+    from xlstm_export.export import inline_xlstm
+
+    _, path, _ = exported("large")
+    inline = tmp_path / "inline.onnx"
+    onnx.save(inline_xlstm(onnx.load(str(path))), str(inline))
+    with pytest.raises(ValueError, match="this --inline export has none .* export without --inline"):
+        OrtModel(inline, native_ops=True)
+    assert OrtModel(inline).run(np.zeros((1, 2), np.int64))[0].shape == (1, 2, 256)

@@ -356,6 +356,10 @@ class OrtModel(ExportedModel):
         if native_ops:
             if providers[0] != "CPUExecutionProvider":
                 raise ValueError(f"native_ops are CPU kernels; the first provider is {providers[0]}")
+            if not info["xlstm_ops"]:  # an --inline export: nothing for the kernels to replace
+                raise ValueError(f"{self.path}: native ops replace the xlstm::mLSTM / xlstm::sLSTM nodes, and this "
+                                 "--inline export has none (standard ops only): run it without native ops, or "
+                                 "export without --inline")
             from . import ort_native
 
             ort_native.register(opts)  # builds the library on first use (a C++ compiler is needed)
