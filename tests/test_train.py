@@ -478,3 +478,38 @@ def test_resume_refuses_moments_of_other_shapes(trained, tmp_path, capsys):
            "optimizer state does not fit the model (exp_avg of ")
     assert T.load_trainer_state(mixed)["step"] == 10  # nothing written
 
+
+def test_resume_and_overwrite_never_delete_files_put_into_the_checkpoint(trained, data_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Every save replaces DIR whole: --resume / --overwrite of a checkpoint holding a user's notes (or
+    the training text itself, --data DIR/corpus.txt) deleted them at the first save, silently. Now
+    refused before training, and a file put into DIR during the run stops the run at the next save
+    instead of being deleted."""
+    import shutil
+
+    _, out = trained
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out, ckpt)
+    (ckpt / "notes.txt").write_text("mine")
+    shutil.copy(data_file, ckpt / "corpus.txt")
+    _fails(capsys, ["-o", str(ckpt), "--resume", "--quiet", "--steps", "12", "--data", str(ckpt / "corpus.txt")],
+           f"output {ckpt} holds what a checkpoint does not (corpus.txt, notes.txt); every save replaces")
+    _fails(capsys, _argv(data_file, ckpt, "--overwrite"), "holds what a checkpoint does not (corpus.txt, notes.txt)")
+    assert (ckpt / "notes.txt").read_text() == "mine" and (ckpt / "corpus.txt").is_file()
+    assert T.load_trainer_state(ckpt)["step"] == 10
+
+    # A file dropped in while the run goes on: the save refuses, the file and the last checkpoint stay.
+    (ckpt / "notes.txt").unlink()
+    (ckpt / "corpus.txt").unlink()
+    evaluate = T.evaluate
+
+    def evaluate_then_drop_a_file(*args, **kwargs):
+        (ckpt / "late.txt").write_text("mine too")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate", evaluate_then_drop_a_file)
+    _fails(capsys, ["-o", str(ckpt), "--resume", "--quiet", "--steps", "11", "--eval-every", "1"],
+           f"cannot write checkpoint {ckpt}: it now holds what a checkpoint does not (late.txt)")
+    assert (ckpt / "late.txt").read_text() == "mine too"
+    assert T.load_trainer_state(ckpt)["step"] == 10
+

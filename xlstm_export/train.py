@@ -384,6 +384,24 @@ def stranded_checkpoint(out: Path) -> tuple[Path, int] | None:
     return path, step
 
 
+def check_only_checkpoint_files(out: Path, *, saving: bool = False) -> None:
+    """Every save replaces DIR whole: refuse (TrainError) when it holds anything a checkpoint does
+    not (notes, logs, the training text itself), which the swap would delete."""
+    from .models.io import _MODEL_DIR_NAMES
+
+    own = {*_MODEL_DIR_NAMES, TRAINER_STATE_NAME}
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                    if not (p.is_file() and (p.name in own or p.suffix == ".safetensors")))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        if saving:
+            raise TrainError(f"cannot write checkpoint {out}: it now holds what a checkpoint does not ({shown}), "
+                             "which replacing the folder would delete; move it out and --resume (the last "
+                             "checkpoint is unchanged)")
+        raise TrainError(f"output {out} holds what a checkpoint does not ({shown}); every save replaces the "
+                         "folder whole and would delete it: move it out of the folder")
+
+
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Fail before training when the output directory cannot take a checkpoint."""
     if out.exists() and not out.is_dir():
@@ -394,7 +412,9 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             hint = (f"; a save killed while swapping it in left the checkpoint of step {left[1]} in {left[0]}: "
                     f"move that folder to {out} and resume") if left else ""
             raise TrainError(f"--resume: {out} holds no checkpoint (config.json + {TRAINER_STATE_NAME}){hint}")
-    elif out.is_dir() and any(out.iterdir()):
+    if (resume or overwrite) and out.is_dir() and is_checkpoint_dir(out):  # replaced at every save
+        check_only_checkpoint_files(out)
+    if not resume and out.is_dir() and any(out.iterdir()):
         if not is_checkpoint_dir(out):
             raise TrainError(f"output {out} exists, is not empty and is not a checkpoint; choose another -o")
         if not overwrite:
@@ -424,6 +444,8 @@ def save_checkpoint(model, out: Path, trainer_state: dict) -> None:
     """
     from .models.io import write_pretrained
 
+    if out.is_dir():  # a file put into DIR while training runs is refused, not deleted
+        check_only_checkpoint_files(out, saving=True)
     try:
         with atomic_dir(out) as stage:
             write_pretrained(model, stage)  # config.json + model.safetensors
