@@ -206,6 +206,27 @@ def test_build_names_a_missing_or_short_data_file(exported, tmp_path, capsys):
     assert_refused(capsys, [path, "-o", tmp_path / "m.engine"], "m.onnx.data, which is missing", tmp_path)
 
 
+def test_trt_model_names_what_is_wrong_with_its_file(tmp_path):
+    """TrtModel of a missing file, a folder or an .onnx said 'TensorRT is not available: pip install
+    tensorrt'; an engine without its build record now says that it was taken for a TensorRT one."""
+    from xlstm_export.tensorrt import TrtModel
+
+    if runtime_available("tensorrt-rtx"):
+        with pytest.raises(FileNotFoundError, match="no such engine file"):
+            TrtModel(tmp_path / "missing.engine", runtime="tensorrt-rtx")
+    with pytest.raises(IsADirectoryError, match="is a directory, expected an engine file"):
+        TrtModel(tmp_path)
+    with pytest.raises(ValueError, match="an ONNX file, not an engine"):
+        TrtModel(_cell_onnx(tmp_path))
+    if runtime_available("tensorrt"):
+        return
+    plan = tmp_path / "bare.engine"
+    plan.write_bytes(b"\0" * 64)
+    with pytest.raises(RuntimeError, match=r"has no build record \(bare\.engine\.json\), so it is taken for a "
+                                           r"TensorRT engine: .*runtime='tensorrt-rtx'"):
+        TrtModel(plan)
+
+
 def test_build_with_missing_tensorrt_says_what_to_install(tmp_path, capsys):
     if runtime_available("tensorrt"):
         pytest.skip("TensorRT is installed here")

@@ -30,6 +30,7 @@ from .engine import (  # noqa: F401  INSTALL_HINT, build_engine, read_build_info
     INSTALL_HINT,
     _dim_kind,
     build_engine,
+    build_info_path,
     import_runtime,
     inspect_onnx,
     read_build_info,
@@ -89,10 +90,25 @@ class TrtModel:
     def __init__(self, plan_path: str | os.PathLike, *, device: str = "cuda", runtime: str | None = None):
         import torch
 
+        p = Path(plan_path)
+        if p.suffix == ".onnx":
+            raise ValueError(f"{p}: an ONNX file, not an engine: build one with `xlstm-export build` (or run the "
+                             "file with OrtModel)")
+        if p.is_dir():
+            raise IsADirectoryError(f"{p}: is a directory, expected an engine file")
         # the runtime that built it (its build record), else TensorRT; AOT plugins live in the plan
         self.build_info = read_build_info(plan_path)
         self.runtime = runtime or (self.build_info["runtime"] if self.build_info else "tensorrt")
-        trt = import_runtime(self.runtime)
+        try:
+            trt = import_runtime(self.runtime)
+        except RuntimeError as e:
+            if runtime or self.build_info or not p.is_file():
+                raise
+            raise RuntimeError(f"{p} has no build record ({build_info_path(p).name}), so it is taken for a TensorRT "
+                               f"engine: {e} An engine built by TensorRT-RTX: TrtModel(..., runtime='tensorrt-rtx'), "
+                               "or keep its record beside it.") from None
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such engine file")
         if not torch.cuda.is_available():
             gpu = "an RTX GPU" if self.runtime == "tensorrt-rtx" else "a CUDA GPU"
             raise RuntimeError(f"running a {self.runtime} engine needs {gpu} (torch.cuda.is_available() is False)")
