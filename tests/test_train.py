@@ -444,15 +444,15 @@ def test_resume_names_a_checkpoint_stranded_by_a_killed_swap(trained, tmp_path, 
     import shutil
 
     _, out = trained
-    ckpt = tmp_path / "ckpt"
-    older = tmp_path / ".ckpt.ab12cd.tmp.old"
-    newer = tmp_path / ".ckpt.ab12cd.tmp"
+    ckpt = tmp_path / "ckpt[1]"  # a glob character in the name too
+    older = tmp_path / ".ckpt[1].ab12cd.tmp.old"
+    newer = tmp_path / ".ckpt[1].ab12cd.tmp"
     shutil.copytree(out, older)
     shutil.copytree(out, newer)
     state = torch.load(newer / T.TRAINER_STATE_NAME, weights_only=True)
     state["step"] = 11
     torch.save(state, newer / T.TRAINER_STATE_NAME)
-    partial = tmp_path / ".ckpt.zz99zz.tmp"  # killed while writing: no trainer state yet
+    partial = tmp_path / ".ckpt[1].zz99zz.tmp"  # killed while writing: no trainer state yet
     partial.mkdir()
     (partial / "config.json").write_text("{}")
     _fails(capsys, ["-o", str(ckpt), "--resume", "--quiet"],

@@ -371,7 +371,9 @@ def stranded_checkpoint(out: Path) -> tuple[Path, int] | None:
     between the two renames of the swap (fsio.atomic_dir): the previous one moved aside as
     ``.NAME.*.tmp.old``, the new one staged as ``.NAME.*.tmp``. The newest of them, with its step."""
     found = []
-    for p in out.parent.glob(f".{out.name}.*.tmp*"):
+    import glob
+
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp*"):
         if not p.name.endswith((".tmp", ".tmp.old")) or not (p / "config.json").is_file():
             continue
         try:  # the trainer state is written last: readable means the folder is whole
