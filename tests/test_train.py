@@ -513,3 +513,25 @@ def test_resume_and_overwrite_never_delete_files_put_into_the_checkpoint(trained
     assert (ckpt / "late.txt").read_text() == "mine too"
     assert T.load_trainer_state(ckpt)["step"] == 10
 
+
+def test_interrupt_ends_the_progress_bar_before_its_line(data_file, tmp_path, capsys, monkeypatch):
+    """On a terminal, Ctrl-C (or any error) mid-run left the bar open: 'xlstm-export train:
+    interrupted; ...' was glued to the bar's last render, and the bar was drawn again after it."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    sample, calls = T.sample_windows, []
+
+    def interrupt_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1 + 3:  # one eval window, then one call per step
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(T, "sample_windows", interrupt_at_step_3)
+    argv = ["--data", str(data_file), "-o", str(tmp_path / "o"), "--steps", "5", "--seq-len", "16",
+            "--batch-size", "2", "--eval-batches", "1", "--warmup", "1"]
+    with torch.random.fork_rng():
+        assert T.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "2/5" in err, err  # the bar was drawn
+    assert err.endswith("\nxlstm-export train: interrupted; the last checkpoint is unchanged\n"), repr(err[-300:])
+

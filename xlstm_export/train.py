@@ -676,78 +676,83 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
     tokens_per_step = cfg.batch_size * cfg.seq_len * d.world_size
     schedule = dict(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=cfg.steps)
     report = _Reporter(cfg, d, start, stop, tokens_per_step)
-    if cfg.warmup >= cfg.steps:  # a short run with the default warmup: a learning rate far below --lr
-        peak = lr_at(cfg.steps - 1, **schedule)
-        report.line(f"note: --warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate only reaches "
-                    f"{peak:.3g} of --lr {cfg.lr:g}; pass a smaller --warmup")
+    try:  # a bar left open would glue the error or "interrupted" line onto its last render
+        if cfg.warmup >= cfg.steps:  # a short run with the default warmup: a learning rate far below --lr
+            peak = lr_at(cfg.steps - 1, **schedule)
+            report.line(f"note: --warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate only reaches "
+                        f"{peak:.3g} of --lr {cfg.lr:g}; pass a smaller --warmup")
 
-    if state is not None:
-        _note_changes(state, cfg, d, report, data_id)
-    else:
-        n_params = model.num_params()
-        report.line(
-            f"training {cfg.preset or 'tiny'} ({n_params:,} parameters) on {device}, "
-            f"{d.world_size} process{'es' if d.enabled else ''}: "
-            f"{train_tokens.numel():,} train / {val_tokens.numel():,} val bytes, "
-            f"{tokens_per_step:,} tokens per step"
-        )
-        loss0 = evaluate(model, eval_windows, device, autocast, d)
-        evals.append((0, loss0))
-        report.line(f"step 0/{stop} | eval loss {loss0:.4f}")
-
-    def checkpoint(step: int) -> None:
-        if d.main:
-            trainer_state = {
-                "format": TRAINER_STATE_FORMAT,
-                "version": TRAINER_STATE_VERSION,
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "world_size": d.world_size,
-                "optimizer": optimizer.state_dict(),
-                "schedule": {"name": "warmup_cosine", **schedule},
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                },
-                "evals": [[s, v] for s, v in evals],
-                "args": cfg.hyperparameters(),
-                "data": data_id,
-            }
-            save_checkpoint(model, out, trainer_state)
-        if d.enabled:
-            dist.barrier()
-
-    t_run, step = time.perf_counter(), start
-    report.restart_clock()
-    for step in range(start + 1, stop + 1):  # `step` counts optimizer steps done after this one
-        lr = lr_at(step - 1, **schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = sample_windows(train_tokens, cfg.batch_size, cfg.seq_len, window_generator(cfg.seed, 0, d.rank, step - 1))
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, S) each
-        with autocast():
-            logits, _ = net(x)  # (B, S, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        if not math.isfinite(gnorm):  # the same all-reduced gradients on every rank
-            report.close()
-            raise TrainError(
-                f"the gradient became {gnorm} at step {step} (loss {loss.item():.4g}); lower --lr "
-                "or --grad-clip. The last checkpoint is unchanged"
+        if state is not None:
+            _note_changes(state, cfg, d, report, data_id)
+        else:
+            n_params = model.num_params()
+            report.line(
+                f"training {cfg.preset or 'tiny'} ({n_params:,} parameters) on {device}, "
+                f"{d.world_size} process{'es' if d.enabled else ''}: "
+                f"{train_tokens.numel():,} train / {val_tokens.numel():,} val bytes, "
+                f"{tokens_per_step:,} tokens per step"
             )
-        optimizer.step()
-        tokens_seen += tokens_per_step
-        report.step(step, loss.item(), lr, gnorm)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            evals.append((step, evaluate(model, eval_windows, device, autocast, d)))
-            report.line(f"step {step}/{stop} | eval loss {evals[-1][1]:.4f}")
-            report.restart_clock()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-            checkpoint(step)
-            report.restart_clock()
+            loss0 = evaluate(model, eval_windows, device, autocast, d)
+            evals.append((0, loss0))
+            report.line(f"step 0/{stop} | eval loss {loss0:.4f}")
+
+        def checkpoint(step: int) -> None:
+            if d.main:
+                trainer_state = {
+                    "format": TRAINER_STATE_FORMAT,
+                    "version": TRAINER_STATE_VERSION,
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "world_size": d.world_size,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": {"name": "warmup_cosine", **schedule},
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                    },
+                    "evals": [[s, v] for s, v in evals],
+                    "args": cfg.hyperparameters(),
+                    "data": data_id,
+                }
+                save_checkpoint(model, out, trainer_state)
+            if d.enabled:
+                dist.barrier()
+
+        t_run, step = time.perf_counter(), start
+        report.restart_clock()
+        for step in range(start + 1, stop + 1):  # `step` counts optimizer steps done after this one
+            lr = lr_at(step - 1, **schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            gen = window_generator(cfg.seed, 0, d.rank, step - 1)
+            x, y = sample_windows(train_tokens, cfg.batch_size, cfg.seq_len, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, S) each
+            with autocast():
+                logits, _ = net(x)  # (B, S, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            if not math.isfinite(gnorm):  # the same all-reduced gradients on every rank
+                report.close()
+                raise TrainError(
+                    f"the gradient became {gnorm} at step {step} (loss {loss.item():.4g}); lower --lr "
+                    "or --grad-clip. The last checkpoint is unchanged"
+                )
+            optimizer.step()
+            tokens_seen += tokens_per_step
+            report.step(step, loss.item(), lr, gnorm)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                evals.append((step, evaluate(model, eval_windows, device, autocast, d)))
+                report.line(f"step {step}/{stop} | eval loss {evals[-1][1]:.4f}")
+                report.restart_clock()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+                checkpoint(step)
+                report.restart_clock()
+    except BaseException:
+        report.close()
+        raise
     elapsed = time.perf_counter() - t_run
     report.close()
     tok_s = (step - start) * tokens_per_step / max(report.total_s, 1e-9)
