@@ -535,3 +535,14 @@ def test_interrupt_ends_the_progress_bar_before_its_line(data_file, tmp_path, ca
     assert "2/5" in err, err  # the bar was drawn
     assert err.endswith("\nxlstm-export train: interrupted; the last checkpoint is unchanged\n"), repr(err[-300:])
 
+
+def test_a_small_lr_alone_names_the_default_min_lr(data_file, tmp_path, capsys):
+    """--lr 3e-5 (a usual fine-tuning rate) without --min-lr was refused as '--min-lr must lie in
+    [0, --lr=3e-05], got 0.0001': an option the user never gave. Now the message says where the
+    value came from and what to pass."""
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--lr", "3e-5"),
+           "--lr 3e-05 is below --min-lr 0.0001 (the default, or the checkpoint's); pass a --min-lr <= --lr too, "
+           "e.g. --min-lr 3e-06")
+    _fails(capsys, _argv(data_file, tmp_path / "o", "--lr", "3e-5", "--min-lr", "1e-4"),
+           "--min-lr must lie in [0, --lr=3e-05], got 0.0001")  # given explicitly: the plain range
+

@@ -113,6 +113,9 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"--lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
+            if self.min_lr > self.lr and "min_lr" not in self.given_options():  # a small --lr alone
+                raise TrainError(f"--lr {self.lr:g} is below --min-lr {self.min_lr:g} (the default, or the "
+                                 f"checkpoint's); pass a --min-lr <= --lr too, e.g. --min-lr {self.lr / 10:g}")
             raise TrainError(f"--min-lr must lie in [0, --lr={self.lr}], got {self.min_lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise TrainError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
@@ -370,9 +373,9 @@ def stranded_checkpoint(out: Path) -> tuple[Path, int] | None:
     """A complete checkpoint of ``out`` left beside it by a save killed outright (SIGKILL, power loss)
     between the two renames of the swap (fsio.atomic_dir): the previous one moved aside as
     ``.NAME.*.tmp.old``, the new one staged as ``.NAME.*.tmp``. The newest of them, with its step."""
-    found = []
     import glob
 
+    found = []
     for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp*"):
         if not p.name.endswith((".tmp", ".tmp.old")) or not (p / "config.json").is_file():
             continue
