@@ -533,3 +533,19 @@ def test_native_ops_on_an_inline_export_say_why(exported, tmp_path):
     with pytest.raises(ValueError, match="this --inline export has none .* export without --inline"):
         OrtModel(inline, native_ops=True)
     assert OrtModel(inline).run(np.zeros((1, 2), np.int64))[0].shape == (1, 2, 256)
+
+
+def test_reexport_without_external_data_removes_the_old_data_file(tmp_path):
+    """Exporting again to the same path with the weights inside the .onnx left the previous
+    export's <name>.data behind (a 7B export's 14 GB), unless another .onnx there reads it."""
+    model = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, external_data=True, progress=False)
+    assert (tmp_path / "m.onnx.data").is_file()
+    export_onnx(model, path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # make_model: no tokenizer
+    export_onnx(model, path, external_data=True, progress=False)
+    (tmp_path / "copy.onnx").write_bytes(path.read_bytes())  # a renamed copy reads m.onnx.data
+    export_onnx(model, path, progress=False)
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert OrtModel(tmp_path / "copy.onnx").run(np.zeros((1, 2), np.int64))[0].shape == (1, 2, 256)

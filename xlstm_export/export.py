@@ -541,7 +541,8 @@ def export_onnx(
     dtype: "fp32" | "fp16" | "bf16" (weights and logits; states stay float32).
     progress: a tqdm bar over the export's stages on stderr (False: none).
     opset: ai.onnx opset (>= 18). external_data: None = automatic (weights over ~2 GB go to
-    ``<name>.data``), True / False to force. inline: write standard ops only (the function bodies
+    ``<name>.data``), True / False to force; a ``<name>.data`` left by an earlier export to ``path``
+    that the new file does not use is removed (unless another .onnx beside it reads it). inline: write standard ops only (the function bodies
     inlined, no ``xlstm`` nodes, no local functions; :func:`inline_xlstm`) for runtimes that take
     neither custom domains nor local functions (OpenVINO). The caller's model is not modified.
     weights: for a model built on the meta device, the source of its tensors
@@ -584,17 +585,36 @@ def export_onnx(
     bar = _progress(stages, progress, f"export {out.name} ({dt})")
     try:
         # data first: a visible .onnx always has its data (and tokenizer files) beside it
+        data_name = out.name + ".data"  # where the weights go when they go beside the model
         with staged_files(parent, last=out.name) as tmpdir:
             _export_into(tmpdir / out.name, model, bar, dt=dt, keys=keys, spec=spec, vocab=vocab,
                          config_json=config_json, opset=opset, external_data=external_data, inline=inline,
                          weights=weights)
             write_tokenizer_files(tokenizer_files, tmpdir)  # self-contained export
+            if not (tmpdir / data_name).exists() and not _data_read_by_others(parent, data_name, out.name):
+                stale.append(data_name)  # a previous export's weights, read by no model now
         for name in stale:  # the previous export's, which this model would be read with
             (parent / name).unlink(missing_ok=True)
         bar.update()
     finally:
         bar.close()
     return out
+
+
+def _data_read_by_others(parent: Path, data_name: str, own: str) -> bool:
+    """Whether an .onnx in ``parent`` other than ``own`` keeps weights in ``data_name`` (a renamed copy
+    of an export still reads its original's data file). Unreadable files count as readers."""
+    for p in parent.glob("*.onnx"):
+        if p.name == own or not p.is_file():
+            continue
+        try:
+            m = onnx.load(str(p), load_external_data=False)
+        except Exception:
+            return True
+        if any(e.key == "location" and e.value == data_name
+               for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data):
+            return True
+    return False
 
 
 def _stale_tokenizer_files(out: Path, parent: Path, files: dict[str, bytes]) -> list[str]:
