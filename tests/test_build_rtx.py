@@ -187,6 +187,14 @@ def test_build_refuses_a_profile_past_int32(tmp_path, capsys, option):
     assert_refused(capsys, args, "TensorRT's profile dims are int32, at most 2147483647", tmp_path)
 
 
+def test_build_refuses_a_folder_in_place_of_its_record(tmp_path, capsys):
+    """A folder named <engine>.json: refused before the build ('[Errno 21] Is a directory' after it)."""
+    (tmp_path / "m.engine.json").mkdir()
+    assert_refused(capsys, [_cell_onnx(tmp_path), "-o", tmp_path / "m.engine"],
+                   "cannot write " + str(tmp_path / "m.engine.json") + ": it is a directory", tmp_path / "m.engine.json")
+    assert sorted(os.listdir(tmp_path)) == ["m.engine.json", "slstm.onnx"]
+
+
 def test_build_refuses_a_bad_workspace(tmp_path):
     for bad in (-1, 0, float("nan"), "1"):
         with pytest.raises(ValueError, match="workspace_gib must be a number of GiB > 0"):

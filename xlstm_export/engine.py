@@ -424,6 +424,9 @@ def build_engine(
         raise ValueError(f"engine path must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(engine_path)!r}")
     if engine_path.resolve() == onnx_path.resolve():
         raise ValueError(f"{engine_path}: the engine would overwrite the ONNX file it is built from")
+    for target in (engine_path, build_info_path(engine_path)):  # before the build, not after it
+        if target.is_dir():
+            raise OSError(f"cannot write {target}: it is a directory")
     iface = inspect_onnx(onnx_path)
     batch, seq = _check_range("batch", batch), _check_range("seq", seq)
     if workspace_gib is not None and not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < math.inf):
