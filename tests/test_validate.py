@@ -269,3 +269,18 @@ def test_cli_engine_must_be_an_engine(exported, capsys):
     assert main(["validate", str(path), "--engine", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "expected a TensorRT engine (.engine or .plan" in err and "pip install" not in err
+
+
+def test_cli_file_checked_before_the_source_loads(tmp_path, capsys, monkeypatch):
+    """A file that is not an export is said before the source model is loaded (for a 7B source,
+    minutes of loading came first)."""
+    from xlstm_export import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the source was loaded")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"not a protobuf")
+    assert main(["validate", str(bad), "--source", "tiny", "--quiet"]) == 2
+    assert "not an ONNX model" in capsys.readouterr().err
