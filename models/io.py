@@ -155,6 +155,7 @@ def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor], source: 
     state_dict = with_tied_head(model.config, state_dict)
     check_tensor_shapes({k: tuple(v.shape) for k, v in expected.items()},
                         {k: tuple(v.shape) for k, v in state_dict.items()}, source)
+    check_floating({k: state_dict[k].dtype for k in expected}, source)
     # A model built on the meta device (xLSTMLM.from_state_dict) takes the tensors themselves
     # (cast only where the dtype differs): no second copy of the weights.
     assign = any(p.is_meta for p in model.parameters())
@@ -170,6 +171,15 @@ def with_tied_head(config: xLSTMConfig, tensors: dict) -> dict:
         tensors = dict(tensors)
         tensors.setdefault("lm_head.weight", tensors["embedding.weight"])
     return tensors
+
+
+def check_floating(dtypes: dict[str, torch.dtype], source: str) -> None:
+    """Name a weight stored as integers (a quantized checkpoint, or a header that lies): a cast to the
+    model's dtype (``--dtype``) would make numbers of the raw integers, not the weights."""
+    for k, dt in dtypes.items():
+        if not dt.is_floating_point:
+            raise CheckpointError(f"{source}: tensor {k!r} is {str(dt).replace('torch.', '')}: not a floating-point "
+                                  "weight (quantized checkpoints are not supported)")
 
 
 def check_tensor_shapes(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str) -> None:

@@ -27,14 +27,14 @@ import torch
 from .config import xLSTMConfig
 from .errors import CheckpointError
 from .hf import state_dict_from_transformers
-from .io import check_tensor_shapes, read_config, safetensors_files, with_tied_head
+from .io import check_floating, check_tensor_shapes, read_config, safetensors_files, with_tied_head
 from .model import xLSTMLM
 
 # safetensors dtype names -> torch dtypes (the float and integer types a checkpoint may hold)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _HEADER_LIMIT = 100 * 1024**2  # safetensors' own limit on the JSON header
 
@@ -90,6 +90,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which this project does not "
+                                  f"read (one of {', '.join(SAFETENSORS_DTYPES)})")
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
@@ -101,6 +104,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
             raise CheckpointError(f"{path}: tensor {name!r} ({entry['dtype']} {list(shape)}) has byte range "
                                   f"[{begin}, {end}) that does not fit its shape or the file")
         out[name] = loc
+    # as safetensors itself (and so load / convert) requires: the byte ranges tile the data exactly,
+    # no two tensors sharing bytes (which would read one tensor's values as another's)
+    at = 0
+    for name, loc in sorted(out.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+        if loc.offset - base != at:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {loc.offset - base}, expected {at}: "
+                                  "overlapping or gapped byte ranges (not a valid safetensors file)")
+        at += loc.nbytes
+    if base + at != size:
+        raise CheckpointError(f"{path}: the tensors cover {at} data bytes, the file holds {size - base}: "
+                              "not a valid safetensors file")
     return out
 
 
@@ -122,6 +136,7 @@ def lazy_state_dict(directory, **overrides) -> tuple[xLSTMConfig, dict[str, Tens
     locations = with_tied_head(config, locations)
     check_tensor_shapes({k: tuple(v.shape) for k, v in expected.items()},
                         {k: loc.shape for k, loc in locations.items()}, str(directory))
+    check_floating({k: locations[k].dtype for k in expected}, str(directory))
     return config, {k: locations[k] for k in expected}
 
 

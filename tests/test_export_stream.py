@@ -173,6 +173,66 @@ def test_truncated_safetensors_named(tmp_path):
         lazy_state_dict(d)
 
 
+def _rewrite_header(f, edit) -> None:
+    """The safetensors file with its JSON header changed by ``edit`` (padded to its old length)."""
+    import struct
+
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    f.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n:])
+
+
+def test_overlapping_or_gapped_byte_ranges_refused(tmp_path):
+    """A header whose byte ranges overlap (two tensors of one shape on the same bytes) or leave
+    bytes over: safetensors (so load / convert) refuses it; `info` and the streamed `export` took
+    it and wrote the second tensor's values in place of the first."""
+    d = tmp_path / "m"
+    load("tiny-large").save_pretrained(d)
+    f = d / "model.safetensors"
+    good = f.read_bytes()
+
+    def share(h):
+        h["blocks.0.igate_preact.weight"]["data_offsets"] = h["blocks.0.fgate_preact.weight"]["data_offsets"]
+
+    _rewrite_header(f, share)
+    with pytest.raises(CheckpointError, match="overlapping or gapped byte ranges"):
+        lazy_state_dict(d)
+    assert cli.main(["export", str(d), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 2
+    assert not (tmp_path / "m.onnx").exists()
+    f.write_bytes(good + b"\0" * 16)  # bytes no tensor holds
+    with pytest.raises(CheckpointError, match="the tensors cover .* data bytes, the file holds"):
+        read_safetensors_header(f)
+
+
+def test_float8_and_integer_checkpoints(tmp_path, capsys):
+    """float8 weights: `info` says so (it raised "choose one with --dtype", an option info has not)
+    and the lazy reads convert them as loading does (the header's F8_E4M3 was 'an unreadable header
+    entry', so `export --dtype` failed where `convert --dtype` worked). Integer weights with a
+    --dtype were cast to garbage floats by convert and export alike: refused by both."""
+    from safetensors.torch import load_file
+
+    d = tmp_path / "f8"
+    load("tiny-large", num_blocks=1).save_pretrained(d)
+    f = d / "model.safetensors"
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(f)).items()}
+    save_file(sd, str(f))
+    _, locations = lazy_state_dict(d)
+    want = from_pretrained(d, dtype="fp16").state_dict()
+    for k, loc in locations.items():
+        assert loc.dtype == torch.float8_e4m3fn and torch.equal(loc.read(torch.float16), want[k]), k
+    assert cli.main(["info", str(d)]) == 0
+    assert "stored as float8_e4m3fn: convert or export it with --dtype" in capsys.readouterr().out
+    save_file({**sd, "embedding.weight": torch.zeros(sd["embedding.weight"].shape, dtype=torch.int8)}, str(f))
+    with pytest.raises(CheckpointError, match="'embedding.weight' is int8: not a floating-point weight"):
+        lazy_state_dict(d)
+    with pytest.raises(CheckpointError, match="'embedding.weight' is int8: not a floating-point weight"):
+        from_pretrained(d, dtype="fp32")
+
+
 def test_real_limit_below_the_optimiser_folding_limit_refused():
     with pytest.raises(ValueError, match="real_limit"):
         StreamedWeights({}, torch.float32, real_limit=16)

@@ -66,7 +66,11 @@ def config_info(source: str) -> dict:
         config, stored = preset(source), "float32 (random weights)"
     elif Path(source).is_dir():
         config, locations = lazy_state_dict(source)  # config.json and the safetensors headers only
-        stored = str(checkpoint_dtype(locations, source)).replace("torch.", "")
+        try:
+            stored = str(checkpoint_dtype(locations, source)).replace("torch.", "")
+        except CheckpointError:  # float8 (integers are refused above): convert / export take --dtype
+            kinds = sorted({str(loc.dtype).replace("torch.", "") for loc in locations.values()})
+            stored = f"{', '.join(kinds)}: convert or export it with --dtype"
     elif Path(source).exists():
         raise CheckpointError(f"{source}: expected a model directory (config.json + safetensors), got a file")
     else:
