@@ -226,6 +226,11 @@ def test_float8_and_integer_checkpoints(tmp_path, capsys):
         assert loc.dtype == torch.float8_e4m3fn and torch.equal(loc.read(torch.float16), want[k]), k
     assert cli.main(["info", str(d)]) == 0
     assert "stored as float8_e4m3fn: convert or export it with --dtype" in capsys.readouterr().out
+    # --json: a dtype name, not prose ("float32 (random weights)" for a preset)
+    for src, dtype, random in ((str(d), "float8_e4m3fn", False), ("tiny", "float32", True)):
+        assert cli.main(["info", src, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["checkpoint_dtype"], info["random_weights"]) == (dtype, random)
     save_file({**sd, "embedding.weight": torch.zeros(sd["embedding.weight"].shape, dtype=torch.int8)}, str(f))
     with pytest.raises(CheckpointError, match="'embedding.weight' is int8: not a floating-point weight"):
         lazy_state_dict(d)

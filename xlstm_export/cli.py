@@ -63,19 +63,19 @@ def config_info(source: str) -> dict:
     from .models.model import checkpoint_dtype
 
     if source in PRESETS:
-        config, stored = preset(source), "float32 (random weights)"
+        config, stored = preset(source), "float32"
     elif Path(source).is_dir():
         config, locations = lazy_state_dict(source)  # config.json and the safetensors headers only
         try:
             stored = str(checkpoint_dtype(locations, source)).replace("torch.", "")
         except CheckpointError:  # float8 (integers are refused above): convert / export take --dtype
-            kinds = sorted({str(loc.dtype).replace("torch.", "") for loc in locations.values()})
-            stored = f"{', '.join(kinds)}: convert or export it with --dtype"
+            stored = ", ".join(sorted({str(loc.dtype).replace("torch.", "") for loc in locations.values()}))
     elif Path(source).exists():
         raise CheckpointError(f"{source}: expected a model directory (config.json + safetensors), got a file")
     else:
         raise CheckpointError(f"{source}: no such preset or directory; presets: {', '.join(PRESETS)}")
-    return {**model_info(meta_model(config)), "checkpoint_dtype": stored}
+    # checkpoint_dtype: a dtype name (or several), machine-readable; random_weights: a preset
+    return {**model_info(meta_model(config)), "checkpoint_dtype": stored, "random_weights": source in PRESETS}
 
 
 def cmd_info(args) -> int:
@@ -91,7 +91,12 @@ def cmd_info(args) -> int:
     print(f"mLSTM heads       {cfg['num_heads']}")
     if cfg["slstm_at"]:
         print(f"sLSTM heads       {cfg['slstm_num_heads']}  at blocks {cfg['slstm_at']}")
-    print(f"parameters        {info['parameters']:,}  (stored as {info['checkpoint_dtype']})")
+    from .models.model import DTYPES  # the dtypes a model computes in (names: float32, ...)
+
+    stored = info["checkpoint_dtype"]
+    note = " (random weights)" if info["random_weights"] else "" if stored in DTYPES else \
+        ": convert or export it with --dtype"
+    print(f"parameters        {info['parameters']:,}  (stored as {stored}{note})")
     print(f"state per seq     {info['state_bytes_per_sequence']:,} bytes (float32, {len(info['state_tensors'])} tensors)")
     return 0
 
