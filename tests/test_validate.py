@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from xlstm_export import validate as V
@@ -284,3 +285,36 @@ def test_cli_file_checked_before_the_source_loads(tmp_path, capsys, monkeypatch)
     bad.write_bytes(b"not a protobuf")
     assert main(["validate", str(bad), "--source", "tiny", "--quiet"]) == 2
     assert "not an ONNX model" in capsys.readouterr().err
+
+
+def test_a_baseline_that_overflows_judges_nothing():
+    """Where PyTorch in the export's dtype overflows (inf), a row's limit was factor x inf and its
+    typical ratio x / inf = 0: logits off by 50% passed. Such rows are held to the floor (atol)."""
+    model = perturbed_model(preset("tiny-large", num_blocks=1), 0)
+    ref, base = V.torch_reference(model), V.torch_runner(model, "fp16")
+
+    def overflowing(ids, state):
+        logits, st = base(ids, state)
+        return logits.index_fill(-1, torch.tensor([0]), float("inf")), st
+
+    def wrong(ids, state):
+        logits, st = base(ids, state)
+        return logits * 1.5, st
+
+    kw = dict(vocab_size=256, dtype="fp16", cases=CASES, decode_steps=1)
+    report = V.compare_runners(wrong, ref, baseline=overflowing, **kw)
+    assert not report.ok and all(not r.ok and r.limit == V.DEFAULT_ATOL["float16"]
+                                 for r in report.rows if r.name == "logits")
+    assert V.compare_runners(base, ref, baseline=overflowing, **kw).ok  # honest rows stay within the floor
+
+
+def test_report_without_typical_ratios_says_why():
+    """A baseline that is exact everywhere (here the reference itself) leaves no row a typical ratio:
+    the report fails, and its table says why (it raised 'cannot unpack non-iterable NoneType')."""
+    model = perturbed_model(preset("tiny-large", num_blocks=1), 0)
+    ref = V.torch_reference(model)
+    report = V.compare_runners(V.torch_runner(model, "fp32"), ref, baseline=ref, vocab_size=256, dtype="fp32",
+                               cases=((1, 3),), decode_steps=1)
+    assert not report.ok
+    assert report.table().splitlines()[-1].endswith("median typical ratio: none (no row has a finite, nonzero "
+                                                    "baseline error to divide by) NO")

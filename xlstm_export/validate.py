@@ -22,7 +22,8 @@ The export passes when
 The baseline's error is what the precision achieves on this model and these inputs: a deep model
 with random weights amplifies rounding far beyond what a fixed tolerance can know, a shallow one
 does not. (1) catches a defect that stands out of the rounding anywhere; ``atol`` is a floor for
-rows where the baseline happens to be nearly exact. (2) catches a small defect that hides in the
+rows where the baseline happens to be nearly exact, and the whole limit of a row where it
+overflowed (inf or nan: it judges nothing). (2) catches a small defect that hides in the
 rounding row by row but moves every slice: on an ill-conditioned model (12 random blocks, fp16)
 two honest fp16 computations differ from float64 by factors of 5-15 in single rows (the rounding
 blows up different slices), yet their typical errors are alike (median ratio 0.6-1.2 measured),
@@ -103,7 +104,7 @@ class Row:
 
     @property
     def typ_ratio(self) -> float | None:
-        if self.typ_base is None or not self.typ_base > 0:
+        if self.typ_base is None or not 0 < self.typ_base < np.inf:  # no baseline, or one that overflowed
             return None
         return self.typ / self.typ_base if np.isfinite(self.typ) else np.inf
 
@@ -179,8 +180,9 @@ class Report:
             else:
                 base_x = _np64(baseline[name])
                 base = _error(case, name, base_x, ref)
-                rows.append(Row(case, name, err, base, max(self.factor * base, self.atol),
-                                _typical_error(act, ref), _typical_error(base_x, ref)))
+                # a baseline that overflowed (inf / nan) judges nothing: the floor alone is the limit
+                limit = max(self.factor * base, self.atol) if np.isfinite(base) else self.atol
+                rows.append(Row(case, name, err, base, limit, _typical_error(act, ref), _typical_error(base_x, ref)))
         self.rows.extend(rows)
         return rows
 
@@ -212,7 +214,9 @@ class Report:
         verdict = "PASS" if self.ok else "FAIL"
         line = (f"{verdict}: {len(self.rows)} comparisons ({self.dtype}); worst {worst.name} in "
                 f"'{worst.case}': err {worst.err:.2e} (limit {worst.limit:.2e}) {'ok' if self.rows_ok else 'NO'}")
-        if self.median is not None:
+        if self.median is not None and self.worst_output_median() is None:
+            line += "; median typical ratio: none (no row has a finite, nonzero baseline error to divide by) NO"
+        elif self.median is not None:
             name, worst = self.worst_output_median()
             line += (f"; median typical ratio {self.median_ratio:.2f} (limit {self.median:g}), worst output "
                      f"{name} {worst:.2f} (limit {OUTPUT_MEDIAN_SCALE * self.median:g}) "
