@@ -132,9 +132,10 @@ def cmd_validate(args) -> int:
     from .validate import DEFAULT_CASES, compare_runners, validate_onnx
 
     _require_file(args.model, ".onnx")
-    from .ort import inspect_model
+    if args.source:  # a file that is not an export: said before the source loads (minutes for 7B)
+        from .ort import inspect_model
 
-    inspect_model(args.model)  # a file that is not an export: said before the source loads (minutes for 7B)
+        inspect_model(args.model)
     if args.engine and args.native_ops:
         raise UserError("--native-ops compares onnxruntime with PyTorch (--source), not with --engine")
     if args.runtime == "openvino" and (args.engine or args.native_ops):
