@@ -892,3 +892,34 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry))
     return out
+
+
+def test_model_id_keeps_a_dotted_name_and_drops_a_model_files_suffix():
+    from xlstm_export.serve.backend import model_id
+
+    assert model_id("xlstm-1.3b") == "xlstm-1.3b"  # a preset: its whole name (was "xlstm-1")
+    assert model_id("runs/tiny-0.5/") == "tiny-0.5"  # a directory
+    assert [model_id(f"out/m.v2{s}") for s in (".onnx", ".engine", ".plan")] == ["m.v2"] * 3
+
+
+def test_an_inline_export_is_served_with_onnxruntimes_own_ops(tmp_path, caplog):
+    """`serve` runs the native kernels by default; an --inline export has no xlstm nodes for them
+    to replace, so it is served by onnxruntime's ops with a warning instead of refused."""
+    import logging
+
+    from xlstm_export.serve.backend import load_backend
+
+    torch.manual_seed(1)
+    model = xLSTMLM(preset("tiny-large", embedding_dim=64, num_heads=2, num_blocks=1)).eval()
+    path = export_onnx(model, tmp_path / "inline.onnx", inline=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="xlstm_export.serve"):
+        backend = load_backend(str(path), max_batch=2, max_state_mb=64)
+    assert backend.label == "onnxruntime" and backend.name == "inline"
+    assert "--inline export" in caplog.text
+    prompt = [3, 1, 4, 1, 5]
+    ref = generate(OrtModel(path).decoder(), np.array([prompt], np.int64), 4).tokens[0].tolist()
+    sched = Scheduler(backend.pool, max_batch=2)
+    seq = sched.submit(prompt, SamplingParams(max_tokens=4, temperature=0))
+    while seq.finish_reason is None:
+        sched.step()
+    assert seq.tokens == ref

@@ -15,7 +15,7 @@ from typing import Any
 
 from .slots import OrtSlots, TorchSlots
 
-__all__ = ["Backend", "check_threads", "load_backend", "session_options", "slot_capacity"]
+__all__ = ["Backend", "check_threads", "load_backend", "model_id", "session_options", "slot_capacity"]
 
 log = logging.getLogger("xlstm_export.serve")
 
@@ -68,8 +68,16 @@ def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str 
     if tokenizer is not None and tokenizer.vocab_size > pool.vocab_size:
         log.warning("the tokenizer has %d tokens, the model %d: ids beyond the model's are refused",
                     tokenizer.vocab_size, pool.vocab_size)
-    return Backend(pool, pool.capacity, tokenizer, name or (p.stem if p.suffix else p.name) or target,
-                   label, pool.vocab_size)
+    return Backend(pool, pool.capacity, tokenizer, name or model_id(target), label, pool.vocab_size)
+
+
+def model_id(target: str) -> str:
+    """The default id of /v1/models: a file's name without its suffix (model.onnx: "model"), a
+    preset's or directory's whole name (xlstm-1.3b stays "xlstm-1.3b")."""
+    p = Path(target)
+    if target.endswith((".onnx", ".engine", ".plan")):
+        return p.stem
+    return p.name or target
 
 
 def session_options(threads: int | None):
@@ -87,11 +95,15 @@ def session_options(threads: int | None):
 
 
 def _onnx_pool(path: Path, max_batch: int, max_state_mb: float, native_ops: bool, threads: int | None):
-    from ..ort import OrtModel
+    from ..ort import OrtModel, inspect_model
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     label = "onnxruntime (native CPU kernels)"
+    if native_ops and not inspect_model(path)["xlstm_ops"]:
+        log.warning("%s is an --inline export (standard ops only, no xlstm nodes for the native CPU kernels "
+                    "to replace): running it with onnxruntime's own ops", path)
+        native_ops = False
     if native_ops:
         from ..plugins.cpu_build import CompilerNotFoundError
 
