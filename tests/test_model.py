@@ -123,6 +123,8 @@ def test_bad_inputs_have_clear_errors():
         preset("no-such-preset")
     with pytest.raises(CheckpointError, match="no such preset or directory"):
         load("no-such-preset-or-dir")
+    with pytest.raises(TypeError, match="preset name or a directory path, got int"):
+        load(5)
     with pytest.raises(ValueError, match="slstm_at"):
         xLSTMConfig(num_blocks=2, slstm_at=[5])
     with pytest.raises(ValueError, match="backend"):
@@ -212,3 +214,15 @@ def test_generate_greedy_matches_argmax_loop():
     s1, _ = model.generate(prompt, 6, temperature=1.0, generator=g1)
     s2, _ = model.generate(prompt, 6, temperature=1.0, generator=g2)
     torch.testing.assert_close(s1, s2)
+
+
+def test_load_seeds_presets_and_refuses_a_seed_for_a_directory(tmp_path):
+    """A preset's weights come from ``seed`` (0 by default); a directory's are read, so a seed given
+    with one is refused instead of silently ignored. A path object is taken like its string."""
+    a, b = load("tiny-large", seed=3), load("tiny-large", seed=4)
+    assert not torch.equal(a.embedding.weight, b.embedding.weight)
+    assert torch.equal(load("tiny-large").embedding.weight, load("tiny-large", seed=0).embedding.weight)
+    a.save_pretrained(tmp_path / "m")
+    assert torch.equal(load(tmp_path / "m").embedding.weight, a.embedding.weight)
+    with pytest.raises(ValueError, match="seed=3 applies to presets"):
+        load(str(tmp_path / "m"), seed=3)
