@@ -486,10 +486,11 @@ SOURCE_HELP = "a preset name (e.g. tiny), a directory written by convert/train, 
 
 
 def _validate_defaults() -> str:
-    from .validate import DEFAULT_ATOL, DEFAULT_FACTOR, DEFAULT_MEDIAN
+    from .validate import DEFAULT_ATOL, DEFAULT_FACTOR, DEFAULT_MEDIAN, OUTPUT_MEDIAN_SCALE
 
-    return "; ".join(f"{d} factor {DEFAULT_FACTOR[d]:g}, atol {DEFAULT_ATOL[d]:g}, median {DEFAULT_MEDIAN[d]:g}"
-                     for d in DEFAULT_FACTOR)
+    per_dtype = "; ".join(f"{d} factor {DEFAULT_FACTOR[d]:g}, atol {DEFAULT_ATOL[d]:g}, median {DEFAULT_MEDIAN[d]:g}"
+                          for d in DEFAULT_FACTOR)
+    return f"{per_dtype}; each output's own median ratio may reach {OUTPUT_MEDIAN_SCALE:g} x MEDIAN"
 
 
 def _float_at_least(low: float, why: str = ""):
@@ -579,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3; prints the new token ids")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="end a completion before this text (repeatable); EOS ends it too")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
@@ -601,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec = b.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="the model must have been exported with --dtype fp16")
     prec.add_argument("--bf16", action="store_true", help="the model must have been exported with --dtype bf16")
-    b.add_argument("--batch", type=int, nargs=3, default=[1, 1, 8], metavar=("MIN", "OPT", "MAX"))
+    b.add_argument("--batch", type=int, nargs=3, default=[1, 1, 8], metavar=("MIN", "OPT", "MAX"),
+                   help="the profile's batch sizes (default: 1 1 8)")
     b.add_argument("--seq", type=int, nargs=3, default=list(DEFAULT_SEQ), metavar=("MIN", "OPT", "MAX"),
                    help=f"the profile's sequence lengths (default: {' '.join(map(str, DEFAULT_SEQ))})")
     b.set_defaults(func=cmd_build)
