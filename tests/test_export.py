@@ -450,6 +450,35 @@ def test_one_folder_one_tokenizer(tmp_path):
         export_onnx(with_tok, tmp_path / "d.onnx", progress=False)
 
 
+def test_other_tools_onnx_files_read_no_tokenizer_and_do_not_count(tmp_path):
+    """The one-tokenizer rule counts this tool's exports only (producer_name, from the file's first
+    bytes): a foreign model beside the export reads no tokenizer and does not block it."""
+    from onnx import TensorProto, helper
+
+    from xlstm_export.export import _made_here
+    from xlstm_export.export_stream import export_checkpoint
+    from xlstm_export.tokenizer import byte_tokenizer_files
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "resnet",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, producer_name="pytorch"), tmp_path / "resnet.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    model = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2)
+    model.tokenizer_files = byte_tokenizer_files()
+    ours = export_onnx(model, tmp_path / "m.onnx", progress=False)  # was refused: "holds empty.onnx, resnet.onnx"
+    (tmp_path / "sub").mkdir()
+    inline = export_onnx(model, tmp_path / "sub" / "i.onnx", progress=False, inline=True)
+    model.save_pretrained(tmp_path / "dir")
+    streamed = export_checkpoint(tmp_path / "dir", tmp_path / "sub" / "s.onnx", progress=False)
+    assert [_made_here(p) for p in (ours, inline, streamed, tmp_path / "resnet.onnx", tmp_path / "empty.onnx")] == \
+        [True, True, True, False, False]
+    without = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2, vocab_size=300)
+    without.tokenizer_files = {}
+    with pytest.raises(ValueError, match=r"holds m\.onnx with"):  # our export still counts
+        export_onnx(without, tmp_path / "n.onnx", progress=False)
+
+
 def test_failed_export_leaves_no_partial_output(tmp_path, monkeypatch):
     """A failure after the graph and weights were written (the checker) leaves nothing behind."""
     import xlstm_export.export as E

@@ -79,6 +79,7 @@ DEFAULT_OPSET = 18  # ai.onnx opset: torchlib's native opset, parsed by TensorRT
 BATCH_DIM = "batch"  # dim_param of the dynamic batch dim
 SEQUENCE_DIM = "sequence"  # dim_param of the dynamic sequence dim
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with room for the graph
+PRODUCER_NAME = "xlstm-export"  # ModelProto.producer_name of every file this tool writes
 FORMAT_VERSION = "1"
 
 
@@ -280,7 +281,7 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
     model.metadata_props.extend(kept)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept},
                                         **{METADATA_PREFIX + k: v for k, v in meta.items()}})
-    model.producer_name = "xlstm-export"
+    model.producer_name = PRODUCER_NAME
     return model
 
 
@@ -620,13 +621,14 @@ def _data_read_by_others(parent: Path, data_name: str, own: str) -> bool:
 def _stale_tokenizer_files(out: Path, parent: Path, files: dict[str, bytes]) -> list[str]:
     """The tokenizer files beside ``out`` (in ``parent``) that this export does not write (runtimes
     read a model's tokenizer from the files beside it): removed once the export is in place. Where
-    the folder holds another .onnx that reads those files and the new ones differ, the export is
-    refused (ValueError) instead: one folder, one tokenizer."""
+    the folder holds another export of this tool (which reads those files) and the new ones differ,
+    the export is refused (ValueError) instead: one folder, one tokenizer. Other .onnx files (a
+    ResNet beside it) read no tokenizer and do not count."""
     present = {n: parent / n for n in TOKENIZER_FILES if (parent / n).is_file()}
     same = set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items())
     if same:
         return []
-    others = sorted(p.name for p in parent.glob("*.onnx") if p.name != out.name)
+    others = sorted(p.name for p in parent.glob("*.onnx") if p.name != out.name and _made_here(p))
     if others:
         held = f"the tokenizer files {', '.join(sorted(present))}" if present else "no tokenizer files"
         why = "has no tokenizer" if not files else "carries other tokenizer files" if present else \
@@ -634,6 +636,44 @@ def _stale_tokenizer_files(out: Path, parent: Path, files: dict[str, bytes]) -> 
         raise ValueError(f"cannot write {out}: {parent} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
                          f"with {held}, and this model {why}; export it into a folder of its own")
     return [n for n in present if n not in files]
+
+
+def _made_here(path: Path) -> bool:
+    """Whether the .onnx at ``path`` was written by this tool (producer_name "xlstm-export"), read
+    from the file's first bytes: a ModelProto serialises ir_version (field 1) and producer_name
+    (field 2) before its graph, so no weights are read. Unreadable or foreign: False."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while pos < len(head):
+            byte = head[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        raise IndexError("truncated")
+
+    try:
+        while pos < len(head):
+            tag = varint()
+            if tag == (1 << 3) | 0:  # ir_version, a varint
+                varint()
+            elif tag == (2 << 3) | 2:  # producer_name, length-delimited
+                n = varint()
+                return head[pos:pos + n] == PRODUCER_NAME.encode()
+            else:  # anything else first: not how this tool's files begin
+                return False
+    except IndexError:
+        return False
+    return False
 
 
 def _export_into(tmp_model: Path, model, bar, *, dt: str, keys: list[str], spec: dict, vocab: int,
