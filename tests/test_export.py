@@ -425,6 +425,15 @@ def test_export_refuses_a_meta_model(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_flags_must_be_booleans(tmp_path):
+    """external_data="no" was taken as true (weights written to m.onnx.data); inline likewise."""
+    model = make_model("large", num_blocks=1, embedding_dim=32, num_heads=2)
+    for kwargs in (dict(external_data="no"), dict(external_data=0), dict(inline="false")):
+        with pytest.raises(ValueError, match="external_data must be None, True or False"):
+            export_onnx(model, tmp_path / "m.onnx", progress=False, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
 def test_one_folder_one_tokenizer(tmp_path):
     """Runtimes read a model's tokenizer from the files beside its .onnx. An export whose tokenizer
     files differ from those of another .onnx in the folder is refused (before any work); where it

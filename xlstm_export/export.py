@@ -543,9 +543,10 @@ def export_onnx(
     progress: a tqdm bar over the export's stages on stderr (False: none).
     opset: ai.onnx opset (>= 18). external_data: None = automatic (weights over ~2 GB go to
     ``<name>.data``), True / False to force; a ``<name>.data`` left by an earlier export to ``path``
-    that the new file does not use is removed (unless another .onnx beside it reads it). inline: write standard ops only (the function bodies
-    inlined, no ``xlstm`` nodes, no local functions; :func:`inline_xlstm`) for runtimes that take
-    neither custom domains nor local functions (OpenVINO). The caller's model is not modified.
+    that the new file does not use is removed (unless another .onnx beside it reads it).
+    inline: write standard ops only (the function bodies inlined, no ``xlstm`` nodes, no local
+    functions; :func:`inline_xlstm`) for runtimes that take neither custom domains nor local
+    functions (OpenVINO). The caller's model is not modified.
     weights: for a model built on the meta device, the source of its tensors
     (:class:`xlstm_export.export_stream.StreamedWeights`, used by ``export_checkpoint``): they are
     read from the checkpoint one at a time while the file is written.
@@ -556,6 +557,9 @@ def export_onnx(
     dt = contract.canonical_dtype(dtype)
     if not isinstance(opset, int) or opset < onnx_functions.DEFAULT_OPSET:
         raise ValueError(f"opset must be an int >= {onnx_functions.DEFAULT_OPSET}, got {opset!r}")
+    if not (external_data is None or isinstance(external_data, bool)) or not isinstance(inline, bool):
+        raise ValueError(f"external_data must be None, True or False and inline True or False, got "
+                         f"external_data={external_data!r}, inline={inline!r}")  # "no" would count as True
     for attr in ("state_spec", "set_backend", "config", "blocks"):
         if not hasattr(model, attr):
             raise ValueError(f"export_onnx needs an xLSTMLM (xlstm_export.models); "

@@ -55,7 +55,7 @@ def default_export_dtype(stored: torch.dtype) -> str:
     """The export dtype that keeps a checkpoint's dtype ("fp32" / "fp16" / "bf16")."""
     if stored not in _EXPORT_DTYPES:
         raise ValueError(f"the checkpoint is stored in {str(stored).replace('torch.', '')}, which an ONNX "
-                         "export cannot keep (fp32, fp16 or bf16): pass --dtype")
+                         "export cannot keep (fp32, fp16 or bf16): choose one with --dtype (dtype=)")
     return _EXPORT_DTYPES[stored]
 
 
