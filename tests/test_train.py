@@ -546,3 +546,17 @@ def test_a_small_lr_alone_names_the_default_min_lr(data_file, tmp_path, capsys):
     _fails(capsys, _argv(data_file, tmp_path / "o", "--lr", "3e-5", "--min-lr", "1e-4"),
            "--min-lr must lie in [0, --lr=3e-05], got 0.0001")  # given explicitly: the plain range
 
+
+
+def test_a_second_run_on_the_same_output_fails_at_once(data_file, tmp_path, capsys):
+    """Two runs with one -o would alternate their saves in the folder: the second finds the first's
+    lock (.NAME.lock beside the folder, held for the whole run) and stops before training. Once
+    the lock is free, a run proceeds, and releases it at its end."""
+    out = tmp_path / "out"
+    with T.output_lock(out, True):  # the first run, mid-training
+        assert (tmp_path / ".out.lock").is_file()
+        _fails(capsys, _argv(data_file, out), f"another training run is writing {out}")
+    assert not out.exists() and not (tmp_path / ".out.lock").exists()  # removed on leaving
+    (tmp_path / ".out.lock").touch()  # left by a run killed outright: its lock went with it
+    assert T.main(_argv(data_file, out, "--eval-batches", "1")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -577,12 +577,60 @@ def evaluate(model, windows, device, autocast, d: Dist) -> float:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the training described by ``cfg`` in this process (one rank of torchrun, or alone)."""
+    d = dist_from_env()
+    out = output_path(cfg.output)
+    with output_lock(out, d.main):
+        return _train(cfg, d, out)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, held: bool) -> Iterator[None]:
+    """One run writes ``out`` at a time: rank 0 (``held``) holds an exclusive flock on
+    ``.NAME.lock`` beside it for the whole run, so a second run with the same ``-o`` fails at once
+    (TrainError) instead of alternating its checkpoints with the first's. The file is removed at the
+    end while still locked; a run that locked a file removed meanwhile (its inode is no longer at
+    the path) tries again. The kernel releases the lock of a run killed outright, and the next run
+    takes over the file it left. Without fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    parent = out.parent if str(out.parent) else Path(".")
+    if not held or fcntl is None or not parent.is_dir():  # a missing parent: check_output_dir says so
+        yield
+        return
+    path = parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only parent: nothing can be saved there either, which check_output_dir says
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TrainError(f"another training run is writing {out} (it holds {path}); wait for it to end, "
+                             "or choose another -o") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file that its holder removed on leaving: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     import torch.distributed as dist
 
     from .models import CheckpointError, from_pretrained, preset, xLSTMLM
 
-    d = dist_from_env()
-    out = output_path(cfg.output)
     state = None
     if cfg.resume:  # the checkpoint's options first: they say which data and window length to read
         check_output_dir(out, resume=True, overwrite=False)
