@@ -61,12 +61,20 @@ def check_replaceable(directory: Path) -> None:
     if Path.cwd().resolve().is_relative_to(directory.resolve()):
         raise OSError(f"cannot write {directory}: it is (or holds) the working directory; "
                       "give a new or empty directory")
-    others = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
-                    if not (p.is_file() and (p.name in _MODEL_DIR_NAMES or p.suffix == ".safetensors")))
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    shown = foreign_entries(directory)
+    if shown:
         raise OSError(f"cannot write {directory}: it holds what a model directory does not ({shown}), which "
                       "replacing it would delete; give a new or empty directory, or a model directory")
+
+
+def foreign_entries(directory: Path, also: tuple[str, ...] = ()) -> str:
+    """What in ``directory`` a model directory does not hold (anything but config.json, safetensors
+    weights, their shard index, the tokenizer files and the names in ``also``), shown as "a, b/ and
+    N more" (folders with a "/"); "" when there is nothing else."""
+    own = {*_MODEL_DIR_NAMES, *also}
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                    if not (p.is_file() and (p.name in own or p.suffix == ".safetensors")))
+    return ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
 
 
 def write_pretrained(model, folder: Path) -> None:

@@ -643,41 +643,19 @@ def _stale_tokenizer_files(out: Path, parent: Path, files: dict[str, bytes]) -> 
 
 
 def _made_here(path: Path) -> bool:
-    """Whether the .onnx at ``path`` was written by this tool (producer_name "xlstm-export"), read
-    from the file's first bytes: a ModelProto serialises ir_version (field 1) and producer_name
-    (field 2) before its graph, so no weights are read. Unreadable or foreign: False."""
+    """Whether the .onnx at ``path`` was written by this tool, read from the file's first bytes: a
+    ModelProto serialises ir_version (field 1: tag 0x08, a varint) and producer_name (field 2: tag
+    0x12, its length, the bytes) before its graph, so no weights are read. Unreadable: False."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError:
         return False
-    pos = 0
-
-    def varint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while pos < len(head):
-            byte = head[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-        raise IndexError("truncated")
-
-    try:
-        while pos < len(head):
-            tag = varint()
-            if tag == (1 << 3) | 0:  # ir_version, a varint
-                varint()
-            elif tag == (2 << 3) | 2:  # producer_name, length-delimited
-                n = varint()
-                return head[pos:pos + n] == PRODUCER_NAME.encode()
-            else:  # anything else first: not how this tool's files begin
-                return False
-    except IndexError:
-        return False
-    return False
+    end = 1  # past ir_version's varint: its bytes with the high bit set, then one without
+    while end < len(head) and head[end] & 0x80:
+        end += 1
+    name = PRODUCER_NAME.encode()
+    return head[:1] == b"\x08" and head[end + 1:end + 3 + len(name)] == b"\x12" + bytes([len(name)]) + name
 
 
 def _export_into(tmp_model: Path, model, bar, *, dt: str, keys: list[str], spec: dict, vocab: int,

@@ -392,13 +392,10 @@ def stranded_checkpoint(out: Path) -> tuple[Path, int] | None:
 def check_only_checkpoint_files(out: Path, *, saving: bool = False) -> None:
     """Every save replaces DIR whole: refuse (TrainError) when it holds anything a checkpoint does
     not (notes, logs, the training text itself), which the swap would delete."""
-    from .models.io import _MODEL_DIR_NAMES
+    from .models.io import foreign_entries
 
-    own = {*_MODEL_DIR_NAMES, TRAINER_STATE_NAME}
-    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                    if not (p.is_file() and (p.name in own or p.suffix == ".safetensors")))
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    shown = foreign_entries(out, also=(TRAINER_STATE_NAME,))
+    if shown:
         if saving:
             raise TrainError(f"cannot write checkpoint {out}: it now holds what a checkpoint does not ({shown}), "
                              "which replacing the folder would delete; move it out and --resume (the last "
