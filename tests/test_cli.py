@@ -80,6 +80,33 @@ def test_validate_passes_and_generate_matches_pytorch(exported, capsys):
     assert ort_tokens == torch_tokens and ort_tokens.startswith("tokens:")
 
 
+@pytest.mark.parametrize("name, kind", [("m.onnx", "onnx"), ("d/M.ONNX", "onnx"), ("m.plan", "engine"),
+                                        ("m.Engine", "engine"), ("tiny", None), ("xlstm-1.3b", None),
+                                        ("m.onnx.data", None)])
+def test_model_file_kind(name, kind):
+    from xlstm_export.interface import model_file_kind
+
+    assert model_file_kind(name) == kind
+
+
+def test_model_file_suffixes_are_case_insensitive(exported, tmp_path, capsys):
+    """A file copied from another system as TINY.ONNX is still an ONNX file to every command that
+    reads one (generate, validate); before, generate took it for a checkpoint directory."""
+    import shutil
+
+    for f in exported.parent.iterdir():  # the .onnx and what lies beside it (tokenizer, any .data)
+        shutil.copy(f, tmp_path / f.name)
+    upper = tmp_path / "TINY.ONNX"
+    (tmp_path / exported.name).rename(upper)
+    args = ["--prompt-ids", "5,17,99", "--max-new-tokens", "6", "--quiet"]
+    assert main(["generate", str(exported), *args]) == 0
+    lower = capsys.readouterr().out
+    assert main(["generate", str(upper), *args]) == 0
+    assert capsys.readouterr().out == lower
+    assert main(["validate", str(upper), "--source", "tiny", "--quiet"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_validate_fails_against_another_model(exported, tmp_path, capsys):
     """A different model (other seed) must fail validation with exit code 1."""
     other = tmp_path / "other"

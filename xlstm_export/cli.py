@@ -182,10 +182,13 @@ def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime")
     """(runner, vocab_size, label) for a preset/model directory, an .onnx file or a TensorRT plan."""
     from .generate import torch_runner
 
-    if native_ops and not target.endswith(".onnx"):
+    from .interface import model_file_kind
+
+    kind = model_file_kind(target)
+    if native_ops and kind != "onnx":
         raise UserError("--native-ops applies to an .onnx target (onnxruntime's CPU provider)")
     if runtime == "openvino":
-        if not target.endswith(".onnx") or native_ops:
+        if kind != "onnx" or native_ops:
             raise UserError("--runtime openvino runs an .onnx file (standard ops), without --native-ops")
         from .openvino_runner import OpenVinoModel
 
@@ -193,13 +196,13 @@ def _runner(target: str, native_ops: bool = False, runtime: str = "onnxruntime")
         _require_openvino()
         m = OpenVinoModel(target)
         return m.run, m.vocab_size, f"OpenVINO ({m.device}, {m.inference_precision})"
-    if target.endswith(".onnx"):
+    if kind == "onnx":
         from .ort import OrtModel
 
         _require_file(target, ".onnx")
         m = OrtModel(target, native_ops=native_ops)
         return m.decoder(), m.vocab_size, "onnxruntime" + (" (native kernels)" if native_ops else "")
-    if target.endswith((".plan", ".engine")):
+    if kind == "engine":
         from .tensorrt import TrtModel
 
         _require_engine(target)
@@ -395,8 +398,10 @@ def cmd_serve(args) -> int:
         raise UserError("serve needs uvicorn and starlette: pip install 'xlstm-export[serve]'") from None
     from .serve import run_server
 
+    from .interface import model_file_kind
+
     target = args.target
-    if target.endswith((".onnx", ".engine", ".plan")):
+    if model_file_kind(target):
         _require_file(target, None)
     run_server(target, host=args.host, port=args.port, max_batch=args.max_batch, max_state_mb=args.max_state_mb,
                max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, name=args.model_name,
@@ -447,16 +452,16 @@ def _require_file(path: str, suffix: str | None) -> None:
         raise UserError(f"{path}: no such file")
     if p.is_dir():
         raise UserError(f"{path}: is a directory, expected a file")
-    if suffix and p.suffix != suffix:
+    if suffix and p.suffix.lower() != suffix:
         raise UserError(f"{path}: expected a {suffix} file")
 
 
 def _require_engine(path: str) -> None:
     """A TensorRT engine file: one of the names `build` writes (.engine / .plan)."""
-    from .engine import ENGINE_SUFFIXES
+    from .interface import ENGINE_SUFFIXES, model_file_kind
 
     _require_file(path, None)
-    if Path(path).suffix not in ENGINE_SUFFIXES:
+    if model_file_kind(path) != "engine":
         raise UserError(f"{path}: expected a TensorRT engine ({' or '.join(ENGINE_SUFFIXES)}, written by "
                         "`xlstm-export build`)")
 

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 from . import contract
 from .fsio import staged_files
+from .interface import ENGINE_SUFFIXES  # noqa: F401  (re-exported: engine.ENGINE_SUFFIXES)
 
 __all__ = ["RUNTIMES", "INSTALL_HINT", "RTX_INSTALL_HINT", "build_engine", "build_info_path",
            "default_runtime", "import_runtime", "inspect_onnx", "read_build_info", "runtime_available",
@@ -64,7 +65,6 @@ SEQUENCE_NAMES = ("sequence", "S")  # dim_params of the dynamic sequence dim
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 RECORD_FORMAT = 1  # version of the <engine>.json layout
 DEFAULT_SEQ = (1, 128, 2048)  # (min, opt, max) sequence length of a profile: build_engine's and `build --seq`'s
-ENGINE_SUFFIXES = (".engine", ".plan")  # what build_engine writes (TensorRT names both)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from .engine import (  # noqa: F401  INSTALL_HINT, build_engine, read_build_info
     inspect_onnx,
     read_build_info,
 )
+from .interface import model_file_kind
 from .validate import Report as ValidationReport  # the one report type (validate_engine's rows: "call j")
 
 __all__ = ["INSTALL_HINT", "tensorrt_available", "build_engine", "TrtModel", "validate_engine",
@@ -91,7 +92,7 @@ class TrtModel:
         import torch
 
         p = Path(plan_path)
-        if p.suffix == ".onnx":
+        if model_file_kind(p) == "onnx":
             raise ValueError(f"{p}: an ONNX file, not an engine: build one with `xlstm-export build` (or run the "
                              "file with OrtModel)")
         if p.is_dir():

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .fsio import atomic_dir
+from .interface import model_file_kind
 
 __all__ = ["ModelInterface", "config_pbtxt", "model_interface", "state_order_safe", "write_triton_repo"]
 
@@ -73,9 +74,10 @@ def state_order_safe(pairs: list[tuple[str, str]]) -> bool:
 
 def model_interface(path: str | os.PathLike) -> ModelInterface:
     p = Path(path)
-    if p.suffix == ".onnx":
+    kind = model_file_kind(p)
+    if kind == "onnx":
         return _onnx_interface(p)
-    if p.suffix in (".engine", ".plan"):
+    if kind == "engine":
         return _engine_interface(p)
     raise ValueError(f"{p}: expected an .onnx file or a TensorRT .engine / .plan")
 

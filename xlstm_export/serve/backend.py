@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..interface import model_file_kind
 from .slots import OrtSlots, TorchSlots
 
 __all__ = ["Backend", "check_threads", "load_backend", "model_id", "session_options", "slot_capacity"]
@@ -56,10 +57,11 @@ def load_backend(target: str, *, max_batch: int, max_state_mb: float, name: str 
 
     check_threads(threads)
     p = Path(target)
-    if target.endswith(".onnx"):
+    kind = model_file_kind(target)
+    if kind == "onnx":
         pool, label = _onnx_pool(p, max_batch, max_state_mb, native_ops, threads)
         tokenizer = load_tokenizer(p)
-    elif target.endswith((".engine", ".plan")):
+    elif kind == "engine":
         pool, label = _engine_pool(p, max_batch, max_state_mb)
         tokenizer = load_tokenizer(p)
     else:
@@ -75,7 +77,7 @@ def model_id(target: str) -> str:
     """The default id of /v1/models: a file's name without its suffix (model.onnx: "model"), a
     preset's or directory's whole name (xlstm-1.3b stays "xlstm-1.3b")."""
     p = Path(target)
-    if target.endswith((".onnx", ".engine", ".plan")):
+    if model_file_kind(target):
         return p.stem
     return p.name or target
 
