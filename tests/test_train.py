@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from xlstm_export import train as T
@@ -211,13 +212,26 @@ def test_ddp_two_processes_on_cpu(data_file, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "xlstm_export.train", "--data", str(data_file), "-o", str(out), "--device", "cpu",
         "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--eval-every", "3", "--eval-batches", "2",
-        "--warmup", "1", "--lr", "3e-3",
+        "--warmup", "1", "--lr", "3e-3", "--log-every", "1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("trained steps 0..3") == 1, proc.stdout  # only rank 0 logs
     assert "cpu, 2 processes" in proc.stdout
     assert "step 3/3 | loss" in proc.stdout  # not a terminal: log lines instead of a bar
+    # The loss shown is the step's over both ranks' windows, not rank 0's alone: step 1 from the
+    # initial weights, each rank's windows drawn from its own (seed, rank, step) stream.
+    train_tokens, _ = T.split_train_val(T.read_bytes(str(data_file)), 16, 0.1)
+    torch.manual_seed(0)
+    model = xLSTMLM(preset("tiny")).train()
+    losses = []
+    with torch.no_grad():
+        for rank in range(2):
+            x, y = T.sample_windows(train_tokens, 2, 16, T.window_generator(0, 0, rank, 0))
+            losses.append(F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item())
+    mean = f"{sum(losses) / 2:.4f}"
+    assert mean != f"{losses[0]:.4f}"  # the check below can tell the two apart
+    assert f"step 1/3 | loss {mean} |" in proc.stdout, (losses, proc.stdout)
     state = torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3
     assert state["tokens_seen"] == 3 * 2 * 16 * 2  # steps * batch * seq_len * ranks

@@ -778,6 +778,10 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
             with autocast():
                 logits, _ = net(x)  # (B, S, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            # The loss shown is the whole step's (every rank's windows), not rank 0's: summed over
+            # ranks while backward runs (equal batches per rank, so the mean of the ranks' means).
+            shown = loss.detach().clone()
+            summing = dist.all_reduce(shown, async_op=True) if d.enabled else None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -790,7 +794,9 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
                 )
             optimizer.step()
             tokens_seen += tokens_per_step
-            report.step(step, loss.item(), lr, gnorm)
+            if summing is not None:
+                summing.wait()
+            report.step(step, shown.item() / d.world_size, lr, gnorm)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 evals.append((step, evaluate(model, eval_windows, device, autocast, d)))
                 report.line(f"step {step}/{stop} | eval loss {evals[-1][1]:.4f}")
