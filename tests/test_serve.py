@@ -508,6 +508,24 @@ def test_a_storm_of_mixed_requests_leaves_the_server_idle_and_correct(served, wh
         assert r.choices[0].model_extra["token_ids"] == solo(om, prompt, 9)
 
 
+def test_a_stop_string_in_the_held_back_end_of_the_text_finishes_as_stop():
+    """The last token is an incomplete UTF-8 character, held back until the sequence ends and then
+    decoded as U+FFFD; a stop string found only there cuts the text and makes the finish "stop"
+    (as a stop string found mid-text does), streamed or not, the token still counted."""
+    tok = load_tokenizer_bytes()
+    sched = Scheduler(_FakePool(2, vocab=256), max_batch=2)  # the next token is the last + 1
+    body = {"model": "small", "prompt": [0xE1], "max_tokens": 1, "temperature": 0}  # generates 0xE2, a lead byte
+    with running_server(sched, tok) as url:
+        c = client(url)
+        assert c.completions.create(**body).choices[0].text == "\ufffd"  # without a stop string
+        r = c.completions.create(**body, stop=["x", "\ufffd"])
+        assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+        chunks = list(c.completions.create(**body, stop=["\ufffd"], stream=True, stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ""
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+        assert chunks[-1].usage.completion_tokens == 1
+
+
 class _FakePool:
     """A slot pool without a model (for the engine's own loop): the next token is (last + 1) %
     vocab; the first ``fail_put`` puts raise."""

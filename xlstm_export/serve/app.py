@@ -141,6 +141,8 @@ class _Completion:
                     reason = "stop"
                 elif reason is not None:
                     text += self.texts[i].finish()
+                    if self.texts[i].stopped:  # the held-back end (an incomplete character) held a stop string
+                        reason = "stop"
                 if text or ids or reason:
                     out.append((i, text, ids, reason))
                 if reason is not None:
