@@ -40,8 +40,8 @@ class xLSTMConfig:
     - Both architectures: ``architecture`` ("paper" | "large"), ``vocab_size``, ``embedding_dim``
       (E), ``num_blocks``, ``num_heads`` (mLSTM heads).
     - "paper" only: ``slstm_at`` (the sLSTM block indices), ``slstm_num_heads``,
-      ``mlstm_proj_factor``, ``qkv_proj_blocksize``, ``conv1d_kernel_size``,
-      ``slstm_conv1d_kernel_size``, ``tie_weights``, ``add_post_blocks_norm``.
+      ``mlstm_proj_factor`` / ``mlstm_round_up_to`` (mLSTM inner width), ``qkv_proj_blocksize``,
+      ``conv1d_kernel_size``, ``slstm_conv1d_kernel_size``, ``tie_weights``, ``add_post_blocks_norm``.
     - "large" only: ``qk_dim_factor``, ``v_dim_factor``, ``gate_soft_cap``,
       ``output_logit_soft_cap``, ``add_out_norm``.
     - Shared details: ``bias``, ``ffn_proj_factor`` / ``ffn_round_up_to`` (FFN width),
@@ -62,7 +62,8 @@ class xLSTMConfig:
     # --- paper architecture --------------------------------------------------------------------
     slstm_at: list[int] = field(default_factory=list)  # block indices that are sLSTM blocks
     slstm_num_heads: int = 4  # sLSTM heads (block-diagonal recurrence)
-    mlstm_proj_factor: float = 2.0  # mLSTM inner width = round_up(factor * E, 64)
+    mlstm_proj_factor: float = 2.0  # mLSTM inner width = round_up(factor * E, mlstm_round_up_to)
+    mlstm_round_up_to: int = 64  # the mLSTM inner width is rounded up to a multiple of this
     qkv_proj_blocksize: int = 4  # q/k/v are block-diagonal projections with blocks of this size
     conv1d_kernel_size: int = 4  # causal depthwise conv in mLSTM blocks (0 = none)
     slstm_conv1d_kernel_size: int = 4  # causal depthwise conv feeding sLSTM i/f gates (0 = none)
@@ -72,8 +73,8 @@ class xLSTMConfig:
     # --- large (7B) architecture ---------------------------------------------------------------
     qk_dim_factor: float = 0.5  # q/k width = qk_dim_factor * E
     v_dim_factor: float = 1.0  # v width = v_dim_factor * E
-    gate_soft_cap: float = 15.0  # i/f pre-activations soft-capped: cap * tanh(x / cap)
-    output_logit_soft_cap: float = 30.0  # logits soft-capped the same way
+    gate_soft_cap: float | None = 15.0  # i/f pre-activations soft-capped: cap * tanh(x / cap); None (or <= 0): none
+    output_logit_soft_cap: float | None = 30.0  # logits soft-capped the same way; None (or <= 0): none
     add_out_norm: bool = True  # final RMSNorm
 
     # --- shared --------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ class xLSTMConfig:
         if self.norm_eps is None:
             self.norm_eps = 1e-5 if self.architecture == "paper" else 1e-6
         self.slstm_at = sorted(int(i) for i in self.slstm_at)
-        for name in ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "chunk_size"):
+        for name in ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "chunk_size", "mlstm_round_up_to",
+                     "ffn_round_up_to"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.architecture == "large" and self.slstm_at:
@@ -120,7 +122,7 @@ class xLSTMConfig:
     @property
     def mlstm_inner_dim(self) -> int:
         """paper: width of the mLSTM branch after the up-projection."""
-        return round_up(self.mlstm_proj_factor * self.embedding_dim, 64)
+        return round_up(self.mlstm_proj_factor * self.embedding_dim, self.mlstm_round_up_to)
 
     @property
     def qk_dim(self) -> int:

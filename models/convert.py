@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .config import round_up, xLSTMConfig
+from .config import xLSTMConfig
 from .errors import CheckpointError
 from .hf import (
     Tensors,
@@ -123,10 +123,10 @@ def _paper_config(cfg) -> tuple[xLSTMConfig, str | None]:
             raise CheckpointError(
                 f"{src}: mLSTM conv1d_kernel_size {layer.conv1d_kernel_size} (the official layer needs >= 1)"
             )
+        factor, multiple = ffn_factor(inner, E, float(layer.proj_factor), int(layer.round_proj_up_to_multiple_of))
         fields.update(
             num_heads=int(layer.num_heads), qkv_proj_blocksize=int(layer.qkv_proj_blocksize),
-            conv1d_kernel_size=int(layer.conv1d_kernel_size),
-            mlstm_proj_factor=_factor_for(inner, E, 64, float(layer.proj_factor), f"{src}: mLSTM inner width"),
+            conv1d_kernel_size=int(layer.conv1d_kernel_size), mlstm_proj_factor=factor, mlstm_round_up_to=multiple,
         )
         biases["mLSTM layer bias"] = bool(layer.bias)
     else:
@@ -299,14 +299,6 @@ def _official_proj_up_dim(layer, E: int) -> int:
     x = float(layer.proj_factor) * E / int(layer.round_proj_up_to_multiple_of)
     x = math.ceil(x) if layer.round_proj_up_dim_up else math.floor(x)
     return int(x * int(layer.round_proj_up_to_multiple_of))
-
-
-def _factor_for(width: int, E: int, multiple: int, factor: float, what: str) -> float:
-    """A proj factor that gives ``width`` under our round_up(factor * E, multiple)."""
-    for f in (factor, width / E):
-        if round_up(f * E, multiple) == width:
-            return f
-    raise CheckpointError(f"{what} {width} is not reachable by rounding factor * {E} up to a multiple of {multiple}")
 
 
 # ================================================================================================

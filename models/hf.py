@@ -10,6 +10,8 @@ A field or tensor that cannot be mapped raises :class:`CheckpointError` naming i
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -51,8 +53,12 @@ def config_from_transformers_dict(raw: dict[str, Any], **overrides) -> xLSTMConf
         value = raw.get(name)
         return TRANSFORMERS_DEFAULTS[name] if value is None else value
 
-    E = _one_of(raw, "hidden_size", "embedding_dim")  # transformers keeps both names in sync
-    blocks = _one_of(raw, "num_hidden_layers", "num_blocks")
+    E = _one_of(raw, "hidden_size", "embedding_dim")  # both widths must agree for the model to run
+    # transformers' xLSTMModel builds ``num_blocks`` blocks; num_hidden_layers only fills it when it is
+    # unset (xLSTMConfig(num_blocks=2) keeps num_hidden_layers=32, its default, beside it)
+    blocks = raw.get("num_blocks")
+    if blocks is None:
+        blocks = raw.get("num_hidden_layers")
     fields = dict(
         embedding_dim=E if E is not None else TRANSFORMERS_DEFAULTS["hidden_size"],
         num_blocks=blocks if blocks is not None else TRANSFORMERS_DEFAULTS["num_hidden_layers"],
@@ -182,7 +188,8 @@ def large_config(f: dict[str, Any], *, source: str) -> xLSTMConfig:
         architecture="large", vocab_size=ints["vocab_size"], embedding_dim=E,
         num_blocks=ints["num_blocks"], num_heads=ints["num_heads"],
         qk_dim_factor=float(f["qk_dim_factor"]), v_dim_factor=float(f["v_dim_factor"]),
-        gate_soft_cap=_cap(f["gate_soft_cap"]), output_logit_soft_cap=_cap(f["output_logit_soft_cap"]),
+        gate_soft_cap=_cap(f, "gate_soft_cap", source),
+        output_logit_soft_cap=_cap(f, "output_logit_soft_cap", source),
         add_out_norm=_flag(f, "add_out_norm", source), bias=False, ffn_proj_factor=factor, ffn_round_up_to=multiple,
         norm_eps=float(f["norm_eps"]), cell_eps=float(f["eps"]),
     )
@@ -199,9 +206,19 @@ def _one_of(raw: dict[str, Any], name: str, alias: str):
     return a if a is not None else b
 
 
-def _cap(value) -> float | None:
-    """Soft caps: None (no cap) stays None; our soft_cap treats None and <= 0 as the identity."""
-    return None if value is None else float(value)
+def _cap(f: dict[str, Any], name: str, source: str) -> float | None:
+    """A soft cap as the official ``cap * tanh(x / cap)`` computes it: None (no cap) stays None; a
+    negative cap is its absolute value there (tanh is odd), so -15 gives 15 (ours would take <= 0
+    for no cap at all); 0, inf and nan compute nan / 0 there, not a model: CheckpointError."""
+    v = f[name]
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise CheckpointError(f"{source}: {name} must be a number or null, got {v!r}")
+    if not math.isfinite(v) or v == 0:
+        raise CheckpointError(f"{source}: {name}={v!r} makes the official cap * tanh(x / cap) nan or 0; "
+                              "give a finite nonzero cap, or null for none")
+    return abs(float(v))
 
 
 def _split_rows(t: torch.Tensor, name: str, sizes: list[int]) -> list[torch.Tensor]:
@@ -213,8 +230,10 @@ def _split_rows(t: torch.Tensor, name: str, sizes: list[int]) -> list[torch.Tens
 
 
 def ffn_factor(width: int, E: int, factor: float, multiple: int) -> tuple[float, int]:
-    """(factor, multiple) that give ``width`` under our round_up(factor * E, multiple)."""
-    for f, m in ((factor, multiple), (width / E, multiple), (width / E, 1)):
+    """(factor, multiple) that give ``width`` under our round_up(factor * E, multiple): the official
+    pair where it does (it rounds up), else one that gives the width the official rounding (down, or
+    up after float error) made; the last pair gives any width >= 1."""
+    for f, m in ((factor, multiple), (width / E, multiple), (width / E, 1), ((width - 0.5) / E, width)):
         if m >= 1 and round_up(f * E, m) == width:
             return f, m
     raise CheckpointError(f"feedforward width {width} cannot be expressed as round_up(factor * {E}, multiple)")
