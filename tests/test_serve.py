@@ -63,9 +63,15 @@ def solo(om: OrtModel, prompt, max_tokens: int) -> list[int]:
 @contextlib.contextmanager
 def running_server(scheduler, tokenizer, name="small"):
     """A uvicorn server for ``scheduler`` on a free loopback port, in a thread; yields its URL."""
+    with serving(create_app(scheduler, model_name=name, tokenizer=tokenizer)) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` served by uvicorn on a free loopback port, in a thread; yields (its URL, the uvicorn server)."""
     import uvicorn
 
-    app = create_app(scheduler, model_name=name, tokenizer=tokenizer)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -75,7 +81,7 @@ def running_server(scheduler, tokenizer, name="small"):
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(MAX_WAIT_S)
@@ -524,6 +530,30 @@ def test_a_stop_string_in_the_held_back_end_of_the_text_finishes_as_stop():
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ""
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
         assert chunks[-1].usage.completion_tokens == 1
+
+
+def test_a_request_whose_body_is_still_arriving_gets_503_at_shutdown():
+    """A client stalled halfway through its body (a slow upload) when the server begins to stop is
+    answered 503 at once, like the requests in flight, and its connection closes; it used to wait
+    for the rest of the body until uvicorn cut it after GRACEFUL_SHUTDOWN_S (with a 500 and a
+    traceback in the log)."""
+    import socket
+
+    app = create_app(Scheduler(_FakePool(2, vocab=256), max_batch=2), model_name="small",
+                     tokenizer=load_tokenizer_bytes())
+    with serving(app) as (url, server):
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": [1, 2")
+            server.servers[0].get_loop().call_soon_threadsafe(app.shut_down)  # what SIGTERM starts
+            reply = b""
+            with contextlib.suppress(TimeoutError):
+                while chunk := s.recv(65536):  # until the server closes the connection
+                    reply += chunk
+        assert reply.startswith(b"HTTP/1.1 503") and b"connection: close" in reply.lower(), reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"] == "the server is shutting down"
 
 
 class _FakePool:

@@ -29,6 +29,7 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -181,6 +182,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
     http_counts: dict[int, int] = {}
     loop_box: dict[str, Any] = {}
     live: set[_Completion] = set()  # the requests in flight (event loop)
+    reading: set[asyncio.Task] = set()  # the requests still waiting for their bodies (event loop)
     closing = False  # set by shut_down
 
     def count(status: int) -> None:
@@ -216,15 +218,27 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
     async def completions(scope, receive, send) -> None:
         """POST /v1/completions, an ASGI app of its own (see _App)."""
         raw = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            if len(raw) > MAX_BODY_BYTES:
-                return await respond(send, 413, error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"))
-            if not message.get("more_body", False):
-                break
+        task = asyncio.current_task()
+        reading.add(task)  # until the body is in, shut_down interrupts the wait for it
+        try:
+            while not closing and len(raw) <= MAX_BODY_BYTES:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                raw += message.get("body", b"")
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not closing:
+                raise
+            if sys.version_info >= (3, 11):
+                task.uncancel()  # shut_down's cancel, handled: the rest of the body is not read
+        finally:
+            reading.discard(task)
+        if closing:  # (the body may be unread: the connection closes after the answer)
+            return await respond(send, 503, error_body(SHUTTING_DOWN, "server_error"), {"Connection": "close"})
+        if len(raw) > MAX_BODY_BYTES:
+            return await respond(send, 413, error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"))
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
@@ -235,8 +249,6 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                                            max_prompts=max_prompts)
         except RequestError as e:
             return await respond(send, e.status, e.body())
-        if closing:
-            return await respond(send, 503, error_body(SHUTTING_DOWN, "server_error"))
         waiter = _Waiter()
         try:
             seqs = scheduler.submit_many(req.prompts, [req.params] * len(req.prompts), [waiter] * len(req.prompts))
@@ -296,6 +308,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         closing = True
         for comp in list(live):
             comp.abort(SHUTTING_DOWN)
+        for task in list(reading):  # a body still on its way (a slow upload, a client that stalled): 503 now
+            task.cancel()
 
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "xlstm-export"}
 
@@ -447,7 +461,6 @@ def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn on the listening socket ``sock`` until interrupted (SIGINT, SIGTERM).
     Shutting down ends the requests in flight at once (``app.shut_down``) and waits at most
     GRACEFUL_SHUTDOWN_S for their connections; then SIGTERM ends the process with exit code 0."""
-    import sys
 
     import uvicorn
 
