@@ -556,6 +556,36 @@ def test_a_request_whose_body_is_still_arriving_gets_503_at_shutdown():
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"] == "the server is shutting down"
 
 
+def test_a_stream_whose_client_stopped_reading_ends_at_shutdown():
+    """A streaming client that stopped reading leaves its stream waiting to write (uvicorn's flow
+    control). Shutting down ends that request's handler at once; it used to wait until uvicorn
+    cancelled it after GRACEFUL_SHUTDOWN_S, which logged a CancelledError traceback. (The
+    connection itself, with its unread bytes, is still cut by uvicorn after that grace time.)"""
+    import socket
+
+    app = create_app(Scheduler(_FakePool(2, vocab=256), max_batch=2), model_name="small",
+                     tokenizer=load_tokenizer_bytes())
+    with serving(app) as (url, server):
+        port = server.servers[0].sockets[0].getsockname()[1]
+        body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 65536, "stream": True}).encode()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon, and is never read
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            state = server.server_state
+            wait_for(lambda: state.connections, "the connection")
+            for c in state.connections:  # the kernel would buffer megabytes of it otherwise
+                c.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            wait_for(lambda: any(c.flow.write_paused for c in state.connections), "the stream to wait for its client")
+            server.servers[0].get_loop().call_soon_threadsafe(app.shut_down)  # what SIGTERM starts
+            deadline = time.monotonic() + 3.0  # well within GRACEFUL_SHUTDOWN_S
+            while state.tasks and time.monotonic() < deadline:  # the requests' handlers
+                time.sleep(0.02)
+            assert not state.tasks, "the stream still waits for a client that does not read"
+            assert metrics(url)["xlstm_active_sequences"] == 0
+
+
 class _FakePool:
     """A slot pool without a model (for the engine's own loop): the next token is (last + 1) %
     vocab; the first ``fail_put`` puts raise."""

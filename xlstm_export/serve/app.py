@@ -46,6 +46,7 @@ log = logging.getLogger("xlstm_export.serve")
 RETRY_AFTER_S = 1
 GRACEFUL_SHUTDOWN_S = 5.0  # at shutdown, connections still open after this long are cut
 SHUTTING_DOWN = "the server is shutting down"
+ABORTED_WRITE_S = 1.0  # after shutdown began, a streamed write waits this long for a client that does not read
 MAX_BODY_BYTES = 32 << 20  # a request body larger than this gets 413
 SWITCH_INTERVAL_S = 0.0002  # GIL hand-over interval while serving (Python's default: 0.005)
 
@@ -108,6 +109,7 @@ class _Completion:
         self.finish: list[str | None] = [None] * len(seqs)
         self.unfinished = len(seqs)
         self.aborted: str | None = None  # why the server ended the request (see abort)
+        self.sending: asyncio.Task | None = None  # the stream's task while it waits to write (see abort)
 
     @property
     def done(self) -> bool:
@@ -161,6 +163,8 @@ class _Completion:
         self.aborted = why
         self.cancel()
         self.waiter.wake()
+        if self.sending is not None:  # a stream whose client stopped reading waits to write: it ends here
+            self.sending.cancel()
 
     def usage(self) -> dict:
         prompt = sum(len(s.prompt) for s in self.seqs)
@@ -431,6 +435,20 @@ class _SSE:
         parts.append(self._tail)
         return b"".join(parts)
 
+    async def _send(self, send, message: dict) -> None:
+        """``send`` that shutting down can interrupt: a client that stopped reading leaves the
+        stream waiting to write (uvicorn's flow control), and ``_Completion.abort`` cancels that
+        wait. Once aborted, a write that cannot go at once is given up (the client is not reading)."""
+        if self.comp.aborted is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(send(message), ABORTED_WRITE_S)
+            return
+        self.comp.sending = asyncio.current_task()
+        try:
+            await send(message)
+        finally:
+            self.comp.sending = None
+
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -438,19 +456,26 @@ class _SSE:
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             async for updates in self.comp.updates(disconnect):
-                await send({"type": "http.response.body", "body": self._token_event(updates), "more_body": True})
+                await self._send(send, {"type": "http.response.body", "body": self._token_event(updates),
+                                        "more_body": True})
             tail = b""
             if self.include_usage:
                 tail = self._event([], self.comp.usage())
-            await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+            await self._send(send, {"type": "http.response.body", "body": tail + b"data: [DONE]\n\n",
+                                    "more_body": False})
         except (_Disconnected, OSError):
             pass  # the client went away
         except RuntimeError as e:
             err = json.dumps(error_body(str(e), "server_error")).encode()
             try:
-                await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n", "more_body": False})
+                await self._send(send, {"type": "http.response.body", "body": b"data: " + err + b"\n\n",
+                                        "more_body": False})
             except OSError:
                 pass
+        except asyncio.CancelledError:
+            if self.comp.aborted is None:  # not ours (abort's): pass it on
+                raise
+            asyncio.current_task().uncancel()  # the server is stopping: uvicorn closes the connection
         finally:
             disconnect.cancel()
             if not self.comp.done:
