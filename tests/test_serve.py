@@ -29,7 +29,7 @@ from xlstm_export.generate import generate  # noqa: E402
 from xlstm_export.models import preset, xLSTMLM  # noqa: E402
 from xlstm_export.ort import OrtModel  # noqa: E402
 from xlstm_export.serve import EngineProcess, OrtSlots, SamplingParams, Scheduler, TorchSlots  # noqa: E402
-from xlstm_export.serve.app import create_app  # noqa: E402
+from xlstm_export.serve.app import _drop_unread_connections, create_app  # noqa: E402
 from xlstm_export.serve.text import CompletionText  # noqa: E402
 from xlstm_export.tokenizer import byte_tokenizer_files, load_tokenizer, write_tokenizer_files  # noqa: E402
 
@@ -558,9 +558,9 @@ def test_a_request_whose_body_is_still_arriving_gets_503_at_shutdown():
 
 def test_a_stream_whose_client_stopped_reading_ends_at_shutdown():
     """A streaming client that stopped reading leaves its stream waiting to write (uvicorn's flow
-    control). Shutting down ends that request's handler at once; it used to wait until uvicorn
-    cancelled it after GRACEFUL_SHUTDOWN_S, which logged a CancelledError traceback. (The
-    connection itself, with its unread bytes, is still cut by uvicorn after that grace time.)"""
+    control). Shutting down ends that request's handler at once, and closes its connection; the
+    server used to wait until uvicorn cancelled the handler after GRACEFUL_SHUTDOWN_S, which
+    logged a CancelledError traceback, and SIGTERM took 5.4 s to exit (now 0.4 s, by hand)."""
     import socket
 
     app = create_app(Scheduler(_FakePool(2, vocab=256), max_batch=2), model_name="small",
@@ -584,6 +584,11 @@ def test_a_stream_whose_client_stopped_reading_ends_at_shutdown():
                 time.sleep(0.02)
             assert not state.tasks, "the stream still waits for a client that does not read"
             assert metrics(url)["xlstm_active_sequences"] == 0
+            # its unread bytes keep the connection open; `serve`'s shutdown drops it instead of
+            # letting it hold the exit for GRACEFUL_SHUTDOWN_S
+            assert state.connections
+            server.servers[0].get_loop().call_soon_threadsafe(_drop_unread_connections, state)
+            wait_for(lambda: not state.connections, "the connection to close")
 
 
 class _FakePool:

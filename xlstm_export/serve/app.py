@@ -491,6 +491,7 @@ def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
+            _drop_unread_connections(self.server_state)  # first: their streams then end as disconnected
             app.shut_down()  # before uvicorn waits for the connections: the streams end now
             await super().shutdown(sockets)
 
@@ -512,6 +513,17 @@ def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _drop_unread_connections(state) -> None:
+    """At shutdown, close at once the connections of clients that stopped reading (uvicorn's flow
+    control has paused writing to them): their unread bytes would otherwise hold the exit for
+    GRACEFUL_SHUTDOWN_S. Reads uvicorn's connection objects (``transport``, ``flow``); where those
+    are missing, the grace time does the same later."""
+    for conn in list(getattr(state, "connections", ())):
+        flow, transport = getattr(conn, "flow", None), getattr(conn, "transport", None)
+        if transport is not None and getattr(flow, "write_paused", False):
+            transport.abort()
 
 
 def _stopped(signum, frame) -> None:
