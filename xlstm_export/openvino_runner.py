@@ -169,7 +169,6 @@ class OpenVinoModel(ExportedModel):
     __call__ = run
 
 
-
 def _upcast_keeping_bf16_weights(model):
     """:func:`ort.upcast_bfloat16` (float32 arithmetic, the graph's own Casts to bfloat16 kept as
     rounding points: the numbers onnxruntime computes), with the top graph's bfloat16 weights kept
