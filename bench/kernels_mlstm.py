@@ -10,12 +10,17 @@ backward (h.backward(dh) with every input requiring grad), timed with triton.tes
 Both kernels return the final state (TFLA with return_last_states=True), neither gets an initial
 state. Published TFLA anchors (H100): fwd 6.37 ms / fwd+bwd 15.25 ms at S=8192; 7.15 / 17.50 at 65,536.
 Needs a CUDA GPU; without one it exits with a message.
+
+Lengths run in the order given (the table is sorted by S). A kernel that fails at a length is
+reported in the table and the others go on; SIGTERM (``timeout``) or Ctrl-C stops the run and
+writes the table of the lengths measured so far, marked partial.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import sys
 from pathlib import Path
 
@@ -83,8 +88,35 @@ def _time(fn, xs, backward: bool, warmup: int, rep: int) -> float:
     return do_bench(step, warmup=warmup, rep=rep, grad_to_none=list(xs), return_mode="median")
 
 
-def _fmt(ms: float | None) -> str:
+def _measure(fn, xs, backward: bool, warmup: int, rep: int) -> float | str:
+    """Median ms of one configuration, or the reason it could not be timed ("OOM", "failed: ...").
+
+    Any error of one kernel (a peer that does not run on this triton, a shape it refuses) is
+    reported in its cell instead of ending the whole run."""
+    try:
+        return _time(fn, xs, backward, warmup, rep)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as exc:  # noqa: BLE001 - reported in the table, the other kernels go on
+        msg = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else ""
+        print(f"# failed: {type(exc).__name__}: {msg}", file=sys.stderr, flush=True)
+        return f"failed: {type(exc).__name__}"
+
+
+def _fmt(ms: float | str | None) -> str:
+    if isinstance(ms, str):
+        return ms
     return "—" if ms is None else f"{ms:.2f}"
+
+
+def _sigterm_stops():
+    """SIGTERM (as ``timeout`` sends it) raises KeyboardInterrupt: the table of what was measured is
+    still written."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,38 +151,45 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = torch.bfloat16
     rows = []
-    for S in args.seq_lens:
-        B = TOKENS // S
-        xs = _inputs(B, S, "cuda", dtype, requires_grad=True)
-        fwd, fwdbwd = {}, {}
-        for name, fn in impls.items():
-            try:
-                fwd[name] = _time(fn, xs, False, args.warmup, args.rep)
-                fwdbwd[name] = _time(fn, xs, True, args.warmup, args.rep)
-            except torch.cuda.OutOfMemoryError:
-                fwd.setdefault(name, None)
-                fwdbwd[name] = None
-                torch.cuda.empty_cache()
-            print(f"# S={S} B={B} {name}: fwd {_fmt(fwd[name])} ms, fwd+bwd {_fmt(fwdbwd[name])} ms",
-                  file=sys.stderr, flush=True)
-        rows.append((S, B, fwd, fwdbwd))
-        del xs
-        torch.cuda.empty_cache()
+    stopped = None
+    _sigterm_stops()
+    try:
+        for S in args.seq_lens:
+            B = TOKENS // S
+            xs = _inputs(B, S, "cuda", dtype, requires_grad=True)
+            fwd, fwdbwd = {}, {}
+            rows.append((S, B, fwd, fwdbwd))  # filled in place: a stopped run keeps a partial row
+            for name, fn in impls.items():
+                fwd[name] = _measure(fn, xs, False, args.warmup, args.rep)
+                fwdbwd[name] = _measure(fn, xs, True, args.warmup, args.rep)
+                print(f"# S={S} B={B} {name}: fwd {_fmt(fwd[name])} ms, fwd+bwd {_fmt(fwdbwd[name])} ms",
+                      file=sys.stderr, flush=True)
+            del xs
+            torch.cuda.empty_cache()
+    except KeyboardInterrupt as exc:  # SIGTERM from a time limit, or Ctrl-C: keep what was measured
+        stopped = f"stopped ({exc or 'interrupted'}) at length {len(rows)} of {len(args.seq_lens)}"
+        print(f"# {stopped}", file=sys.stderr, flush=True)
 
-    names = list(impls)
+    table = _table(torch.cuda.get_device_name(), list(impls), rows, stopped)
+    return report(table, args.write, "mLSTM kernels", "bench/kernels_mlstm.py", argv)
+
+
+def _table(gpu: str, names: list[str], rows: list, stopped: str | None = None) -> str:
+    """The markdown table of ``rows`` ((S, B, fwd, fwdbwd) with {name: ms or note}), sorted by S."""
     lines = [
-        f"mLSTM chunkwise kernels, {torch.cuda.get_device_name()}, bf16, NH={NH}, DHQK={DHQK}, DHV={DHV}, "
-        f"{TOKENS} tokens per batch, median ms (triton.testing.do_bench), {datetime.date.today().isoformat()}",
+        f"mLSTM chunkwise kernels, {gpu}, bf16, NH={NH}, DHQK={DHQK}, DHV={DHV}, "
+        f"{TOKENS} tokens per batch, median ms (triton.testing.do_bench), {datetime.date.today().isoformat()}"
+        + (f"; PARTIAL: {stopped}" if stopped else ""),
         "",
         "| S | B | " + " | ".join(f"fwd {n}" for n in names) + " | " + " | ".join(f"fwd+bwd {n}" for n in names) + " |",
         "|---|---|" + "---:|" * (2 * len(names)),
     ]
-    for S, B, fwd, fwdbwd in rows:
+    for S, B, fwd, fwdbwd in sorted(rows, key=lambda row: row[0]):
         lines.append(
-            f"| {S} | {B} | " + " | ".join(_fmt(fwd[n]) for n in names) + " | "
-            + " | ".join(_fmt(fwdbwd[n]) for n in names) + " |"
+            f"| {S} | {B} | " + " | ".join(_fmt(fwd.get(n)) for n in names) + " | "
+            + " | ".join(_fmt(fwdbwd.get(n)) for n in names) + " |"
         )
-    return report("\n".join(lines), args.write, "mLSTM kernels", "bench/kernels_mlstm.py", argv)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

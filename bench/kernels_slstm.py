@@ -11,6 +11,10 @@ Exits cleanly (status 0, one line) on a machine without CUDA. FlashRNN is option
 (`pip install --no-deps flashrnn`; it needs einops, and `cuda_fused` compiles its CUDA sources
 with nvcc on first use); a backend that is missing or rejects a shape is reported in the table.
 
+``flashrnn_cuda`` compiles for minutes on its first call (per head dim): on a short GPU lease run it
+apart (``--backends ours flashrnn_cuda``). SIGTERM (``timeout``) or Ctrl-C stops the run and writes
+the table of what was measured so far, marked partial.
+
 Timings: CUDA events around each call, median of ``--reps`` after ``--warmup`` calls.
 "fwd" is inference (torch.no_grad: nothing saved); "fwd+bwd" is a forward that keeps what the
 backward needs plus the backward of sum(y * g) to x, r, b. Every backend gets the same values in
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import signal
 import sys
 from pathlib import Path
 
@@ -102,6 +107,14 @@ def _fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else v
 
 
+def _sigterm_stops():
+    """SIGTERM (as ``timeout`` sends it) raises KeyboardInterrupt: the rows measured so far are kept."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(args) -> str:
     import torch
 
@@ -114,35 +127,47 @@ def run(args) -> str:
         "| DH | S | backend | fwd ms | fwd+bwd ms | fwd vs ours | fwd+bwd vs ours |",
         "|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for DH in args.head_dims:
-        for S in args.seq_lens:
-            ours = None
-            for backend in args.backends:
-                if backend == "torch" and S > args.torch_max_seq:
-                    row = ("skipped (S > --torch-max-seq)", "")
-                else:
-                    try:
-                        row = _bench_one(backend, args.batch, args.heads, S, DH, dtype, args.warmup,
-                                         1 if backend == "torch" else args.reps)
-                    except ImportError as e:
-                        row = (f"not installed ({e.name})", "")
-                    except Exception as e:  # a backend that rejects a shape, or fails to build
-                        msg = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
-                        row = (f"failed: {type(e).__name__}: {msg}", "")
-                    finally:
-                        torch.cuda.empty_cache()
-                if backend == "ours" and isinstance(row[0], float):
-                    ours = row
-                ratio = [
-                    f"{row[k] / ours[k]:.2f}x" if ours and isinstance(row[k], float) else ""
-                    for k in (0, 1)
-                ]
-                cells = (DH, S, backend, _fmt(row[0]), _fmt(row[1]), *ratio)
-                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-                print(lines[-1], flush=True)
+    _sigterm_stops()
+    try:
+        for DH in args.head_dims:
+            for S in args.seq_lens:
+                ours = None
+                for backend in args.backends:
+                    row = _row(backend, args, S, DH, dtype)
+                    if backend == "ours" and isinstance(row[0], float):
+                        ours = row
+                    ratio = [
+                        f"{row[k] / ours[k]:.2f}x" if ours and isinstance(row[k], float) else ""
+                        for k in (0, 1)
+                    ]
+                    cells = (DH, S, backend, _fmt(row[0]), _fmt(row[1]), *ratio)
+                    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+                    print(lines[-1], flush=True)
+    except KeyboardInterrupt as exc:  # SIGTERM from a time limit, or Ctrl-C: keep the rows so far
+        lines[0] += f"; PARTIAL: stopped ({exc or 'interrupted'})"
+        print(f"# stopped ({exc or 'interrupted'})", flush=True)
     lines.append("")
     lines.append("ratios: time / our time (above 1: ours is faster)")
     return "\n".join(lines)
+
+
+def _row(backend: str, args, S: int, DH: int, dtype) -> tuple:
+    """(fwd ms, fwd+bwd ms) of one backend and shape, or (reason, "") when it cannot be timed."""
+    import torch
+
+    if backend == "torch" and S > args.torch_max_seq:
+        return ("skipped (S > --torch-max-seq)", "")
+    try:
+        return _bench_one(backend, args.batch, args.heads, S, DH, dtype, args.warmup,
+                          1 if backend == "torch" else args.reps)
+    except ImportError as e:
+        return (f"not installed ({e.name})", "")
+    except Exception as e:  # noqa: BLE001 - a backend that rejects a shape, or fails to build
+        msg = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
+        return (f"failed: {type(e).__name__}: {msg}", "")
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,9 @@ the Triton kernels, and the mLSTM decode step as a fraction of HBM bandwidth.
     python bench/plugins.py --write bench/RESULTS.md   # also append it (date, GPU, command)
     python bench/plugins.py --quick              # fewer shapes / repetitions
 
-Exits cleanly (status 0, one line) on a machine without CUDA or without CuPy.
+Exits cleanly (status 0, one line) on a machine without CUDA or without CuPy. A kernel that cannot
+run a shape (the Triton sLSTM takes DH <= 128) is reported in its row; SIGTERM (``timeout``) or
+Ctrl-C stops the run and writes the rows measured so far, marked partial.
 Timings: CUDA events around each call, median of ``--reps`` after ``--warmup`` calls; the Triton
 side is the forward only (torch.no_grad). Decode bandwidth counts the bytes a step must move:
 C read + written (float32), n read + written, q, k, v read, h written; the peak is a measured
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import signal
 import sys
 from pathlib import Path
 
@@ -68,8 +71,18 @@ def _cannot_time() -> str | None:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install cupy-cuda12x)"
+        return "CuPy is not installed (pip install cupy-cuda13x, or cupy-cuda12x on CUDA 12)"
     return None
+
+
+def _time_or_reason(fn, warmup: int, reps: int) -> tuple[float | None, str]:
+    """(median ms of fn(), "") or (None, why it failed): one shape a kernel refuses (the Triton sLSTM
+    takes DH <= 128) or a launch that fails is reported in its row, and the other rows go on."""
+    try:
+        return cuda_time_ms(fn, warmup, reps), ""
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        msg = str(exc).strip().splitlines()[0][:90] if str(exc).strip() else ""
+        return None, f"{type(exc).__name__}: {msg}".rstrip(": ")
 
 
 def _mlstm_inputs(B: int, NH: int, S: int, DQK: int, DV: int, dtype, *, random_state: bool):
@@ -86,18 +99,35 @@ def _mlstm_inputs(B: int, NH: int, S: int, DQK: int, DV: int, dtype, *, random_s
     return q, k, v, i, f, c0, n0, torch.zeros(B, NH, device=dev)  # m0 (B, NH)
 
 
-def bench(quick: bool, warmup: int, reps: int) -> list[str]:
+def bench(quick: bool, warmup: int, reps: int, rows: list[str] | None = None) -> list[str]:
+    """The table rows (header first), appended to ``rows`` as they are measured."""
     import torch
 
     from xlstm_export.plugins.runner import mlstm_plugin_forward, slstm_plugin_forward
 
     torch.manual_seed(0)
     dev = "cuda"
-    rows = ["| kernel | shape | dtype | CUDA plugin ms | Triton ms | plugin / Triton | note |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [] if rows is None else rows
+    rows += ["| kernel | shape | dtype | CUDA plugin ms | Triton ms | plugin / Triton | note |",
+             "|---|---|---|---|---|---|---|"]
 
     def fmt(a, b):
-        return (f"{a:.3f}", f"{b:.3f}" if b is not None else "-", f"{a / b:.2f}x" if b else "-")
+        return (f"{a:.3f}" if a is not None else "-", f"{b:.3f}" if b is not None else "-",
+                f"{a / b:.2f}x" if a is not None and b else "-")
+
+    def add(kernel, shape, dtype, ms, why, tms, twhy, note):
+        """One table row; a failure reason goes in its note column."""
+        note = "; ".join(p for p in (note, why and f"plugin: {why}", twhy and f"Triton: {twhy}") if p)
+        rows.append(f"| {kernel} | {shape} | {str(dtype)[6:]} | " + " | ".join(fmt(ms, tms)) + f" | {note} |")
+        print(rows[-1], flush=True)
+
+    def timed(fn, no_grad=False):
+        if no_grad:
+            def call():
+                with torch.no_grad():
+                    fn()
+            return _time_or_reason(call, warmup, reps)
+        return _time_or_reason(fn, warmup, reps)
 
     # ---- mLSTM prefill (chunkwise)
     chunk = _triton("chunk_mlstm")
@@ -105,14 +135,10 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
     for dtype in (torch.bfloat16, torch.float32):
         for B, NH, S, DQK, DV in prefill:
             q, k, v, i, f, c0, n0, m0 = _mlstm_inputs(B, NH, S, DQK, DV, dtype, random_state=False)
-            ms = cuda_time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
-            tms = None
-            if chunk is not None:
-                with torch.no_grad():
-                    tms = cuda_time_ms(lambda: chunk(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
-            tokens_per_s = B * S / (ms * 1e-3)
-            rows.append(f"| mLSTM prefill | B{B} NH{NH} S{S} DQK{DQK} DV{DV} | {str(dtype)[6:]} | "
-                        + " | ".join(fmt(ms, tms)) + f" | {tokens_per_s / 1e3:.0f}k tok/s |")
+            ms, why = timed(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0))
+            tms, twhy = (None, "") if chunk is None else timed(lambda: chunk(q, k, v, i, f, (c0, n0, m0)), True)
+            speed = f"{B * S / (ms * 1e-3) / 1e3:.0f}k tok/s" if ms else ""
+            add("mLSTM prefill", f"B{B} NH{NH} S{S} DQK{DQK} DV{DV}", dtype, ms, why, tms, twhy, speed)
 
     # ---- mLSTM decode step: bandwidth bound
     peak = _copy_bandwidth_gbps()
@@ -122,19 +148,17 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
         for B in (1, 8) if quick else (1, 8, 32):
             NH, DQK, DV = 8, 256, 512  # xLSTM-7B heads
             q, k, v, i, f, c0, n0, m0 = _mlstm_inputs(B, NH, 1, DQK, DV, dtype, random_state=True)
-            ms = cuda_time_ms(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0), warmup, reps)
-            tms = None
-            if step is not None:
-                with torch.no_grad():
-                    tms = cuda_time_ms(lambda: step(q, k, v, i, f, (c0, n0, m0)), warmup, reps)
+            ms, why = timed(lambda: mlstm_plugin_forward(q, k, v, i, f, c0, n0, m0))
+            tms, twhy = (None, "") if step is None else timed(lambda: step(q, k, v, i, f, (c0, n0, m0)), True)
             es = q.element_size()
             nbytes = B * NH * (2 * DQK * DV * 4 + 2 * DQK * 4 + 2 * 4 + 2 * DQK * es + 2 * DV * es + 2 * es)
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            note = f"{gbps:.0f} GB/s = {100 * gbps / peak:.0f}% of copy {peak:.0f} GB/s"
-            if nominal:
-                note += f", {100 * gbps / nominal:.0f}% of nominal {nominal:.0f}"
-            rows.append(f"| mLSTM decode step | B{B} NH{NH} DQK{DQK} DV{DV} | {str(dtype)[6:]} | "
-                        + " | ".join(fmt(ms, tms)) + f" | {note} |")
+            note = ""
+            if ms:
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                note = f"{gbps:.0f} GB/s = {100 * gbps / peak:.0f}% of copy {peak:.0f} GB/s"
+                if nominal:
+                    note += f", {100 * gbps / nominal:.0f}% of nominal {nominal:.0f}"
+            add("mLSTM decode step", f"B{B} NH{NH} DQK{DQK} DV{DV}", dtype, ms, why, tms, twhy, note)
 
     # ---- sLSTM (whole sequence, one launch)
     srec = _triton("fused_recurrent_slstm")
@@ -144,13 +168,10 @@ def bench(quick: bool, warmup: int, reps: int) -> list[str]:
             r = (torch.randn(NH, DH, 4 * DH, device=dev) / DH**0.5).to(dtype)
             b = torch.randn(NH, 4 * DH, device=dev, dtype=dtype)
             h0 = c0 = n0 = m0 = torch.zeros(B, NH, DH, device=dev)
-            ms = cuda_time_ms(lambda: slstm_plugin_forward(x, r, b, h0, c0, n0, m0), warmup, reps)
-            tms = None
-            if srec is not None:
-                with torch.no_grad():
-                    tms = cuda_time_ms(lambda: srec(x, r, b, (h0, c0, n0, m0)), warmup, reps)
-            rows.append(f"| sLSTM | B{B} NH{NH} S{S} DH{DH} | {str(dtype)[6:]} | " + " | ".join(fmt(ms, tms))
-                        + f" | {ms * 1e3 / S:.2f} us/step |")
+            ms, why = timed(lambda: slstm_plugin_forward(x, r, b, h0, c0, n0, m0))
+            tms, twhy = (None, "") if srec is None else timed(lambda: srec(x, r, b, (h0, c0, n0, m0)), True)
+            per_step = f"{ms * 1e3 / S:.2f} us/step" if ms else ""
+            add("sLSTM", f"B{B} NH{NH} S{S} DH{DH}", dtype, ms, why, tms, twhy, per_step)
     return rows
 
 
@@ -167,9 +188,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    rows = bench(args.quick, args.warmup, args.reps)
+    rows: list[str] = []
+    stopped = ""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)  # `timeout` stops the run: the rows so far are written
+    try:
+        bench(args.quick, args.warmup, args.reps, rows)
+    except KeyboardInterrupt as exc:
+        stopped = f"; PARTIAL: stopped ({exc or 'interrupted'})"
+    if len(rows) <= 2:  # the header rows only
+        rows.append("| (nothing measured) | | | | | | |")
     header = (f"## CUDA plugin kernels vs Triton ({_dt.date.today().isoformat()}, "
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__})\n\n"
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__}{stopped})\n\n"
               f"Command: `python bench/plugins.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     text = header + "\n" + "\n".join(rows) + "\n"
     print(text)

@@ -370,3 +370,96 @@ def test_package_imports_without_tensorrt_and_plugin_module_says_what_to_install
         pytest.skip("tensorrt is installed here; the guard is exercised where it is missing")
     with pytest.raises(ImportError, match="pip install tensorrt"):
         importlib.import_module("xlstm_export.plugins.tensorrt_plugins")
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU tier (bench/gpu_tier.sh and the benchmarks it runs) on a machine without a GPU
+# ---------------------------------------------------------------------------------------------
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name: str):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(BENCH))  # the scripts import their _report / _timing siblings
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_tier_script_parses():
+    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_tier.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_plugin_bench_reports_a_shape_the_triton_kernel_refuses():
+    """bench/plugins.py times the Triton sLSTM at DH=256, which it refuses (DH <= 128): the row says
+    why instead of the whole table being lost to the ValueError (it was, after every other row)."""
+    import torch
+
+    from xlstm_export.kernels.slstm.fused_recurrent import MAX_HEAD_DIM, fused_recurrent_slstm
+
+    plugins_bench = _bench_module("plugins")
+    DH = 2 * MAX_HEAD_DIM
+    x, r, b = torch.zeros(1, 1, 2, 4 * DH), torch.zeros(1, DH, 4 * DH), torch.zeros(1, 4 * DH)
+    ms, why = plugins_bench._time_or_reason(lambda: fused_recurrent_slstm(x, r, b), 1, 1)
+    assert ms is None and why.startswith("ValueError") and f"DH={DH}" in why
+
+
+def test_kernel_benches_report_a_failing_kernel_and_keep_partial_tables(monkeypatch):
+    """One kernel that fails (a peer that does not run on the GPU's triton) fills its cells with the
+    reason; SIGTERM, as `timeout` sends it, stops a run with the rows so far (marked partial)."""
+    import signal
+
+    mlstm_bench = _bench_module("kernels_mlstm")
+
+    def broken(*xs):
+        raise RuntimeError("PassManager::run failed\nmore lines")
+
+    assert mlstm_bench._measure(broken, (), backward=False, warmup=1, rep=1) == "failed: RuntimeError"
+    rows = [(65536, 1, {"a": 7.0}, {"a": "OOM"}), (2048, 32, {"a": 1.25}, {})]  # run order, one row partial
+    table = mlstm_bench._table("GPU", ["a"], rows, stopped="stopped at length 2 of 6")
+    lines = table.splitlines()
+    assert "PARTIAL: stopped at length 2 of 6" in lines[0]
+    assert lines[-2:] == ["| 2048 | 32 | 1.25 | — |", "| 65536 | 1 | 7.00 | OOM |"]  # sorted by S
+
+    slstm_bench = _bench_module("kernels_slstm")
+    args = slstm_bench.argparse.Namespace(torch_max_seq=1024, batch=1, heads=1, warmup=1, reps=1)
+    monkeypatch.setattr(slstm_bench, "_bench_one", lambda *a: broken())
+    assert slstm_bench._row("ours", args, 16, 16, None)[0].startswith("failed: RuntimeError: PassManager")
+    assert slstm_bench._row("torch", args, 4096, 16, None)[0].startswith("skipped")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        for module in (mlstm_bench, slstm_bench):
+            module._sigterm_stops()
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_gpu_tier_bench_commands_parse_and_exit_cleanly_without_cuda(capsys):
+    """The bench command lines of gpu_tier.sh parse, and without CUDA each bench says so in one line."""
+    import shlex
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmarks would run")
+    script = (BENCH / "gpu_tier.sh").read_text().replace("\\\n", " ")
+    commands = re.findall(r"python3 bench/(\w+)\.py ([^\n]*)", script)
+    assert {name for name, _ in commands} == {"kernels_mlstm", "kernels_slstm", "plugins"}
+    for name, args in commands:
+        argv = shlex.split(args)
+        argv = argv[:argv.index("--write")] if "--write" in argv else argv  # no table without a GPU anyway
+        assert _bench_module(name).main(argv) == (2 if name == "kernels_mlstm" else 0), (name, argv)
+    out = capsys.readouterr()
+    assert "no CUDA device" in out.out and "needs a CUDA GPU" in out.err

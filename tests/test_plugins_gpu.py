@@ -24,7 +24,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def _cupy():
-    pytest.importorskip("cupy", reason="the plugin kernels are launched through CuPy (pip install cupy-cuda12x)")
+    pytest.importorskip("cupy", reason="the plugin kernels are launched through CuPy "
+                        "(pip install cupy-cuda13x, or cupy-cuda12x on CUDA 12)")
 
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
