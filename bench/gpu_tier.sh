@@ -50,7 +50,7 @@ save_results() {
 
 # ---- setup: one log; a brace group (not a pipe) so that its exports stay in this shell
 {
-    echo "== $(date -u +%FT%TZ) on $(hostname)"
+    echo "== $(date -u +%FT%TZ) on ${HOSTNAME:-?}, $(nproc) CPUs"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi failed"
     if compgen -G ".whl/*.whl" > /dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
