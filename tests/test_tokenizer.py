@@ -234,3 +234,63 @@ def test_special_tokens_encode_and_decode_like_transformers(tmp_path):
         ids = ours.encode(text)
         assert ids[0] == 0 and ids == hf(text)["input_ids"]
         assert ours.decode(ids + [0]) == hf.decode(ids + [0], skip_special_tokens=True) == text
+
+
+def wordpiece_dir(path, *, clean_up: bool):
+    """A BERT-style WordPiece tokenizer.json (lower-casing normalizer, ``##`` continuations, [CLS] ...
+    [SEP] around the text) built from a fixed vocabulary, and a tokenizer_config.json whose
+    clean_up_tokenization_spaces is ``clean_up`` (BERT's own config sets it)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "it", "don", "stop", "ok", "re", "ve", "m", "s", "t", "n", "a",
+             "'", ",", ".", "?", "!", "##s", "##t", "##n", "cafe", "日", "本", "語", "😀"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                            ("[SEP]", 3)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": clean_up,
+        "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}))
+    return path
+
+
+@pytest.mark.parametrize("clean_up", [True, False], ids=["clean-up", "no-clean-up"])
+def test_wordpiece_clean_up_spaces_decodes_and_streams_like_transformers(tmp_path, clean_up):
+    """tokenizer_config.json's clean_up_tokenization_spaces (" 's" -> "'s", " ' " -> "'", ...): transformers
+    applies it to a non-BPE tokenizer's decoded text, so ``decode`` and the stream do too; the stream holds
+    back the end that more text could still change, and every piece it shows stays in the final text."""
+    transformers = pytest.importorskip("transformers")
+    d = wordpiece_dir(tmp_path, clean_up=clean_up)
+    ours, hf = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    text = "It 's ok , don't stop . Café 日本語 😀 !"
+    ids = ours.encode(text)
+    assert ids == hf(text)["input_ids"] and ids[0] == 2 and ids[-1] == 3
+    want = "it's ok, don't stop. cafe 日 本 語 😀!" if clean_up else "it ' s ok, don ' t stop. cafe 日 本 語 😀!"
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == want
+    assert "".join(stream_all(ours, ids)) == want
+    rng = random.Random(0)
+    for _ in range(300):  # random ids, special ones among them: pieces join to transformers' text
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 16))]
+        want = hf.decode(ids, skip_special_tokens=True)
+        pieces = stream_all(ours, ids)
+        assert ours.decode(ids) == want and "".join(pieces) == want, ids
+    # A BPE is not cleaned up, whatever the config says (transformers skips it: it corrupts BPE text).
+    bpe_dir(tmp_path / "bpe", tokenizer_config={"clean_up_tokenization_spaces": True})
+    assert load_tokenizer(tmp_path / "bpe").decode(train_bpe().encode("x , it 's").ids) == "x , it 's"
+
+
+def test_special_tokens_named_in_tokenizer_config_are_special(tmp_path):
+    """tokenizer.json has [CLS], [SEP] and [PAD] as ordinary vocabulary tokens; tokenizer_config.json
+    names them: transformers makes them special (left out by decode, matched whole by encode), so do we."""
+    transformers = pytest.importorskip("transformers")
+    d = wordpiece_dir(tmp_path, clean_up=False)
+    ours, hf = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert ours.vocab_size == hf.backend_tokenizer.get_vocab_size(with_added_tokens=True) == 28  # no id added
+    ids = [2, 4, 0, 6, 3]  # [CLS] it [PAD] stop [SEP]
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "it stop"
+    assert "".join(stream_all(ours, ids)) == "it stop"
+    assert ours.encode("it [SEP] stop") == hf("it [SEP] stop")["input_ids"] == [2, 4, 3, 6, 3]

@@ -42,15 +42,18 @@ class Tokenizer:
 
     ``encode`` adds the tokenizer's own special tokens (its post-processor, e.g. a BOS) as
     transformers does; ``decode`` skips special tokens (EOS, BOS, padding). Like transformers 5,
-    it leaves tokenizer_config.json's add_bos_token / add_eos_token and
-    clean_up_tokenization_spaces aside (transformers 5.24 keeps tokenizer.json's post-processor
-    and skips the clean-up for BPE).
+    it leaves tokenizer_config.json's add_bos_token / add_eos_token aside (transformers 5.24 keeps
+    tokenizer.json's post-processor), and applies its clean_up_tokenization_spaces (" ," -> ",",
+    " 's" -> "'s", ...) to the decoded text of a tokenizer that is not a BPE (``clean_up_spaces``,
+    set by :func:`load_tokenizer`; transformers skips the clean-up for BPE).
     """
 
-    def __init__(self, backend, eos_token_ids: tuple[int, ...] = (), *, source: str = ""):
+    def __init__(self, backend, eos_token_ids: tuple[int, ...] = (), *, source: str = "",
+                 clean_up_spaces: bool = False):
         self.backend = backend  # tokenizers.Tokenizer
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)  # every id that ends a sequence
         self.source = source  # where it was loaded from (for messages)
+        self.clean_up_spaces = bool(clean_up_spaces)  # transformers' clean_up_tokenization on decoded text
 
     @property
     def eos_token_id(self) -> int | None:
@@ -68,7 +71,8 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """The text of the token ids ``ids``, special tokens (EOS, BOS, padding) left out."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def stream(self) -> StreamDecoder:
         """A new :class:`StreamDecoder`: one sequence's text, token by token, whole characters only."""
@@ -76,6 +80,24 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, source={self.source!r})"
+
+
+# transformers' clean_up_tokenization (PreTrainedTokenizerBase): these replacements, in this order,
+# each one pass of str.replace over the whole text.
+_CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+# Text the clean-up of a longer text could still change: a pattern begins with a space, so with no
+# space among the last (longest pattern - 1) characters nothing at the end can change; else each
+# pass can change at most that many more characters from the end (the stream holds back the sum).
+_CLEAN_UP_REACH = max(len(a) for a, _ in _CLEAN_UPS) - 1
+_CLEAN_UP_HOLD = _CLEAN_UP_REACH * len(_CLEAN_UPS)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: no space before punctuation and English contractions."""
+    for a, b in _CLEAN_UPS:
+        text = text.replace(a, b)
+    return text
 
 
 class StreamDecoder:
@@ -86,7 +108,9 @@ class StreamDecoder:
     The steps are `tokenizers`' own ``DecodeStream`` (one call into Rust per token: it decodes a
     short window of ids from a token boundary at which all earlier text is final, so tokenizers
     that strip a leading space on the first token, SentencePiece's Metaspace, keep it). ``flush``
-    decodes the whole sequence once and returns what the steps held back.
+    decodes the whole sequence once and returns what the steps held back. A tokenizer that cleans
+    up spaces (``Tokenizer.clean_up_spaces``) cleans the steps' text and holds back the end that
+    the clean-up of a longer text could still change.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -99,13 +123,12 @@ class StreamDecoder:
         self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []  # every id pushed (flush decodes them all)
         self._sent = 0  # characters returned so far
+        self._raw = ""  # the steps' text before the clean-up (only with clean_up_spaces)
 
     def push(self, token_id: int) -> str:
         token_id = int(token_id)
         self._ids.append(token_id)
-        text = self._stream.step(self._tok.backend, token_id) or ""
-        self._sent += len(text)
-        return text
+        return self._release(self._stream.step(self._tok.backend, token_id) or "")
 
     def push_many(self, ids) -> str:
         """``push`` of each of ``ids``, the texts joined (one call per streamed event)."""
@@ -115,9 +138,19 @@ class StreamDecoder:
             token_id = int(token_id)
             self._ids.append(token_id)
             texts.append(step(backend, token_id) or "")
-        text = "".join(texts)
-        self._sent += len(text)
-        return text
+        return self._release("".join(texts))
+
+    def _release(self, text: str) -> str:
+        """The steps' new ``text`` as it is shown: as is, or the newly final part of the cleaned text."""
+        if not self._tok.clean_up_spaces:
+            self._sent += len(text)
+            return text
+        self._raw += text
+        clean = clean_up_tokenization(self._raw)
+        end = max(self._sent, len(clean) - (_CLEAN_UP_HOLD if " " in self._raw[-_CLEAN_UP_REACH:] else 0))
+        out = clean[self._sent : end]
+        self._sent = end
+        return out
 
     def flush(self) -> str:
         rest = self._tok.decode(self._ids)[self._sent :]
@@ -179,7 +212,46 @@ def load_tokenizer(path) -> Tokenizer | None:
         raise TokenizerError(f"{file}: cannot read it ({e})") from None
     except Exception as e:  # tokenizers raises its own Exception type for a malformed file
         raise TokenizerError(f"{file}: not a valid tokenizers file ({e})") from None
-    return Tokenizer(backend, _eos_ids(directory, backend), source=str(directory))
+    config = _read_json(directory / "tokenizer_config.json")
+    _mark_special_tokens(backend, [config, _read_json(directory / "special_tokens_map.json")])
+    clean_up = bool(config.get("clean_up_tokenization_spaces")) and (
+        type(backend.model).__name__ != "BPE"
+        or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+    return Tokenizer(backend, _eos_ids(directory, backend), source=str(directory), clean_up_spaces=clean_up)
+
+
+_SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _mark_special_tokens(backend, configs: list[dict]) -> None:
+    """Make the special tokens that tokenizer_config.json / special_tokens_map.json name (BOS, EOS,
+    UNK, SEP, PAD, CLS, MASK, additional_special_tokens, added_tokens_decoder's ``special``) special in
+    ``backend`` where tokenizer.json has them as ordinary tokens, as transformers does when it loads
+    them: decode then leaves them out and encode matches them whole. Only tokens of the vocabulary:
+    ids are never added."""
+    from tokenizers import AddedToken
+
+    named: list = []
+    for config in configs:
+        named += [config.get(name) for name in _SPECIAL_TOKEN_FIELDS]
+        for name in ("additional_special_tokens", "extra_special_tokens"):
+            extra = config.get(name)
+            named += list(extra.values() if isinstance(extra, dict) else extra if isinstance(extra, list) else [])
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            named += [t for t in decoder.values() if isinstance(t, dict) and t.get("special") is True]
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    add = []
+    for token in named:
+        content = token.get("content") if isinstance(token, dict) else token
+        if not isinstance(content, str) or content in special or backend.token_to_id(content) is None:
+            continue
+        flags = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized")
+                 if isinstance(token, dict) and isinstance(token.get(k), bool)}
+        add.append(AddedToken(content, **{"normalized": False, **flags, "special": True}))
+        special.add(content)
+    if add:
+        backend.add_special_tokens(add)
 
 
 def _special_token(config: dict, name: str) -> str | None:
