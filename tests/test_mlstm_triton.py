@@ -163,6 +163,31 @@ def test_chunk_stabilizer_gradient_is_exact():
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
+def test_chunk_loss_on_h_only(with_state):
+    """The training path: the loss reads h alone, so the final state's gradients are None
+    (HAS_DFINAL=False, no final-state terms in the gate scan). B*NH = 3, S = chunk + 1, head dims
+    below 16 and not powers of two (padded tiles)."""
+    B, NH, S, DHQK, DHV = 3, 1, 17, 20, 12
+    inputs = make_inputs(B, NH, S, DHQK, DHV, torch.float32)
+    state = make_state(B, NH, DHQK, DHV) if with_state else None
+    dh = make_cotangents(B, NH, S, DHQK, DHV, torch.float32)[:1]  # zip stops at h: loss = <h, dh>
+    check_against_reference(inputs, state, dh, torch.float32, chunk_size=16)
+
+
+@pytest.mark.parametrize(
+    "i_scale, f_mean", [pytest.param(30.0, 3.0, id="i-30N"), pytest.param(30.0, 0.0, id="i-30N-f-0")]
+)
+def test_chunk_extreme_input_gates(i_scale, f_mean):
+    """Input gates spread +-30 (e^{i} far beyond float32): the stabilizer keeps every exponent <= 0;
+    outputs, states and every gradient stay at float32 accuracy (measured <= 6e-5)."""
+    B, NH, S, DHQK, DHV = 1, 2, 37, 16, 16
+    inputs = make_inputs(B, NH, S, DHQK, DHV, torch.float32, i_scale=i_scale, f_mean=f_mean)
+    state = make_state(B, NH, DHQK, DHV)
+    cotangents = make_cotangents(B, NH, S, DHQK, DHV, torch.float32)
+    check_against_reference(inputs, state, cotangents, torch.float32, chunk_size=16)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
 def test_chunk_tiles_inside_a_chunk(with_state):
     """Several tiles everywhere: a chunk of 2 time tiles (chunk 32 = 2 x 16; the public function
     does this for chunks >= 128), DHQK = 40 in 3 tiles of 16 (partial q.dq, k.dk sums) and

