@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_tokenizer import EOS, train_bpe
+from test_tokenizer import EOS, train_bpe, wordpiece_dir
 from xlstm_export.cli import main
 from xlstm_export.generate import generate_batch, generate_text, torch_runner
 from xlstm_export.models import load, preset, xLSTMLM
@@ -82,6 +82,29 @@ def test_generate_prompt_equals_transformers(hf, capsys):
         assert rc == 0, err
         assert out == want + "\n", prompt
         assert "PyTorch" in err  # statistics go to stderr, stdout is the text alone
+
+
+def test_generate_prompt_equals_transformers_wordpiece(tmp_path, capsys):
+    """A BERT-style WordPiece tokenizer (test_tokenizer.wordpiece_dir: [CLS]/[SEP]/[PAD] named special
+    by tokenizer_config.json only, clean_up_tokenization_spaces on): the random model emits [CLS] and
+    [PAD] between words and "'" / "," / "?" after spaces; stdout is transformers' decode of them."""
+    transformers = pytest.importorskip("transformers")
+    d = wordpiece_dir(tmp_path / "wordpiece", clean_up=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(d))
+    cfg = transformers.xLSTMConfig(vocab_size=28, hidden_size=64, num_hidden_layers=2, num_heads=2, chunk_size=16,
+                                   mode="inference", use_cache=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.xLSTMForCausalLM(cfg).eval()
+    randomize_(model, 100, norm_offset=False)
+    model.save_pretrained(d)
+    emitted = []
+    for prompt in ("it 's ok", "don't stop ."):
+        new, want = hf_greedy(model, tok, prompt)
+        emitted += new
+        assert " '" in tok.backend_tokenizer.decode(new)  # the clean-up changes the text
+        rc, out, err = cli(capsys, "generate", d, "--prompt", prompt, "--max-new-tokens", N_NEW)
+        assert rc == 0 and out == want + "\n", (prompt, err)
+    assert 2 in emitted  # [CLS] among the new tokens
 
 
 def test_exported_onnx_and_converted_directory_carry_the_tokenizer(hf, tmp_path, capsys):
