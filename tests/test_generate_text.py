@@ -314,3 +314,20 @@ def test_public_docstrings_are_their_own_and_name_their_parameters():
     for f, params in ((export_onnx, ["progress"]), (build_engine, ["workspace_gib", "verbose"])):
         doc = f.__doc__
         assert [p for p in params if p not in doc] == [], f.__qualname__
+
+
+def test_stop_string_in_the_held_back_end_is_a_stop(tmp_path):
+    """A stop string that shows only when the held-back end is released (a WordPiece clean-up: "it ' s"
+    becomes "it's" once no later token can change it) still cuts the text, and the finish reason is
+    "stop", as the server reports it, not "length"."""
+    tok = load_tokenizer(wordpiece_dir(tmp_path, clean_up=True))
+    script = [4, 15, 11]  # it ' s
+
+    def runner(ids, state):  # emits the script, one token per call
+        n = 0 if state is None else state["n"]
+        logits = np.zeros((ids.shape[0], ids.shape[1], tok.vocab_size), np.float32)
+        logits[:, -1, script[min(n, len(script) - 1)]] = 1.0
+        return logits, {"n": n + 1}
+
+    (res,), _ = generate_text(runner, tok, ["ok"], len(script), stop=["it's"])
+    assert res.tokens == script and res.text == "" and res.finish_reason == "stop"

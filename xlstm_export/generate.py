@@ -278,6 +278,7 @@ def generate_text(
                          **sampling)
     for row, s in enumerate(streams):
         emit(row, s.flush())
-    out = [TextResult(p, s.text, toks, reason)
+    # a stop string found only in the text held back until the end (it ends the text all the same)
+    out = [TextResult(p, s.text, toks, "stop" if s.stopped else reason)
            for p, s, toks, reason in zip(prompts, streams, res.tokens, res.finish_reasons)]
     return out, res
