@@ -123,7 +123,10 @@ class StreamDecoder:
         self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []  # every id pushed (flush decodes them all)
         self._sent = 0  # characters returned so far
-        self._raw = ""  # the steps' text before the clean-up (only with clean_up_spaces)
+        # with clean_up_spaces: the steps' text since the last point no clean-up pattern can span,
+        # before the clean-up, and how much of its cleaned text was returned
+        self._raw = ""
+        self._raw_sent = 0
 
     def push(self, token_id: int) -> str:
         token_id = int(token_id)
@@ -147,9 +150,13 @@ class StreamDecoder:
             return text
         self._raw += text
         clean = clean_up_tokenization(self._raw)
-        end = max(self._sent, len(clean) - (_CLEAN_UP_HOLD if " " in self._raw[-_CLEAN_UP_REACH:] else 0))
-        out = clean[self._sent : end]
-        self._sent = end
+        settled = " " not in self._raw[-_CLEAN_UP_REACH:]  # no pattern can begin before the end
+        end = max(self._raw_sent, len(clean) - (0 if settled else _CLEAN_UP_HOLD))
+        out = clean[self._raw_sent : end]
+        self._sent += len(out)
+        self._raw_sent = end
+        if settled:  # all of it returned, and later text cleans on its own (the clean-up makes no
+            self._raw, self._raw_sent = "", 0  # spaces): each token's clean-up stays short
         return out
 
     def flush(self) -> str:
