@@ -235,8 +235,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
         except asyncio.CancelledError:
             if not closing:
                 raise
-            if sys.version_info >= (3, 11):
-                task.uncancel()  # shut_down's cancel, handled: the rest of the body is not read
+            _uncancel(task)  # shut_down's cancel, handled: the rest of the body is not read
         finally:
             reading.discard(task)
         if closing:  # (the body may be unread: the connection closes after the answer)
@@ -475,7 +474,7 @@ class _SSE:
         except asyncio.CancelledError:
             if self.comp.aborted is None:  # not ours (abort's): pass it on
                 raise
-            asyncio.current_task().uncancel()  # the server is stopping: uvicorn closes the connection
+            _uncancel(asyncio.current_task())  # the server is stopping: uvicorn closes the connection
         finally:
             disconnect.cancel()
             if not self.comp.done:
@@ -486,7 +485,6 @@ def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn on the listening socket ``sock`` until interrupted (SIGINT, SIGTERM).
     Shutting down ends the requests in flight at once (``app.shut_down``) and waits at most
     GRACEFUL_SHUTDOWN_S for their connections; then SIGTERM ends the process with exit code 0."""
-
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -513,6 +511,12 @@ def serve(app: _App, sock: socket.socket, log_level: str = "info") -> None:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _uncancel(task: asyncio.Task) -> None:
+    """The task's cancellation was caught and handled (Python >= 3.11 counts them; 3.10 does not)."""
+    if hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 def _drop_unread_connections(state) -> None:
