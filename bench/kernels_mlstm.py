@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
+from _timing import failure, sigterm_stops  # noqa: E402
 
 TOKENS = 65536
 NH, DHQK, DHV = 16, 128, 256
@@ -99,8 +99,7 @@ def _measure(fn, xs, backward: bool, warmup: int, rep: int) -> float | str:
         torch.cuda.empty_cache()
         return "OOM"
     except Exception as exc:  # noqa: BLE001 - reported in the table, the other kernels go on
-        msg = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else ""
-        print(f"# failed: {type(exc).__name__}: {msg}", file=sys.stderr, flush=True)
+        print(f"# failed: {failure(exc)}", file=sys.stderr, flush=True)
         return f"failed: {type(exc).__name__}"
 
 
@@ -108,15 +107,6 @@ def _fmt(ms: float | str | None) -> str:
     if isinstance(ms, str):
         return ms
     return "—" if ms is None else f"{ms:.2f}"
-
-
-def _sigterm_stops():
-    """SIGTERM (as ``timeout`` sends it) raises KeyboardInterrupt: the table of what was measured is
-    still written."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16
     rows = []
     stopped = None
-    _sigterm_stops()
+    sigterm_stops()
     try:
         for S in args.seq_lens:
             B = TOKENS // S

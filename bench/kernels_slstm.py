@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
-from _timing import cuda_time_ms  # noqa: E402
+from _timing import cuda_time_ms, failure, sigterm_stops  # noqa: E402
 
 BACKENDS = ("ours", "flashrnn_triton", "flashrnn_cuda", "torch")
 
@@ -107,14 +106,6 @@ def _fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else v
 
 
-def _sigterm_stops():
-    """SIGTERM (as ``timeout`` sends it) raises KeyboardInterrupt: the rows measured so far are kept."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run(args) -> str:
     import torch
 
@@ -127,7 +118,7 @@ def run(args) -> str:
         "| DH | S | backend | fwd ms | fwd+bwd ms | fwd vs ours | fwd+bwd vs ours |",
         "|---:|---:|---|---:|---:|---:|---:|",
     ]
-    _sigterm_stops()
+    sigterm_stops()
     try:
         for DH in args.head_dims:
             for S in args.seq_lens:
@@ -163,8 +154,7 @@ def _row(backend: str, args, S: int, DH: int, dtype) -> tuple:
     except ImportError as e:
         return (f"not installed ({e.name})", "")
     except Exception as e:  # noqa: BLE001 - a backend that rejects a shape, or fails to build
-        msg = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
-        return (f"failed: {type(e).__name__}: {msg}", "")
+        return (f"failed: {failure(e)}", "")
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

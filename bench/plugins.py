@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import cuda_time_ms  # noqa: E402
+from _timing import cuda_time_ms, failure, sigterm_stops  # noqa: E402
 
 NOMINAL_HBM_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
                     "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "L40S": 864}
@@ -81,8 +80,7 @@ def _time_or_reason(fn, warmup: int, reps: int) -> tuple[float | None, str]:
     try:
         return cuda_time_ms(fn, warmup, reps), ""
     except Exception as exc:  # noqa: BLE001 - reported in the table
-        msg = str(exc).strip().splitlines()[0][:90] if str(exc).strip() else ""
-        return None, f"{type(exc).__name__}: {msg}".rstrip(": ")
+        return None, failure(exc, 90)
 
 
 def _mlstm_inputs(B: int, NH: int, S: int, DQK: int, DV: int, dtype, *, random_state: bool):
@@ -191,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[str] = []
     stopped = ""
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)  # `timeout` stops the run: the rows so far are written
+    sigterm_stops()  # `timeout` stops the run: the rows so far are written
     try:
         bench(args.quick, args.warmup, args.reps, rows)
     except KeyboardInterrupt as exc:

@@ -443,7 +443,7 @@ def test_kernel_benches_report_a_failing_kernel_and_keep_partial_tables(monkeypa
     for name in ("kernels_mlstm", "kernels_slstm"):
         code = (f"import importlib.util, signal, sys; sys.path.insert(0, {str(BENCH)!r}); "
                 f"spec = importlib.util.spec_from_file_location('m', {str(BENCH / (name + '.py'))!r}); "
-                "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m._sigterm_stops()\n"
+                "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.sigterm_stops()\n"
                 "try:\n    signal.raise_signal(signal.SIGTERM)\nexcept KeyboardInterrupt as e:\n    print('stopped:', e)")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip() == "stopped: signal 15", (name, proc.stdout, proc.stderr)
