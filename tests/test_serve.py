@@ -30,7 +30,6 @@ from xlstm_export.models import preset, xLSTMLM  # noqa: E402
 from xlstm_export.ort import OrtModel  # noqa: E402
 from xlstm_export.serve import EngineProcess, OrtSlots, SamplingParams, Scheduler, TorchSlots  # noqa: E402
 from xlstm_export.serve.app import _drop_unread_connections, create_app  # noqa: E402
-from xlstm_export.serve.text import CompletionText  # noqa: E402
 from xlstm_export.tokenizer import byte_tokenizer_files, load_tokenizer, write_tokenizer_files  # noqa: E402
 
 MAX_WAIT_S = 30  # every polling loop gives up after this
@@ -286,23 +285,6 @@ def test_stream_interval_gathers_running_tokens_but_not_first_tokens_or_ends(ser
     assert seen1 == [[(0, 2, None)], [(1, 2, None)], [(0, 7, "length")], [(1, 12, "length")]]
     with pytest.raises(ValueError, match="stream_interval"):
         Scheduler(OrtSlots(om, 1), max_batch=1, stream_interval=-1.0)
-
-
-def test_stop_strings_hold_back_a_possible_start():
-    tok = load_tokenizer_bytes()
-    ids = list("abc##de#".encode())
-    whole = CompletionText(tok, ["##d"])
-    text, used = whole.push(ids)
-    assert whole.stopped and text == "abc" and used == 6
-    pieces = CompletionText(tok, ["##d"])
-    got = []
-    for t in ids:
-        got.append(pieces.push([t])[0])
-        if pieces.stopped:
-            break
-    assert "".join(got) == "abc" and got[3] == "" and got[4] == ""  # "#" and "##" held back
-    plain = CompletionText(tok, ["zz"])
-    assert plain.push(list("a#z".encode()))[0] == "a#" and plain.finish() == "z"
 
 
 def test_streamed_event_bytes_equal_json_dumps():

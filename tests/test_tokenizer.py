@@ -1,6 +1,6 @@
 """Tokenizers (xlstm_export/tokenizer.py): the byte tokenizer, a BPE tokenizer.json trained here with
 `tokenizers`, EOS lookup, streaming decode that holds back incomplete UTF-8, stop strings
-(generate.TextStream), and the files that travel with a model."""
+(tokenizer.TextStream), and the files that travel with a model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from xlstm_export.generate import TextStream
 from xlstm_export.tokenizer import (
+    TextStream,
     TokenizerError,
     byte_tokenizer,
     byte_tokenizer_files,
@@ -191,11 +191,11 @@ def test_files_carried_along_keep_the_eos(tmp_path):
 
 
 # --- stop strings ----------------------------------------------------------------------------------
-def _stop_stream(text: str, stop: list[str], chunk: int = 1) -> tuple[list[str], TextStream]:
+def _stop_stream(text: str, stop: list[str]) -> tuple[list[str], TextStream]:
     """Feed ``text`` byte by byte through a byte-tokenizer TextStream."""
     ts = TextStream(byte_tokenizer(), stop)
-    pieces = [ts.push(b) for b in text.encode()]
-    pieces.append(ts.flush())
+    pieces = [ts.push([b])[0] for b in text.encode()]
+    pieces.append(ts.finish())
     return pieces, ts
 
 
@@ -207,15 +207,37 @@ def test_stop_strings_cut_before_the_first_match():
     assert ts.text == "a " and ts.stopped
     # A tail that could start a stop string is held back, then released when it does not.
     ts = TextStream(byte_tokenizer(), ["END"])
-    assert [ts.push(b) for b in b"xEN"] == ["x", "", ""]
-    assert ts.push(ord("D")) == "" and ts.stopped and ts.text == "x"
+    assert [ts.push([b]) for b in b"xEN"] == [("x", 1), ("", 1), ("", 1)]
+    assert ts.push([ord("D")]) == ("", 1) and ts.stopped and ts.text == "x"
+    assert ts.push([ord("z")]) == ("", 0) and ts.finish() == ""  # nothing after the stop
     ts = TextStream(byte_tokenizer(), ["END"])
-    assert [ts.push(b) for b in b"xENd"] == ["x", "", "", "ENd"] and not ts.stopped
+    assert [ts.push([b])[0] for b in b"xENd"] == ["x", "", "", "ENd"] and not ts.stopped
     ts = TextStream(byte_tokenizer(), ["END"])
-    assert [ts.push(b) for b in b"xE"] == ["x", ""] and ts.flush() == "E" and ts.text == "xE"
-    # No stop strings: every piece as soon as it is whole.
-    pieces, ts = _stop_stream("plain → text", [])
+    assert [ts.push([b])[0] for b in b"xE"] == ["x", ""] and ts.finish() == "E" and ts.text == "xE"
+    # No stop strings (empty ones are none): every piece as soon as it is whole.
+    pieces, ts = _stop_stream("plain → text", [""])
     assert "".join(pieces) == "plain → text" and not ts.stopped
+
+
+def test_stop_strings_the_same_however_the_ids_are_grouped():
+    """One push of all the ids, or one per id: the same text, and ``used`` counts the ids up to the
+    one that completed the stop string (the server sends those ids, not the ones after)."""
+    ids = list("abc##de#".encode())
+    whole = TextStream(byte_tokenizer(), ["##d"])
+    assert whole.push(ids) == ("abc", 6) and whole.stopped
+    pieces = TextStream(byte_tokenizer(), ["##d"])
+    got = []
+    for t in ids:
+        got.append(pieces.push([t])[0])
+        if pieces.stopped:
+            break
+    assert "".join(got) == "abc" and got[3:] == ["", "", ""]  # "#", "##" held back, then cut
+    plain = TextStream(byte_tokenizer(), ["zz"])
+    assert plain.push(list(b"a#z")) == ("a#", 3) and plain.finish() == "z"
+    # A model without a tokenizer: no text, every id used; stop strings need text to be seen.
+    assert TextStream(None).push([5, 6]) == ("", 2)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        TextStream(None, ["x"])
 
 
 def test_special_tokens_encode_and_decode_like_transformers(tmp_path):

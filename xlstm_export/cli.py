@@ -296,7 +296,7 @@ def _generate_ids(args, runner, vocab, label, tok) -> int:
         bar.update(1)
         if stream is None:
             return False
-        stream.push(t)
+        stream.push([t])
         return stream.stopped
 
     res = generate_batch(runner, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -305,7 +305,7 @@ def _generate_ids(args, runner, vocab, label, tok) -> int:
     new = res.tokens[0]
     print("tokens:", " ".join(map(str, new)))
     if stream is not None:
-        stream.flush()
+        stream.finish()
         print("text:  ", repr(stream.text))
     if not args.quiet:
         print(f"{label}: prefill {len(ids)} tokens in {res.prefill_s * 1e3:.1f} ms, "
@@ -314,7 +314,7 @@ def _generate_ids(args, runner, vocab, label, tok) -> int:
 
 
 def _text_stream(tok, stop):
-    from .generate import TextStream
+    from .tokenizer import TextStream
 
     return None if tok is None else TextStream(tok, stop or ())
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .models import sample_next
+from .tokenizer import TextStream
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11 on
@@ -187,46 +188,6 @@ def generate_batch(
 
 
 # --- text -----------------------------------------------------------------------------------------
-class TextStream:
-    """One sequence's text: a tokenizer ``StreamDecoder`` (valid UTF-8 only) cut before the first of
-    ``stop`` strings. ``push`` returns the text that can be shown now: it also holds back a tail
-    that could still grow into a stop string. ``stopped`` turns True once a stop string is seen."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self._decoder = tokenizer.stream()
-        self._stops = [s for s in stop if s]
-        self._held = ""  # decoded text not shown yet (a possible start of a stop string)
-        self.stopped = False
-        self.text = ""  # everything shown so far
-
-    def push(self, token_id: int) -> str:
-        return "" if self.stopped else self._show(self._held + self._decoder.push(token_id), final=False)
-
-    def flush(self) -> str:
-        return "" if self.stopped else self._show(self._held + self._decoder.flush(), final=True)
-
-    def _show(self, pending: str, final: bool) -> str:
-        hits = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            out, self._held, self.stopped = pending[: min(hits)], "", True
-        else:
-            keep = 0 if final else _stop_prefix_len(pending, self._stops)
-            out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        self.text += out
-        return out
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 @dataclass
 class TextResult:
     prompt: str
@@ -271,13 +232,13 @@ def generate_text(
             on_text(row, piece)
 
     def on_token(row: int, tok: int) -> bool:
-        emit(row, streams[row].push(tok))
+        emit(row, streams[row].push([tok])[0])
         return streams[row].stopped
 
     res = generate_batch(runner, ids, max_new_tokens, eos_token_ids=tokenizer.eos_token_ids, on_token=on_token,
                          **sampling)
     for row, s in enumerate(streams):
-        emit(row, s.flush())
+        emit(row, s.finish())
     # a stop string found only in the text held back until the end (it ends the text all the same)
     out = [TextResult(p, s.text, toks, "stop" if s.stopped else reason)
            for p, s, toks, reason in zip(prompts, streams, res.tokens, res.finish_reasons)]

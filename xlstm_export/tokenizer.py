@@ -165,6 +165,79 @@ class StreamDecoder:
         return rest
 
 
+class TextStream:
+    """One sequence's text as its tokens come: a ``StreamDecoder`` (valid UTF-8 only) cut before
+    the first of ``stop`` strings, for ``generate`` and each completion the server streams.
+
+        ts = TextStream(tokenizer, stop=["\\n\\n"])
+        piece, used = ts.push([17, 42])  # text now final; how many ids made it (fewer when a stop ended it)
+        if ts.stopped: ...               # a stop string ended the text (it is not included)
+        piece = ts.finish()              # the rest, once the sequence has ended
+
+    Text that could still grow into a stop string is held back, so the pieces joined equal the
+    whole text however the ids are grouped. ``tokenizer`` None (a model without one: its token ids
+    are the output) gives empty text and takes no stop strings.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop=()):
+        stop = tuple(s for s in stop if s)  # an empty string would stop before the first token
+        if stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self._dec = tokenizer.stream() if tokenizer is not None else None
+        self._stop = stop
+        self.text = ""  # decoded so far, cut at a stop string
+        self._sent = 0  # characters of text released
+        self.stopped = False
+
+    def push(self, ids) -> tuple[str, int]:
+        """Decode ``ids``: (the text now final, how many of ``ids`` were used)."""
+        if self._dec is None or self.stopped:
+            return "", 0 if self.stopped else len(ids)
+        if not self._stop:  # nothing to hold back or cut: every decoded piece is final
+            piece = self._dec.push_many(ids)
+            self.text += piece
+            self._sent = len(self.text)
+            return piece, len(ids)
+        used = 0
+        for t in ids:
+            self.text += self._dec.push(int(t))
+            used += 1
+            if self._cut_at_stop():
+                break
+        return self._release(final=self.stopped), used
+
+    def finish(self) -> str:
+        """The text left after the last token."""
+        if self._dec is not None and not self.stopped:
+            self.text += self._dec.flush()
+            self._cut_at_stop()
+        return self._release(final=True)
+
+    def _cut_at_stop(self) -> bool:
+        # a match cannot start before _sent (text that could begin one is held back), but the
+        # newest characters may complete one that began in the held part: search from there
+        hits = [j for j in (self.text.find(s, self._sent) for s in self._stop) if j >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+        return self.stopped
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final or not self._stop else len(self.text) - self._held()
+        out = self.text[self._sent : end]
+        self._sent = max(self._sent, end)
+        return out
+
+    def _held(self) -> int:
+        """Length of the longest end of the unreleased text that is a proper beginning of a stop string."""
+        best = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(self.text) - self._sent), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
 # --- the byte tokenizer --------------------------------------------------------------------------
 def _byte_alphabet() -> list[str]:
     """The byte-level alphabet of `tokenizers`' ByteLevel pre-tokenizer, indexed by byte value:

@@ -7,8 +7,8 @@ Layers, each usable alone:
 - :mod:`.sampling`: greedy / temperature / top-p choice with a per-request seed;
 - :mod:`.scheduler`: the serving loop (admission, chunked prefill, one batched decode step per
   iteration), pure Python + numpy, no HTTP;
-- :mod:`.protocol` and :mod:`.text`: the OpenAI request checks and response shapes, incremental
-  detokenization with stop strings;
+- :mod:`.protocol`: the OpenAI request checks and response shapes (the text of each completion,
+  stop strings included, is ``tokenizer.TextStream``'s, as in ``generate``);
 - :mod:`.app`: the Starlette app run by uvicorn;
 - :mod:`.engine`: the scheduler in a child process, so that it and the HTTP layer do not share a GIL;
 - :mod:`.backend`: what a target (.onnx, engine, model source) becomes.

@@ -35,9 +35,9 @@ import time
 import uuid
 from typing import Any
 
+from ..tokenizer import TextStream
 from .protocol import RequestError, error_body, model_not_found, parse_completion_request
 from .scheduler import QueueFullError, Scheduler
-from .text import CompletionText
 
 __all__ = ["create_app", "serve"]
 
@@ -102,7 +102,7 @@ class _Completion:
         self.scheduler = scheduler
         self.seqs = seqs
         self.waiter = waiter
-        self.texts = [CompletionText(tokenizer, stop) for _ in seqs]
+        self.texts = [TextStream(tokenizer, stop) for _ in seqs]
         self.read = [0] * len(seqs)  # tokens taken from each sequence
         self.used = [0] * len(seqs)  # tokens that made its text (up to a stop string)
         self.token_ids: list[list[int]] = [[] for _ in seqs]
