@@ -300,13 +300,14 @@ def test_public_docstrings_are_their_own_and_name_their_parameters():
     from xlstm_export.models import xLSTMConfig
     from xlstm_export.ort import OrtModel
     from xlstm_export.tensorrt import tensorrt_available
-    from xlstm_export.tokenizer import Tokenizer
+    from xlstm_export.tokenizer import TextStream, Tokenizer
 
     assert xLSTMLM.__doc__ and xLSTMLM.__doc__ != torch.nn.Module.__doc__
     config_doc = inspect.getdoc(xLSTMConfig)
     assert not config_doc.startswith("xLSTMConfig(")  # not the dataclass's generated signature
     assert [f.name for f in dataclasses.fields(xLSTMConfig) if f"``{f.name}``" not in config_doc] == []
-    for f in (tensorrt_available, Tokenizer.encode, Tokenizer.decode, Tokenizer.stream):
+    for f in (tensorrt_available, Tokenizer.encode, Tokenizer.decode, Tokenizer.stream, TextStream.push,
+              TextStream.finish):
         assert inspect.getdoc(f), f.__qualname__
     for f, doc in ((generate_batch, generate_batch.__doc__), (OrtModel.__init__, OrtModel.__doc__)):
         params = [p for p in inspect.signature(f).parameters if p not in ("self", "runner", "prompts", "path")]

@@ -35,7 +35,7 @@ _API: dict[str, str] = {
     # generation and tokenizers (the module ``xlstm_export.generate`` keeps the name ``generate``)
     "generate_batch": ".generate", "generate_text": ".generate", "torch_runner": ".generate",
     "Tokenizer": ".tokenizer", "TokenizerError": ".tokenizer", "byte_tokenizer": ".tokenizer",
-    "load_tokenizer": ".tokenizer",
+    "TextStream": ".tokenizer", "load_tokenizer": ".tokenizer",
 }
 
 __all__ = sorted([*_API, "__version__"])
