@@ -185,9 +185,16 @@ class TextStream:
             raise ValueError("stop strings need a tokenizer")
         self._dec = tokenizer.stream() if tokenizer is not None else None
         self._stop = stop
-        self.text = ""  # decoded so far, cut at a stop string
-        self._sent = 0  # characters of text released
+        # the text so far is the released pieces, then the tail not released yet: at most a stop
+        # string's beginning between pushes (a list, so a long completion is not copied per token)
+        self._released: list[str] = []
+        self._tail = ""
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The text decoded so far, cut before a stop string (all of it once finished)."""
+        return "".join(self._released) + self._tail
 
     def push(self, ids) -> tuple[str, int]:
         """Decode ``ids``: (the text now final, how many of ``ids`` were used)."""
@@ -195,12 +202,12 @@ class TextStream:
             return "", 0 if self.stopped else len(ids)
         if not self._stop:  # nothing to hold back or cut: every decoded piece is final
             piece = self._dec.push_many(ids)
-            self.text += piece
-            self._sent = len(self.text)
+            if piece:
+                self._released.append(piece)
             return piece, len(ids)
         used = 0
         for t in ids:
-            self.text += self._dec.push(int(t))
+            self._tail += self._dec.push(int(t))
             used += 1
             if self._cut_at_stop():
                 break
@@ -209,30 +216,31 @@ class TextStream:
     def finish(self) -> str:
         """The text left after the last token."""
         if self._dec is not None and not self.stopped:
-            self.text += self._dec.flush()
+            self._tail += self._dec.flush()
             self._cut_at_stop()
         return self._release(final=True)
 
     def _cut_at_stop(self) -> bool:
-        # a match cannot start before _sent (text that could begin one is held back), but the
-        # newest characters may complete one that began in the held part: search from there
-        hits = [j for j in (self.text.find(s, self._sent) for s in self._stop) if j >= 0]
+        # a match cannot start in the released text (what could begin one is held back), but the
+        # newest characters may complete one that began in the tail
+        hits = [j for j in (self._tail.find(s) for s in self._stop) if j >= 0]
         if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+            self._tail, self.stopped = self._tail[: min(hits)], True
         return self.stopped
 
     def _release(self, final: bool) -> str:
-        end = len(self.text) if final or not self._stop else len(self.text) - self._held()
-        out = self.text[self._sent : end]
-        self._sent = max(self._sent, end)
+        keep = 0 if final or not self._stop else self._held()
+        out, self._tail = self._tail[: len(self._tail) - keep], self._tail[len(self._tail) - keep :]
+        if out:
+            self._released.append(out)
         return out
 
     def _held(self) -> int:
-        """Length of the longest end of the unreleased text that is a proper beginning of a stop string."""
+        """Length of the longest end of the tail that is a proper beginning of a stop string."""
         best = 0
         for s in self._stop:
-            for k in range(min(len(s) - 1, len(self.text) - self._sent), best, -1):
-                if self.text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(self._tail)), best, -1):
+                if self._tail.endswith(s[:k]):
                     best = k
                     break
         return best
