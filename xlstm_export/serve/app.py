@@ -270,11 +270,9 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                 count(200)
                 return await _SSE(comp, cid, created_now(), model_name, req.include_usage)(scope, receive, send)
             disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-            texts = [""] * len(seqs)
             try:
-                async for updates in comp.updates(disconnect):
-                    for i, text, _, _ in updates:
-                        texts[i] += text
+                async for _ in comp.updates(disconnect):  # each sequence's TextStream gathers its text
+                    pass
             except _Disconnected:
                 comp.cancel()
                 return await respond(send, 499, None)
@@ -289,7 +287,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, tokenizer=None, label: 
                     comp.cancel()
         finally:
             live.discard(comp)
-        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": comp.finish[i],
+        choices = [{"index": i, "text": comp.texts[i].text, "logprobs": None, "finish_reason": comp.finish[i],
                     "token_ids": comp.token_ids[i]} for i in range(len(seqs))]
         await respond(send, 200, {"id": cid, "object": "text_completion", "created": created_now(),
                                   "model": model_name, "choices": choices, "usage": comp.usage()})
