@@ -134,7 +134,7 @@ def edited(src, dst, edit):
     return dst
 
 
-def fake_engine(onnx_path, dst, logits_dtype="float32", present_dims=None):
+def fake_engine(onnx_path, dst, logits_dtype="float32", present_dims=None, batch=(1, 1, 8)):
     """A .engine with a build record as `xlstm-export build` writes it (read, never run here)."""
     from xlstm_export.engine import RECORD_FORMAT
 
@@ -142,7 +142,7 @@ def fake_engine(onnx_path, dst, logits_dtype="float32", present_dims=None):
     dt = {"TYPE_FP32": "float32", "TYPE_INT64": "int64"}
     dst.write_bytes(b"plan")
     record = {"format": RECORD_FORMAT, "runtime": "tensorrt", "engine": {"file": dst.name, "bytes": 4},
-              "profiles": [{"batch": [1, 1, 8], "sequence": [1, 128, 2048]}],
+              "profiles": [{"batch": list(batch), "sequence": [1, 128, 2048]}],
               "inputs": [{"name": n, "dtype": dt[t], "dims": d} for n, (t, d) in ins.items()],
               "outputs": [{"name": n, "dtype": logits_dtype if n == "logits" else dt[t],
                            "dims": present_dims if present_dims and n.startswith("present.") else d}
@@ -166,6 +166,22 @@ def test_bf16_onnx_is_refused_and_a_bf16_engine_is_not(tiny_onnx, tmp_path, caps
     cfg = parse(write_triton_repo(engine, tmp_path / "repo") / "config.pbtxt")
     assert cfg.backend == "tensorrt" and cfg.max_batch_size == 8
     assert model_config_pb2.DataType.Name(cfg.output[0].data_type) == "TYPE_BF16"
+
+
+def test_engine_profile_must_take_a_batch_of_one(tiny_onnx, tmp_path, capsys):
+    """The sequence batcher runs what is ready (one live sequence: a batch of 1); Triton's tensorrt
+    backend fails a batch below the profile's minimum (tensorrt_backend src/instance_state.cc,
+    TRTv3Interface::SetBindingDimensions), so such an engine is refused, naming the rebuild."""
+    from xlstm_export.cli import main
+
+    engine = fake_engine(tiny_onnx, tmp_path / "b4.engine", batch=(4, 8, 16))
+    assert main(["triton-repo", str(engine), "-o", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch range starts at 4" in err[0] and "--batch 1 OPT MAX" in err[0], err
+    assert not (tmp_path / "repo").exists()
+    cfg = parse(write_triton_repo(fake_engine(tiny_onnx, tmp_path / "b1.engine", batch=(1, 8, 16)),
+                                  tmp_path / "repo") / "config.pbtxt")
+    assert cfg.max_batch_size == 16 and cfg.sequence_batching.oldest.max_candidate_sequences == 16
 
 
 @pytest.mark.parametrize("name", ['a"b', "a\nb", "a\\b", "a/b", ".hidden", "..", "", "a b", "é"])

@@ -23,6 +23,10 @@ Tensor types per backend: Triton's onnxruntime backend maps no BF16 tensor
 (``ModelConfigDataTypeToOnnxDataType``; triton-inference-server/server#8464) and refuses such a
 model at load, so a bfloat16 .onnx export is refused here (export with ``--dtype fp16`` or
 ``fp32``); the tensorrt backend takes BF16 (triton-inference-server/tensorrt_backend#90).
+
+An engine's optimization profile bounds the batches Triton may run: its maximum caps
+``max_batch_size``, and its minimum must be 1, since the sequence batcher runs what is ready (one
+live sequence is a batch of 1) and the tensorrt backend fails a batch outside the profile.
 """
 
 from __future__ import annotations
@@ -145,7 +149,15 @@ def _engine_interface(p: Path) -> ModelInterface:
     vocab = int(outs["logits"]["dims"][-1])
     if vocab < 0:
         raise ValueError(f"{p}: the logits have no static vocabulary dim")
-    max_batch = int(info["profiles"][0]["batch"][2])
+    min_batch, _, max_batch = (int(b) for b in info["profiles"][0]["batch"])
+    if min_batch != 1:
+        # the sequence batcher runs whatever is ready, down to one live sequence, and Triton's tensorrt
+        # backend fails a batch below the profile's minimum ("request specifies invalid shape for
+        # input": TRTv3Interface::SetBindingDimensions, tensorrt_backend src/instance_state.cc)
+        raise ValueError(f"{p}: its profile's batch range starts at {min_batch}, but Triton's sequence batcher "
+                         "runs batches of any size from 1 (a single live sequence is a batch of 1) and its "
+                         f"tensorrt backend fails those below {min_batch}: rebuild with `xlstm-export build "
+                         "--batch 1 OPT MAX`")
     return ModelInterface("plan", p, ins["input_ids"]["dtype"], outs["logits"]["dtype"], vocab, states, max_batch, [p])
 
 
