@@ -14,6 +14,14 @@ Every definition validates dtypes and attributes against the op contract
 (:mod:`xlstm_export.contract`) and raises ``ValueError`` naming the op, the tensor and the expected
 value: ``tensorrt.plugin`` turns exceptions raised in these callbacks into TensorRT build errors.
 
+mLSTM's attributes are declared as one-element numpy arrays (``chunk_size`` int32, ``eps``
+float32), the types the ONNX parser hands over (an ONNX INT / FLOAT attribute becomes a length-1
+kINT32 / kFLOAT32 plugin field). Declared as ``int`` / ``float``, TensorRT 10.9 to 11.1 build them
+with ``int(field.data)`` on that length-1 array, which NumPy >= 2.4 refuses (TypeError; deprecated
+since 1.25), so the parser could not create the plugin; numpy-array attributes are built with
+``field.data.astype(dtype)`` in every version (``tensorrt/plugin/_lib.py``,
+``_TemplatePluginCreator.create_plugin``; TensorRT 11.2 unwraps length-1 fields).
+
 Networks must prefer AOT Python plugins (``NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS``;
 :func:`xlstm_export.tensorrt.build_engine` sets it) or the nodes must carry ``aot=1``; only an AOT
 implementation is defined here.
@@ -21,6 +29,9 @@ implementation is defined here.
 # No `from __future__ import annotations`: tensorrt.plugin inspects the annotations as classes.
 
 from typing import List, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
 
 try:
     import tensorrt as trt
@@ -48,6 +59,11 @@ __all__ = ["MLSTM_PLUGIN_ID", "SLSTM_PLUGIN_ID", "trt_dtype_name"]
 MLSTM_PLUGIN_ID = f"{contract.PLUGIN_NAMESPACE}::{MLSTM.name}"  # "xlstm::mLSTM"
 SLSTM_PLUGIN_ID = f"{contract.PLUGIN_NAMESPACE}::{SLSTM.name}"  # "xlstm::sLSTM"
 
+# mLSTM's attribute types (see the module docstring): one value each, as the ONNX parser passes it.
+# The same objects annotate register and aot_impl, whose annotations tensorrt.plugin compares.
+ChunkSizeAttr = npt.NDArray[np.int32]
+EpsAttr = npt.NDArray[np.float32]
+
 _TRT_DTYPES = {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16}
 _AUTOTUNE_NAMES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -64,6 +80,17 @@ def trt_dtype_name(dtype) -> str:
 def _t_dtype(spec: contract.OpSpec, descs) -> str:
     """Validate the input dtypes against the contract; return T."""
     return contract.validate_dtypes(spec, [trt_dtype_name(d.dtype) for d in descs])
+
+
+def _mlstm_attrs(chunk_size, eps) -> dict:
+    """The one-element attribute arrays as the contract's validated {"chunk_size": int, "eps": float}."""
+    values = {}
+    for name, value, kind in (("chunk_size", chunk_size, int), ("eps", eps, float)):
+        flat = np.asarray(value).reshape(-1)
+        if flat.size != 1:
+            raise ValueError(f"{MLSTM.qualname}: attribute {name} must be one value, got {flat.size}: {value!r}")
+        values[name] = kind(flat[0])
+    return MLSTM.validate_attrs(values)
 
 
 def _check_ranks(spec: contract.OpSpec, descs) -> None:
@@ -121,12 +148,12 @@ def mlstm_plugin_desc(
     c0: trtp.TensorDesc,  # (B, NH, DQK, DV) float32
     n0: trtp.TensorDesc,  # (B, NH, DQK) float32
     m0: trtp.TensorDesc,  # (B, NH) float32
-    chunk_size: int,
-    eps: float,
+    chunk_size: ChunkSizeAttr,  # [chunk_size] int32
+    eps: EpsAttr,  # [eps] float32
 ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
     """h (B, NH, S, DV) T, c (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH) float32."""
     t_dtype = _t_dtype(MLSTM, (q, k, v, i, f, c0, n0, m0))
-    MLSTM.validate_attrs({"chunk_size": chunk_size, "eps": eps})
+    _mlstm_attrs(chunk_size, eps)
     _check_ranks(MLSTM, (q, k, v, i, f, c0, n0, m0))
     shapes = contract.mlstm_output_shapes(q.shape_expr, k.shape_expr, v.shape_expr)
     return _output_descs(MLSTM, shapes, t_dtype)
@@ -143,15 +170,15 @@ def mlstm_plugin_autotune(
 @trtp.aot_impl(MLSTM_PLUGIN_ID)
 def mlstm_plugin_aot_impl(
     q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, i: trtp.TensorDesc, f: trtp.TensorDesc,
-    c0: trtp.TensorDesc, n0: trtp.TensorDesc, m0: trtp.TensorDesc, chunk_size: int, eps: float,
+    c0: trtp.TensorDesc, n0: trtp.TensorDesc, m0: trtp.TensorDesc, chunk_size: ChunkSizeAttr, eps: EpsAttr,
     outputs: Tuple[trtp.TensorDesc], tactic: int,
 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
     t_dtype = _t_dtype(MLSTM, (q, k, v, i, f, c0, n0, m0))
-    MLSTM.validate_attrs({"chunk_size": chunk_size, "eps": eps})
+    attrs = _mlstm_attrs(chunk_size, eps)
     B, NH, S = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
     DQK = _static_dim(MLSTM, "DQK", q.shape_expr[3])
     DV = _static_dim(MLSTM, "DV", v.shape_expr[3])
-    params = launch.mlstm_launch(B, NH, S, DQK, DV, chunk_size=chunk_size, eps=eps)
+    params = launch.mlstm_launch(B, NH, S, DQK, DV, chunk_size=attrs["chunk_size"], eps=attrs["eps"])
     return _aot_result(MLSTM, t_dtype, params)
 
 
