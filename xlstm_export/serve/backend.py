@@ -131,10 +131,24 @@ def _engine_pool(path: Path, max_batch: int, max_state_mb: float):
     vocab = int(engine.get_tensor_shape("logits")[-1])
     if vocab < 0:
         raise ValueError(f"{path}: the engine's logits have no static vocabulary dim")
-    engine_max = int(engine.get_tensor_profile_shape("input_ids", 0)[2][0])  # (min, opt, max)[max][batch]
+    # TensorRT runs only shapes inside the optimization profile ("a runtime error will be raised if the
+    # input tensor dimensions fall outside the valid range for this profile", IOptimizationProfile).
+    # A decode step runs however many sequences are running, one included, at S = 1, so both ranges
+    # must start at 1 (`build` checks the sequence range; an engine built elsewhere may not have it);
+    # the batch maximum caps the slots, and a prefill chunk longer than the sequence maximum runs in pieces.
+    lo, _, hi = ([int(d) for d in dims] for dims in engine.get_tensor_profile_shape("input_ids", 0))  # (B, S) each
+    batch_min = max([lo[0]] + [int(engine.get_tensor_profile_shape(f"past.{k}", 0)[0][0]) for k in model.state_keys])
+    engine_max = min([hi[0]] + [int(engine.get_tensor_profile_shape(f"past.{k}", 0)[2][0]) for k in model.state_keys])
+    if batch_min > 1:
+        raise ValueError(f"{path}: its profile's batch range starts at {batch_min}, but serve runs a decode step "
+                         "for however many sequences are running, one included: rebuild it with "
+                         f"`xlstm-export build --batch 1 OPT {engine_max}`")
+    if lo[1] > 1:
+        raise ValueError(f"{path}: its profile's sequence range starts at {lo[1]}, but decode steps run at S = 1: "
+                         f"rebuild it with `xlstm-export build --seq 1 OPT {hi[1]}`")
     capacity = min(slot_capacity(max_batch, max_state_mb, TorchSlots.bytes_per_slot(shapes)), engine_max)
-    return TorchSlots(model.run, shapes, vocab, capacity, device=model.device), \
-        f"TensorRT (engine batch <= {engine_max})"
+    return TorchSlots(model.run, shapes, vocab, capacity, device=model.device, max_chunk=hi[1]), \
+        f"TensorRT (engine batch <= {engine_max}, prompt pieces <= {hi[1]} tokens)"
 
 
 def _torch_pool(source: str, max_batch: int, max_state_mb: float):

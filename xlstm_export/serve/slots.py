@@ -151,15 +151,20 @@ class TorchSlots:
 
     Used for a TensorRT engine (:meth:`TrtModel.run`, the pool on the GPU) and the PyTorch model.
     A decode step passes the first ``n`` rows of the pool (views, no copy) and copies the new
-    state back into them.
+    state back into them. ``max_chunk``: the most positions one call may take (an engine's
+    profile maximum sequence length; None: any); prefill runs a longer chunk as consecutive
+    pieces of at most that many tokens, the state carried from one to the next.
     """
 
     def __init__(self, run: Callable, state_shapes: dict[str, tuple[int, ...]], vocab_size: int,
-                 capacity: int, device: Any = "cpu"):
+                 capacity: int, device: Any = "cpu", max_chunk: int | None = None):
         import torch
 
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_chunk is not None and max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1 (None: any length), got {max_chunk}")
+        self.max_chunk = max_chunk
         self._torch = torch
         self._run = run
         self.capacity = capacity
@@ -200,9 +205,12 @@ class TorchSlots:
         else:
             zero = {k: torch.zeros((1, *s), dtype=torch.float32, device=self.device) for k, s in self._shapes.items()}
             state = {k: torch.cat([(s or zero)[k] for s in states]) for k in self.names}
-        logits, new = self._call(np.asarray(ids, np.int64), state)
+        ids = np.asarray(ids, np.int64)  # (k, C)
+        piece = self.max_chunk or ids.shape[1]
+        for j in range(0, ids.shape[1], piece):  # one call unless C > max_chunk
+            logits, state = self._call(ids[:, j : j + piece], state)
         return (logits[:, -1].float().cpu().numpy(),
-                [{k: new[k][i : i + 1].clone() for k in self.names} for i in range(len(states))])
+                [{k: state[k][i : i + 1].clone() for k in self.names} for i in range(len(states))])
 
     def put(self, row: int, state: dict) -> None:
         for k in self.names:
