@@ -2,7 +2,8 @@
 
 plugins/mlstm_fwd.cu and slstm_fwd.cu are compiled with g++ against a small emulation of the CUDA
 execution model (tests/cuda_emu/cuda_emu.h: one OS thread per CUDA thread, barriers for
-__syncthreads and the warp shuffles) and launched with exactly the grid, block, shared memory and
+__syncthreads and the warp shuffles, dynamic shared memory set to NaN before every block so a read
+of shared memory the block never wrote shows in the outputs) and launched with exactly the grid, block, shared memory and
 int32 arguments that ``plugins/launch.py`` computes for the TensorRT plugins, then compared with
 the PyTorch references, like the GPU tier (tests/test_plugins_gpu.py) but at smaller shapes; and,
 registered with onnxruntime as the ops of the exported models' own `xlstm` nodes

@@ -4,7 +4,10 @@
 // Every CUDA thread of a block is an OS thread; blocks run one after another. __syncthreads is a
 // barrier over the block's threads; the warp shuffles exchange through a per-warp buffer between
 // two barriers over the warp's 32 threads (all 32 lanes must take part, as with kFullMask).
-// Shared memory is ordinary memory visible to the block's threads. What this checks is the
+// Shared memory is ordinary memory visible to the block's threads; the dynamic shared memory is
+// filled with NaN bytes before every block (on a GPU a block finds whatever the previous one left),
+// so a read of shared memory the block has not written turns the outputs NaN instead of reading the
+// zeros or the previous block's values. What this checks is the
 // kernels' indexing, synchronization structure and arithmetic as written, against the references;
 // what it cannot check is nvcc's code generation, timing-dependent races and the real memory model
 // (the GPU tier, tests/test_plugins_gpu.py, runs the PTX itself).
@@ -95,14 +98,17 @@ inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 // Run kernel(args...) over grid x block: blocks in sequence, each block's threads concurrently.
+// The `smem_bytes` bytes at `smem` (the kernel's dynamic shared memory) are set to 0xff before each
+// block: NaN as float32, __half and __nv_bfloat16 alike.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 blk, Args... args) {
+void launch(void (*kernel)(Params...), dim3 grid, dim3 blk, void* smem, size_t smem_bytes, Args... args) {
   gridDim = grid;
   blockDim = blk;
   const unsigned n = blk.x * blk.y * blk.z;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
+        std::memset(smem, 0xff, smem_bytes);
         Block state(n);
         std::vector<std::thread> threads;
         threads.reserve(n);

@@ -19,9 +19,12 @@ namespace {
 
 // Launch `kernel` with its parameters taken in order from the flat arrays (TensorRT's AOT order):
 // each `const X*` parameter is the next input pointer, each int the next of `a`, each `X*` the next
-// output pointer. Returns 0, or 1 when the launch asks for more shared memory than the emulation has.
+// output pointer; `smem` is the kernel's dynamic shared memory, all of it poisoned before each block
+// (so a read past the launch's bytes reads NaN too, unless the block wrote there). Returns 0, or 1
+// when the launch asks for more shared memory than the emulation has.
 template <typename... P>
-int run(void (*kernel)(P...), const unsigned* launch, void* const* in, const int* a, void* const* out) {
+int run(void (*kernel)(P...), float* smem, const unsigned* launch, void* const* in, const int* a,
+        void* const* out) {
   if (launch[6] > kSmemBytes) return 1;
   size_t n_in = 0, n_a = 0, n_out = 0;
   auto next = [&]<typename Q>(std::type_identity<Q>) -> Q {
@@ -31,16 +34,17 @@ int run(void (*kernel)(P...), const unsigned* launch, void* const* in, const int
   };
   const std::tuple<P...> params{next(std::type_identity<P>{})...};  // braced: evaluated left to right
   std::apply([&](auto... p) { emu::launch(kernel, dim3{launch[0], launch[1], launch[2]},
-                                          dim3{launch[3], launch[4], launch[5]}, p...); }, params);
+                                          dim3{launch[3], launch[4], launch[5]}, smem, kSmemBytes, p...); },
+             params);
   return 0;
 }
 
 // The entry point of `dtype` (0 f32, 1 f16, 2 bf16).
 template <typename F32, typename F16, typename BF16>
-int run_dtype(int dtype, F32 f32, F16 f16, BF16 bf16, const unsigned* launch, void* const* in, const int* a,
-              void* const* out) {
-  if (dtype == 0) return run(f32, launch, in, a, out);
-  return dtype == 1 ? run(f16, launch, in, a, out) : run(bf16, launch, in, a, out);
+int run_dtype(int dtype, F32 f32, F16 f16, BF16 bf16, float* smem, const unsigned* launch, void* const* in,
+              const int* a, void* const* out) {
+  if (dtype == 0) return run(f32, smem, launch, in, a, out);
+  return dtype == 1 ? run(f16, smem, launch, in, a, out) : run(bf16, smem, launch, in, a, out);
 }
 
 }  // namespace
@@ -49,10 +53,12 @@ int run_dtype(int dtype, F32 f32, F16 f16, BF16 bf16, const unsigned* launch, vo
 // Returns 0, or 1 when the launch asks for more shared memory than the emulation holds.
 extern "C" int emu_mlstm_fwd(int dtype, const unsigned* launch, void* const* in, const int* args,
                              void* const* out) {
-  return run_dtype(dtype, mlstm_fwd_kernel_f32, mlstm_fwd_kernel_f16, mlstm_fwd_kernel_bf16, launch, in, args, out);
+  return run_dtype(dtype, mlstm_fwd_kernel_f32, mlstm_fwd_kernel_f16, mlstm_fwd_kernel_bf16, xlstm::mlstm::smem,
+                   launch, in, args, out);
 }
 
 extern "C" int emu_slstm_fwd(int dtype, const unsigned* launch, void* const* in, const int* args,
                              void* const* out) {
-  return run_dtype(dtype, slstm_fwd_kernel_f32, slstm_fwd_kernel_f16, slstm_fwd_kernel_bf16, launch, in, args, out);
+  return run_dtype(dtype, slstm_fwd_kernel_f32, slstm_fwd_kernel_f16, slstm_fwd_kernel_bf16, xlstm::slstm::smem,
+                   launch, in, args, out);
 }
