@@ -7,8 +7,9 @@ get_tensor_profile_shape; IExecutionContext's set_input_shape, get_tensor_shape,
 set_tensor_address, execute_async_v3) and behaves as they are documented: an input shape outside
 the optimization profile is refused (set_input_shape returns False: "a runtime error will be raised
 if the input tensor dimensions fall outside the valid range for this profile", TensorRT's
-IOptimizationProfile docs), and the engine reads and writes the memory at the addresses it was
-given. The network behind it is the PyTorch model, so every completion is checked against the same
+IOptimizationProfile docs), the engine reads and writes the memory at the addresses it was
+given. It also fails a run on the CUDA default stream, where TensorRT runs but warns that it adds
+synchronization. The network behind it is the PyTorch model, so every completion is checked against the same
 scheduler over the PyTorch model itself.
 """
 
@@ -57,6 +58,9 @@ class _Context:
         return True
 
     def execute_async_v3(self, stream) -> bool:
+        # TensorRT on the default stream (handle 0): "Using default stream in enqueueV3() may lead to
+        # performance issues due to additional calls to cudaStreamSynchronize()" (pytorch/TensorRT#3190)
+        assert stream != 0, "enqueued on the CUDA default stream"
         e = self.engine
         ins = [n for n in e.names if e.get_tensor_mode(n) == "INPUT"]
         outs = [n for n in e.names if e.get_tensor_mode(n) == "OUTPUT"]
@@ -148,10 +152,21 @@ def engine_file(tmp_path, monkeypatch):
         def __init__(self, plan_path, **kw):
             super().__init__(plan_path, device="cpu", **kw)
 
+    class Stream:  # torch.cuda.Stream: a stream of its own (not the default stream, handle 0)
+        def __init__(self, device=None):
+            self.cuda_stream = id(self)
+
+        def wait_stream(self, other):
+            pass
+
+        def synchronize(self):
+            pass
+
+    default = SimpleNamespace(cuda_stream=0, synchronize=lambda: None)  # torch's current stream unless set
     monkeypatch.setattr(xtrt, "TrtModel", CpuTrtModel)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda device=None: SimpleNamespace(cuda_stream=0, synchronize=lambda: None))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: default)
 
     def make(engine):
         monkeypatch.setattr(xtrt, "import_runtime", lambda name: _fake_tensorrt(engine))

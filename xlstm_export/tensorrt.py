@@ -115,6 +115,11 @@ class TrtModel:
             raise RuntimeError(f"running a {self.runtime} engine needs {gpu} (torch.cuda.is_available() is False)")
         self._trt = trt
         self.device = torch.device(device)
+        # the engine runs on a stream of its own: torch's current stream is the CUDA default stream
+        # unless a caller set another, and TensorRT warns that enqueueV3 on the default stream adds
+        # cudaStreamSynchronize calls ("Using default stream in enqueueV3() may lead to performance
+        # issues", pytorch/TensorRT#3190; Torch-TensorRT's runtime runs on its own stream since #3191)
+        self._stream = torch.cuda.Stream(device=self.device)
         self.plan_path = Path(plan_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.plan_path.read_bytes())
@@ -153,10 +158,13 @@ class TrtModel:
             out = torch.empty(shape, dtype=self.dtype(name), device=self.device)
             outputs[name] = out
             self.context.set_tensor_address(name, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        # the inputs were written, and the outputs allocated, on the caller's stream: the engine's
+        # stream waits for that work; it is synchronized before the outputs are handed back, so they
+        # are complete on every stream and the inputs can be freed
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not self.context.execute_async_v3(self._stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
-        stream.synchronize()
+        self._stream.synchronize()
         del keep
         return outputs
 
