@@ -15,6 +15,7 @@ generation and the real memory model are the GPU tier's.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -68,8 +69,20 @@ def emu(tmp_path_factory):
         fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_void_p),
                        ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p)]
         fn.restype = ctypes.c_int
+    lib.emu_set_schedule.argtypes = [ctypes.c_int]
+    lib.emu_set_schedule.restype = None
     lib.path = str(out)  # also an onnxruntime custom-op library (emu_ort_ops.cc)
     return lib
+
+
+@contextlib.contextmanager
+def _schedule(emu, schedule: int):
+    """Launches inside run each block's threads one at a time (cuda_emu.h: 1 ascending, 2 descending)."""
+    emu.emu_set_schedule(schedule)
+    try:
+        yield
+    finally:
+        emu.emu_set_schedule(0)
 
 
 def _launch(fn, dtype, params: launch.LaunchParams, inputs, outputs) -> None:
@@ -209,6 +222,48 @@ def test_slstm_source_extreme_first_step_input_gate_matches_official(emu, dtype)
     y, *state = _slstm_emu(emu, [x.contiguous(), r.contiguous(), b.contiguous(), *zeros])
     tol = contract.tolerance(dtype).outputs
     check_against_official(y, state, x, r, b, max(tol.rtol, tol.atol))
+
+
+# --- races: every block's threads one at a time, in ascending and in descending thread order ------
+
+SERIAL_SCHEDULES = [pytest.param(1, id="ascending"), pytest.param(2, id="descending")]
+
+
+@pytest.mark.parametrize("schedule", SERIAL_SCHEDULES)
+@pytest.mark.parametrize("B,NH,S,DQK,DV,chunk_size", [(1, 1, 70, 100, 70, 64), (1, 2, 23, 8, 40, 7), (2, 1, 1, 48, 80, 64)],
+                         ids=["S70-DQK100-DV70-L64", "S23-DQK8-DV40-L7", "decode-DQK48-DV80"])
+def test_mlstm_source_has_no_shared_memory_race(emu, schedule, B, NH, S, DQK, DV, chunk_size):
+    """Each stretch between two barriers run thread after thread, in both orders: a thread that
+    reads a shared word another writes with no barrier between gets the wrong value in one of them
+    (the chunk path's slab and chunk loops, 2 slabs, 2 DV tiles, a partial last chunk; the step path)."""
+    inputs = _mlstm_inputs(B, NH, S, DQK, DV, torch.float32, with_state=True, seed=4)
+    with _schedule(emu, schedule):
+        h, c, n, m = _mlstm_emu(emu, inputs, chunk_size)
+    if S == 1:
+        h_ref, state_ref = naive_step_mlstm(*inputs[:5], inputs[5:], eps=1e-6)
+    else:
+        h_ref, state_ref = naive_chunk_mlstm(*inputs[:5], inputs[5:], chunk_size=chunk_size, eps=1e-6)
+    tol = contract.tolerance(torch.float32)
+    _close("h", h, h_ref, tol.outputs)
+    for name, a, e in zip("cnm", (c, n, m), state_ref):
+        _close(name, a, e, tol.states)
+
+
+@pytest.mark.parametrize("schedule", SERIAL_SCHEDULES)
+@pytest.mark.parametrize("r_rows_fit", [3, None], ids=["r-3-rows-on-chip", "r-all-on-chip"])
+def test_slstm_source_has_no_shared_memory_race(emu, schedule, r_rows_fit):
+    """As the mLSTM test: the sLSTM step's two barriers (pre-activations, h), r in shared memory
+    and partly in global memory, 4*DH not a multiple of 32."""
+    B, NH, S, DH = 2, 2, 9, 13
+    inputs = _slstm_inputs(B, NH, S, DH, torch.float32, with_state=True, seed=5)
+    limit = SMEM_LIMIT if r_rows_fit is None else launch.slstm_shared_bytes(DH, r_rows_fit, 4)
+    with _schedule(emu, schedule):
+        y, *state = _slstm_emu(emu, inputs, smem_limit=limit)
+    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
+    tol = contract.tolerance(torch.float32)
+    _close("y", y, y_ref, tol.outputs)
+    for name, a, e in zip("hcnm", state, state_ref):
+        _close(name, a, e, tol.states)
 
 
 # --- the kernels inside exported models, fed by onnxruntime (a CPU rehearsal of the TensorRT path) ---

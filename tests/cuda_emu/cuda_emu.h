@@ -7,17 +7,31 @@
 // Shared memory is ordinary memory visible to the block's threads; the dynamic shared memory is
 // filled with NaN bytes before every block (on a GPU a block finds whatever the previous one left),
 // so a read of shared memory the block has not written turns the outputs NaN instead of reading the
-// zeros or the previous block's values. What this checks is the
-// kernels' indexing, synchronization structure and arithmetic as written, against the references;
-// what it cannot check is nvcc's code generation, timing-dependent races and the real memory model
-// (the GPU tier, tests/test_plugins_gpu.py, runs the PTX itself).
+// zeros or the previous block's values.
+//
+// Schedules (emu::schedule): by default the block's threads run at once and the OS decides how they
+// interleave, so a shared-memory race (one thread writes a word another reads, with no barrier
+// between) shows only by chance. The two serial schedules run one thread at a time: the runnable
+// thread of lowest (kAscending) or highest (kDescending) index runs until it waits at a
+// __syncthreads or a shuffle, then the next. Every stretch between two barriers then runs thread
+// after thread in that order, and a race reads the other thread's word before its write in one of
+// the two orders and after it in the other: one of them gives a wrong result, every time.
+//
+// What this checks is the kernels' indexing, synchronization structure and arithmetic as written,
+// against the references; what it cannot check is nvcc's code generation, the warp-synchronous
+// behaviour of real warps, bank conflicts, resource limits and the real memory model (the GPU
+// tier, tests/test_plugins_gpu.py, runs the PTX itself).
 #pragma once
 
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <semaphore>
 #include <thread>
 #include <vector>
 
@@ -40,10 +54,84 @@
 
 namespace emu {
 
+enum class Schedule { kConcurrent = 0, kAscending = 1, kDescending = 2 };
+inline Schedule schedule = Schedule::kConcurrent;
+
+// The baton of a block under a serial schedule: exactly one of its threads runs at a time.
+class Serial {
+ public:
+  static constexpr int kRunnable = -1, kAtSyncthreads = -2, kExited = -3;  // else: at warp w's exchange
+
+  Serial(int threads, bool descending)
+      : state_(threads, kRunnable), descending_(descending), go_(threads) {
+    for (auto& g : go_) g = std::make_unique<std::binary_semaphore>(0);
+    go_[pick()]->release();
+  }
+  void begin(int tid) { go_[tid]->acquire(); }
+  // Thread `tid` waits at `at` (kAtSyncthreads, or its warp's index): the next thread runs.
+  void wait(int tid, int at) {
+    hand_on(tid, at);
+    go_[tid]->acquire();
+  }
+  void exit(int tid) { hand_on(tid, kExited); }
+
+ private:
+  int pick() const {  // the runnable thread that runs next, or -1
+    const int n = static_cast<int>(state_.size());
+    for (int k = 0; k < n; ++k) {
+      const int t = descending_ ? n - 1 - k : k;
+      if (state_[t] == kRunnable) return t;
+    }
+    return -1;
+  }
+  void release() {  // nobody runnable: open the barriers every thread they wait for has reached
+    const int n = static_cast<int>(state_.size());
+    bool all_at_sync = true;  // exited threads count as arrived
+    for (int s : state_) all_at_sync = all_at_sync && (s == kAtSyncthreads || s == kExited);
+    for (int t = 0; t < n; ++t) {
+      const int at = state_[t];
+      if (at == kAtSyncthreads && all_at_sync) state_[t] = kRunnable;
+      if (at < 0) continue;
+      bool warp_in = true;  // every lane of warp `at` waits at its exchange
+      for (int l = 32 * at; l < 32 * at + 32; ++l) warp_in = warp_in && l < n && state_[l] == at;
+      if (warp_in)
+        for (int l = 32 * at; l < 32 * at + 32; ++l) state_[l] = kRunnable;
+    }
+  }
+  void hand_on(int tid, int at) {
+    int next;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      state_[tid] = at;
+      next = pick();
+      if (next < 0) {
+        release();
+        next = pick();
+      }
+      if (next < 0) {
+        for (int s : state_)
+          if (s != kExited) {
+            std::fprintf(stderr, "cuda_emu: deadlock, threads wait at barriers nobody else reaches\n");
+            std::abort();
+          }
+        return;  // the block is done
+      }
+    }
+    go_[next]->release();
+  }
+
+  std::mutex mu_;
+  std::vector<int> state_;
+  bool descending_;
+  std::vector<std::unique_ptr<std::binary_semaphore>> go_;
+};
+
 struct Block {
   explicit Block(unsigned threads)
       : bar(static_cast<std::ptrdiff_t>(threads)), warps((threads + 31) / 32) {
     for (auto& w : warps) w = std::make_unique<Warp>();
+    if (schedule != Schedule::kConcurrent)
+      serial = std::make_unique<Serial>(static_cast<int>(threads), schedule == Schedule::kDescending);
   }
   struct Warp {
     std::barrier<> bar{32};
@@ -51,26 +139,35 @@ struct Block {
   };
   std::barrier<> bar;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::unique_ptr<Serial> serial;  // null under kConcurrent
 };
 
 inline thread_local Block* block = nullptr;
+inline thread_local int thread_rank = 0;  // linear index of this thread in its block
 
 }  // namespace emu
 
 inline thread_local uint3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
-inline void __syncthreads() { emu::block->bar.arrive_and_wait(); }
+inline void __syncthreads() {
+  if (emu::block->serial) emu::block->serial->wait(emu::thread_rank, emu::Serial::kAtSyncthreads);
+  else emu::block->bar.arrive_and_wait();
+}
 
 namespace emu {
 // Lane `src`'s value of x (every lane of the warp calls this with its own x).
 inline float exchange(float x, int src, bool in_range) {
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  Block::Warp& w = *block->warps[threadIdx.x / 32];
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  Block::Warp& w = *block->warps[warp];
+  auto warp_barrier = [&] {
+    if (block->serial) block->serial->wait(thread_rank, warp);
+    else w.bar.arrive_and_wait();
+  };
   w.buf[lane] = x;
-  w.bar.arrive_and_wait();
+  warp_barrier();
   const float out = in_range ? w.buf[src] : x;
-  w.bar.arrive_and_wait();  // nobody overwrites buf before every lane has read it
+  warp_barrier();  // nobody overwrites buf before every lane has read it
   return out;
 }
 }  // namespace emu
@@ -115,9 +212,12 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 blk, void* smem, size_t s
         for (unsigned t = 0; t < n; ++t)
           threads.emplace_back([&, t] {
             block = &state;
+            thread_rank = static_cast<int>(t);
             blockIdx = uint3{x, y, z};
             threadIdx = uint3{t % blk.x, (t / blk.x) % blk.y, t / (blk.x * blk.y)};
+            if (state.serial) state.serial->begin(thread_rank);
             kernel(args...);
+            if (state.serial) state.serial->exit(thread_rank);
           });
         for (auto& th : threads) th.join();
       }

@@ -49,6 +49,10 @@ int run_dtype(int dtype, F32 f32, F16 f16, BF16 bf16, float* smem, const unsigne
 
 }  // namespace
 
+// How the next launches schedule a block's threads (cuda_emu.h): 0 all at once (the default),
+// 1 one at a time in ascending thread order, 2 in descending order.
+extern "C" void emu_set_schedule(int schedule) { emu::schedule = static_cast<emu::Schedule>(schedule); }
+
 // launch: grid x, y, z, block x, y, z, dynamic shared memory bytes.  dtype: 0 f32, 1 f16, 2 bf16.
 // Returns 0, or 1 when the launch asks for more shared memory than the emulation holds.
 extern "C" int emu_mlstm_fwd(int dtype, const unsigned* launch, void* const* in, const int* args,
