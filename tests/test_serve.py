@@ -894,6 +894,26 @@ def test_admission_is_bounded_by_state_memory(served):
         slot_capacity(8, 0.5 * per_slot / 2**20, per_slot)
 
 
+def test_torch_slots_count_the_state_a_step_returns(served):
+    """A TorchSlots decode step gets the runner's new state in fresh tensors (a TensorRT engine's
+    outputs, the PyTorch model's results) before copying it back: with the pool's row and a prefill
+    state, three states per slot at the peak, which admission must count."""
+    _, _, model = served
+    shapes = {k: tuple(s[1:]) for k, s in model.state_spec(1).items()}
+    returned = []
+
+    def run(ids, state):
+        logits, new = model(ids, state)
+        returned.append({k: v.data_ptr() for k, v in new.items()})
+        return logits, new
+
+    pool = TorchSlots(run, shapes, 256, 2)
+    pool.step(np.array([1, 2], np.int64))
+    own = {k: v.data_ptr() for k, v in pool._pool.items()}
+    assert all(returned[-1][k] != own[k] for k in own)  # not written in place: a second state
+    assert TorchSlots.bytes_per_slot(shapes) == 3 * pool.state_bytes
+
+
 def test_serve_command_serves_until_terminated(served):
     """`xlstm-export serve model.onnx --port 0` as a user runs it: it says which port it took and
     answers there; SIGTERM ends the stream in flight at once (an error event, not the 65536 tokens it

@@ -179,8 +179,9 @@ class TorchSlots:
 
     @staticmethod
     def bytes_per_slot(state_shapes: dict[str, tuple[int, ...]]) -> int:
-        """Its row of the pool, plus one state while its prompt is prefilled."""
-        return 2 * state_bytes(state_shapes)
+        """Its row of the pool, the new state a decode step returns for it before the copy back
+        (the runner allocates its outputs), and one state while its prompt is prefilled."""
+        return 3 * state_bytes(state_shapes)
 
     def _call(self, ids: np.ndarray, state: dict | None):
         torch = self._torch
