@@ -129,6 +129,7 @@ MLSTM_CASES = [  # B, NH, S, DQK, DV, chunk_size, with_state: the chunk path (S 
     pytest.param(1, 2, 23, 8, 40, 7, False, id="B1-NH2-S23-DQK8-DV40-L7"),
     pytest.param(1, 1, 70, 100, 70, 64, True, id="B1-NH1-S70-DQK100-DV70-L64-state"),  # 2 slabs, 2 tiles
     pytest.param(1, 1, 5, 256, 512, 64, True, id="B1-NH1-S5-DQK256-DV512-state"),  # xLSTM-7B head dims
+    pytest.param(1, 1, 129, 65, 17, 64, True, id="B1-NH1-S129-DQK65-DV17-L64-state"),  # last chunk: 1 step
 ]
 
 
@@ -183,6 +184,7 @@ SLSTM_CASES = [  # B, NH, S, DH, with_state
     pytest.param(2, 3, 33, 16, True, id="B2-NH3-S33-DH16-state"),
     pytest.param(1, 2, 11, 7, True, id="B1-NH2-S11-DH7-state"),  # 4*DH not a multiple of 32
     pytest.param(3, 2, 1, 32, False, id="B3-NH2-S1-DH32-decode"),
+    pytest.param(1, 2, 4, 260, True, id="B1-NH2-S4-DH260-state"),  # 4*DH > 1024: 2 gate columns for some threads
 ]
 
 
