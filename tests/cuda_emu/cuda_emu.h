@@ -14,8 +14,11 @@
 // between) shows only by chance. The two serial schedules run one thread at a time: the runnable
 // thread of lowest (kAscending) or highest (kDescending) index runs until it waits at a
 // __syncthreads or a shuffle, then the next. Every stretch between two barriers then runs thread
-// after thread in that order, and a race reads the other thread's word before its write in one of
-// the two orders and after it in the other: one of them gives a wrong result, every time.
+// after thread in that order, so of two racing threads the reader runs before the writer in one
+// order and after it in the other: on every run, one of the two orders reads the value a missing
+// barrier should have kept from it. Every __syncthreads counts arrivals at one barrier (as bar.sync
+// 0 does), so a __syncthreads in divergent code shows only through wrong results; threads left
+// waiting at a barrier nobody else reaches abort the process with a message (a hang otherwise).
 //
 // What this checks is the kernels' indexing, synchronization structure and arithmetic as written,
 // against the references; what it cannot check is nvcc's code generation, the warp-synchronous
