@@ -180,6 +180,15 @@ def _slstm_emu(emu, inputs, smem_limit=SMEM_LIMIT):
     return outs
 
 
+def _close_to_naive_slstm(inputs, y, state, dtype=torch.float32) -> None:
+    """y and the state (h, c, n, m) against the float reference sLSTM over the same inputs."""
+    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
+    tol = contract.tolerance(dtype)
+    _close("y", y, y_ref, tol.outputs)
+    for name, a, e in zip("hcnm", state, state_ref):
+        _close(name, a, e, tol.states)
+
+
 SLSTM_CASES = [  # B, NH, S, DH, with_state
     pytest.param(2, 3, 33, 16, True, id="B2-NH3-S33-DH16-state"),
     pytest.param(1, 2, 11, 7, True, id="B1-NH2-S11-DH7-state"),  # 4*DH not a multiple of 32
@@ -192,12 +201,8 @@ SLSTM_CASES = [  # B, NH, S, DH, with_state
 @pytest.mark.parametrize("B,NH,S,DH,with_state", SLSTM_CASES)
 def test_slstm_kernel_source_matches_reference(emu, B, NH, S, DH, with_state, dtype):
     inputs = _slstm_inputs(B, NH, S, DH, dtype, with_state)
-    y, h, c, n, m = _slstm_emu(emu, inputs)
-    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
-    tol = contract.tolerance(dtype)
-    _close("y", y, y_ref, tol.outputs)
-    for name, a, e in zip("hcnm", (h, c, n, m), state_ref):
-        _close(name, a, e, tol.states)
+    y, *state = _slstm_emu(emu, inputs)
+    _close_to_naive_slstm(inputs, y, state, dtype)
 
 
 @pytest.mark.parametrize("r_rows_fit", [0, 5], ids=["r-all-global", "r-5-rows-on-chip"])
@@ -207,11 +212,7 @@ def test_slstm_source_with_r_partly_or_not_in_shared_memory(emu, r_rows_fit):
     limit = launch.slstm_shared_bytes(DH, r_rows_fit, 4)
     assert launch.slstm_r_rows(DH, 4, limit) == r_rows_fit
     y, *state = _slstm_emu(emu, inputs, smem_limit=limit)
-    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
-    tol = contract.tolerance(torch.float32)
-    _close("y", y, y_ref, tol.outputs)
-    for name, a, e in zip("hcnm", state, state_ref):
-        _close(name, a, e, tol.states)
+    _close_to_naive_slstm(inputs, y, state)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -261,11 +262,7 @@ def test_slstm_source_has_no_shared_memory_race(emu, schedule, r_rows_fit):
     limit = SMEM_LIMIT if r_rows_fit is None else launch.slstm_shared_bytes(DH, r_rows_fit, 4)
     with _schedule(emu, schedule):
         y, *state = _slstm_emu(emu, inputs, smem_limit=limit)
-    y_ref, state_ref = naive_recurrent_slstm(inputs[0], inputs[1], inputs[2], tuple(inputs[3:]))
-    tol = contract.tolerance(torch.float32)
-    _close("y", y, y_ref, tol.outputs)
-    for name, a, e in zip("hcnm", state, state_ref):
-        _close(name, a, e, tol.states)
+    _close_to_naive_slstm(inputs, y, state)
 
 
 # --- the kernels inside exported models, fed by onnxruntime (a CPU rehearsal of the TensorRT path) ---
