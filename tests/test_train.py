@@ -240,6 +240,22 @@ def test_ddp_two_processes_on_cpu(data_file, tmp_path):
     assert not torch.equal(model.lm_head.weight, xLSTMLM(preset("tiny")).lm_head.weight)
 
 
+def test_the_cuda_device_is_made_current_alone_and_under_ddp(monkeypatch):
+    """The Triton kernels launch on torch.cuda.current_device(), not on their tensors' device: a
+    single process given --device cuda:1 made no device current (only DDP did), so the kernels ran
+    on GPU 0 with GPU 1's pointers. CUDA faked: which device each case makes current."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: current.append(torch.device(dev)))
+    assert T.resolve_device("cuda:1", T.Dist()) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert T.resolve_device(None, T.Dist(rank=3, world_size=4, local_rank=1)) == torch.device("cuda", 1)
+    assert current[-1] == torch.device("cuda", 1)  # LOCAL_RANK, not RANK
+    assert T.resolve_device("cpu", T.Dist()) == torch.device("cpu") and len(current) == 2
+
+
 # --- bad input --------------------------------------------------------------------------------------
 def _fails(capsys, argv, match):
     rc = T.main(argv)

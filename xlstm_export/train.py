@@ -303,6 +303,14 @@ def dist_from_env() -> Dist:
 
 
 def resolve_device(name: str | None, d: Dist) -> torch.device:
+    """The training device of this process; a CUDA device is also made the current one.
+
+    Alone or under DDP: the Triton kernels (the "auto" backend's choice on CUDA) launch on
+    ``torch.cuda.current_device()``, not on their tensors' device, so a single process given
+    ``--device cuda:1`` ran them on GPU 0 with GPU 1's pointers ("Pointer argument cannot be
+    accessed from Triton", triton-lang/triton#2441); NCCL's barrier and
+    ``torch.cuda.is_bf16_supported()`` read the current device as well.
+    """
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -316,6 +324,7 @@ def resolve_device(name: str | None, d: Dist) -> torch.device:
             device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
             raise TrainError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise TrainError(f"--device {name}: only cpu and cuda are supported")
     return device
@@ -697,9 +706,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     elif device.type == "cuda" and d.main:
         print("note: this GPU has no bfloat16; training in float32", flush=True)
 
-    if d.enabled:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    if d.enabled:  # a CUDA device is the current one already (resolve_device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         return _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
