@@ -431,6 +431,23 @@ def test_out_of_memory_is_one_line(data_file, tmp_path, capsys, monkeypatch):
            "out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate")
 
 
+def test_out_of_memory_on_a_rank_other_than_0_is_said(data_file, tmp_path, capsys, monkeypatch):
+    """Only rank 0 printed errors: memory runs out on one GPU, and a rank > 0 that ran out exited 2
+    without a word (torchrun's summary shows the exit code only). Rank 1 of 2, faked."""
+    def no_memory(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 1)")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(T, "train", no_memory)
+    assert T.main(_argv(data_file, tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["xlstm-export train: error (rank 1): out of memory (CUDA out of memory. Tried to allocate "
+                   "20.00 GiB (GPU 1)); lower --batch-size, --seq-len or --eval-batches. The last checkpoint "
+                   "is unchanged"], err
+
+
 def test_trainer_state_without_its_fields_is_one_line(trained, tmp_path, capsys):
     """A trainer_state.pt of the right format and version but missing a field (edited, or copied
     from elsewhere) was a KeyError traceback on --resume."""

@@ -935,7 +935,8 @@ def _out_of_memory(e: BaseException) -> bool:
 def run_train(args: argparse.Namespace) -> int:
     """`xlstm-export train`: 0 on success, 2 with one line on stderr for bad input (or too little
     memory for the options), 130 on Ctrl-C and 143 on SIGTERM, the last checkpoint unchanged."""
-    rank = dist_from_env().rank
+    d = dist_from_env()
+    rank = d.rank
     debug = getattr(args, "debug", False)
     try:
         with _sigterm_raises():
@@ -954,10 +955,14 @@ def run_train(args: argparse.Namespace) -> int:
     except Exception as e:
         if debug or not _out_of_memory(e):
             raise
-        if rank == 0:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"xlstm-export train: error: out of memory ({first}); lower --batch-size, --seq-len or "
-                  "--eval-batches. The last checkpoint is unchanged", file=sys.stderr, flush=True)
+        # Every rank that runs out says so, not rank 0 alone: the bad input above fails alike on every
+        # rank, but memory runs out on one GPU (another process on it, a fuller one), and a rank > 0
+        # that exited 2 without a word left only torchrun's summary of its exit code (it shows no
+        # reason for a worker not wrapped in torch.distributed.elastic's @record).
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        who = f" (rank {rank})" if d.enabled else ""
+        print(f"xlstm-export train: error{who}: out of memory ({first}); lower --batch-size, --seq-len or "
+              "--eval-batches. The last checkpoint is unchanged", file=sys.stderr, flush=True)
         return 2
     return 0
 
