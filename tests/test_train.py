@@ -256,6 +256,32 @@ def test_the_cuda_device_is_made_current_alone_and_under_ddp(monkeypatch):
     assert T.resolve_device("cpu", T.Dist()) == torch.device("cpu") and len(current) == 2
 
 
+def test_the_process_group_is_destroyed_after_success_only(data_file, tmp_path, monkeypatch):
+    """destroy_process_group on the way out of an exception: with NCCL it flushes the collectives the
+    other ranks wait in, so a rank that ran out of memory alone hung there instead of exiting (and
+    saying why). Rank 0 of 2, the process group faked: destroyed after a run, not after an error."""
+    import torch.distributed as dist
+
+    destroyed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(T, "_loop", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(data_file, tmp_path / "a", steps=2, device="cpu")
+    assert destroyed == []
+    monkeypatch.setattr(T, "_loop", lambda *args: "trained")
+    assert run(data_file, tmp_path / "b", steps=2, device="cpu") == "trained"
+    assert destroyed == [True]
+
+
 # --- bad input --------------------------------------------------------------------------------------
 def _fails(capsys, argv, match):
     rc = T.main(argv)

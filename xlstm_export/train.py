@@ -708,12 +708,17 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
 
     if d.enabled:  # a CUDA device is the current one already (resolve_device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
-                     train_tokens, val_tokens, start, stop, evals, tokens_seen)
-    finally:
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    result = _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
+                   train_tokens, val_tokens, start, stop, evals, tokens_seen)
+    # The process group is destroyed after a run that ended alike on every rank, not on the way out
+    # of an exception: a rank that raised alone (out of memory on its GPU, rank 0's checkpoint
+    # refused) while the others wait in a collective would hang in NCCL's destroy, which flushes the
+    # pending collectives (pytorch/pytorch#141510: "for a bad program, a hang is expected at
+    # destroy_process_group()"; torchtitan destroys it on success only, pytorch/torchtitan#1342),
+    # and neither exit nor say why; exiting lets torchrun see the failure and stop the other ranks.
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
