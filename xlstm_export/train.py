@@ -6,7 +6,8 @@
 
 The output directory is a plain model directory (``config.json`` + ``model.safetensors``, what
 ``xLSTMLM.from_pretrained``, ``info`` and the exporter read) plus ``trainer_state.pt``: the step,
-the optimizer state, the schedule and the RNG state, loadable with ``torch.load(weights_only=True)``.
+the optimizer state, the schedule and the RNG state, loadable with ``torch.load(weights_only=True)``
+(with ``map_location="cpu"`` for a GPU run's: its optimizer state is saved on the GPU).
 A checkpoint is built in a staging directory beside DIR and swapped in whole, so DIR always holds
 weights and trainer state of the same step.
 
