@@ -717,6 +717,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     # pending collectives (pytorch/pytorch#141510: "for a bad program, a hang is expected at
     # destroy_process_group()"; torchtitan destroys it on success only, pytorch/torchtitan#1342),
     # and neither exit nor say why; exiting lets torchrun see the failure and stop the other ranks.
+    # At exit the group's destructor aborts it instead, which does not wait (ProcessGroupNCCL.cpp,
+    # ~ProcessGroupNCCL; it warns "destroy_process_group() was not called before program exit").
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
     return result
