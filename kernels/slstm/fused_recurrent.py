@@ -34,8 +34,8 @@ Layout of the work:
   and so is a head dim that is not a power of two (or below 16).
 - On chip means shared memory/registers: the four blocks take 4 DH^2 elements (128 KiB for
   bfloat16 at DH 128). Above ``SLSTMLaunchParams.max_r_bytes_on_chip`` (160 KiB; float32 at
-  DH 128) they are re-read every step instead (from L2, where r stays). DH <= 128
-  (``MAX_HEAD_DIM``).
+  DH 128) they are re-read every step instead (from L2, where r stays; with tf32 or ieee products
+  each gate block just before its product, see ``launch_meta``). DH <= 128 (``MAX_HEAD_DIM``).
 - The recurrent matmul runs in the dtype of x (bfloat16/float16 operands, float32 accumulation;
   float32 inputs use 3xTF32 tensor-core products, float32 accuracy). All states and the cell math
   are float32.
@@ -184,6 +184,20 @@ if HAVE_TRITON:
                 _dot_operand(r_o, DT, UPCAST))
 
     @triton.jit
+    def _gate_block(p, mask, DT: tl.constexpr, UPCAST: tl.constexpr):
+        """One (BD, BD) gate block at p as a dot operand (r streamed from L2: see _gate_dot)."""
+        return _dot_operand(tl.load(p, mask=mask, other=0.0), DT, UPCAST)
+
+    @triton.jit
+    def _gate_dot(a, r_g, p, mask, acc, DT: tl.constexpr, UPCAST: tl.constexpr, R_EACH: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+        """a @ r_g + acc: r_g the gate block as given, or with R_EACH the block loaded at p just
+        before its product (see ``launch_meta``)."""
+        if R_EACH:
+            r_g = _gate_block(p, mask, DT, UPCAST)
+        return tl.dot(a, r_g, acc=acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
     def _batch_head_tile(B, NH: tl.constexpr, DH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DH: tl.constexpr):
         """This program's (batch tile, head) of the sequence kernels: the units offs_d (BD,), masks
         mask_d (BD,), mask_bd (BB, BD), mask_dd (BD, BD), and its rows of the flattened (B, NH)."""
@@ -242,6 +256,7 @@ if HAVE_TRITON:
         DOT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,  # interpreter + bfloat16: float32 products of the bfloat16 values
         R_ON_CHIP: tl.constexpr,  # load r once before the loop (else once per step, from L2)
+        R_EACH: tl.constexpr,  # not R_ON_CHIP: load each gate block just before its product
     ):
         i_h = tl.program_id(1)
         offs_d, mask_d, mask_bd, mask_dd, row = _batch_head_tile(B, NH, DH, BLOCK_B, BLOCK_DH)
@@ -251,6 +266,8 @@ if HAVE_TRITON:
         DT: tl.constexpr = r.dtype.element_ty
         if R_ON_CHIP:
             r_i, r_f, r_z, r_o = _load_gate_blocks(p_r, mask_dd, DH, DT, UPCAST)
+        elif R_EACH:  # loaded in the loop, one block per product (_gate_dot); these stand in as arguments
+            r_i, r_f, r_z, r_o = 0.0, 0.0, 0.0, 0.0
         p_bias = b + i_h * 4 * DH + offs_d  # (BD,)
         b_i, b_f, b_z, b_o = _load4(p_bias, DH, mask_d)  # (BD,) each
         b_i, b_f = b_i.to(tl.float32)[None, :], b_f.to(tl.float32)[None, :]  # (1, BD)
@@ -279,11 +296,15 @@ if HAVE_TRITON:
 
             h_dot = _dot_operand(h, DT, UPCAST)  # (BB, BD)
             if not R_ON_CHIP:  # too large for shared memory: stream it from L2 every step
-                r_i, r_f, r_z, r_o = _load_gate_blocks(p_r, mask_dd, DH, DT, UPCAST)
-            g_i = tl.dot(h_dot, r_i, acc=x_i.to(tl.float32) + b_i, input_precision=DOT_PRECISION)
-            g_f = tl.dot(h_dot, r_f, acc=x_f.to(tl.float32) + b_f, input_precision=DOT_PRECISION)
-            g_z = tl.dot(h_dot, r_z, acc=x_z.to(tl.float32) + b_z, input_precision=DOT_PRECISION)
-            g_o = tl.dot(h_dot, r_o, acc=x_o.to(tl.float32) + b_o, input_precision=DOT_PRECISION)
+                if not R_EACH:  # all four at once (with R_EACH: each in _gate_dot)
+                    r_i, r_f, r_z, r_o = _load_gate_blocks(p_r, mask_dd, DH, DT, UPCAST)
+            g_i = _gate_dot(h_dot, r_i, p_r, mask_dd, x_i.to(tl.float32) + b_i, DT, UPCAST, R_EACH, DOT_PRECISION)
+            g_f = _gate_dot(h_dot, r_f, p_r + DH, mask_dd, x_f.to(tl.float32) + b_f, DT, UPCAST, R_EACH,
+                            DOT_PRECISION)
+            g_z = _gate_dot(h_dot, r_z, p_r + 2 * DH, mask_dd, x_z.to(tl.float32) + b_z, DT, UPCAST, R_EACH,
+                            DOT_PRECISION)
+            g_o = _gate_dot(h_dot, r_o, p_r + 3 * DH, mask_dd, x_o.to(tl.float32) + b_o, DT, UPCAST, R_EACH,
+                            DOT_PRECISION)
             if SAVE:
                 _store4(p_g + t * 4 * DH, DH, g_i, g_f, g_z, g_o, mask_bd)
 
@@ -304,7 +325,7 @@ if HAVE_TRITON:
         dh0, dc0, dn0, dm0,  # (B, NH, DH) float32 out: gradients of the initial state
         B, S,  # batch size, sequence length
         NH: tl.constexpr, DH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DH: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_ON_CHIP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_ON_CHIP: tl.constexpr, R_EACH: tl.constexpr,
     ):
         i_h = tl.program_id(1)
         offs_d, mask_d, mask_bd, mask_dd, row = _batch_head_tile(B, NH, DH, BLOCK_B, BLOCK_DH)
@@ -314,6 +335,8 @@ if HAVE_TRITON:
         DT: tl.constexpr = r.dtype.element_ty
         if R_ON_CHIP:
             rt_i, rt_f, rt_z, rt_o = _load_gate_blocks(p_rt, mask_dd, DH, DT, UPCAST)
+        elif R_EACH:  # loaded in the loop, one block per product (_gate_dot); these stand in as arguments
+            rt_i, rt_f, rt_z, rt_o = 0.0, 0.0, 0.0, 0.0
 
         p_state = row[:, None] * DH + offs_d[None, :]  # (BB, BD)
         dh, dc, dn, dm = _load_state(dhT, dcT, dnT, dmT, p_state, mask_bd)  # dL/dh_t... from later steps
@@ -370,11 +393,16 @@ if HAVE_TRITON:
 
             # carries to step t-1: dL/dh_{t-1} = Σ_g d(g̃) @ r_g^T; c, n through f; m through a
             if not R_ON_CHIP:
-                rt_i, rt_f, rt_z, rt_o = _load_gate_blocks(p_rt, mask_dd, DH, DT, UPCAST)
-            dh = tl.dot(_dot_operand(d_i, DT, UPCAST), rt_i, input_precision=DOT_PRECISION)
-            dh = tl.dot(_dot_operand(d_f, DT, UPCAST), rt_f, acc=dh, input_precision=DOT_PRECISION)
-            dh = tl.dot(_dot_operand(d_z, DT, UPCAST), rt_z, acc=dh, input_precision=DOT_PRECISION)
-            dh = tl.dot(_dot_operand(d_o, DT, UPCAST), rt_o, acc=dh, input_precision=DOT_PRECISION)
+                if not R_EACH:  # all four at once (with R_EACH: each in _gate_dot)
+                    rt_i, rt_f, rt_z, rt_o = _load_gate_blocks(p_rt, mask_dd, DH, DT, UPCAST)
+            dh = _gate_dot(_dot_operand(d_i, DT, UPCAST), rt_i, p_rt, mask_dd, None, DT, UPCAST, R_EACH,
+                           DOT_PRECISION)
+            dh = _gate_dot(_dot_operand(d_f, DT, UPCAST), rt_f, p_rt + DH, mask_dd, dh, DT, UPCAST, R_EACH,
+                           DOT_PRECISION)
+            dh = _gate_dot(_dot_operand(d_z, DT, UPCAST), rt_z, p_rt + 2 * DH, mask_dd, dh, DT, UPCAST, R_EACH,
+                           DOT_PRECISION)
+            dh = _gate_dot(_dot_operand(d_o, DT, UPCAST), rt_o, p_rt + 3 * DH, mask_dd, dh, DT, UPCAST, R_EACH,
+                           DOT_PRECISION)
             dc = dc_t * fg
             dn = dn_t * fg
             dm = d_a
@@ -467,7 +495,13 @@ def launch_meta(kind: str, DH: int, dtype: torch.dtype, params: Optional[SLSTMLa
         meta.update(BLOCK_N=min(params.step_block_n, block_dh), num_warps=4)
     else:
         on_chip = params.r_on_chip(block_dh, dtype)
-        meta.update(R_ON_CHIP=on_chip, num_warps=params.warps_for(block_dh, on_chip))
+        # r streamed from L2 (not on chip): 3xTF32 splits each loaded block in registers, so the four
+        # loads can all go out before the four products; other products stage their operands in
+        # shared memory as loaded, and four staged blocks would not fit (float32 at DH 128: 4 x 64
+        # KiB, 270-295 KiB with the rest, over an H100/H200's 227 KiB): those load each block just
+        # before its product (R_EACH), one staged block at a time
+        each = not on_chip and meta["DOT_PRECISION"] != "tf32x3"
+        meta.update(R_ON_CHIP=on_chip, R_EACH=each, num_warps=params.warps_for(block_dh, on_chip))
     return meta
 
 
