@@ -153,6 +153,8 @@ def test_mixed_dtypes():
     "params",
     [
         pytest.param(SLSTMLaunchParams(max_r_bytes_on_chip=0), id="r-reread-every-step"),
+        # re-read with ieee (or tf32) products: each gate block loaded just before its product (R_EACH)
+        pytest.param(SLSTMLaunchParams(max_r_bytes_on_chip=0, fp32_precision="ieee"), id="r-each-block-reread"),
         pytest.param(SLSTMLaunchParams(block_b=32), id="block_b32"),
         pytest.param(SLSTMLaunchParams(step_block_n=16, fp32_precision="ieee"), id="step_block_n16"),
     ],
