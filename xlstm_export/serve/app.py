@@ -104,7 +104,6 @@ class _Completion:
         self.waiter = waiter
         self.texts = [TextStream(tokenizer, stop) for _ in seqs]
         self.read = [0] * len(seqs)  # tokens taken from each sequence
-        self.used = [0] * len(seqs)  # tokens that made its text (up to a stop string)
         self.token_ids: list[list[int]] = [[] for _ in seqs]
         self.finish: list[str | None] = [None] * len(seqs)
         self.unfinished = len(seqs)
