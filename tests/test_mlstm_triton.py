@@ -187,6 +187,24 @@ def test_chunk_extreme_input_gates(i_scale, f_mean):
     check_against_reference(inputs, state, cotangents, torch.float32, chunk_size=16)
 
 
+@pytest.mark.parametrize("f_mean", [-10.0, -30.0], ids=["f-10", "f-30"])
+@pytest.mark.parametrize("final", [False, True], ids=["dh-only", "final-state-grads"])
+def test_chunk_closed_forget_gates(f_mean, final):
+    """Forget gates nearly closed (logsig(f) ~ -10, -30: the state forgets all but the last step).
+    Every pair (query t, key s < t) is then ~e^{f} small and so is df, while the pair (t, t) and
+    the final state's pair with the last key are not: df must come from the small terms alone.
+    (Computed as a difference of the large ones, df's error was 3e-4 to 2e-3 of it at -10 and
+    2e5 to 5e5 times it at -30. dh-only is the training case, final-state gradients the
+    truncated-BPTT one.)"""
+    B, NH, S, DHQK, DHV = 1, 2, 37, 16, 16
+    inputs = make_inputs(B, NH, S, DHQK, DHV, torch.float32, i_scale=1.0, f_mean=f_mean)
+    state = make_state(B, NH, DHQK, DHV)
+    cotangents = make_cotangents(B, NH, S, DHQK, DHV, torch.float32)
+    if not final:
+        cotangents = (cotangents[0], *(torch.zeros_like(c) for c in cotangents[1:]))
+    check_against_reference(inputs, state, cotangents, torch.float32, chunk_size=16)
+
+
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
 def test_chunk_tiles_inside_a_chunk(with_state):
     """Several tiles everywhere: a chunk of 2 time tiles (chunk 32 = 2 x 16; the public function

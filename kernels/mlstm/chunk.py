@@ -32,8 +32,8 @@ logsigmoid(f), g = b at the chunk's last step, a_j = g - b_j + i_j:
     chunk_mlstm_bwd_state_kernel   dC_{k-1} = e^{g+m_{k-1}-m_k} dC_k + sum_t e^{b_t+m_{k-1}-m_t} q_t dnum_t^T
                                    (dn alike with z), from dC_S, dn_S                 reverse, sequential
     chunk_mlstm_bwd_kernel         dq, dk, dv of every (time tile, DHQK or DHV tile) in one launch,
-                                   plus the row sums q.dq, k.dk per DHQK tile
-    chunk_mlstm_bwd_gates_kernel   di, df, dm0: suffix sums and the stabilizer chain, one scan per head
+                                   plus the row sums q.dq, k.dk per DHQK tile (the pair (t, t) apart)
+    chunk_mlstm_bwd_gates_kernel   di, df, dm0: prefix sums and the stabilizer chain, one scan per head
 
 Gradients are exact, including the normalizer's (TFLA treats the denominator as a constant) and
 the stabilizer's: h depends on m_t only through eps (h_t = C~_t^T q / (max(|n~_t^T q|, 1) + eps e^{m_t})
@@ -45,6 +45,15 @@ Precision: float32 inputs use IEEE float32 tl.dot (configurable); float16/bfloat
 tensor cores with 16-bit tiles (inputs as they are, float32 intermediates such as the D-weighted
 scores and the states rounded to the input dtype), accumulating in float32; gates, stabilizers,
 normalizers and states are float32 throughout.
+
+Nearly closed forget gates (logsigmoid(f) ~ -30 and below) are where float32 runs out: df is
+computed from the small terms only (see ``chunk_mlstm_bwd_gates_kernel``), but every D-weight's
+exponent b_t - b_s is a difference of in-chunk cumsums of size ~|logsigmoid(f)| L, rounded to
+~1e-7 of that, so df's relative error grows with it (measured at S = 37-70: 7e-5 at f ~ -30 with
+L = 16, 1.2e-4 with L = 64, 1e-3 at f ~ -80 with L = 16; outputs, states and the other gradients
+stay at ~1e-6). float16 tiles cannot hold such pair weights at all (e^-30 is below float16's
+smallest subnormal): with float16 inputs and gates that closed, df, dc0 and dm0 come out ~0
+(bfloat16 has float32's range and is unaffected).
 """
 
 from __future__ import annotations

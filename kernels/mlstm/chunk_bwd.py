@@ -131,12 +131,14 @@ if triton is not None:
     @triton.jit
     def _bwd_dq_tile(
         q_ptr, k_ptr, v_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr, z_ptr,
-        cs_ptr, ns_ptr, ms_ptr, dq_ptr, qpart_ptr,
+        cs_ptr, ns_ptr, ms_ptr, dq_ptr, qpart_ptr, dpart_ptr,
         kc, rb, ik, bh, BH, scale, S, NC,
         DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        """dq of one (row tile, DHQK tile): inter (dnum C_{k-1}^T + z n_{k-1}) and intra dS K."""
+        """dq of one (row tile, DHQK tile): inter (dnum C_{k-1}^T + z n_{k-1}) and intra dS K; the
+        pair (query t, key t) is added apart, so that qpart holds q.dq over the pairs s < t only and
+        dpart the diagonal pair's own term (see chunk_mlstm_bwd_gates_kernel)."""
         t, tv, b_r, mrow, rden, z = query_rows(b_ptr, mrow_ptr, rden_ptr, z_ptr, kc, rb, bh, S, L, BL)  # (BL,) each
         offs_k = ik * BK + tl.arange(0, BK)
         mk = offs_k < DHQK
@@ -149,17 +151,26 @@ if triton is not None:
                          DOT_PREC)
         n_prev = tl.load(ns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
         dq = w_q[:, None] * (rden[:, None] * dq + z[:, None] * n_prev[None, :])
+        ds_tt = tl.zeros([BL], dtype=tl.float32)  # dL/d(score) of the pair (t, t)
         for cb in range(0, rb + 1):
             s, sv, b_c, i_c = key_cols(b_ptr, i_ptr, kc, cb, bh, S, L, BL)  # (BL,) each
             dp = gram(dh_ptr + bh * S * DHV, t, tv, v_ptr + bh * S * DHV, s, sv, DHV, BV, BL, DOT_PREC)  # dh_t . v_s
             d = causal_decay(t, tv, b_r, mrow, s, sv, b_c, i_c, False)  # (BL, BL)
             ds = d * (dp * rden[:, None] + z[:, None])  # (BL, BL) dL/d(score)
+            same = t[:, None] == s[None, :]
+            ds_tt += tl.sum(tl.where(same, ds, 0.0), 1)
+            ds = tl.where(same, 0.0, ds)
             kc_t = tile(k_ptr + bh * S * DHQK, s, offs_k, sv, mk, DHQK, 1)  # (BL, BK)
             dq += mm(cast(ds, kc_t.dtype, DOT_PREC), kc_t, DOT_PREC)
+        qf = qt.to(tl.float32)
+        k_own = tile(k_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1).to(tl.float32)  # (BL, BK) k_t
         dq = dq * scale
+        qp = tl.sum(qf * dq, 1)  # (BL,) partial q.dq over this DHQK tile, pairs s < t
+        dp_tt = scale * ds_tt * tl.sum(qf * k_own, 1)  # (BL,) partial term of the pair (t, t)
+        dq += (scale * ds_tt)[:, None] * k_own
         store_tile(dq_ptr + bh * S * DHQK, cast(dq, dq_ptr.dtype.element_ty, DOT_PREC), t, offs_k, tv, mk, DHQK, 1)
-        qp = tl.sum(qt.to(tl.float32) * dq, 1)  # (BL,) partial q.dq over this DHQK tile
         tl.store(qpart_ptr + (ik * BH + bh) * S + t, qp, mask=tv)
+        tl.store(dpart_ptr + (ik * BH + bh) * S + t, dp_tt, mask=tv)
 
     @triton.jit
     def _bwd_dk_tile(
@@ -169,7 +180,8 @@ if triton is not None:
         DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        """dk of one (column tile, DHQK tile): inter w (dC_k v + dn_k) and intra dS^T Q."""
+        """dk of one (column tile, DHQK tile): inter w (dC_k v + dn_k) and intra dS^T Q; the pair
+        (query s, key s) is added apart, so that kpart holds k.dk over the pairs t > s only."""
         s, sv, b_c, i_c, w_k, st = _key_steps(g_ptr, ms_ptr, b_ptr, i_ptr, kc, cb, bh, S, NC, L, BL)  # (BL,) each
         offs_k = ik * BK + tl.arange(0, BK)
         mk = offs_k < DHQK
@@ -180,16 +192,22 @@ if triton is not None:
         dn_next = tl.load(dns_ptr + st * DHQK + offs_k, mask=mk, other=0.0)  # (BK,)
         dk = w_k[:, None] * (dk + dn_next[None, :])
         acc = tl.zeros([BL, BK], dtype=tl.float32)
+        ds_ss = tl.zeros([BL], dtype=tl.float32)  # dL/d(score) of the pair (s, s)
         for rb in range(cb, L // BL):
             t, tv, b_r, mrow, rden, z = query_rows(b_ptr, mrow_ptr, rden_ptr, z_ptr, kc, rb, bh, S, L, BL)  # (BL,) each
             dpT = gram(v_ptr + bh * S * DHV, s, sv, dh_ptr + bh * S * DHV, t, tv, DHV, BV, BL, DOT_PREC)  # v_s . dh_t
             dT = causal_decay(t, tv, b_r, mrow, s, sv, b_c, i_c, True)  # (s, t)
             dsT = dT * (dpT * rden[None, :] + z[None, :])  # (BL, BL)
+            same = s[:, None] == t[None, :]
+            ds_ss += tl.sum(tl.where(same, dsT, 0.0), 1)
+            dsT = tl.where(same, 0.0, dsT)
             qt = tile(q_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1)  # (BL, BK)
             acc += mm(cast(dsT, qt.dtype, DOT_PREC), qt, DOT_PREC)
         dk = dk + scale * acc
+        kp = tl.sum(kt.to(tl.float32) * dk, 1)  # (BL,) partial k.dk over this DHQK tile, pairs t > s
+        q_own = tile(q_ptr + bh * S * DHQK, s, offs_k, sv, mk, DHQK, 1).to(tl.float32)  # (BL, BK) q_s
+        dk += (scale * ds_ss)[:, None] * q_own
         store_tile(dk_ptr + bh * S * DHQK, cast(dk, dk_ptr.dtype.element_ty, DOT_PREC), s, offs_k, sv, mk, DHQK, 1)
-        kp = tl.sum(kt.to(tl.float32) * dk, 1)  # (BL,) partial k.dk over this DHQK tile
         tl.store(kpart_ptr + (ik * BH + bh) * S + s, kp, mask=sv)
 
     @triton.jit
@@ -230,8 +248,9 @@ if triton is not None:
         dns_ptr,  # (BH, NC + 1, DHQK) fp32
         dq_ptr, dk_ptr,  # out (BH, S, DHQK)
         dv_ptr,  # out (BH, S, DHV)
-        qpart_ptr,  # out (NK, BH, S) fp32: q.dq per DHQK tile
-        kpart_ptr,  # out (NK, BH, S) fp32: k.dk per DHQK tile
+        qpart_ptr,  # out (NK, BH, S) fp32: q.dq per DHQK tile, the pairs (t, s < t)
+        kpart_ptr,  # out (NK, BH, S) fp32: k.dk per DHQK tile, the pairs (t > s, s)
+        dpart_ptr,  # out (NK, BH, S) fp32: the pair (t, t)'s term of both, per DHQK tile
         scale, S, NC, BH, DHQK: tl.constexpr, DHV: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
@@ -246,7 +265,7 @@ if triton is not None:
         if role < NK:
             _bwd_dq_tile(
                 q_ptr, k_ptr, v_ptr, dh_ptr, i_ptr, b_ptr, mrow_ptr, rden_ptr, z_ptr,
-                cs_ptr, ns_ptr, ms_ptr, dq_ptr, qpart_ptr,
+                cs_ptr, ns_ptr, ms_ptr, dq_ptr, qpart_ptr, dpart_ptr,
                 kc, blk, role, bh, BH, scale, S, NC,
                 DHQK, DHV, L, BL, BK, BV, DOT_PREC,
             )
@@ -267,7 +286,7 @@ if triton is not None:
 
     @triton.jit
     def chunk_mlstm_bwd_gates_kernel(
-        qpart_ptr, kpart_ptr,  # (NK, BH, S) fp32
+        qpart_ptr, kpart_ptr, dpart_ptr,  # (NK, BH, S) fp32
         e_ptr,  # (BH, S) fp32: dL/dm_t through eps
         mrow_ptr,  # (BH, S) fp32
         i_ptr, f_ptr,  # (BH, S)
@@ -279,39 +298,61 @@ if triton is not None:
         dm0_ptr,  # out (BH,) fp32 (written when HAS_STATE)
         S, BH, NK: tl.constexpr, BT: tl.constexpr, HAS_STATE: tl.constexpr,
     ):
-        """Gate gradients, one program per head, scanning time backwards in blocks of BT.
+        """Gate gradients, one program per head: a forward scan of time in blocks of BT, then a
+        backward one.
 
         With every stabilizer frozen, i_s enters only as e^{i_s} k_s and a logsigmoid(f_r) term
-        multiplies exactly the (query t >= r, key s < r) pairs, hence (keys include the initial
-        state at s = 0, queries the final state at S + 1):
-            di_s|frozen = k_s.dk_s,    dlogsig(f_r)|frozen = sum_{t>=r} (q_t.dq_t - k_t.dk_t) + Q_{S+1}
-        with Q_{S+1} = sum(c_S dc_S) + sum(n_S dn_S). The stabilizers enter through eps at every step
-        (E_t = -(dh_t.h_t) eps / den_t) and through the final state: dL/dm_S += dm_S - Q_{S+1}.
-        That gradient D flows down m_t = max(logsig(f_t) + m_{t-1}, i_t): with c_t = [first branch],
+        multiplies exactly the (query t >= r, key s < r) pairs (keys include the initial state at
+        s = 0, queries the final state at S + 1), hence
+            di_s|frozen = k_s.dk_s,    dlogsig(f_r)|frozen = Q_0 + sum_{t<r} (k_t.dk_t - q_t.dq_t)
+        with Q_0 = sum(c0 dc0) + sum(n0 dn0) (the pairs of the initial state), since the pairs of
+        keys s < r less those of queries t < r are those that span r. Both sums leave out the pair
+        (t, t), which enters q_t.dq_t and k_t.dk_t alike (qpart: the pairs s < t, kpart: t > s;
+        dpart: the pair (t, t)'s term, added back for di). Why this form: with nearly closed forget
+        gates (logsig(f) ~ -30) every spanning pair is ~e^{logsig(f)} small, and so is every term
+        here, while the pair (t, t) and the final state's pair with the last key are not. The
+        equal suffix form, sum_{t>=r} (q_t.dq_t - k_t.dk_t) + Q_{S+1}, subtracts those large terms
+        in float32 and leaves their rounding (~1e-7 of them) in place of dlogsig(f).
+
+        The stabilizers enter through eps at every step (E_t = -(dh_t.h_t) eps / den_t) and through
+        the final state: dL/dm_S += dm_S - Q_{S+1}, Q_{S+1} = sum(c_S dc_S) + sum(n_S dn_S). That
+        gradient D flows down m_t = max(logsig(f_t) + m_{t-1}, i_t): with c_t = [first branch],
         Dtot_t = D_t + c_{t+1} Dtot_{t+1}, di_t += (1 - c_t) Dtot_t, dlogsig(f_t) += c_t Dtot_t,
-        dm0 = sum(c0 dc0) + sum(n0 dn0) + c_1 Dtot_1. Exact (up to ties of the max, measure zero).
+        dm0 = Q_0 + c_1 Dtot_1. Exact (up to ties of the max, measure zero).
         """
         bh = tl.program_id(0).to(tl.int64)
-        j = tl.arange(0, BT)  # position in the reversed block: j = 0 is its latest step
+        j = tl.arange(0, BT)
         qfin = tl.load(qfin_ptr + bh)
         dmfin = tl.load(dmfin_ptr + bh)
         if HAS_STATE:
             m0 = tl.load(m0_ptr + bh).to(tl.float32)
+            carry_pre = tl.load(q0_ptr + bh)  # Q_0 + sum_{t' < t0 - 1} (k.dk - q.dq), t0 the block's first step
         else:
             m0 = qfin * 0.0
-        carry_suf = qfin  # sum_{t' > block} (q.dq - k.dk) + Q_{S+1}
-        carry_d = qfin * 0.0  # c_{t0} Dtot_{t0} of the block after (t0 its first step)
+            carry_pre = qfin * 0.0
         nb = (S + BT - 1) // BT
-        for jb in range(nb):
-            t = (nb - 1 - jb) * BT + (BT - 1 - j)  # (BT,) times, descending
+        for jb in range(nb):  # forward: dlogsig(f_t)|frozen, kept in df until the backward scan
+            t = jb * BT + j  # (BT,) times, ascending
             tv = t < S
-            qs = tl.zeros([BT], dtype=tl.float32)
-            ks = tl.zeros([BT], dtype=tl.float32)
+            # the terms of step t - 1, so that a cumsum is the sum over t' < t. (Not the inclusive
+            # cumsum less step t's own term: the last step's holds the final state's pair with its
+            # key, which is not small, and the difference would cancel all of dlogsig(f) there.)
+            pv = tv & (t > 0)
+            kq = tl.zeros([BT], dtype=tl.float32)
             for ik in range(NK):
-                qs += tl.load(qpart_ptr + (ik * BH + bh) * S + t, mask=tv, other=0.0)
-                ks += tl.load(kpart_ptr + (ik * BH + bh) * S + t, mask=tv, other=0.0)
-            qk = tl.where(tv, qs - ks, 0.0)
-            suf = carry_suf + tl.cumsum(qk, 0)  # (BT,) sum_{t' >= t}
+                kq += tl.load(kpart_ptr + (ik * BH + bh) * S + t - 1, mask=pv, other=0.0)
+                kq -= tl.load(qpart_ptr + (ik * BH + bh) * S + t - 1, mask=pv, other=0.0)
+            kq = tl.where(pv, kq, 0.0)
+            tl.store(df_ptr + bh * S + t, carry_pre + tl.cumsum(kq, 0), mask=tv)
+            carry_pre += tl.sum(kq, 0)
+        carry_d = qfin * 0.0  # c_{t0} Dtot_{t0} of the block after (t0 its first step)
+        for jb in range(nb):  # backward: the stabilizer chain
+            t = (nb - 1 - jb) * BT + (BT - 1 - j)  # (BT,) times, descending: j = 0 is the block's latest step
+            tv = t < S
+            kk = tl.zeros([BT], dtype=tl.float32)  # k_t.dk_t
+            for ik in range(NK):
+                kk += tl.load(kpart_ptr + (ik * BH + bh) * S + t, mask=tv, other=0.0)
+                kk += tl.load(dpart_ptr + (ik * BH + bh) * S + t, mask=tv, other=0.0)
             ig = tl.load(i_ptr + bh * S + t, mask=tv, other=0.0).to(tl.float32)
             fg = tl.load(f_ptr + bh * S + t, mask=tv, other=0.0).to(tl.float32)
             mprev = tl.load(mrow_ptr + bh * S + t - 1, mask=tv & (t > 0), other=0.0)
@@ -327,12 +368,11 @@ if triton is not None:
             dd += tl.where(j == 0, carry_d, 0.0)
             a = tl.where(j == 0, 0.0, c_next)
             _, dtot = tl.associative_scan((a, dd), 0, _linear_recurrence_combine)  # (BT,) Dtot_t
-            di = ks + (1.0 - c_t) * dtot
-            dlf = suf + c_t * dtot
+            di = kk + (1.0 - c_t) * dtot
+            dlf = tl.load(df_ptr + bh * S + t, mask=tv, other=0.0) + c_t * dtot
             df = dlf / (1.0 + tl.exp(fg))  # d logsigmoid(x)/dx = sigmoid(-x)
             tl.store(di_ptr + bh * S + t, di, mask=tv)
             tl.store(df_ptr + bh * S + t, df, mask=tv)
-            carry_suf += tl.sum(qk, 0)
             carry_d = tl.sum(tl.where(j == BT - 1, c_t * dtot, 0.0), 0)
         if HAS_STATE:
             tl.store(dm0_ptr + bh, tl.load(q0_ptr + bh) + carry_d)
@@ -389,8 +429,9 @@ def chunk_mlstm_bwd(
     dv = torch.empty_like(v)  # (BH, S, DHV)
     qpart = torch.empty(NK, BH, S, device=dev, dtype=torch.float32)  # (NK, BH, S)
     kpart = torch.empty_like(qpart)  # (NK, BH, S)
+    dpart = torch.empty_like(qpart)  # (NK, BH, S)
     chunk_mlstm_bwd_kernel[(NC * (L // BL), 2 * NK + NV, BH)](
-        q, k, v, dh, i, b, mrow, rden, z, g, cs, ns, ms, dcs, dns, dq, dk, dv, qpart, kpart,
+        q, k, v, dh, i, b, mrow, rden, z, g, cs, ns, ms, dcs, dns, dq, dk, dv, qpart, kpart, dpart,
         scale, S, NC, BH,
         DHQK=DHQK, DHV=DHV, L=L, BL=BL, BK=BK, BV=BV, DOT_PREC=prec,
         num_warps=p.num_warps, num_stages=p.num_stages,
@@ -414,7 +455,7 @@ def chunk_mlstm_bwd(
     di = torch.empty(BH, S, device=dev, dtype=torch.float32)  # (BH, S)
     df = torch.empty_like(di)  # (BH, S)
     chunk_mlstm_bwd_gates_kernel[(BH,)](
-        qpart, kpart, e, mrow, i, f, m0 if has_state else qfin, qfin, dmfin, q0, di, df, dm0,
+        qpart, kpart, dpart, e, mrow, i, f, m0 if has_state else qfin, qfin, dmfin, q0, di, df, dm0,
         S, BH, NK=NK, BT=min(p.block_t_gates, dot_tile(S)), HAS_STATE=has_state,
     )
     return dq, dk, dv, di, df, dc0, dn0, (dm0 if has_state else None)
