@@ -322,6 +322,8 @@ def bench_model(name: str, args) -> dict:
                 after = metrics(sync, url)
                 steps = after["xlstm_decode_steps_total"] - before["xlstm_decode_steps_total"]
                 res["mean_decode_batch"] = (after["xlstm_decode_rows_total"] - before["xlstm_decode_rows_total"]) / steps
+                chunks = after["xlstm_prefill_chunks_total"] - before["xlstm_prefill_chunks_total"]
+                res["mean_prefill_batch"] = (after["xlstm_prefill_rows_total"] - before["xlstm_prefill_rows_total"]) / chunks
                 decode_s = after["xlstm_step_latency_seconds_sum"] - before["xlstm_step_latency_seconds_sum"]
                 prefill_s = after["xlstm_prefill_latency_seconds_sum"] - before["xlstm_prefill_latency_seconds_sum"]
                 res["mean_step_ms"] = 1e3 * decode_s / steps
@@ -333,7 +335,7 @@ def bench_model(name: str, args) -> dict:
                 rounds[c].append(res)
                 print(f"{name} round {r + 1} C={c}: {res['tokens_per_s']:.0f} tok/s, TTFT p50 "
                       f"{res['ttft_p50_s'] * 1e3:.0f} ms p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch "
-                      f"{res['mean_decode_batch']:.1f}, step {res['mean_step_ms']:.2f} ms, model runs "
+                      f"{res['mean_decode_batch']:.1f}, prefill batch {res['mean_prefill_batch']:.1f}, step {res['mean_step_ms']:.2f} ms, model runs "
                       f"{100 * res['model_share']:.0f}% of the wall, RSS {res['rss_mib']:.0f} MiB",
                       file=sys.stderr, flush=True)
         for c in args.concurrency:  # each level's median round, with every round's tokens/s
@@ -370,14 +372,14 @@ def markdown(results: list[dict], args, started: str, load: tuple) -> str:
         base = next((x for x in lv if x["concurrency"] == 1), None)
         lines += [f"#### {r['model']}", "", f"Server: `{r['command']}`  ", f"{r['server_line']}", "",
                   "| C | requests | tokens/s (median round) | rounds | vs C=1 | TTFT p50 | TTFT p99 | mean decode batch "
-                  "| mean step | model runs | server RSS |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| mean prefill batch | mean step | model runs | server RSS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in lv:
             ratio = f"{x['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
             each = " / ".join(f"{t:,.0f}" for t in x["rounds_tokens_per_s"])
             lines.append(f"| {x['concurrency']} | {x['requests']} | {x['tokens_per_s']:,.0f} | {each} | {ratio} | "
                          f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p99_s'] * 1e3:,.0f} ms | "
-                         f"{x['mean_decode_batch']:.1f} | {x['mean_step_ms']:.2f} ms | {100 * x['model_share']:.0f}% | "
+                         f"{x['mean_decode_batch']:.1f} | {x['mean_prefill_batch']:.1f} | {x['mean_step_ms']:.2f} ms | {100 * x['model_share']:.0f}% | "
                          f"{x['rss_mib']:,.0f} MiB |")
         target = TARGETS.get(r["model"])
         c32 = next((x for x in lv if x["concurrency"] == 32), None)

@@ -334,6 +334,9 @@ def test_32_concurrent_completions_equal_their_solo_generation(served, where):
         m = metrics(url)
         assert httpx.get(f"{url}/health").status_code == 200
     assert m["xlstm_decode_rows_total"] / m["xlstm_decode_steps_total"] > 4  # they did share steps
+    # each prompt in chunks of at most 64 tokens, a chunk for several prompts at once
+    assert m["xlstm_prefill_rows_total"] == sum(-(-n // 64) for n in lengths)
+    assert m["xlstm_prefill_latency_seconds_count"] == m["xlstm_prefill_chunks_total"] < m["xlstm_prefill_rows_total"]
     assert m["xlstm_generated_tokens_total"] == sum(max_tokens)
     # each sequence's first token observed once, within the histogram's range
     assert m["xlstm_time_to_first_token_seconds_count"] == m["xlstm_requests_submitted_total"] >= len(prompts)

@@ -559,6 +559,9 @@ def _prometheus(s: Scheduler, http_counts: dict[int, int]) -> str:
     metric("decode_steps_total", "counter", "Decode steps run.", [("", st.decode_steps)])
     metric("decode_rows_total", "counter", "Sequences summed over decode steps (mean batch = rows / steps).",
            [("", st.decode_rows)])
+    metric("prefill_chunks_total", "counter", "Prefill chunks run.", [("", st.prefill_chunks)])
+    metric("prefill_rows_total", "counter",
+           "Sequences summed over prefill chunks (mean chunk batch = rows / chunks).", [("", st.prefill_rows)])
     for name, h, what in (("step_latency_seconds", st.step_latency, "Decode step latency (one batch)."),
                           ("prefill_latency_seconds", st.prefill_latency, "Prefill chunk latency."),
                           ("time_to_first_token_seconds", st.first_token_latency,

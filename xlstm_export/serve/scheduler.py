@@ -124,6 +124,8 @@ class Stats:
     generated_tokens: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # sum of the batch sizes of the decode steps
+    prefill_chunks: int = 0
+    prefill_rows: int = 0  # sum of the sequences of the prefill chunks
     step_latency: _Histogram = field(default_factory=_Histogram)
     prefill_latency: _Histogram = field(default_factory=_Histogram)
     first_token_latency: _Histogram = field(default_factory=_Histogram)  # submit -> first token sampled
@@ -316,6 +318,8 @@ class Scheduler:
                 self._finish(s, "error", f"prefill failed: {e}")
             return
         self.stats.prefill_latency.observe(time.perf_counter() - t0)
+        self.stats.prefill_chunks += 1
+        self.stats.prefill_rows += len(group)
         done = []
         for s, st, row in zip(group, states, logits):
             s._pos += C
