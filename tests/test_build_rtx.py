@@ -25,6 +25,7 @@ import torch
 from xlstm_export import onnx_functions
 from xlstm_export.cli import main
 from xlstm_export.engine import RTX_INSTALL_HINT, build_engine, build_info_path, read_build_info, runtime_available
+from xlstm_export.tokenizer import TOKENIZER_FILES
 
 needs_rtx = pytest.mark.skipif(not runtime_available("tensorrt-rtx"),
                                reason=f"tensorrt_rtx cannot be imported here. {RTX_INSTALL_HINT}")
@@ -103,7 +104,9 @@ def test_rtx_engine_has_the_onnx_interface_and_loops(exported, tmp_path, capsys,
     engine = tmp_path / f"{preset}.engine"
     info = _timed_build(onnx_path, engine, capsys, f"{preset} {dtype}")
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == [engine.name, build_info_path(engine).name]  # no temp files
+    carried = [n for n in TOKENIZER_FILES if (onnx_path.parent / n).is_file()]  # the export's tokenizer too
+    assert "tokenizer.json" in carried
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([engine.name, build_info_path(engine).name, *carried])
     assert info["engine"]["bytes"] == engine.stat().st_size > 0
     assert info["runtime"] == "tensorrt-rtx" and info["runtime_version"].startswith("1.")
     assert info["precision"] == {"fp32": "float32", "fp16": "float16"}[dtype]
@@ -267,6 +270,31 @@ def test_build_into_an_unwritable_folder_leaves_nothing(tmp_path, capsys, unwrit
     args = [_cell_onnx(tmp_path), "-o", os.path.join(unwritable_dir, "m.engine")]
     assert_refused(capsys, args, "not writable", unwritable_dir)
     assert_refused(capsys, [args[0], "-o", tmp_path / "missing" / "m.engine"], "does not exist", tmp_path)
+
+
+@needs_rtx
+def test_build_carries_the_tokenizer_beside_the_engine(tmp_path, capsys):
+    """An engine built into another folder takes its ONNX file's tokenizer files along (generate
+    --prompt and serve read them beside the engine); a folder holding another model's tokenizer,
+    which the engine would be read with, is refused before the build."""
+    from xlstm_export.tokenizer import byte_tokenizer_files, load_tokenizer, write_tokenizer_files
+
+    src, out, other = (tmp_path / d for d in ("src", "out", "other"))
+    for d in (src, out, other):
+        d.mkdir()
+    cell = _cell_onnx(src)
+    files = byte_tokenizer_files()
+    write_tokenizer_files(files, src)
+    code, _, err = _run_build(capsys, cell, "-o", out / "m.engine", "--seq", 1, 4, 8, "--batch", 1, 1, 2)
+    assert code == 0, err
+    assert {n: (out / n).read_bytes() for n in files} == files
+    assert load_tokenizer(out / "m.engine").encode("hi") == [104, 105]
+    code, _, err = _run_build(capsys, cell, "-o", out / "m2.engine", "--seq", 1, 4, 8, "--batch", 1, 1, 2)
+    assert code == 0, err  # the same tokenizer there already: fine
+    (other / "tokenizer.json").write_bytes(files["tokenizer.json"].replace(b'"a"', b'"A"', 1))
+    assert_refused(capsys, [cell, "-o", other / "m.engine"], "holds tokenizer files (tokenizer.json)", other)
+    (src / "tokenizer.json").unlink()  # a model without one, into a folder with one
+    assert_refused(capsys, [cell, "-o", other / "m.engine"], "and slstm.onnx has none", other)
 
 
 @needs_rtx

@@ -21,8 +21,11 @@ profile shapes), how each xlstm node was compiled (plugin / loop, from the parse
 and their ONNX metadata), a summary of the builder's layer report (ProfilingVerbosity DETAILED:
 TensorRT-RTX prints it without a GPU), the model config and the ONNX file's sha256. Both are
 written under temporary names in the destination folder and renamed into place: a failed build
-leaves neither. Every argument, the file and the destination are checked before the build starts;
-each problem is one ValueError / RuntimeError / OSError naming the fix.
+leaves neither. The ONNX file's tokenizer files (``tokenizer.json`` and its companions beside it)
+go beside the engine too, so that ``generate --prompt`` and ``serve`` find them there; a
+destination folder holding another model's tokenizer is refused. Every argument, the file and
+the destination are checked before the build starts; each problem is one ValueError /
+RuntimeError / OSError naming the fix.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any, Sequence
 from . import contract
 from .fsio import staged_files
 from .interface import ENGINE_SUFFIXES  # noqa: F401  (re-exported: engine.ENGINE_SUFFIXES)
+from .tokenizer import TOKENIZER_FILES, read_tokenizer_files, write_tokenizer_files
 
 __all__ = ["RUNTIMES", "INSTALL_HINT", "RTX_INSTALL_HINT", "build_engine", "build_info_path",
            "default_runtime", "import_runtime", "inspect_onnx", "read_build_info", "runtime_available",
@@ -260,6 +264,25 @@ def build_info_path(engine_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".json")
 
 
+def _tokenizer_to_carry(onnx_path: Path, engine_path: Path) -> dict[str, bytes]:
+    """The tokenizer files (``read_tokenizer_files``) of ``onnx_path`` to write beside the engine:
+    none when they are there already (the same folder, or the same bytes). ValueError when the
+    engine's folder holds other tokenizer files, which would then be read as the engine's; a
+    TokenizerError (a ValueError) when the ONNX file's own are unusable."""
+    if engine_path.parent.resolve() == onnx_path.parent.resolve():
+        return {}
+    files = read_tokenizer_files(onnx_path.parent)
+    present = {n: engine_path.parent / n for n in TOKENIZER_FILES if (engine_path.parent / n).is_file()}
+    if not present:
+        return files
+    if set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items()):
+        return {}
+    theirs = "has none" if not files else "has other ones"
+    raise ValueError(f"cannot build {engine_path}: {engine_path.parent} holds tokenizer files "
+                     f"({', '.join(sorted(present))}) that the engine would be read with, and {onnx_path.name} "
+                     f"{theirs}; build the engine into a folder of its own, or beside {onnx_path.name}")
+
+
 def _stage(stack: contextlib.ExitStack, engine_path: Path) -> Path:
     """A staging folder beside the engine, made up front (so an unwritable folder fails before the
     build); the engine and its record written there move in at the end, the record last."""
@@ -441,6 +464,7 @@ def build_engine(
                 f"--{precision} asked, but {onnx_path.name} was exported in {iface.dtype}. TensorRT "
                 "networks are strongly typed (the precision is the ONNX model's): re-export with "
                 f"--dtype {precision}, or build without a precision flag")
+    tokenizer = _tokenizer_to_carry(onnx_path, engine_path)
     rt = _runtime(runtime or default_runtime())
     if rt.name == "tensorrt" and runtime_available("tensorrt") and not _cuda_gpu():
         raise RuntimeError("TensorRT builds engines on a CUDA GPU and none is available here; --runtime "
@@ -468,6 +492,7 @@ def build_engine(
         t_write = time.perf_counter()
         record["engine"] = {"file": engine_path.name, "bytes": serialized.nbytes}
         (stage / engine_path.name).write_bytes(memoryview(serialized))
+        write_tokenizer_files(tokenizer, stage)
         (stage / record_path.name).write_text(json.dumps(record, indent=2) + "\n")
         # never an engine beside another build's record: old record out, engine in, record in
         record_path.unlink(missing_ok=True)
