@@ -152,6 +152,19 @@ def naive_recurrent_mlstm(
 # ---------------------------------------------------------------------------------------------
 
 
+def _segment_sums(x: Tensor) -> Tensor:
+    """x (..., L) -> (..., L, L) with [t, s] = x_{s+1} + ... + x_t for s <= t (0 on the diagonal),
+    0 above it: b_t - b_s for b = cumsum(x), summed from the terms in between instead of taken as
+    the difference of two cumsums. The difference loses ~1e-7 of |b| (a chunk of nearly closed
+    forget gates: |b| ~ 30 L), and its gradient takes the diagonal's b_t - b_t apart into two
+    large terms that cancel only to rounding, which then swamps the gradient of f; here the
+    diagonal and every entry hold only the steps they span."""
+    L = x.shape[-1]
+    between = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)  # [u, s]: u > s
+    terms = torch.where(between, x[..., :, None], x.new_zeros(()))  # (..., L, L): [u, s] = x_u for u > s
+    return terms.cumsum(-2)  # [t, s] = sum_{s < u <= t} x_u
+
+
 def naive_parallel_mlstm(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor,  # (B, NH, S, DHQK) x2, (B, NH, S, DHV), (B, NH, S) x2
     state: MLSTMState | None = None,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
@@ -159,15 +172,16 @@ def naive_parallel_mlstm(
 ) -> tuple[Tensor, MLSTMState]:
     """The mLSTM in its quadratic parallel form (memory O(S^2); for tests and short sequences).
 
-    log D[t, s] = b_t - b_s + i_s for s <= t (b = cumsum logsigmoid(f)), -inf above the diagonal;
-    the initial state contributes with log weight b_t + m_0 (an extra column); m_t is the row max.
+    log D[t, s] = b_t - b_s + i_s for s <= t (b = cumsum logsigmoid(f); b_t - b_s summed from the
+    steps in between, see ``_segment_sums``), -inf above the diagonal; the initial state contributes
+    with log weight b_t + m_0 (an extra column); m_t is the row max.
     """
     (B, NH, S, DHQK, DHV), out_dtype, (q, k, v, i, f), (c0, n0, m0) = _prepare(
         "naive_parallel_mlstm", q, k, v, i, f, state, {"eps": eps})
-    b = F.logsigmoid(f).cumsum(-1)  # (B, NH, S)
+    log_f = F.logsigmoid(f)  # (B, NH, S)
+    b = log_f.cumsum(-1)  # (B, NH, S)
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # (S, S)
-    log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]  # (B, NH, S, S)
-    log_d = torch.where(causal, log_d, float("-inf"))  # (B, NH, S, S)
+    log_d = torch.where(causal, _segment_sums(log_f) + i[..., None, :], float("-inf"))  # (B, NH, S, S)
     log_w0 = b + m0[..., None]  # (B, NH, S) log weight of the initial state at step t
     m = torch.maximum(log_d.amax(-1), log_w0)  # (B, NH, S)
     d = torch.exp(log_d - m[..., None])  # (B, NH, S, S)
@@ -204,7 +218,7 @@ def naive_chunk_mlstm(
     ``S % chunk_size`` steps exactly (no padding). Inside a chunk (b = in-chunk cumsum of
     logsigmoid(f), L = chunk length)::
 
-        m_t = max(b_t + m_prev, max_{s<=t} (b_t - b_s + i_s))
+        m_t = max(b_t + m_prev, max_{s<=t} (b_t - b_s + i_s))     (b_t - b_s: see _segment_sums)
         h_t = [exp(b_t + m_prev - m_t) q_t C_prev + sum_{s<=t} exp(b_t - b_s + i_s - m_t) (q_t.k_s) v_s]
               / (max(|same with n|, exp(-m_t)) + eps)
 
@@ -223,10 +237,11 @@ def naive_chunk_mlstm(
         qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]  # (B, NH, L, D*)
         ic = i[:, :, start:end]  # (B, NH, L)
         b = log_f[:, :, start:end].cumsum(-1)  # (B, NH, L)
+        seg = _segment_sums(log_f[:, :, start:end])  # (B, NH, L, L): b_t - b_s for s <= t
 
         # outputs of this chunk
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # (L, L)
-        log_d = torch.where(causal, b[..., :, None] - b[..., None, :] + ic[..., None, :], float("-inf"))
+        log_d = torch.where(causal, seg + ic[..., None, :], float("-inf"))
         log_inter = b + m[..., None]  # (B, NH, L)
         m_t = torch.maximum(log_d.amax(-1), log_inter)  # (B, NH, L)
         d = torch.exp(log_d - m_t[..., None])  # (B, NH, L, L)
@@ -238,7 +253,7 @@ def naive_chunk_mlstm(
         hs.append(num / den[..., None])  # (B, NH, L, DHV)
 
         # carry the state to the next chunk
-        a = b[..., -1:] - b + ic  # (B, NH, L)
+        a = seg[..., -1, :] + ic  # (B, NH, L): b_L - b_s + i_s
         g = b[..., -1]  # (B, NH)
         m_next = torch.maximum(g + m, a.amax(-1))  # (B, NH)
         w_carry = torch.exp(g + m - m_next)  # (B, NH)
