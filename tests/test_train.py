@@ -254,6 +254,10 @@ def test_the_cuda_device_is_made_current_alone_and_under_ddp(monkeypatch):
     assert T.resolve_device(None, T.Dist(rank=3, world_size=4, local_rank=1)) == torch.device("cuda", 1)
     assert current[-1] == torch.device("cuda", 1)  # LOCAL_RANK, not RANK
     assert T.resolve_device("cpu", T.Dist()) == torch.device("cpu") and len(current) == 2
+    # under torchrun an index is LOCAL_RANK's or refused (each rank would take that one GPU)
+    assert T.resolve_device("cuda:1", T.Dist(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
+    with pytest.raises(T.TrainError, match="LOCAL_RANK .this one: cuda:1.; give --device cuda"):
+        T.resolve_device("cuda:0", T.Dist(rank=1, world_size=2, local_rank=1))
 
 
 def test_the_process_group_is_destroyed_after_success_only(data_file, tmp_path, monkeypatch):

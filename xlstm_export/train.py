@@ -310,7 +310,9 @@ def resolve_device(name: str | None, d: Dist) -> torch.device:
     ``torch.cuda.current_device()``, not on their tensors' device, so a single process given
     ``--device cuda:1`` ran them on GPU 0 with GPU 1's pointers ("Pointer argument cannot be
     accessed from Triton", triton-lang/triton#2441); NCCL's barrier and
-    ``torch.cuda.is_bf16_supported()`` read the current device as well.
+    ``torch.cuda.is_bf16_supported()`` read the current device as well. Under torchrun a device
+    index other than LOCAL_RANK's is refused: every process would take that one GPU (NCCL then
+    fails with "Duplicate GPU detected" at the first collective).
     """
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -323,6 +325,9 @@ def resolve_device(name: str | None, d: Dist) -> torch.device:
             raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+        elif d.enabled and device.index != d.local_rank:  # every rank would take that one GPU
+            raise TrainError(f"--device {name} under torchrun: each process trains on the GPU of its "
+                             f"LOCAL_RANK (this one: cuda:{d.local_rank}); give --device cuda")
         if device.index >= torch.cuda.device_count():
             raise TrainError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
