@@ -458,6 +458,19 @@ def test_chunk_gpu_matches_reference(B, NH, S, DHQK, DHV, dtype, with_state, chu
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunk_gpu_closed_forget_gates(dtype):
+    """test_chunk_closed_forget_gates compiled, at a model's head sizes and chunk 64."""
+    if not torch.cuda.is_available() or INTERPRET:
+        pytest.skip("needs a CUDA GPU with compiled Triton (TRITON_INTERPRET unset)")
+    B, NH, S, DHQK, DHV = 2, 4, 200, 64, 128
+    inputs = make_inputs(B, NH, S, DHQK, DHV, dtype, device="cuda", i_scale=1.0, f_mean=-30.0)
+    state = make_state(B, NH, DHQK, DHV, device="cuda")
+    cotangents = make_cotangents(B, NH, S, DHQK, DHV, dtype, device="cuda")
+    check_against_reference(inputs, state, cotangents, dtype, chunk_size=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_step_gpu_matches_reference(dtype):
     if not torch.cuda.is_available() or INTERPRET:
         pytest.skip("needs a CUDA GPU with compiled Triton (TRITON_INTERPRET unset)")
