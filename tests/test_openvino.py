@@ -186,6 +186,22 @@ def test_openvino_bad_input(exported, tmp_path):
         ov.run(np.zeros((3, 1), np.int64), state)  # a batch-2 state for 3 sequences
 
 
+@pytest.mark.parametrize("version", ["2024.2.0-15519-5c0f38f83f6-releases/2024/2", "2024.6.0"])
+def test_openvino_older_than_2025_is_refused(version, exported, monkeypatch, capsys):
+    """Releases before 2025.0 refuse the graphs, compute the 7B-style ones wrong (2024.1-2024.2) or
+    cannot compile float16 ones (2024.3; measured, bench/RESULTS.md): one clear error, also at the CLI."""
+    import openvino
+
+    _, _, path, _, _ = exported("large")
+    monkeypatch.setattr(openvino, "__version__", version)
+    with pytest.raises(RuntimeError, match=r"OpenVINO 2024\.\d\.0 is too old .* needs OpenVINO >= 2025\.0"):
+        OpenVinoModel(path)
+    capsys.readouterr()
+    assert main(["generate", str(path), "--runtime", "openvino", "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too old for these models" in err[0], err
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 

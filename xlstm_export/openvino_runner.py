@@ -63,12 +63,28 @@ def openvino_available() -> bool:
     return True
 
 
+# The oldest OpenVINO release this runner takes. Measured (bench/runtime_versions.py and
+# tests/test_openvino.py with each release installed on its own, bench/RESULTS.md): 2024.0 refuses
+# the inlined graphs, 2024.1-2024.2 run the 7B-style ones with wrong results (the mLSTM states
+# 9-20% off after a 7-token prefill), 2024.3 fails to compile the float16 ones; 2025.0 on pass.
+MIN_OPENVINO = (2025, 0)
+
+
 def _import_openvino():
     try:
         import openvino
     except ImportError:
         raise ImportError("the OpenVINO runner needs the openvino package: "
                           "pip install 'xlstm-export[openvino]'") from None
+    version = openvino.__version__.split("-")[0]  # "2026.4.1-22982-e213a147257-releases/2026/4"
+    try:
+        release = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:  # a development build without a release number: take it as it is
+        return openvino
+    if release < MIN_OPENVINO:
+        raise RuntimeError(f"OpenVINO {version} is too old for these models (2024.1-2024.2 compute the "
+                          f"7B-style ones wrong, 2024.3 cannot compile float16 ones): the runner needs "
+                          f"OpenVINO >= {'.'.join(map(str, MIN_OPENVINO))}; pip install -U 'xlstm-export[openvino]'")
     return openvino
 
 
