@@ -7,6 +7,7 @@ so the numbers below are deterministic on one machine.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import subprocess
@@ -266,11 +267,11 @@ def test_the_process_group_is_destroyed_after_success_only(data_file, tmp_path, 
     saying why). Rank 0 of 2, the process group faked: destroyed after a run, not after an error."""
     import torch.distributed as dist
 
-    destroyed = []
+    destroyed, inits = [], []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: inits.append((backend, timeout)))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
 
@@ -282,8 +283,11 @@ def test_the_process_group_is_destroyed_after_success_only(data_file, tmp_path, 
         run(data_file, tmp_path / "a", steps=2, device="cpu")
     assert destroyed == []
     monkeypatch.setattr(T, "_loop", lambda *args: "trained")
-    assert run(data_file, tmp_path / "b", steps=2, device="cpu") == "trained"
+    assert run(data_file, tmp_path / "b", steps=2, device="cpu", dist_timeout=90) == "trained"
     assert destroyed == [True]
+    # the collectives' timeout: 60 minutes unless --dist-timeout says otherwise (NCCL's own is 10,
+    # less than rank 0 may take to write a large model's checkpoint while the others wait)
+    assert inits == [("gloo", datetime.timedelta(minutes=60)), ("gloo", datetime.timedelta(minutes=90))]
 
 
 # --- bad input --------------------------------------------------------------------------------------
@@ -372,6 +376,8 @@ def test_non_finite_rates_and_out_of_range_seed_are_refused(data_file, tmp_path,
     one step saved that checkpoint); a seed past 64 bits was torch's 'Overflow when unpacking long
     long' (a traceback under `python -m xlstm_export.train`)."""
     _fails(capsys, _argv(data_file, tmp_path / "o", "--lr", "inf"), "--lr must be > 0 and finite, got inf")
+    for bad in ("0", "-5", "nan", "inf"):
+        _fails(capsys, _argv(data_file, tmp_path / "o", "--dist-timeout", bad), "--dist-timeout must be > 0 minutes")
     _fails(capsys, _argv(data_file, tmp_path / "o", "--weight-decay", "inf"), "--weight-decay must be >= 0 and finite")
     _fails(capsys, _argv(data_file, tmp_path / "o", "--seed", str(2**64)), "--seed must lie in [0, 2**64 - 1]")
     assert not (tmp_path / "o").exists()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import math
 import os
 import sys
@@ -88,6 +89,9 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing checkpoint in `output` with a fresh run
     stop_at: int | None = None  # stop (after saving) at this step; the schedule still spans `steps`
     quiet: bool = False  # no progress bar and no step lines; eval lines and the summary remain
+    # under torchrun: how long a rank waits in a collective (the others wait at a barrier while rank 0
+    # writes a checkpoint: a large model's on a slow disk outlasts NCCL's default of 10 minutes)
+    dist_timeout: float = 60.0  # minutes
     # RESUMED_OPTIONS set explicitly (the command line knows); None: those that differ from the defaults
     given: frozenset[str] | None = None
 
@@ -126,6 +130,8 @@ class TrainConfig:
             raise TrainError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if self.tokenizer != "bytes":
             raise TrainError(f"--tokenizer must be 'bytes', got {self.tokenizer!r}")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise TrainError(f"--dist-timeout must be > 0 minutes and finite, got {self.dist_timeout}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise TrainError(f"--stop-at must lie in [1, --steps={self.steps}], got {self.stop_at}")
 
@@ -713,7 +719,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
         print("note: this GPU has no bfloat16; training in float32", flush=True)
 
     if d.enabled:  # a CUDA device is the current one already (resolve_device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     result = _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
                    train_tokens, val_tokens, start, stop, evals, tokens_seen)
     # The process group is destroyed after a run that ended alike on every rank, not on the way out
@@ -899,6 +906,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (after saving) at this step; the schedule still spans --steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar or step lines")
+    p.add_argument("--dist-timeout", type=float, default=dflt.dist_timeout, metavar="MINUTES",
+                   help="under torchrun, how long a process waits for the others in a collective, e.g. "
+                        "while rank 0 writes a checkpoint (default %(default)g; NCCL's own is 10)")
     return p
 
 
