@@ -90,6 +90,11 @@ def test_exported_graph_interface_nodes_and_checker(kind, exported):
         if n.op_type == "mLSTM":
             assert attrs["chunk_size"] == model.config.chunk_size
             assert attrs["eps"] == pytest.approx(model.config.cell_eps)
+    # every LayerNormalization has a bias input, zeros where the model has none (onnxruntime <= 1.18
+    # aborts on the paper graph's bias-free ones: test_layer_norms_get_a_zero_bias)
+    inits = {t.name: t for t in proto.graph.initializer}
+    norms = [n for n in proto.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(len(n.input) == 3 and n.input[2] in inits for n in norms)
     # model-local function bodies, at the model's opset
     funcs = {(f.domain, f.name): f for f in proto.functions}
     assert set(funcs) == {("xlstm", n.op_type) for n in xl}
@@ -392,6 +397,35 @@ def test_sibling_matmuls_fused_into_one_product_and_a_split():
 
 
 # --- bad input: one clear error each, no partial output -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16])
+def test_layer_norms_get_a_zero_bias(dtype):
+    """A bias-free LayerNormalization gets a zero bias of its scale's shape and dtype (one constant
+    per scale); one with a bias, or whose scale is not a constant, is left alone. onnxruntime
+    1.16-1.18's AttentionFusion read the third input unconditionally and aborted the process on the
+    paper export; with the bias 1.18 runs it (bench/RESULTS.md "Runtime releases")."""
+    from onnx import helper
+
+    from xlstm_export.export import _layer_norms_with_bias
+
+    scale = helper.make_tensor("g", dtype, [4], bytes(2 * 4 if dtype != onnx.TensorProto.FLOAT else 4 * 4), raw=True)
+    beta = helper.make_tensor("b", dtype, [4], bytes(2 * 4 if dtype != onnx.TensorProto.FLOAT else 4 * 4), raw=True)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g"], ["y1"], axis=-1),
+             helper.make_node("LayerNormalization", ["y1", "g"], ["y2"], axis=-1),
+             helper.make_node("LayerNormalization", ["y2", "g", "b"], ["y3"], axis=-1),
+             helper.make_node("LayerNormalization", ["y3", "s"], ["y4"], axis=-1)]
+    vi = lambda n: helper.make_tensor_value_info(n, dtype, ["n", 4])
+    graph = helper.make_graph(nodes, "g", [vi("x"), vi("s")], [vi("y4")], initializer=[scale, beta])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert _layer_norms_with_bias(model.graph) == 2
+    assert [list(n.input) for n in model.graph.node] == [
+        ["x", "g", "g__zero_bias"], ["y1", "g", "g__zero_bias"], ["y2", "g", "b"], ["y3", "s"]]
+    zero = next(t for t in model.graph.initializer if t.name == "g__zero_bias")
+    assert zero.data_type == dtype and list(zero.dims) == [4]
+    assert not onnx.numpy_helper.to_array(zero).astype(np.float32).any()
+    onnx.checker.check_model(model, full_check=True)
+    assert _layer_norms_with_bias(model.graph) == 0  # idempotent
 
 
 def test_export_rejects_bad_destinations(tmp_path):

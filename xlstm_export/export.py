@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -255,6 +256,7 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
     model.functions.extend(onnx_functions.functions(opset, used))
     _rsqrt_as_div(model.graph)
     _fuse_sibling_matmuls(model.graph)
+    _layer_norms_with_bias(model.graph)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, contract.VERSION))
 
@@ -391,6 +393,36 @@ def _rsqrt_as_div(graph: onnx.GraphProto) -> int:
     The eager model keeps rsqrt (the official implementations' form). Returns the Reciprocals removed.
     """
     return apply_rules(graph, [RSQRT_AS_DIV])[RSQRT_AS_DIV.name]
+
+
+def _layer_norms_with_bias(graph: onnx.GraphProto) -> int:
+    """Give each ``LayerNormalization`` of the main graph without a bias an explicit zero bias
+    (a constant of its scale's shape and dtype). The function is the same.
+
+    torch exports a bias-free LayerNorm (the paper blocks', the heads' norms) with two inputs, as
+    ONNX allows. onnxruntime 1.16-1.18's AttentionFusion pass reads a LayerNormalization's third
+    input unconditionally and aborts the process on the paper export ("Assertion '__n < this->size()'
+    failed"; fixed in 1.19, bench/RESULTS.md "Runtime releases"); Triton releases ship such
+    onnxruntimes. A scale that is not a constant is left alone. Returns the biases added."""
+    inits = {t.name: t for t in graph.initializer}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    added = 0
+    for node in graph.node:
+        if node.op_type != "LayerNormalization" or node.domain or (len(node.input) > 2 and node.input[2]):
+            continue
+        scale = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if scale is None:
+            continue
+        name = f"{scale.name}__zero_bias"
+        if name not in taken:
+            size = math.prod(scale.dims) * onnx.helper.tensor_dtype_to_np_dtype(scale.data_type).itemsize
+            graph.initializer.append(onnx.helper.make_tensor(name, scale.data_type, list(scale.dims),
+                                                             bytes(size), raw=True))
+            taken.add(name)
+        del node.input[2:]
+        node.input.append(name)
+        added += 1
+    return added
 
 
 def _fix_dims(values, want: dict[str, list], kind: str) -> None:
