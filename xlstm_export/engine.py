@@ -46,7 +46,7 @@ from typing import Any, Sequence
 from . import contract
 from .fsio import staged_files
 from .interface import ENGINE_SUFFIXES  # noqa: F401  (re-exported: engine.ENGINE_SUFFIXES)
-from .tokenizer import TOKENIZER_FILES, read_tokenizer_files, write_tokenizer_files
+from .tokenizer import read_tokenizer_files, same_tokenizer_files, tokenizer_files_in, write_tokenizer_files
 
 __all__ = ["RUNTIMES", "INSTALL_HINT", "RTX_INSTALL_HINT", "build_engine", "build_info_path",
            "default_runtime", "import_runtime", "inspect_onnx", "read_build_info", "runtime_available",
@@ -272,10 +272,10 @@ def _tokenizer_to_carry(onnx_path: Path, engine_path: Path) -> dict[str, bytes]:
     if engine_path.parent.resolve() == onnx_path.parent.resolve():
         return {}
     files = read_tokenizer_files(onnx_path.parent)
-    present = {n: engine_path.parent / n for n in TOKENIZER_FILES if (engine_path.parent / n).is_file()}
+    present = tokenizer_files_in(engine_path.parent)
     if not present:
         return files
-    if set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items()):
+    if same_tokenizer_files(present, files):
         return {}
     theirs = "has none" if not files else "has other ones"
     raise ValueError(f"cannot build {engine_path}: {engine_path.parent} holds tokenizer files "

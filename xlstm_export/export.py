@@ -62,7 +62,7 @@ from .fsio import staged_files
 from .graph_rewrite import STANDARD_DOMAINS, Edit, GraphIndex, Rule, all_nodes, apply_rules, opset_version
 from .interface import LOGITS_FROM, METADATA_PREFIX, state_input_name, state_output_name
 from .models.model import resolve_dtype
-from .tokenizer import TOKENIZER_FILES, write_tokenizer_files
+from .tokenizer import same_tokenizer_files, tokenizer_files_in, write_tokenizer_files
 
 __all__ = [
     "BATCH_DIM",
@@ -660,9 +660,8 @@ def _stale_tokenizer_files(out: Path, parent: Path, files: dict[str, bytes]) -> 
     the folder holds another export of this tool (which reads those files) and the new ones differ,
     the export is refused (ValueError) instead: one folder, one tokenizer. Other .onnx files (a
     ResNet beside it) read no tokenizer and do not count."""
-    present = {n: parent / n for n in TOKENIZER_FILES if (parent / n).is_file()}
-    same = set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items())
-    if same:
+    present = tokenizer_files_in(parent)
+    if same_tokenizer_files(present, files):
         return []
     others = sorted(p.name for p in parent.glob("*.onnx") if p.name != out.name and _made_here(p))
     if others:

@@ -409,6 +409,17 @@ def _eos_ids(directory: Path, backend) -> tuple[int, ...]:
 
 
 # --- carrying the files along ----------------------------------------------------------------------
+def tokenizer_files_in(directory) -> dict[str, Path]:
+    """The tokenizer files (``TOKENIZER_FILES``) present in ``directory``: {name: path}."""
+    directory = Path(directory)
+    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def same_tokenizer_files(present: dict[str, Path], files: dict[str, bytes]) -> bool:
+    """Whether the files ``present`` (``tokenizer_files_in``) are exactly ``files``: names and bytes."""
+    return set(present) == set(files) and all(p.read_bytes() == files[n] for n, p in present.items())
+
+
 def read_tokenizer_files(directory) -> dict[str, bytes]:
     """The tokenizer files of a model directory, to be written again by ``write_tokenizer_files``
     (empty without a ``tokenizer.json``; :class:`TokenizerError` for one that is unusable). When
@@ -418,7 +429,7 @@ def read_tokenizer_files(directory) -> dict[str, bytes]:
     if not (directory / TOKENIZER_FILE).is_file():
         return {}
     load_tokenizer(directory)  # a file carried along must be usable: TokenizerError here, not at generate
-    files = {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+    files = {name: p.read_bytes() for name, p in tokenizer_files_in(directory).items()}
     if "generation_config.json" not in files:
         config = _read_json(directory / "config.json")
         ids = {k: config[k] for k in _TOKEN_ID_FIELDS if config.get(k) is not None}
@@ -443,5 +454,6 @@ def write_tokenizer_files(files: dict[str, bytes] | None, directory) -> list[Pat
 
 __all__ = [
     "BYTE_VOCAB", "StreamDecoder", "Tokenizer", "TokenizerError", "byte_tokenizer", "byte_tokenizer_files",
-    "load_tokenizer", "read_tokenizer_files", "tokenizer_for", "write_tokenizer_files",
+    "load_tokenizer", "read_tokenizer_files", "same_tokenizer_files", "tokenizer_files_in", "tokenizer_for",
+    "write_tokenizer_files",
 ]
