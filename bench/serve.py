@@ -8,6 +8,8 @@ level's requests are done:
 
 - aggregate generated tokens/s = tokens received / wall time of the level (prefill included);
 - time to first token (TTFT) per request: from sending it to the first streamed token; p50, p99;
+  and the scheduler's part of it from /metrics (its receipt of the request -> the first token
+  sampled: the rest is HTTP, the server's event loop and the messages to and from the engine);
 - the server's own view from /metrics: mean decode batch (rows / steps), mean step latency, and
   "model runs": the share of the level's wall time spent in the model itself (decode steps with
   their sampling, prefill chunks); at C = 32 the tokens/s those same runs would give with nothing
@@ -327,6 +329,12 @@ def bench_model(name: str, args) -> dict:
                 decode_s = after["xlstm_step_latency_seconds_sum"] - before["xlstm_step_latency_seconds_sum"]
                 prefill_s = after["xlstm_prefill_latency_seconds_sum"] - before["xlstm_prefill_latency_seconds_sum"]
                 res["mean_step_ms"] = 1e3 * decode_s / steps
+                # the scheduler's share of TTFT: its receipt of a request -> the first token sampled (the
+                # rest of the client's TTFT is HTTP, the server's event loop and the messages between them)
+                res["scheduler_ttft_mean_s"] = ((after["xlstm_time_to_first_token_seconds_sum"]
+                                              - before["xlstm_time_to_first_token_seconds_sum"])
+                                             / (after["xlstm_time_to_first_token_seconds_count"]
+                                                - before["xlstm_time_to_first_token_seconds_count"]))
                 # the model's own runs (decode steps with their sampling, prefill chunks); tokens/s over
                 # this share: the level's rate had everything else (HTTP, scheduling, messages, waiting) cost nothing
                 res["model_share"] = (decode_s + prefill_s) / res["wall_s"]
@@ -334,7 +342,8 @@ def bench_model(name: str, args) -> dict:
                 res["generated_total"] = after["xlstm_generated_tokens_total"]
                 rounds[c].append(res)
                 print(f"{name} round {r + 1} C={c}: {res['tokens_per_s']:.0f} tok/s, TTFT p50 "
-                      f"{res['ttft_p50_s'] * 1e3:.0f} ms p99 {res['ttft_p99_s'] * 1e3:.0f} ms, batch "
+                      f"{res['ttft_p50_s'] * 1e3:.0f} ms p99 {res['ttft_p99_s'] * 1e3:.0f} ms "
+                      f"(in the scheduler {res['scheduler_ttft_mean_s'] * 1e3:.1f} ms mean), batch "
                       f"{res['mean_decode_batch']:.1f}, prefill batch {res['mean_prefill_batch']:.1f}, step {res['mean_step_ms']:.2f} ms, model runs "
                       f"{100 * res['model_share']:.0f}% of the wall, RSS {res['rss_mib']:.0f} MiB",
                       file=sys.stderr, flush=True)
@@ -371,14 +380,15 @@ def markdown(results: list[dict], args, started: str, load: tuple) -> str:
         lv = r["levels"]
         base = next((x for x in lv if x["concurrency"] == 1), None)
         lines += [f"#### {r['model']}", "", f"Server: `{r['command']}`  ", f"{r['server_line']}", "",
-                  "| C | requests | tokens/s (median round) | rounds | vs C=1 | TTFT p50 | TTFT p99 | mean decode batch "
-                  "| mean prefill batch | mean step | model runs | server RSS |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| C | requests | tokens/s (median round) | rounds | vs C=1 | TTFT p50 | TTFT p99 | TTFT in the scheduler (mean) "
+                  "| mean decode batch | mean prefill batch | mean step | model runs | server RSS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in lv:
             ratio = f"{x['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
             each = " / ".join(f"{t:,.0f}" for t in x["rounds_tokens_per_s"])
             lines.append(f"| {x['concurrency']} | {x['requests']} | {x['tokens_per_s']:,.0f} | {each} | {ratio} | "
                          f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p99_s'] * 1e3:,.0f} ms | "
+                         f"{x['scheduler_ttft_mean_s'] * 1e3:,.1f} ms | "
                          f"{x['mean_decode_batch']:.1f} | {x['mean_prefill_batch']:.1f} | {x['mean_step_ms']:.2f} ms | {100 * x['model_share']:.0f}% | "
                          f"{x['rss_mib']:,.0f} MiB |")
         target = TARGETS.get(r["model"])
