@@ -258,6 +258,81 @@ def test_queue_bound_and_cancel_without_http(served):
         sched.submit([256], SamplingParams(max_tokens=1))
 
 
+class _RulePool:
+    """A slot pool whose model is a rule: the next token after t is (7 t + 3) mod V, whatever the
+    batch (a sequence's tokens follow from its prompt's last token alone)."""
+
+    vocab_size = 64
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.moves = 0
+
+    def _logits(self, last: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(last), self.vocab_size), np.float32)
+        out[np.arange(len(last)), (7 * last + 3) % self.vocab_size] = 1.0
+        return out
+
+    def prefill(self, ids, states):
+        return self._logits(np.asarray(ids)[:, -1]), [None] * len(ids)
+
+    def step(self, ids):
+        return self._logits(np.asarray(ids))
+
+    def put(self, row, state):
+        pass
+
+    def move(self, src, dst):
+        self.moves += 1
+
+
+def test_decode_steps_end_each_row_at_its_stop_ids_or_its_max_tokens():
+    """Rows end at any of their stop ids (also the last of several) or at max_tokens, wherever they
+    sit in the batch as rows leave and others join: each sequence's tokens and finish reason are
+    what the rule gives it alone."""
+    V = _RulePool.vocab_size
+    rng = np.random.default_rng(11)
+    cases = []
+    for j in range(23):
+        prompt = rng.integers(0, V, int(rng.integers(1, 5))).tolist()
+        seq, t = [], prompt[-1]  # the rule's continuation of the prompt, long enough for every case
+        for _ in range(40):
+            t = (7 * t + 3) % V
+            seq.append(t)
+        kind = j % 4
+        if kind == 0:  # no stop ids: ends by length
+            stops = ()
+        elif kind == 1:  # one stop id, reached after a few tokens
+            stops = (seq[int(rng.integers(1, 6))],)
+        elif kind == 2:  # the id that stops it comes after four others that never occur
+            never = [v for v in range(V) if v not in seq[:30]][:4]
+            stops = (*never, seq[int(rng.integers(2, 8))])
+        else:  # stop ids that never occur within max_tokens
+            stops = tuple(v for v in range(V) if v not in seq)[:2]
+        max_tokens = int(rng.integers(1, 20))
+        want = []
+        for tok in seq:
+            want.append(tok)
+            if tok in stops or len(want) == max_tokens:
+                break
+        reason = "stop" if want[-1] in stops else "length"
+        cases.append((prompt, SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stops),
+                      want, reason))
+    assert {c[3] for c in cases} == {"stop", "length"} and any(len(c[1].stop_token_ids) == 5 for c in cases)
+    pool = _RulePool(4)
+    sched = Scheduler(pool, max_batch=4, max_queue=len(cases))
+    seqs = sched.submit_many([c[0] for c in cases], [c[1] for c in cases], [None] * len(cases))
+    for _ in range(1000):
+        if all(s.finish_reason is not None for s in seqs):
+            break
+        sched.step()
+    assert pool.moves > 0  # rows left from the middle of the batch
+    for s, (_, _, want, reason) in zip(seqs, cases):
+        assert (s.tokens, s.finish_reason) == (want, reason)
+    assert sched.stats.generated_tokens == sum(len(c[2]) for c in cases)
+    assert sched.active == 0
+
+
 def test_stream_interval_gathers_running_tokens_but_not_first_tokens_or_ends(served):
     """With a stream interval longer than the run, a sequence is handed on at its first token and at
     its end only, the tokens between gathered; the tokens are the same as with hand-offs every step."""
