@@ -148,16 +148,74 @@ inline void panel_rows(int rows, const float* x, int64_t ldx, const W* panel, in
   }
 }
 
+// y[r, 0:P * kPanel] (+)= the products of x's columns [k0, k1) with P adjacent panels, for r < R:
+// one k-block of panel_block's sums, summed from zero in k order and then added to what y holds
+// (`first`: nothing yet; the sum is added to zero, as panel_block's total starts), and, after the
+// last k-block, `add` (nullptr, or a residual / bias: row stride ldr) added to the total. So y ends
+// bit for bit as panel_block's total (+ add).
+template <int R, int P, class W>
+inline void panel_kblock(const float* x, int64_t ldx, const W* panel, int64_t K, int64_t k0, int64_t k1, float* y,
+                         int64_t ldy, bool first, const float* add, int64_t ldr) {
+  constexpr int V = 2 * P;
+  vec16 acc[R][V] = {};
+  for (int64_t k = k0; k < k1; ++k) {
+    vec16 w[V];
+    for (int i = 0; i < P; ++i) {
+      load_weight_row(panel + i * K * kPanel + k * kPanel, w[2 * i], w[2 * i + 1]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * ldx + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      float* p = y + r * ldy + v * 16;
+      vec16 total = (first ? splat16(0.0f) : load16(p)) + acc[r][v];
+      if (add != nullptr) total = total + load16(add + r * ldr + v * 16);
+      store16(p, total);
+    }
+  }
+}
+
+// panel_kblock for `rows` <= R rows.
+template <int R, int P, class W>
+inline void panel_kblock_rows(int rows, const float* x, int64_t ldx, const W* panel, int64_t K, int64_t k0,
+                              int64_t k1, float* y, int64_t ldy, bool first, const float* add, int64_t ldr) {
+  if (rows == R) {
+    panel_kblock<R, P>(x, ldx, panel, K, k0, k1, y, ldy, first, add, ldr);
+  } else if constexpr (R > 1) {
+    panel_kblock_rows<R - 1, P>(rows, x, ldx, panel, K, k0, k1, y, ldy, first, add, ldr);
+  }
+}
+
 // y[m, 0:cols] = x[m, :] . (P adjacent panels) (+ r[m, 0:cols])  for every m < M.
 //   x [M, K] row-major;  panel: the first panel [K, kPanel], the next K * kPanel floats on;
 //   y: the first panel's first output column, row stride ldy;  cols <= P * kPanel: the real
 //   columns (the rest is padding and is not written);  r: nullptr, or what to add (a residual,
 //   row stride ldr; a bias, ldr = 0), at the first panel's first column.
+// Panels whose columns are all real go k-block by k-block, every row block against one k-block
+// before the next: that block of the weights (kBlockK x P * kPanel floats, 16-32 KiB) stays in L1
+// while all the rows use it, and the sums go straight to y. A 768-deep weight's panels (96-192 KiB)
+// were otherwise read from L2 by each row block in turn: the 160M model's B = 32 products 10-12%
+// faster, tiny-large's 4-13% (bench/cpu_products.py, bench/RESULTS.md); the sums are the same to the
+// bit. A last panel with padding goes row block by row block through a buffer (below).
 template <int P, class W = float>
 inline void packed_matmul_panels(const float* x, int64_t M, int64_t K, const W* panel, float* y, int64_t ldy,
                                  int cols, const float* r = nullptr, int64_t ldr = 0) {
   constexpr int kRows = P == 1 ? 8 : 6;  // rows per block: 2 * P * kRows sums in registers
   constexpr int kWidth = P * kPanel;
+  if (cols == kWidth && K > 0) {
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+      const int64_t k1 = std::min(K, k0 + kBlockK);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+        const float* add = k1 == K && r != nullptr ? r + m0 * ldr : nullptr;
+        panel_kblock_rows<kRows, P>(rows, x + m0 * K, K, panel, K, k0, k1, y + m0 * ldy, ldy, k0 == 0, add, ldr);
+      }
+    }
+    return;
+  }
   float out[kRows * kWidth];
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
