@@ -152,7 +152,9 @@ inline void panel_rows(int rows, const float* x, int64_t ldx, const W* panel, in
 // one k-block of panel_block's sums, summed from zero in k order and then added to what y holds
 // (`first`: nothing yet; the sum is added to zero, as panel_block's total starts), and, after the
 // last k-block, `add` (nullptr, or a residual / bias: row stride ldr) added to the total. So y ends
-// bit for bit as panel_block's total (+ add).
+// bit for bit as panel_block's total (+ add). The k loop is panel_block's, written out again: with
+// the sums handed between the two through an array reference GCC 12 kept them in memory, and both
+// products ran at under half the speed (67 against 124-162 GFLOP/s).
 template <int R, int P, class W>
 inline void panel_kblock(const float* x, int64_t ldx, const W* panel, int64_t K, int64_t k0, int64_t k1, float* y,
                          int64_t ldy, bool first, const float* add, int64_t ldr) {
