@@ -97,6 +97,19 @@ def test_gpu_and_engine_configs_parse(exported, tmp_path):
     assert len(cfg.sequence_batching.state) == len(inspect_model(exported)["state_names"])
 
 
+def test_instances_are_the_instance_group_count(tiny_onnx, tmp_path):
+    from xlstm_export.cli import main
+
+    assert parse(write_triton_repo(tiny_onnx, tmp_path / "one") / "config.pbtxt").instance_group[0].count == 1
+    assert main(["triton-repo", str(tiny_onnx), "-o", str(tmp_path / "r"), "--instances", "3"]) == 0
+    cfg = parse(tmp_path / "r" / "xlstm" / "config.pbtxt")
+    assert len(cfg.instance_group) == 1 and cfg.instance_group[0].count == 3
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="--instances must be an integer >= 1"):
+            config_pbtxt(model_interface(tiny_onnx), name="m", max_batch=4, device="cpu", instances=bad)
+
+
 def test_triton_pairing_hazard_is_detected():
     # server#8586: the outputs sort in another order than the inputs, Triton swaps the states
     assert not state_order_safe([("cache_last_channel", "cache_last_channel_next"),
@@ -113,6 +126,7 @@ def test_bad_targets_are_one_clear_error(exported, tmp_path, capsys):
     cases = [([str(exported), "-o", str(tmp_path / "repo")], "exists: pass --overwrite"),
              ([str(tmp_path / "none.onnx"), "-o", str(tmp_path / "x")], "no such file"),
              ([str(exported), "-o", str(tmp_path / "y"), "--max-batch", "0"], "--max-batch"),
+             ([str(exported), "-o", str(tmp_path / "v"), "--instances", "0"], "--instances must be an integer >= 1"),
              ([str(tmp_path / "e.engine"), "-o", str(tmp_path / "z")], "no such file")]
     eng = tmp_path / "e2.engine"
     eng.write_bytes(b"not a plan")
@@ -121,7 +135,7 @@ def test_bad_targets_are_one_clear_error(exported, tmp_path, capsys):
         assert main(["triton-repo", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
-    assert not (tmp_path / "w").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "w").exists() and not (tmp_path / "y").exists() and not (tmp_path / "v").exists()
     assert main(["triton-repo", str(exported), "-o", str(tmp_path / "repo"), "--overwrite"]) == 0
 
 

@@ -415,7 +415,7 @@ def cmd_triton_repo(args) -> int:
 
     _require_file(args.model, None)
     model_dir = write_triton_repo(args.model, args.output, name=args.name, max_batch=args.max_batch,
-                                  device=args.device, overwrite=args.overwrite)
+                                  device=args.device, instances=args.instances, overwrite=args.overwrite)
     print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/; run: tritonserver --model-repository={args.output}")
     return 0
 
@@ -648,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Triton's max_batch_size (default: 32; an engine's profile maximum)")
     tr.add_argument("--device", choices=["cpu", "gpu"], default=None,
                     help="instance group for an .onnx model (default: cpu; an engine is always gpu)")
+    tr.add_argument("--instances", type=int, default=1,
+                    help="model instances Triton runs side by side, each with its own sequence slots "
+                         "(the instance group's count; default: 1)")
     tr.add_argument("--overwrite", action="store_true", help="replace the model's folder if it exists")
     tr.set_defaults(func=cmd_triton_repo)
 

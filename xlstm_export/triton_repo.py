@@ -188,11 +188,19 @@ def _dims(d) -> str:
     return "[ " + ", ".join(str(int(x)) for x in d) + " ]"
 
 
-def config_pbtxt(iface: ModelInterface, *, name: str, max_batch: int, device: str) -> str:
+def _check_instances(instances: int) -> None:
+    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        raise ValueError(f"--instances must be an integer >= 1, got {instances!r}")
+
+
+def config_pbtxt(iface: ModelInterface, *, name: str, max_batch: int, device: str, instances: int = 1) -> str:
     """The model's config.pbtxt (Triton's ModelConfig in protobuf text format). ``device``: "cpu" |
-    "gpu". Raises ValueError for a name, device or tensor type the backend does not take."""
+    "gpu"; ``instances``: the instance group's count (model instances Triton runs side by side, each
+    with its own sequence slots). Raises ValueError for a name, device, instance count or tensor
+    type the backend does not take."""
     _check_name(name)
     _check_device(device)
+    _check_instances(instances)
     backend = "onnxruntime" if iface.kind == "onnx" else "tensorrt"
     tensors = [("input_ids", iface.ids_dtype), ("logits", iface.logits_dtype), *((s[0], s[3]) for s in iface.states)]
     for tensor, dt in tensors:
@@ -245,23 +253,28 @@ def config_pbtxt(iface: ModelInterface, *, name: str, max_batch: int, device: st
         "  ]",
         "}",
         "instance_group [",
-        f"  {{ kind: {kind} count: 1 }}",
+        f"  {{ kind: {kind} count: {instances} }}",
         "]",
     ]
     return "\n".join(lines) + "\n"
 
 
 def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, *, name: str = "xlstm",
-                      max_batch: int | None = None, device: str | None = None, overwrite: bool = False) -> Path:
+                      max_batch: int | None = None, device: str | None = None, instances: int = 1,
+                      overwrite: bool = False) -> Path:
     """Write ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/<model file>``; returns ``repo/<name>``.
     The folder is assembled under a temporary name and renamed into place; on failure nothing new
     is left behind (folders made for ``repo`` are removed again).
 
     name: the Triton model name (letters, digits, ``_ . -``; not starting with ``.``). max_batch:
     Triton's max_batch_size (default 32; an engine's profile maximum). device: "cpu" | "gpu" for
-    an .onnx model (default "cpu"; an engine is "gpu"). Raises ValueError for what Triton would
-    refuse (see the module docstring), FileNotFoundError for a missing external data file."""
+    an .onnx model (default "cpu"; an engine is "gpu"). instances: model instances Triton runs side
+    by side (the instance group's count, default 1); the sequence batcher keeps each sequence on
+    one instance, each instance batching up to ``max_batch`` of its own. Raises ValueError for what
+    Triton would refuse (see the module docstring), FileNotFoundError for a missing external data
+    file."""
     _check_name(name)
+    _check_instances(instances)
     if device is not None:
         _check_device(device)
     iface = model_interface(model)
@@ -280,7 +293,7 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, *, name
     max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     if max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
-    text = config_pbtxt(iface, name=name, max_batch=max_batch, device=device)
+    text = config_pbtxt(iface, name=name, max_batch=max_batch, device=device, instances=instances)
 
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
