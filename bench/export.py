@@ -3,12 +3,16 @@ weights) and a 7B-shaped bfloat16 checkpoint in the transformers layout (streame
 
     python bench/export.py                          # all three; the 7B checkpoint is written to /tmp
     python bench/export.py --cases 7b --keep        # one case, keep the written checkpoint / .onnx
+    python bench/export.py --cases 7b --7b-blocks 8 # the 7B's shapes with 8 of its 32 blocks (less disk)
 
 Each export runs in a child process under ``/usr/bin/time -v`` (peak RSS = "Maximum resident set
 size", wall time = "Elapsed"); the written file is then checked with ``onnx.checker`` by path (the
 way files over 2 GB must be checked) in another child. The 7B checkpoint holds random bfloat16
 weights in sharded safetensors with an index, named as transformers ``xLSTMForCausalLM`` saves
 them (weight_mode "single"); it is written one shard at a time and deleted afterwards unless --keep.
+Disk: the 7B case needs the checkpoint (12.8 GiB in bfloat16) and the .onnx's external data twice
+over for a moment (the export rewrites its data file with the fused weights): ~39 GiB free;
+``--7b-blocks N`` keeps the 7B's widths and vocabulary with N blocks (8: ~12 GiB).
 """
 
 from __future__ import annotations
@@ -48,15 +52,16 @@ def transformers_name(ours: str) -> str:
     return f"backbone.blocks.{i}.mlstm_layer.{rest}"
 
 
-def write_7b_checkpoint(directory: Path, seed: int = 0) -> int:
-    """Random bfloat16 xLSTM-7B weights in the transformers layout; returns the weight bytes."""
+def write_7b_checkpoint(directory: Path, seed: int = 0, num_blocks: int = 32) -> int:
+    """Random bfloat16 xLSTM-7B weights (``num_blocks`` of its blocks) in the transformers layout;
+    returns the weight bytes."""
     from safetensors.torch import save_file
 
     from xlstm_export.export_stream import meta_model
     from xlstm_export.models import preset
     from xlstm_export.models.lazy import lazy_state_dict
 
-    config = preset("xlstm-7b")
+    config = preset("xlstm-7b", num_blocks=num_blocks)
     shapes = {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({
@@ -137,7 +142,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint and .onnx files")
     ap.add_argument("--reuse", action="store_true", help="export the 7B checkpoint already in --workdir "
                     "(written by an earlier --keep run) instead of writing it again")
+    ap.add_argument("--7b-blocks", dest="blocks_7b", type=int, default=32,
+                    help="blocks of the 7B-shaped checkpoint (32: xLSTM-7B; fewer need less disk)")
     args = ap.parse_args()
+    if args.blocks_7b < 1:
+        ap.error(f"--7b-blocks must be >= 1, got {args.blocks_7b}")
     if not Path(TIME).exists():
         print(f"{TIME} is needed (GNU time: apt-get install time)", file=sys.stderr)
         return 2
@@ -146,7 +155,8 @@ def main() -> int:
     cases = {  # name -> (source, dtype, bytes per weight in the source, how it is exported)
         "160m": ("xlstm-large-160m", "fp32", 4, "preset, in memory"),
         "1.3b": ("xlstm-1.3b", "fp32", 4, "preset, in memory"),
-        "7b": (str(work / "xlstm-7b-bf16"), "bf16", 2, "bf16 transformers checkpoint, streamed"),
+        "7b": (str(work / f"xlstm-7b-bf16-{args.blocks_7b}"), "bf16", 2,
+               f"bf16 transformers checkpoint, {args.blocks_7b} blocks, streamed"),
         "160m-dir": (str(work / "xlstm-large-160m"), "fp32", 4, "fp32 directory (same preset), streamed"),
         "1.3b-dir": (str(work / "xlstm-1.3b"), "fp32", 4, "fp32 directory (same preset), streamed"),
     }
@@ -158,7 +168,7 @@ def main() -> int:
             source, dtype, src_bytes, how = cases[name]
             if name == "7b" and not (args.reuse and (Path(source) / "config.json").is_file()):
                 t0 = time.perf_counter()
-                total = write_7b_checkpoint(Path(source))
+                total = write_7b_checkpoint(Path(source), num_blocks=args.blocks_7b)
                 print(f"wrote {source}: {total / 1e9:.2f} GB of bfloat16 weights in {time.perf_counter() - t0:.0f} s")
             if name.endswith("-dir"):  # written by a child: the parent stays small
                 code = (f"from xlstm_export.models import load; "
@@ -186,7 +196,7 @@ def main() -> int:
                     shutil.rmtree(source, ignore_errors=True)
     finally:
         if not args.keep:
-            shutil.rmtree(work / "xlstm-7b-bf16", ignore_errors=True)
+            shutil.rmtree(cases["7b"][0], ignore_errors=True)
     print("\n| model | source | dtype | weights (source dtype) | peak RSS | RSS / weights | wall | onnx.checker |")
     print("|---|---|---|---|---|---|---|---|")
     for name, how, dtype, wbytes, rss, wall, check_s, _ in rows:

@@ -396,6 +396,51 @@ def test_sibling_matmuls_fused_into_one_product_and_a_split():
     assert all(np.allclose(a, b, rtol=1e-6) for a, b in zip(got, want))
 
 
+def test_sibling_matmuls_over_external_data_fused_into_a_rewritten_data_file(tmp_path, monkeypatch):
+    """Weights held as external data (and one inline beside them) fuse as loaded ones do: the
+    fused weight's rows are its parts' rows side by side, written into a new data file that holds
+    exactly the graph's tensors, a few rows at a time; a data file shorter than its tensors is
+    one clear error, and the old file stays."""
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+    from onnx.reference import ReferenceEvaluator
+
+    from xlstm_export import external_data
+    from xlstm_export.export import _fuse_sibling_matmuls
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    w = [numpy_helper.from_array(rng.normal(size=(5, n)).astype(np.float32), f"w{j}") for j, n in enumerate((4, 7, 3, 6))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{j}"], [f"y{j}"]) for j in range(4)]
+    model = _graph_model(nodes, ["x"], [f"y{j}" for j in range(4)], w)
+    want = ReferenceEvaluator(model).run(None, {"x": x})
+    convert_model_to_external_data(model, location="m.onnx.data", size_threshold=100)  # w2 (60 B) stays inline
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert [t.data_location for t in model.graph.initializer] == [1, 1, 0, 1]
+    monkeypatch.setattr(external_data, "BLOCK_BYTES", 50)  # 2 rows of the fused (5, 20) float32 weight at a time
+
+    truncated = onnx.ModelProto()
+    truncated.CopyFrom(model)
+    data = (tmp_path / "m.onnx.data").read_bytes()
+    (tmp_path / "m.onnx.data").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match=r"tensor w3: bytes .* of m.onnx.data \(\d+ bytes\) do not hold its 120"):
+        _fuse_sibling_matmuls(truncated.graph, tmp_path)
+    assert (tmp_path / "m.onnx.data").read_bytes() == data[:-4] and sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    (tmp_path / "m.onnx.data").write_bytes(data)
+
+    assert _fuse_sibling_matmuls(model.graph, tmp_path) == 1
+    fused = next(t for t in model.graph.initializer if t.name == "w0__fused4")
+    assert list(fused.dims) == [5, 20] and fused.data_location == onnx.TensorProto.EXTERNAL
+    spans = [{e.key: int(e.value) for e in t.external_data if e.key != "location"} for t in model.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert spans == [{"offset": 0, "length": 400}]  # only the fused weight is left in the file, exactly
+    assert (tmp_path / "m.onnx.data").stat().st_size == 400
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    got = ReferenceEvaluator(str(tmp_path / "m.onnx")).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))  # same dot products, same order
+
+
 # --- bad input: one clear error each, no partial output -------------------------------------------
 
 

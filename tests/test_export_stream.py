@@ -117,6 +117,27 @@ def test_fused_transformers_dir_streamed_equals_normal_bf16_external(tmp_path):
     _assert_same_export(a, b)
 
 
+@pytest.mark.parametrize("arch, dtype", [("tiny-large", "fp32"), ("tiny", "bf16")])
+def test_external_data_export_equals_the_inline_one(tmp_path, arch, dtype):
+    """Weights in external data (what a 7B export always gets) go through the same fusions as
+    inline ones: the same graph (the sibling MatMuls fused), the same weights bit for bit, and a
+    data file holding exactly the external tensors, end to end."""
+    model = _randomised(arch, seed=6)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = export_onnx(model, tmp_path / "a" / "m.onnx", dtype=dtype, progress=False)
+    b = export_onnx(model, tmp_path / "b" / "m.onnx", dtype=dtype, progress=False, external_data=True)
+    assert not (tmp_path / "a" / "m.onnx.data").exists()
+    _assert_same_export(a, b)
+    proto = onnx.load(str(b), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert any("__fused" in t.name for t in external)
+    spans = [(int(e["offset"]), int(e["length"])) for e in ({x.key: x.value for x in t.external_data} for t in external)]
+    assert [o for o, _ in spans] == [sum(n for _, n in spans[:j]) for j in range(len(spans))]  # contiguous from 0
+    assert sum(n for _, n in spans) == (tmp_path / "b" / "m.onnx.data").stat().st_size
+    assert sorted(os.listdir(tmp_path / "b")) == ["m.onnx", "m.onnx.data", "tokenizer.json"]
+
+
 # --- atomic writes -------------------------------------------------------------------------------
 def test_failed_stream_leaves_target_untouched(tmp_path, monkeypatch):
     """A read failing in the middle of writing the external data: no new .onnx or .data at the

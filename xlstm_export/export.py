@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -55,7 +56,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from . import contract, onnx_functions
+from . import contract, external_data, onnx_functions
 from .kernels import custom_op as _ops  # defines torch.ops.xlstm.*, which the translation table names
 from .contract import DOMAIN
 from .fsio import staged_files
@@ -233,8 +234,9 @@ def _model_opset(model: onnx.ModelProto) -> int:
 
 
 def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tuple[int, ...]],
-                 vocab: int, dtype: str, config_json: str | None) -> onnx.ModelProto:
-    """Attach function bodies, complete the xlstm nodes' attributes, fix names/dims, add metadata."""
+                 vocab: int, dtype: str, config_json: str | None, data_folder: Path | None = None) -> onnx.ModelProto:
+    """Attach function bodies, complete the xlstm nodes' attributes, fix names/dims, add metadata.
+    ``data_folder``: the folder of the model's external-data file, which the fusions may rewrite."""
     opset = _model_opset(model)
     used = []
     for node in all_nodes(model.graph):
@@ -255,7 +257,7 @@ def _postprocess(model: onnx.ModelProto, *, keys: list[str], spec: dict[str, tup
     del model.functions[:]
     model.functions.extend(onnx_functions.functions(opset, used))
     _rsqrt_as_div(model.graph)
-    _fuse_sibling_matmuls(model.graph)
+    _fuse_sibling_matmuls(model.graph, data_folder)
     _layer_norms_with_bias(model.graph)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, contract.VERSION))
@@ -299,34 +301,43 @@ def _logits_from_as_constant(graph: onnx.GraphProto) -> None:
     graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_FROM))
 
 
-def _fusable_weight(index: GraphIndex, node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The constant 2-D weight of a standard MatMul that reads it alone, loaded in memory."""
+def _fusable_weight(index: GraphIndex, node: onnx.NodeProto, external: bool = False) -> onnx.TensorProto | None:
+    """The constant 2-D weight of a standard MatMul that reads it alone: loaded in memory, or also
+    held as external data where ``external`` says the pass can rewrite the data file."""
     w = index.inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
     if w is None or len(w.dims) != 2 or len(index.readers.get(w.name, [])) != 1:
         return None
-    return None if w.data_location == onnx.TensorProto.EXTERNAL else w
+    return w if external or w.data_location != onnx.TensorProto.EXTERNAL else None
 
 
-def _match_sibling_matmuls(index: GraphIndex, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+def _match_sibling_matmuls(index: GraphIndex, node: onnx.NodeProto, external: bool = False) -> list[onnx.NodeProto] | None:
     """Pattern: ``node`` is the first of >= 2 MatMuls that read the same activation x, each with
     its own constant [K, N_j] weight of the same K and dtype (:func:`_fusable_weight`)."""
-    w = _fusable_weight(index, node)
+    w = _fusable_weight(index, node, external)
     if w is None:
         return None
     siblings = [n for n in index.readers[node.input[0]] if n.input[0] == node.input[0] and index.holds(n)
-                and (s := _fusable_weight(index, n)) is not None and (s.dims[0], s.data_type) == (w.dims[0], w.data_type)]
+                and (s := _fusable_weight(index, n, external)) is not None
+                and (s.dims[0], s.data_type) == (w.dims[0], w.data_type)]
     return siblings if len(siblings) >= 2 and siblings[0] is node else None
 
 
-def _fuse_siblings(edit: Edit, nodes: list[onnx.NodeProto]) -> None:
+def _fuse_siblings(edit: Edit, nodes: list[onnx.NodeProto], pending: dict | None = None) -> None:
     """Replacement: ONE MatMul over the weights concatenated along N, then a Split into the
-    original outputs, where the first MatMul stood."""
+    original outputs, where the first MatMul stood. Where a weight is external data, the fused one
+    is an external tensor whose bytes :func:`external_data.rewrite` writes later; ``pending``
+    collects its parts."""
     x = nodes[0].input[0]
-    weights = [numpy_helper.to_array(edit.index.inits[n.input[1]]) for n in nodes]  # (K, N_j) each
+    parts = [edit.index.inits[n.input[1]] for n in nodes]  # (K, N_j) each
     fused_name = f"{nodes[0].input[1]}__fused{len(nodes)}"
     split_name = f"{fused_name}__split"
-    edit.add_initializer(numpy_helper.from_array(np.concatenate(weights, axis=1), fused_name))  # (K, sum N_j)
-    edit.add_initializer(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), split_name))
+    if any(p.data_location == onnx.TensorProto.EXTERNAL for p in parts):
+        edit.add_initializer(external_data.pending(fused_name, parts))  # (K, sum N_j), written later
+        pending[fused_name] = [copy.deepcopy(p) for p in parts]  # the graph drops the originals
+    else:
+        weights = [numpy_helper.to_array(p) for p in parts]
+        edit.add_initializer(numpy_helper.from_array(np.concatenate(weights, axis=1), fused_name))  # (K, sum N_j)
+    edit.add_initializer(numpy_helper.from_array(np.array([p.dims[1] for p in parts], np.int64), split_name))
     edit.drop_initializers(n.input[1] for n in nodes)
     y = f"{nodes[0].output[0]}__fused"
     edit.replace(nodes, [
@@ -339,7 +350,7 @@ def _fuse_siblings(edit: Edit, nodes: list[onnx.NodeProto]) -> None:
 SIBLING_MATMULS = Rule("sibling MatMuls -> one MatMul + Split", _match_sibling_matmuls, _fuse_siblings)
 
 
-def _fuse_sibling_matmuls(graph: onnx.GraphProto) -> int:
+def _fuse_sibling_matmuls(graph: onnx.GraphProto, data_folder: Path | None = None) -> int:
     """MatMuls that read the same activation with their own constant 2-D weights become ONE MatMul
     over the weights concatenated along N, followed by a Split into the original outputs.
 
@@ -347,10 +358,20 @@ def _fuse_sibling_matmuls(graph: onnx.GraphProto) -> int:
     fewer, larger products: in a 7B-style block q, k, v, the output gate and the i / f gates read
     the same normed input (six MatMuls -> one), and the SwiGLU's two up-projections (two -> one).
     That is fewer nodes for the per-node overhead of small models, and fewer, better-shaped GEMVs
-    at decode. Weights held as external data (not loaded here) or used by any other node are left
-    alone. Returns the number of groups fused.
+    at decode. Weights used by any other node are left alone. Weights held as external data are
+    fused where ``data_folder`` (the folder of their data file) is given: the data file is then
+    rewritten with the fused weights in place of their parts (:mod:`.external_data`, in bounded
+    memory); without it they are left alone. Returns the number of groups fused.
     """
-    return apply_rules(graph, [SIBLING_MATMULS])[SIBLING_MATMULS.name]
+    if data_folder is None:
+        return apply_rules(graph, [SIBLING_MATMULS])[SIBLING_MATMULS.name]
+    pending: dict[str, list[onnx.TensorProto]] = {}
+    rule = Rule(SIBLING_MATMULS.name, functools.partial(_match_sibling_matmuls, external=True),
+                functools.partial(_fuse_siblings, pending=pending))
+    fused = apply_rules(graph, [rule])[rule.name]
+    if pending:
+        external_data.rewrite(graph, data_folder, pending)
+    return fused
 
 
 def _match_rsqrt_mul(index: GraphIndex, rec: onnx.NodeProto) -> tuple | None:
@@ -705,7 +726,8 @@ def _export_into(tmp_model: Path, model, bar, *, dt: str, keys: list[str], spec:
         program.save(tmp_model, external_data=use_external)
     del program
     proto = onnx.load(tmp_model, load_external_data=False)
-    proto = _postprocess(proto, keys=keys, spec=spec, vocab=vocab, dtype=dt, config_json=config_json)
+    proto = _postprocess(proto, keys=keys, spec=spec, vocab=vocab, dtype=dt, config_json=config_json,
+                         data_folder=tmp_model.parent if use_external else None)
     if dt != "float32":
         _legalize_low_precision(proto, dt)
     if inline:
