@@ -241,6 +241,44 @@ def test_ddp_two_processes_on_cpu(data_file, tmp_path):
     assert not torch.equal(model.lm_head.weight, xLSTMLM(preset("tiny")).lm_head.weight)
 
 
+def test_on_cpu_copies_every_tensor_of_a_state_dict():
+    """The optimizer state goes into trainer_state.pt through on_cpu: every tensor, at any depth
+    of dicts, lists and tuples, becomes a CPU tensor of the same values; the rest is kept."""
+
+    class Elsewhere(torch.Tensor):  # stands in for a GPU tensor: .cpu() gives a plain one
+        def cpu(self, *args, **kwargs):
+            return self.as_subclass(torch.Tensor).clone()
+
+    def away(t):
+        return t.clone().as_subclass(Elsewhere)
+
+    a, b, c = torch.randn(3), torch.randn(2, 2), torch.tensor(7.0)
+    state = {"state": {0: {"step": away(c), "exp_avg": away(a)}, 1: {"exp_avg": b}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1], "betas": (0.9, away(a))}]}
+    got = T.on_cpu(state)
+    assert type(got["state"][0]["exp_avg"]) is torch.Tensor and torch.equal(got["state"][0]["exp_avg"], a)
+    assert type(got["state"][0]["step"]) is torch.Tensor and torch.equal(got["state"][0]["step"], c)
+    assert got["state"][1]["exp_avg"] is b  # already on the CPU: not copied
+    betas = got["param_groups"][0]["betas"]
+    assert isinstance(betas, tuple) and betas[0] == 0.9 and type(betas[1]) is torch.Tensor
+    assert got["param_groups"][0]["params"] == [0, 1] and got["param_groups"][0]["lr"] == 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_run_saves_its_optimizer_state_on_the_cpu(data_file, tmp_path):
+    """trainer_state.pt of a CUDA run loads without map_location on any machine (every tensor in it
+    on the CPU), and --resume on the GPU takes it back and continues."""
+    out = tmp_path / "gpu"
+    run(data_file, out, steps=4, stop_at=2, eval_every=2, device="cuda")
+    state = torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)
+    tensors = [v for st in state["optimizer"]["state"].values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert run(data_file, out, steps=4, eval_every=2, device="cuda", resume=True).step == 4
+    state = torch.load(out / T.TRAINER_STATE_NAME, weights_only=True)
+    assert all(int(st["step"]) == 4 for st in state["optimizer"]["state"].values())
+
+
 def test_the_cuda_device_is_made_current_alone_and_under_ddp(monkeypatch):
     """The Triton kernels launch on torch.cuda.current_device(), not on their tensors' device: a
     single process given --device cuda:1 made no device current (only DDP did), so the kernels ran

@@ -6,8 +6,9 @@
 
 The output directory is a plain model directory (``config.json`` + ``model.safetensors``, what
 ``xLSTMLM.from_pretrained``, ``info`` and the exporter read) plus ``trainer_state.pt``: the step,
-the optimizer state, the schedule and the RNG state, loadable with ``torch.load(weights_only=True)``
-(with ``map_location="cpu"`` for a GPU run's: its optimizer state is saved on the GPU).
+the optimizer state (saved on the CPU, whatever device trained: the file loads on any machine, and
+``optimizer.load_state_dict`` moves it to the parameters' device on resume), the schedule and the
+RNG state, loadable with ``torch.load(weights_only=True)``.
 A checkpoint is built in a staging directory beside DIR and swapped in whole, so DIR always holds
 weights and trainer state of the same step.
 
@@ -458,6 +459,18 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise TrainError(f"output {out} is not writable: {e.strerror or e}") from None
 
 
+def on_cpu(obj):
+    """``obj`` (nested dicts, lists and tuples, as a state dict is) with every tensor copied to
+    the CPU, for a checkpoint that loads on any machine; tensors already there are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(model, out: Path, trainer_state: dict) -> None:
     """Write DIR = config.json + model.safetensors + trainer_state.pt, replacing it whole.
 
@@ -779,7 +792,7 @@ def _loop(cfg, d, device, out, model, optimizer, autocast, state, data_id,
                     "step": step,
                     "tokens_seen": tokens_seen,
                     "world_size": d.world_size,
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": on_cpu(optimizer.state_dict()),
                     "schedule": {"name": "warmup_cosine", **schedule},
                     "rng": {
                         "torch": torch.get_rng_state(),
