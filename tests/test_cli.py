@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,28 @@ def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     assert main(["export", "tiny", "-o", str(path), "--quiet"]) == 0
     return path
+
+
+def test_export_external_data_from_a_preset_and_a_directory(tmp_path, capsys):
+    """--external-data puts the weights in OUTPUT.data beside the .onnx at any size, streamed from a
+    directory too; the model is the one the default (inline) export writes."""
+    import onnx
+    from onnx import numpy_helper
+
+    from xlstm_export.models import load
+
+    load("tiny-large", seed=3).save_pretrained(tmp_path / "dir")
+    for src in ("tiny-large", str(tmp_path / "dir")):
+        out = tmp_path / ("from-" + Path(src).name)
+        out.mkdir()
+        assert main(["export", src, "-o", str(out / "inline.onnx"), "--quiet"]) == 0
+        assert main(["export", src, "-o", str(out / "ext.onnx"), "--quiet", "--external-data"]) == 0
+        assert not (out / "inline.onnx.data").exists() and (out / "ext.onnx.data").stat().st_size > 0
+        inline, ext = (onnx.load(str(out / f"{n}.onnx")) for n in ("inline", "ext"))
+        assert [n.op_type for n in ext.graph.node] == [n.op_type for n in inline.graph.node]
+        weights = {t.name: numpy_helper.to_array(t).tobytes() for t in inline.graph.initializer}
+        assert {t.name: numpy_helper.to_array(t).tobytes() for t in ext.graph.initializer} == weights
+    capsys.readouterr()
 
 
 def test_validate_passes_and_generate_matches_pytorch(exported, capsys):

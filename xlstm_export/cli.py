@@ -116,12 +116,13 @@ def cmd_export(args) -> int:
         config, locations = lazy_state_dict(args.source)  # config.json and the headers only
         dtype = args.dtype or default_export_dtype(checkpoint_dtype(locations, args.source))
         path = export_checkpoint(args.source, args.output, dtype=dtype, progress=not args.quiet,
-                                 inline=args.inline)
+                                 inline=args.inline, external_data=args.external_data)
         n_states = len(meta_model(config).state_spec(1))
     else:
         model = _load_model(args.source)
         dtype = args.dtype or "fp32"
-        path = export_onnx(model, args.output, dtype=dtype, progress=not args.quiet, inline=args.inline)
+        path = export_onnx(model, args.output, dtype=dtype, progress=not args.quiet, inline=args.inline,
+                           external_data=args.external_data)
         n_states = len(model.state_spec(1))
     kind = ", standard ops only" if args.inline else ""
     print(f"wrote {path} ({dtype}, {n_states} state tensors{kind})")
@@ -550,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inline", action="store_true",
                    help="standard ops only: the xlstm function bodies inlined (for OpenVINO and runtimes "
                         "that take neither custom domains nor local functions)")
+    e.add_argument("--external-data", action="store_true", default=None,
+                   help="weights in OUTPUT.data beside the .onnx whatever their size (default: only over 2 GB); "
+                        "a directory's export then never holds them all in memory")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 
