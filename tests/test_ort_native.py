@@ -1465,6 +1465,20 @@ def test_native_decoder_updates_mlstm_states_in_place(kind, exported):
         assert moved == set(om.state_names) - expected, step
 
 
+def test_native_model_reads_an_external_data_export(exported, tmp_path):
+    """The native rewrite packs weights read from OUTPUT.data (what every export over 2 GB has,
+    its sibling MatMuls fused there): the same numbers, to the bit, as from the inline export."""
+    model, path = exported["large"]
+    ext = export_onnx(model, tmp_path / "ext.onnx", progress=False, external_data=True)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 0
+    inline, external = (OrtModel(p, intra_op_threads=1, native_ops=True) for p in (path, ext))
+    ids = np.random.default_rng(11).integers(0, 256, (2, 9))
+    (la, sa), (lb, sb) = inline.run(ids), external.run(ids)
+    tok = np.random.default_rng(12).integers(0, 256, (2, 1))
+    (la, sa), (lb, sb) = inline.run(tok, sa), external.run(tok, sb)
+    assert np.array_equal(la, lb) and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
 def test_native_model_greedy_generation_equals_torch(exported):
     from xlstm_export.generate import torch_runner
 
