@@ -47,6 +47,36 @@ if triton is not None:
             return x.to(dtype)
 
     @triton.jit
+    def _pow2_below(amax):
+        """2^floor(log2 amax), 1 where amax is 0: dividing by it and multiplying back are exact."""
+        return tl.where(amax > 0, tl.exp2(tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0)))), 1.0)
+
+    @triton.jit
+    def mm_rows(a, b, DOT_PREC: tl.constexpr):
+        """a (M, K) float32 @ b (K, N), a rounded to b's dtype first (float32 accumulation).
+
+        float16 operands: each row of a is divided by a power of two that brings its largest |value|
+        into [1, 2) before the rounding, and the product's row multiplied back (both exact), so a row
+        of small weights (the pair weights of nearly closed forget gates reach e^-30, below float16's
+        smallest subnormal 6e-8) keeps float16's relative precision instead of flushing to zero.
+        Other dtypes (bfloat16 has float32's range) round a as it is."""
+        if b.dtype == tl.float16:
+            sc = _pow2_below(tl.max(tl.abs(a), 1))  # (M,)
+            return mm(cast(a / sc[:, None], b.dtype, DOT_PREC), b, DOT_PREC) * sc[:, None]
+        else:
+            return mm(cast(a, b.dtype, DOT_PREC), b, DOT_PREC)
+
+    @triton.jit
+    def mm_cols(a, b, DOT_PREC: tl.constexpr):
+        """a (M, K) @ b (K, N) float32, b rounded to a's dtype first: :func:`mm_rows` with the scale
+        per column of b (float16 only)."""
+        if a.dtype == tl.float16:
+            sc = _pow2_below(tl.max(tl.abs(b), 0))  # (N,)
+            return mm(a, cast(b / sc[None, :], a.dtype, DOT_PREC), DOT_PREC) * sc[None, :]
+        else:
+            return mm(a, cast(b, a.dtype, DOT_PREC), DOT_PREC)
+
+    @triton.jit
     def tile(ptr, r, c, mr, mc, sr, sc):
         """The (len(r), len(c)) tile ptr[r * sr + c * sc] (broadcast), 0 outside rows mr x columns mc."""
         return tl.load(ptr + r[:, None] * sr + c[None, :] * sc, mask=mr[:, None] & mc[None, :], other=0.0)
@@ -62,4 +92,4 @@ if triton is not None:
         return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 else:  # the names exist, so kernel modules import them unconditionally (and define no kernels)
     INTERPRETED = False
-    mm = cast = logsigmoid = tile = store_tile = None
+    mm = mm_rows = mm_cols = cast = logsigmoid = tile = store_tile = None

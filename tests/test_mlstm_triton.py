@@ -205,6 +205,37 @@ def test_chunk_closed_forget_gates(f_mean, final):
     check_against_reference(inputs, state, cotangents, torch.float32, chunk_size=16)
 
 
+@pytest.mark.parametrize("f_mean", [-20.0, -30.0], ids=["f-20", "f-30"])
+@pytest.mark.parametrize("final", [False, True], ids=["dh-only", "final-state-grads"])
+def test_chunk_fp16_closed_forget_gates_under_a_loss_scale(f_mean, final):
+    """float16 training scales the loss (torch.amp.GradScaler) so that gradients stay in float16's
+    range. With forget gates nearly closed the pair weights (e^-20, e^-30) lie below float16's
+    smallest subnormal (6e-8): rounded into the products' float16 tiles as they were, they flushed
+    to zero and left df, dc0 and dm0 at ~0 (relative errors 0.6-1.0 at -20 with a loss scale of
+    1024). The tiles are now scaled by powers of two per row or column (mm_rows / mm_cols): df
+    within 2e-3 at -20 (measured 5.6e-4; 4.3e-3 with the state-gradient tiles of dk unscaled, 1e-3
+    with dq's or dk's pair tiles unscaled). At -30 df itself (~e^-30 times the scale) is below
+    float16's range in the returned gradient, whatever the kernel does: it is left out there, and
+    the float32 state gradients dc0, dn0, dm0 are checked."""
+    check_fp16_closed_forget_gates(f_mean, final, (1, 2, 37, 16, 16), chunk_size=16)
+
+
+def check_fp16_closed_forget_gates(f_mean, final, shape, chunk_size, device=CPU_DEVICE):
+    """float16 inputs, forget gates at ``f_mean``, cotangents times a loss scale of 1024."""
+    B, NH, S, DHQK, DHV = shape
+    inputs = make_inputs(B, NH, S, DHQK, DHV, torch.float16, device=device, i_scale=1.0, f_mean=f_mean)
+    state = make_state(B, NH, DHQK, DHV, device=device)
+    cotangents = tuple(c * 1024.0 for c in make_cotangents(B, NH, S, DHQK, DHV, torch.float16, device=device))
+    if not final:
+        cotangents = (cotangents[0], *(torch.zeros_like(c) for c in cotangents[1:]))
+    out = run_with_grads(chunk_mlstm, inputs, state, cotangents, chunk_size=chunk_size)
+    ref = run_with_grads(naive_chunk_mlstm, inputs, state, cotangents, compute_dtype=torch.float64,
+                         chunk_size=chunk_size)
+    errors = {name: rel_err(a, b) for name, a, b in zip(NAMES, out, ref) if not (name == "df" and f_mean < -25)}
+    limits = {name: M_TOL if name == "m" else 2e-3 if name == "df" else TOL[torch.float16] for name in errors}
+    assert all(errors[n] <= limits[n] for n in errors), {n: f"{e:.1e}" for n, e in errors.items()}
+
+
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
 def test_chunk_tiles_inside_a_chunk(with_state):
     """Several tiles everywhere: a chunk of 2 time tiles (chunk 32 = 2 x 16; the public function
@@ -467,6 +498,15 @@ def test_chunk_gpu_closed_forget_gates(dtype):
     state = make_state(B, NH, DHQK, DHV, device="cuda")
     cotangents = make_cotangents(B, NH, S, DHQK, DHV, dtype, device="cuda")
     check_against_reference(inputs, state, cotangents, dtype, chunk_size=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("f_mean", [-20.0, -30.0], ids=["f-20", "f-30"])
+def test_chunk_gpu_fp16_closed_forget_gates_under_a_loss_scale(f_mean):
+    """test_chunk_fp16_closed_forget_gates_under_a_loss_scale compiled, at a model's head sizes."""
+    if not torch.cuda.is_available() or INTERPRET:
+        pytest.skip("needs a CUDA GPU with compiled Triton (TRITON_INTERPRET unset)")
+    check_fp16_closed_forget_gates(f_mean, True, (2, 4, 200, 64, 128), chunk_size=64, device="cuda")
 
 
 @pytest.mark.gpu

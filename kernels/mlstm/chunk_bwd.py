@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._tl import cast, logsigmoid, mm, store_tile, tile, tl, triton
+from .._tl import cast, logsigmoid, mm, mm_cols, mm_rows, store_tile, tile, tl, triton
 from .._triton import dot_precision, dot_tile
 from .chunk_fwd import chunk_mlstm_fwd_states
 
@@ -100,9 +100,10 @@ if triton is not None:
             w_q = tl.where(tv, tl.exp(b_r + m_prev - mrow), 0.0)  # (BL,)
             qT = tile(q_ptr + bh * S * DHQK, offs_k, t, mk, tv, 1, DHQK)  # (BK, BL)
             dh = tile(dh_ptr + bh * S * DHV, t, offs_v, tv, mv, DHV, 1)  # (BL, BV)
-            # the row scale 1/den_t goes on q (one rounding to the input dtype), dh stays exact
+            # the row scale 1/den_t goes on q (one rounding to the input dtype), dh stays exact; w_q
+            # reaches e^-30 with nearly closed forget gates: mm_rows keeps it in float16's range
             qw = qT.to(tl.float32) * (rden * w_q * scale)[None, :]  # (BK, BL)
-            dc += mm(cast(qw, dh.dtype, DOT_PREC), dh, DOT_PREC)  # (BK, BV)
+            dc += mm_rows(qw, dh, DOT_PREC)  # (BK, BV)
             dn += tl.sum(qT.to(tl.float32) * (z * w_q * scale)[None, :], 1)  # (BK,)
         store_state_tile(dcs_ptr, dns_ptr, st, dc, dn, offs_k, offs_v, mk, mv, DHQK, DHV)
 
@@ -116,7 +117,7 @@ if triton is not None:
             offs = d0 + tl.arange(0, BD)
             md = offs < D
             x = tile(x_ptr, r, offs, mr, md, D, 1)  # (BL, BD)
-            acc += mm(x, cast(tile(c_ptr, offs, o, md, mo, sd, so), x.dtype, DOT_PREC), DOT_PREC)
+            acc += mm_cols(x, tile(c_ptr, offs, o, md, mo, sd, so), DOT_PREC)
         return acc
 
     @triton.jit
@@ -161,7 +162,7 @@ if triton is not None:
             ds_tt += tl.sum(tl.where(same, ds, 0.0), 1)
             ds = tl.where(same, 0.0, ds)
             kc_t = tile(k_ptr + bh * S * DHQK, s, offs_k, sv, mk, DHQK, 1)  # (BL, BK)
-            dq += mm(cast(ds, kc_t.dtype, DOT_PREC), kc_t, DOT_PREC)
+            dq += mm_rows(ds, kc_t, DOT_PREC)
         qf = qt.to(tl.float32)
         k_own = tile(k_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1).to(tl.float32)  # (BL, BK) k_t
         dq = dq * scale
@@ -202,7 +203,7 @@ if triton is not None:
             ds_ss += tl.sum(tl.where(same, dsT, 0.0), 1)
             dsT = tl.where(same, 0.0, dsT)
             qt = tile(q_ptr + bh * S * DHQK, t, offs_k, tv, mk, DHQK, 1)  # (BL, BK)
-            acc += mm(cast(dsT, qt.dtype, DOT_PREC), qt, DOT_PREC)
+            acc += mm_rows(dsT, qt, DOT_PREC)
         dk = dk + scale * acc
         kp = tl.sum(kt.to(tl.float32) * dk, 1)  # (BL,) partial k.dk over this DHQK tile, pairs t > s
         q_own = tile(q_ptr + bh * S * DHQK, s, offs_k, sv, mk, DHQK, 1).to(tl.float32)  # (BL, BK) q_s
