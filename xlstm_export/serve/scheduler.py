@@ -47,6 +47,7 @@ from .sampling import SamplingParams, greedy, sample_row
 
 __all__ = ["QueueFullError", "Scheduler", "Sequence", "Stats", "check_prompt"]
 
+_DBG = []
 log = logging.getLogger("xlstm_export.serve")
 
 # Prometheus histogram buckets (seconds) for decode steps and prefill chunks.
@@ -358,11 +359,22 @@ class Scheduler:
         self.stats.step_latency.observe(time.perf_counter() - t0)
         self.stats.decode_steps += 1
         self.stats.decode_rows += n
-        ended = []
+        self.stats.generated_tokens += n
+        # _append for rows that have had their first token, written out: this loop runs for every
+        # generated token, and at 32 streams its per-row Python is a measurable part of a token's cost
+        events, ended = self._events, []
         for i, (s, t) in enumerate(zip(self._running, toks)):
-            self._append(s, t)
-            if s.finish_reason is not None:
+            tokens = s.tokens
+            tokens.append(t)
+            params = s.params
+            if t in params.stop_token_ids:
+                self._finish(s, "stop")
                 ended.append(i)
+            elif len(tokens) >= params.max_tokens:
+                self._finish(s, "length")
+                ended.append(i)
+            else:
+                events[s] = None
         self._last[:n] = toks
         self._remove_rows(ended)
 
@@ -397,6 +409,9 @@ class Scheduler:
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         if s.finish_reason is not None:
             return
+        _DBG.append((tuple(s.prompt[:8].tolist()), s.t_submit, s.t_first, time.perf_counter()))
+        if len(_DBG) % 256 == 0:
+            import pickle; pickle.dump(_DBG, open('/tmp/exp/eng.pkl','wb'))
         s.error = error
         s.finish_reason = reason  # last: readers take finish_reason before tokens
         self._admitted.pop(s, None)
