@@ -458,54 +458,76 @@ struct MlstmLayerArgs {
   const float *i_act, *f_act, *floor;  // [B, S, NH] (xlstm_cpu::mlstm_gates)
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
+  int64_t heads_per_task;  // mlstm_heads_per_task: a task is one batch row's heads [j g, (j + 1) g)
   float eps, norm_eps, cap;
   bool bf16;  // round_bf16
 };
 
-void mlstm_layer_task(void* data, size_t bh) {
+// Heads of one batch row per task: one when the tasks are split over threads (as many tasks as
+// there can be) or a head is large; else all of the row's (a step of a small head is a short chain
+// of dependent operations, and the core overlaps those of several heads run side by side:
+// xlstm_cpu::mlstm_layer_heads).
+int64_t mlstm_heads_per_task(bool parallel, int64_t nh, int64_t dqk, int64_t dv) {
+  return !parallel && dqk * dv <= 64 * 64 ? nh : 1;
+}
+
+void mlstm_layer_task(void* data, size_t task) {
   const auto& a = *static_cast<const MlstmLayerArgs*>(data);
-  const int64_t b = static_cast<int64_t>(bh) / a.nh, head = static_cast<int64_t>(bh) % a.nh;
+  const int64_t groups = a.nh / a.heads_per_task;
+  const int64_t b = static_cast<int64_t>(task) / groups;
+  const int64_t first = static_cast<int64_t>(task) % groups * a.heads_per_task;
+  const int64_t g = a.heads_per_task;
   const int64_t mat = a.dqk * a.dv;
-  // input j at (b, t = 0), at this head's first column (heads are contiguous column ranges; g, the
-  // gate pre-activations, went through mlstm_gates)
-  const int64_t head_cols[5] = {head * a.dqk, head * a.dqk, head * a.dv, head, head * a.dv};
-  const float* at[5];
-  for (int j = 0; j < 5; ++j) at[j] = a.in[j] + b * a.s * a.width[j] + a.col[j] + head_cols[j];
-  const int64_t act = b * a.s * a.nh + head;  // (b, t = 0, head) in the gates' [B, S, NH]
-  float h_stack[512];  // scratch h [dv]: on the stack up to the 7B heads' 512
-  std::vector<float> h_heap(a.dv > 512 ? static_cast<size_t>(a.dv) : 0);
-  xlstm_cpu::MlstmLayerHead l{};
-  l.q = at[0];
-  l.k = at[1];
-  l.v = at[2];
-  l.o = at[4];
-  l.i_act = a.i_act + act;
-  l.f_act = a.f_act + act;
-  l.floor = a.floor + act;
-  l.q_stride = a.width[0];
-  l.k_stride = a.width[1];
-  l.v_stride = a.width[2];
-  l.o_stride = a.width[4];
-  l.act_stride = a.nh;
-  l.y_stride = a.nh * a.dv;
-  l.eps = a.eps;
-  l.norm_eps = a.norm_eps;
-  l.ln_scale = a.ln_scale;
-  l.ln_bias = a.ln_bias;
-  l.weight = a.weight + head * a.dv;
-  if (a.skip != nullptr) {
-    l.skip = a.skip + head * a.dv;
-    l.xc = a.xc + b * a.s * a.nh * a.dv + head * a.dv;
-    l.xc_stride = a.nh * a.dv;
+  // scratch h [dv] per head: on the stack up to 2048 floats (four 7B heads, or 32 heads of 64)
+  float h_stack[2048];
+  std::vector<float> h_heap(g * a.dv > 2048 ? static_cast<size_t>(g * a.dv) : 0);
+  float* h_all = g * a.dv > 2048 ? h_heap.data() : h_stack;
+  xlstm_cpu::MlstmLayerHead heads[16] = {};
+  std::vector<xlstm_cpu::MlstmLayerHead> heads_heap(g > 16 ? static_cast<size_t>(g) : 0);
+  xlstm_cpu::MlstmLayerHead* ls = g > 16 ? heads_heap.data() : heads;
+  for (int64_t j = 0; j < g; ++j) {
+    const int64_t head = first + j, bh = b * a.nh + head;
+    // input i at (b, t = 0), at this head's first column (heads are contiguous column ranges; g, the
+    // gate pre-activations, went through mlstm_gates)
+    const int64_t head_cols[5] = {head * a.dqk, head * a.dqk, head * a.dv, head, head * a.dv};
+    const float* at[5];
+    for (int i = 0; i < 5; ++i) at[i] = a.in[i] + b * a.s * a.width[i] + a.col[i] + head_cols[i];
+    const int64_t act = b * a.s * a.nh + head;  // (b, t = 0, head) in the gates' [B, S, NH]
+    xlstm_cpu::MlstmLayerHead& l = ls[j];
+    l = xlstm_cpu::MlstmLayerHead{};
+    l.q = at[0];
+    l.k = at[1];
+    l.v = at[2];
+    l.o = at[4];
+    l.i_act = a.i_act + act;
+    l.f_act = a.f_act + act;
+    l.floor = a.floor + act;
+    l.q_stride = a.width[0];
+    l.k_stride = a.width[1];
+    l.v_stride = a.width[2];
+    l.o_stride = a.width[4];
+    l.act_stride = a.nh;
+    l.y_stride = a.nh * a.dv;
+    l.eps = a.eps;
+    l.norm_eps = a.norm_eps;
+    l.ln_scale = a.ln_scale;
+    l.ln_bias = a.ln_bias;
+    l.weight = a.weight + head * a.dv;
+    if (a.skip != nullptr) {
+      l.skip = a.skip + head * a.dv;
+      l.xc = a.xc + b * a.s * a.nh * a.dv + head * a.dv;
+      l.xc_stride = a.nh * a.dv;
+    }
+    l.c0 = a.c0 + bh * mat;
+    l.n0 = a.n0 + bh * a.dqk;
+    l.c = a.c + bh * mat;
+    l.n = a.n + bh * a.dqk;
+    l.y = a.y + b * a.s * a.nh * a.dv + head * a.dv;
+    l.h = h_all + j * a.dv;
+    l.bf16 = a.bf16;
   }
-  l.c0 = a.c0 + bh * mat;
-  l.n0 = a.n0 + bh * a.dqk;
-  l.c = a.c + bh * mat;
-  l.n = a.n + bh * a.dqk;
-  l.y = a.y + b * a.s * a.nh * a.dv + head * a.dv;
-  l.h = a.dv > 512 ? h_heap.data() : h_stack;
-  l.bf16 = a.bf16;
-  xlstm_cpu::mlstm_layer_head(l, static_cast<int>(a.s), static_cast<int>(a.dqk), static_cast<int>(a.dv));
+  xlstm_cpu::mlstm_layer_heads(ls, static_cast<int>(g), static_cast<int>(a.s), static_cast<int>(a.dqk),
+                               static_cast<int>(a.dv));
 }
 
 // mLSTMLayer, or mLSTMPaperLayer where `paper`.
@@ -582,7 +604,9 @@ OrtStatus* mlstm_layer(const Ctx& ctx, bool paper) {
   a.i_act = i_act;
   a.f_act = f_act;
   a.floor = floor;
-  return ctx.for_each(static_cast<size_t>(B * NH), B * NH * S * DQK * DV >= ctx.split->cell_work, mlstm_layer_task, &a);
+  const bool parallel = B * NH * S * DQK * DV >= ctx.split->cell_work;
+  a.heads_per_task = mlstm_heads_per_task(parallel, NH, DQK, DV);
+  return ctx.for_each(static_cast<size_t>(B * NH / a.heads_per_task), parallel, mlstm_layer_task, &a);
 }
 
 OrtStatus* mlstm_layer_compute(const Ctx& ctx) { return mlstm_layer(ctx, false); }
