@@ -706,8 +706,8 @@ def finishes(server, n: int) -> dict[int, str]:
     while len(out) < n:
         assert time.monotonic() < deadline, f"only {out} of {n} requests finished"
         for kind, payload in server.recv(0.05):
-            if kind == "events":
-                out.update((rid, reason) for rid, _, reason, _ in payload if reason is not None)
+            if kind == "events":  # (ids that got one token and go on, their tokens, the others)
+                out.update((rid, reason) for rid, _, reason, _ in payload[2] if reason is not None)
     return out
 
 

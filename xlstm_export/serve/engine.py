@@ -19,8 +19,11 @@ Messages, pickled into length-prefixed frames over one socket pair (:class:`_Fra
                        ("stop",)
     engine -> server   ("ready", ServedModel, (max_queue, max_prompt_tokens)) or
                        ("failed", error type, message, traceback), once at start;
-                       ("events", [(id, new token ids, finish reason or None, error or None)]) after
-                       each scheduler hand-off; ("stats", (Stats, active, prefilling, queued)) at
+                       ("events", (ids, tokens, [(id, new token ids, finish reason or None, error or None)]))
+                       after each scheduler hand-off: request ids[j] got the one new token tokens[j]
+                       and goes on (a decode step's news of a running stream, sent as two flat
+                       lists: cheaper to pickle than a tuple per stream), the others are in the
+                       list; ("stats", (Stats, active, prefilling, queued)) at
                        most every STATS_INTERVAL_S while busy, and when it falls idle
 
 The child is spawned (a fresh interpreter that imports this module), so a script that starts an
@@ -369,17 +372,24 @@ class EngineProcess:
 
     def _receive(self, msgs: list) -> None:  # the event loop
         changed: dict[Sequence, None] = {}
+        live = self._live
         for kind, payload in msgs:
             if kind == "events":
-                for rid, tokens, reason, error in payload:
-                    s = self._live.get(rid)
+                ids, one_token, others = payload
+                for rid, token in zip(ids, one_token):
+                    s = live.get(rid)
+                    if s is not None:
+                        s.tokens.append(token)
+                        changed[s] = None
+                for rid, tokens, reason, error in others:
+                    s = live.get(rid)
                     if s is None:
                         continue
                     s.tokens += tokens
                     if reason is not None:  # tokens first: readers take finish_reason first
                         s.error = error
                         s.finish_reason = reason
-                        del self._live[rid]
+                        del live[rid]
                     changed[s] = None
             elif kind == "stats":
                 self._snapshot = payload
@@ -497,21 +507,28 @@ class _Engine:
                                               [r[0] for r in requests])
         except Exception as e:  # the server checked them as we would: a bug, but not ours to die of
             log.exception("the engine refused requests the server had admitted")
-            self.send(("events", [(r[0], [], "error", f"the engine refused the request: {e}") for r in requests]))
+            self.send(("events", ([], [], [(r[0], [], "error", f"the engine refused the request: {e}")
+                                           for r in requests])))
             return
         self.by_id.update((s.sink, s) for s in seqs)
 
     def hand_off(self, seqs: list[Sequence]) -> None:
-        out = []
+        ids, one_token, others = [], [], []  # see the module doc: ("events", (ids, tokens, others))
+        sent = self.sent
         for s in seqs:
-            rid = s.sink
-            k = self.sent.get(s, 0)
-            out.append((rid, s.tokens[k:], s.finish_reason, s.error))
+            tokens = s.tokens
+            k = sent.get(s, 0)
             if s.finish_reason is None:
-                self.sent[s] = len(s.tokens)
+                sent[s] = len(tokens)
+                if len(tokens) == k + 1:  # a running stream's next token: what nearly every step sends
+                    ids.append(s.sink)
+                    one_token.append(tokens[k])
+                else:
+                    others.append((s.sink, tokens[k:], None, None))
             else:
-                self.by_id.pop(rid, None)
-                self.sent.pop(s, None)
-        if out:
+                others.append((s.sink, tokens[k:], s.finish_reason, s.error))
+                self.by_id.pop(s.sink, None)
+                sent.pop(s, None)
+        if ids or others:
             self.changed = True
-            self.send(("events", out))
+            self.send(("events", (ids, one_token, others)))
