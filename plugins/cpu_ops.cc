@@ -458,18 +458,23 @@ struct MlstmLayerArgs {
   const float *i_act, *f_act, *floor;  // [B, S, NH] (xlstm_cpu::mlstm_gates)
   float *y, *c, *n, *m;
   int64_t nh, s, dqk, dv;
-  int64_t heads_per_task;  // mlstm_heads_per_task: a task is one batch row's heads [j g, (j + 1) g)
+  int64_t heads_per_task;  // NH or 1 (mlstm_small_heads): a task is one batch row's heads [j g, (j + 1) g)
   float eps, norm_eps, cap;
   bool bf16;  // round_bf16
 };
 
-// Heads of one batch row per task: one when the tasks are split over threads (as many tasks as
-// there can be) or a head is large; else all of the row's (a step of a small head is a short chain
-// of dependent operations, and the core overlaps those of several heads run side by side:
-// xlstm_cpu::mlstm_layer_heads).
-int64_t mlstm_heads_per_task(bool parallel, int64_t nh, int64_t dqk, int64_t dv) {
-  return !parallel && dqk * dv <= 64 * 64 ? nh : 1;
-}
+// Small heads (a matrix memory of at most 64 x 64): a step of one is a short chain of dependent
+// operations on a state that stays in L1, and the core overlaps those of several heads run side by
+// side (xlstm_cpu::mlstm_layer_heads), so a task that runs on one thread takes all of a batch row's
+// small heads; tasks split over threads take one head each (as many tasks as there can be).
+// The smallest heads (at most 32 x 32, ~50 ns a step) are split over threads only from 8x the
+// work of other cells: below it one thread finishes sooner than a sleeping worker wakes and takes
+// its share (tiny-large, 16 x 32: its prefill chunks of 4 / 8 prompts of 32 tokens took 0.90-0.97 /
+// 1.68-1.73 ms split over two sleeping workers, 0.77 / 1.49-1.54 ms on one thread; in the server at
+// 32 streams 7.1-7.3 -> 6.7-7.0 us per prompt token). Heads of 64 x 64 (the paper preset's) keep
+// the usual threshold: its B = 32 decode step took 580-590 us split, 610-650 on one thread.
+bool mlstm_small_heads(int64_t dqk, int64_t dv) { return dqk * dv <= 64 * 64; }
+int64_t mlstm_split_factor(int64_t dqk, int64_t dv) { return dqk * dv <= 32 * 32 ? 8 : 1; }
 
 void mlstm_layer_task(void* data, size_t task) {
   const auto& a = *static_cast<const MlstmLayerArgs*>(data);
@@ -604,8 +609,8 @@ OrtStatus* mlstm_layer(const Ctx& ctx, bool paper) {
   a.i_act = i_act;
   a.f_act = f_act;
   a.floor = floor;
-  const bool parallel = B * NH * S * DQK * DV >= ctx.split->cell_work;
-  a.heads_per_task = mlstm_heads_per_task(parallel, NH, DQK, DV);
+  const bool parallel = B * NH * S * DQK * DV >= mlstm_split_factor(DQK, DV) * ctx.split->cell_work;
+  a.heads_per_task = mlstm_small_heads(DQK, DV) && !parallel ? NH : 1;
   return ctx.for_each(static_cast<size_t>(B * NH / a.heads_per_task), parallel, mlstm_layer_task, &a);
 }
 
