@@ -47,7 +47,6 @@ from .sampling import SamplingParams, greedy, sample_row
 
 __all__ = ["QueueFullError", "Scheduler", "Sequence", "Stats", "check_prompt"]
 
-_DBG = []
 log = logging.getLogger("xlstm_export.serve")
 
 # Prometheus histogram buckets (seconds) for decode steps and prefill chunks.
@@ -393,6 +392,8 @@ class Scheduler:
         return sample_row(logits, s.params, s._rng)
 
     def _append(self, s: Sequence, tok: int) -> None:
+        # (_decode_step writes this out for its running rows, which have had their first token: a
+        # change here goes there too)
         if s.t_first is None:
             s.t_first = time.perf_counter()
             self.stats.first_token_latency.observe(s.t_first - s.t_submit)
@@ -409,9 +410,6 @@ class Scheduler:
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         if s.finish_reason is not None:
             return
-        _DBG.append((tuple(s.prompt[:8].tolist()), s.t_submit, s.t_first, time.perf_counter()))
-        if len(_DBG) % 256 == 0:
-            import pickle; pickle.dump(_DBG, open('/tmp/exp/eng.pkl','wb'))
         s.error = error
         s.finish_reason = reason  # last: readers take finish_reason before tokens
         self._admitted.pop(s, None)
